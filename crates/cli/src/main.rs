@@ -1,0 +1,453 @@
+//! `clawos`: the operator's command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Args, Parser, Subcommand};
+use clawos_image::{ImagePaths, KernelSource, VerifyPolicy, keys, manifest};
+use clawos_vm_launcher_api::{ClientError, DEFAULT_URL, LauncherClient, StartVm, Vm, VmState};
+
+const AFTER_HELP: &str = "\
+Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict (e.g. already running),
+5 image refused (signature/hash), 6 the VM failed, 7 cannot reach vm-launcher.
+
+Environment: CLAWOS_STATE_DIR (default ~/.clawos), CLAWOS_LAUNCHER_URL,
+CLAWOS_SIGNING_PUBKEY, CLAWOS_GUEST_BIN_DIR.";
+
+#[derive(Debug, Parser)]
+#[command(name = "clawos", version, about = "Run AI agents in signed, verified microVMs", after_help = AFTER_HELP)]
+struct Cli {
+    /// vm-launcher URL.
+    #[arg(long, global = true, env = "CLAWOS_LAUNCHER_URL", default_value = DEFAULT_URL)]
+    launcher_url: String,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Create an Ed25519 image-signing key (0600) and print its public key.
+    Keygen {
+        /// Where to write the private key [default: $CLAWOS_STATE_DIR/signing.key].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Build, sign and verify agent images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Start, list, stop and inspect agent VMs.
+    #[command(subcommand)]
+    Vm(VmCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Build an image bundle: kernel, initramfs, erofs rootfs + dm-verity, manifest.
+    Build(BuildArgs),
+    /// Sign a bundle's manifest with an Ed25519 key.
+    Sign {
+        /// Bundle directory.
+        dir: PathBuf,
+        /// Private key [default: $CLAWOS_STATE_DIR/signing.key].
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Verify a bundle as the launcher does before boot.
+    Verify {
+        /// Bundle directory.
+        dir: PathBuf,
+        /// Trusted public key, hex.
+        #[arg(long, env = "CLAWOS_SIGNING_PUBKEY")]
+        pubkey: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct BuildArgs {
+    /// Output bundle directory [default: $CLAWOS_STATE_DIR/images/default].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Debian kernel package to fetch [default: what linux-image-cloud-amd64 depends on].
+    #[arg(long, conflicts_with = "kernel_dir")]
+    kernel_package: Option<String>,
+    /// Use an unpacked kernel tree (boot/vmlinuz-*, lib/modules/*) instead of Debian's.
+    #[arg(long)]
+    kernel_dir: Option<PathBuf>,
+    /// Directory with static clawos-init and clawos-agent [default: next to this binary].
+    #[arg(long, env = "CLAWOS_GUEST_BIN_DIR")]
+    guest_bin_dir: Option<PathBuf>,
+    /// Files to merge over the default rootfs tree.
+    #[arg(long)]
+    rootfs_overlay: Option<PathBuf>,
+    /// Image version [default: kernel release].
+    #[arg(long)]
+    version: Option<String>,
+    /// Replace an existing bundle.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCmd {
+    /// Create (if new) and start an agent VM; waits until the guest is ready.
+    Start {
+        name: String,
+        /// Model the agent uses.
+        #[arg(long)]
+        model: Option<String>,
+        /// Memory in MiB.
+        #[arg(long, default_value_t = 512)]
+        mem: u32,
+        /// Virtual CPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Image bundle directory [default: the launcher's].
+        #[arg(long)]
+        image: Option<PathBuf>,
+        /// Return once the VM process started, without waiting for ready.
+        #[arg(long)]
+        no_wait: bool,
+        /// Seconds to wait for ready.
+        #[arg(long, default_value_t = 180)]
+        timeout: u64,
+    },
+    /// List VMs.
+    #[command(alias = "ls")]
+    List,
+    /// Show one VM.
+    Show { name: String },
+    /// Stop a VM (clean power-off, killed after a timeout); disks are kept.
+    Stop { name: String },
+    /// Print a VM's console log.
+    Logs {
+        name: String,
+        /// Keep printing new output.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Delete a stopped VM and its disks.
+    Rm { name: String },
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+struct Exit(u8, anyhow::Error);
+
+fn state_dir() -> PathBuf {
+    std::env::var_os("CLAWOS_STATE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".clawos")
+        })
+}
+
+/// Where the static guest binaries are: next to this binary (an install), or in the
+/// cargo target directory for the static target (a checkout).
+fn find_guest_bin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locate the clawos binary")?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let candidates = [
+        // A checkout: the static build beside target/{debug,release}, preferred over the
+        // dynamic builds cargo also leaves there.
+        dir.join("../x86_64-unknown-linux-gnu/release"),
+        dir.join("../../x86_64-unknown-linux-gnu/release"),
+        dir.to_path_buf(),
+    ];
+    candidates
+        .iter()
+        .find(|d| d.join("clawos-init").is_file() && d.join("clawos-agent").is_file())
+        .cloned()
+        .ok_or_else(|| {
+            anyhow!("static guest binaries not found next to {}; run scripts/build-guest.sh or pass --guest-bin-dir", exe.display())
+        })
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn api_exit(e: ClientError) -> Exit {
+    let code = match e.status() {
+        Some(404) => 3,
+        Some(409) => 4,
+        Some(422) => 5,
+        Some(_) => 1,
+        None => 7,
+    };
+    Exit(code, e.into())
+}
+
+fn vm_table(vms: &[Vm]) {
+    println!(
+        "{:<24} {:<9} {:>7} {:>5} {:>8} {:<16} REASON",
+        "NAME", "STATE", "MEM", "VCPU", "BOOT", "ROOT HASH"
+    );
+    for v in vms {
+        println!(
+            "{:<24} {:<9} {:>6}M {:>5} {:>8} {:<16} {}",
+            v.name,
+            v.state.to_string(),
+            v.mem_mib,
+            v.vcpus,
+            v.boot_ms
+                .map(|m| format!("{:.1}s", m as f64 / 1000.0))
+                .unwrap_or_default(),
+            &v.root_hash[..v.root_hash.len().min(16)],
+            v.reason.as_deref().unwrap_or("")
+        );
+    }
+}
+
+fn image_cmd(cmd: ImageCmd, json: bool) -> Result<(), Exit> {
+    let err = |e: anyhow::Error| Exit(1, e);
+    match cmd {
+        ImageCmd::Build(a) => {
+            let kernel = match a.kernel_dir {
+                Some(d) => KernelSource::Dir(d),
+                None => KernelSource::Debian {
+                    package: a.kernel_package,
+                },
+            };
+            let guest_bin_dir = match a.guest_bin_dir {
+                Some(d) => d,
+                None => find_guest_bin_dir().map_err(err)?,
+            };
+            let opts = clawos_image::BuildOptions {
+                kernel,
+                cache_dir: state_dir().join("cache/kernel"),
+                guest_bin_dir,
+                rootfs_overlay: a.rootfs_overlay,
+                out: a.out.unwrap_or_else(|| state_dir().join("images/default")),
+                force: a.force,
+                version: a.version,
+                source_date_epoch: std::env::var("SOURCE_DATE_EPOCH")
+                    .ok()
+                    .and_then(|s| s.parse().ok()),
+            };
+            let started = Instant::now();
+            let mut step = 0;
+            let m = clawos_image::build(&opts, &mut |msg| {
+                step += 1;
+                eprintln!("[{step}/8 {:>5.1}s] {msg}", started.elapsed().as_secs_f64());
+            })
+            .map_err(|e| err(e.into()))?;
+            if json {
+                print_json(&m).map_err(err)?;
+            } else {
+                println!(
+                    "built {} (root hash {})",
+                    opts.out.display(),
+                    m.verity.root_hash
+                );
+                println!("next: clawos image sign {}", opts.out.display());
+            }
+        }
+        ImageCmd::Sign { dir, key } => {
+            let key_path = key.unwrap_or_else(|| state_dir().join("signing.key"));
+            let key = keys::load(&key_path).map_err(|e| err(e.into()))?;
+            let sig = manifest::sign_bundle(&dir, &key).map_err(|e| err(e.into()))?;
+            if json {
+                print_json(
+                    &serde_json::json!({"signature": sig, "public_key": keys::public_hex(&key)}),
+                )
+                .map_err(err)?;
+            } else {
+                println!(
+                    "signed {} with public key {}",
+                    sig.display(),
+                    keys::public_hex(&key)
+                );
+            }
+        }
+        ImageCmd::Verify { dir, pubkey } => {
+            let public_key = pubkey
+                .as_deref()
+                .map(manifest::parse_public_key)
+                .transpose()
+                .map_err(|e| err(e.into()))?;
+            let signed = public_key.is_some();
+            let policy = VerifyPolicy {
+                public_key,
+                pinned_root_hash: None,
+            };
+            let m = clawos_image::verify(&ImagePaths::bundle(&dir), &policy)
+                .map_err(|e| Exit(5, e.into()))?;
+            if json {
+                print_json(
+                    &serde_json::json!({"ok": true, "signature_checked": signed, "manifest": m}),
+                )
+                .map_err(err)?;
+            } else if signed {
+                println!(
+                    "ok: signature and hashes match (root hash {})",
+                    m.verity.root_hash
+                );
+            } else {
+                println!(
+                    "ok: hashes match (root hash {}); signature NOT checked: set CLAWOS_SIGNING_PUBKEY",
+                    m.verity.root_hash
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn vm_cmd(cmd: VmCmd, client: &LauncherClient, json: bool) -> Result<(), Exit> {
+    match cmd {
+        VmCmd::Start {
+            name,
+            model,
+            mem,
+            vcpus,
+            image,
+            no_wait,
+            timeout,
+        } => {
+            let image = image
+                .map(|p| std::path::absolute(&p).unwrap_or(p))
+                .map(|p| p.to_string_lossy().into_owned());
+            let req = StartVm {
+                name: name.clone(),
+                model,
+                mem_mib: mem,
+                vcpus,
+                image,
+            };
+            let mut vm = client.start(&req).await.map_err(api_exit)?;
+            let started = Instant::now();
+            if !no_wait {
+                if !json {
+                    eprint!("starting {name}");
+                }
+                while vm.state == VmState::Starting {
+                    if started.elapsed() > Duration::from_secs(timeout) {
+                        return Err(Exit(
+                            1,
+                            anyhow!("{name} not ready after {timeout}s (clawos vm logs {name})"),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    if !json {
+                        eprint!(".");
+                        let _ = std::io::stderr().flush();
+                    }
+                    vm = client.get(&name).await.map_err(api_exit)?;
+                }
+                if !json {
+                    eprintln!();
+                }
+            }
+            if json {
+                print_json(&vm).map_err(|e| Exit(1, e))?;
+            } else {
+                vm_table(std::slice::from_ref(&vm));
+            }
+            if vm.state == VmState::Failed {
+                return Err(Exit(
+                    6,
+                    anyhow!("{name} failed: {}", vm.reason.unwrap_or_default()),
+                ));
+            }
+        }
+        VmCmd::List => {
+            let vms = client.list().await.map_err(api_exit)?;
+            if json {
+                print_json(&vms).map_err(|e| Exit(1, e))?;
+            } else {
+                vm_table(&vms);
+            }
+        }
+        VmCmd::Show { name } => {
+            let vm = client.get(&name).await.map_err(api_exit)?;
+            print_json(&vm).map_err(|e| Exit(1, e))?;
+        }
+        VmCmd::Stop { name } => {
+            let vm = client.stop(&name).await.map_err(api_exit)?;
+            if json {
+                print_json(&vm).map_err(|e| Exit(1, e))?;
+            } else {
+                println!("{name}: {}", vm.state);
+            }
+        }
+        VmCmd::Logs { name, follow } => {
+            let mut offset = 0;
+            let mut out = std::io::stdout();
+            loop {
+                let (bytes, next) = client.console(&name, offset).await.map_err(api_exit)?;
+                out.write_all(&bytes).map_err(|e| Exit(1, e.into()))?;
+                out.flush().map_err(|e| Exit(1, e.into()))?;
+                offset = next;
+                if !follow {
+                    break;
+                }
+                if bytes.is_empty() {
+                    let vm = client.get(&name).await.map_err(api_exit)?;
+                    if !vm.state.is_active() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+        VmCmd::Rm { name } => {
+            client.delete(&name).await.map_err(api_exit)?;
+            if !json {
+                println!("{name}: deleted");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<(), Exit> {
+    match cli.cmd {
+        Cmd::Keygen { out } => {
+            let path = out.unwrap_or_else(|| state_dir().join("signing.key"));
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("create {}", parent.display()))
+                    .map_err(|e| Exit(1, e))?;
+            }
+            let key = keys::generate(&path).map_err(|e| Exit(1, e.into()))?;
+            if cli.json {
+                print_json(
+                    &serde_json::json!({"private_key": path, "public_key": keys::public_hex(&key)}),
+                )
+                .map_err(|e| Exit(1, e))?;
+            } else {
+                eprintln!("wrote private key {} (mode 0600)", path.display());
+                println!("{}", keys::public_hex(&key));
+            }
+            Ok(())
+        }
+        Cmd::Image(cmd) => image_cmd(cmd, cli.json),
+        Cmd::Vm(cmd) => {
+            let client = LauncherClient::new(&cli.launcher_url);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Exit(1, e.into()))?;
+            rt.block_on(vm_cmd(cmd, &client, cli.json))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Exit(code, e)) => {
+            eprintln!("clawos: error: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}

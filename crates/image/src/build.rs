@@ -1,0 +1,398 @@
+//! `clawos image build`: kernel + initramfs + erofs rootfs with verity + manifest.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use flate2::{Compression, GzBuilder};
+use sha2::{Digest, Sha256};
+
+use crate::cpio::{CpioWriter, Entry};
+use crate::kernel::{self, KernelTree};
+use crate::manifest::{MANIFEST_VERSION, Manifest, files, sha256_file};
+use crate::{BuildError, verity};
+
+/// Where the guest kernel comes from.
+#[derive(Debug, Clone)]
+pub enum KernelSource {
+    /// A Debian kernel package, downloaded with `apt-get download` into the cache.
+    /// `None`: whatever `linux-image-cloud-amd64` depends on today.
+    Debian { package: Option<String> },
+    /// An unpacked kernel tree (`boot/vmlinuz-*`, `lib/modules/*`).
+    Dir(PathBuf),
+}
+
+/// Inputs of an image build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    pub kernel: KernelSource,
+    /// Download cache for kernel packages.
+    pub cache_dir: PathBuf,
+    /// Directory holding the static guest binaries `clawos-init` and `clawos-agent`.
+    pub guest_bin_dir: PathBuf,
+    /// Extra files merged over the default rootfs tree.
+    pub rootfs_overlay: Option<PathBuf>,
+    /// Output bundle directory (must not exist unless `force`).
+    pub out: PathBuf,
+    /// Replace an existing output directory.
+    pub force: bool,
+    /// Image version; defaults to the kernel release.
+    pub version: Option<String>,
+    /// Fixed timestamp for files and the manifest (`SOURCE_DATE_EPOCH`).
+    pub source_date_epoch: Option<i64>,
+}
+
+/// Names of the guest binaries.
+pub const INIT_BIN: &str = "clawos-init";
+/// The guest agent started by init.
+pub const AGENT_BIN: &str = "clawos-agent";
+
+const PT_INTERP: u32 = 3;
+
+/// Refuses a guest binary that would need a dynamic loader the initramfs lacks.
+fn check_static(path: &Path) -> Result<Vec<u8>, BuildError> {
+    let bad = |reason: String| BuildError::GuestBinary {
+        path: path.to_owned(),
+        reason,
+    };
+    let bytes = fs::read(path).map_err(|e| {
+        bad(format!(
+            "{e} (build it with scripts/build-guest.sh, or point --guest-bin-dir at it)"
+        ))
+    })?;
+    if bytes.len() < 64 || &bytes[..4] != b"\x7fELF" || bytes[4] != 2 {
+        return Err(bad("not a 64-bit ELF executable".into()));
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(bytes[32..40].try_into().unwrap_or_default()) as usize;
+    let (phentsize, phnum) = (u16_at(54), u16_at(56));
+    for i in 0..phnum {
+        let at = phoff + i * phentsize;
+        let Some(ph) = bytes.get(at..at + 4) else {
+            return Err(bad("truncated program headers".into()));
+        };
+        if u32::from_le_bytes(ph.try_into().unwrap_or_default()) == PT_INTERP {
+            return Err(bad("dynamically linked; build it with RUSTFLAGS='-C target-feature=+crt-static' (scripts/build-guest.sh)".into()));
+        }
+    }
+    Ok(bytes)
+}
+
+fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), BuildError> {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).map_err(|e| BuildError::io(parent, e))?;
+    }
+    fs::write(path, data).map_err(|e| BuildError::io(path, e))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| BuildError::io(path, e))
+}
+
+/// The default rootfs: the guest agent and the few files a static binary expects.
+fn populate_rootfs(tree: &Path, agent: &[u8]) -> Result<(), BuildError> {
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "var",
+        "workspace",
+        "tmp",
+        "run",
+        "etc",
+        "sbin",
+    ] {
+        let p = tree.join(d);
+        fs::create_dir_all(&p).map_err(|e| BuildError::io(&p, e))?;
+    }
+    write_file(&tree.join("sbin").join(AGENT_BIN), agent, 0o755)?;
+    // glibc's static name lookup reads these.
+    write_file(
+        &tree.join("etc/hosts"),
+        b"127.0.0.1 localhost\n::1 localhost\n",
+        0o644,
+    )?;
+    write_file(
+        &tree.join("etc/passwd"),
+        b"root:x:0:0:root:/workspace:/sbin/nologin\nagent:x:1000:1000:agent:/workspace:/sbin/nologin\n",
+        0o644,
+    )?;
+    write_file(
+        &tree.join("etc/group"),
+        b"root:x:0:\nagent:x:1000:\n",
+        0o644,
+    )?;
+    write_file(
+        &tree.join("etc/os-release"),
+        b"NAME=ClawOS\nID=clawos\nPRETTY_NAME=\"ClawOS agent guest\"\n",
+        0o644,
+    )?;
+    Ok(())
+}
+
+fn copy_overlay(overlay: &Path, tree: &Path) -> Result<(), BuildError> {
+    let mut src = overlay.as_os_str().to_owned();
+    src.push("/.");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(&src)
+        .arg(tree)
+        .status()
+        .map_err(|e| BuildError::io(overlay, e))?;
+    if !status.success() {
+        return Err(BuildError::Tool {
+            command: format!("cp -a {}/. {}", overlay.display(), tree.display()),
+            detail: status.to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn mkfs_erofs(tree: &Path, out: &Path, epoch: i64) -> Result<(), BuildError> {
+    // A fixed filesystem UUID and timestamp: the same tree gives the same bytes.
+    let output = Command::new("mkfs.erofs")
+        .arg(format!("-T{epoch}"))
+        .arg("-U")
+        .arg("c1a0c1a0-0000-4000-8000-000000000001")
+        .arg("--all-root")
+        .arg("--quiet")
+        .arg(out)
+        .arg(tree)
+        .output()
+        .map_err(|e| BuildError::Tool {
+            command: "mkfs.erofs".into(),
+            detail: format!("{e} (install erofs-utils)"),
+        })?;
+    if !output.status.success() {
+        return Err(BuildError::Tool {
+            command: "mkfs.erofs".into(),
+            detail: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
+    }
+    // Verity covers whole blocks.
+    let len = fs::metadata(out).map_err(|e| BuildError::io(out, e))?.len();
+    let padded = len.div_ceil(verity::BLOCK_SIZE) * verity::BLOCK_SIZE;
+    if padded != len {
+        fs::File::options()
+            .write(true)
+            .open(out)
+            .and_then(|f| f.set_len(padded))
+            .map_err(|e| BuildError::io(out, e))?;
+    }
+    Ok(())
+}
+
+/// Salt and verity UUID derived from the data, so a rebuild of the same tree gives the
+/// same root hash, while different images never share a salt.
+fn derive_salt_uuid(data: &Path) -> Result<([u8; 32], [u8; 16]), BuildError> {
+    let digest = sha256_file(data).map_err(|e| BuildError::io(data, e))?;
+    let salt: [u8; 32] = Sha256::new()
+        .chain_update(b"clawos verity salt\0")
+        .chain_update(digest.as_bytes())
+        .finalize()
+        .into();
+    let h: [u8; 32] = Sha256::new()
+        .chain_update(b"clawos verity uuid\0")
+        .chain_update(salt)
+        .finalize()
+        .into();
+    let mut uuid = [0u8; 16];
+    uuid.copy_from_slice(&h[..16]);
+    uuid[6] = (uuid[6] & 0x0f) | 0x40;
+    uuid[8] = (uuid[8] & 0x3f) | 0x80;
+    Ok((salt, uuid))
+}
+
+/// Builds the initramfs: `/init` plus the modules, and `/lib/modules/load-order`.
+fn build_initramfs(init: &[u8], modules: &[PathBuf], out: &Path) -> Result<(), BuildError> {
+    let file = fs::File::create(out).map_err(|e| BuildError::io(out, e))?;
+    // mtime 0 in the gzip header, for reproducible output.
+    let gz = GzBuilder::new()
+        .mtime(0)
+        .write(file, Compression::default());
+    let mut w = CpioWriter::new(gz);
+    let io = |e| BuildError::io(out, e);
+    for path in ["dev", "proc", "sys", "newroot", "lib", "lib/modules"] {
+        w.add(&Entry::Dir { path, mode: 0o755 }).map_err(io)?;
+    }
+    // The kernel opens /dev/console for init before any devtmpfs exists.
+    w.add(&Entry::CharDev {
+        path: "dev/console",
+        mode: 0o600,
+        major: 5,
+        minor: 1,
+    })
+    .map_err(io)?;
+    w.add(&Entry::File {
+        path: "init",
+        mode: 0o755,
+        data: init,
+    })
+    .map_err(io)?;
+    let mut order = String::new();
+    for m in modules {
+        let name = m
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let data = fs::read(m).map_err(|e| BuildError::io(m, e))?;
+        let path = format!("lib/modules/{name}");
+        w.add(&Entry::File {
+            path: &path,
+            mode: 0o644,
+            data: &data,
+        })
+        .map_err(io)?;
+        order.push_str(&name);
+        order.push('\n');
+    }
+    w.add(&Entry::File {
+        path: "lib/modules/load-order",
+        mode: 0o644,
+        data: order.as_bytes(),
+    })
+    .map_err(io)?;
+    let gz = w.finish().map_err(io)?;
+    let mut file = gz.finish().map_err(io)?;
+    file.flush().map_err(io)?;
+    file.sync_all().map_err(io)
+}
+
+fn format_time(epoch: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(epoch)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| epoch.to_string())
+}
+
+/// Kernel command line for an image: the verity parameters init needs.
+pub fn image_cmdline(v: &verity::VerityGeometry) -> String {
+    format!(
+        "panic=-1 reboot=t quiet clawos.root_hash={} clawos.salt={} clawos.data_blocks={} clawos.hash_start={}",
+        v.root_hash, v.salt, v.data_blocks, v.hash_start_block
+    )
+}
+
+/// Builds an image bundle into `opts.out`, reporting each step through `progress`.
+/// The bundle appears whole or not at all: it is built beside the target and renamed.
+pub fn build(opts: &BuildOptions, progress: &mut dyn FnMut(&str)) -> Result<Manifest, BuildError> {
+    if opts.out.exists() && !opts.force {
+        return Err(BuildError::Output {
+            path: opts.out.clone(),
+            reason: "already exists (pass --force to replace it)".into(),
+        });
+    }
+    let parent = opts
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| BuildError::io(parent, e))?;
+    let staging = parent.join(format!(
+        ".{}.building-{}",
+        opts.out
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("image"),
+        std::process::id()
+    ));
+    let _ = fs::remove_dir_all(&staging);
+    fs::create_dir_all(&staging).map_err(|e| BuildError::io(&staging, e))?;
+    let result = build_into(opts, &staging, progress);
+    match result {
+        Ok(m) => {
+            if opts.out.exists() {
+                fs::remove_dir_all(&opts.out).map_err(|e| BuildError::io(&opts.out, e))?;
+            }
+            fs::rename(&staging, &opts.out).map_err(|e| BuildError::io(&opts.out, e))?;
+            Ok(m)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&staging);
+            Err(e)
+        }
+    }
+}
+
+fn build_into(
+    opts: &BuildOptions,
+    out: &Path,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Manifest, BuildError> {
+    let epoch = opts.source_date_epoch.unwrap_or(0);
+    let init = check_static(&opts.guest_bin_dir.join(INIT_BIN))?;
+    let agent = check_static(&opts.guest_bin_dir.join(AGENT_BIN))?;
+
+    let tree: KernelTree = match &opts.kernel {
+        KernelSource::Dir(dir) => {
+            progress(&format!("kernel: using {}", dir.display()));
+            kernel::from_dir(dir)?
+        }
+        KernelSource::Debian { package } => {
+            let package = match package {
+                Some(p) => p.clone(),
+                None => kernel::resolve_debian_package(kernel::DEBIAN_CLOUD_META)?,
+            };
+            progress(&format!("kernel: fetching Debian package {package}"));
+            kernel::fetch_debian(&package, &opts.cache_dir)?
+        }
+    };
+
+    progress("rootfs: assembling tree");
+    let rootfs_tree = out.join("rootfs.tree");
+    populate_rootfs(&rootfs_tree, &agent)?;
+    if let Some(overlay) = &opts.rootfs_overlay {
+        copy_overlay(overlay, &rootfs_tree)?;
+    }
+    let rootfs = out.join(files::ROOTFS);
+    progress("rootfs: mkfs.erofs");
+    mkfs_erofs(&rootfs_tree, &rootfs, epoch)?;
+    fs::remove_dir_all(&rootfs_tree).map_err(|e| BuildError::io(&rootfs_tree, e))?;
+
+    progress("rootfs: computing dm-verity hash tree");
+    let (salt, uuid) = derive_salt_uuid(&rootfs)?;
+    let geometry = verity::format(&rootfs, None, &salt, &uuid)?;
+    let rootfs_size = fs::metadata(&rootfs)
+        .map_err(|e| BuildError::io(&rootfs, e))?
+        .len();
+
+    progress("initramfs: resolving modules");
+    let modules = kernel::resolve_modules(&tree, kernel::GUEST_MODULES)?;
+    progress(&format!(
+        "initramfs: packing clawos-init and {} modules",
+        modules.len()
+    ));
+    let initramfs = out.join(files::INITRAMFS);
+    build_initramfs(&init, &modules, &initramfs)?;
+
+    let kernel_path = out.join(files::KERNEL);
+    fs::copy(&tree.image, &kernel_path).map_err(|e| BuildError::io(&kernel_path, e))?;
+
+    progress("manifest: hashing kernel and initramfs");
+    let created = match opts.source_date_epoch {
+        Some(e) => e,
+        None => time::OffsetDateTime::now_utc().unix_timestamp(),
+    };
+    let manifest = Manifest {
+        manifest_version: MANIFEST_VERSION,
+        version: opts.version.clone().unwrap_or_else(|| tree.release.clone()),
+        created: format_time(created),
+        kernel_release: tree.release.clone(),
+        kernel_sha256: sha256_file(&kernel_path).map_err(|e| BuildError::io(&kernel_path, e))?,
+        initramfs_sha256: sha256_file(&initramfs).map_err(|e| BuildError::io(&initramfs, e))?,
+        cmdline: image_cmdline(&geometry),
+        rootfs_size,
+        verity: geometry,
+    };
+    let mut json = serde_json::to_vec_pretty(&manifest).map_err(|e| BuildError::Output {
+        path: out.to_owned(),
+        reason: e.to_string(),
+    })?;
+    json.push(b'\n');
+    let manifest_path = out.join(files::MANIFEST);
+    fs::write(&manifest_path, json).map_err(|e| BuildError::io(&manifest_path, e))?;
+    Ok(manifest)
+}

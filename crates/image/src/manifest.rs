@@ -1,0 +1,293 @@
+//! The image manifest, its Ed25519 signature, and the checks the launcher runs before
+//! every boot.
+
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+pub use ed25519_dalek::VerifyingKey;
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
+use sha2::{Digest, Sha256};
+
+use crate::verity::VerityGeometry;
+
+/// File names inside an image bundle directory.
+pub mod files {
+    /// The guest kernel.
+    pub const KERNEL: &str = "vmlinuz";
+    /// The initramfs (cpio newc, gzip).
+    pub const INITRAMFS: &str = "initramfs.cpio.gz";
+    /// The erofs rootfs with its dm-verity superblock and tree appended.
+    pub const ROOTFS: &str = "rootfs.img";
+    /// The manifest.
+    pub const MANIFEST: &str = "manifest.json";
+    /// The Ed25519 signature over the manifest bytes, hex.
+    pub const SIGNATURE: &str = "manifest.sig";
+}
+
+/// Current manifest format version.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// What a signed image promises: hashes of what the host loads, the command line, and
+/// the verity geometry the guest opens its rootfs with.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Manifest format version.
+    pub manifest_version: u32,
+    /// Image version, free text (defaults to the kernel release).
+    pub version: String,
+    /// RFC 3339 creation time (from `SOURCE_DATE_EPOCH` when set, for reproducibility).
+    pub created: String,
+    /// Kernel release the image was built from.
+    pub kernel_release: String,
+    /// sha256 of the kernel, hex.
+    pub kernel_sha256: String,
+    /// sha256 of the initramfs, hex.
+    pub initramfs_sha256: String,
+    /// Kernel command line the image must boot with (the launcher only appends
+    /// host-specific timer and console settings).
+    pub cmdline: String,
+    /// Size of the rootfs file in bytes (data + superblock + tree).
+    pub rootfs_size: u64,
+    /// dm-verity parameters and root hash of the rootfs.
+    pub verity: VerityGeometry,
+}
+
+/// Which part of an image failed a check. Each names the file, so an operator knows what
+/// was tampered with.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// A bundle file is missing or unreadable.
+    #[error("image: cannot read {what} at {path}: {source}")]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The manifest is not valid JSON of the expected shape.
+    #[error("image: manifest {path} is malformed: {source}")]
+    ManifestSyntax {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The manifest has a format this launcher does not know.
+    #[error("image: manifest {path} has version {found}, this build reads {MANIFEST_VERSION}")]
+    ManifestVersion { path: PathBuf, found: u32 },
+    /// No signature while one is required.
+    #[error("image: unsigned: {path} is missing and a signing public key is configured")]
+    Unsigned { path: PathBuf },
+    /// The signature file is not 64 hex-encoded bytes.
+    #[error("image: signature {path} is malformed (expected 128 hex characters)")]
+    SignatureSyntax { path: PathBuf },
+    /// The signature does not verify over the manifest with the configured key.
+    #[error(
+        "image: signature mismatch: manifest.sig does not verify manifest.json with public key {pubkey} (manifest or signature was changed, or signed by another key)"
+    )]
+    SignatureMismatch { pubkey: String },
+    /// A file's hash differs from the one the manifest records.
+    #[error("image: {what} hash mismatch: {path} has sha256 {actual}, manifest says {expected}")]
+    HashMismatch {
+        what: &'static str,
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    /// The rootfs is smaller than its verity geometry needs.
+    #[error("image: rootfs {path} is {actual} bytes, manifest says {expected}")]
+    RootfsSize {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    /// The root hash differs from the one pinned by the operator.
+    #[error(
+        "image: root hash mismatch: manifest has {actual}, CLAWOS_AGENT_ROOTHASH pins {expected}"
+    )]
+    RootHashPin { expected: String, actual: String },
+    /// A public or private key is malformed.
+    #[error("image: bad key: {reason}")]
+    Key { reason: String },
+    /// Writing a signature failed.
+    #[error("image: cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// sha256 of a file, hex, streaming.
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    let mut f = fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Parses a hex Ed25519 public key (64 hex characters).
+pub fn parse_public_key(hex_key: &str) -> Result<VerifyingKey, ImageError> {
+    let bytes: [u8; 32] = hex::decode(hex_key.trim())
+        .ok()
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| ImageError::Key {
+            reason: format!(
+                "public key must be 64 hex characters (32 bytes), got {:?}",
+                hex_key.trim()
+            ),
+        })?;
+    VerifyingKey::from_bytes(&bytes).map_err(|e| ImageError::Key {
+        reason: format!("not an Ed25519 public key: {e}"),
+    })
+}
+
+/// Paths of one image's files. A bundle directory gives all of them; the operator may
+/// point kernel and rootfs elsewhere (`CLAWOS_AGENT_KERNEL`, `CLAWOS_AGENT_ROOTFS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImagePaths {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub rootfs: PathBuf,
+    pub manifest: PathBuf,
+    pub signature: PathBuf,
+}
+
+impl ImagePaths {
+    /// The files of a bundle directory.
+    pub fn bundle(dir: &Path) -> Self {
+        Self {
+            kernel: dir.join(files::KERNEL),
+            initramfs: dir.join(files::INITRAMFS),
+            rootfs: dir.join(files::ROOTFS),
+            manifest: dir.join(files::MANIFEST),
+            signature: dir.join(files::SIGNATURE),
+        }
+    }
+}
+
+/// Reads and parses a manifest.
+pub fn read_manifest(path: &Path) -> Result<(Manifest, Vec<u8>), ImageError> {
+    let bytes = fs::read(path).map_err(|source| ImageError::Read {
+        what: "manifest",
+        path: path.to_owned(),
+        source,
+    })?;
+    let manifest: Manifest =
+        serde_json::from_slice(&bytes).map_err(|source| ImageError::ManifestSyntax {
+            path: path.to_owned(),
+            source,
+        })?;
+    if manifest.manifest_version != MANIFEST_VERSION {
+        return Err(ImageError::ManifestVersion {
+            path: path.to_owned(),
+            found: manifest.manifest_version,
+        });
+    }
+    Ok((manifest, bytes))
+}
+
+/// Signs the manifest of a bundle, writing `manifest.sig`.
+pub fn sign_bundle(dir: &Path, key: &SigningKey) -> Result<PathBuf, ImageError> {
+    let paths = ImagePaths::bundle(dir);
+    let (_, bytes) = read_manifest(&paths.manifest)?;
+    let sig = key.sign(&bytes);
+    let text = format!("{}\n", hex::encode(sig.to_bytes()));
+    fs::write(&paths.signature, text).map_err(|source| ImageError::Write {
+        path: paths.signature.clone(),
+        source,
+    })?;
+    Ok(paths.signature)
+}
+
+/// What to enforce when verifying.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyPolicy {
+    /// The trusted signing key. When set, the image must carry a valid signature.
+    pub public_key: Option<VerifyingKey>,
+    /// A root hash the operator pinned (`CLAWOS_AGENT_ROOTHASH`).
+    pub pinned_root_hash: Option<String>,
+}
+
+/// Checks an image before boot: signature over the manifest (when a key is configured),
+/// sha256 of kernel and initramfs, rootfs size, pinned root hash. Returns the manifest on
+/// success; on failure the error names the part that did not match.
+pub fn verify(paths: &ImagePaths, policy: &VerifyPolicy) -> Result<Manifest, ImageError> {
+    let (manifest, bytes) = read_manifest(&paths.manifest)?;
+    if let Some(key) = &policy.public_key {
+        let text = match fs::read_to_string(&paths.signature) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ImageError::Unsigned {
+                    path: paths.signature.clone(),
+                });
+            }
+            Err(source) => {
+                return Err(ImageError::Read {
+                    what: "signature",
+                    path: paths.signature.clone(),
+                    source,
+                });
+            }
+        };
+        let sig: [u8; 64] = hex::decode(text.trim())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| ImageError::SignatureSyntax {
+                path: paths.signature.clone(),
+            })?;
+        key.verify(&bytes, &Signature::from_bytes(&sig))
+            .map_err(|_| ImageError::SignatureMismatch {
+                pubkey: hex::encode(key.as_bytes()),
+            })?;
+    }
+    for (what, path, expected) in [
+        ("kernel", &paths.kernel, &manifest.kernel_sha256),
+        ("initramfs", &paths.initramfs, &manifest.initramfs_sha256),
+    ] {
+        let actual = sha256_file(path).map_err(|source| ImageError::Read {
+            what,
+            path: path.clone(),
+            source,
+        })?;
+        if &actual != expected {
+            return Err(ImageError::HashMismatch {
+                what,
+                path: path.clone(),
+                expected: expected.clone(),
+                actual,
+            });
+        }
+    }
+    let size = fs::metadata(&paths.rootfs)
+        .map_err(|source| ImageError::Read {
+            what: "rootfs",
+            path: paths.rootfs.clone(),
+            source,
+        })?
+        .len();
+    if size != manifest.rootfs_size {
+        return Err(ImageError::RootfsSize {
+            path: paths.rootfs.clone(),
+            expected: manifest.rootfs_size,
+            actual: size,
+        });
+    }
+    if let Some(pin) = &policy.pinned_root_hash
+        && !pin.eq_ignore_ascii_case(&manifest.verity.root_hash)
+    {
+        return Err(ImageError::RootHashPin {
+            expected: pin.clone(),
+            actual: manifest.verity.root_hash.clone(),
+        });
+    }
+    Ok(manifest)
+}

@@ -1,0 +1,309 @@
+//! Launcher configuration, validated before any socket opens.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clawos_image::manifest::{VerifyingKey, parse_public_key};
+
+/// Which hypervisor runs VMs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// QEMU `microvm`: KVM when the CPU has hardware virtualization, else TCG.
+    Qemu,
+    /// Firecracker through its API socket (needs hardware KVM).
+    Firecracker,
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Qemu => "qemu",
+            Self::Firecracker => "firecracker",
+        })
+    }
+}
+
+/// Everything the launcher needs, already checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP listen address (loopback by default).
+    pub addr: SocketAddr,
+    /// State directory; VMs live in `<state>/vms/<name>/`.
+    pub state_dir: PathBuf,
+    /// Default image bundle directory.
+    pub image_dir: Option<PathBuf>,
+    /// Kernel file overriding the bundle's (`CLAWOS_AGENT_KERNEL`); still hash-checked.
+    pub kernel_override: Option<PathBuf>,
+    /// Rootfs file overriding the bundle's (`CLAWOS_AGENT_ROOTFS`).
+    pub rootfs_override: Option<PathBuf>,
+    /// Root hash every image must have (`CLAWOS_AGENT_ROOTHASH`).
+    pub pinned_root_hash: Option<String>,
+    /// Trusted image signing key (`CLAWOS_SIGNING_PUBKEY`). `None` only with
+    /// `allow_unsigned`.
+    pub public_key: Option<VerifyingKey>,
+    /// Inference proxy URL on the host (`CLAWOS_INFERENCE_PROXY_URL`).
+    pub inference_proxy_url: String,
+    /// Hypervisor backend.
+    pub backend: BackendKind,
+    /// QEMU binary.
+    pub qemu_bin: PathBuf,
+    /// Firecracker binary.
+    pub firecracker_bin: PathBuf,
+    /// How long a guest may take to power off before it is killed.
+    pub stop_timeout: Duration,
+    /// How long a guest may take to report ready before it is failed.
+    pub boot_timeout: Duration,
+    /// Size of each VM's `/var` disk.
+    pub runtime_disk_mib: u64,
+    /// Size of each VM's `/workspace` disk.
+    pub workspace_disk_mib: u64,
+}
+
+/// Raw settings as given (flags or environment), before validation.
+#[derive(Debug, Clone, Default)]
+pub struct RawConfig {
+    pub addr: String,
+    pub state_dir: PathBuf,
+    pub image_dir: Option<PathBuf>,
+    pub kernel_override: Option<PathBuf>,
+    pub rootfs_override: Option<PathBuf>,
+    pub pinned_root_hash: Option<String>,
+    pub public_key: Option<String>,
+    pub allow_unsigned: bool,
+    pub inference_proxy_url: String,
+    /// `auto`, `qemu` or `firecracker`.
+    pub backend: String,
+    pub qemu_bin: PathBuf,
+    pub firecracker_bin: PathBuf,
+    pub stop_timeout_secs: u64,
+    pub boot_timeout_secs: u64,
+}
+
+/// A configuration problem, named.
+#[derive(Debug, thiserror::Error)]
+#[error("vm-launcher config: {0}")]
+pub struct ConfigError(pub String);
+
+fn find_in_path(bin: &std::path::Path) -> Option<PathBuf> {
+    if bin.components().count() > 1 {
+        return bin.is_file().then(|| bin.to_owned());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
+impl RawConfig {
+    /// Checks every setting and resolves `auto` choices.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let addr: SocketAddr = self
+            .addr
+            .parse()
+            .map_err(|e| ConfigError(format!("listen address {:?}: {e}", self.addr)))?;
+        let public_key = match (&self.public_key, self.allow_unsigned) {
+            (Some(k), _) => Some(
+                parse_public_key(k)
+                    .map_err(|e| ConfigError(format!("CLAWOS_SIGNING_PUBKEY: {e}")))?,
+            ),
+            (None, true) => None,
+            (None, false) => {
+                return Err(ConfigError(
+                    "no image signing key: set CLAWOS_SIGNING_PUBKEY (hex, from `clawos keygen`), or pass --allow-unsigned to boot images without checking signatures".into(),
+                ));
+            }
+        };
+        if let Some(h) = &self.pinned_root_hash
+            && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(ConfigError(format!(
+                "CLAWOS_AGENT_ROOTHASH {h:?} is not 64 hex characters"
+            )));
+        }
+        for (what, p) in [
+            ("CLAWOS_AGENT_KERNEL", &self.kernel_override),
+            ("CLAWOS_AGENT_ROOTFS", &self.rootfs_override),
+        ] {
+            if let Some(p) = p
+                && !p.is_file()
+            {
+                return Err(ConfigError(format!("{what} {} is not a file", p.display())));
+            }
+        }
+        if let Some(d) = &self.image_dir
+            && !d.is_dir()
+        {
+            return Err(ConfigError(format!(
+                "image directory {} does not exist (build one with `clawos image build`)",
+                d.display()
+            )));
+        }
+        if !(self.inference_proxy_url.starts_with("http://")
+            || self.inference_proxy_url.starts_with("https://"))
+        {
+            return Err(ConfigError(format!(
+                "CLAWOS_INFERENCE_PROXY_URL {:?} is not an http(s) URL",
+                self.inference_proxy_url
+            )));
+        }
+        let qemu = find_in_path(&self.qemu_bin);
+        let fc = find_in_path(&self.firecracker_bin);
+        let kvm = crate::host::has_hardware_kvm();
+        let (backend, qemu_bin, firecracker_bin) = match self.backend.as_str() {
+            "qemu" | "auto" if qemu.is_some() => (
+                BackendKind::Qemu,
+                qemu.unwrap_or_default(),
+                self.firecracker_bin,
+            ),
+            "firecracker" => match (fc, kvm) {
+                (Some(fc), true) => (BackendKind::Firecracker, self.qemu_bin, fc),
+                (None, _) => {
+                    return Err(ConfigError(format!(
+                        "backend firecracker: no {} binary",
+                        self.firecracker_bin.display()
+                    )));
+                }
+                (Some(_), false) => {
+                    return Err(ConfigError(
+                        "backend firecracker needs hardware KVM (/dev/kvm and vmx/svm); use --backend qemu".into(),
+                    ));
+                }
+            },
+            "auto" => match fc {
+                Some(fc) if kvm => (BackendKind::Firecracker, self.qemu_bin, fc),
+                _ => {
+                    return Err(ConfigError(format!(
+                        "no hypervisor: {} not found (apt-get install qemu-system-x86)",
+                        self.qemu_bin.display()
+                    )));
+                }
+            },
+            "qemu" => {
+                return Err(ConfigError(format!(
+                    "backend qemu: {} not found (apt-get install qemu-system-x86)",
+                    self.qemu_bin.display()
+                )));
+            }
+            other => {
+                return Err(ConfigError(format!(
+                    "unknown backend {other:?}: auto, qemu or firecracker"
+                )));
+            }
+        };
+        if self.stop_timeout_secs == 0 || self.boot_timeout_secs == 0 {
+            return Err(ConfigError("timeouts must be at least 1 second".into()));
+        }
+        Ok(Config {
+            addr,
+            state_dir: self.state_dir,
+            image_dir: self.image_dir,
+            kernel_override: self.kernel_override,
+            rootfs_override: self.rootfs_override,
+            pinned_root_hash: self.pinned_root_hash.map(|h| h.to_ascii_lowercase()),
+            public_key,
+            inference_proxy_url: self.inference_proxy_url,
+            backend,
+            qemu_bin,
+            firecracker_bin,
+            stop_timeout: std::time::Duration::from_secs(self.stop_timeout_secs),
+            boot_timeout: std::time::Duration::from_secs(self.boot_timeout_secs),
+            runtime_disk_mib: 256,
+            workspace_disk_mib: 1024,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw() -> RawConfig {
+        RawConfig {
+            addr: "127.0.0.1:0".into(),
+            state_dir: "/tmp".into(),
+            allow_unsigned: true,
+            inference_proxy_url: "http://127.0.0.1:11435".into(),
+            backend: "qemu".into(),
+            qemu_bin: "/bin/sh".into(),
+            firecracker_bin: "firecracker-absent".into(),
+            stop_timeout_secs: 5,
+            boot_timeout_secs: 5,
+            ..RawConfig::default()
+        }
+    }
+
+    #[test]
+    fn unsigned_needs_explicit_opt_in() {
+        let r = RawConfig {
+            allow_unsigned: false,
+            ..raw()
+        };
+        let e = r.validate().expect_err("must refuse");
+        assert!(e.to_string().contains("CLAWOS_SIGNING_PUBKEY"), "{e}");
+        assert!(raw().validate().is_ok());
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let cases: Vec<(RawConfig, &str)> = vec![
+            (
+                RawConfig {
+                    addr: "nope".into(),
+                    ..raw()
+                },
+                "listen address",
+            ),
+            (
+                RawConfig {
+                    public_key: Some("zz".into()),
+                    ..raw()
+                },
+                "CLAWOS_SIGNING_PUBKEY",
+            ),
+            (
+                RawConfig {
+                    pinned_root_hash: Some("abc".into()),
+                    ..raw()
+                },
+                "CLAWOS_AGENT_ROOTHASH",
+            ),
+            (
+                RawConfig {
+                    inference_proxy_url: "ftp://x".into(),
+                    ..raw()
+                },
+                "CLAWOS_INFERENCE_PROXY_URL",
+            ),
+            (
+                RawConfig {
+                    backend: "xen".into(),
+                    ..raw()
+                },
+                "unknown backend",
+            ),
+            (
+                RawConfig {
+                    backend: "firecracker".into(),
+                    ..raw()
+                },
+                "firecracker",
+            ),
+            (
+                RawConfig {
+                    image_dir: Some("/nonexistent".into()),
+                    ..raw()
+                },
+                "image directory",
+            ),
+        ];
+        for (r, needle) in cases {
+            let e = r.validate().expect_err(needle);
+            assert!(
+                e.to_string().contains(needle),
+                "{e} should mention {needle}"
+            );
+        }
+    }
+}

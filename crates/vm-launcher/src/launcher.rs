@@ -1,0 +1,694 @@
+//! The VM life cycle: verify → prepare disks → boot → watch → stop, and re-adoption of
+//! running VMs after a launcher restart.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clawos_image::{ImagePaths, Manifest, VerifyPolicy};
+use clawos_vm_launcher_api::{StartVm, Vm, VmState};
+use tokio::process::Child;
+
+use crate::backend::{Hypervisor, LaunchSpec};
+use crate::config::Config;
+use crate::host::ProcessId;
+use crate::store::{self, VmDir, VmRecord};
+use crate::{LauncherError, console, validate};
+
+/// How often a watcher looks at its VM.
+const WATCH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub starts: AtomicU64,
+    pub images_refused: AtomicU64,
+    pub failures: AtomicU64,
+    pub adopted: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    vms: HashMap<String, VmRecord>,
+    /// Names with an operation in flight (start, stop, delete).
+    busy: HashSet<String>,
+}
+
+/// The launcher: owns every VM's record and watcher.
+#[derive(Debug)]
+pub struct Launcher {
+    cfg: Config,
+    vms_dir: PathBuf,
+    backend: Box<dyn Hypervisor>,
+    inner: Mutex<Inner>,
+    host_mem_mib: u64,
+    host_cpus: u32,
+    pub metrics: Metrics,
+}
+
+/// Releases a name's busy mark when an operation ends, however it ends.
+struct Claim<'a> {
+    launcher: &'a Launcher,
+    name: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        self.launcher.lock().busy.remove(&self.name);
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The agent's `/workspace/.env`. The agent talks to the in-guest relay on
+/// 127.0.0.1:11435, which forwards to the host's inference proxy; no API key ever goes
+/// here, the proxy injects it on the host.
+fn agent_env(name: &str, model: Option<&str>, proxy_url: &str) -> String {
+    let mut env = format!(
+        "CLAWOS_AGENT_NAME={name}\n\
+         CLAWOS_INFERENCE_PROXY_URL={proxy_url}\n\
+         ANTHROPIC_BASE_URL=http://127.0.0.1:11435\n\
+         OPENAI_BASE_URL=http://127.0.0.1:11435/v1\n"
+    );
+    if let Some(m) = model {
+        env.push_str(&format!("CLAWOS_MODEL={m}\n"));
+    }
+    env
+}
+
+impl Launcher {
+    /// A launcher over `cfg`'s state directory, re-adopting VMs left by an earlier run.
+    pub fn new(cfg: Config, backend: Box<dyn Hypervisor>) -> Result<Arc<Self>, LauncherError> {
+        let vms_dir =
+            store::init_state(&cfg.state_dir).map_err(|e| LauncherError::io(&cfg.state_dir, e))?;
+        let launcher = Arc::new(Self {
+            cfg,
+            vms_dir,
+            backend,
+            inner: Mutex::new(Inner::default()),
+            host_mem_mib: crate::host::mem_total_mib(),
+            host_cpus: crate::host::cpus(),
+            metrics: Metrics::default(),
+        });
+        launcher.adopt_all()?;
+        Ok(launcher)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the map half-updated (every
+        // update is a single insert), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn dir(&self, name: &str) -> VmDir {
+        VmDir::new(&self.vms_dir, name)
+    }
+
+    /// Marks `name` busy; fails if it is already.
+    fn claim(&self, name: &str) -> Result<Claim<'_>, LauncherError> {
+        if !self.lock().busy.insert(name.to_owned()) {
+            return Err(LauncherError::Conflict(format!(
+                "VM {name} has another operation in progress"
+            )));
+        }
+        Ok(Claim {
+            launcher: self,
+            name: name.to_owned(),
+        })
+    }
+
+    /// Stores a record in memory and on disk.
+    fn commit(&self, record: VmRecord) {
+        if let Err(e) = self.dir(&record.name).save(&record) {
+            tracing::error!(vm = %record.name, error = %e, "cannot persist VM state");
+        }
+        self.lock().vms.insert(record.name.clone(), record);
+    }
+
+    fn record(&self, name: &str) -> Option<VmRecord> {
+        self.lock().vms.get(name).cloned()
+    }
+
+    /// All VMs, sorted by name.
+    pub fn list(&self) -> Vec<Vm> {
+        let mut v: Vec<Vm> = self.lock().vms.values().map(VmRecord::view).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// One VM.
+    pub fn get(&self, name: &str) -> Result<Vm, LauncherError> {
+        validate::name(name)?;
+        self.record(name)
+            .map(|r| r.view())
+            .ok_or_else(|| LauncherError::NotFound(format!("no VM named {name}")))
+    }
+
+    fn image_paths(&self, image: Option<&str>) -> Result<(PathBuf, ImagePaths), LauncherError> {
+        let dir = match image {
+            Some(d) => {
+                let p = PathBuf::from(d);
+                if !p.is_absolute() {
+                    return Err(LauncherError::Invalid(format!(
+                        "image path {d:?} must be absolute"
+                    )));
+                }
+                p
+            }
+            None => self.cfg.image_dir.clone().ok_or_else(|| {
+                LauncherError::Invalid(
+                    "no image given and no default image configured (CLAWOS_IMAGE_DIR)".into(),
+                )
+            })?,
+        };
+        if !dir.is_dir() {
+            return Err(LauncherError::Invalid(format!(
+                "image directory {} does not exist",
+                dir.display()
+            )));
+        }
+        let mut paths = ImagePaths::bundle(&dir);
+        if image.is_none() {
+            if let Some(k) = &self.cfg.kernel_override {
+                paths.kernel = k.clone();
+            }
+            if let Some(r) = &self.cfg.rootfs_override {
+                paths.rootfs = r.clone();
+            }
+        }
+        Ok((dir, paths))
+    }
+
+    async fn verify(&self, paths: &ImagePaths) -> Result<Manifest, LauncherError> {
+        let policy = VerifyPolicy {
+            public_key: self.cfg.public_key,
+            pinned_root_hash: self.cfg.pinned_root_hash.clone(),
+        };
+        let p = paths.clone();
+        let result = tokio::task::spawn_blocking(move || clawos_image::verify(&p, &policy))
+            .await
+            .map_err(|e| LauncherError::Internal(format!("verification task: {e}")))?;
+        result.map_err(|e| {
+            self.metrics.images_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "image refused");
+            LauncherError::ImageRefused(e.to_string())
+        })
+    }
+
+    /// Creates (if new) and boots a VM. Returns once the hypervisor runs; readiness is
+    /// reported by the watcher (`starting` → `running`).
+    pub async fn start(self: &Arc<Self>, req: StartVm) -> Result<Vm, LauncherError> {
+        validate::name(&req.name)?;
+        if let Some(m) = &req.model {
+            validate::model(m)?;
+        }
+        validate::resources(req.mem_mib, req.vcpus, self.host_mem_mib, self.host_cpus)?;
+        let _claim = self.claim(&req.name)?;
+        let existing = self.record(&req.name);
+        if let Some(r) = &existing
+            && r.state.is_active()
+        {
+            return Err(LauncherError::Conflict(format!(
+                "VM {} is already {}",
+                req.name, r.state
+            )));
+        }
+        let (image_dir, paths) = self.image_paths(req.image.as_deref())?;
+        // Verified before anything is created or started: a refused image leaves no trace.
+        let manifest = self.verify(&paths).await?;
+
+        let is_new = existing.is_none();
+        let dir = match existing {
+            Some(_) => self.dir(&req.name),
+            None => store::create(
+                &self.vms_dir,
+                &req.name,
+                self.cfg.runtime_disk_mib,
+                self.cfg.workspace_disk_mib,
+            )?,
+        };
+        let launched = self.boot(&req, &dir, &image_dir, &paths, &manifest).await;
+        match launched {
+            Ok(vm) => Ok(vm),
+            Err(e) => {
+                if is_new {
+                    let _ = store::remove(&self.vms_dir, &req.name);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn boot(
+        self: &Arc<Self>,
+        req: &StartVm,
+        dir: &VmDir,
+        image_dir: &Path,
+        paths: &ImagePaths,
+        manifest: &Manifest,
+    ) -> Result<Vm, LauncherError> {
+        store::write_config_disk(
+            dir,
+            &agent_env(
+                &req.name,
+                req.model.as_deref(),
+                &self.cfg.inference_proxy_url,
+            ),
+        )?;
+        store::rotate_console(dir)?;
+        let spec = LaunchSpec {
+            name: req.name.clone(),
+            dir: dir.clone(),
+            mem_mib: req.mem_mib,
+            vcpus: req.vcpus,
+            kernel: paths.kernel.clone(),
+            initramfs: paths.initramfs.clone(),
+            rootfs: paths.rootfs.clone(),
+            image_cmdline: manifest.cmdline.clone(),
+        };
+        let started = Instant::now();
+        let child = self
+            .backend
+            .launch(&spec)
+            .await
+            .map_err(|e| LauncherError::Internal(e.to_string()))?;
+        let pid = child.id().unwrap_or(0);
+        let process = ProcessId::of(pid).ok_or_else(|| {
+            LauncherError::Internal(format!(
+                "hypervisor exited at once: {}",
+                console::tail(&dir.hypervisor_log(), 2000).trim()
+            ))
+        })?;
+        dir.write_pid(process)
+            .map_err(|e| LauncherError::io(&dir.pid(), e))?;
+        let record = VmRecord {
+            name: req.name.clone(),
+            model: req.model.clone(),
+            mem_mib: req.mem_mib,
+            vcpus: req.vcpus,
+            image: image_dir.display().to_string(),
+            root_hash: manifest.verity.root_hash.clone(),
+            backend: self.backend.name().to_owned(),
+            state: VmState::Starting,
+            reason: None,
+            boot_ms: None,
+            started_at: Some(now_unix()),
+            process: Some(process),
+        };
+        let view = record.view();
+        self.commit(record);
+        self.metrics.starts.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(vm = %req.name, pid, backend = self.backend.name(), root_hash = %manifest.verity.root_hash, "VM started");
+        let me = Arc::clone(self);
+        let name = req.name.clone();
+        tokio::spawn(async move { me.watch(name, Some(child), process, started, 0).await });
+        Ok(view)
+    }
+
+    /// Follows one VM until its hypervisor exits: readiness, boot timeout, final state.
+    async fn watch(
+        self: Arc<Self>,
+        name: String,
+        mut child: Option<Child>,
+        process: ProcessId,
+        started: Instant,
+        console_offset: u64,
+    ) {
+        let dir = self.dir(&name);
+        let mut ready = ReadyState::new(console_offset);
+        let exit_code = loop {
+            tokio::time::sleep(WATCH_INTERVAL).await;
+            let state = self.record(&name).map(|r| r.state);
+            if state == Some(VmState::Starting) {
+                if ready.watch.poll(&dir.console()) {
+                    let ms = started.elapsed().as_millis() as u64;
+                    self.update(&name, |r| {
+                        if r.state == VmState::Starting {
+                            r.state = VmState::Running;
+                            r.boot_ms = Some(ms);
+                        }
+                    });
+                    tracing::info!(vm = %name, boot_ms = ms, "guest ready");
+                } else if started.elapsed() > self.cfg.boot_timeout && !ready.timed_out {
+                    ready.timed_out = true;
+                    tracing::warn!(vm = %name, "guest did not report ready in time; killing it");
+                    process.signal(libc::SIGKILL);
+                }
+            }
+            let exited = match child.as_mut() {
+                Some(c) => match c.try_wait() {
+                    Ok(Some(status)) => Some(status.code()),
+                    Ok(None) => None,
+                    Err(_) => Some(None),
+                },
+                None => (!process.is_alive()).then_some(None),
+            };
+            if let Some(code) = exited {
+                break code;
+            }
+        };
+        let console_text = console::tail(&dir.console(), 64 * 1024);
+        let timeout = ready.timed_out.then_some(self.cfg.boot_timeout);
+        dir.remove_pid();
+        self.update(&name, |r| {
+            let (state, reason) = outcome(r.state, exit_code, &console_text, timeout, &dir);
+            r.state = state;
+            r.reason = reason;
+        });
+        let final_state = self.record(&name).map(|r| (r.state, r.reason));
+        if let Some((VmState::Failed, reason)) = &final_state {
+            self.metrics.failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(vm = %name, reason = reason.as_deref().unwrap_or(""), "VM failed");
+        } else {
+            tracing::info!(vm = %name, "VM stopped");
+        }
+    }
+
+    fn update(&self, name: &str, f: impl FnOnce(&mut VmRecord)) {
+        let record = {
+            let mut inner = self.lock();
+            let Some(r) = inner.vms.get_mut(name) else {
+                return;
+            };
+            f(r);
+            r.clone()
+        };
+        if let Err(e) = self.dir(name).save(&record) {
+            tracing::error!(vm = %name, error = %e, "cannot persist VM state");
+        }
+    }
+
+    /// Asks the guest to power off, waits, kills after the stop timeout. Disks stay.
+    pub async fn stop(&self, name: &str) -> Result<Vm, LauncherError> {
+        validate::name(name)?;
+        let _claim = self.claim(name)?;
+        let record = self
+            .record(name)
+            .ok_or_else(|| LauncherError::NotFound(format!("no VM named {name}")))?;
+        if !record.state.is_active() {
+            return Ok(record.view());
+        }
+        self.update(name, |r| r.state = VmState::Stopping);
+        let dir = self.dir(name);
+        if let Err(e) = self.backend.request_stop(&dir).await {
+            tracing::warn!(vm = %name, error = %e, "clean stop request failed; will kill");
+        }
+        if !self.wait_inactive(name, self.cfg.stop_timeout).await {
+            tracing::warn!(vm = %name, "guest did not power off in time; killing it");
+            if let Some(p) = record.process {
+                p.signal(libc::SIGKILL);
+            }
+            if !self.wait_inactive(name, Duration::from_secs(10)).await {
+                return Err(LauncherError::Internal(format!(
+                    "VM {name}'s hypervisor survived SIGKILL"
+                )));
+            }
+        }
+        self.get(name)
+    }
+
+    async fn wait_inactive(&self, name: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if self.record(name).is_none_or(|r| !r.state.is_active()) {
+                return true;
+            }
+            tokio::time::sleep(WATCH_INTERVAL).await;
+        }
+        false
+    }
+
+    /// Deletes a VM that is not running, with its disks.
+    pub fn delete(&self, name: &str) -> Result<(), LauncherError> {
+        validate::name(name)?;
+        let _claim = self.claim(name)?;
+        let record = self
+            .record(name)
+            .ok_or_else(|| LauncherError::NotFound(format!("no VM named {name}")))?;
+        if record.state.is_active() {
+            return Err(LauncherError::Conflict(format!(
+                "VM {name} is {}; stop it first",
+                record.state
+            )));
+        }
+        store::remove(&self.vms_dir, name)?;
+        self.lock().vms.remove(name);
+        tracing::info!(vm = %name, "VM deleted");
+        Ok(())
+    }
+
+    /// Console bytes from `offset` (at most 1 MiB) and the next offset.
+    pub fn console(&self, name: &str, offset: u64) -> Result<(Vec<u8>, u64), LauncherError> {
+        validate::name(name)?;
+        if self.record(name).is_none() {
+            return Err(LauncherError::NotFound(format!("no VM named {name}")));
+        }
+        use std::io::{Read, Seek, SeekFrom};
+        let path = self.dir(name).console();
+        let mut f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+            Err(e) => return Err(LauncherError::io(&path, e)),
+        };
+        let len = f.metadata().map_err(|e| LauncherError::io(&path, e))?.len();
+        let from = offset.min(len);
+        f.seek(SeekFrom::Start(from))
+            .map_err(|e| LauncherError::io(&path, e))?;
+        let mut buf = Vec::new();
+        f.take(1 << 20)
+            .read_to_end(&mut buf)
+            .map_err(|e| LauncherError::io(&path, e))?;
+        let next = from + buf.len() as u64;
+        Ok((buf, next))
+    }
+
+    /// Loads every VM record; VMs whose hypervisor is still the same process are
+    /// watched again, the others are marked stopped or failed.
+    fn adopt_all(self: &Arc<Self>) -> Result<(), LauncherError> {
+        let entries =
+            std::fs::read_dir(&self.vms_dir).map_err(|e| LauncherError::io(&self.vms_dir, e))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if validate::name(&name).is_err() {
+                continue;
+            }
+            let dir = self.dir(&name);
+            let mut record = match dir.load() {
+                Ok(r) => r,
+                Err(err) => {
+                    tracing::warn!(vm = %name, error = %err, "skipping VM directory without a readable record");
+                    continue;
+                }
+            };
+            if record.state.is_active() {
+                let alive = dir.read_pid().filter(ProcessId::is_alive);
+                match alive {
+                    Some(p) => {
+                        tracing::info!(vm = %name, pid = p.pid, state = %record.state, "re-adopted running VM");
+                        self.metrics.adopted.fetch_add(1, Ordering::Relaxed);
+                        record.process = Some(p);
+                        let me = Arc::clone(self);
+                        let age = now_unix().saturating_sub(record.started_at.unwrap_or(0));
+                        let started = Instant::now()
+                            .checked_sub(Duration::from_secs(age))
+                            .unwrap_or_else(Instant::now);
+                        let n = name.clone();
+                        tokio::spawn(async move { me.watch(n, None, p, started, 0).await });
+                    }
+                    None => {
+                        let text = console::tail(&dir.console(), 64 * 1024);
+                        let (state, reason) = match console::failure_reason(&text) {
+                            Some(r) => (VmState::Failed, Some(r)),
+                            None if console::powered_off(&text)
+                                || record.state == VmState::Stopping =>
+                            {
+                                (VmState::Stopped, None)
+                            }
+                            None => (
+                                VmState::Failed,
+                                Some("hypervisor process ended while vm-launcher was down".into()),
+                            ),
+                        };
+                        tracing::info!(vm = %name, %state, "VM ended while the launcher was down");
+                        record.state = state;
+                        record.reason = reason;
+                        dir.remove_pid();
+                        let _ = dir.save(&record);
+                    }
+                }
+            }
+            self.lock().vms.insert(name, record);
+        }
+        Ok(())
+    }
+
+    /// Prometheus text exposition.
+    pub fn metrics_text(&self) -> String {
+        let mut counts: HashMap<VmState, u64> = HashMap::new();
+        for r in self.lock().vms.values() {
+            *counts.entry(r.state).or_default() += 1;
+        }
+        let mut out = String::from(
+            "# HELP clawos_launcher_vms VMs by state.\n# TYPE clawos_launcher_vms gauge\n",
+        );
+        for s in [
+            VmState::Starting,
+            VmState::Running,
+            VmState::Stopping,
+            VmState::Stopped,
+            VmState::Failed,
+        ] {
+            out.push_str(&format!(
+                "clawos_launcher_vms{{state=\"{s}\"}} {}\n",
+                counts.get(&s).unwrap_or(&0)
+            ));
+        }
+        for (name, help, v) in [
+            (
+                "clawos_launcher_vm_starts_total",
+                "VM boots started.",
+                &self.metrics.starts,
+            ),
+            (
+                "clawos_launcher_images_refused_total",
+                "Starts refused by image verification.",
+                &self.metrics.images_refused,
+            ),
+            (
+                "clawos_launcher_vm_failures_total",
+                "VMs that ended failed.",
+                &self.metrics.failures,
+            ),
+            (
+                "clawos_launcher_vms_adopted_total",
+                "Running VMs re-adopted after a restart.",
+                &self.metrics.adopted,
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        out
+    }
+}
+
+#[derive(Debug)]
+struct ReadyState {
+    watch: console::ReadyWatch,
+    timed_out: bool,
+}
+
+impl ReadyState {
+    fn new(offset: u64) -> Self {
+        Self {
+            watch: console::ReadyWatch::new(offset),
+            timed_out: false,
+        }
+    }
+}
+
+/// Final state of a VM whose hypervisor exited.
+fn outcome(
+    state_before: VmState,
+    exit_code: Option<i32>,
+    console_text: &str,
+    boot_timeout: Option<Duration>,
+    dir: &VmDir,
+) -> (VmState, Option<String>) {
+    if let Some(reason) = console::failure_reason(console_text) {
+        return (VmState::Failed, Some(reason));
+    }
+    if let Some(t) = boot_timeout {
+        return (
+            VmState::Failed,
+            Some(format!(
+                "guest did not report ready within {}s",
+                t.as_secs()
+            )),
+        );
+    }
+    if state_before == VmState::Stopping {
+        return (VmState::Stopped, None);
+    }
+    if console::powered_off(console_text) && exit_code.is_none_or(|c| c == 0) {
+        return (VmState::Stopped, Some("guest powered off".into()));
+    }
+    let log = console::tail(&dir.hypervisor_log(), 400);
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    let code = exit_code.map_or("unknown".to_owned(), |c| c.to_string());
+    (
+        VmState::Failed,
+        Some(
+            format!("hypervisor exited unexpectedly (status {code}) {last}")
+                .trim()
+                .to_owned(),
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_file_never_carries_a_key() {
+        let env = agent_env("a1", Some("claude-x"), "http://127.0.0.1:11435");
+        assert!(env.contains("CLAWOS_AGENT_NAME=a1\n"));
+        assert!(env.contains("CLAWOS_MODEL=claude-x\n"));
+        assert!(env.contains("ANTHROPIC_BASE_URL=http://127.0.0.1:11435\n"));
+        assert!(!env.to_lowercase().contains("api_key"));
+    }
+
+    #[test]
+    fn outcomes() {
+        let dir = VmDir {
+            root: "/nonexistent".into(),
+        };
+        let (s, r) = outcome(
+            VmState::Running,
+            Some(1),
+            "[ 1.0] device-mapper: verity: 254:0: data block 3 is corrupted\n",
+            None,
+            &dir,
+        );
+        assert_eq!(s, VmState::Failed);
+        assert!(r.expect("reason").contains("dm-verity"));
+        assert_eq!(
+            outcome(VmState::Stopping, Some(0), "CLAWOS_POWEROFF\n", None, &dir).0,
+            VmState::Stopped
+        );
+        assert_eq!(
+            outcome(VmState::Stopping, None, "", None, &dir).0,
+            VmState::Stopped
+        );
+        assert_eq!(
+            outcome(VmState::Running, Some(0), "CLAWOS_POWEROFF\n", None, &dir).0,
+            VmState::Stopped
+        );
+        let (s, r) = outcome(VmState::Running, Some(137), "", None, &dir);
+        assert_eq!(s, VmState::Failed);
+        assert!(r.expect("reason").contains("137"));
+        let (s, r) = outcome(
+            VmState::Starting,
+            None,
+            "",
+            Some(Duration::from_secs(9)),
+            &dir,
+        );
+        assert_eq!(s, VmState::Failed);
+        assert!(r.expect("reason").contains("9s"));
+    }
+}

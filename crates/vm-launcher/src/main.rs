@@ -1,0 +1,116 @@
+//! `vm-launcher`: parse config → init tracing → run.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Parser;
+use clawos_vm_launcher::RawConfig;
+
+/// Verifies signed agent images and runs them as microVMs (REST API, default port 2080).
+#[derive(Debug, Parser)]
+#[command(name = "vm-launcher", version)]
+struct Args {
+    /// Listen address.
+    #[arg(long, env = "CLAWOS_LAUNCHER_ADDR", default_value = "127.0.0.1:2080")]
+    addr: String,
+    /// State directory (VM records, disks, console logs).
+    #[arg(long, env = "CLAWOS_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Default image bundle directory [default: $STATE_DIR/images/default if it exists].
+    #[arg(long, env = "CLAWOS_IMAGE_DIR")]
+    image: Option<PathBuf>,
+    /// Kernel overriding the bundle's (still checked against the signed manifest).
+    #[arg(long, env = "CLAWOS_AGENT_KERNEL")]
+    kernel: Option<PathBuf>,
+    /// Rootfs overriding the bundle's.
+    #[arg(long, env = "CLAWOS_AGENT_ROOTFS")]
+    rootfs: Option<PathBuf>,
+    /// Refuse images whose verity root hash differs.
+    #[arg(long, env = "CLAWOS_AGENT_ROOTHASH")]
+    root_hash: Option<String>,
+    /// Trusted image signing key (hex Ed25519 public key).
+    #[arg(long, env = "CLAWOS_SIGNING_PUBKEY")]
+    signing_pubkey: Option<String>,
+    /// Boot images without checking signatures (hashes are still checked).
+    #[arg(long, env = "CLAWOS_ALLOW_UNSIGNED")]
+    allow_unsigned: bool,
+    /// Host inference proxy the agents' LLM traffic is relayed to.
+    #[arg(
+        long,
+        env = "CLAWOS_INFERENCE_PROXY_URL",
+        default_value = "http://127.0.0.1:11435"
+    )]
+    inference_proxy_url: String,
+    /// Hypervisor: auto, qemu or firecracker.
+    #[arg(long, env = "CLAWOS_BACKEND", default_value = "auto")]
+    backend: String,
+    /// QEMU binary.
+    #[arg(long, env = "CLAWOS_QEMU", default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// Firecracker binary.
+    #[arg(long, env = "CLAWOS_FIRECRACKER", default_value = "firecracker")]
+    firecracker: PathBuf,
+    /// Seconds a guest gets to power off before it is killed.
+    #[arg(long, default_value_t = 20)]
+    stop_timeout: u64,
+    /// Seconds a guest gets to report ready before it is failed.
+    #[arg(long, default_value_t = 180)]
+    boot_timeout: u64,
+    /// Log as JSON lines.
+    #[arg(long, env = "CLAWOS_LOG_JSON")]
+    log_json: bool,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if args.log_json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let state_dir = args.state_dir.unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".clawos")
+    });
+    let image = args.image.or_else(|| {
+        let d = state_dir.join("images/default");
+        d.is_dir().then_some(d)
+    });
+    let cfg = RawConfig {
+        addr: args.addr,
+        state_dir,
+        image_dir: image,
+        kernel_override: args.kernel,
+        rootfs_override: args.rootfs,
+        pinned_root_hash: args.root_hash.filter(|s| !s.is_empty()),
+        public_key: args.signing_pubkey.filter(|s| !s.is_empty()),
+        allow_unsigned: args.allow_unsigned,
+        inference_proxy_url: args.inference_proxy_url,
+        backend: args.backend,
+        qemu_bin: args.qemu,
+        firecracker_bin: args.firecracker,
+        stop_timeout_secs: args.stop_timeout,
+        boot_timeout_secs: args.boot_timeout,
+    }
+    .validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(clawos_vm_launcher::run(cfg, shutdown_signal()))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down; VMs keep running and are re-adopted on the next start");
+}

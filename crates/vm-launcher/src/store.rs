@@ -1,0 +1,251 @@
+//! Per-VM state on disk: `<state>/vms/<name>/` holds `vm.json` (the record),
+//! `hypervisor.pid` (pid + start time), `console.log`, `hypervisor.log`, the VM's own
+//! `runtime.img` and `workspace.img`, and `config.img` (the agent's environment).
+
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use clawos_vm_launcher_api::{Vm, VmState};
+
+use crate::LauncherError;
+use crate::host::ProcessId;
+
+/// What the launcher persists about a VM.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmRecord {
+    pub name: String,
+    pub model: Option<String>,
+    pub mem_mib: u32,
+    pub vcpus: u32,
+    pub image: String,
+    pub root_hash: String,
+    pub backend: String,
+    pub state: VmState,
+    pub reason: Option<String>,
+    pub boot_ms: Option<u64>,
+    pub started_at: Option<u64>,
+    pub process: Option<ProcessId>,
+}
+
+impl VmRecord {
+    /// The API view.
+    pub fn view(&self) -> Vm {
+        Vm {
+            name: self.name.clone(),
+            state: self.state,
+            reason: self.reason.clone(),
+            model: self.model.clone(),
+            mem_mib: self.mem_mib,
+            vcpus: self.vcpus,
+            image: self.image.clone(),
+            root_hash: self.root_hash.clone(),
+            backend: self.backend.clone(),
+            pid: self
+                .process
+                .filter(|_| self.state.is_active())
+                .map(|p| p.pid),
+            boot_ms: self.boot_ms,
+            started_at: self.started_at,
+        }
+    }
+}
+
+/// Paths of one VM's directory.
+#[derive(Debug, Clone)]
+pub struct VmDir {
+    pub root: PathBuf,
+}
+
+impl VmDir {
+    pub fn new(vms: &Path, name: &str) -> Self {
+        Self {
+            root: vms.join(name),
+        }
+    }
+    pub fn record(&self) -> PathBuf {
+        self.root.join("vm.json")
+    }
+    pub fn pid(&self) -> PathBuf {
+        self.root.join("hypervisor.pid")
+    }
+    pub fn console(&self) -> PathBuf {
+        self.root.join("console.log")
+    }
+    pub fn hypervisor_log(&self) -> PathBuf {
+        self.root.join("hypervisor.log")
+    }
+    pub fn runtime_disk(&self) -> PathBuf {
+        self.root.join("runtime.img")
+    }
+    pub fn workspace_disk(&self) -> PathBuf {
+        self.root.join("workspace.img")
+    }
+    pub fn config_disk(&self) -> PathBuf {
+        self.root.join("config.img")
+    }
+
+    /// Writes the record atomically (temp file, fsync, rename).
+    pub fn save(&self, record: &VmRecord) -> io::Result<()> {
+        let json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
+        write_atomic(&self.record(), &json, 0o600)
+    }
+
+    pub fn load(&self) -> io::Result<VmRecord> {
+        let bytes = fs::read(self.record())?;
+        serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+
+    pub fn write_pid(&self, p: ProcessId) -> io::Result<()> {
+        write_atomic(
+            &self.pid(),
+            format!("{} {}\n", p.pid, p.start_time).as_bytes(),
+            0o600,
+        )
+    }
+
+    pub fn read_pid(&self) -> Option<ProcessId> {
+        let text = fs::read_to_string(self.pid()).ok()?;
+        let mut it = text.split_ascii_whitespace();
+        Some(ProcessId {
+            pid: it.next()?.parse().ok()?,
+            start_time: it.next()?.parse().ok()?,
+        })
+    }
+
+    pub fn remove_pid(&self) {
+        let _ = fs::remove_file(self.pid());
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    fs::rename(&tmp, path)
+}
+
+fn mkfs_ext4(path: &Path, label: &str, mib: u64) -> Result<(), LauncherError> {
+    let f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| LauncherError::io(path, e))?;
+    f.set_len(mib << 20)
+        .map_err(|e| LauncherError::io(path, e))?;
+    drop(f);
+    let out = Command::new("mkfs.ext4")
+        .args([
+            "-q",
+            "-F",
+            "-L",
+            label,
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1",
+        ])
+        .arg(path)
+        .output()
+        .map_err(|e| LauncherError::Internal(format!("mkfs.ext4 (install e2fsprogs): {e}")))?;
+    if !out.status.success() {
+        return Err(LauncherError::Internal(format!(
+            "mkfs.ext4 {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Creates a new VM directory with empty ext4 disks. Built under a temporary name and
+/// renamed, so a failure leaves nothing behind.
+pub fn create(
+    vms: &Path,
+    name: &str,
+    runtime_mib: u64,
+    workspace_mib: u64,
+) -> Result<VmDir, LauncherError> {
+    let dir = VmDir::new(vms, name);
+    let staging = VmDir {
+        root: vms.join(format!(".{name}.creating")),
+    };
+    let _ = fs::remove_dir_all(&staging.root);
+    let result = (|| {
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&staging.root)
+            .map_err(|e| LauncherError::io(&staging.root, e))?;
+        mkfs_ext4(&staging.runtime_disk(), "runtime", runtime_mib)?;
+        mkfs_ext4(&staging.workspace_disk(), "workspace", workspace_mib)?;
+        fs::rename(&staging.root, &dir.root).map_err(|e| LauncherError::io(&dir.root, e))
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(&staging.root);
+        return Err(e);
+    }
+    Ok(dir)
+}
+
+/// Writes the agent's environment as a small raw disk (NUL padded to 4 KiB) that
+/// `clawos-init` copies to `/workspace/.env`. It never holds an API key.
+pub fn write_config_disk(dir: &VmDir, env: &str) -> Result<(), LauncherError> {
+    let mut data = env.as_bytes().to_vec();
+    if data.len() > 4096 {
+        return Err(LauncherError::Invalid(
+            "agent environment exceeds 4 KiB".into(),
+        ));
+    }
+    data.resize(4096, 0);
+    write_atomic(&dir.config_disk(), &data, 0o600)
+        .map_err(|e| LauncherError::io(&dir.config_disk(), e))
+}
+
+/// Starts a fresh console log for a boot, keeping the previous one as `console.log.1`.
+pub fn rotate_console(dir: &VmDir) -> Result<(), LauncherError> {
+    let c = dir.console();
+    if c.exists() {
+        fs::rename(&c, c.with_extension("log.1")).map_err(|e| LauncherError::io(&c, e))?;
+    }
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&c)
+        .map_err(|e| LauncherError::io(&c, e))?;
+    Ok(())
+}
+
+/// Removes a VM directory (renamed away first, so a crash mid-delete leaves no
+/// half-deleted VM that looks real).
+pub fn remove(vms: &Path, name: &str) -> Result<(), LauncherError> {
+    let dir = vms.join(name);
+    let doomed = vms.join(format!(".{name}.deleting"));
+    fs::rename(&dir, &doomed).map_err(|e| LauncherError::io(&dir, e))?;
+    fs::remove_dir_all(&doomed).map_err(|e| LauncherError::io(&doomed, e))
+}
+
+/// Creates the state directories (0700).
+pub fn init_state(state: &Path) -> io::Result<PathBuf> {
+    let vms = state.join("vms");
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&vms)?;
+    // Leftovers of a create or delete interrupted by a crash.
+    for e in fs::read_dir(&vms)?.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with('.') && (n.ends_with(".creating") || n.ends_with(".deleting")) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+    Ok(vms)
+}
