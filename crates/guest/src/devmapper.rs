@@ -40,7 +40,7 @@ fn request(name: &str, flags: u32, target: Option<(u64, &str, &str)>) -> Vec<u8>
         spec[24..24 + ty.len()].copy_from_slice(ty.as_bytes());
         spec.extend_from_slice(params.as_bytes());
         spec.push(0);
-        while spec.len() % 8 != 0 {
+        while !spec.len().is_multiple_of(8) {
             spec.push(0);
         }
         buf.extend_from_slice(&spec);

@@ -83,25 +83,34 @@ pub fn fetch_debian(package: &str, cache: &Path) -> Result<KernelTree, BuildErro
     let unpacked = cache.join(package);
     if !unpacked.join("boot").is_dir() {
         fs::create_dir_all(cache).map_err(|e| BuildError::io(cache, e))?;
-        let dl = cache.join(format!("{package}.download"));
+        // Per-process scratch names: concurrent builds may fetch the same package.
+        let pid = std::process::id();
+        let dl = cache.join(format!("{package}.download-{pid}"));
+        let tmp = cache.join(format!("{package}.unpack-{pid}"));
+        let result = (|| {
+            fs::create_dir_all(&dl).map_err(|e| BuildError::io(&dl, e))?;
+            run(Command::new("apt-get")
+                .args(["download", "-q", package])
+                .current_dir(&dl))?;
+            let deb = fs::read_dir(&dl)
+                .map_err(|e| BuildError::io(&dl, e))?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "deb"))
+                .ok_or_else(|| BuildError::Kernel {
+                    reason: format!("apt-get download {package} produced no .deb"),
+                })?;
+            run(Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp))?;
+            match fs::rename(&tmp, &unpacked) {
+                Ok(()) => Ok(()),
+                // Another build unpacked it first.
+                Err(_) if unpacked.join("boot").is_dir() => Ok(()),
+                Err(e) => Err(BuildError::io(&unpacked, e)),
+            }
+        })();
         let _ = fs::remove_dir_all(&dl);
-        fs::create_dir_all(&dl).map_err(|e| BuildError::io(&dl, e))?;
-        run(Command::new("apt-get")
-            .args(["download", "-q", package])
-            .current_dir(&dl))?;
-        let deb = fs::read_dir(&dl)
-            .map_err(|e| BuildError::io(&dl, e))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .ok_or_else(|| BuildError::Kernel {
-                reason: format!("apt-get download {package} produced no .deb"),
-            })?;
-        let tmp = cache.join(format!("{package}.unpack"));
         let _ = fs::remove_dir_all(&tmp);
-        run(Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp))?;
-        fs::rename(&tmp, &unpacked).map_err(|e| BuildError::io(&unpacked, e))?;
-        let _ = fs::remove_dir_all(&dl);
+        result?;
     }
     from_dir(&unpacked)
 }

@@ -174,15 +174,17 @@ impl ImagePaths {
     }
 }
 
-/// Reads and parses a manifest.
-pub fn read_manifest(path: &Path) -> Result<(Manifest, Vec<u8>), ImageError> {
-    let bytes = fs::read(path).map_err(|source| ImageError::Read {
+fn read_manifest_bytes(path: &Path) -> Result<Vec<u8>, ImageError> {
+    fs::read(path).map_err(|source| ImageError::Read {
         what: "manifest",
         path: path.to_owned(),
         source,
-    })?;
+    })
+}
+
+fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, ImageError> {
     let manifest: Manifest =
-        serde_json::from_slice(&bytes).map_err(|source| ImageError::ManifestSyntax {
+        serde_json::from_slice(bytes).map_err(|source| ImageError::ManifestSyntax {
             path: path.to_owned(),
             source,
         })?;
@@ -192,7 +194,13 @@ pub fn read_manifest(path: &Path) -> Result<(Manifest, Vec<u8>), ImageError> {
             found: manifest.manifest_version,
         });
     }
-    Ok((manifest, bytes))
+    Ok(manifest)
+}
+
+/// Reads and parses a manifest (no signature check: for signing and inspection).
+pub fn read_manifest(path: &Path) -> Result<(Manifest, Vec<u8>), ImageError> {
+    let bytes = read_manifest_bytes(path)?;
+    Ok((parse_manifest(path, &bytes)?, bytes))
 }
 
 /// Signs the manifest of a bundle, writing `manifest.sig`.
@@ -221,7 +229,9 @@ pub struct VerifyPolicy {
 /// sha256 of kernel and initramfs, rootfs size, pinned root hash. Returns the manifest on
 /// success; on failure the error names the part that did not match.
 pub fn verify(paths: &ImagePaths, policy: &VerifyPolicy) -> Result<Manifest, ImageError> {
-    let (manifest, bytes) = read_manifest(&paths.manifest)?;
+    // The signature covers the raw bytes and is checked before they are parsed:
+    // nothing unsigned is interpreted.
+    let bytes = read_manifest_bytes(&paths.manifest)?;
     if let Some(key) = &policy.public_key {
         let text = match fs::read_to_string(&paths.signature) {
             Ok(t) => t,
@@ -249,6 +259,7 @@ pub fn verify(paths: &ImagePaths, policy: &VerifyPolicy) -> Result<Manifest, Ima
                 pubkey: hex::encode(key.as_bytes()),
             })?;
     }
+    let manifest = parse_manifest(&paths.manifest, &bytes)?;
     for (what, path, expected) in [
         ("kernel", &paths.kernel, &manifest.kernel_sha256),
         ("initramfs", &paths.initramfs, &manifest.initramfs_sha256),

@@ -246,6 +246,11 @@ pub fn format(
         }
         hash_block(salt, &top[..BLOCK_SIZE as usize])
     };
+    // The superblock occupies a whole block even when no tree follows it.
+    let total = (hash_start + tree_blocks(data_blocks)) * BLOCK_SIZE;
+    if file.metadata().map_err(io_err)?.len() < total {
+        file.set_len(total).map_err(io_err)?;
+    }
     file.sync_all().map_err(io_err)?;
     Ok(VerityGeometry {
         algorithm: "sha256".into(),

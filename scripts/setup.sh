@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what ClawOS needs on a Debian/Ubuntu host and builds it (release).
+# Idempotent: packages already present are not reinstalled.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# qemu-system-x86: the hypervisor on hosts without Firecracker; erofs-utils: the rootfs;
+# e2fsprogs: per-VM disks (mkfs.ext4) and debugfs in tests; cryptsetup-bin: veritysetup,
+# the independent check of our dm-verity trees; dpkg/apt: the guest kernel package.
+PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin ca-certificates)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "cargo not found: install Rust (rustup) first; rust-toolchain.toml pins the version" >&2
+  exit 1
+fi
+echo "==> building guest binaries (static)"
+scripts/build-guest.sh >/dev/null
+echo "==> building clawos and vm-launcher (${CLAWOS_PROFILE:-release})"
+if [ "${CLAWOS_PROFILE:-release}" = release ]; then
+  cargo build --release --locked -p clawos-cli -p clawos-vm-launcher
+else
+  cargo build --locked --workspace
+fi

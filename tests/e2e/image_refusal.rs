@@ -1,0 +1,211 @@
+//! Images that fail verification start nothing, and bad input creates nothing.
+
+use clawos_e2e::{Launcher, can_boot_vms, copy_image, flip_byte, hypervisor_running_for};
+
+fn vms_on_disk(state: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(state.join("vms"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn one_changed_byte_in_any_part_is_refused_and_named() {
+    if !can_boot_vms() {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let l = Launcher::start(&state).expect("launcher");
+
+    // (name, file to change, offset, words the error must contain)
+    let cases: &[(&str, &str, u64, &[&str])] = &[
+        ("t-kernel", "vmlinuz", 4096, &["kernel", "hash mismatch"]),
+        (
+            "t-initramfs",
+            "initramfs.cpio.gz",
+            100,
+            &["initramfs", "hash mismatch"],
+        ),
+        (
+            "t-manifest",
+            "manifest.json",
+            40,
+            &["signature mismatch", "manifest"],
+        ),
+        ("t-signature", "manifest.sig", 10, &["signature"]),
+    ];
+    for (name, file, offset, words) in cases {
+        let image = copy_image(&work.path().join(name)).expect("copy");
+        flip_byte(&image.join(file), *offset).expect("flip");
+        let o = l.clawos(&[
+            "vm",
+            "start",
+            name,
+            "--mem",
+            "256",
+            "--image",
+            image.to_str().expect("utf8"),
+        ]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(5), "{name}: {err}");
+        for w in *words {
+            assert!(err.contains(w), "{name}: error should name {w:?}: {err}");
+        }
+        assert!(
+            !hypervisor_running_for(name),
+            "{name}: a VM process was started"
+        );
+    }
+
+    // No signature while a key is configured.
+    let image = copy_image(&work.path().join("unsigned")).expect("copy");
+    std::fs::remove_file(image.join("manifest.sig")).expect("rm sig");
+    let o = l.clawos(&[
+        "vm",
+        "start",
+        "t-unsigned",
+        "--image",
+        image.to_str().expect("utf8"),
+    ]);
+    assert_eq!(o.status.code(), Some(5));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("unsigned"),
+        "{o:?}"
+    );
+
+    // Signed by another key.
+    let image = copy_image(&work.path().join("otherkey")).expect("copy");
+    let other = clawos_image::keys::generate(&work.path().join("other.key")).expect("key");
+    clawos_image::manifest::sign_bundle(&image, &other).expect("sign");
+    let o = l.clawos(&[
+        "vm",
+        "start",
+        "t-otherkey",
+        "--image",
+        image.to_str().expect("utf8"),
+    ]);
+    assert_eq!(o.status.code(), Some(5));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("signature mismatch"),
+        "{o:?}"
+    );
+
+    assert!(
+        vms_on_disk(&state).is_empty(),
+        "refused starts left {:?}",
+        vms_on_disk(&state)
+    );
+    let o = l.clawos(&["--json", "vm", "list"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+    let metrics = clawos_e2e::runtime()
+        .block_on(async {
+            reqwest::get(format!("{}/metrics", l.url))
+                .await?
+                .text()
+                .await
+        })
+        .expect("metrics");
+    assert!(
+        metrics.contains("clawos_launcher_images_refused_total 6"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn bad_names_sizes_and_bodies_get_4xx_and_create_nothing() {
+    if !can_boot_vms() {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let l = Launcher::start(&state).expect("launcher");
+    let rt = clawos_e2e::runtime();
+    let http = reqwest::Client::new();
+    let post = |body: String| {
+        rt.block_on(async {
+            let r = http
+                .post(format!("{}/v1/vms", l.url))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .expect("send");
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.expect("error body is JSON");
+            (
+                status,
+                body["message"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+    };
+    let long = "a".repeat(200);
+    let cases: Vec<(serde_json::Value, &str)> = vec![
+        (serde_json::json!({"name": "../x"}), "invalid VM name"),
+        (serde_json::json!({"name": ""}), "invalid VM name"),
+        (serde_json::json!({"name": long}), "invalid VM name"),
+        (serde_json::json!({"name": "Agent"}), "invalid VM name"),
+        (serde_json::json!({"name": "agént"}), "invalid VM name"),
+        (
+            serde_json::json!({"name": "ok", "mem_mib": 0}),
+            "invalid memory",
+        ),
+        (
+            serde_json::json!({"name": "ok", "mem_mib": 4_000_000_000u32}),
+            "invalid memory",
+        ),
+        (
+            serde_json::json!({"name": "ok", "vcpus": 0}),
+            "invalid vcpus",
+        ),
+        (
+            serde_json::json!({"name": "ok", "vcpus": 4096}),
+            "invalid vcpus",
+        ),
+        (
+            serde_json::json!({"name": "ok", "model": "x\nANTHROPIC_API_KEY=y"}),
+            "invalid model",
+        ),
+        (
+            serde_json::json!({"name": "ok", "image": "relative/dir"}),
+            "must be absolute",
+        ),
+        (
+            serde_json::json!({"name": "ok", "surprise": 1}),
+            "unknown field",
+        ),
+    ];
+    for (body, want) in cases {
+        let (status, msg) = post(body.to_string());
+        assert_eq!(status, 400, "{body}: {msg}");
+        assert!(
+            msg.contains(want),
+            "{body}: {msg:?} should contain {want:?}"
+        );
+    }
+    let (status, msg) = post("{not json".into());
+    assert_eq!(status, 400, "{msg}");
+    assert!(msg.contains("request body"), "{msg}");
+
+    // Path parameters are validated too.
+    let status = rt.block_on(async {
+        http.get(format!("{}/v1/vms/..%2Fetc", l.url))
+            .send()
+            .await
+            .expect("send")
+            .status()
+            .as_u16()
+    });
+    assert_eq!(status, 400);
+    let o = l.clawos(&["vm", "stop", "nope"]);
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+
+    assert!(
+        vms_on_disk(&state).is_empty(),
+        "bad input left {:?}",
+        vms_on_disk(&state)
+    );
+}

@@ -1,0 +1,339 @@
+//! Harness for the end-to-end tests: builds a real signed image once per test binary,
+//! runs the real `vm-launcher` binary on a loopback port with its own state directory,
+//! and drives it with the real `clawos` CLI or the typed client.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clawos_vm_launcher_api::{LauncherClient, Vm, VmState};
+
+/// `target/debug` (or whichever profile built this test).
+pub fn target_profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test exe path");
+    // target/<profile>/deps/<test>-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test exe lives in target/<profile>/deps")
+        .to_owned()
+}
+
+/// A workspace binary built by `cargo build --workspace`.
+pub fn bin(name: &str) -> PathBuf {
+    let p = target_profile_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: the e2e tests run the real binaries; run `cargo build --workspace` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// The static guest binaries.
+pub fn guest_bin_dir() -> PathBuf {
+    let d = target_profile_dir().join("../x86_64-unknown-linux-gnu/release");
+    assert!(
+        d.join("clawos-init").is_file() && d.join("clawos-agent").is_file(),
+        "static guest binaries missing in {}: run scripts/build-guest.sh first (scripts/test.sh does)",
+        d.display()
+    );
+    d
+}
+
+/// Whether this machine can boot VMs; if not, says so loudly (the caller returns).
+pub fn can_boot_vms() -> bool {
+    let tools = [
+        "qemu-system-x86_64",
+        "mkfs.erofs",
+        "mkfs.ext4",
+        "apt-get",
+        "dpkg",
+    ];
+    for t in tools {
+        let found = Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {t}"))
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !found {
+            eprintln!(
+                "SKIP: {t} is not installed; this test boots real VMs (run scripts/setup.sh)"
+            );
+            return false;
+        }
+    }
+    true
+}
+
+/// A built and signed image plus its key.
+#[derive(Debug)]
+pub struct Artifacts {
+    pub root: PathBuf,
+    pub image_dir: PathBuf,
+    pub public_key: String,
+    pub manifest: clawos_image::Manifest,
+}
+
+/// Builds (once per test process) and signs the default image.
+pub fn artifacts() -> &'static Artifacts {
+    static CELL: OnceLock<Artifacts> = OnceLock::new();
+    CELL.get_or_init(|| build_artifacts().expect("build the test image"))
+}
+
+fn build_artifacts() -> Result<Artifacts> {
+    let e2e = target_profile_dir().join("../e2e");
+    let root = e2e.join(format!("run-{}", std::process::id()));
+    // Leftovers of earlier runs whose process is gone.
+    if let Ok(entries) = std::fs::read_dir(&e2e) {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = n.strip_prefix("run-").and_then(|p| p.parse::<u32>().ok())
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    std::fs::create_dir_all(&root)?;
+    let image_dir = root.join("image");
+    let opts = clawos_image::BuildOptions {
+        kernel: clawos_image::KernelSource::Debian { package: None },
+        cache_dir: e2e.join("kernel-cache"),
+        guest_bin_dir: guest_bin_dir(),
+        rootfs_overlay: None,
+        out: image_dir.clone(),
+        force: true,
+        version: Some("e2e".into()),
+        source_date_epoch: Some(1_700_000_000),
+    };
+    let manifest = clawos_image::build(&opts, &mut |m| eprintln!("image build: {m}"))?;
+    let key_path = root.join("signing.key");
+    let key = clawos_image::keys::generate(&key_path)?;
+    clawos_image::manifest::sign_bundle(&image_dir, &key)?;
+    Ok(Artifacts {
+        root,
+        image_dir,
+        public_key: clawos_image::keys::public_hex(&key),
+        manifest,
+    })
+}
+
+/// Copies the image bundle to `dest` (to tamper with it).
+pub fn copy_image(dest: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dest)?;
+    for e in std::fs::read_dir(&artifacts().image_dir)? {
+        let e = e?;
+        std::fs::copy(e.path(), dest.join(e.file_name()))?;
+    }
+    Ok(dest.to_owned())
+}
+
+/// Flips one bit of a file at `offset`.
+pub fn flip_byte(path: &Path, offset: u64) -> Result<()> {
+    let mut bytes = std::fs::read(path)?;
+    let i = usize::try_from(offset)?;
+    bytes[i] ^= 0x01;
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running `vm-launcher` process with its own state directory.
+#[derive(Debug)]
+pub struct Launcher {
+    pub child: Option<Child>,
+    pub url: String,
+    pub state_dir: PathBuf,
+    port: u16,
+    extra_env: Vec<(String, String)>,
+}
+
+impl Launcher {
+    /// Starts a launcher trusting the test key, with the test image as default.
+    pub fn start(state_dir: &Path) -> Result<Self> {
+        Self::start_with(state_dir, &[])
+    }
+
+    /// Like [`Launcher::start`] with extra environment.
+    pub fn start_with(state_dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
+        let mut l = Self {
+            child: None,
+            url: String::new(),
+            state_dir: state_dir.to_owned(),
+            port: free_port(),
+            extra_env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        l.url = format!("http://127.0.0.1:{}", l.port);
+        l.spawn()?;
+        Ok(l)
+    }
+
+    /// (Re)starts the process on the same port and state.
+    pub fn spawn(&mut self) -> Result<()> {
+        let a = artifacts();
+        std::fs::create_dir_all(&self.state_dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.state_dir.join("launcher.log"))?;
+        let mut cmd = Command::new(bin("vm-launcher"));
+        cmd.arg("--addr")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--image")
+            .arg(&a.image_dir)
+            .arg("--stop-timeout")
+            .arg("30")
+            .env("CLAWOS_SIGNING_PUBKEY", &a.public_key)
+            .env_remove("CLAWOS_AGENT_ROOTHASH")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().context("spawn vm-launcher")?);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("vm-launcher exited with {status}: {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("vm-launcher did not listen within 20s: {}", self.log())
+    }
+
+    /// The launcher's own log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("launcher.log")).unwrap_or_default()
+    }
+
+    /// SIGKILLs the launcher process (VMs keep running).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn client(&self) -> LauncherClient {
+        LauncherClient::new(&self.url)
+    }
+
+    /// Runs the `clawos` CLI against this launcher.
+    pub fn clawos(&self, args: &[&str]) -> Output {
+        Command::new(bin("clawos"))
+            .args(args)
+            .env("CLAWOS_LAUNCHER_URL", &self.url)
+            .env("CLAWOS_STATE_DIR", &self.state_dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run clawos")
+    }
+
+    /// Polls until the VM satisfies `done`, or fails after `limit`.
+    pub fn wait_for(&self, name: &str, limit: Duration, done: impl Fn(&Vm) -> bool) -> Result<Vm> {
+        let rt = runtime();
+        let client = self.client();
+        let deadline = Instant::now() + limit;
+        loop {
+            let vm = rt.block_on(client.get(name))?;
+            if done(&vm) {
+                return Ok(vm);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{name} still {} after {limit:?}: {vm:?}\nlauncher log:\n{}",
+                    vm.state,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Hypervisor pids recorded in this launcher's state directory.
+    pub fn hypervisor_pids(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.state_dir.join("vms")) {
+            for e in entries.flatten() {
+                if let Ok(t) = std::fs::read_to_string(e.path().join("hypervisor.pid"))
+                    && let Some(pid) = t.split_whitespace().next().and_then(|p| p.parse().ok())
+                {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        self.kill9();
+        // Never leak VMs from a failed test.
+        for pid in self.hypervisor_pids() {
+            // SAFETY: kill takes plain integers; these pids are the test's own VMs.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// A small runtime for the typed client in synchronous tests.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Whether any process's command line names this VM's hypervisor.
+pub fn hypervisor_running_for(name: &str) -> bool {
+    let needle = format!("clawos-{name},");
+    std::fs::read_dir("/proc")
+        .map(|entries| {
+            entries.flatten().any(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                    .unwrap_or(false)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// Reads a file out of an ext4 image with debugfs (no mount needed).
+pub fn ext4_cat(image: &Path, path: &str) -> Result<String> {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {path}"))
+        .arg(image)
+        .output()
+        .context("run debugfs (e2fsprogs)")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Waits until the VM has state `s`.
+pub fn is(s: VmState) -> impl Fn(&Vm) -> bool {
+    move |vm| vm.state == s
+}
