@@ -233,10 +233,8 @@ fn image_cmd(cmd: ImageCmd, json: bool) -> Result<(), Exit> {
                     .and_then(|s| s.parse().ok()),
             };
             let started = Instant::now();
-            let mut step = 0;
             let m = clawos_image::build(&opts, &mut |msg| {
-                step += 1;
-                eprintln!("[{step}/8 {:>5.1}s] {msg}", started.elapsed().as_secs_f64());
+                eprintln!("[{:>5.1}s] {msg}", started.elapsed().as_secs_f64());
             })
             .map_err(|e| err(e.into()))?;
             if json {

@@ -154,6 +154,12 @@ fn mkfs_erofs(tree: &Path, out: &Path, epoch: i64) -> Result<(), BuildError> {
         .arg("-U")
         .arg("c1a0c1a0-0000-4000-8000-000000000001")
         .arg("--all-root")
+        // No xattrs: whatever the staging filesystem attaches (security labels, ...)
+        // must not change the image.
+        .arg("-x-1")
+        // mkfs.erofs also reads the build time from the environment; when it differs
+        // from the file times it switches to extended inodes. Pin both.
+        .env("SOURCE_DATE_EPOCH", epoch.to_string())
         .arg("--quiet")
         .arg(out)
         .arg(tree)
