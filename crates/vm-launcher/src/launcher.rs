@@ -18,7 +18,7 @@ use crate::store::{self, VmDir, VmRecord};
 use crate::{LauncherError, console, validate};
 
 /// How often a watcher looks at its VM.
-const WATCH_INTERVAL: Duration = Duration::from_millis(50);
+const WATCH_INTERVAL: Duration = Duration::from_millis(25);
 
 /// Counters for `/metrics`.
 #[derive(Debug, Default)]
