@@ -6,17 +6,24 @@ cd "$(dirname "$0")/.."
 
 # qemu-system-x86: the hypervisor on hosts without Firecracker; erofs-utils: the rootfs;
 # e2fsprogs: per-VM disks (mkfs.ext4) and debugfs in tests; cryptsetup-bin: veritysetup,
-# the independent check of our dm-verity trees; dpkg/apt: the guest kernel package.
-PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin ca-certificates)
+# the independent check of our dm-verity trees; lz4: vmlinux for Firecracker;
+# dpkg/apt: the guest kernel package.
+PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 curl ca-certificates)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+# The image builder resolves and downloads the guest kernel package through apt.
+policy=$(apt-cache policy linux-image-cloud-amd64 2>/dev/null || true)
+if ! grep -q 'Candidate: [0-9]' <<<"$policy"; then
+  missing+=(apt-lists)
+fi
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  missing=("${missing[@]/apt-lists}")
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends ${missing[*]} >/dev/null
 fi
 
 if ! command -v cargo >/dev/null; then

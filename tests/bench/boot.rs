@@ -26,7 +26,11 @@ fn tsc_khz() -> u64 {
 fn mkfs(path: &Path, mib: u64) {
     let f = std::fs::File::create(path).expect("create");
     f.set_len(mib << 20).expect("size");
-    let ok = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(path).status().expect("mkfs");
+    let ok = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(path)
+        .status()
+        .expect("mkfs");
     assert!(ok.success());
 }
 
@@ -40,20 +44,56 @@ fn bare_qemu(dir: &Path) -> Duration {
     let drive = |id: &str, file: &Path, ro: bool| {
         [
             "-drive".to_owned(),
-            format!("id={id},file={},format=raw,if=none{}", file.display(), if ro { ",readonly=on" } else { "" }),
+            format!(
+                "id={id},file={},format=raw,if=none{}",
+                file.display(),
+                if ro { ",readonly=on" } else { "" }
+            ),
             "-device".to_owned(),
             format!("virtio-blk-device,drive={id},serial={id}"),
         ]
     };
     let started = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", "tcg", "-M", "microvm", "-m", "256", "-smp", "1", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"])
-        .args(["-chardev", &format!("file,id=c,path={}", console.display()), "-serial", "chardev:c"])
-        .args(["-device", "pvpanic", "-action", "panic=exit-failure", "-device", "virtio-rng-device"])
-        .arg("-kernel").arg(img.join("vmlinuz"))
-        .arg("-initrd").arg(img.join("initramfs.cpio.gz"))
+        .args([
+            "-accel",
+            "tcg",
+            "-M",
+            "microvm",
+            "-m",
+            "256",
+            "-smp",
+            "1",
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .args([
+            "-chardev",
+            &format!("file,id=c,path={}", console.display()),
+            "-serial",
+            "chardev:c",
+        ])
+        .args([
+            "-device",
+            "pvpanic",
+            "-action",
+            "panic=exit-failure",
+            "-device",
+            "virtio-rng-device",
+        ])
+        .arg("-kernel")
+        .arg(img.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(img.join("initramfs.cpio.gz"))
         .arg("-append")
-        .arg(format!("console=ttyS0 tsc_early_khz={} tsc=reliable {}", tsc_khz(), a.manifest.cmdline))
+        .arg(format!(
+            "console=ttyS0 tsc_early_khz={} tsc=reliable {}",
+            tsc_khz(),
+            a.manifest.cmdline
+        ))
         .args(drive("rootfs", &img.join("rootfs.img"), true))
         .args(drive("runtime", &dir.join("runtime.img"), false))
         .args(drive("workspace", &dir.join("workspace.img"), false))
@@ -67,7 +107,10 @@ fn bare_qemu(dir: &Path) -> Duration {
         if std::fs::read_to_string(&console).is_ok_and(|c| c.contains("CLAWOS_READY")) {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "bare boot timed out");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "bare boot timed out"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     let took = started.elapsed();
@@ -77,7 +120,13 @@ fn bare_qemu(dir: &Path) -> Duration {
 }
 
 fn start_req(name: &str) -> StartVm {
-    StartVm { name: name.into(), model: None, mem_mib: 256, vcpus: 1, image: None }
+    StartVm {
+        name: name.into(),
+        model: None,
+        mem_mib: 256,
+        vcpus: 1,
+        image: None,
+    }
 }
 
 /// POST /v1/vms → state `running`, as a client sees it.
@@ -102,7 +151,11 @@ fn via_launcher(l: &Launcher, name: &str) -> Duration {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("VmRSS:")).map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0)))
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
+        })
         .unwrap_or(0)
 }
 
@@ -115,7 +168,10 @@ fn main() {
     if !can_boot_vms() {
         return;
     }
-    let rounds: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(7);
+    let rounds: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(7);
     let work = tempfile::tempdir().expect("tempdir");
     mkfs(&work.path().join("runtime.img"), 256);
     mkfs(&work.path().join("workspace.img"), 1024);
@@ -135,16 +191,24 @@ fn main() {
     let (b50, l50) = (pct(&mut bare, 0.5), pct(&mut launched, 0.5));
     println!(
         "start->ready over {rounds} rounds (TCG, 256 MiB, 1 vCPU): bare QEMU p50 {b50:.3}s (min {:.3}s), launcher p50 {l50:.3}s (min {:.3}s), ratio {:.3}",
-        bare[0], launched[0], l50 / b50
+        bare[0],
+        launched[0],
+        l50 / b50
     );
 
     let rt = runtime();
     let c = l.client();
     for i in 0..5 {
-        rt.block_on(c.start(&start_req(&format!("rss{i}")))).expect("start");
+        rt.block_on(c.start(&start_req(&format!("rss{i}"))))
+            .expect("start");
     }
     for i in 0..5 {
-        l.wait_for(&format!("rss{i}"), Duration::from_secs(300), is(VmState::Running)).expect("running");
+        l.wait_for(
+            &format!("rss{i}"),
+            Duration::from_secs(300),
+            is(VmState::Running),
+        )
+        .expect("running");
     }
     let busy = rss_kib(pid);
     let qemu: Vec<u64> = l.hypervisor_pids().into_iter().map(rss_kib).collect();

@@ -42,6 +42,22 @@ pub fn guest_bin_dir() -> PathBuf {
     d
 }
 
+/// Records and prints why a test did not run. `scripts/test.sh` lists every skip after
+/// the run, since the test runner hides the output of tests that return normally.
+pub fn skip(test: &str, why: &str) {
+    use std::io::Write;
+    eprintln!("SKIP {test}: {why}");
+    let dir = target_profile_dir().join("../e2e");
+    let _ = std::fs::create_dir_all(&dir);
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("SKIPPED"))
+    {
+        let _ = writeln!(f, "SKIP {test}: {why}");
+    }
+}
+
 /// Whether this machine can boot VMs; if not, says so loudly (the caller returns).
 pub fn can_boot_vms() -> bool {
     let tools = [
@@ -109,6 +125,7 @@ fn build_artifacts() -> Result<Artifacts> {
         force: true,
         version: Some("e2e".into()),
         source_date_epoch: Some(1_700_000_000),
+        vmlinux: false,
     };
     let manifest = clawos_image::build(&opts, &mut |m| eprintln!("image build: {m}"))?;
     let key_path = root.join("signing.key");

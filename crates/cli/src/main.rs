@@ -91,6 +91,9 @@ struct BuildArgs {
     /// Replace an existing bundle.
     #[arg(long)]
     force: bool,
+    /// Also extract the ELF vmlinux, which the Firecracker backend boots.
+    #[arg(long)]
+    vmlinux: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -231,6 +234,7 @@ fn image_cmd(cmd: ImageCmd, json: bool) -> Result<(), Exit> {
                 source_date_epoch: std::env::var("SOURCE_DATE_EPOCH")
                     .ok()
                     .and_then(|s| s.parse().ok()),
+                vmlinux: a.vmlinux,
             };
             let started = Instant::now();
             let m = clawos_image::build(&opts, &mut |msg| {

@@ -62,7 +62,11 @@ fn main() {
             .output()
             .expect("run veritysetup (apt-get install cryptsetup-bin)");
         theirs.push(bytes / t.elapsed().as_secs_f64() / 1e6);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         roots.1 = String::from_utf8_lossy(&out.stdout)
             .lines()
             .find_map(|l| l.strip_prefix("Root hash:").map(|h| h.trim().to_owned()))
@@ -70,5 +74,9 @@ fn main() {
     }
     assert_eq!(roots.0, roots.1, "root hashes differ");
     let (o, t) = (median(ours), median(theirs));
-    println!("verity tree over {mib} MiB ({} cores): ours {o:.0} MB/s, veritysetup {t:.0} MB/s, ratio {:.2}", std::thread::available_parallelism().map_or(1, |n| n.get()), o / t);
+    println!(
+        "verity tree over {mib} MiB ({} cores): ours {o:.0} MB/s, veritysetup {t:.0} MB/s, ratio {:.2}",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        o / t
+    );
 }

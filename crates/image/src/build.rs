@@ -42,6 +42,8 @@ pub struct BuildOptions {
     pub version: Option<String>,
     /// Fixed timestamp for files and the manifest (`SOURCE_DATE_EPOCH`).
     pub source_date_epoch: Option<i64>,
+    /// Also extract the uncompressed ELF `vmlinux` (what Firecracker boots).
+    pub vmlinux: bool,
 }
 
 /// Names of the guest binaries.
@@ -185,6 +187,77 @@ fn mkfs_erofs(tree: &Path, out: &Path, epoch: i64) -> Result<(), BuildError> {
             .map_err(|e| BuildError::io(out, e))?;
     }
     Ok(())
+}
+
+/// Magic of the LZ4 "legacy" stream the kernel's bzImage carries its payload in.
+const LZ4_LEGACY_MAGIC: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
+
+/// Whether `elf` is a whole 64-bit ELF: every loadable segment lies inside the file.
+fn elf_is_complete(elf: &[u8]) -> bool {
+    if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 {
+        return false;
+    }
+    let u64_at = |o: usize| {
+        elf.get(o..o + 8)
+            .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+    };
+    let u16_at = |o: usize| {
+        elf.get(o..o + 2)
+            .map(|b| u16::from_le_bytes([b[0], b[1]]) as usize)
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(32), u16_at(54), u16_at(56)) else {
+        return false;
+    };
+    (0..phnum).all(|i| {
+        let at = phoff as usize + i * phentsize;
+        match (u64_at(at + 8), u64_at(at + 32)) {
+            (Some(off), Some(filesz)) => off.saturating_add(filesz) <= elf.len() as u64,
+            _ => false,
+        }
+    })
+}
+
+/// Extracts the ELF `vmlinux` from a bzImage whose payload is LZ4-compressed (Debian's
+/// cloud kernels), with the `lz4` tool.
+fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<(), BuildError> {
+    let data = fs::read(bzimage).map_err(|e| BuildError::io(bzimage, e))?;
+    let start = data
+        .windows(4)
+        .position(|w| w == LZ4_LEGACY_MAGIC)
+        .ok_or_else(|| BuildError::Kernel {
+            reason: "no LZ4 payload in the kernel image; --vmlinux supports LZ4-compressed bzImages (Debian cloud kernels)".into(),
+        })?;
+    let mut child = Command::new("lz4")
+        .args(["-d", "-c"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| BuildError::Tool {
+            command: "lz4 -d".into(),
+            detail: format!("{e} (apt-get install lz4)"),
+        })?;
+    let mut stdin = child.stdin.take().ok_or_else(|| BuildError::Tool {
+        command: "lz4 -d".into(),
+        detail: "no stdin".into(),
+    })?;
+    let payload = data[start..].to_vec();
+    // Feed stdin from a thread while stdout is drained, or a full pipe would deadlock.
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&payload);
+    });
+    let output = child
+        .wait_with_output()
+        .map_err(|e| BuildError::io(out, e))?;
+    let _ = feeder.join();
+    // lz4 exits non-zero on the bytes the bzImage appends after the stream; the
+    // output is accepted only if it is a whole ELF.
+    if !elf_is_complete(&output.stdout) {
+        return Err(BuildError::Kernel {
+            reason: "LZ4 payload of the kernel did not decompress to a complete ELF vmlinux".into(),
+        });
+    }
+    fs::write(out, &output.stdout).map_err(|e| BuildError::io(out, e))
 }
 
 /// Salt and verity UUID derived from the data, so a rebuild of the same tree gives the
@@ -376,6 +449,14 @@ fn build_into(
 
     let kernel_path = out.join(files::KERNEL);
     fs::copy(&tree.image, &kernel_path).map_err(|e| BuildError::io(&kernel_path, e))?;
+    let vmlinux_sha256 = if opts.vmlinux {
+        progress("kernel: extracting ELF vmlinux (for Firecracker)");
+        let p = out.join(files::VMLINUX);
+        extract_vmlinux(&kernel_path, &p)?;
+        Some(sha256_file(&p).map_err(|e| BuildError::io(&p, e))?)
+    } else {
+        None
+    };
 
     progress("manifest: hashing kernel and initramfs");
     let created = match opts.source_date_epoch {
@@ -389,6 +470,7 @@ fn build_into(
         kernel_release: tree.release.clone(),
         kernel_sha256: sha256_file(&kernel_path).map_err(|e| BuildError::io(&kernel_path, e))?,
         initramfs_sha256: sha256_file(&initramfs).map_err(|e| BuildError::io(&initramfs, e))?,
+        vmlinux_sha256,
         cmdline: image_cmdline(&geometry),
         rootfs_size,
         verity: geometry,
@@ -401,4 +483,25 @@ fn build_into(
     let manifest_path = out.join(files::MANIFEST);
     fs::write(&manifest_path, json).map_err(|e| BuildError::io(&manifest_path, e))?;
     Ok(manifest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncated_elf_is_incomplete() {
+        // Minimal ELF64 header with one program header at 64 claiming 100 bytes at 0.
+        let mut elf = vec![0u8; 120];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2;
+        elf[32..40].copy_from_slice(&64u64.to_le_bytes());
+        elf[54..56].copy_from_slice(&56u16.to_le_bytes());
+        elf[56..58].copy_from_slice(&1u16.to_le_bytes());
+        elf[64 + 32..64 + 40].copy_from_slice(&100u64.to_le_bytes());
+        assert!(elf_is_complete(&elf));
+        elf[64 + 32..64 + 40].copy_from_slice(&500u64.to_le_bytes());
+        assert!(!elf_is_complete(&elf));
+        assert!(!elf_is_complete(b"not an elf"));
+    }
 }

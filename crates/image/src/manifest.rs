@@ -15,6 +15,8 @@ use crate::verity::VerityGeometry;
 pub mod files {
     /// The guest kernel.
     pub const KERNEL: &str = "vmlinuz";
+    /// The uncompressed ELF kernel (Firecracker), present when built with `--vmlinux`.
+    pub const VMLINUX: &str = "vmlinux";
     /// The initramfs (cpio newc, gzip).
     pub const INITRAMFS: &str = "initramfs.cpio.gz";
     /// The erofs rootfs with its dm-verity superblock and tree appended.
@@ -45,6 +47,9 @@ pub struct Manifest {
     pub kernel_sha256: String,
     /// sha256 of the initramfs, hex.
     pub initramfs_sha256: String,
+    /// sha256 of the ELF `vmlinux`, when the image carries one (Firecracker boots it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmlinux_sha256: Option<String>,
     /// Kernel command line the image must boot with (the launcher only appends
     /// host-specific timer and console settings).
     pub cmdline: String,
@@ -155,6 +160,7 @@ pub fn parse_public_key(hex_key: &str) -> Result<VerifyingKey, ImageError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImagePaths {
     pub kernel: PathBuf,
+    pub vmlinux: PathBuf,
     pub initramfs: PathBuf,
     pub rootfs: PathBuf,
     pub manifest: PathBuf,
@@ -166,6 +172,7 @@ impl ImagePaths {
     pub fn bundle(dir: &Path) -> Self {
         Self {
             kernel: dir.join(files::KERNEL),
+            vmlinux: dir.join(files::VMLINUX),
             initramfs: dir.join(files::INITRAMFS),
             rootfs: dir.join(files::ROOTFS),
             manifest: dir.join(files::MANIFEST),
@@ -260,10 +267,14 @@ pub fn verify(paths: &ImagePaths, policy: &VerifyPolicy) -> Result<Manifest, Ima
             })?;
     }
     let manifest = parse_manifest(&paths.manifest, &bytes)?;
-    for (what, path, expected) in [
+    let mut checks = vec![
         ("kernel", &paths.kernel, &manifest.kernel_sha256),
         ("initramfs", &paths.initramfs, &manifest.initramfs_sha256),
-    ] {
+    ];
+    if let Some(v) = &manifest.vmlinux_sha256 {
+        checks.push(("vmlinux", &paths.vmlinux, v));
+    }
+    for (what, path, expected) in checks {
         let actual = sha256_file(path).map_err(|source| ImageError::Read {
             what,
             path: path.clone(),

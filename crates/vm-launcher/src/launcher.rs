@@ -11,7 +11,7 @@ use clawos_image::{ImagePaths, Manifest, VerifyPolicy};
 use clawos_vm_launcher_api::{StartVm, Vm, VmState};
 use tokio::process::Child;
 
-use crate::backend::{Hypervisor, LaunchSpec};
+use crate::backend::{BackendError, Hypervisor, LaunchSpec};
 use crate::config::Config;
 use crate::host::ProcessId;
 use crate::store::{self, VmDir, VmRecord};
@@ -268,16 +268,19 @@ impl Launcher {
             mem_mib: req.mem_mib,
             vcpus: req.vcpus,
             kernel: paths.kernel.clone(),
+            vmlinux: manifest
+                .vmlinux_sha256
+                .as_ref()
+                .map(|_| paths.vmlinux.clone()),
             initramfs: paths.initramfs.clone(),
             rootfs: paths.rootfs.clone(),
             image_cmdline: manifest.cmdline.clone(),
         };
         let started = Instant::now();
-        let child = self
-            .backend
-            .launch(&spec)
-            .await
-            .map_err(|e| LauncherError::Internal(e.to_string()))?;
+        let child = self.backend.launch(&spec).await.map_err(|e| match e {
+            BackendError::Unsupported(m) => LauncherError::ImageRefused(m),
+            e => LauncherError::Internal(e.to_string()),
+        })?;
         let pid = child.id().unwrap_or(0);
         let process = ProcessId::of(pid).ok_or_else(|| {
             LauncherError::Internal(format!(

@@ -33,7 +33,7 @@ fn fc_err(detail: impl std::fmt::Display) -> BackendError {
 }
 
 /// The API requests that configure and boot one VM, in order: `(path, body)`, all PUT.
-pub fn boot_requests(spec: &LaunchSpec) -> Vec<(String, Value)> {
+pub fn boot_requests(spec: &LaunchSpec, vmlinux: &std::path::Path) -> Vec<(String, Value)> {
     let mut reqs = vec![
         (
             "/machine-config".to_owned(),
@@ -42,7 +42,7 @@ pub fn boot_requests(spec: &LaunchSpec) -> Vec<(String, Value)> {
         (
             "/boot-source".to_owned(),
             json!({
-                "kernel_image_path": spec.kernel,
+                "kernel_image_path": vmlinux,
                 "initrd_path": spec.initramfs,
                 // Firecracker has no pvpanic: a guest panic reboots, which ends the VM.
                 "boot_args": format!("console=ttyS0 reboot=k pci=off {}", spec.image_cmdline),
@@ -110,16 +110,11 @@ impl Hypervisor for Firecracker {
 
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<Child, BackendError>> {
         Box::pin(async move {
-            let magic = std::fs::read(&spec.kernel)
-                .ok()
-                .map(|b| b.starts_with(b"\x7fELF"))
-                .unwrap_or(false);
-            if !magic {
-                return Err(BackendError::Unsupported(format!(
-                    "firecracker boots an uncompressed ELF vmlinux; {} is not one",
-                    spec.kernel.display()
-                )));
-            }
+            let vmlinux = spec.vmlinux.clone().ok_or_else(|| {
+                BackendError::Unsupported(
+                    "firecracker boots an ELF vmlinux and this image has none: rebuild it with `clawos image build --vmlinux`".into(),
+                )
+            })?;
             let console = log_file(&spec.dir.console())?;
             let log = log_file(&spec.dir.hypervisor_log())?;
             let _ = std::fs::remove_file(spec.dir.root.join(API_SOCKET));
@@ -144,7 +139,7 @@ impl Hypervisor for Firecracker {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            for (path, body) in boot_requests(spec) {
+            for (path, body) in boot_requests(spec, &vmlinux) {
                 if let Err(e) = api_put(&spec.dir, &path, &body).await {
                     let _ = child.start_kill();
                     return Err(e);
@@ -175,12 +170,13 @@ mod tests {
             },
             mem_mib: 256,
             vcpus: 1,
-            kernel: "/img/vmlinux".into(),
+            kernel: "/img/vmlinuz".into(),
+            vmlinux: Some("/img/vmlinux".into()),
             initramfs: "/img/initramfs.cpio.gz".into(),
             rootfs: "/img/rootfs.img".into(),
             image_cmdline: "panic=-1".into(),
         };
-        let reqs = boot_requests(&spec);
+        let reqs = boot_requests(&spec, std::path::Path::new("/img/vmlinux"));
         let paths: Vec<&str> = reqs.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(
             paths,
@@ -197,7 +193,7 @@ mod tests {
         // Required fields per the spec's schemas.
         assert_eq!(reqs[0].1["vcpu_count"], 1);
         assert_eq!(reqs[0].1["mem_size_mib"], 256);
-        assert!(reqs[1].1["kernel_image_path"].is_string());
+        assert_eq!(reqs[1].1["kernel_image_path"], "/img/vmlinux");
         for (_, d) in &reqs[2..6] {
             for f in ["drive_id", "is_root_device"] {
                 assert!(d.get(f).is_some(), "{d} lacks {f}");

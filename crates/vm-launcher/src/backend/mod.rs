@@ -23,7 +23,10 @@ pub struct LaunchSpec {
     pub dir: VmDir,
     pub mem_mib: u32,
     pub vcpus: u32,
+    /// The compressed kernel (QEMU boots it).
     pub kernel: PathBuf,
+    /// The verified ELF kernel, when the image has one (Firecracker boots it).
+    pub vmlinux: Option<PathBuf>,
     pub initramfs: PathBuf,
     pub rootfs: PathBuf,
     /// The image's signed command line; the backend prepends its console/timer

@@ -213,6 +213,7 @@ mod tests {
             mem_mib: 512,
             vcpus: 2,
             kernel: "/img/vmlinuz".into(),
+            vmlinux: None,
             initramfs: "/img/initramfs.cpio.gz".into(),
             rootfs: "/img,odd/rootfs.img".into(),
             image_cmdline: "panic=-1 clawos.root_hash=ab".into(),

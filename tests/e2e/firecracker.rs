@@ -1,0 +1,89 @@
+//! The Firecracker backend boots a real VM where Firecracker can run: a `firecracker`
+//! binary on PATH and hardware KVM (vmx/svm). Elsewhere it says so and skips.
+
+use std::process::Command;
+use std::time::Duration;
+
+use clawos_e2e::{Launcher, can_boot_vms, is, runtime};
+use clawos_vm_launcher_api::{StartVm, VmState};
+
+fn firecracker_usable() -> bool {
+    let bin = Command::new("sh")
+        .args(["-c", "command -v firecracker"])
+        .output();
+    if !bin.is_ok_and(|o| o.status.success()) {
+        clawos_e2e::skip(
+            "firecracker_backend_boots_and_stops_a_vm",
+            "no firecracker binary on PATH; the Firecracker backend cannot boot a VM here",
+        );
+        return false;
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw = cpu
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.contains(" vmx") || l.contains(" svm"));
+    if !hw || std::fs::metadata("/dev/kvm").is_err() {
+        clawos_e2e::skip(
+            "firecracker_backend_boots_and_stops_a_vm",
+            "no hardware KVM (vmx/svm + /dev/kvm); Firecracker cannot boot a guest here",
+        );
+        return false;
+    }
+    true
+}
+
+#[test]
+fn firecracker_backend_boots_and_stops_a_vm() {
+    if !can_boot_vms() || !firecracker_usable() {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let image = work.path().join("image");
+    let key = work.path().join("k");
+    let clawos = |args: &[&str]| {
+        Command::new(clawos_e2e::bin("clawos"))
+            .args(args)
+            .env("CLAWOS_STATE_DIR", work.path())
+            .output()
+            .expect("clawos")
+    };
+    let img = image.to_str().expect("utf8");
+    assert!(
+        clawos(&["image", "build", "--vmlinux", "--out", img])
+            .status
+            .success()
+    );
+    let pk =
+        String::from_utf8_lossy(&clawos(&["keygen", "--out", key.to_str().expect("utf8")]).stdout)
+            .trim()
+            .to_owned();
+    assert!(
+        clawos(&["image", "sign", img, "--key", key.to_str().expect("utf8")])
+            .status
+            .success()
+    );
+    let l = Launcher::start_with(
+        &work.path().join("state"),
+        &[
+            ("CLAWOS_BACKEND", "firecracker"),
+            ("CLAWOS_SIGNING_PUBKEY", pk.as_str()),
+        ],
+    )
+    .expect("launcher");
+    let rt = runtime();
+    let vm = rt
+        .block_on(l.client().start(&StartVm {
+            name: "fc1".into(),
+            model: None,
+            mem_mib: 256,
+            vcpus: 1,
+            image: Some(img.into()),
+        }))
+        .expect("start");
+    assert_eq!(vm.backend, "firecracker");
+    l.wait_for("fc1", Duration::from_secs(60), is(VmState::Running))
+        .expect("running");
+    let vm = rt.block_on(l.client().stop("fc1")).expect("stop");
+    assert_eq!(vm.state, VmState::Stopped);
+}
