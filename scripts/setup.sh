@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 # qemu-system-x86: the hypervisor on hosts without Firecracker; erofs-utils: the rootfs;
 # e2fsprogs: per-VM disks (mkfs.ext4) and debugfs in tests; cryptsetup-bin: veritysetup,
 # the independent check of our dm-verity trees; lz4: vmlinux for Firecracker;
-# dpkg/apt: the guest kernel package.
-PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 curl ca-certificates)
+# busybox-static: the guest's shell and coreutils; dpkg/apt: the guest kernel package.
+PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 busybox-static curl ca-certificates)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -29,6 +29,11 @@ fi
 if ! command -v cargo >/dev/null; then
   echo "cargo not found: install Rust (rustup) first; rust-toolchain.toml pins the version" >&2
   exit 1
+fi
+# QEMU's side of the hybrid vsock (Firecracker has it built in): a rust-vmm crate.
+if ! command -v vhost-device-vsock >/dev/null && [ ! -x "$HOME/.cargo/bin/vhost-device-vsock" ]; then
+  echo "==> installing vhost-device-vsock (cargo install, about a minute)"
+  cargo install --locked --quiet vhost-device-vsock --version 0.3.0
 fi
 echo "==> building guest binaries (static)"
 scripts/build-guest.sh >/dev/null

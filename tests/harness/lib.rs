@@ -126,6 +126,7 @@ fn build_artifacts() -> Result<Artifacts> {
         version: Some("e2e".into()),
         source_date_epoch: Some(1_700_000_000),
         vmlinux: false,
+        busybox: Some(clawos_image::build::DEFAULT_BUSYBOX.into()),
     };
     let manifest = clawos_image::build(&opts, &mut |m| eprintln!("image build: {m}"))?;
     let key_path = root.join("signing.key");

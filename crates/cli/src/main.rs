@@ -11,8 +11,9 @@ use clawos_image::{ImagePaths, KernelSource, VerifyPolicy, keys, manifest};
 use clawos_vm_launcher_api::{ClientError, DEFAULT_URL, LauncherClient, StartVm, Vm, VmState};
 
 const AFTER_HELP: &str = "\
-Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict (e.g. already running),
+Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict (e.g. already running, paused),
 5 image refused (signature/hash), 6 the VM failed, 7 cannot reach vm-launcher.
+`vm exec` exits with the command's own code (124 on --timeout).
 
 Environment: CLAWOS_STATE_DIR (default ~/.clawos), CLAWOS_LAUNCHER_URL,
 CLAWOS_SIGNING_PUBKEY, CLAWOS_GUEST_BIN_DIR.";
@@ -94,6 +95,12 @@ struct BuildArgs {
     /// Also extract the ELF vmlinux, which the Firecracker backend boots.
     #[arg(long)]
     vmlinux: bool,
+    /// Static busybox installed as the guest's shell and coreutils.
+    #[arg(long, default_value = clawos_image::build::DEFAULT_BUSYBOX, conflicts_with = "no_busybox")]
+    busybox: PathBuf,
+    /// Build a guest without a shell.
+    #[arg(long)]
+    no_busybox: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -136,6 +143,37 @@ enum VmCmd {
     },
     /// Delete a stopped VM and its disks.
     Rm { name: String },
+    /// Run a command in a VM; streams its output and exits with its exit code.
+    Exec {
+        name: String,
+        /// Forward this command's stdin to the guest command.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Kill the command after this many seconds.
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// Working directory in the guest [default: /workspace].
+        #[arg(long)]
+        cwd: Option<String>,
+        /// Environment variables (KEY=VALUE), repeatable.
+        #[arg(short, long = "env")]
+        env: Vec<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Copy a file into or out of a VM's /workspace: `cp FILE NAME:PATH` or `cp NAME:PATH FILE`.
+    Cp { src: String, dst: String },
+    /// List a directory of a VM's /workspace.
+    Files {
+        name: String,
+        #[arg(default_value = "/workspace")]
+        path: String,
+    },
+    /// Freeze a running VM's vCPUs.
+    Pause { name: String },
+    /// Resume a paused VM.
+    Resume { name: String },
 }
 
 /// An error with the exit code it maps to.
@@ -235,6 +273,7 @@ fn image_cmd(cmd: ImageCmd, json: bool) -> Result<(), Exit> {
                     .ok()
                     .and_then(|s| s.parse().ok()),
                 vmlinux: a.vmlinux,
+                busybox: (!a.no_busybox).then_some(a.busybox),
             };
             let started = Instant::now();
             let m = clawos_image::build(&opts, &mut |msg| {
@@ -400,6 +439,66 @@ async fn vm_cmd(cmd: VmCmd, client: &LauncherClient, json: bool) -> Result<(), E
                 }
             }
         }
+        VmCmd::Exec {
+            name,
+            interactive,
+            timeout,
+            cwd,
+            env,
+            command,
+        } => return exec(client, &name, interactive, timeout, cwd, env, command).await,
+        VmCmd::Cp { src, dst } => {
+            let remote = |s: &str| -> Option<(String, String)> {
+                let (vm, path) = s.split_once(':')?;
+                (!vm.is_empty() && !vm.contains('/')).then(|| (vm.to_owned(), path.to_owned()))
+            };
+            match (remote(&src), remote(&dst)) {
+                (None, Some((vm, path))) => {
+                    let data =
+                        std::fs::read(&src).map_err(|e| Exit(1, anyhow!("read {src}: {e}")))?;
+                    let n = data.len();
+                    client.put_file(&vm, &path, data).await.map_err(api_exit)?;
+                    if !json {
+                        eprintln!("copied {n} bytes to {vm}:{path}");
+                    }
+                }
+                (Some((vm, path)), None) => {
+                    let data = client.get_file(&vm, &path).await.map_err(api_exit)?;
+                    let n = data.len();
+                    let tmp = format!("{dst}.clawos-partial");
+                    std::fs::write(&tmp, &data)
+                        .and_then(|()| std::fs::rename(&tmp, &dst))
+                        .map_err(|e| Exit(1, anyhow!("write {dst}: {e}")))?;
+                    if !json {
+                        eprintln!("copied {n} bytes from {vm}:{path}");
+                    }
+                }
+                _ => {
+                    return Err(Exit(
+                        2,
+                        anyhow!("exactly one of SRC and DST must be NAME:PATH"),
+                    ));
+                }
+            }
+        }
+        VmCmd::Files { name, path } => {
+            let entries = client.list_files(&name, &path).await.map_err(api_exit)?;
+            if json {
+                print_json(&entries).map_err(|e| Exit(1, e))?;
+            } else {
+                for e in entries {
+                    println!("{:<8} {:>12} {}", e.kind, e.size, e.name);
+                }
+            }
+        }
+        VmCmd::Pause { name } => {
+            let vm = client.pause(&name).await.map_err(api_exit)?;
+            println!("{name}: {}", vm.state);
+        }
+        VmCmd::Resume { name } => {
+            let vm = client.resume(&name).await.map_err(api_exit)?;
+            println!("{name}: {}", vm.state);
+        }
         VmCmd::Rm { name } => {
             client.delete(&name).await.map_err(api_exit)?;
             if !json {
@@ -408,6 +507,122 @@ async fn vm_cmd(cmd: VmCmd, client: &LauncherClient, json: bool) -> Result<(), E
         }
     }
     Ok(())
+}
+
+/// Runs a command in the guest over the launcher's WebSocket exec endpoint.
+async fn exec(
+    client: &LauncherClient,
+    name: &str,
+    interactive: bool,
+    timeout: Option<f64>,
+    cwd: Option<String>,
+    env: Vec<String>,
+    command: Vec<String>,
+) -> Result<(), Exit> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+    let env = env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .ok_or_else(|| Exit(2, anyhow!("--env {kv:?} is not KEY=VALUE")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let (mut ws, _) = match tokio_tungstenite::connect_async(client.exec_url(name)).await {
+        Ok(ok) => ok,
+        Err(WsError::Http(resp)) => {
+            let status = resp.status().as_u16();
+            let body = resp
+                .body()
+                .as_deref()
+                .map(String::from_utf8_lossy)
+                .unwrap_or_default()
+                .into_owned();
+            let message = serde_json::from_str::<clawos_vm_launcher_api::ApiError>(&body)
+                .map(|e| e.message)
+                .unwrap_or(body);
+            return Err(api_exit(ClientError::Api {
+                status,
+                code: String::new(),
+                message,
+            }));
+        }
+        Err(e) => return Err(Exit(7, anyhow!("cannot reach vm-launcher for exec: {e}"))),
+    };
+    let start = clawos_vm_launcher_api::ExecStart {
+        argv: command,
+        env,
+        cwd,
+        stdin: interactive,
+        timeout_ms: timeout.map(|s| (s * 1000.0) as u64),
+    };
+    let text = serde_json::to_string(&start).map_err(|e| Exit(1, e.into()))?;
+    ws.send(Message::Text(text.into()))
+        .await
+        .map_err(|e| Exit(1, e.into()))?;
+    let (mut tx, mut rx) = ws.split();
+    if interactive {
+        tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if tx
+                            .send(Message::Binary(buf[..n].to_vec().into()))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = tx.send(Message::Text(r#"{"eof":true}"#.into())).await;
+        });
+    }
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    while let Some(msg) = rx.next().await {
+        match msg.map_err(|e| Exit(1, anyhow!("exec stream: {e}")))? {
+            Message::Binary(b) if !b.is_empty() => {
+                let out = if b[0] == clawos_vm_launcher_api::STDERR {
+                    stderr.write_all(&b[1..]).await
+                } else {
+                    stdout.write_all(&b[1..]).await
+                };
+                out.map_err(|e| Exit(1, e.into()))?;
+            }
+            Message::Text(t) => {
+                let _ = stdout.flush().await;
+                let _ = stderr.flush().await;
+                return match serde_json::from_str(&t) {
+                    Ok(clawos_vm_launcher_api::ExecEvent::Exit { code: Some(0), .. }) => Ok(()),
+                    Ok(clawos_vm_launcher_api::ExecEvent::Exit { code: Some(c), .. }) => {
+                        // The command's own exit code, as ssh and docker exec do.
+                        std::process::exit(c)
+                    }
+                    Ok(clawos_vm_launcher_api::ExecEvent::Exit {
+                        timed_out: true, ..
+                    }) => Err(Exit(124, anyhow!("command timed out and was killed"))),
+                    Ok(clawos_vm_launcher_api::ExecEvent::Exit { signal, .. }) => Err(Exit(
+                        128,
+                        anyhow!("command killed by signal {}", signal.unwrap_or(0)),
+                    )),
+                    Ok(clawos_vm_launcher_api::ExecEvent::Error { message }) => {
+                        Err(Exit(1, anyhow!("exec: {message}")))
+                    }
+                    Err(e) => Err(Exit(1, anyhow!("exec: bad event {t:?}: {e}"))),
+                };
+            }
+            _ => {}
+        }
+    }
+    Err(Exit(1, anyhow!("exec stream ended without an exit status")))
 }
 
 fn run(cli: Cli) -> Result<(), Exit> {

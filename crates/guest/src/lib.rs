@@ -1,9 +1,12 @@
 //! Guest-side pieces shared by `clawos-init` and the guest agent: the console protocol
 //! the host reads, the kernel command line, and thin syscall wrappers.
 
+pub mod agent;
 pub mod cmdline;
 pub mod devmapper;
+pub mod protocol;
 pub mod sys;
+pub mod workspace;
 
 /// Console markers the host launcher watches for. They are the wire format between
 /// guest and host until the vsock channel carries readiness; keep them stable.

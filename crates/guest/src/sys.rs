@@ -115,3 +115,105 @@ pub fn sync() {
     // SAFETY: sync has no arguments and cannot fail.
     unsafe { libc::sync() }
 }
+
+/// The host's vsock context id.
+pub const VMADDR_CID_HOST: u32 = 2;
+const VMADDR_CID_ANY: u32 = u32::MAX;
+
+fn sockaddr_vm(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_cid = cid;
+    addr.svm_port = port;
+    addr
+}
+
+fn vsock_socket() -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain socket(2) call.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    check(fd, "vsock socket")?;
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// Listens on a guest vsock port.
+pub fn vsock_listen(port: u32) -> io::Result<std::os::fd::OwnedFd> {
+    let fd = vsock_socket()?;
+    let addr = sockaddr_vm(VMADDR_CID_ANY, port);
+    // SAFETY: `addr` is a valid sockaddr_vm and the length matches it.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    check(rc, &format!("vsock bind port {port}"))?;
+    // SAFETY: listen on a bound socket we own.
+    check(unsafe { libc::listen(fd.as_raw_fd(), 64) }, "vsock listen")?;
+    Ok(fd)
+}
+
+/// Accepts one connection on a vsock listener.
+pub fn vsock_accept(listener: &std::os::fd::OwnedFd) -> io::Result<File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: accept4 on a listening socket we own; the peer address is not needed.
+    let fd = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    check(fd, "vsock accept")?;
+    // SAFETY: a new descriptor from accept4, owned by nobody else.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// Connects to a host vsock port (reaches the host listener `<uds>_<port>`).
+pub fn vsock_connect(cid: u32, port: u32) -> io::Result<File> {
+    let fd = vsock_socket()?;
+    let addr = sockaddr_vm(cid, port);
+    // SAFETY: `addr` is a valid sockaddr_vm and the length matches it.
+    let rc = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    check(rc, &format!("vsock connect {cid}:{port}"))?;
+    Ok(File::from(fd))
+}
+
+/// Shuts down the write half of a socket.
+pub fn shutdown_write(fd: &impl AsRawFd) {
+    // SAFETY: shutdown(2) on a descriptor we hold.
+    unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
+}
+
+/// Brings the loopback interface up (the guest has no other network by default).
+pub fn loopback_up() -> io::Result<()> {
+    // SAFETY: an AF_INET datagram socket used only for the interface ioctls below; ifreq
+    // is plain data and the name fits.
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        check(s, "socket")?;
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        let rc = libc::ioctl(s, libc::SIOCGIFFLAGS, &mut req);
+        if rc == 0 {
+            req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            let rc = libc::ioctl(s, libc::SIOCSIFFLAGS, &req);
+            libc::close(s);
+            return check(rc, "bring lo up");
+        }
+        libc::close(s);
+        check(rc, "lo flags")
+    }
+}

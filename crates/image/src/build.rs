@@ -44,7 +44,13 @@ pub struct BuildOptions {
     pub source_date_epoch: Option<i64>,
     /// Also extract the uncompressed ELF `vmlinux` (what Firecracker boots).
     pub vmlinux: bool,
+    /// A static busybox to install as `/bin/busybox` with a link per applet, so `exec`
+    /// has a shell and coreutils. `None`: no shell in the guest.
+    pub busybox: Option<PathBuf>,
 }
+
+/// Where Debian's `busybox-static` puts its binary.
+pub const DEFAULT_BUSYBOX: &str = "/bin/busybox";
 
 /// Names of the guest binaries.
 pub const INIT_BIN: &str = "clawos-init";
@@ -129,6 +135,38 @@ fn populate_rootfs(tree: &Path, agent: &[u8]) -> Result<(), BuildError> {
         0o644,
     )?;
     Ok(())
+}
+
+fn install_busybox(tree: &Path, busybox: &Path) -> Result<usize, BuildError> {
+    let bytes = check_static(busybox)?;
+    write_file(&tree.join("bin/busybox"), &bytes, 0o755)?;
+    let out = Command::new(busybox)
+        .arg("--list")
+        .output()
+        .map_err(|e| BuildError::Tool {
+            command: format!("{} --list", busybox.display()),
+            detail: e.to_string(),
+        })?;
+    let list = String::from_utf8_lossy(&out.stdout);
+    let mut applets: Vec<&str> = list
+        .lines()
+        .map(str::trim)
+        .filter(|a| {
+            !a.is_empty()
+                && *a != "busybox"
+                && a.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.[".contains(&b))
+        })
+        .collect();
+    applets.sort_unstable();
+    applets.dedup();
+    for a in &applets {
+        let link = tree.join("bin").join(a);
+        if !link.exists() {
+            std::os::unix::fs::symlink("busybox", &link).map_err(|e| BuildError::io(&link, e))?;
+        }
+    }
+    Ok(applets.len())
 }
 
 fn copy_overlay(overlay: &Path, tree: &Path) -> Result<(), BuildError> {
@@ -423,6 +461,10 @@ fn build_into(
     progress("rootfs: assembling tree");
     let rootfs_tree = out.join("rootfs.tree");
     populate_rootfs(&rootfs_tree, &agent)?;
+    if let Some(bb) = &opts.busybox {
+        let n = install_busybox(&rootfs_tree, bb)?;
+        progress(&format!("rootfs: busybox with {n} applets"));
+    }
     if let Some(overlay) = &opts.rootfs_overlay {
         copy_overlay(overlay, &rootfs_tree)?;
     }

@@ -50,6 +50,9 @@ pub struct Config {
     pub qemu_bin: PathBuf,
     /// Firecracker binary.
     pub firecracker_bin: PathBuf,
+    /// `vhost-device-vsock` for QEMU's hybrid vsock; `None`: QEMU VMs get no control
+    /// channel (exec, files, relays), only console readiness.
+    pub vhost_vsock_bin: Option<PathBuf>,
     /// How long a guest may take to power off before it is killed.
     pub stop_timeout: Duration,
     /// How long a guest may take to report ready before it is failed.
@@ -76,6 +79,7 @@ pub struct RawConfig {
     pub backend: String,
     pub qemu_bin: PathBuf,
     pub firecracker_bin: PathBuf,
+    pub vhost_vsock_bin: PathBuf,
     pub stop_timeout_secs: u64,
     pub boot_timeout_secs: u64,
 }
@@ -192,6 +196,14 @@ impl RawConfig {
                 )));
             }
         };
+        // `cargo install` puts it in ~/.cargo/bin, often not on a service's PATH.
+        let vhost_vsock_bin = find_in_path(&self.vhost_vsock_bin).or_else(|| {
+            let home = std::env::var_os("HOME")?;
+            let p = PathBuf::from(home)
+                .join(".cargo/bin")
+                .join(&self.vhost_vsock_bin);
+            p.is_file().then_some(p)
+        });
         if self.stop_timeout_secs == 0 || self.boot_timeout_secs == 0 {
             return Err(ConfigError("timeouts must be at least 1 second".into()));
         }
@@ -207,6 +219,7 @@ impl RawConfig {
             backend,
             qemu_bin,
             firecracker_bin,
+            vhost_vsock_bin,
             stop_timeout: std::time::Duration::from_secs(self.stop_timeout_secs),
             boot_timeout: std::time::Duration::from_secs(self.boot_timeout_secs),
             runtime_disk_mib: 256,
@@ -228,6 +241,7 @@ mod tests {
             backend: "qemu".into(),
             qemu_bin: "/bin/sh".into(),
             firecracker_bin: "firecracker-absent".into(),
+            vhost_vsock_bin: "vhost-device-vsock".into(),
             stop_timeout_secs: 5,
             boot_timeout_secs: 5,
             ..RawConfig::default()

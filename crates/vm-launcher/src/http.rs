@@ -3,6 +3,13 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use clawos_guest::protocol::{CHUNK, ExecRequest, Kind, Op, Reply};
+use clawos_vm_launcher_api::{ExecEvent, ExecStart, FileEntry, STDERR, STDOUT};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+
+use crate::vsock::VsockError;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -109,8 +116,302 @@ pub fn router(launcher: Arc<Launcher>) -> Router {
         .route("/v1/vms/{name}", get(get_vm).delete(delete))
         .route("/v1/vms/{name}/stop", post(stop))
         .route("/v1/vms/{name}/console", get(console))
+        .route("/v1/vms/{name}/pause", post(pause))
+        .route("/v1/vms/{name}/resume", post(resume))
+        .route("/v1/vms/{name}/exec", get(exec))
+        .route("/v1/vms/{name}/files", get(get_file).put(put_file))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(fallback)
         .with_state(launcher)
+}
+
+async fn pause(
+    State(l): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<clawos_vm_launcher_api::Vm>, LauncherError> {
+    l.pause(&name).await.map(Json)
+}
+
+async fn resume(
+    State(l): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<clawos_vm_launcher_api::Vm>, LauncherError> {
+    l.resume(&name).await.map(Json)
+}
+
+/// A guest refusal (bad path, missing file) is the client's problem: 400 with the
+/// guest's words. A broken channel is ours: 502.
+fn guest_error(e: VsockError) -> LauncherError {
+    match e {
+        VsockError::Guest(m) => LauncherError::Invalid(m),
+        other => LauncherError::Internal(other.to_string()),
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct FileQuery {
+    path: String,
+    #[serde(default)]
+    list: bool,
+}
+
+async fn put_file(
+    State(l): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> Result<StatusCode, LauncherError> {
+    let Query(q) = q.map_err(|e| LauncherError::Invalid(e.body_text()))?;
+    let size: u64 = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| LauncherError::Invalid("upload needs a Content-Length".into()))?;
+    let guest = l.guest(&name, "copy files to")?;
+    let mut call = guest
+        .call(Op::Put {
+            path: q.path.clone(),
+            size,
+            mode: None,
+        })
+        .await
+        .map_err(guest_error)?;
+    let mut stream = body.into_data_stream();
+    let mut sent = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| LauncherError::Invalid(format!("upload body: {e}")))?;
+        sent += chunk.len() as u64;
+        for part in chunk.chunks(CHUNK) {
+            call.send(Kind::Data, part)
+                .await
+                .map_err(|e| guest_error(e.into()))?;
+        }
+    }
+    if sent != size {
+        return Err(LauncherError::Invalid(format!(
+            "upload body had {sent} bytes, Content-Length said {size}"
+        )));
+    }
+    call.send(Kind::End, &[])
+        .await
+        .map_err(|e| guest_error(e.into()))?;
+    match call.reply().await.map_err(guest_error)? {
+        Reply::Ok => Ok(StatusCode::NO_CONTENT),
+        other => Err(LauncherError::Internal(format!(
+            "unexpected guest reply {other:?}"
+        ))),
+    }
+}
+
+async fn get_file(
+    State(l): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, LauncherError> {
+    let Query(q) = q.map_err(|e| LauncherError::Invalid(e.body_text()))?;
+    let guest = l.guest(&name, "copy files from")?;
+    if q.list {
+        let mut call = guest
+            .call(Op::List { path: q.path })
+            .await
+            .map_err(guest_error)?;
+        return match call.reply().await.map_err(guest_error)? {
+            Reply::Entries { entries } => Ok(Json(
+                entries
+                    .into_iter()
+                    .map(|e| FileEntry {
+                        name: e.name,
+                        kind: e.kind,
+                        size: e.size,
+                    })
+                    .collect::<Vec<_>>(),
+            )
+            .into_response()),
+            other => Err(LauncherError::Internal(format!(
+                "unexpected guest reply {other:?}"
+            ))),
+        };
+    }
+    let mut call = guest
+        .call(Op::Get { path: q.path })
+        .await
+        .map_err(guest_error)?;
+    let size = match call.reply().await.map_err(guest_error)? {
+        Reply::Size { size } => size,
+        other => {
+            return Err(LauncherError::Internal(format!(
+                "unexpected guest reply {other:?}"
+            )));
+        }
+    };
+    // The write half travels with the stream: closing it would end the vsock
+    // connection before the guest has sent the file.
+    let stream = futures_util::stream::unfold(Some(call), |call| async move {
+        let mut call = call?;
+        match crate::vsock::read_frame(&mut call.reader).await {
+            Ok(Some((Kind::Data, data))) => Some((Ok(axum::body::Bytes::from(data)), Some(call))),
+            Ok(Some((Kind::End, _))) => None,
+            Ok(_) => Some((
+                Err(std::io::Error::other("unexpected frame from guest")),
+                None,
+            )),
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    let mut resp = axum::body::Body::from_stream(stream).into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(resp)
+}
+
+async fn exec(
+    State(l): State<AppState>,
+    Path(name): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, LauncherError> {
+    // State and channel are checked before the upgrade, so refusals are plain HTTP.
+    let guest = l.guest(&name, "exec in")?;
+    Ok(ws.on_upgrade(move |socket| exec_session(socket, guest)))
+}
+
+async fn send_event(socket: &mut WebSocket, ev: &ExecEvent) {
+    let text = serde_json::to_string(ev).unwrap_or_default();
+    let _ = socket.send(Message::Text(text.into())).await;
+}
+
+async fn exec_session(mut socket: WebSocket, guest: crate::vsock::GuestClient) {
+    let start: ExecStart = match socket.recv().await {
+        Some(Ok(Message::Text(t))) => match serde_json::from_str(&t) {
+            Ok(s) => s,
+            Err(e) => {
+                return send_event(
+                    &mut socket,
+                    &ExecEvent::Error {
+                        message: format!("bad exec request: {e}"),
+                    },
+                )
+                .await;
+            }
+        },
+        _ => {
+            return send_event(
+                &mut socket,
+                &ExecEvent::Error {
+                    message: "expected an exec request first".into(),
+                },
+            )
+            .await;
+        }
+    };
+    if start.argv.is_empty() {
+        return send_event(
+            &mut socket,
+            &ExecEvent::Error {
+                message: "exec: empty command".into(),
+            },
+        )
+        .await;
+    }
+    let req = ExecRequest {
+        argv: start.argv,
+        env: start.env,
+        cwd: start.cwd,
+        stdin: start.stdin,
+        timeout_ms: start.timeout_ms,
+    };
+    let mut call = match guest.call(Op::Exec(req)).await {
+        Ok(c) => c,
+        Err(e) => {
+            return send_event(
+                &mut socket,
+                &ExecEvent::Error {
+                    message: e.to_string(),
+                },
+            )
+            .await;
+        }
+    };
+    match call.reply().await {
+        Ok(Reply::Started { .. }) => {}
+        Ok(other) => {
+            return send_event(
+                &mut socket,
+                &ExecEvent::Error {
+                    message: format!("unexpected guest reply {other:?}"),
+                },
+            )
+            .await;
+        }
+        Err(e) => {
+            return send_event(
+                &mut socket,
+                &ExecEvent::Error {
+                    message: e.to_string(),
+                },
+            )
+            .await;
+        }
+    }
+    // Guest frames are read by their own task (a frame read is not cancel safe).
+    let (tx, mut frames) = tokio::sync::mpsc::channel(16);
+    let mut reader = call.reader;
+    tokio::spawn(async move {
+        loop {
+            let f = crate::vsock::read_frame(&mut reader).await;
+            let done = !matches!(f, Ok(Some((Kind::Stdout | Kind::Stderr, _))));
+            if tx.send(f).await.is_err() || done {
+                return;
+            }
+        }
+    });
+    let mut writer = call.writer;
+    loop {
+        tokio::select! {
+            f = frames.recv() => match f {
+                Some(Ok(Some((kind @ (Kind::Stdout | Kind::Stderr), data)))) => {
+                    let mut msg = Vec::with_capacity(data.len() + 1);
+                    msg.push(if kind == Kind::Stdout { STDOUT } else { STDERR });
+                    msg.extend_from_slice(&data);
+                    if socket.send(Message::Binary(msg.into())).await.is_err() {
+                        return; // client gone: dropping the guest connection kills the command
+                    }
+                }
+                Some(Ok(Some((k, p)))) => {
+                    let ev = match crate::vsock::parse_reply(k, &p) {
+                        Ok(Reply::Exit { code, signal, timed_out }) => ExecEvent::Exit { code, signal, timed_out },
+                        Ok(other) => ExecEvent::Error { message: format!("unexpected guest reply {other:?}") },
+                        Err(e) => ExecEvent::Error { message: e.to_string() },
+                    };
+                    send_event(&mut socket, &ev).await;
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+                Some(Ok(None)) | None => {
+                    return send_event(&mut socket, &ExecEvent::Error { message: "guest closed the exec connection".into() }).await;
+                }
+                Some(Err(e)) => {
+                    return send_event(&mut socket, &ExecEvent::Error { message: format!("guest connection: {e}") }).await;
+                }
+            },
+            m = socket.recv() => match m {
+                Some(Ok(Message::Binary(b))) => {
+                    for part in b.chunks(CHUNK) {
+                        let _ = writer.write_all(&clawos_guest::protocol::encode(Kind::Stdin, part)).await;
+                    }
+                }
+                Some(Ok(Message::Text(t))) if t.contains("\"eof\"") => {
+                    let _ = writer.write_all(&clawos_guest::protocol::encode(Kind::End, &[])).await;
+                }
+                Some(Ok(_)) => {}
+                // Client gone: returning drops the guest connection, which kills the command.
+                Some(Err(_)) | None => return,
+            },
+        }
+    }
 }

@@ -11,10 +11,11 @@ use clawos_image::{ImagePaths, Manifest, VerifyPolicy};
 use clawos_vm_launcher_api::{StartVm, Vm, VmState};
 use tokio::process::Child;
 
-use crate::backend::{BackendError, Hypervisor, LaunchSpec};
+use crate::backend::{BackendError, Hypervisor, LaunchSpec, VSOCK_SOCKET};
 use crate::config::Config;
 use crate::host::ProcessId;
 use crate::store::{self, VmDir, VmRecord};
+use crate::vsock::GuestClient;
 use crate::{LauncherError, console, validate};
 
 /// How often a watcher looks at its VM.
@@ -34,6 +35,8 @@ struct Inner {
     vms: HashMap<String, VmRecord>,
     /// Names with an operation in flight (start, stop, delete).
     busy: HashSet<String>,
+    /// Per-VM relay tasks (guest → host inference proxy), ended with the VM.
+    relays: HashMap<String, tokio::task::JoinHandle<()>>,
 }
 
 /// The launcher: owns every VM's record and watcher.
@@ -69,7 +72,7 @@ fn now_unix() -> u64 {
 /// The agent's `/workspace/.env`. The agent talks to the in-guest relay on
 /// 127.0.0.1:11435, which forwards to the host's inference proxy; no API key ever goes
 /// here, the proxy injects it on the host.
-fn agent_env(name: &str, model: Option<&str>, proxy_url: &str) -> String {
+fn agent_env(name: &str, model: Option<&str>, proxy_url: &str, secret: &str) -> String {
     let mut env = format!(
         "CLAWOS_AGENT_NAME={name}\n\
          CLAWOS_INFERENCE_PROXY_URL={proxy_url}\n\
@@ -79,7 +82,57 @@ fn agent_env(name: &str, model: Option<&str>, proxy_url: &str) -> String {
     if let Some(m) = model {
         env.push_str(&format!("CLAWOS_MODEL={m}\n"));
     }
+    // clawos-init moves this line to /run/clawos (tmpfs, 0600); it never reaches .env.
+    env.push_str(&format!("CLAWOS_CONTROL_SECRET={secret}\n"));
     env
+}
+
+/// `host:port` of an http(s) URL.
+fn url_authority(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let auth = rest.split('/').next()?;
+    if auth.is_empty() {
+        return None;
+    }
+    if auth
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+    {
+        return Some(auth.to_owned());
+    }
+    Some(format!(
+        "{auth}:{}",
+        if scheme == "https" { 443 } else { 80 }
+    ))
+}
+
+/// Relays guest connections to the inference proxy: the guest agent forwards its
+/// `127.0.0.1:11435` to host vsock port 11435, which arrives on `<vsock>_11435` here.
+async fn proxy_relay(dir: PathBuf, target: String) {
+    let name = format!("{VSOCK_SOCKET}_{}", clawos_guest::protocol::PROXY_PORT);
+    let listener = match crate::backend::bind_in_dir(&dir, &name) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "LLM relay not available");
+            return;
+        }
+    };
+    loop {
+        let Ok((mut guest, _)) = listener.accept().await else {
+            continue;
+        };
+        let target = target.clone();
+        tokio::spawn(async move {
+            match tokio::net::TcpStream::connect(&target).await {
+                Ok(mut upstream) => {
+                    let _ = tokio::io::copy_bidirectional(&mut guest, &mut upstream).await;
+                }
+                Err(e) => {
+                    tracing::warn!(%target, error = %e, "inference proxy unreachable for a guest connection")
+                }
+            }
+        });
+    }
 }
 
 impl Launcher {
@@ -253,12 +306,16 @@ impl Launcher {
         paths: &ImagePaths,
         manifest: &Manifest,
     ) -> Result<Vm, LauncherError> {
+        let secret = dir
+            .new_secret()
+            .map_err(|e| LauncherError::io(&dir.secret(), e))?;
         store::write_config_disk(
             dir,
             &agent_env(
                 &req.name,
                 req.model.as_deref(),
                 &self.cfg.inference_proxy_url,
+                &secret,
             ),
         )?;
         store::rotate_console(dir)?;
@@ -277,12 +334,16 @@ impl Launcher {
             image_cmdline: manifest.cmdline.clone(),
         };
         let started = Instant::now();
-        let child = self.backend.launch(&spec).await.map_err(|e| match e {
+        let launched = self.backend.launch(&spec).await.map_err(|e| match e {
             BackendError::Unsupported(m) => LauncherError::ImageRefused(m),
             e => LauncherError::Internal(e.to_string()),
         })?;
+        let child = launched.child;
         let pid = child.id().unwrap_or(0);
         let process = ProcessId::of(pid).ok_or_else(|| {
+            for h in &launched.helpers {
+                h.signal(libc::SIGKILL);
+            }
             LauncherError::Internal(format!(
                 "hypervisor exited at once: {}",
                 console::tail(&dir.hypervisor_log(), 2000).trim()
@@ -303,8 +364,13 @@ impl Launcher {
             boot_ms: None,
             started_at: Some(now_unix()),
             process: Some(process),
+            helpers: launched.helpers,
+            vsock: launched.vsock,
         };
         let view = record.view();
+        if record.vsock {
+            self.start_relay(&req.name);
+        }
         self.commit(record);
         self.metrics.starts.fetch_add(1, Ordering::Relaxed);
         tracing::info!(vm = %req.name, pid, backend = self.backend.name(), root_hash = %manifest.verity.root_hash, "VM started");
@@ -325,11 +391,29 @@ impl Launcher {
     ) {
         let dir = self.dir(&name);
         let mut ready = ReadyState::new(console_offset);
+        let guest = self.record(&name).filter(|r| r.vsock).map(|_| GuestClient {
+            dir: dir.root.clone(),
+            secret: dir.read_secret().unwrap_or_default(),
+        });
+        let mut next_probe = Instant::now();
         let exit_code = loop {
             tokio::time::sleep(WATCH_INTERVAL).await;
             let state = self.record(&name).map(|r| r.state);
             if state == Some(VmState::Starting) {
-                if ready.watch.poll(&dir.console()) {
+                // Readiness is the guest agent's health answer over vsock; the console
+                // marker counts only for VMs without the control channel.
+                let is_ready = match &guest {
+                    Some(g) if Instant::now() >= next_probe => {
+                        next_probe = Instant::now() + Duration::from_millis(200);
+                        matches!(
+                            tokio::time::timeout(Duration::from_secs(1), g.health()).await,
+                            Ok(Ok(clawos_guest::protocol::Reply::Health { .. }))
+                        )
+                    }
+                    Some(_) => false,
+                    None => ready.watch.poll(&dir.console()),
+                };
+                if is_ready {
                     let ms = started.elapsed().as_millis() as u64;
                     self.update(&name, |r| {
                         if r.state == VmState::Starting {
@@ -359,6 +443,7 @@ impl Launcher {
         let console_text = console::tail(&dir.console(), 64 * 1024);
         let timeout = ready.timed_out.then_some(self.cfg.boot_timeout);
         dir.remove_pid();
+        self.end_helpers(&name);
         self.update(&name, |r| {
             let (state, reason) = outcome(r.state, exit_code, &console_text, timeout, &dir);
             r.state = state;
@@ -397,8 +482,14 @@ impl Launcher {
         if !record.state.is_active() {
             return Ok(record.view());
         }
-        self.update(name, |r| r.state = VmState::Stopping);
         let dir = self.dir(name);
+        if record.state == VmState::Paused {
+            // A frozen guest cannot see the power button.
+            if let Err(e) = self.backend.resume(&dir).await {
+                tracing::warn!(vm = %name, error = %e, "resume before stop failed");
+            }
+        }
+        self.update(name, |r| r.state = VmState::Stopping);
         if let Err(e) = self.backend.request_stop(&dir).await {
             tracing::warn!(vm = %name, error = %e, "clean stop request failed; will kill");
         }
@@ -502,6 +593,11 @@ impl Launcher {
                             .checked_sub(Duration::from_secs(age))
                             .unwrap_or_else(Instant::now);
                         let n = name.clone();
+                        let vsock = record.vsock;
+                        self.lock().vms.insert(name.clone(), record.clone());
+                        if vsock {
+                            self.start_relay(&name);
+                        }
                         tokio::spawn(async move { me.watch(n, None, p, started, 0).await });
                     }
                     None => {
@@ -519,6 +615,9 @@ impl Launcher {
                             ),
                         };
                         tracing::info!(vm = %name, %state, "VM ended while the launcher was down");
+                        for h in &record.helpers {
+                            h.signal(libc::SIGTERM);
+                        }
                         record.state = state;
                         record.reason = reason;
                         dir.remove_pid();
@@ -529,6 +628,98 @@ impl Launcher {
             self.lock().vms.insert(name, record);
         }
         Ok(())
+    }
+
+    fn start_relay(&self, name: &str) {
+        let Some(target) = url_authority(&self.cfg.inference_proxy_url) else {
+            return;
+        };
+        let task = tokio::spawn(proxy_relay(self.dir(name).root, target));
+        if let Some(old) = self.lock().relays.insert(name.to_owned(), task) {
+            old.abort();
+        }
+    }
+
+    /// Ends what lives with a VM: relay task, helper processes, their sockets.
+    fn end_helpers(&self, name: &str) {
+        if let Some(t) = self.lock().relays.remove(name) {
+            t.abort();
+        }
+        let helpers = self.record(name).map(|r| r.helpers).unwrap_or_default();
+        for h in helpers {
+            h.signal(libc::SIGTERM);
+        }
+        let dir = self.dir(name);
+        let _ = std::fs::remove_file(dir.root.join(format!(
+            "{VSOCK_SOCKET}_{}",
+            clawos_guest::protocol::PROXY_PORT
+        )));
+    }
+
+    /// Freezes a running VM.
+    pub async fn pause(&self, name: &str) -> Result<Vm, LauncherError> {
+        validate::name(name)?;
+        let _claim = self.claim(name)?;
+        self.expect_state(name, VmState::Running, "pause")?;
+        self.backend
+            .pause(&self.dir(name))
+            .await
+            .map_err(|e| LauncherError::Internal(e.to_string()))?;
+        self.update(name, |r| r.state = VmState::Paused);
+        tracing::info!(vm = %name, "VM paused");
+        self.get(name)
+    }
+
+    /// Lets a paused VM run again.
+    pub async fn resume(&self, name: &str) -> Result<Vm, LauncherError> {
+        validate::name(name)?;
+        let _claim = self.claim(name)?;
+        self.expect_state(name, VmState::Paused, "resume")?;
+        self.backend
+            .resume(&self.dir(name))
+            .await
+            .map_err(|e| LauncherError::Internal(e.to_string()))?;
+        self.update(name, |r| r.state = VmState::Running);
+        tracing::info!(vm = %name, "VM resumed");
+        self.get(name)
+    }
+
+    fn expect_state(&self, name: &str, want: VmState, op: &str) -> Result<VmRecord, LauncherError> {
+        let r = self
+            .record(name)
+            .ok_or_else(|| LauncherError::NotFound(format!("no VM named {name}")))?;
+        if r.state != want {
+            let hint = match r.state {
+                VmState::Paused => "; resume it first",
+                VmState::Starting => "; the guest is not ready yet",
+                VmState::Stopped | VmState::Failed => "; start it first",
+                _ => "",
+            };
+            return Err(LauncherError::Conflict(format!(
+                "cannot {op} VM {name}: it is {}{hint}",
+                r.state
+            )));
+        }
+        Ok(r)
+    }
+
+    /// A client for a running VM's guest agent.
+    pub fn guest(&self, name: &str, op: &str) -> Result<GuestClient, LauncherError> {
+        validate::name(name)?;
+        let r = self.expect_state(name, VmState::Running, op)?;
+        if !r.vsock {
+            return Err(LauncherError::Conflict(format!(
+                "VM {name} has no control channel (vhost-device-vsock was not installed when it started)"
+            )));
+        }
+        let dir = self.dir(name);
+        let secret = dir
+            .read_secret()
+            .map_err(|e| LauncherError::io(&dir.secret(), e))?;
+        Ok(GuestClient {
+            dir: dir.root,
+            secret,
+        })
     }
 
     /// Prometheus text exposition.
@@ -648,11 +839,28 @@ mod tests {
 
     #[test]
     fn env_file_never_carries_a_key() {
-        let env = agent_env("a1", Some("claude-x"), "http://127.0.0.1:11435");
+        let env = agent_env("a1", Some("claude-x"), "http://127.0.0.1:11435", "f00");
         assert!(env.contains("CLAWOS_AGENT_NAME=a1\n"));
         assert!(env.contains("CLAWOS_MODEL=claude-x\n"));
         assert!(env.contains("ANTHROPIC_BASE_URL=http://127.0.0.1:11435\n"));
         assert!(!env.to_lowercase().contains("api_key"));
+    }
+
+    #[test]
+    fn proxy_authority() {
+        assert_eq!(
+            url_authority("http://127.0.0.1:11435").as_deref(),
+            Some("127.0.0.1:11435")
+        );
+        assert_eq!(
+            url_authority("http://proxy.local/v1").as_deref(),
+            Some("proxy.local:80")
+        );
+        assert_eq!(
+            url_authority("https://[::1]:8443/x").as_deref(),
+            Some("[::1]:8443")
+        );
+        assert_eq!(url_authority("nonsense"), None);
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod http;
 pub mod launcher;
 pub mod store;
 pub mod validate;
+pub mod vsock;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -83,6 +84,7 @@ pub fn backend_for(cfg: &Config) -> Box<dyn backend::Hypervisor> {
             bin: cfg.qemu_bin.clone(),
             kvm: host::has_hardware_kvm(),
             tsc_khz: host::tsc_khz(),
+            vhost_vsock: cfg.vhost_vsock_bin.clone(),
         }),
         BackendKind::Firecracker => Box::new(backend::firecracker::Firecracker {
             bin: cfg.firecracker_bin.clone(),
@@ -117,6 +119,7 @@ pub async fn serve(
         backend = backend.name(),
         state_dir = %cfg.state_dir.display(),
         signatures = if cfg.public_key.is_some() { "required" } else { "NOT CHECKED (--allow-unsigned)" },
+        vsock = cfg.backend == BackendKind::Firecracker || cfg.vhost_vsock_bin.is_some(),
         "vm-launcher listening"
     );
     let launcher: Arc<Launcher> = Launcher::new(cfg, backend)?;

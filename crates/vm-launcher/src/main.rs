@@ -50,6 +50,9 @@ struct Args {
     /// Firecracker binary.
     #[arg(long, env = "CLAWOS_FIRECRACKER", default_value = "firecracker")]
     firecracker: PathBuf,
+    /// vhost-device-vsock binary (QEMU's hybrid vsock: exec, files, relays).
+    #[arg(long, env = "CLAWOS_VHOST_VSOCK", default_value = "vhost-device-vsock")]
+    vhost_vsock: PathBuf,
     /// Seconds a guest gets to power off before it is killed.
     #[arg(long, default_value_t = 20)]
     stop_timeout: u64,
@@ -93,6 +96,7 @@ fn main() -> Result<()> {
         backend: args.backend,
         qemu_bin: args.qemu,
         firecracker_bin: args.firecracker,
+        vhost_vsock_bin: args.vhost_vsock,
         stop_timeout_secs: args.stop_timeout,
         boot_timeout_secs: args.boot_timeout,
     }

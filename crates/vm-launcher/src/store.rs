@@ -28,6 +28,12 @@ pub struct VmRecord {
     pub boot_ms: Option<u64>,
     pub started_at: Option<u64>,
     pub process: Option<ProcessId>,
+    /// Helper processes that live and die with the VM (the vsock device).
+    #[serde(default)]
+    pub helpers: Vec<ProcessId>,
+    /// Whether the VM has the vsock control channel.
+    #[serde(default)]
+    pub vsock: bool,
 }
 
 impl VmRecord {
@@ -85,6 +91,24 @@ impl VmDir {
     }
     pub fn config_disk(&self) -> PathBuf {
         self.root.join("config.img")
+    }
+    /// The per-boot secret the guest agent checks on every control request.
+    pub fn secret(&self) -> PathBuf {
+        self.root.join("control.secret")
+    }
+
+    /// Creates a fresh control secret for a boot (0600).
+    pub fn new_secret(&self) -> io::Result<String> {
+        let mut bytes = [0u8; 32];
+        let mut f = fs::File::open("/dev/urandom")?;
+        std::io::Read::read_exact(&mut f, &mut bytes)?;
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        write_atomic(&self.secret(), hex.as_bytes(), 0o600)?;
+        Ok(hex)
+    }
+
+    pub fn read_secret(&self) -> io::Result<String> {
+        Ok(fs::read_to_string(self.secret())?.trim().to_owned())
     }
 
     /// Writes the record atomically (temp file, fsync, rename).

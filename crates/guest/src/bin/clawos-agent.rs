@@ -1,24 +1,42 @@
 //! `clawos-agent`: the guest agent started by `clawos-init`.
 //!
-//! For now it is the placeholder the boot issue allows: it records the boot in
-//! `/workspace/.clawos/boots` (so persistence of the workspace disk is observable),
-//! announces readiness on the console and waits to be stopped. The vsock control
-//! channel (exec, files, relays) replaces the console marker as readiness signal.
+//! - control service on vsock port 1024 (health, exec, files, shutdown), for the
+//!   launcher only: every request carries the VM's secret;
+//! - LLM relay: listens on `127.0.0.1:11435` in the guest and forwards each connection
+//!   to the host (vsock port 11435), where the launcher relays it to the inference proxy;
+//! - gateway relay: host → guest vsock port 18789 → `127.0.0.1:18789` in the guest.
+//!
+//! It also records each boot in `/workspace/.clawos/boots` and prints the
+//! `CLAWOS_READY` console marker (a fallback diagnostic; readiness is the health call).
 
 use std::fs;
-use std::io::Write;
+use std::io::{self, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
 
-use clawos_guest::marker;
+use clawos_guest::agent::Service;
+use clawos_guest::protocol::{CONTROL_PORT, GATEWAY_PORT, PROXY_PORT};
+use clawos_guest::workspace::{WORKSPACE, Workspace};
+use clawos_guest::{marker, sys};
 
-fn main() {
+/// Where init leaves the control secret (tmpfs, 0600, never in the workspace).
+const SECRET_PATH: &str = "/run/clawos/control.secret";
+
+fn log(msg: &str) {
+    println!("clawos-agent: {msg}");
+    let _ = io::stdout().flush();
+}
+
+fn record_boot() -> u64 {
     let dir = Path::new("/workspace/.clawos");
     let boots = dir.join("boots");
-    let count = fs::create_dir_all(dir)
+    fs::create_dir_all(dir)
         .and_then(|()| {
             let n = fs::read_to_string(&boots)
                 .map(|s| s.lines().count())
-                .unwrap_or(0)
+                .unwrap_or(0) as u64
                 + 1;
             let mut f = fs::OpenOptions::new()
                 .create(true)
@@ -29,17 +47,109 @@ fn main() {
             Ok(n)
         })
         .unwrap_or_else(|e| {
-            println!(
-                "clawos-agent: cannot record boot in {}: {e}",
-                boots.display()
-            );
+            log(&format!("cannot record boot in {}: {e}", boots.display()));
             0
-        });
-    let name = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    println!("{} agent={} boot={count}", marker::READY, name.trim());
-    let _ = std::io::stdout().flush();
-    // Wait until init sends SIGTERM (default action: exit).
+        })
+}
+
+/// Copies bytes both ways between two connections until either side closes.
+fn splice(a: fs::File, b: TcpStream) {
+    let (Ok(mut a2), Ok(mut b2)) = (a.try_clone(), b.try_clone()) else {
+        return;
+    };
+    let (mut a, mut b) = (a, b);
+    let t = std::thread::spawn(move || {
+        let _ = io::copy(&mut a2, &mut b2);
+        let _ = b2.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = io::copy(&mut b, &mut a);
+    sys::shutdown_write(&a);
+    let _ = t.join();
+}
+
+fn llm_relay() {
+    let listener = match TcpListener::bind(("127.0.0.1", PROXY_PORT as u16)) {
+        Ok(l) => l,
+        Err(e) => return log(&format!("LLM relay disabled: {e}")),
+    };
+    for conn in listener.incoming().flatten() {
+        std::thread::spawn(
+            move || match sys::vsock_connect(sys::VMADDR_CID_HOST, PROXY_PORT) {
+                Ok(host) => splice(host, conn),
+                Err(e) => log(&format!("LLM relay: {e}")),
+            },
+        );
+    }
+}
+
+fn gateway_relay() {
+    let listener = match sys::vsock_listen(GATEWAY_PORT) {
+        Ok(l) => l,
+        Err(e) => return log(&format!("gateway relay disabled: {e}")),
+    };
     loop {
-        std::thread::park();
+        let Ok(conn) = sys::vsock_accept(&listener) else {
+            continue;
+        };
+        std::thread::spawn(move || {
+            if let Ok(gw) = TcpStream::connect(("127.0.0.1", GATEWAY_PORT as u16)) {
+                splice(conn, gw);
+            }
+        });
+    }
+}
+
+fn main() {
+    let boot = record_boot();
+    let secret = fs::read_to_string(SECRET_PATH)
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let workspace = match Workspace::open(Path::new(WORKSPACE)) {
+        Ok(w) => w,
+        Err(e) => {
+            log(&format!("cannot open {WORKSPACE}: {e}"));
+            std::process::exit(1);
+        }
+    };
+    let service = Arc::new(Service {
+        secret,
+        workspace,
+        boot,
+        started: Instant::now(),
+        // SAFETY: kill(2) with plain integers: ask init (PID 1) to power off.
+        on_shutdown: || unsafe {
+            libc::kill(1, libc::SIGTERM);
+        },
+    });
+    std::thread::spawn(llm_relay);
+    std::thread::spawn(gateway_relay);
+    let listener = match sys::vsock_listen(CONTROL_PORT) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            log(&format!("control service disabled: {e}"));
+            None
+        }
+    };
+    let name = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    println!("{} agent={} boot={boot}", marker::READY, name.trim());
+    let _ = io::stdout().flush();
+    let Some(listener) = listener else {
+        loop {
+            std::thread::park();
+        }
+    };
+    loop {
+        match sys::vsock_accept(&listener) {
+            Ok(conn) => {
+                let svc = Arc::clone(&service);
+                std::thread::spawn(move || {
+                    if let Err(e) = svc.handle(conn) {
+                        log(&format!("control connection: {e}"));
+                    }
+                });
+            }
+            Err(e) => log(&format!("accept: {e}")),
+        }
     }
 }

@@ -149,16 +149,41 @@ fn mount_root() -> String {
             .and_then(|mut f| f.read_to_end(&mut raw))
             .or_fatal("read config disk");
         let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-        let env = String::from_utf8_lossy(&raw[..end]).into_owned();
-        for line in env.lines() {
+        let text = String::from_utf8_lossy(&raw[..end]).into_owned();
+        let mut env = String::new();
+        for line in text.lines() {
             if let Some(n) = line.strip_prefix("CLAWOS_AGENT_NAME=") {
                 agent_name = n.trim().to_owned();
             }
+            // The control secret is for the guest agent only: tmpfs, 0600, never in
+            // the workspace the agent's code can read and ship elsewhere.
+            if let Some(secret) = line.strip_prefix(SECRET_KEY) {
+                fs::create_dir_all("/newroot/run/clawos").or_fatal("mkdir /run/clawos");
+                write_private("/newroot/run/clawos/control.secret", secret.trim())
+                    .or_fatal("write secret");
+            } else {
+                env.push_str(line);
+                env.push('\n');
+            }
         }
-        let path = "/newroot/workspace/.env";
-        fs::write(path, env.as_bytes()).or_fatal("write /workspace/.env");
+        write_private("/newroot/workspace/.env", &env).or_fatal("write /workspace/.env");
     }
     agent_name
+}
+
+/// The config disk line carrying the control secret.
+const SECRET_KEY: &str = "CLAWOS_CONTROL_SECRET=";
+
+fn write_private(path: &str, data: &str) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data.as_bytes())?;
+    f.sync_all()
 }
 
 fn switch_root() {
@@ -346,6 +371,9 @@ fn main() {
     let name = mount_root();
     switch_root();
     let _ = sys::sethostname(&name);
+    if let Err(e) = sys::loopback_up() {
+        log(&format!("{e}"));
+    }
     log(&format!(
         "root switched in {} ms; starting agent",
         started.elapsed().as_millis()

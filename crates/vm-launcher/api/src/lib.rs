@@ -9,7 +9,17 @@
 //! | POST | `/v1/vms/{name}/stop` | → [`Vm`] once stopped |
 //! | DELETE | `/v1/vms/{name}` | → 204 (409 while running) |
 //! | GET | `/v1/vms/{name}/console?offset=N` | → console bytes from N; `x-console-offset` is the next N |
+//! | POST | `/v1/vms/{name}/pause`, `/resume` | → [`Vm`] |
+//! | GET (WebSocket) | `/v1/vms/{name}/exec` | [`ExecStart`], stdin, → output frames, [`ExecEvent`] |
+//! | PUT | `/v1/vms/{name}/files?path=P` | file bytes (Content-Length required) → 204 |
+//! | GET | `/v1/vms/{name}/files?path=P` | → file bytes |
+//! | GET | `/v1/vms/{name}/files?path=P&list=true` | → `[FileEntry]` |
 //! | GET | `/healthz`, `/metrics` | liveness; Prometheus text |
+//!
+//! Exec over WebSocket: the client's first message is a text [`ExecStart`]; then binary
+//! messages are stdin and a text `{"eof":true}` closes stdin. The server sends binary
+//! messages whose first byte is [`STDOUT`] or [`STDERR`] followed by the bytes, and ends
+//! with one text [`ExecEvent`].
 //!
 //! Errors are [`ApiError`] JSON with a 4xx/5xx status.
 
@@ -57,6 +67,8 @@ pub enum VmState {
     Starting,
     /// The guest reported ready.
     Running,
+    /// vCPUs frozen (`pause`); memory kept.
+    Paused,
     /// A stop was requested.
     Stopping,
     /// Not running; disks kept.
@@ -68,7 +80,10 @@ pub enum VmState {
 impl VmState {
     /// Whether a hypervisor process belongs to this state.
     pub fn is_active(self) -> bool {
-        matches!(self, Self::Starting | Self::Running | Self::Stopping)
+        matches!(
+            self,
+            Self::Starting | Self::Running | Self::Paused | Self::Stopping
+        )
     }
 }
 
@@ -77,6 +92,7 @@ impl std::fmt::Display for VmState {
         f.write_str(match self {
             Self::Starting => "starting",
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::Stopping => "stopping",
             Self::Stopped => "stopped",
             Self::Failed => "failed",
@@ -110,6 +126,51 @@ pub struct Vm {
     /// Unix time (s) of the last start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<u64>,
+}
+
+/// First byte of a WebSocket binary message carrying stdout.
+pub const STDOUT: u8 = 1;
+/// First byte of a WebSocket binary message carrying stderr.
+pub const STDERR: u8 = 2;
+
+/// What `exec` runs in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecStart {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// Whether stdin will be sent; otherwise it is `/dev/null`.
+    #[serde(default)]
+    pub stdin: bool,
+    /// Kill the command (and its process group) after this many milliseconds.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The end of an exec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecEvent {
+    Exit {
+        code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// A guest directory entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    pub name: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    pub kind: String,
+    pub size: u64,
 }
 
 /// Error body of every non-2xx answer.
@@ -243,6 +304,67 @@ impl LauncherClient {
         self.send(self.http.delete(self.url(&format!("/v1/vms/{name}"))))
             .await
             .map(drop)
+    }
+
+    /// Freezes a running VM.
+    pub async fn pause(&self, name: &str) -> Result<Vm, ClientError> {
+        self.json(self.http.post(self.url(&format!("/v1/vms/{name}/pause"))))
+            .await
+    }
+
+    /// Resumes a paused VM.
+    pub async fn resume(&self, name: &str) -> Result<Vm, ClientError> {
+        self.json(self.http.post(self.url(&format!("/v1/vms/{name}/resume"))))
+            .await
+    }
+
+    /// Uploads `data` to `path` in the VM's workspace.
+    pub async fn put_file(&self, name: &str, path: &str, data: Vec<u8>) -> Result<(), ClientError> {
+        self.send(
+            self.http
+                .put(self.url(&format!("/v1/vms/{name}/files")))
+                .query(&[("path", path)])
+                .body(data),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Downloads `path` from the VM's workspace.
+    pub async fn get_file(&self, name: &str, path: &str) -> Result<Vec<u8>, ClientError> {
+        let resp = self
+            .send(
+                self.http
+                    .get(self.url(&format!("/v1/vms/{name}/files")))
+                    .query(&[("path", path)]),
+            )
+            .await?;
+        resp.bytes()
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|source| ClientError::Transport {
+                url: self.base.clone(),
+                source,
+            })
+    }
+
+    /// Lists a directory in the VM's workspace.
+    pub async fn list_files(&self, name: &str, path: &str) -> Result<Vec<FileEntry>, ClientError> {
+        self.json(
+            self.http
+                .get(self.url(&format!("/v1/vms/{name}/files")))
+                .query(&[("path", path), ("list", "true")]),
+        )
+        .await
+    }
+
+    /// The WebSocket URL of a VM's exec endpoint.
+    pub fn exec_url(&self, name: &str) -> String {
+        let base = self
+            .base
+            .replacen("https://", "wss://", 1)
+            .replacen("http://", "ws://", 1);
+        format!("{base}/v1/vms/{name}/exec")
     }
 
     /// Console output from byte `offset`; returns the bytes and the next offset.

@@ -9,11 +9,14 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use clawos_guest::disk;
 
-use super::{BackendError, BoxFuture, Hypervisor, LaunchSpec, connect_in_dir, log_file};
+use super::{
+    BackendError, BoxFuture, GUEST_CID, Hypervisor, LaunchSpec, Launched, VSOCK_SOCKET,
+    connect_in_dir, log_file,
+};
 use crate::store::VmDir;
 
 /// API socket name inside the VM directory.
@@ -63,6 +66,12 @@ pub fn boot_requests(spec: &LaunchSpec, vmlinux: &std::path::Path) -> Vec<(Strin
             json!({ "drive_id": id, "path_on_host": path, "is_root_device": false, "is_read_only": ro }),
         ));
     }
+    // Firecracker's native hybrid vsock; the path is relative to its working directory
+    // (the VM directory), which keeps it under the 108-byte socket path limit.
+    reqs.push((
+        "/vsock".to_owned(),
+        json!({ "guest_cid": GUEST_CID, "uds_path": VSOCK_SOCKET }),
+    ));
     reqs.push((
         "/actions".to_owned(),
         json!({ "action_type": "InstanceStart" }),
@@ -70,8 +79,18 @@ pub fn boot_requests(spec: &LaunchSpec, vmlinux: &std::path::Path) -> Vec<(Strin
     reqs
 }
 
-/// One request on the API socket.
+/// One PUT on the API socket.
 async fn api_put(dir: &VmDir, path: &str, body: &Value) -> Result<(), BackendError> {
+    api_request(dir, hyper::Method::PUT, path, body).await
+}
+
+/// One request on the API socket.
+async fn api_request(
+    dir: &VmDir,
+    method: hyper::Method,
+    path: &str,
+    body: &Value,
+) -> Result<(), BackendError> {
     let stream = connect_in_dir(&dir.root, API_SOCKET)
         .await
         .map_err(fc_err)?;
@@ -80,7 +99,9 @@ async fn api_put(dir: &VmDir, path: &str, body: &Value) -> Result<(), BackendErr
             .await
             .map_err(fc_err)?;
     tokio::spawn(conn);
-    let req = hyper::Request::put(path)
+    let req = hyper::Request::builder()
+        .method(method.clone())
+        .uri(path)
         .header("host", "localhost")
         .header("content-type", "application/json")
         .header("accept", "application/json")
@@ -96,7 +117,7 @@ async fn api_put(dir: &VmDir, path: &str, body: &Value) -> Result<(), BackendErr
             .map(|b| b.to_bytes())
             .unwrap_or_default();
         return Err(fc_err(format!(
-            "PUT {path}: {status}: {}",
+            "{method} {path}: {status}: {}",
             String::from_utf8_lossy(&body)
         )));
     }
@@ -108,7 +129,7 @@ impl Hypervisor for Firecracker {
         "firecracker"
     }
 
-    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<Child, BackendError>> {
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<Launched, BackendError>> {
         Box::pin(async move {
             let vmlinux = spec.vmlinux.clone().ok_or_else(|| {
                 BackendError::Unsupported(
@@ -145,7 +166,11 @@ impl Hypervisor for Firecracker {
                     return Err(e);
                 }
             }
-            Ok(child)
+            Ok(Launched {
+                child,
+                helpers: Vec::new(),
+                vsock: true,
+            })
         })
     }
 
@@ -153,6 +178,30 @@ impl Hypervisor for Firecracker {
         // Ctrl-Alt-Del reaches clawos-init as SIGINT; it powers off cleanly.
         Box::pin(async move {
             api_put(dir, "/actions", &json!({ "action_type": "SendCtrlAltDel" })).await
+        })
+    }
+
+    fn pause<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            api_request(
+                dir,
+                hyper::Method::PATCH,
+                "/vm",
+                &json!({ "state": "Paused" }),
+            )
+            .await
+        })
+    }
+
+    fn resume<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            api_request(
+                dir,
+                hyper::Method::PATCH,
+                "/vm",
+                &json!({ "state": "Resumed" }),
+            )
+            .await
         })
     }
 }
@@ -200,6 +249,7 @@ mod tests {
             }
         }
         assert_eq!(reqs[2].1["is_read_only"], true);
-        assert_eq!(reqs[6].1["action_type"], "InstanceStart");
+        assert_eq!(reqs[6].1["guest_cid"], 3);
+        assert_eq!(reqs[7].1["action_type"], "InstanceStart");
     }
 }

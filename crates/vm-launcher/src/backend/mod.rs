@@ -55,15 +55,35 @@ pub enum BackendError {
     Unsupported(String),
 }
 
+/// Host side of the VM's hybrid vsock: the Unix socket `CONNECT <port>` goes to, and
+/// whose `_<port>` siblings the guest's connections to the host arrive on.
+pub const VSOCK_SOCKET: &str = "vsock.sock";
+/// Context id every guest gets (each VM has its own vsock device, so they never clash).
+pub const GUEST_CID: u32 = 3;
+
+/// A started VM: the hypervisor and any helper processes that live and die with it.
+#[derive(Debug)]
+pub struct Launched {
+    pub child: Child,
+    /// Helper processes (e.g. the vhost-user vsock device) to end with the VM.
+    pub helpers: Vec<crate::host::ProcessId>,
+    /// Whether the VM has a vsock device (the control channel).
+    pub vsock: bool,
+}
+
 /// One hypervisor implementation.
 pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     /// `qemu` or `firecracker`.
     fn name(&self) -> &'static str;
     /// Starts the VM; returns the hypervisor process (in its own process group, with
     /// output in files, so it outlives a launcher restart).
-    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<Child, BackendError>>;
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<Launched, BackendError>>;
     /// Asks the guest to power off cleanly.
     fn request_stop<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>>;
+    /// Freezes the guest's vCPUs (memory stays).
+    fn pause<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>>;
+    /// Lets a paused guest run again.
+    fn resume<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>>;
 }
 
 /// Opens the file the hypervisor writes its own diagnostics to.
@@ -78,9 +98,21 @@ fn log_file(path: &Path) -> Result<std::fs::File, BackendError> {
         })
 }
 
+/// Waits up to `limit` for a socket file to appear.
+async fn wait_for_socket(path: &Path, limit: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    false
+}
+
 /// Connects to a Unix socket in a VM directory. Paths can exceed the 108-byte
 /// `sun_path` limit, so connect through the directory's `/proc/self/fd` entry.
-async fn connect_in_dir(dir: &Path, socket: &str) -> io::Result<tokio::net::UnixStream> {
+pub async fn connect_in_dir(dir: &Path, socket: &str) -> io::Result<tokio::net::UnixStream> {
     let full = dir.join(socket);
     if full.as_os_str().len() < 100 {
         return tokio::net::UnixStream::connect(full).await;
@@ -91,4 +123,22 @@ async fn connect_in_dir(dir: &Path, socket: &str) -> io::Result<tokio::net::Unix
     let stream = tokio::net::UnixStream::connect(short).await;
     drop(d);
     stream
+}
+
+/// Binds a Unix listener in a VM directory (through `/proc/self/fd` when the full path
+/// would exceed `sun_path`), readable by the owner only.
+pub fn bind_in_dir(dir: &Path, socket: &str) -> io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let full = dir.join(socket);
+    let _ = std::fs::remove_file(&full);
+    let listener = if full.as_os_str().len() < 100 {
+        std::os::unix::net::UnixListener::bind(&full)?
+    } else {
+        use std::os::fd::AsRawFd;
+        let d = std::fs::File::open(dir)?;
+        std::os::unix::net::UnixListener::bind(format!("/proc/self/fd/{}/{socket}", d.as_raw_fd()))?
+    };
+    std::fs::set_permissions(&full, std::fs::Permissions::from_mode(0o600))?;
+    listener.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(listener)
 }

@@ -10,11 +10,17 @@ use tokio::process::{Child, Command};
 
 use clawos_guest::disk;
 
-use super::{BackendError, BoxFuture, Hypervisor, LaunchSpec, connect_in_dir, log_file};
+use super::{
+    BackendError, BoxFuture, GUEST_CID, Hypervisor, LaunchSpec, Launched, VSOCK_SOCKET,
+    connect_in_dir, log_file, wait_for_socket,
+};
+use crate::host::ProcessId;
 use crate::store::VmDir;
 
 /// QMP socket name inside the VM directory.
 pub const QMP_SOCKET: &str = "qmp.sock";
+/// vhost-user socket between QEMU and the vsock device process.
+pub const VHOST_USER_SOCKET: &str = "vhost-vsock.sock";
 
 /// The QEMU backend.
 #[derive(Debug, Clone)]
@@ -24,6 +30,9 @@ pub struct Qemu {
     pub kvm: bool,
     /// Host TSC in kHz, for TCG guests.
     pub tsc_khz: Option<u64>,
+    /// `vhost-device-vsock`, which gives QEMU Firecracker's hybrid vsock model. Without
+    /// it VMs boot with no control channel.
+    pub vhost_vsock: Option<PathBuf>,
 }
 
 impl Qemu {
@@ -44,7 +53,12 @@ impl Qemu {
             "-accel".into(),
             if self.kvm { "kvm" } else { "tcg" }.into(),
             "-M".into(),
-            "microvm".into(),
+            if self.vhost_vsock.is_some() {
+                // vhost-user needs guest RAM the device process can map.
+                "microvm,memory-backend=ram".into()
+            } else {
+                "microvm".into()
+            },
             "-m".into(),
             spec.mem_mib.to_string(),
             "-smp".into(),
@@ -77,6 +91,19 @@ impl Qemu {
         if self.kvm {
             a.extend(["-cpu".into(), "host".into()]);
         }
+        if self.vhost_vsock.is_some() {
+            a.extend([
+                "-object".into(),
+                format!(
+                    "memory-backend-memfd,id=ram,size={}M,share=on",
+                    spec.mem_mib
+                ),
+                "-chardev".into(),
+                format!("socket,id=vsock,path={VHOST_USER_SOCKET}"),
+                "-device".into(),
+                "vhost-user-vsock-device,chardev=vsock".into(),
+            ]);
+        }
         let disks = [
             (disk::ROOTFS, spec.rootfs.display().to_string(), true),
             (disk::RUNTIME, "runtime.img".to_owned(), false),
@@ -101,8 +128,117 @@ impl Hypervisor for Qemu {
         "qemu"
     }
 
-    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<Child, BackendError>> {
+    fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<Launched, BackendError>> {
         Box::pin(async move {
+            let mut helpers = Vec::new();
+            if let Some(bin) = &self.vhost_vsock {
+                helpers.push(self.start_vsock_device(bin, spec).await?);
+            }
+            match self.spawn_qemu(spec) {
+                Ok(child) => Ok(Launched {
+                    child,
+                    vsock: !helpers.is_empty(),
+                    helpers,
+                }),
+                Err(e) => {
+                    for h in helpers {
+                        h.signal(libc::SIGKILL);
+                    }
+                    Err(e)
+                }
+            }
+        })
+    }
+
+    fn request_stop<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            let mut qmp = Qmp::connect(dir).await?;
+            // ACPI power button: clawos-init powers off cleanly on it.
+            qmp.execute("system_powerdown", None).await.map(drop)
+        })
+    }
+
+    fn pause<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            Qmp::connect(dir)
+                .await?
+                .execute("stop", None)
+                .await
+                .map(drop)
+        })
+    }
+
+    fn resume<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
+        Box::pin(async move {
+            Qmp::connect(dir)
+                .await?
+                .execute("cont", None)
+                .await
+                .map(drop)
+        })
+    }
+}
+
+impl Qemu {
+    /// Starts the per-VM `vhost-device-vsock` and waits for its vhost-user socket.
+    async fn start_vsock_device(
+        &self,
+        bin: &std::path::Path,
+        spec: &LaunchSpec,
+    ) -> Result<ProcessId, BackendError> {
+        let log = log_file(&spec.dir.root.join("vsock-device.log"))?;
+        let log2 = log.try_clone().map_err(|source| BackendError::Spawn {
+            bin: bin.to_owned(),
+            source,
+        })?;
+        for s in [VHOST_USER_SOCKET, VSOCK_SOCKET] {
+            let _ = std::fs::remove_file(spec.dir.root.join(s));
+        }
+        let child = Command::new(bin)
+            .args([
+                "--guest-cid",
+                &GUEST_CID.to_string(),
+                "--socket",
+                VHOST_USER_SOCKET,
+                "--uds-path",
+                VSOCK_SOCKET,
+            ])
+            .current_dir(&spec.dir.root)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0)
+            .spawn()
+            .map_err(|source| BackendError::Spawn {
+                bin: bin.to_owned(),
+                source,
+            })?;
+        let pid = child.id().unwrap_or(0);
+        // The device outlives this handle (and the launcher): it is tracked by pid and
+        // start time like the hypervisor.
+        drop(child);
+        let id = ProcessId::of(pid).ok_or_else(|| BackendError::Control {
+            backend: "qemu",
+            detail: "vhost-device-vsock exited at once (see vsock-device.log)".into(),
+        })?;
+        if !wait_for_socket(
+            &spec.dir.root.join(VHOST_USER_SOCKET),
+            std::time::Duration::from_secs(5),
+        )
+        .await
+        {
+            id.signal(libc::SIGKILL);
+            return Err(BackendError::Control {
+                backend: "qemu",
+                detail: "vhost-device-vsock did not create its socket (see vsock-device.log)"
+                    .into(),
+            });
+        }
+        Ok(id)
+    }
+
+    fn spawn_qemu(&self, spec: &LaunchSpec) -> Result<Child, BackendError> {
+        {
             let log = log_file(&spec.dir.hypervisor_log())?;
             let log2 = log.try_clone().map_err(|source| BackendError::Spawn {
                 bin: self.bin.clone(),
@@ -123,15 +259,7 @@ impl Hypervisor for Qemu {
                     bin: self.bin.clone(),
                     source,
                 })
-        })
-    }
-
-    fn request_stop<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
-        Box::pin(async move {
-            let mut qmp = Qmp::connect(dir).await?;
-            // ACPI power button: clawos-init powers off cleanly on it.
-            qmp.execute("system_powerdown", None).await.map(drop)
-        })
+        }
     }
 }
 
@@ -226,6 +354,7 @@ mod tests {
             bin: "qemu-system-x86_64".into(),
             kvm: false,
             tsc_khz: Some(2_596_146),
+            vhost_vsock: Some("vhost-device-vsock".into()),
         };
         let a = q.args(&spec()).join(" ");
         assert!(a.contains("-accel tcg"), "{a}");
@@ -245,6 +374,12 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("-m 512 -smp 2"), "{a}");
+        assert!(a.contains("-M microvm,memory-backend=ram"), "{a}");
+        assert!(
+            a.contains("memory-backend-memfd,id=ram,size=512M,share=on"),
+            "{a}"
+        );
+        assert!(a.contains("vhost-user-vsock-device,chardev=vsock"), "{a}");
     }
 
     #[test]
@@ -253,6 +388,7 @@ mod tests {
             bin: "qemu-system-x86_64".into(),
             kvm: true,
             tsc_khz: Some(1),
+            vhost_vsock: None,
         };
         let a = q.args(&spec()).join(" ");
         assert!(a.contains("-accel kvm") && a.contains("-cpu host"), "{a}");
