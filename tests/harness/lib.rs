@@ -85,6 +85,30 @@ pub fn can_boot_vms() -> bool {
     true
 }
 
+/// Whether QEMU VMs get the vsock channel here (`vhost-device-vsock` installed).
+pub fn can_use_vsock(test: &str) -> bool {
+    let on_path = Command::new("sh")
+        .args(["-c", "command -v vhost-device-vsock"])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let in_cargo = std::env::var_os("HOME")
+        .map(|h| {
+            Path::new(&h)
+                .join(".cargo/bin/vhost-device-vsock")
+                .is_file()
+        })
+        .unwrap_or(false);
+    if !(on_path || in_cargo) {
+        skip(
+            test,
+            "vhost-device-vsock is not installed (scripts/setup.sh installs it); no guest channel",
+        );
+        return false;
+    }
+    true
+}
+
 /// A built and signed image plus its key.
 #[derive(Debug)]
 pub struct Artifacts {

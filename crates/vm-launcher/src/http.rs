@@ -180,23 +180,28 @@ async fn put_file(
         .map_err(guest_error)?;
     let mut stream = body.into_data_stream();
     let mut sent = 0u64;
-    while let Some(chunk) = stream.next().await {
+    let mut send_failed = false;
+    'body: while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| LauncherError::Invalid(format!("upload body: {e}")))?;
         sent += chunk.len() as u64;
         for part in chunk.chunks(CHUNK) {
-            call.send(Kind::Data, part)
-                .await
-                .map_err(|e| guest_error(e.into()))?;
+            if call.send(Kind::Data, part).await.is_err() {
+                // The guest refused (bad path, full disk) and closed; its reply says why.
+                send_failed = true;
+                break 'body;
+            }
         }
     }
-    if sent != size {
-        return Err(LauncherError::Invalid(format!(
-            "upload body had {sent} bytes, Content-Length said {size}"
-        )));
+    if !send_failed {
+        if sent != size {
+            return Err(LauncherError::Invalid(format!(
+                "upload body had {sent} bytes, Content-Length said {size}"
+            )));
+        }
+        call.send(Kind::End, &[])
+            .await
+            .map_err(|e| guest_error(e.into()))?;
     }
-    call.send(Kind::End, &[])
-        .await
-        .map_err(|e| guest_error(e.into()))?;
     match call.reply().await.map_err(guest_error)? {
         Reply::Ok => Ok(StatusCode::NO_CONTENT),
         other => Err(LauncherError::Internal(format!(

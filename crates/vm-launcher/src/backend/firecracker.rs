@@ -79,6 +79,41 @@ pub fn boot_requests(spec: &LaunchSpec, vmlinux: &std::path::Path) -> Vec<(Strin
     reqs
 }
 
+/// The stop request: Ctrl-Alt-Del reaches clawos-init as SIGINT; it powers off cleanly.
+pub fn stop_request() -> (String, Value) {
+    (
+        "/actions".into(),
+        json!({ "action_type": "SendCtrlAltDel" }),
+    )
+}
+
+/// `PATCH /vm` body that pauses (`true`) or resumes the guest.
+pub fn pause_request(pause: bool) -> (String, Value) {
+    (
+        "/vm".into(),
+        json!({ "state": if pause { "Paused" } else { "Resumed" } }),
+    )
+}
+
+/// Every call this backend makes, as `(method, path, body)`: what the API-spec test
+/// validates.
+pub fn all_calls(
+    spec: &LaunchSpec,
+    vmlinux: &std::path::Path,
+) -> Vec<(&'static str, String, Value)> {
+    let mut calls: Vec<_> = boot_requests(spec, vmlinux)
+        .into_iter()
+        .map(|(p, b)| ("put", p, b))
+        .collect();
+    let (p, b) = stop_request();
+    calls.push(("put", p, b));
+    for pause in [true, false] {
+        let (p, b) = pause_request(pause);
+        calls.push(("patch", p, b));
+    }
+    calls
+}
+
 /// One PUT on the API socket.
 async fn api_put(dir: &VmDir, path: &str, body: &Value) -> Result<(), BackendError> {
     api_request(dir, hyper::Method::PUT, path, body).await
@@ -177,31 +212,22 @@ impl Hypervisor for Firecracker {
     fn request_stop<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
         // Ctrl-Alt-Del reaches clawos-init as SIGINT; it powers off cleanly.
         Box::pin(async move {
-            api_put(dir, "/actions", &json!({ "action_type": "SendCtrlAltDel" })).await
+            let (path, body) = stop_request();
+            api_put(dir, &path, &body).await
         })
     }
 
     fn pause<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
-            api_request(
-                dir,
-                hyper::Method::PATCH,
-                "/vm",
-                &json!({ "state": "Paused" }),
-            )
-            .await
+            let (path, body) = pause_request(true);
+            api_request(dir, hyper::Method::PATCH, &path, &body).await
         })
     }
 
     fn resume<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
-            api_request(
-                dir,
-                hyper::Method::PATCH,
-                "/vm",
-                &json!({ "state": "Resumed" }),
-            )
-            .await
+            let (path, body) = pause_request(false);
+            api_request(dir, hyper::Method::PATCH, &path, &body).await
         })
     }
 }
@@ -236,6 +262,7 @@ mod tests {
                 "/drives/runtime",
                 "/drives/workspace",
                 "/drives/config",
+                "/vsock",
                 "/actions"
             ]
         );

@@ -1,0 +1,358 @@
+//! The host ↔ guest channel on real VMs: exec, files, the LLM relay, the control
+//! secret, pause/resume, and a launcher restart.
+
+use std::io::{Read, Write};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, is, runtime};
+use clawos_vm_launcher_api::VmState;
+
+const BOOT: Duration = Duration::from_secs(180);
+
+fn show(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout)
+            .chars()
+            .take(2000)
+            .collect::<String>(),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn sha256(data: &[u8]) -> String {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let data = data.to_vec();
+    let t = std::thread::spawn(move || stdin.write_all(&data));
+    let out = child.wait_with_output().expect("sha256sum");
+    let _ = t.join();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// `clawos` with stdin from `input`.
+fn clawos_with_stdin(l: &Launcher, args: &[&str], input: &[u8]) -> Output {
+    let mut child = Command::new(clawos_e2e::bin("clawos"))
+        .args(args)
+        .env("CLAWOS_LAUNCHER_URL", &l.url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("clawos");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let t = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("clawos");
+    let _ = t.join();
+    out
+}
+
+/// A one-shot HTTP server on loopback standing in for the inference proxy.
+fn fake_proxy() -> (u16, std::thread::JoinHandle<String>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let t = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 4096];
+        let n = conn.read(&mut buf).unwrap_or(0);
+        let body = "proxied-ok";
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    });
+    (port, t)
+}
+
+#[test]
+fn exec_files_relay_and_secret_on_a_real_vm() {
+    let name = "exec_files_relay_and_secret_on_a_real_vm";
+    if !can_boot_vms() || !can_use_vsock(name) {
+        return;
+    }
+    let (proxy_port, proxy) = fake_proxy();
+    let state = tempfile::tempdir().expect("tempdir");
+    let proxy_url = format!("http://127.0.0.1:{proxy_port}");
+    let l = Launcher::start_with(
+        state.path(),
+        &[("CLAWOS_INFERENCE_PROXY_URL", proxy_url.as_str())],
+    )
+    .expect("launcher");
+    let o = l.clawos(&["vm", "start", "ch", "--mem", "256"]);
+    assert!(o.status.success(), "{}", show(&o));
+
+    // Both streams, and the command's exit code.
+    let o = l.clawos(&[
+        "vm",
+        "exec",
+        "ch",
+        "--",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3",
+    ]);
+    assert_eq!(o.status.code(), Some(3), "{}", show(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "out\n");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("err\n"),
+        "{}",
+        show(&o)
+    );
+
+    // 10 MB of output arrives intact.
+    let o = l.clawos(&[
+        "vm",
+        "exec",
+        "ch",
+        "--",
+        "sh",
+        "-c",
+        "head -c 10000000 /dev/urandom | tee /workspace/r.bin",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(o.stdout.len(), 10_000_000);
+    let guest_sum = l.clawos(&["vm", "exec", "ch", "--", "sha256sum", "/workspace/r.bin"]);
+    assert_eq!(
+        String::from_utf8_lossy(&guest_sum.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or(""),
+        sha256(&o.stdout)
+    );
+
+    // stdin round-trips with -i.
+    let input: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let o = clawos_with_stdin(&l, &["vm", "exec", "ch", "-i", "--", "cat"], &input);
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(
+        o.stdout == input,
+        "stdin did not round-trip ({} of {} bytes back)",
+        o.stdout.len(),
+        input.len()
+    );
+
+    // A timeout kills the command.
+    let t = Instant::now();
+    let o = l.clawos(&["vm", "exec", "ch", "--timeout", "2", "--", "sleep", "100"]);
+    assert_eq!(o.status.code(), Some(124), "{}", show(&o));
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "timeout took {:?}",
+        t.elapsed()
+    );
+
+    // 50 MB in and out keeps its sha256.
+    let work = tempfile::tempdir().expect("tempdir");
+    let big: Vec<u8> = (0..50_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let src = work.path().join("big.bin");
+    std::fs::write(&src, &big).expect("write");
+    let o = l.clawos(&[
+        "vm",
+        "cp",
+        src.to_str().expect("utf8"),
+        "ch:/workspace/big.bin",
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    let back = work.path().join("back.bin");
+    let o = l.clawos(&["vm", "cp", "ch:big.bin", back.to_str().expect("utf8")]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(sha256(&std::fs::read(&back).expect("read")), sha256(&big));
+
+    // Paths out of /workspace are refused with a clear error.
+    let o = l.clawos(&[
+        "vm",
+        "exec",
+        "ch",
+        "--",
+        "ln",
+        "-s",
+        "/etc",
+        "/workspace/etc-link",
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    for (args, want) in [
+        (
+            vec!["vm", "cp", "ch:../../etc/passwd", "/dev/null"],
+            "escapes /workspace",
+        ),
+        (
+            vec!["vm", "cp", "ch:/etc/passwd", "/dev/null"],
+            "outside /workspace",
+        ),
+        (
+            vec!["vm", "cp", "ch:etc-link/passwd", "/dev/null"],
+            "escapes /workspace",
+        ),
+        (
+            vec![
+                "vm",
+                "cp",
+                src.to_str().expect("utf8"),
+                "ch:../../etc/passwd",
+            ],
+            "escapes /workspace",
+        ),
+    ] {
+        let o = l.clawos(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", show(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(want),
+            "{args:?}: {}",
+            show(&o)
+        );
+    }
+
+    // The guest's 127.0.0.1:11435 reaches the host's configured proxy address.
+    let o = l.clawos(&[
+        "vm",
+        "exec",
+        "ch",
+        "--",
+        "wget",
+        "-qO-",
+        "http://127.0.0.1:11435/v1/models",
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "proxied-ok");
+    let seen = proxy.join().expect("proxy thread");
+    assert!(seen.starts_with("GET /v1/models"), "{seen}");
+
+    // The control port refuses a caller without the VM's secret.
+    let sock = state.path().join("vms/ch/vsock.sock");
+    let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect vsock socket");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"CONNECT 1024\n").expect("connect cmd");
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read(&mut b).expect("read") == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    assert!(
+        line.starts_with(b"OK "),
+        "{}",
+        String::from_utf8_lossy(&line)
+    );
+    let req = clawos_guest::protocol::Request {
+        secret: "0".repeat(64),
+        op: clawos_guest::protocol::Op::Exec(clawos_guest::protocol::ExecRequest {
+            argv: vec!["touch".into(), "/workspace/pwned".into()],
+            ..Default::default()
+        }),
+    };
+    s.write_all(&clawos_guest::protocol::encode_json(&req))
+        .expect("send");
+    let (_, payload) = clawos_guest::protocol::read_frame(&mut s)
+        .expect("read")
+        .expect("a reply");
+    let reply: clawos_guest::protocol::Reply = serde_json::from_slice(&payload).expect("json");
+    assert!(
+        matches!(&reply, clawos_guest::protocol::Reply::Error { message } if message.contains("unauthorized")),
+        "{reply:?}"
+    );
+    let o = l.clawos(&["vm", "exec", "ch", "--", "test", "-e", "/workspace/pwned"]);
+    assert_eq!(o.status.code(), Some(1), "the unauthorized exec ran");
+    let mode = std::fs::metadata(state.path().join("vms/ch"))
+        .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777);
+    assert_eq!(
+        mode.expect("vm dir"),
+        0o700,
+        "VM directory (and its sockets) must be the launcher's only"
+    );
+
+    let o = l.clawos(&["vm", "stop", "ch"]);
+    assert!(o.status.success(), "{}", show(&o));
+}
+
+#[test]
+fn pause_resume_and_exec_after_a_launcher_sigkill() {
+    let name = "pause_resume_and_exec_after_a_launcher_sigkill";
+    if !can_boot_vms() || !can_use_vsock(name) {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut l = Launcher::start(state.path()).expect("launcher");
+    let o = l.clawos(&["vm", "start", "pr", "--mem", "256"]);
+    assert!(o.status.success(), "{}", show(&o));
+
+    let o = l.clawos(&["vm", "pause", "pr"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let o = l.clawos(&["vm", "exec", "pr", "--", "true"]);
+    assert_eq!(o.status.code(), Some(4), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("paused"),
+        "{}",
+        show(&o)
+    );
+    let o = l.clawos(&["vm", "resume", "pr"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let o = l.clawos(&["vm", "exec", "pr", "--", "echo", "resumed"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "resumed\n",
+        "{}",
+        show(&o)
+    );
+
+    // Start a guest process, kill the launcher, restart it: the channel still works.
+    let o = l.clawos(&[
+        "vm",
+        "exec",
+        "pr",
+        "--",
+        "sh",
+        "-c",
+        "echo before > /workspace/mark",
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    l.kill9();
+    l.spawn().expect("restart");
+    l.wait_for("pr", BOOT, is(VmState::Running))
+        .expect("re-adopted");
+    let o = l.clawos(&["vm", "exec", "pr", "--", "cat", "/workspace/mark"]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "before\n",
+        "{}",
+        show(&o)
+    );
+    let vm = runtime().block_on(l.client().stop("pr")).expect("stop");
+    assert_eq!(vm.state, VmState::Stopped);
+    // The vsock device process ended with the VM.
+    let helpers = std::fs::read_to_string(state.path().join("vms/pr/vm.json")).expect("record");
+    let rec: serde_json::Value = serde_json::from_str(&helpers).expect("json");
+    for h in rec["helpers"].as_array().cloned().unwrap_or_default() {
+        let pid = h["pid"].as_u64().expect("pid");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && std::path::Path::new(&format!("/proc/{pid}/stat")).exists()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z")
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z"),
+            "vsock helper {pid} still running: {stat}"
+        );
+    }
+}
