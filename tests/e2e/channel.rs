@@ -234,6 +234,47 @@ fn exec_files_relay_and_secret_on_a_real_vm() {
     let seen = proxy.join().expect("proxy thread");
     assert!(seen.starts_with("GET /v1/models"), "{seen}");
 
+    // Host → guest gateway (port 18789) through `clawos vm port-forward`.
+    let o = l.clawos(&[
+        "vm", "exec", "ch", "--", "sh", "-c",
+        "mkdir -p /workspace/www && echo gateway-ok > /workspace/www/index.html && httpd -p 127.0.0.1:18789 -h /workspace/www",
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let mut pf = Command::new(clawos_e2e::bin("clawos"))
+        .args([
+            "vm",
+            "port-forward",
+            "ch",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .env("CLAWOS_LAUNCHER_URL", &l.url)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("port-forward");
+    let mut answer = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline && !answer.contains("gateway-ok") {
+        answer.clear();
+        if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+            let _ = c.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n");
+            let _ = c.read_to_string(&mut answer);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = pf.kill();
+    let _ = pf.wait();
+    assert!(
+        answer.contains("200") && answer.contains("gateway-ok"),
+        "gateway answer: {answer:?}"
+    );
+
     // The control port refuses a caller without the VM's secret.
     let sock = state.path().join("vms/ch/vsock.sock");
     let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect vsock socket");

@@ -170,6 +170,13 @@ enum VmCmd {
         #[arg(default_value = "/workspace")]
         path: String,
     },
+    /// Forward a local TCP port to the VM's agent gateway (guest port 18789).
+    PortForward {
+        name: String,
+        /// Local address to listen on.
+        #[arg(long, default_value = "127.0.0.1:18789")]
+        listen: String,
+    },
     /// Freeze a running VM's vCPUs.
     Pause { name: String },
     /// Resume a paused VM.
@@ -491,6 +498,7 @@ async fn vm_cmd(cmd: VmCmd, client: &LauncherClient, json: bool) -> Result<(), E
                 }
             }
         }
+        VmCmd::PortForward { name, listen } => return port_forward(client, &name, &listen).await,
         VmCmd::Pause { name } => {
             let vm = client.pause(&name).await.map_err(api_exit)?;
             println!("{name}: {}", vm.state);
@@ -623,6 +631,77 @@ async fn exec(
         }
     }
     Err(Exit(1, anyhow!("exec stream ended without an exit status")))
+}
+
+/// Listens locally; each accepted connection is tunnelled to the guest gateway through
+/// its own WebSocket to the launcher.
+async fn port_forward(client: &LauncherClient, name: &str, listen: &str) -> Result<(), Exit> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    // Fail early, with the launcher's words, if the VM cannot be reached.
+    let vm = client.get(name).await.map_err(api_exit)?;
+    if vm.state != VmState::Running {
+        return Err(Exit(4, anyhow!("VM {name} is {}", vm.state)));
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| Exit(1, anyhow!("listen on {listen}: {e}")))?;
+    let local = listener.local_addr().map_err(|e| Exit(1, e.into()))?;
+    eprintln!("forwarding {local} -> {name}:18789 (Ctrl-C to stop)");
+    let url = client.gateway_url(name);
+    loop {
+        let (tcp, peer) = listener.accept().await.map_err(|e| Exit(1, e.into()))?;
+        let url = url.clone();
+        tokio::spawn(async move {
+            let ws = match tokio_tungstenite::connect_async(&url).await {
+                Ok((ws, _)) => ws,
+                Err(e) => {
+                    eprintln!("{peer}: gateway unreachable: {e}");
+                    return;
+                }
+            };
+            let (mut tx, mut rx) = ws.split();
+            let (mut tr, mut tw) = tcp.into_split();
+            let up = async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match tr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if tx
+                                .send(Message::Binary(buf[..n].to_vec().into()))
+                                .await
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = tx.send(Message::Close(None)).await;
+            };
+            let down = async move {
+                while let Some(Ok(m)) = rx.next().await {
+                    match m {
+                        Message::Binary(b) => {
+                            if tw.write_all(&b).await.is_err() {
+                                break;
+                            }
+                        }
+                        Message::Close(_) => break,
+                        _ => {}
+                    }
+                }
+                let _ = tw.shutdown().await;
+            };
+            tokio::select! {
+                () = up => {}
+                () = down => {}
+            }
+        });
+    }
 }
 
 fn run(cli: Cli) -> Result<(), Exit> {

@@ -119,6 +119,7 @@ pub fn router(launcher: Arc<Launcher>) -> Router {
         .route("/v1/vms/{name}/pause", post(pause))
         .route("/v1/vms/{name}/resume", post(resume))
         .route("/v1/vms/{name}/exec", get(exec))
+        .route("/v1/vms/{name}/gateway", get(gateway))
         .route("/v1/vms/{name}/files", get(get_file).put(put_file))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
@@ -416,6 +417,57 @@ async fn exec_session(mut socket: WebSocket, guest: crate::vsock::GuestClient) {
                 Some(Ok(_)) => {}
                 // Client gone: returning drops the guest connection, which kills the command.
                 Some(Err(_)) | None => return,
+            },
+        }
+    }
+}
+
+/// A TCP tunnel to the agent gateway (guest port 18789), one WebSocket per connection:
+/// binary messages carry the bytes both ways. `clawos vm port-forward` listens locally
+/// and opens one of these per accepted connection.
+async fn gateway(
+    State(l): State<AppState>,
+    Path(name): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, LauncherError> {
+    let guest = l.guest(&name, "reach the gateway of")?;
+    let (reader, writer) = guest
+        .connect(clawos_guest::protocol::GATEWAY_PORT)
+        .await
+        .map_err(|e| LauncherError::Internal(e.to_string()))?;
+    Ok(ws.on_upgrade(move |socket| tunnel(socket, reader, writer)))
+}
+
+async fn tunnel(
+    mut socket: WebSocket,
+    mut reader: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut writer: tokio::net::unix::OwnedWriteHalf,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        tokio::select! {
+            n = reader.read(&mut buf) => match n {
+                Ok(0) | Err(_) => {
+                    let _ = socket.send(Message::Close(None)).await;
+                    return;
+                }
+                Ok(n) => {
+                    if socket.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
+                        return;
+                    }
+                }
+            },
+            m = socket.recv() => match m {
+                Some(Ok(Message::Binary(b))) => {
+                    if writer.write_all(&b).await.is_err() {
+                        return;
+                    }
+                }
+                // A half close through vhost-device-vsock ends the whole vsock
+                // connection, so the tunnel ends with the client.
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
             },
         }
     }

@@ -11,6 +11,7 @@
 //! | GET | `/v1/vms/{name}/console?offset=N` | → console bytes from N; `x-console-offset` is the next N |
 //! | POST | `/v1/vms/{name}/pause`, `/resume` | → [`Vm`] |
 //! | GET (WebSocket) | `/v1/vms/{name}/exec` | [`ExecStart`], stdin, → output frames, [`ExecEvent`] |
+//! | GET (WebSocket) | `/v1/vms/{name}/gateway` | raw TCP to the agent gateway (guest port 18789), binary messages |
 //! | PUT | `/v1/vms/{name}/files?path=P` | file bytes (Content-Length required) → 204 |
 //! | GET | `/v1/vms/{name}/files?path=P` | → file bytes |
 //! | GET | `/v1/vms/{name}/files?path=P&list=true` | → `[FileEntry]` |
@@ -360,11 +361,18 @@ impl LauncherClient {
 
     /// The WebSocket URL of a VM's exec endpoint.
     pub fn exec_url(&self, name: &str) -> String {
-        let base = self
-            .base
+        format!("{}/v1/vms/{name}/exec", self.ws_base())
+    }
+
+    /// The WebSocket URL of a VM's gateway tunnel.
+    pub fn gateway_url(&self, name: &str) -> String {
+        format!("{}/v1/vms/{name}/gateway", self.ws_base())
+    }
+
+    fn ws_base(&self) -> String {
+        self.base
             .replacen("https://", "wss://", 1)
-            .replacen("http://", "ws://", 1);
-        format!("{base}/v1/vms/{name}/exec")
+            .replacen("http://", "ws://", 1)
     }
 
     /// Console output from byte `offset`; returns the bytes and the next offset.
