@@ -685,11 +685,7 @@ async fn port_forward(client: &LauncherClient, name: &str, listen: &str) -> Resu
             let down = async move {
                 while let Some(Ok(m)) = rx.next().await {
                     match m {
-                        Message::Binary(b) => {
-                            if tw.write_all(&b).await.is_err() {
-                                break;
-                            }
-                        }
+                        Message::Binary(b) if tw.write_all(&b).await.is_err() => break,
                         Message::Close(_) => break,
                         _ => {}
                     }
