@@ -38,6 +38,31 @@ fn firecracker_backend_boots_and_stops_a_vm() {
     if !can_boot_vms() || !firecracker_usable() {
         return;
     }
+    boot_and_stop(&[]);
+}
+
+#[test]
+fn jailed_firecracker_boots_and_stops_a_vm() {
+    if !can_boot_vms() || !firecracker_usable() {
+        return;
+    }
+    let jailer = Command::new("sh")
+        .args(["-c", "command -v jailer"])
+        .output();
+    if !jailer.is_ok_and(|o| o.status.success()) {
+        clawos_e2e::skip(
+            "jailed_firecracker_boots_and_stops_a_vm",
+            "no jailer binary on PATH",
+        );
+        return;
+    }
+    boot_and_stop(&[
+        ("CLAWOS_JAILER", "jailer"),
+        ("CLAWOS_JAILER_USER", "10000:10000"),
+    ]);
+}
+
+fn boot_and_stop(extra_env: &[(&str, &str)]) {
     let work = tempfile::tempdir().expect("tempdir");
     let image = work.path().join("image");
     let key = work.path().join("k");

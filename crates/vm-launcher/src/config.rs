@@ -50,6 +50,8 @@ pub struct Config {
     pub qemu_bin: PathBuf,
     /// Firecracker binary.
     pub firecracker_bin: PathBuf,
+    /// Jailer settings when Firecracker runs jailed.
+    pub jailer: Option<crate::backend::firecracker::Jailer>,
     /// `vhost-device-vsock` for QEMU's hybrid vsock; `None`: QEMU VMs get no control
     /// channel (exec, files, relays), only console readiness.
     pub vhost_vsock_bin: Option<PathBuf>,
@@ -80,6 +82,14 @@ pub struct RawConfig {
     pub qemu_bin: PathBuf,
     pub firecracker_bin: PathBuf,
     pub vhost_vsock_bin: PathBuf,
+    /// Jailer binary (`CLAWOS_JAILER`); set to run Firecracker jailed.
+    pub jailer_bin: Option<PathBuf>,
+    /// `uid:gid` the jailed Firecracker runs as (`CLAWOS_JAILER_USER`).
+    pub jailer_user: Option<String>,
+    /// `--chroot-base-dir` (`CLAWOS_JAILER_CHROOT_BASE`); default `<state>/jail`.
+    pub jailer_chroot_base: Option<PathBuf>,
+    /// Network namespace for jailed VMs (`CLAWOS_JAILER_NETNS`).
+    pub jailer_netns: Option<PathBuf>,
     pub stop_timeout_secs: u64,
     pub boot_timeout_secs: u64,
 }
@@ -204,6 +214,42 @@ impl RawConfig {
                 .join(&self.vhost_vsock_bin);
             p.is_file().then_some(p)
         });
+        let jailer = match &self.jailer_bin {
+            None => None,
+            Some(bin) => {
+                if backend != BackendKind::Firecracker {
+                    return Err(ConfigError(
+                        "CLAWOS_JAILER is set but the backend is not firecracker".into(),
+                    ));
+                }
+                let bin = find_in_path(bin)
+                    .ok_or_else(|| ConfigError(format!("jailer {} not found", bin.display())))?;
+                let user = self.jailer_user.as_deref().ok_or_else(|| {
+                    ConfigError(
+                        "CLAWOS_JAILER_USER (uid:gid, not root) is required with the jailer".into(),
+                    )
+                })?;
+                let (uid, gid) = user
+                    .split_once(':')
+                    .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
+                    .filter(|&(u, g)| u != 0 && g != 0)
+                    .ok_or_else(|| {
+                        ConfigError(format!(
+                            "CLAWOS_JAILER_USER {user:?} must be uid:gid, neither 0"
+                        ))
+                    })?;
+                Some(crate::backend::firecracker::Jailer {
+                    bin,
+                    uid,
+                    gid,
+                    chroot_base: self
+                        .jailer_chroot_base
+                        .clone()
+                        .unwrap_or_else(|| self.state_dir.join("jail")),
+                    netns: self.jailer_netns.clone(),
+                })
+            }
+        };
         if self.stop_timeout_secs == 0 || self.boot_timeout_secs == 0 {
             return Err(ConfigError("timeouts must be at least 1 second".into()));
         }
@@ -220,6 +266,7 @@ impl RawConfig {
             qemu_bin,
             firecracker_bin,
             vhost_vsock_bin,
+            jailer,
             stop_timeout: std::time::Duration::from_secs(self.stop_timeout_secs),
             boot_timeout: std::time::Duration::from_secs(self.boot_timeout_secs),
             runtime_disk_mib: 256,

@@ -366,6 +366,7 @@ impl Launcher {
             process: Some(process),
             helpers: launched.helpers,
             vsock: launched.vsock,
+            socket_dir: launched.socket_dir,
         };
         let view = record.view();
         if record.vsock {
@@ -391,8 +392,8 @@ impl Launcher {
     ) {
         let dir = self.dir(&name);
         let mut ready = ReadyState::new(console_offset);
-        let guest = self.record(&name).filter(|r| r.vsock).map(|_| GuestClient {
-            dir: dir.root.clone(),
+        let guest = self.record(&name).filter(|r| r.vsock).map(|r| GuestClient {
+            dir: r.socket_dir.unwrap_or_else(|| dir.root.clone()),
             secret: dir.read_secret().unwrap_or_default(),
         });
         let mut next_probe = Instant::now();
@@ -634,7 +635,11 @@ impl Launcher {
         let Some(target) = url_authority(&self.cfg.inference_proxy_url) else {
             return;
         };
-        let task = tokio::spawn(proxy_relay(self.dir(name).root, target));
+        let sockets = self
+            .record(name)
+            .and_then(|r| r.socket_dir)
+            .unwrap_or_else(|| self.dir(name).root);
+        let task = tokio::spawn(proxy_relay(sockets, target));
         if let Some(old) = self.lock().relays.insert(name.to_owned(), task) {
             old.abort();
         }
@@ -654,6 +659,7 @@ impl Launcher {
             "{VSOCK_SOCKET}_{}",
             clawos_guest::protocol::PROXY_PORT
         )));
+        self.backend.cleanup(&dir);
     }
 
     /// Freezes a running VM.
@@ -717,7 +723,7 @@ impl Launcher {
             .read_secret()
             .map_err(|e| LauncherError::io(&dir.secret(), e))?;
         Ok(GuestClient {
-            dir: dir.root,
+            dir: r.socket_dir.clone().unwrap_or(dir.root),
             secret,
         })
     }

@@ -88,6 +88,7 @@ pub fn backend_for(cfg: &Config) -> Box<dyn backend::Hypervisor> {
         }),
         BackendKind::Firecracker => Box::new(backend::firecracker::Firecracker {
             bin: cfg.firecracker_bin.clone(),
+            jailer: cfg.jailer.clone(),
         }),
     }
 }

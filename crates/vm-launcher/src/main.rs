@@ -53,6 +53,18 @@ struct Args {
     /// vhost-device-vsock binary (QEMU's hybrid vsock: exec, files, relays).
     #[arg(long, env = "CLAWOS_VHOST_VSOCK", default_value = "vhost-device-vsock")]
     vhost_vsock: PathBuf,
+    /// Run Firecracker under this jailer binary (chroot, uid/gid, cgroup v2).
+    #[arg(long, env = "CLAWOS_JAILER")]
+    jailer: Option<PathBuf>,
+    /// uid:gid the jailed Firecracker runs as.
+    #[arg(long, env = "CLAWOS_JAILER_USER")]
+    jailer_user: Option<String>,
+    /// Base directory of the jailer's chroots [default: $STATE_DIR/jail].
+    #[arg(long, env = "CLAWOS_JAILER_CHROOT_BASE")]
+    jailer_chroot_base: Option<PathBuf>,
+    /// Network namespace jailed VMs join (e.g. /var/run/netns/clawos).
+    #[arg(long, env = "CLAWOS_JAILER_NETNS")]
+    jailer_netns: Option<PathBuf>,
     /// Seconds a guest gets to power off before it is killed.
     #[arg(long, default_value_t = 20)]
     stop_timeout: u64,
@@ -97,6 +109,10 @@ fn main() -> Result<()> {
         qemu_bin: args.qemu,
         firecracker_bin: args.firecracker,
         vhost_vsock_bin: args.vhost_vsock,
+        jailer_bin: args.jailer,
+        jailer_user: args.jailer_user,
+        jailer_chroot_base: args.jailer_chroot_base,
+        jailer_netns: args.jailer_netns,
         stop_timeout_secs: args.stop_timeout,
         boot_timeout_secs: args.boot_timeout,
     }

@@ -34,6 +34,9 @@ pub struct VmRecord {
     /// Whether the VM has the vsock control channel.
     #[serde(default)]
     pub vsock: bool,
+    /// Where the VM's sockets live if not in its directory (jailed Firecracker).
+    #[serde(default)]
+    pub socket_dir: Option<PathBuf>,
 }
 
 impl VmRecord {

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use clawos_vm_launcher::backend::LaunchSpec;
-use clawos_vm_launcher::backend::firecracker::all_calls;
+use clawos_vm_launcher::backend::firecracker::{BootFiles, all_calls};
 use clawos_vm_launcher::store::VmDir;
 use serde_json::Value;
 
@@ -117,7 +117,15 @@ fn every_firecracker_call_matches_the_official_schema() {
         rootfs: "/img/rootfs.img".into(),
         image_cmdline: "panic=-1".into(),
     };
-    let calls = all_calls(&launch, std::path::Path::new("/img/vmlinux"));
+    let files = BootFiles {
+        vmlinux: "/vmlinux".into(),
+        initramfs: "/initramfs.cpio.gz".into(),
+        rootfs: "/rootfs.img".into(),
+        runtime: "/runtime.img".into(),
+        workspace: "/workspace.img".into(),
+        config: "/config.img".into(),
+    };
+    let calls = all_calls(&launch, &files);
     assert!(calls.len() >= 10, "every call is covered");
     let mut problems = Vec::new();
     for (method, p, body) in &calls {

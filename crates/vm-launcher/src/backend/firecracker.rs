@@ -2,7 +2,7 @@
 //! socket (`../shared/reference/firecracker-api.yaml`). Needs hardware KVM, so it is
 //! chosen only where that exists.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use clawos_guest::disk;
 
 use super::{
     BackendError, BoxFuture, GUEST_CID, Hypervisor, LaunchSpec, Launched, VSOCK_SOCKET,
-    connect_in_dir, log_file,
+    connect_in_dir, log_file, wait_for_socket,
 };
 use crate::store::VmDir;
 
@@ -26,6 +26,144 @@ pub const API_SOCKET: &str = "firecracker.sock";
 #[derive(Debug, Clone)]
 pub struct Firecracker {
     pub bin: PathBuf,
+    /// Run each Firecracker under the jailer (chroot, uid/gid, cgroup v2, netns).
+    pub jailer: Option<Jailer>,
+}
+
+/// Jailer settings (Firecracker's `jailer` binary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jailer {
+    pub bin: PathBuf,
+    /// Unprivileged uid and gid Firecracker runs as.
+    pub uid: u32,
+    pub gid: u32,
+    /// `--chroot-base-dir`; each VM's chroot is `<base>/firecracker/clawos-<name>/root`.
+    pub chroot_base: PathBuf,
+    /// Network namespace to join (`--netns`), e.g. `/var/run/netns/clawos`.
+    pub netns: Option<PathBuf>,
+}
+
+/// The files a VM boots from, as Firecracker sees them (host paths, or paths inside the
+/// jailer's chroot).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootFiles {
+    pub vmlinux: PathBuf,
+    pub initramfs: PathBuf,
+    pub rootfs: PathBuf,
+    pub runtime: PathBuf,
+    pub workspace: PathBuf,
+    pub config: PathBuf,
+}
+
+impl BootFiles {
+    fn direct(spec: &LaunchSpec, vmlinux: &Path) -> Self {
+        Self {
+            vmlinux: vmlinux.to_owned(),
+            initramfs: spec.initramfs.clone(),
+            rootfs: spec.rootfs.clone(),
+            runtime: spec.dir.runtime_disk(),
+            workspace: spec.dir.workspace_disk(),
+            config: spec.dir.config_disk(),
+        }
+    }
+}
+
+impl Jailer {
+    fn id(name: &str) -> String {
+        format!("clawos-{name}")
+    }
+
+    /// The chroot the jailer builds for a VM (it names it after the exec file).
+    pub fn chroot(&self, name: &str, exec_file: &Path) -> PathBuf {
+        let exe = exec_file
+            .file_name()
+            .map_or_else(|| "firecracker".into(), |n| n.to_owned());
+        self.chroot_base.join(exe).join(Self::id(name)).join("root")
+    }
+
+    /// The jailer's argument list; the API socket is at `/firecracker.sock` in the chroot.
+    pub fn args(&self, name: &str, exec_file: &Path) -> Vec<String> {
+        let mut a = vec![
+            "--id".to_owned(),
+            Self::id(name),
+            "--exec-file".to_owned(),
+            exec_file.display().to_string(),
+            "--uid".to_owned(),
+            self.uid.to_string(),
+            "--gid".to_owned(),
+            self.gid.to_string(),
+            "--chroot-base-dir".to_owned(),
+            self.chroot_base.display().to_string(),
+            "--cgroup-version".to_owned(),
+            "2".to_owned(),
+        ];
+        if let Some(ns) = &self.netns {
+            a.extend(["--netns".to_owned(), ns.display().to_string()]);
+        }
+        a.extend([
+            "--".to_owned(),
+            "--api-sock".to_owned(),
+            format!("/{API_SOCKET}"),
+        ]);
+        a
+    }
+
+    /// Links the VM's files into its chroot (hard links: the jailed process can see
+    /// nothing else) and hands the writable ones to the jail's uid/gid. Returns the
+    /// files as Firecracker will name them.
+    pub fn prepare(
+        &self,
+        spec: &LaunchSpec,
+        vmlinux: &Path,
+        exec_file: &Path,
+    ) -> Result<BootFiles, BackendError> {
+        let root = self.chroot(&spec.name, exec_file);
+        let err = |what: &str, e: std::io::Error| BackendError::Control {
+            backend: "firecracker",
+            detail: format!("jailer chroot {}: {what}: {e}", root.display()),
+        };
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).map_err(|e| err("create", e))?;
+        let files = [
+            ("vmlinux", vmlinux.to_owned(), false),
+            ("initramfs.cpio.gz", spec.initramfs.clone(), false),
+            ("rootfs.img", spec.rootfs.clone(), false),
+            ("runtime.img", spec.dir.runtime_disk(), true),
+            ("workspace.img", spec.dir.workspace_disk(), true),
+            ("config.img", spec.dir.config_disk(), false),
+        ];
+        for (name, src, writable) in &files {
+            let dst = root.join(name);
+            if std::fs::hard_link(src, &dst).is_err() {
+                if *writable {
+                    // A copy of a writable disk would fork the VM's state.
+                    return Err(err(
+                        &format!(
+                            "{} must be on the chroot's filesystem to be hard-linked",
+                            src.display()
+                        ),
+                        std::io::Error::from(std::io::ErrorKind::CrossesDevices),
+                    ));
+                }
+                std::fs::copy(src, &dst).map_err(|e| err(name, e))?;
+            }
+            if *writable {
+                std::os::unix::fs::chown(&dst, Some(self.uid), Some(self.gid))
+                    .map_err(|e| err(name, e))?;
+            }
+        }
+        std::os::unix::fs::chown(&root, Some(self.uid), Some(self.gid))
+            .map_err(|e| err("chown", e))?;
+        let inside = |n: &str| PathBuf::from("/").join(n);
+        Ok(BootFiles {
+            vmlinux: inside("vmlinux"),
+            initramfs: inside("initramfs.cpio.gz"),
+            rootfs: inside("rootfs.img"),
+            runtime: inside("runtime.img"),
+            workspace: inside("workspace.img"),
+            config: inside("config.img"),
+        })
+    }
 }
 
 fn fc_err(detail: impl std::fmt::Display) -> BackendError {
@@ -36,7 +174,7 @@ fn fc_err(detail: impl std::fmt::Display) -> BackendError {
 }
 
 /// The API requests that configure and boot one VM, in order: `(path, body)`, all PUT.
-pub fn boot_requests(spec: &LaunchSpec, vmlinux: &std::path::Path) -> Vec<(String, Value)> {
+pub fn boot_requests(spec: &LaunchSpec, files: &BootFiles) -> Vec<(String, Value)> {
     let mut reqs = vec![
         (
             "/machine-config".to_owned(),
@@ -45,8 +183,8 @@ pub fn boot_requests(spec: &LaunchSpec, vmlinux: &std::path::Path) -> Vec<(Strin
         (
             "/boot-source".to_owned(),
             json!({
-                "kernel_image_path": vmlinux,
-                "initrd_path": spec.initramfs,
+                "kernel_image_path": files.vmlinux,
+                "initrd_path": files.initramfs,
                 // Firecracker has no pvpanic: a guest panic reboots, which ends the VM.
                 "boot_args": format!("console=ttyS0 reboot=k pci=off {}", spec.image_cmdline),
             }),
@@ -55,10 +193,10 @@ pub fn boot_requests(spec: &LaunchSpec, vmlinux: &std::path::Path) -> Vec<(Strin
     // Firecracker reports the drive id as the virtio-blk serial, which is how
     // clawos-init finds each disk.
     let drives = [
-        (disk::ROOTFS, spec.rootfs.clone(), true),
-        (disk::RUNTIME, spec.dir.runtime_disk(), false),
-        (disk::WORKSPACE, spec.dir.workspace_disk(), false),
-        (disk::CONFIG, spec.dir.config_disk(), true),
+        (disk::ROOTFS, files.rootfs.clone(), true),
+        (disk::RUNTIME, files.runtime.clone(), false),
+        (disk::WORKSPACE, files.workspace.clone(), false),
+        (disk::CONFIG, files.config.clone(), true),
     ];
     for (id, path, ro) in drives {
         reqs.push((
@@ -97,11 +235,8 @@ pub fn pause_request(pause: bool) -> (String, Value) {
 
 /// Every call this backend makes, as `(method, path, body)`: what the API-spec test
 /// validates.
-pub fn all_calls(
-    spec: &LaunchSpec,
-    vmlinux: &std::path::Path,
-) -> Vec<(&'static str, String, Value)> {
-    let mut calls: Vec<_> = boot_requests(spec, vmlinux)
+pub fn all_calls(spec: &LaunchSpec, files: &BootFiles) -> Vec<(&'static str, String, Value)> {
+    let mut calls: Vec<_> = boot_requests(spec, files)
         .into_iter()
         .map(|(p, b)| ("put", p, b))
         .collect();
@@ -115,20 +250,18 @@ pub fn all_calls(
 }
 
 /// One PUT on the API socket.
-async fn api_put(dir: &VmDir, path: &str, body: &Value) -> Result<(), BackendError> {
-    api_request(dir, hyper::Method::PUT, path, body).await
+async fn api_put(sockets: &Path, path: &str, body: &Value) -> Result<(), BackendError> {
+    api_request(sockets, hyper::Method::PUT, path, body).await
 }
 
 /// One request on the API socket.
 async fn api_request(
-    dir: &VmDir,
+    sockets: &Path,
     method: hyper::Method,
     path: &str,
     body: &Value,
 ) -> Result<(), BackendError> {
-    let stream = connect_in_dir(&dir.root, API_SOCKET)
-        .await
-        .map_err(fc_err)?;
+    let stream = connect_in_dir(sockets, API_SOCKET).await.map_err(fc_err)?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
@@ -159,6 +292,23 @@ async fn api_request(
     Ok(())
 }
 
+impl Firecracker {
+    /// Where a VM's API and vsock sockets are: its chroot when jailed, else its directory.
+    pub fn socket_dir(&self, dir: &VmDir) -> PathBuf {
+        match &self.jailer {
+            Some(j) => {
+                let name = dir
+                    .root
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                j.chroot(&name, &self.bin)
+            }
+            None => dir.root.clone(),
+        }
+    }
+}
+
 impl Hypervisor for Firecracker {
     fn name(&self) -> &'static str {
         "firecracker"
@@ -171,13 +321,26 @@ impl Hypervisor for Firecracker {
                     "firecracker boots an ELF vmlinux and this image has none: rebuild it with `clawos image build --vmlinux`".into(),
                 )
             })?;
+            let sockets = self.socket_dir(&spec.dir);
+            let (mut cmd, files) = match &self.jailer {
+                Some(j) => {
+                    let files = j.prepare(spec, &vmlinux, &self.bin)?;
+                    let mut cmd = Command::new(&j.bin);
+                    cmd.args(j.args(&spec.name, &self.bin));
+                    (cmd, files)
+                }
+                None => {
+                    let mut cmd = Command::new(&self.bin);
+                    cmd.args(["--api-sock", API_SOCKET, "--id"])
+                        .arg(format!("clawos-{}", spec.name))
+                        .current_dir(&spec.dir.root);
+                    (cmd, BootFiles::direct(spec, &vmlinux))
+                }
+            };
             let console = log_file(&spec.dir.console())?;
             let log = log_file(&spec.dir.hypervisor_log())?;
-            let _ = std::fs::remove_file(spec.dir.root.join(API_SOCKET));
-            let mut child = Command::new(&self.bin)
-                .args(["--api-sock", API_SOCKET, "--id"])
-                .arg(format!("clawos-{}", spec.name))
-                .current_dir(&spec.dir.root)
+            let _ = std::fs::remove_file(sockets.join(API_SOCKET));
+            let mut child = cmd
                 .stdin(Stdio::null())
                 // The guest's serial console is Firecracker's stdout.
                 .stdout(console)
@@ -188,15 +351,12 @@ impl Hypervisor for Firecracker {
                     bin: self.bin.clone(),
                     source,
                 })?;
-            let sock = spec.dir.root.join(API_SOCKET);
-            for _ in 0..100 {
-                if sock.exists() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            if !wait_for_socket(&sockets.join(API_SOCKET), Duration::from_secs(5)).await {
+                let _ = child.start_kill();
+                return Err(fc_err("API socket did not appear (see hypervisor.log)"));
             }
-            for (path, body) in boot_requests(spec, &vmlinux) {
-                if let Err(e) = api_put(&spec.dir, &path, &body).await {
+            for (path, body) in boot_requests(spec, &files) {
+                if let Err(e) = api_put(&sockets, &path, &body).await {
                     let _ = child.start_kill();
                     return Err(e);
                 }
@@ -205,30 +365,46 @@ impl Hypervisor for Firecracker {
                 child,
                 helpers: Vec::new(),
                 vsock: true,
+                socket_dir: self.jailer.as_ref().map(|_| sockets),
             })
         })
     }
 
     fn request_stop<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
-        // Ctrl-Alt-Del reaches clawos-init as SIGINT; it powers off cleanly.
         Box::pin(async move {
             let (path, body) = stop_request();
-            api_put(dir, &path, &body).await
+            api_put(&self.socket_dir(dir), &path, &body).await
         })
     }
 
     fn pause<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
             let (path, body) = pause_request(true);
-            api_request(dir, hyper::Method::PATCH, &path, &body).await
+            api_request(&self.socket_dir(dir), hyper::Method::PATCH, &path, &body).await
         })
     }
 
     fn resume<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>> {
         Box::pin(async move {
             let (path, body) = pause_request(false);
-            api_request(dir, hyper::Method::PATCH, &path, &body).await
+            api_request(&self.socket_dir(dir), hyper::Method::PATCH, &path, &body).await
         })
+    }
+
+    fn cleanup(&self, dir: &VmDir) {
+        if let Some(j) = &self.jailer {
+            let name = dir
+                .root
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            // The chroot holds only hard links; the VM's disks stay in its directory.
+            if let Some(jail) = j.chroot(&name, &self.bin).parent() {
+                let _ = std::fs::remove_dir_all(jail);
+            }
+            let _ =
+                std::fs::remove_dir(format!("/sys/fs/cgroup/firecracker/{}", Jailer::id(&name)));
+        }
     }
 }
 
@@ -251,7 +427,7 @@ mod tests {
             rootfs: "/img/rootfs.img".into(),
             image_cmdline: "panic=-1".into(),
         };
-        let reqs = boot_requests(&spec, std::path::Path::new("/img/vmlinux"));
+        let reqs = boot_requests(&spec, &BootFiles::direct(&spec, Path::new("/img/vmlinux")));
         let paths: Vec<&str> = reqs.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(
             paths,
@@ -278,5 +454,113 @@ mod tests {
         assert_eq!(reqs[2].1["is_read_only"], true);
         assert_eq!(reqs[6].1["guest_cid"], 3);
         assert_eq!(reqs[7].1["action_type"], "InstanceStart");
+    }
+}
+
+#[cfg(test)]
+mod jailer_tests {
+    use super::*;
+
+    fn jailer(base: &Path) -> Jailer {
+        Jailer {
+            bin: "/usr/bin/jailer".into(),
+            uid: 123,
+            gid: 456,
+            chroot_base: base.to_owned(),
+            netns: Some("/var/run/netns/clawos".into()),
+        }
+    }
+
+    #[test]
+    fn jailer_args_drop_privileges_into_a_chroot_with_cgroup_v2() {
+        let j = jailer(Path::new("/srv/jail"));
+        let a = j
+            .args("agent-1", Path::new("/usr/bin/firecracker"))
+            .join(" ");
+        assert_eq!(
+            a,
+            "--id clawos-agent-1 --exec-file /usr/bin/firecracker --uid 123 --gid 456 --chroot-base-dir /srv/jail --cgroup-version 2 --netns /var/run/netns/clawos -- --api-sock /firecracker.sock"
+        );
+        assert_eq!(
+            j.chroot("agent-1", Path::new("/usr/bin/firecracker")),
+            PathBuf::from("/srv/jail/firecracker/clawos-agent-1/root")
+        );
+    }
+
+    #[test]
+    fn chroot_holds_links_to_exactly_the_vm_files() {
+        let t = tempfile::tempdir().expect("tmp");
+        let vm = t.path().join("vms/a");
+        std::fs::create_dir_all(&vm).expect("mkdir");
+        let img = t.path().join("img");
+        std::fs::create_dir_all(&img).expect("mkdir");
+        for f in ["vmlinux", "initramfs.cpio.gz", "rootfs.img"] {
+            std::fs::write(img.join(f), f).expect("write");
+        }
+        for f in ["runtime.img", "workspace.img", "config.img"] {
+            std::fs::write(vm.join(f), f).expect("write");
+        }
+        let spec = LaunchSpec {
+            name: "a".into(),
+            dir: VmDir { root: vm.clone() },
+            mem_mib: 128,
+            vcpus: 1,
+            kernel: img.join("vmlinuz"),
+            vmlinux: Some(img.join("vmlinux")),
+            initramfs: img.join("initramfs.cpio.gz"),
+            rootfs: img.join("rootfs.img"),
+            image_cmdline: String::new(),
+        };
+        // Our own uid/gid, so the test needs no privileges.
+        // SAFETY: getuid/getgid cannot fail.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let j = Jailer {
+            uid,
+            gid,
+            ..jailer(&t.path().join("jail"))
+        };
+        let fc = Path::new("/usr/bin/firecracker");
+        let files = j.prepare(&spec, &img.join("vmlinux"), fc).expect("prepare");
+        assert_eq!(files.workspace, PathBuf::from("/workspace.img"));
+        let root = j.chroot("a", fc);
+        let mut names: Vec<String> = std::fs::read_dir(&root)
+            .expect("chroot")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "config.img",
+                "initramfs.cpio.gz",
+                "rootfs.img",
+                "runtime.img",
+                "vmlinux",
+                "workspace.img"
+            ]
+        );
+        // Hard links: the guest's writes land in the VM's own disk.
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: &Path| std::fs::metadata(p).expect("meta").ino();
+        assert_eq!(
+            ino(&root.join("workspace.img")),
+            ino(&vm.join("workspace.img"))
+        );
+        // Every request stays valid with chroot-relative paths.
+        let reqs = boot_requests(&spec, &files);
+        assert_eq!(reqs[1].1["kernel_image_path"], "/vmlinux");
+        assert_eq!(reqs[4].1["path_on_host"], "/workspace.img");
+        let fc_backend = Firecracker {
+            bin: fc.into(),
+            jailer: Some(j),
+        };
+        assert_eq!(fc_backend.socket_dir(&spec.dir), root);
+        fc_backend.cleanup(&spec.dir);
+        assert!(!root.exists());
+        assert!(
+            vm.join("workspace.img").exists(),
+            "cleanup never touches the VM's disks"
+        );
     }
 }

@@ -69,6 +69,9 @@ pub struct Launched {
     pub helpers: Vec<crate::host::ProcessId>,
     /// Whether the VM has a vsock device (the control channel).
     pub vsock: bool,
+    /// Where the VM's sockets (vsock, API) live when not in its directory (a jailed
+    /// Firecracker's chroot).
+    pub socket_dir: Option<std::path::PathBuf>,
 }
 
 /// One hypervisor implementation.
@@ -84,6 +87,8 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     fn pause<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>>;
     /// Lets a paused guest run again.
     fn resume<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>>;
+    /// Removes what the backend set up outside the VM directory, once the VM ended.
+    fn cleanup(&self, _dir: &VmDir) {}
 }
 
 /// Opens the file the hypervisor writes its own diagnostics to.
@@ -99,7 +104,7 @@ fn log_file(path: &Path) -> Result<std::fs::File, BackendError> {
 }
 
 /// Waits up to `limit` for a socket file to appear.
-async fn wait_for_socket(path: &Path, limit: std::time::Duration) -> bool {
+pub(crate) async fn wait_for_socket(path: &Path, limit: std::time::Duration) -> bool {
     let deadline = std::time::Instant::now() + limit;
     while std::time::Instant::now() < deadline {
         if path.exists() {

@@ -139,6 +139,7 @@ impl Hypervisor for Qemu {
                     child,
                     vsock: !helpers.is_empty(),
                     helpers,
+                    socket_dir: None,
                 }),
                 Err(e) => {
                     for h in helpers {
