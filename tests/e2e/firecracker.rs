@@ -88,14 +88,12 @@ fn boot_and_stop(extra_env: &[(&str, &str)]) {
             .status
             .success()
     );
-    let l = Launcher::start_with(
-        &work.path().join("state"),
-        &[
-            ("CLAWOS_BACKEND", "firecracker"),
-            ("CLAWOS_SIGNING_PUBKEY", pk.as_str()),
-        ],
-    )
-    .expect("launcher");
+    let mut env = vec![
+        ("CLAWOS_BACKEND", "firecracker"),
+        ("CLAWOS_SIGNING_PUBKEY", pk.as_str()),
+    ];
+    env.extend_from_slice(extra_env);
+    let l = Launcher::start_with(&work.path().join("state"), &env).expect("launcher");
     let rt = runtime();
     let vm = rt
         .block_on(l.client().start(&StartVm {
