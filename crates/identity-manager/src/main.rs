@@ -1,0 +1,80 @@
+//! `identity-manager`: parse config → init tracing → run.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use clawos_identity_manager::{Config, IssuerConfig, MasterKeySource};
+
+/// Per-agent Ed25519 JWTs, JWKS + OIDC discovery, encrypted key store (port 2082).
+#[derive(Debug, Parser)]
+#[command(name = "identity-manager", version)]
+struct Args {
+    /// Listen address.
+    #[arg(long, env = "CLAWOS_IDENTITY_ADDR", default_value = "127.0.0.1:2082")]
+    addr: String,
+    /// State directory (the key store lives in `<dir>/identity/`).
+    #[arg(long, env = "CLAWOS_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Master key, 64 hex characters.
+    #[arg(long, env = "CLAWOS_MASTER_KEY", hide_env_values = true)]
+    master_key: Option<String>,
+    /// Master key file (created 0600 on first start) [default: <state>/identity/master.key].
+    #[arg(long, env = "CLAWOS_MASTER_KEY_PATH")]
+    master_key_path: Option<PathBuf>,
+    /// Issuer URL (`iss`, discovery base).
+    #[arg(long, env = "CLAWOS_IDENTITY_ISSUER")]
+    issuer: Option<String>,
+    /// SPIFFE trust domain of agent subjects.
+    #[arg(long, env = "CLAWOS_TRUST_DOMAIN", default_value = "clawos.local")]
+    trust_domain: String,
+    /// Service credential file [default: <state>/identity/service.token, created 0600].
+    #[arg(long, env = "CLAWOS_IDENTITY_SERVICE_TOKEN_PATH")]
+    service_token_path: Option<PathBuf>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let state = args.state_dir.unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".clawos")
+    });
+    let dir = state.join("identity");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let addr = args
+        .addr
+        .parse()
+        .with_context(|| format!("listen address {:?}", args.addr))?;
+    let master = match (args.master_key, args.master_key_path) {
+        (Some(_), Some(_)) => bail!("give CLAWOS_MASTER_KEY or CLAWOS_MASTER_KEY_PATH, not both"),
+        (Some(hex), None) => MasterKeySource::Hex(hex),
+        (None, p) => MasterKeySource::Path(p.unwrap_or_else(|| dir.join("master.key"))),
+    };
+    let token_path = args
+        .service_token_path
+        .unwrap_or_else(|| dir.join("service.token"));
+    let service_token = clawos_identity_manager::keystore::load_or_create_secret(&token_path)?;
+    let cfg = Config {
+        addr,
+        db_path: dir.join("identity.db"),
+        master,
+        issuer: IssuerConfig {
+            issuer: args.issuer.unwrap_or_else(|| format!("http://{addr}")),
+            trust_domain: args.trust_domain,
+        },
+        service_token,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(clawos_identity_manager::run(cfg, async {
+        let _ = tokio::signal::ctrl_c().await;
+    }))?;
+    Ok(())
+}
