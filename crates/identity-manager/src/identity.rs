@@ -478,10 +478,10 @@ impl Identity {
         validate_agent(&req.agent)?;
         validate_field("vm_id", &req.vm_id, 128)?;
         validate_field("audience", &req.audience, 256)?;
-        if !req.image_root_hash.is_empty()
-            && !(req.image_root_hash.len() == 64
-                && req.image_root_hash.bytes().all(|b| b.is_ascii_hexdigit()))
-        {
+        let hash_ok = req.image_root_hash.is_empty()
+            || (req.image_root_hash.len() == 64
+                && req.image_root_hash.bytes().all(|b| b.is_ascii_hexdigit()));
+        if !hash_ok {
             return Err(IdentityError::Invalid(
                 "invalid image_root_hash: 64 hex characters".into(),
             ));
