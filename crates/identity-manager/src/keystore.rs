@@ -150,44 +150,6 @@ impl MasterKey {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sealed_keys_open_only_for_their_owner_version_and_master() {
-        let a = MasterKey::generate().expect("key");
-        let b = MasterKey::generate().expect("key");
-        let s = a.seal(1, "agent:x", b"secret seed").expect("seal");
-        assert_eq!(
-            a.open(1, "agent:x", &s).as_deref(),
-            Some(&b"secret seed"[..])
-        );
-        assert!(a.open(1, "agent:y", &s).is_none(), "owner is bound");
-        assert!(a.open(2, "agent:x", &s).is_none(), "version is bound");
-        assert!(b.open(1, "agent:x", &s).is_none(), "master key is bound");
-        assert!(!s.windows(11).any(|w| w == b"secret seed"));
-    }
-
-    #[test]
-    fn key_files_are_created_private_and_checked() {
-        let d = tempfile::tempdir().expect("tmp");
-        let p = d.path().join("master.key");
-        let k1 = MasterKey::load(&MasterKeySource::Path(p.clone())).expect("create");
-        assert_eq!(
-            fs::metadata(&p).expect("meta").permissions().mode() & 0o777,
-            0o600
-        );
-        let k2 = MasterKey::load(&MasterKeySource::Path(p.clone())).expect("reuse");
-        assert_eq!(k1.0, k2.0);
-        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod");
-        let e = MasterKey::load(&MasterKeySource::Path(p)).expect_err("world-readable");
-        assert!(e.to_string().contains("chmod 600"), "{e}");
-        let e = MasterKey::load(&MasterKeySource::Hex("abc".into())).expect_err("malformed");
-        assert!(e.to_string().contains("64 hex"), "{e}");
-    }
-}
-
 /// Reads a secret file (refusing one others can read), or creates it (0600, random).
 pub fn load_or_create_secret(path: &Path) -> Result<String, IdentityError> {
     match fs::metadata(path) {
@@ -224,5 +186,43 @@ pub fn load_or_create_secret(path: &Path) -> Result<String, IdentityError> {
                 .map_err(|e| IdentityError::Internal(format!("write {}: {e}", path.display())))?;
             Ok(s)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sealed_keys_open_only_for_their_owner_version_and_master() {
+        let a = MasterKey::generate().expect("key");
+        let b = MasterKey::generate().expect("key");
+        let s = a.seal(1, "agent:x", b"secret seed").expect("seal");
+        assert_eq!(
+            a.open(1, "agent:x", &s).as_deref(),
+            Some(&b"secret seed"[..])
+        );
+        assert!(a.open(1, "agent:y", &s).is_none(), "owner is bound");
+        assert!(a.open(2, "agent:x", &s).is_none(), "version is bound");
+        assert!(b.open(1, "agent:x", &s).is_none(), "master key is bound");
+        assert!(!s.windows(11).any(|w| w == b"secret seed"));
+    }
+
+    #[test]
+    fn key_files_are_created_private_and_checked() {
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("master.key");
+        let k1 = MasterKey::load(&MasterKeySource::Path(p.clone())).expect("create");
+        assert_eq!(
+            fs::metadata(&p).expect("meta").permissions().mode() & 0o777,
+            0o600
+        );
+        let k2 = MasterKey::load(&MasterKeySource::Path(p.clone())).expect("reuse");
+        assert_eq!(k1.0, k2.0);
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod");
+        let e = MasterKey::load(&MasterKeySource::Path(p)).expect_err("world-readable");
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        let e = MasterKey::load(&MasterKeySource::Hex("abc".into())).expect_err("malformed");
+        assert!(e.to_string().contains("64 hex"), "{e}");
     }
 }
