@@ -173,9 +173,20 @@ impl Identity {
     ) -> Result<Self, IdentityError> {
         let key_version = 1;
         if path.exists() {
-            // Check read-only first: a wrong key must not change anything on disk.
-            let ro = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
-                .map_err(db_err)?;
+            // Check first without writing: a wrong key must not change anything on disk.
+            // Without a WAL file the database is opened `immutable` (SQLite then creates
+            // no -wal/-shm files); with one, read-only so its committed pages count.
+            let mut wal = path.as_os_str().to_owned();
+            wal.push("-wal");
+            let ro = if Path::new(&wal).exists() {
+                Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY)
+            } else {
+                Connection::open_with_flags(
+                    format!("file:{}?immutable=1", path.display()),
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI,
+                )
+            }
+            .map_err(db_err)?;
             let canary: Option<(Vec<u8>, u32)> = ro
                 .query_row(
                     "SELECT value, version FROM meta WHERE key = 'canary'",
@@ -194,6 +205,9 @@ impl Identity {
             }
         }
         let db = Connection::open(path).map_err(db_err)?;
+        // Sealed or not, the key store is nobody else's business.
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(|e| IdentityError::Internal(format!("chmod {}: {e}", path.display())))?;
         db.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
