@@ -141,7 +141,10 @@ fn tokens_verify_with_pyjwt_and_the_store_survives_restarts() {
         return;
     }
     let rt = clawos_e2e::runtime();
-    let http = reqwest::Client::new();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
     let work = tempfile::tempdir().expect("tmp");
     let state = work.path().join("state");
     let port = free_port();
@@ -385,4 +388,120 @@ fn tokens_verify_with_pyjwt_and_the_store_survives_restarts() {
     assert_eq!(mode(state.join("identity")), 0o700);
     assert_eq!(mode(state.join("identity/identity.db")), 0o600);
     assert_eq!(mode(state.join("identity/master.key")), 0o600);
+}
+
+#[test]
+fn master_key_rotation_survives_a_kill_at_any_point() {
+    let rt = clawos_e2e::runtime();
+    // No pooled connections: the service restarts on the same port.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let work = tempfile::tempdir().expect("tmp");
+    let state = work.path().join("state");
+    let port = free_port();
+    let s = Service::start(&state, port, &[]).expect("start");
+    let svc = s.service_token();
+    // Enough agent keys that a rotation takes a moment.
+    let agents = 300;
+    let mut tokens = Vec::new();
+    for i in 0..agents {
+        let v: Value = rt.block_on(async {
+            http.post(format!("{}/v1/tokens", s.url))
+                .bearer_auth(&svc)
+                .json(&json!({"agent": format!("a{i}"), "vm_id": "vm", "audience": "inference-proxy"}))
+                .send()
+                .await
+                .expect("send")
+                .json()
+                .await
+                .expect("json")
+        });
+        tokens.push(v["token"].as_str().expect("token").to_owned());
+    }
+    // Rotation refuses to run under a live service.
+    let clawos = |args: &[&str]| {
+        Command::new(clawos_e2e::bin("clawos"))
+            .args(args)
+            .env("CLAWOS_STATE_DIR", &state)
+            .env_remove("CLAWOS_MASTER_KEY_PATH")
+            .output()
+            .expect("clawos")
+    };
+    let o = clawos(&["identity", "rotate-master-key"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    s.stop();
+
+    let key_path = state.join("identity/master.key");
+    let key_before = std::fs::read(&key_path).expect("key");
+    let o = clawos(&["identity", "rotate-master-key"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("re-sealed {} keys", agents + 2)),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert_ne!(
+        std::fs::read(&key_path).expect("key"),
+        key_before,
+        "the key file now holds the new key"
+    );
+
+    let check = |label: &str| {
+        let s = Service::start(&state, port, &[]).unwrap_or_else(|e| {
+            panic!("{label}: the store must open with the old or new key: {e}")
+        });
+        let active: Value = rt.block_on(async {
+            http.post(format!("{}/v1/introspect", s.url))
+                .bearer_auth(&svc)
+                .json(&json!({ "token": tokens[0] }))
+                .send()
+                .await
+                .expect("send")
+                .json()
+                .await
+                .expect("json")
+        });
+        let log = s.stop();
+        assert_eq!(
+            active["active"], true,
+            "{label}: tokens from before still verify"
+        );
+        assert!(
+            log.contains(&format!("agent_keys={agents}")),
+            "{label}: {log}"
+        );
+    };
+    check("after a clean rotation");
+
+    // Kill rotations at spread-out moments; every time the service must come back
+    // with all keys decrypting, under whichever key the store ended with.
+    let mut outcomes = std::collections::BTreeSet::new();
+    for delay_ms in [0u64, 2, 5, 10, 20, 35, 60, 100, 200] {
+        let before = std::fs::read(&key_path).expect("key");
+        let mut child = Command::new(clawos_e2e::bin("clawos"))
+            .args(["identity", "rotate-master-key"])
+            .env("CLAWOS_STATE_DIR", &state)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let status = child.wait().expect("wait");
+        check(&format!("killed after {delay_ms} ms"));
+        let after = std::fs::read(&key_path).expect("key");
+        outcomes.insert(match (status.success(), before == after) {
+            (true, _) => "finished",
+            (false, true) => "old key kept",
+            (false, false) => "new key promoted",
+        });
+    }
+    eprintln!("rotation kill outcomes: {outcomes:?}");
 }

@@ -24,6 +24,14 @@ struct Cli {
     /// vm-launcher URL.
     #[arg(long, global = true, env = "CLAWOS_LAUNCHER_URL", default_value = DEFAULT_URL)]
     launcher_url: String,
+    /// identity-manager URL.
+    #[arg(
+        long,
+        global = true,
+        env = "CLAWOS_IDENTITY_URL",
+        default_value = "http://127.0.0.1:2082"
+    )]
+    identity_url: String,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
@@ -45,6 +53,55 @@ enum Cmd {
     /// Start, list, stop and inspect agent VMs.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Agent tokens from identity-manager.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// identity-manager keys.
+    #[command(subcommand)]
+    Identity(IdentityCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCmd {
+    /// Issue a token for an agent (prints the JWT).
+    Issue {
+        #[arg(long)]
+        agent: String,
+        #[arg(long)]
+        vm: String,
+        #[arg(long, default_value = "inference-proxy")]
+        audience: String,
+        /// Lifetime in seconds (max 3600).
+        #[arg(long)]
+        ttl: Option<u64>,
+        /// Verity root hash of the agent's image.
+        #[arg(long, default_value = "")]
+        root_hash: String,
+        #[arg(long)]
+        scope: Vec<String>,
+    },
+    /// Check a token (signature, expiry, revocation) via introspection.
+    Verify { token: String },
+    /// Revoke one token (by jti) or every token of an agent.
+    Revoke {
+        #[arg(long, conflicts_with = "agent", required_unless_present = "agent")]
+        jti: Option<String>,
+        #[arg(long)]
+        agent: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IdentityCmd {
+    /// Rotate the token signing keys (next → active → retired).
+    RotateKeys,
+    /// Re-seal every stored private key under a new master key (identity-manager
+    /// must be stopped; crash-safe).
+    RotateMasterKey {
+        /// Master key file [default: $CLAWOS_STATE_DIR/identity/master.key].
+        #[arg(long, env = "CLAWOS_MASTER_KEY_PATH")]
+        master_key_path: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -700,6 +757,128 @@ async fn port_forward(client: &LauncherClient, name: &str, listen: &str) -> Resu
     }
 }
 
+/// The service credential identity-manager created in the state directory.
+fn identity_credential() -> Result<String, Exit> {
+    let path = std::env::var_os("CLAWOS_IDENTITY_SERVICE_TOKEN_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| state_dir().join("identity/service.token"));
+    std::fs::read_to_string(&path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|e| {
+            Exit(
+                1,
+                anyhow!("identity service credential {}: {e}", path.display()),
+            )
+        })
+}
+
+async fn identity_call(
+    url: &str,
+    path: &str,
+    auth: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, Exit> {
+    let mut req = reqwest::Client::new()
+        .post(format!("{}{path}", url.trim_end_matches('/')))
+        .bearer_auth(auth);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| Exit(7, anyhow!("cannot reach identity-manager at {url}: {e}")))?;
+    let status = resp.status().as_u16();
+    let v: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+    if status >= 400 {
+        let code = match status {
+            401 => 1,
+            404 => 3,
+            _ => 1,
+        };
+        return Err(Exit(
+            code,
+            anyhow!(
+                "{} (HTTP {status})",
+                v["message"].as_str().unwrap_or("error")
+            ),
+        ));
+    }
+    Ok(v)
+}
+
+async fn token_cmd(cmd: TokenCmd, url: &str, json: bool) -> Result<(), Exit> {
+    let cred = identity_credential()?;
+    match cmd {
+        TokenCmd::Issue {
+            agent,
+            vm,
+            audience,
+            ttl,
+            root_hash,
+            scope,
+        } => {
+            let v = identity_call(
+                url,
+                "/v1/tokens",
+                &cred,
+                Some(serde_json::json!({
+                    "agent": agent, "vm_id": vm, "audience": audience, "ttl_secs": ttl,
+                    "image_root_hash": root_hash, "scopes": scope,
+                })),
+            )
+            .await?;
+            if json {
+                print_json(&v).map_err(|e| Exit(1, e))?;
+            } else {
+                println!("{}", v["token"].as_str().unwrap_or_default());
+            }
+        }
+        TokenCmd::Verify { token } => {
+            let v = identity_call(
+                url,
+                "/v1/introspect",
+                &cred,
+                Some(serde_json::json!({ "token": token })),
+            )
+            .await?;
+            print_json(&v).map_err(|e| Exit(1, e))?;
+            if v["active"] != true {
+                return Err(Exit(1, anyhow!("token is not active")));
+            }
+        }
+        TokenCmd::Revoke { jti, agent } => {
+            let body = match (jti, agent) {
+                (Some(j), _) => serde_json::json!({ "jti": j }),
+                (None, Some(a)) => serde_json::json!({ "agent": a }),
+                (None, None) => return Err(Exit(2, anyhow!("give --jti or --agent"))),
+            };
+            let resp = reqwest::Client::new()
+                .post(format!("{}/v1/revoke", url.trim_end_matches('/')))
+                .bearer_auth(&cred)
+                .json(&body)
+                .send()
+                .await
+                .map_err(|e| Exit(7, anyhow!("cannot reach identity-manager at {url}: {e}")))?;
+            if !resp.status().is_success() {
+                let status = resp.status().as_u16();
+                let v: serde_json::Value = resp.json().await.unwrap_or_default();
+                return Err(Exit(
+                    1,
+                    anyhow!(
+                        "{} (HTTP {status})",
+                        v["message"].as_str().unwrap_or("error")
+                    ),
+                ));
+            }
+            if !json {
+                println!("revoked");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<(), Exit> {
     match cli.cmd {
         Cmd::Keygen { out } => {
@@ -722,6 +901,43 @@ fn run(cli: Cli) -> Result<(), Exit> {
             Ok(())
         }
         Cmd::Image(cmd) => image_cmd(cmd, cli.json),
+        Cmd::Token(cmd) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Exit(1, e.into()))?;
+            rt.block_on(token_cmd(cmd, &cli.identity_url, cli.json))
+        }
+        Cmd::Identity(IdentityCmd::RotateKeys) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Exit(1, e.into()))?;
+            let cred = identity_credential()?;
+            let v = rt.block_on(identity_call(
+                &cli.identity_url,
+                "/v1/keys/rotate",
+                &cred,
+                None,
+            ))?;
+            println!(
+                "active signing key: {}",
+                v["active_kid"].as_str().unwrap_or_default()
+            );
+            Ok(())
+        }
+        Cmd::Identity(IdentityCmd::RotateMasterKey { master_key_path }) => {
+            let dir = state_dir().join("identity");
+            let key = master_key_path.unwrap_or_else(|| dir.join("master.key"));
+            let (n, v) =
+                clawos_identity_manager::rotate_master_key_file(&dir.join("identity.db"), &key)
+                    .map_err(|e| Exit(1, e.into()))?;
+            println!(
+                "re-sealed {n} keys under a new master key (version {v}) in {}",
+                key.display()
+            );
+            Ok(())
+        }
         Cmd::Vm(cmd) => {
             let client = LauncherClient::new(&cli.launcher_url);
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -69,24 +69,26 @@ impl MasterKey {
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let key = Self::generate()?;
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(|e| {
-                        IdentityError::MasterKey(format!("create {}: {e}", path.display()))
-                    })?;
-                f.write_all(format!("{}\n", hex::encode(key.0)).as_bytes())
-                    .and_then(|()| f.sync_all())
-                    .map_err(|e| {
-                        IdentityError::MasterKey(format!("write {}: {e}", path.display()))
-                    })?;
+                key.write_new_file(path)?;
                 tracing::info!(path = %path.display(), "created a new master key");
                 Ok(key)
             }
             Err(e) => Err(IdentityError::MasterKey(format!("{}: {e}", path.display()))),
         }
+    }
+
+    /// Writes the key to a new file (0600, fsynced), replacing a stale one.
+    pub fn write_new_file(&self, path: &Path) -> Result<(), IdentityError> {
+        let _ = fs::remove_file(path);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| IdentityError::MasterKey(format!("create {}: {e}", path.display())))?;
+        f.write_all(format!("{}\n", hex::encode(self.0)).as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| IdentityError::MasterKey(format!("write {}: {e}", path.display())))
     }
 
     /// A fresh random key.
