@@ -39,22 +39,8 @@ pub struct IssuerConfig {
     pub trust_domain: String,
 }
 
-/// The claims of an agent token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claims {
-    pub iss: String,
-    pub sub: String,
-    pub aud: String,
-    pub iat: u64,
-    pub nbf: u64,
-    pub exp: u64,
-    pub jti: String,
-    pub agent: String,
-    pub vm_id: String,
-    pub image_root_hash: String,
-    #[serde(default)]
-    pub scopes: Vec<String>,
-}
+/// The claims of an agent token (shared with every verifier).
+pub use clawos_agent_token::Claims;
 
 /// What the launcher or control plane asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,294 @@
+//! Verification of agent tokens issued by identity-manager, for the services agents
+//! call (inference-proxy, control plane, orchestrator).
+//!
+//! - keys come from the issuer's JWKS over HTTP and are cached; a token naming an
+//!   unknown `kid` triggers one refresh (at most once per [`VerifierConfig::min_refresh`],
+//!   so garbage tokens cannot make it hammer the issuer);
+//! - only `EdDSA` is accepted, whatever the token's header claims;
+//! - issuer, audience, `exp` and `nbf` are checked without leeway;
+//! - the revocation feed is polled at most every [`VerifierConfig::revocation_poll`].
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::{Deserialize, Serialize};
+use tokio::sync::RwLock;
+
+/// How many poll intervals a stale revocation feed may be used while the issuer is
+/// unreachable.
+pub const REVOCATION_GRACE_POLLS: u32 = 12;
+
+/// The claims identity-manager puts in agent tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub iss: String,
+    pub sub: String,
+    pub aud: String,
+    pub iat: u64,
+    pub nbf: u64,
+    pub exp: u64,
+    pub jti: String,
+    pub agent: String,
+    pub vm_id: String,
+    pub image_root_hash: String,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+}
+
+/// Why a token was refused (every variant is a 401 for the caller).
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    #[error("algorithm {0} is not accepted (EdDSA only)")]
+    Algorithm(String),
+    #[error("token names unknown signing key {0}")]
+    UnknownKey(String),
+    #[error("invalid token: {0}")]
+    Invalid(String),
+    #[error("token revoked")]
+    Revoked,
+    /// The issuer could not be reached and no cached key applies.
+    #[error("cannot fetch {url}: {detail}")]
+    Fetch { url: String, detail: String },
+}
+
+/// Where and how to verify.
+#[derive(Debug, Clone)]
+pub struct VerifierConfig {
+    /// Issuer base URL (`iss`); the JWKS and revocation feed are fetched from it.
+    pub issuer: String,
+    /// The audience this service accepts.
+    pub audience: String,
+    /// How long fetched keys are used before a refresh.
+    pub jwks_ttl: Duration,
+    /// Minimum time between refreshes caused by unknown `kid`s.
+    pub min_refresh: Duration,
+    /// How often the revocation feed is polled.
+    pub revocation_poll: Duration,
+}
+
+impl VerifierConfig {
+    /// Defaults for an issuer and audience: JWKS cached 10 min, refresh on unknown kid
+    /// at most every 10 s, revocations polled every 5 s.
+    pub fn new(issuer: &str, audience: &str) -> Self {
+        Self {
+            issuer: issuer.trim_end_matches('/').to_owned(),
+            audience: audience.to_owned(),
+            jwks_ttl: Duration::from_secs(600),
+            min_refresh: Duration::from_secs(10),
+            revocation_poll: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Keys {
+    by_kid: HashMap<String, DecodingKey>,
+    fetched: Option<Instant>,
+}
+
+#[derive(Default)]
+struct Revocations {
+    jtis: HashSet<String>,
+    /// Tokens of these agents issued at or before the time are revoked.
+    agents: HashMap<String, u64>,
+    fetched: Option<Instant>,
+}
+
+/// A token verifier; share one per process.
+pub struct Verifier {
+    cfg: VerifierConfig,
+    http: reqwest::Client,
+    keys: RwLock<Keys>,
+    revocations: RwLock<Revocations>,
+}
+
+impl std::fmt::Debug for Verifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verifier")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Deserialize)]
+struct Jwk {
+    kid: String,
+    kty: String,
+    crv: Option<String>,
+    x: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Jwks {
+    keys: Vec<Jwk>,
+}
+
+#[derive(Deserialize)]
+struct Feed {
+    tokens: Vec<FeedToken>,
+    agents: Vec<FeedAgent>,
+}
+
+#[derive(Deserialize)]
+struct FeedToken {
+    jti: String,
+}
+
+#[derive(Deserialize)]
+struct FeedAgent {
+    agent: String,
+    issued_before: u64,
+}
+
+impl Verifier {
+    pub fn new(cfg: VerifierConfig) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        Self {
+            cfg,
+            http,
+            keys: RwLock::new(Keys::default()),
+            revocations: RwLock::new(Revocations::default()),
+        }
+    }
+
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, VerifyError> {
+        let url = format!("{}{path}", self.cfg.issuer);
+        let fetch = |detail: String| VerifyError::Fetch {
+            url: url.clone(),
+            detail,
+        };
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| fetch(e.to_string()))?;
+        if !resp.status().is_success() {
+            return Err(fetch(format!("HTTP {}", resp.status())));
+        }
+        resp.json().await.map_err(|e| fetch(e.to_string()))
+    }
+
+    async fn refresh_keys(&self) -> Result<(), VerifyError> {
+        let jwks: Jwks = self.get("/.well-known/jwks.json").await?;
+        let mut by_kid = HashMap::new();
+        for k in jwks.keys {
+            if k.kty != "OKP" || k.crv.as_deref() != Some("Ed25519") {
+                continue;
+            }
+            if let Some(x) = k.x
+                && let Ok(key) = DecodingKey::from_ed_components(&x)
+            {
+                by_kid.insert(k.kid, key);
+            }
+        }
+        let mut keys = self.keys.write().await;
+        keys.by_kid = by_kid;
+        keys.fetched = Some(Instant::now());
+        tracing::debug!(keys = keys.by_kid.len(), "JWKS refreshed");
+        Ok(())
+    }
+
+    async fn key_for(&self, kid: &str) -> Result<DecodingKey, VerifyError> {
+        {
+            let keys = self.keys.read().await;
+            let fresh = keys
+                .fetched
+                .is_some_and(|t| t.elapsed() < self.cfg.jwks_ttl);
+            if fresh && let Some(k) = keys.by_kid.get(kid) {
+                return Ok(k.clone());
+            }
+            // An unknown kid refreshes at most every `min_refresh`.
+            if fresh
+                && keys
+                    .fetched
+                    .is_some_and(|t| t.elapsed() < self.cfg.min_refresh)
+            {
+                return Err(VerifyError::UnknownKey(kid.to_owned()));
+            }
+        }
+        self.refresh_keys().await?;
+        self.keys
+            .read()
+            .await
+            .by_kid
+            .get(kid)
+            .cloned()
+            .ok_or_else(|| VerifyError::UnknownKey(kid.to_owned()))
+    }
+
+    async fn refresh_revocations_if_due(&self) -> Result<(), VerifyError> {
+        let due = self
+            .revocations
+            .read()
+            .await
+            .fetched
+            .is_none_or(|t| t.elapsed() >= self.cfg.revocation_poll);
+        if !due {
+            return Ok(());
+        }
+        let feed: Feed = match self.get("/v1/revocations").await {
+            Ok(f) => f,
+            Err(e) => {
+                // A short outage of the issuer is bridged with the last feed; past
+                // the grace period verification fails closed.
+                let stale_ok = self.revocations.read().await.fetched.is_some_and(|t| {
+                    t.elapsed() < self.cfg.revocation_poll * REVOCATION_GRACE_POLLS
+                });
+                if stale_ok {
+                    tracing::warn!(error = %e, "revocation feed unreachable; using the last copy");
+                    return Ok(());
+                }
+                return Err(e);
+            }
+        };
+        let mut r = self.revocations.write().await;
+        r.jtis = feed.tokens.into_iter().map(|t| t.jti).collect();
+        r.agents = feed
+            .agents
+            .into_iter()
+            .map(|a| (a.agent, a.issued_before))
+            .collect();
+        r.fetched = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Verifies a token; returns its claims.
+    pub async fn verify(&self, token: &str) -> Result<Claims, VerifyError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| VerifyError::Malformed(e.to_string()))?;
+        if header.alg != Algorithm::EdDSA {
+            return Err(VerifyError::Algorithm(format!("{:?}", header.alg)));
+        }
+        let kid = header
+            .kid
+            .ok_or_else(|| VerifyError::Malformed("no kid".into()))?;
+        let key = self.key_for(&kid).await?;
+        let mut v = Validation::new(Algorithm::EdDSA);
+        v.leeway = 0;
+        v.set_issuer(&[self.cfg.issuer.as_str()]);
+        v.set_audience(&[self.cfg.audience.as_str()]);
+        v.set_required_spec_claims(&["exp", "nbf", "iss", "sub", "aud"]);
+        let claims = jsonwebtoken::decode::<Claims>(token, &key, &v)
+            .map_err(|e| VerifyError::Invalid(e.to_string()))?
+            .claims;
+        // Fail closed: a feed that cannot be fetched for longer than the grace period
+        // is an error, never "not revoked".
+        self.refresh_revocations_if_due().await?;
+        let r = self.revocations.read().await;
+        if r.jtis.contains(&claims.jti)
+            || r.agents
+                .get(&claims.agent)
+                .is_some_and(|&b| claims.iat <= b)
+        {
+            return Err(VerifyError::Revoked);
+        }
+        Ok(claims)
+    }
+}
