@@ -879,6 +879,14 @@ async fn token_cmd(cmd: TokenCmd, url: &str, json: bool) -> Result<(), Exit> {
     Ok(())
 }
 
+/// A single-threaded runtime for the commands that talk to a service.
+fn runtime() -> Result<tokio::runtime::Runtime, Exit> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Exit(1, e.into()))
+}
+
 fn run(cli: Cli) -> Result<(), Exit> {
     match cli.cmd {
         Cmd::Keygen { out } => {
@@ -902,17 +910,11 @@ fn run(cli: Cli) -> Result<(), Exit> {
         }
         Cmd::Image(cmd) => image_cmd(cmd, cli.json),
         Cmd::Token(cmd) => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Exit(1, e.into()))?;
+            let rt = runtime()?;
             rt.block_on(token_cmd(cmd, &cli.identity_url, cli.json))
         }
         Cmd::Identity(IdentityCmd::RotateKeys) => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Exit(1, e.into()))?;
+            let rt = runtime()?;
             let cred = identity_credential()?;
             let v = rt.block_on(identity_call(
                 &cli.identity_url,
@@ -940,10 +942,7 @@ fn run(cli: Cli) -> Result<(), Exit> {
         }
         Cmd::Vm(cmd) => {
             let client = LauncherClient::new(&cli.launcher_url);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Exit(1, e.into()))?;
+            let rt = runtime()?;
             rt.block_on(vm_cmd(cmd, &client, cli.json))
         }
     }
