@@ -1,0 +1,254 @@
+//! The usage ledger (SQLite, one row per request) and the audit trail (JSONL, one line
+//! per request), written together by one thread in batches, off the request path.
+//!
+//! Durability: a batch is at most [`BATCH`] records or [`BATCH_WINDOW`] old; the audit
+//! file is fsynced and the ledger transaction committed (WAL, `synchronous=NORMAL`) at
+//! the end of every batch. A crash loses at most the batch in flight; on shutdown the
+//! channel is drained before the thread exits. Neither stream holds prompt or
+//! completion text or any credential.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, params};
+use serde::Serialize;
+
+use crate::usage::Usage;
+
+/// Most records per batch.
+pub const BATCH: usize = 512;
+/// Longest a record waits for its batch.
+pub const BATCH_WINDOW: Duration = Duration::from_millis(20);
+
+/// One proxied request.
+#[derive(Debug, Clone, Serialize)]
+pub struct Record {
+    pub request_id: String,
+    /// Unix time in milliseconds.
+    pub time_ms: u64,
+    pub agent: String,
+    pub vm_id: String,
+    pub model: String,
+    pub upstream: String,
+    pub api: &'static str,
+    pub stream: bool,
+    pub status: u16,
+    #[serde(flatten)]
+    pub usage: Usage,
+    pub latency_ms: u64,
+    /// Why the request failed or was cut short, if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Errors opening the ledger or audit file (startup only).
+#[derive(Debug, thiserror::Error)]
+#[error("ledger: {0}")]
+pub struct LedgerError(pub String);
+
+/// Now, in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn open_db(path: &Path) -> Result<Connection, LedgerError> {
+    let db = Connection::open(path).map_err(|e| LedgerError(format!("{}: {e}", path.display())))?;
+    db.execute_batch(
+        "PRAGMA journal_mode = WAL;
+         PRAGMA synchronous = NORMAL;
+         CREATE TABLE IF NOT EXISTS requests (
+           request_id TEXT PRIMARY KEY, time_ms INTEGER NOT NULL, agent TEXT NOT NULL, vm_id TEXT NOT NULL,
+           model TEXT NOT NULL, upstream TEXT NOT NULL, api TEXT NOT NULL, stream INTEGER NOT NULL,
+           status INTEGER NOT NULL, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+           cache_creation_input_tokens INTEGER NOT NULL, cache_read_input_tokens INTEGER NOT NULL,
+           latency_ms INTEGER NOT NULL, error TEXT);
+         CREATE INDEX IF NOT EXISTS requests_agent_time ON requests (agent, time_ms);",
+    )
+    .map_err(|e| LedgerError(format!("{}: {e}", path.display())))?;
+    Ok(db)
+}
+
+/// Handle to the writer thread.
+#[derive(Debug)]
+pub struct Ledger {
+    tx: Option<mpsc::Sender<Record>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    pub db_path: PathBuf,
+}
+
+impl Ledger {
+    /// Opens both files and starts the writer.
+    pub fn open(db_path: &Path, audit_path: &Path) -> Result<Self, LedgerError> {
+        let db = open_db(db_path)?;
+        let audit = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(audit_path)
+            .map_err(|e| LedgerError(format!("{}: {e}", audit_path.display())))?;
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("ledger".into())
+            .spawn(move || writer(db, audit, rx))
+            .map_err(|e| LedgerError(format!("writer thread: {e}")))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+            db_path: db_path.to_owned(),
+        })
+    }
+
+    /// Queues a record (never blocks the request).
+    pub fn record(&self, r: Record) {
+        if let Some(tx) = &self.tx
+            && tx.send(r).is_err()
+        {
+            tracing::error!("ledger writer is gone; a usage record was lost");
+        }
+    }
+}
+
+impl Drop for Ledger {
+    /// Drains what is queued before returning.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn writer(mut db: Connection, mut audit: File, rx: mpsc::Receiver<Record>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        let deadline = std::time::Instant::now() + BATCH_WINDOW;
+        while batch.len() < BATCH {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let mut lines = String::new();
+        for r in &batch {
+            if let Ok(l) = serde_json::to_string(r) {
+                lines.push_str(&l);
+                lines.push('\n');
+            }
+        }
+        if let Err(e) = audit
+            .write_all(lines.as_bytes())
+            .and_then(|()| audit.sync_data())
+        {
+            tracing::error!(error = %e, "audit write failed");
+        }
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = db.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO requests VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                )?;
+                for r in &batch {
+                    st.execute(params![
+                        r.request_id,
+                        r.time_ms,
+                        r.agent,
+                        r.vm_id,
+                        r.model,
+                        r.upstream,
+                        r.api,
+                        r.stream,
+                        r.status,
+                        r.usage.input_tokens,
+                        r.usage.output_tokens,
+                        r.usage.cache_creation_input_tokens,
+                        r.usage.cache_read_input_tokens,
+                        r.latency_ms,
+                        r.error
+                    ])?;
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(e) = result {
+            tracing::error!(error = %e, records = batch.len(), "ledger write failed");
+        }
+        batch.clear();
+    }
+}
+
+/// Usage totals per agent and model since `since_ms` (for `GET /v1/usage`).
+pub fn usage_since(
+    db_path: &Path,
+    since_ms: u64,
+    agent: Option<&str>,
+) -> Result<Vec<serde_json::Value>, LedgerError> {
+    let db = Connection::open(db_path).map_err(|e| LedgerError(e.to_string()))?;
+    let mut st = db
+        .prepare(
+            "SELECT agent, model, COUNT(*), SUM(input_tokens), SUM(output_tokens),
+                    SUM(cache_creation_input_tokens), SUM(cache_read_input_tokens)
+             FROM requests WHERE time_ms >= ?1 AND (?2 IS NULL OR agent = ?2)
+             GROUP BY agent, model ORDER BY agent, model",
+        )
+        .map_err(|e| LedgerError(e.to_string()))?;
+    let rows = st
+        .query_map(params![since_ms, agent], |r| {
+            Ok(serde_json::json!({
+                "agent": r.get::<_, String>(0)?, "model": r.get::<_, String>(1)?,
+                "requests": r.get::<_, u64>(2)?, "input_tokens": r.get::<_, u64>(3)?,
+                "output_tokens": r.get::<_, u64>(4)?, "cache_creation_input_tokens": r.get::<_, u64>(5)?,
+                "cache_read_input_tokens": r.get::<_, u64>(6)?,
+            }))
+        })
+        .map_err(|e| LedgerError(e.to_string()))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(|e| LedgerError(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(i: usize) -> Record {
+        Record {
+            request_id: format!("r{i}"),
+            time_ms: now_ms(),
+            agent: "a".into(),
+            vm_id: "v".into(),
+            model: "m".into(),
+            upstream: "u".into(),
+            api: "anthropic",
+            stream: false,
+            status: 200,
+            usage: Usage {
+                input_tokens: 2,
+                output_tokens: 3,
+                ..Usage::default()
+            },
+            latency_ms: 1,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn every_record_is_one_audit_line_and_one_row_after_drop() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (db, audit) = (d.path().join("l.db"), d.path().join("a.jsonl"));
+        let l = Ledger::open(&db, &audit).expect("open");
+        for i in 0..1500 {
+            l.record(rec(i));
+        }
+        drop(l);
+        let lines = std::fs::read_to_string(&audit).expect("audit");
+        assert_eq!(lines.lines().count(), 1500);
+        let u = usage_since(&db, 0, Some("a")).expect("usage");
+        assert_eq!(u[0]["requests"], 1500);
+        assert_eq!(u[0]["output_tokens"], 4500);
+    }
+}

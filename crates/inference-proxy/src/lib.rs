@@ -1,0 +1,99 @@
+//! inference-proxy: the only road from an agent to an LLM.
+//!
+//! Agents authenticate with their identity-manager JWT (`x-api-key` or `Authorization:
+//! Bearer`); the proxy checks it, applies the agent's requests-per-minute limit (GCRA),
+//! replaces the credential with the host's real provider key, passes the answer or the
+//! SSE stream through unbuffered, and records usage as the upstream reported it in a
+//! SQLite ledger and a JSONL audit trail.
+
+pub mod config;
+pub mod ledger;
+pub mod limits;
+pub mod proxy;
+pub mod usage;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::routing::{get, post};
+
+pub use config::{ConfigError, ProxyConfig};
+
+/// Errors that end the proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("HTTP server: {0}")]
+    Http(#[source] std::io::Error),
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct UsageQuery {
+    #[serde(default)]
+    since_ms: u64,
+    agent: Option<String>,
+}
+
+async fn usage(
+    axum::extract::State(p): axum::extract::State<Arc<proxy::Proxy>>,
+    axum::extract::Query(q): axum::extract::Query<UsageQuery>,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match ledger::usage_since(&p.ledger.db_path, q.since_ms, q.agent.as_deref()) {
+        Ok(rows) => axum::Json(serde_json::json!({ "usage": rows })).into_response(),
+        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// The router.
+pub fn router(p: Arc<proxy::Proxy>) -> Router {
+    Router::new()
+        .route("/v1/messages", post(proxy::messages))
+        .route("/v1/usage", get(usage))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(p)
+}
+
+/// Runs until `shutdown` resolves; queued usage records are written before it returns.
+pub async fn run(
+    cfg: ProxyConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let auth = match (&cfg.issuer, cfg.static_tokens) {
+        (Some(iss), _) => proxy::AgentAuth::Jwt(clawos_agent_token::Verifier::new(
+            clawos_agent_token::VerifierConfig::new(iss, &cfg.audience),
+        )),
+        (None, Some(map)) => proxy::AgentAuth::Static(map),
+        (None, None) => proxy::AgentAuth::Static(Default::default()),
+    };
+    let p = Arc::new(proxy::Proxy {
+        auth,
+        upstreams: cfg.upstreams,
+        limiter: limits::RateLimiter::per_minute(cfg.rpm),
+        ledger: ledger::Ledger::open(&cfg.ledger_path, &cfg.audit_path)?,
+        http: reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .build()
+            .unwrap_or_default(),
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: cfg.addr,
+            source,
+        })?;
+    tracing::info!(addr = %cfg.addr, rpm = cfg.rpm, "inference-proxy listening");
+    axum::serve(listener, router(Arc::clone(&p)))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(ServeError::Http)?;
+    drop(p);
+    Ok(())
+}

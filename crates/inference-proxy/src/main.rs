@@ -1,0 +1,90 @@
+//! `inference-proxy`: parse config → init tracing → run.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use clawos_inference_proxy::{ProxyConfig, config};
+
+/// The only road from an agent to an LLM (port 11435).
+#[derive(Debug, Parser)]
+#[command(name = "inference-proxy", version)]
+struct Args {
+    #[arg(long, env = "CLAWOS_PROXY_ADDR", default_value = "127.0.0.1:11435")]
+    addr: String,
+    #[arg(long, env = "CLAWOS_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Requests per minute per agent.
+    #[arg(long, env = "CLAWOS_PROXY_RATE_LIMIT_RPM", default_value_t = 60)]
+    rpm: u32,
+    /// identity-manager issuer URL whose JWKS verifies agent tokens.
+    #[arg(long, env = "CLAWOS_IDENTITY_ISSUER")]
+    issuer: Option<String>,
+    /// Audience agent tokens must carry.
+    #[arg(long, env = "CLAWOS_PROXY_AUDIENCE", default_value = "inference-proxy")]
+    audience: String,
+    /// Development only: JSON file `{"<token>": "<agent>"}` instead of JWTs.
+    #[arg(long, env = "CLAWOS_PROXY_STATIC_TOKENS")]
+    static_tokens: Option<PathBuf>,
+    /// Upstreams JSON file; default: one Anthropic upstream keyed by ANTHROPIC_API_KEY.
+    #[arg(long, env = "CLAWOS_PROXY_UPSTREAMS")]
+    upstreams: Option<PathBuf>,
+    /// Base URL of the default Anthropic upstream.
+    #[arg(
+        long,
+        env = "CLAWOS_PROXY_ANTHROPIC_URL",
+        default_value = "https://api.anthropic.com"
+    )]
+    anthropic_url: String,
+}
+
+fn main() -> Result<()> {
+    let a = Args::parse();
+    tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let state = a.state_dir.unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".clawos")
+    });
+    let dir = state.join("proxy");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let static_tokens = match &a.static_tokens {
+        Some(p) => Some(
+            serde_json::from_str(&std::fs::read_to_string(p)?)
+                .with_context(|| format!("{}", p.display()))?,
+        ),
+        None => None,
+    };
+    if a.issuer.is_none() && static_tokens.is_none() {
+        bail!(
+            "no agent authentication: set CLAWOS_IDENTITY_ISSUER (identity-manager URL) or, for development, CLAWOS_PROXY_STATIC_TOKENS"
+        );
+    }
+    let cfg = ProxyConfig {
+        addr: a
+            .addr
+            .parse()
+            .with_context(|| format!("listen address {:?}", a.addr))?,
+        upstreams: config::upstreams(a.upstreams.as_deref(), &a.anthropic_url, &|k| {
+            std::env::var(k).ok()
+        })?,
+        rpm: a.rpm,
+        issuer: a.issuer,
+        audience: a.audience,
+        static_tokens,
+        ledger_path: dir.join("ledger.db"),
+        audit_path: dir.join("audit.jsonl"),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(clawos_inference_proxy::run(cfg, async {
+        let _ = tokio::signal::ctrl_c().await;
+    }))?;
+    Ok(())
+}

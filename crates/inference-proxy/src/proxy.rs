@@ -1,0 +1,323 @@
+//! The Anthropic Messages API, proxied: authenticate the agent, charge it, enforce its
+//! limits, swap in the host's key, pass the answer (or the stream) through, record it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use clawos_agent_token::Verifier;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::config::{ApiKind, Upstream};
+use crate::ledger::{Ledger, Record, now_ms};
+use crate::limits::{Decision, RateLimiter};
+use crate::usage::{SseUsage, Usage};
+
+/// How agents authenticate.
+pub enum AgentAuth {
+    /// identity-manager JWTs, verified against its JWKS.
+    Jwt(Verifier),
+    /// Static per-agent tokens (development only): token → agent name.
+    Static(HashMap<String, String>),
+}
+
+impl std::fmt::Debug for AgentAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Jwt(_) => "AgentAuth::Jwt",
+            Self::Static(_) => "AgentAuth::Static",
+        })
+    }
+}
+
+/// Shared state of the proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    pub auth: AgentAuth,
+    pub upstreams: Vec<Upstream>,
+    pub limiter: RateLimiter,
+    pub ledger: Ledger,
+    pub http: reqwest::Client,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone)]
+struct Caller {
+    agent: String,
+    vm_id: String,
+}
+
+/// An error in the Anthropic API's shape, so the official SDKs understand it (and
+/// retry 429/5xx as they do against the real API).
+pub fn anthropic_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    let body = json!({ "type": "error", "error": { "type": kind, "message": message } });
+    (status, axum::Json(body)).into_response()
+}
+
+fn credential(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+        return Some(v.trim().to_owned());
+    }
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(|t| t.trim().to_owned())
+}
+
+impl Proxy {
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, Response> {
+        let unauthorized =
+            |m: &str| anthropic_error(StatusCode::UNAUTHORIZED, "authentication_error", m);
+        let token = credential(headers).ok_or_else(|| {
+            unauthorized("missing agent credential (x-api-key or Authorization: Bearer)")
+        })?;
+        match &self.auth {
+            AgentAuth::Jwt(v) => v
+                .verify(&token)
+                .await
+                .map(|c| Caller {
+                    agent: c.agent,
+                    vm_id: c.vm_id,
+                })
+                .map_err(|e| unauthorized(&e.to_string())),
+            AgentAuth::Static(map) => map
+                .get(&token)
+                .map(|a| Caller {
+                    agent: a.clone(),
+                    vm_id: String::new(),
+                })
+                .ok_or_else(|| unauthorized("unknown agent credential")),
+        }
+    }
+
+    fn upstream_for(&self, model: &str, api: ApiKind) -> Option<&Upstream> {
+        self.upstreams
+            .iter()
+            .find(|u| u.kind == api && u.serves(model))
+    }
+}
+
+fn request_id() -> String {
+    let mut b = [0u8; 12];
+    let _ = getrandom::fill(&mut b);
+    format!("req_{}", hex::encode(b))
+}
+
+/// `POST /v1/messages`.
+pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    let caller = match p.authenticate(&headers).await {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let parsed: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => {
+            return anthropic_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "request body must be a JSON object",
+            );
+        }
+        Err(e) => {
+            return anthropic_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &format!("malformed JSON body: {e}"),
+            );
+        }
+    };
+    let Some(model) = parsed
+        .get("model")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "model: field required",
+        );
+    };
+    let stream = parsed
+        .get("stream")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    if let Decision::Deny { retry_after } = p.limiter.check(&caller.agent) {
+        let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        let mut resp = anthropic_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            &format!(
+                "agent {} is over its requests-per-minute limit; retry in {secs}s",
+                caller.agent
+            ),
+        );
+        resp.headers_mut()
+            .insert("retry-after", HeaderValue::from(secs));
+        return resp;
+    }
+    let Some(up) = p.upstream_for(&model, ApiKind::Anthropic).cloned() else {
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &format!("model {model} is not served by this proxy"),
+        );
+    };
+    let id = request_id();
+    let mut record = Record {
+        request_id: id.clone(),
+        time_ms: now_ms(),
+        agent: caller.agent.clone(),
+        vm_id: caller.vm_id.clone(),
+        model: model.clone(),
+        upstream: up.name.clone(),
+        api: "anthropic",
+        stream,
+        status: 0,
+        usage: Usage::default(),
+        latency_ms: 0,
+        error: None,
+    };
+    // The agent's credential stops here; the host's key goes upstream.
+    let mut req = p
+        .http
+        .post(format!("{}/v1/messages", up.base_url.trim_end_matches('/')))
+        .header("x-api-key", up.api_key.as_str())
+        .header("content-type", "application/json")
+        .header(
+            "anthropic-version",
+            headers
+                .get("anthropic-version")
+                .cloned()
+                .unwrap_or(HeaderValue::from_static("2023-06-01")),
+        )
+        .body(body);
+    if let Some(beta) = headers.get("anthropic-beta") {
+        req = req.header("anthropic-beta", beta.clone());
+    }
+    let resp = match req.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            let (status, kind) = if e.is_timeout() {
+                (StatusCode::GATEWAY_TIMEOUT, "timeout_error")
+            } else {
+                (StatusCode::BAD_GATEWAY, "api_error")
+            };
+            record.status = status.as_u16();
+            record.error = Some(format!("upstream {}: {e}", up.name));
+            record.latency_ms = started.elapsed().as_millis() as u64;
+            p.ledger.record(record);
+            return anthropic_error(status, kind, &format!("upstream {} unreachable", up.name));
+        }
+    };
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    record.status = status.as_u16();
+    let is_sse = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if !is_sse {
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                record.status = StatusCode::BAD_GATEWAY.as_u16();
+                record.error = Some(format!("upstream body: {e}"));
+                record.latency_ms = started.elapsed().as_millis() as u64;
+                p.ledger.record(record);
+                return anthropic_error(
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    "upstream answer was cut off",
+                );
+            }
+        };
+        if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
+            record.usage = Usage::from_anthropic(&v["usage"]);
+        }
+        record.latency_ms = started.elapsed().as_millis() as u64;
+        p.ledger.record(record);
+        let mut out = Response::new(Body::from(bytes));
+        *out.status_mut() = status;
+        out.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        out.headers_mut().insert(
+            "request-id",
+            HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("")),
+        );
+        return out;
+    }
+    // Stream: a task reads the upstream to its end whatever the client does, so usage
+    // is never lost; the client gets chunks as they arrive, unbuffered.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    let ledger_proxy = Arc::clone(&p);
+    tokio::spawn(async move {
+        let mut upstream = resp.bytes_stream();
+        let mut usage = SseUsage::default();
+        let mut client_gone = false;
+        while let Some(chunk) = upstream.next().await {
+            match chunk {
+                Ok(b) => {
+                    usage.feed(&b);
+                    if !client_gone && tx.send(Ok(b)).await.is_err() {
+                        client_gone = true;
+                    }
+                }
+                Err(e) => {
+                    record.error = Some(format!("upstream stream broke: {e}"));
+                    break;
+                }
+            }
+        }
+        if !usage.complete && record.error.is_none() {
+            record.error = Some("upstream stream ended without message_stop".into());
+        }
+        if record.error.is_some() && !client_gone {
+            let ev = json!({ "type": "error", "error": { "type": "api_error", "message": record.error } });
+            let _ = tx
+                .send(Ok(Bytes::from(format!("event: error\ndata: {ev}\n\n"))))
+                .await;
+        }
+        if client_gone && record.error.is_none() {
+            record.error = Some("client disconnected; upstream read to the end".into());
+        }
+        record.usage = usage.usage;
+        record.latency_ms = started.elapsed().as_millis() as u64;
+        ledger_proxy.ledger.record(record);
+    });
+    let body = Body::from_stream(tokio_stream_from(rx));
+    let mut out = Response::new(body);
+    *out.status_mut() = status;
+    out.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    out.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    out.headers_mut().insert(
+        "request-id",
+        HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("")),
+    );
+    out
+}
+
+/// A receiver as a stream.
+fn tokio_stream_from(
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
+}
+
+/// Upstream request timeout for the whole answer of a non-streaming call.
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(600);
