@@ -67,9 +67,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let auth = match (&cfg.issuer, cfg.static_tokens) {
-        (Some(iss), _) => proxy::AgentAuth::Jwt(clawos_agent_token::Verifier::new(
+        (Some(iss), _) => proxy::AgentAuth::Jwt(Box::new(clawos_agent_token::Verifier::new(
             clawos_agent_token::VerifierConfig::new(iss, &cfg.audience),
-        )),
+        ))),
         (None, Some(map)) => proxy::AgentAuth::Static(map),
         (None, None) => proxy::AgentAuth::Static(Default::default()),
     };

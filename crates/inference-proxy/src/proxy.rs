@@ -21,7 +21,7 @@ use crate::usage::{SseUsage, Usage};
 /// How agents authenticate.
 pub enum AgentAuth {
     /// identity-manager JWTs, verified against its JWKS.
-    Jwt(Verifier),
+    Jwt(Box<Verifier>),
     /// Static per-agent tokens (development only): token → agent name.
     Static(HashMap<String, String>),
 }
