@@ -35,17 +35,18 @@ if ! command -v vhost-device-vsock >/dev/null && [ ! -x "$HOME/.cargo/bin/vhost-
   echo "==> installing vhost-device-vsock (cargo install, about a minute)"
   cargo install --locked --quiet vhost-device-vsock --version 0.3.0
 fi
-# PyJWT: the independent verifier identity-manager's tests check tokens with.
-if ! python3 -c "import jwt, cryptography" 2>/dev/null; then
-  echo "==> installing PyJWT for the tests"
-  python3 -m pip install --quiet pyjwt cryptography 2>/dev/null \
-    || python3 -m pip install --quiet --break-system-packages pyjwt cryptography
+# Real clients the tests use: PyJWT (independent token verifier) and the official
+# anthropic SDK (inference-proxy).
+if ! python3 -c "import jwt, cryptography, anthropic" 2>/dev/null; then
+  echo "==> installing PyJWT and the anthropic SDK for the tests"
+  python3 -m pip install --quiet pyjwt cryptography anthropic 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages pyjwt cryptography anthropic
 fi
 echo "==> building guest binaries (static)"
 scripts/build-guest.sh >/dev/null
 echo "==> building clawos and vm-launcher (${CLAWOS_PROFILE:-release})"
 if [ "${CLAWOS_PROFILE:-release}" = release ]; then
-  cargo build --release --locked -p clawos-cli -p clawos-vm-launcher -p clawos-identity-manager
+  cargo build --release --locked -p clawos-cli -p clawos-vm-launcher -p clawos-identity-manager -p clawos-inference-proxy
 else
   cargo build --locked --workspace
 fi

@@ -7,13 +7,13 @@ use std::time::Duration;
 use clawos_e2e::{Launcher, can_boot_vms, is, runtime};
 use clawos_vm_launcher_api::{StartVm, VmState};
 
-fn firecracker_usable() -> bool {
+fn firecracker_usable(test: &str) -> bool {
     let bin = Command::new("sh")
         .args(["-c", "command -v firecracker"])
         .output();
     if !bin.is_ok_and(|o| o.status.success()) {
         clawos_e2e::skip(
-            "firecracker_backend_boots_and_stops_a_vm",
+            test,
             "no firecracker binary on PATH; the Firecracker backend cannot boot a VM here",
         );
         return false;
@@ -25,7 +25,7 @@ fn firecracker_usable() -> bool {
         .any(|l| l.contains(" vmx") || l.contains(" svm"));
     if !hw || std::fs::metadata("/dev/kvm").is_err() {
         clawos_e2e::skip(
-            "firecracker_backend_boots_and_stops_a_vm",
+            test,
             "no hardware KVM (vmx/svm + /dev/kvm); Firecracker cannot boot a guest here",
         );
         return false;
@@ -35,7 +35,7 @@ fn firecracker_usable() -> bool {
 
 #[test]
 fn firecracker_backend_boots_and_stops_a_vm() {
-    if !can_boot_vms() || !firecracker_usable() {
+    if !can_boot_vms() || !firecracker_usable("firecracker_backend_boots_and_stops_a_vm") {
         return;
     }
     boot_and_stop(&[]);
@@ -43,7 +43,7 @@ fn firecracker_backend_boots_and_stops_a_vm() {
 
 #[test]
 fn jailed_firecracker_boots_and_stops_a_vm() {
-    if !can_boot_vms() || !firecracker_usable() {
+    if !can_boot_vms() || !firecracker_usable("jailed_firecracker_boots_and_stops_a_vm") {
         return;
     }
     let jailer = Command::new("sh")

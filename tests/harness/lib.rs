@@ -2,6 +2,8 @@
 //! runs the real `vm-launcher` binary on a loopback port with its own state directory,
 //! and drives it with the real `clawos` CLI or the typed client.
 
+pub mod fake_llm;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
@@ -378,4 +380,43 @@ pub fn ext4_cat(image: &Path, path: &str) -> Result<String> {
 /// Waits until the VM has state `s`.
 pub fn is(s: VmState) -> impl Fn(&Vm) -> bool {
     move |vm| vm.state == s
+}
+
+/// Starts a workspace daemon binary with its output in `log`, and waits for `port`.
+pub fn spawn_daemon(
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+    log: &Path,
+    port: u16,
+) -> Result<Child> {
+    let f = std::fs::File::create(log)?;
+    let mut cmd = Command::new(bin(name));
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone()?)
+        .stderr(f);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().with_context(|| format!("spawn {name}"))?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(child);
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "{name} exited with {status}: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    bail!("{name} did not listen on {port}")
+}
+
+/// A free loopback port.
+pub fn port() -> u16 {
+    free_port()
 }

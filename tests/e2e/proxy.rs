@@ -1,0 +1,241 @@
+//! inference-proxy end to end: identity-manager JWTs, the official anthropic SDK, a
+//! local upstream speaking the real wire format, the ledger and the audit trail.
+
+use std::process::Command;
+use std::time::Duration;
+
+use clawos_e2e::fake_llm::FakeAnthropic;
+use clawos_e2e::{port, runtime, spawn_daemon};
+use serde_json::{Value, json};
+
+const HOST_KEY: &str = "sk-ant-host-only-7f3a9c";
+
+fn has_sdk() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import anthropic"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        clawos_e2e::skip(
+            "proxy",
+            "python3 anthropic SDK missing (scripts/setup.sh installs it)",
+        );
+    }
+    ok
+}
+
+#[test]
+fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
+    if !has_sdk() {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tmp");
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).expect("state");
+    let (id_port, px_port) = (port(), port());
+    let state_s = state.to_str().expect("utf8");
+    let mut identity = spawn_daemon(
+        "identity-manager",
+        &[
+            "--addr",
+            &format!("127.0.0.1:{id_port}"),
+            "--state-dir",
+            state_s,
+        ],
+        &[],
+        &work.path().join("identity.log"),
+        id_port,
+    )
+    .expect("identity-manager");
+    let upstream = FakeAnthropic::start(HOST_KEY);
+    let issuer = format!("http://127.0.0.1:{id_port}");
+    let mut proxy = spawn_daemon(
+        "inference-proxy",
+        &[
+            "--addr",
+            &format!("127.0.0.1:{px_port}"),
+            "--state-dir",
+            state_s,
+        ],
+        &[
+            ("ANTHROPIC_API_KEY", HOST_KEY),
+            ("CLAWOS_PROXY_ANTHROPIC_URL", upstream.url.as_str()),
+            ("CLAWOS_IDENTITY_ISSUER", issuer.as_str()),
+            ("CLAWOS_PROXY_RATE_LIMIT_RPM", "60"),
+        ],
+        &work.path().join("proxy.log"),
+        px_port,
+    )
+    .expect("inference-proxy");
+    let svc = std::fs::read_to_string(state.join("identity/service.token"))
+        .expect("svc")
+        .trim()
+        .to_owned();
+    let rt = runtime();
+    let http = reqwest::Client::new();
+    let issue = |agent: &str, aud: &str| -> String {
+        rt.block_on(async {
+            let v: Value = http
+                .post(format!("{issuer}/v1/tokens"))
+                .bearer_auth(&svc)
+                .json(&json!({"agent": agent, "vm_id": format!("vm-{agent}"), "audience": aud}))
+                .send()
+                .await
+                .expect("issue")
+                .json()
+                .await
+                .expect("json");
+            v["token"].as_str().expect("token").to_owned()
+        })
+    };
+    let proxy_url = format!("http://127.0.0.1:{px_port}");
+    let call = |token: &str, body: &str| -> (u16, Option<String>, String) {
+        rt.block_on(async {
+            let r = http
+                .post(format!("{proxy_url}/v1/messages"))
+                .header("x-api-key", token)
+                .header("content-type", "application/json")
+                .body(body.to_owned())
+                .send()
+                .await
+                .expect("send");
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            (
+                r.status().as_u16(),
+                retry,
+                r.text().await.unwrap_or_default(),
+            )
+        })
+    };
+    let body = r#"{"model":"claude-test-1","max_tokens":8,"messages":[{"role":"user","content":"one two three"}]}"#;
+
+    // The official SDK: create and messages.stream, correct answers and usage.
+    let a = issue("agent-a", "inference-proxy");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/anthropic_sdk_check.py");
+    let o = Command::new("python3")
+        .args([script, &proxy_url, &a])
+        .output()
+        .expect("python");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(r["create_text"], "Hello from fake claude");
+    assert_eq!(r["create_usage"], json!([4, 4]));
+    assert_eq!(r["stream_text"], "Hello from fake claude");
+    assert_eq!(r["stream_usage"], json!([4, 4]));
+    assert_eq!(r["bad_token"], 401);
+
+    // The upstream saw the host's key, never the agent's token.
+    let (keys, auths, _) = upstream.seen();
+    assert!(
+        !keys.is_empty() && keys.iter().all(|k| k == HOST_KEY),
+        "{keys:?}"
+    );
+    assert!(
+        auths.is_empty(),
+        "an Authorization header leaked upstream: {auths:?}"
+    );
+
+    // Auth failures are 401; a malformed body is 400.
+    let wrong_aud = issue("agent-a", "control-plane");
+    for bad in ["", "garbage", wrong_aud.as_str()] {
+        assert_eq!(call(bad, body).0, 401, "token {bad:?}");
+    }
+    let (st, _, text) = call(&a, "{not json");
+    assert_eq!(st, 400);
+    assert!(
+        text.contains("invalid_request_error") && text.contains("malformed JSON"),
+        "{text}"
+    );
+
+    // RPM 60: 61 requests within the minute, exactly one 429 with retry-after; another
+    // agent at the same time is unaffected.
+    let r_tok = issue("agent-r", "inference-proxy");
+    let b_tok = issue("agent-b", "inference-proxy");
+    let mut limited = Vec::new();
+    for _ in 0..61 {
+        let (st, retry, _) = call(&r_tok, body);
+        if st == 429 {
+            limited.push(retry);
+        } else {
+            assert_eq!(st, 200);
+        }
+    }
+    assert_eq!(limited.len(), 1, "{limited:?}");
+    assert!(
+        limited[0]
+            .as_deref()
+            .and_then(|s| s.parse::<u64>().ok())
+            .is_some_and(|s| s >= 1),
+        "{limited:?}"
+    );
+    assert_eq!(call(&b_tok, body).0, 200, "another agent is unaffected");
+
+    // The upstream dies mid-stream: the client sees an error event, the ledger a row.
+    let (st, _, text) = call(
+        &a,
+        r#"{"model":"fail-midstream","max_tokens":8,"stream":true,"messages":[{"role":"user","content":"x y"}]}"#,
+    );
+    assert_eq!(st, 200);
+    assert!(
+        text.contains("event: error") && text.contains("api_error"),
+        "{text}"
+    );
+    assert!(!text.contains("message_stop"));
+
+    // Ledger and audit: one row and one line per request that reached the upstream.
+    let sent = upstream.seen().2;
+    let _ = Command::new("kill")
+        .args(["-INT", &proxy.id().to_string()])
+        .status();
+    let _ = proxy.wait();
+    let audit = std::fs::read_to_string(state.join("proxy/audit.jsonl")).expect("audit");
+    assert_eq!(
+        audit.lines().count(),
+        sent,
+        "audit lines = requests sent upstream"
+    );
+    assert!(
+        !audit.contains(HOST_KEY) && !audit.contains(&a) && !audit.contains("one two three"),
+        "audit holds a secret or prompt text"
+    );
+    let db = rusqlite_rows(&state.join("proxy/ledger.db"));
+    assert_eq!(db.0, sent as u64, "ledger rows = requests sent upstream");
+    let cut: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .filter(|v: &Value| v["model"] == "fail-midstream")
+        .collect();
+    assert_eq!(cut.len(), 1);
+    assert!(
+        cut[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("broke")),
+        "{}",
+        cut[0]
+    );
+    assert_eq!(
+        cut[0]["input_tokens"], 2,
+        "usage counted before the cut is kept"
+    );
+    let _ = identity.kill();
+    let _ = identity.wait();
+    std::thread::sleep(Duration::from_millis(10));
+}
+
+/// (rows, input token sum) of the ledger, read with the sqlite3-free path: the proxy's
+/// own usage query over its database file.
+fn rusqlite_rows(db: &std::path::Path) -> (u64, u64) {
+    let rows = clawos_inference_proxy::ledger::usage_since(db, 0, None).expect("usage");
+    (
+        rows.iter()
+            .map(|r| r["requests"].as_u64().unwrap_or(0))
+            .sum(),
+        rows.iter()
+            .map(|r| r["input_tokens"].as_u64().unwrap_or(0))
+            .sum(),
+    )
+}

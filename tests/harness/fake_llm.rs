@@ -1,0 +1,161 @@
+//! A local stand-in for the Anthropic API (the only thing tests cannot reach): real
+//! wire format — JSON messages, and SSE with the real event sequence and `usage` — and
+//! a record of which credentials arrived. Model `fail-midstream` drops the connection
+//! in the middle of a stream.
+
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+/// What the upstream saw.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// Every `x-api-key` value received.
+    pub api_keys: Vec<String>,
+    /// Every `authorization` value received.
+    pub authorizations: Vec<String>,
+    pub requests: usize,
+}
+
+#[derive(Debug)]
+struct Upstream {
+    key: String,
+    seen: Mutex<Seen>,
+}
+
+/// Words in the prompt: the fake's input token count.
+fn input_tokens(body: &Value) -> u64 {
+    body["messages"]
+        .as_array()
+        .map(|ms| {
+            ms.iter()
+                .map(|m| {
+                    m["content"]
+                        .as_str()
+                        .map_or(1, |c| c.split_whitespace().count() as u64)
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+const WORDS: [&str; 4] = ["Hello", " from", " fake", " claude"];
+
+async fn messages(State(u): State<Arc<Upstream>>, headers: HeaderMap, body: Bytes) -> Response {
+    let key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    {
+        let mut s = u.seen.lock().unwrap_or_else(|p| p.into_inner());
+        s.requests += 1;
+        s.api_keys.push(key.clone());
+        if let Some(a) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+            s.authorizations.push(a.to_owned());
+        }
+    }
+    if key != u.key {
+        let e = json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}});
+        return (StatusCode::UNAUTHORIZED, axum::Json(e)).into_response();
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let model = req["model"].as_str().unwrap_or("").to_owned();
+    let input = input_tokens(&req);
+    let id = format!("msg_fake_{input}");
+    if req["stream"].as_bool() != Some(true) {
+        let text: String = WORDS.concat();
+        return axum::Json(json!({
+            "id": id, "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn", "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": WORDS.len()},
+        }))
+        .into_response();
+    }
+    let mut events = vec![
+        (
+            "message_start",
+            json!({"type": "message_start", "message": {
+            "id": id, "type": "message", "role": "assistant", "model": model, "content": [],
+            "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": input, "output_tokens": 1}}}),
+        ),
+        (
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ),
+        ("ping", json!({"type": "ping"})),
+    ];
+    for w in WORDS {
+        events.push(("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}})));
+    }
+    events.push((
+        "content_block_stop",
+        json!({"type": "content_block_stop", "index": 0}),
+    ));
+    events.push(("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": WORDS.len()}})));
+    events.push(("message_stop", json!({"type": "message_stop"})));
+    let fail = model == "fail-midstream";
+    // Paced like a real stream, so what precedes a failure reaches the client.
+    let stream = futures_util::StreamExt::then(
+        futures_util::stream::iter(events.into_iter().enumerate()),
+        move |(i, (name, data))| async move {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            if fail && i == 5 {
+                Err(std::io::Error::other("upstream died"))
+            } else {
+                Ok(Bytes::from(format!("event: {name}\ndata: {data}\n\n")))
+            }
+        },
+    );
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from_stream(stream))
+        .unwrap_or_default()
+}
+
+/// A running fake; dropping it does not stop the server (it lives for the test process).
+#[derive(Debug, Clone)]
+pub struct FakeAnthropic {
+    pub url: String,
+    state: Arc<Upstream>,
+}
+
+impl FakeAnthropic {
+    /// Starts on a free loopback port, accepting only `key`.
+    pub fn start(key: &str) -> Self {
+        let state = Arc::new(Upstream {
+            key: key.to_owned(),
+            seen: Mutex::new(Seen::default()),
+        });
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake upstream");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        listener.set_nonblocking(true).expect("nonblocking");
+        let app = axum::Router::new()
+            .route("/v1/messages", axum::routing::post(messages))
+            .with_state(Arc::clone(&state));
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(listener).expect("listener");
+                let _ = axum::serve(l, app).await;
+            });
+        });
+        Self { url, state }
+    }
+
+    /// A snapshot of what arrived so far.
+    pub fn seen(&self) -> (Vec<String>, Vec<String>, usize) {
+        let s = self.state.seen.lock().unwrap_or_else(|p| p.into_inner());
+        (s.api_keys.clone(), s.authorizations.clone(), s.requests)
+    }
+}
