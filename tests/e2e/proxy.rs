@@ -9,6 +9,7 @@ use clawos_e2e::{port, runtime, spawn_daemon};
 use serde_json::{Value, json};
 
 const HOST_KEY: &str = "sk-ant-host-only-7f3a9c";
+const OPENAI_HOST_KEY: &str = "sk-openai-host-only-51c2";
 
 fn has_sdk() -> bool {
     let ok = Command::new("python3")
@@ -18,7 +19,7 @@ fn has_sdk() -> bool {
     if !ok {
         clawos_e2e::skip(
             "proxy",
-            "python3 anthropic SDK missing (scripts/setup.sh installs it)",
+            "python3 anthropic/openai SDKs missing (scripts/setup.sh installs it)",
         );
     }
     ok
@@ -48,7 +49,18 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
     )
     .expect("identity-manager");
     let upstream = FakeAnthropic::start(HOST_KEY);
+    let openai_upstream = FakeAnthropic::start(OPENAI_HOST_KEY);
     let issuer = format!("http://127.0.0.1:{id_port}");
+    let upstreams = work.path().join("upstreams.json");
+    std::fs::write(
+        &upstreams,
+        json!([
+            {"name": "anthropic", "api": "anthropic", "base_url": upstream.url, "api_key_env": "ANTHROPIC_API_KEY", "models": ["claude-*", "fail-midstream"]},
+            {"name": "local-vllm", "api": "openai", "base_url": openai_upstream.url, "api_key_env": "OPENAI_API_KEY", "models": ["gpt-test", "gpt-*"]},
+        ])
+        .to_string(),
+    )
+    .expect("upstreams");
     let mut proxy = spawn_daemon(
         "inference-proxy",
         &[
@@ -59,7 +71,8 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
         ],
         &[
             ("ANTHROPIC_API_KEY", HOST_KEY),
-            ("CLAWOS_PROXY_ANTHROPIC_URL", upstream.url.as_str()),
+            ("OPENAI_API_KEY", OPENAI_HOST_KEY),
+            ("CLAWOS_PROXY_UPSTREAMS", upstreams.to_str().expect("utf8")),
             ("CLAWOS_IDENTITY_ISSUER", issuer.as_str()),
             ("CLAWOS_PROXY_RATE_LIMIT_RPM", "60"),
         ],
@@ -128,6 +141,32 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
     assert_eq!(r["stream_usage"], json!([4, 4]));
     assert_eq!(r["bad_token"], 401);
 
+    // The official openai SDK: create, stream with include_usage, models.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/openai_sdk_check.py");
+    let o = Command::new("python3")
+        .args([script, &proxy_url, &a])
+        .output()
+        .expect("python");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(r["create_text"], "Hello from fake gpt");
+    assert_eq!(r["create_usage"], json!([5, 4]));
+    assert_eq!(r["stream_text"], "Hello from fake gpt");
+    assert_eq!(r["stream_usage"], json!([5, 4]));
+    assert_eq!(
+        r["plain_chunks_without_choices"], 0,
+        "the usage chunk the proxy asked for is hidden"
+    );
+    assert_eq!(r["models"], json!(["fail-midstream", "gpt-test"]));
+    let (_, oa_auths, _) = openai_upstream.seen();
+    assert!(
+        !oa_auths.is_empty()
+            && oa_auths
+                .iter()
+                .all(|h| h == &format!("Bearer {OPENAI_HOST_KEY}")),
+        "{oa_auths:?}"
+    );
+
     // The upstream saw the host's key, never the agent's token.
     let (keys, auths, _) = upstream.seen();
     assert!(
@@ -187,7 +226,7 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
     assert!(!text.contains("message_stop"));
 
     // Ledger and audit: one row and one line per request that reached the upstream.
-    let sent = upstream.seen().2;
+    let sent = upstream.seen().2 + openai_upstream.seen().2;
     let _ = Command::new("kill")
         .args(["-INT", &proxy.id().to_string()])
         .status();

@@ -1,6 +1,7 @@
 //! A local stand-in for the Anthropic API (the only thing tests cannot reach): real
 //! wire format — JSON messages, and SSE with the real event sequence and `usage` — and
-//! a record of which credentials arrived. Model `fail-midstream` drops the connection
+//! a record of which credentials arrived; likewise OpenAI chat completions (JSON, and
+//! SSE chunks with the `include_usage` chunk and `[DONE]`). Model `fail-midstream` drops the connection
 //! in the middle of a stream.
 
 use std::sync::{Arc, Mutex};
@@ -119,6 +120,65 @@ async fn messages(State(u): State<Arc<Upstream>>, headers: HeaderMap, body: Byte
         .unwrap_or_default()
 }
 
+async fn chat_completions(
+    State(u): State<Arc<Upstream>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let auth = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    {
+        let mut s = u.seen.lock().unwrap_or_else(|p| p.into_inner());
+        s.requests += 1;
+        s.authorizations.push(auth.clone());
+        if let Some(k) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+            s.api_keys.push(k.to_owned());
+        }
+    }
+    if auth != format!("Bearer {}", u.key) {
+        let e = json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
+        return (StatusCode::UNAUTHORIZED, axum::Json(e)).into_response();
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let model = req["model"].as_str().unwrap_or("").to_owned();
+    let prompt = input_tokens(&req);
+    let words = ["Hello", " from", " fake", " gpt"];
+    let usage = json!({"prompt_tokens": prompt, "completion_tokens": words.len(), "total_tokens": prompt + words.len() as u64});
+    if req["stream"].as_bool() != Some(true) {
+        return axum::Json(json!({
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": words.concat()}, "finish_reason": "stop", "logprobs": null}],
+            "usage": usage,
+        }))
+        .into_response();
+    }
+    let chunk = |delta: Value, finish: Value| {
+        json!({
+        "id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]})
+    };
+    let mut events = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
+    for w in words {
+        events.push(chunk(json!({"content": w}), Value::Null));
+    }
+    events.push(chunk(json!({}), json!("stop")));
+    if req["stream_options"]["include_usage"].as_bool() == Some(true) {
+        events.push(json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": model, "choices": [], "usage": usage}));
+    }
+    let mut text: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    text.push_str("data: [DONE]\n\n");
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(Body::from(text))
+        .unwrap_or_default()
+}
+
 /// A running fake; dropping it does not stop the server (it lives for the test process).
 #[derive(Debug, Clone)]
 pub struct FakeAnthropic {
@@ -138,6 +198,10 @@ impl FakeAnthropic {
         listener.set_nonblocking(true).expect("nonblocking");
         let app = axum::Router::new()
             .route("/v1/messages", axum::routing::post(messages))
+            .route(
+                "/v1/chat/completions",
+                axum::routing::post(chat_completions),
+            )
             .with_state(Arc::clone(&state));
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()

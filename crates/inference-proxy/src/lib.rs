@@ -56,6 +56,8 @@ async fn usage(
 pub fn router(p: Arc<proxy::Proxy>) -> Router {
     Router::new()
         .route("/v1/messages", post(proxy::messages))
+        .route("/v1/chat/completions", post(proxy::chat_completions))
+        .route("/v1/models", get(proxy::models))
         .route("/v1/usage", get(usage))
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(p)

@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use crate::config::{ApiKind, Upstream};
 use crate::ledger::{Ledger, Record, now_ms};
 use crate::limits::{Decision, RateLimiter};
-use crate::usage::{SseUsage, Usage};
+use crate::usage::{OpenAiSse, SseUsage, Usage, from_openai};
 
 /// How agents authenticate.
 pub enum AgentAuth {
@@ -72,9 +72,9 @@ fn credential(headers: &HeaderMap) -> Option<String> {
 }
 
 impl Proxy {
-    async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, Response> {
+    async fn authenticate(&self, headers: &HeaderMap, api: ApiKind) -> Result<Caller, Response> {
         let unauthorized =
-            |m: &str| anthropic_error(StatusCode::UNAUTHORIZED, "authentication_error", m);
+            |m: &str| error_for(api, StatusCode::UNAUTHORIZED, "authentication_error", m);
         let token = credential(headers).ok_or_else(|| {
             unauthorized("missing agent credential (x-api-key or Authorization: Bearer)")
         })?;
@@ -110,24 +110,132 @@ fn request_id() -> String {
     format!("req_{}", hex::encode(b))
 }
 
-/// `POST /v1/messages`.
+/// An error in the OpenAI API's shape.
+pub fn openai_error(status: StatusCode, kind: &str, message: &str) -> Response {
+    let code = if status == StatusCode::TOO_MANY_REQUESTS {
+        json!("rate_limit_exceeded")
+    } else {
+        Value::Null
+    };
+    let body =
+        json!({ "error": { "message": message, "type": kind, "param": null, "code": code } });
+    (status, axum::Json(body)).into_response()
+}
+
+fn error_for(api: ApiKind, status: StatusCode, anthropic_kind: &str, message: &str) -> Response {
+    match api {
+        ApiKind::Anthropic => anthropic_error(status, anthropic_kind, message),
+        ApiKind::Openai => {
+            let kind = match anthropic_kind {
+                "authentication_error" => "invalid_request_error",
+                "rate_limit_error" => "requests",
+                "invalid_request_error" => "invalid_request_error",
+                _ => "server_error",
+            };
+            openai_error(status, kind, message)
+        }
+    }
+}
+
+/// Reads usage out of a stream, in either API's event format.
+enum StreamParser {
+    Anthropic(SseUsage),
+    Openai(OpenAiSse),
+}
+
+impl StreamParser {
+    /// Returns the bytes to forward to the client.
+    fn feed(&mut self, chunk: Bytes) -> Bytes {
+        match self {
+            Self::Anthropic(p) => {
+                p.feed(&chunk);
+                chunk
+            }
+            Self::Openai(p) => Bytes::from(p.feed(&chunk)),
+        }
+    }
+    fn finish(&mut self) -> Bytes {
+        match self {
+            Self::Anthropic(_) => Bytes::new(),
+            Self::Openai(p) => Bytes::from(p.finish()),
+        }
+    }
+    fn usage(&self) -> Usage {
+        match self {
+            Self::Anthropic(p) => p.usage,
+            Self::Openai(p) => p.usage,
+        }
+    }
+    fn complete(&self) -> bool {
+        match self {
+            Self::Anthropic(p) => p.complete,
+            Self::Openai(p) => p.complete,
+        }
+    }
+    fn error_event(&self, message: &str) -> Bytes {
+        Bytes::from(match self {
+            Self::Anthropic(_) => {
+                let ev = json!({ "type": "error", "error": { "type": "api_error", "message": message } });
+                format!("event: error\ndata: {ev}\n\n")
+            }
+            Self::Openai(_) => {
+                let ev = json!({ "error": { "message": message, "type": "server_error", "param": null, "code": null } });
+                format!("data: {ev}\n\n")
+            }
+        })
+    }
+}
+
+/// `POST /v1/messages` (Anthropic).
 pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes) -> Response {
+    forward(p, ApiKind::Anthropic, headers, body).await
+}
+
+/// `POST /v1/chat/completions` (OpenAI-compatible).
+pub async fn chat_completions(
+    State(p): State<Arc<Proxy>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    forward(p, ApiKind::Openai, headers, body).await
+}
+
+/// `GET /v1/models` (OpenAI-compatible): the exact model names configured.
+pub async fn models(State(p): State<Arc<Proxy>>, headers: HeaderMap) -> Response {
+    if let Err(r) = p.authenticate(&headers, ApiKind::Openai).await {
+        return r;
+    }
+    let data: Vec<Value> = p
+        .upstreams
+        .iter()
+        .flat_map(|u| {
+            u.models.iter().filter(|m| !m.ends_with('*')).map(
+                move |m| json!({ "id": m, "object": "model", "created": 0, "owned_by": u.name }),
+            )
+        })
+        .collect();
+    axum::Json(json!({ "object": "list", "data": data })).into_response()
+}
+
+async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
-    let caller = match p.authenticate(&headers).await {
+    let caller = match p.authenticate(&headers, api).await {
         Ok(c) => c,
         Err(resp) => return resp,
     };
-    let parsed: Value = match serde_json::from_slice(&body) {
+    let mut parsed: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => {
-            return anthropic_error(
+            return error_for(
+                api,
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 "request body must be a JSON object",
             );
         }
         Err(e) => {
-            return anthropic_error(
+            return error_for(
+                api,
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
                 &format!("malformed JSON body: {e}"),
@@ -139,7 +247,8 @@ pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
         .and_then(Value::as_str)
         .map(str::to_owned)
     else {
-        return anthropic_error(
+        return error_for(
+            api,
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             "model: field required",
@@ -151,7 +260,8 @@ pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
         .unwrap_or(false);
     if let Decision::Deny { retry_after } = p.limiter.check(&caller.agent) {
         let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-        let mut resp = anthropic_error(
+        let mut resp = error_for(
+            api,
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
             &format!(
@@ -163,12 +273,23 @@ pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
             .insert("retry-after", HeaderValue::from(secs));
         return resp;
     }
-    let Some(up) = p.upstream_for(&model, ApiKind::Anthropic).cloned() else {
-        return anthropic_error(
+    let Some(up) = p.upstream_for(&model, api).cloned() else {
+        return error_for(
+            api,
             StatusCode::BAD_REQUEST,
             "invalid_request_error",
             &format!("model {model} is not served by this proxy"),
         );
+    };
+    // OpenAI streams report usage only when asked: always ask, and hide the extra chunk
+    // from clients that did not.
+    let mut client_wants_usage = false;
+    let body = if api == ApiKind::Openai && stream {
+        client_wants_usage = parsed["stream_options"]["include_usage"].as_bool() == Some(true);
+        parsed["stream_options"] = json!({ "include_usage": true });
+        Bytes::from(parsed.to_string())
+    } else {
+        body
     };
     let id = request_id();
     let mut record = Record {
@@ -178,7 +299,10 @@ pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
         vm_id: caller.vm_id.clone(),
         model: model.clone(),
         upstream: up.name.clone(),
-        api: "anthropic",
+        api: match api {
+            ApiKind::Anthropic => "anthropic",
+            ApiKind::Openai => "openai",
+        },
         stream,
         status: 0,
         usage: Usage::default(),
@@ -186,22 +310,31 @@ pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
         error: None,
     };
     // The agent's credential stops here; the host's key goes upstream.
-    let mut req = p
-        .http
-        .post(format!("{}/v1/messages", up.base_url.trim_end_matches('/')))
-        .header("x-api-key", up.api_key.as_str())
-        .header("content-type", "application/json")
-        .header(
-            "anthropic-version",
-            headers
-                .get("anthropic-version")
-                .cloned()
-                .unwrap_or(HeaderValue::from_static("2023-06-01")),
-        )
-        .body(body);
-    if let Some(beta) = headers.get("anthropic-beta") {
-        req = req.header("anthropic-beta", beta.clone());
-    }
+    let base = up.base_url.trim_end_matches('/');
+    let mut req = match api {
+        ApiKind::Anthropic => {
+            let mut r = p
+                .http
+                .post(format!("{base}/v1/messages"))
+                .header("x-api-key", up.api_key.as_str())
+                .header(
+                    "anthropic-version",
+                    headers
+                        .get("anthropic-version")
+                        .cloned()
+                        .unwrap_or(HeaderValue::from_static("2023-06-01")),
+                );
+            if let Some(beta) = headers.get("anthropic-beta") {
+                r = r.header("anthropic-beta", beta.clone());
+            }
+            r
+        }
+        ApiKind::Openai => p
+            .http
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(&up.api_key),
+    };
+    req = req.header("content-type", "application/json").body(body);
     let resp = match req.send().await {
         Ok(r) => r,
         Err(e) => {
@@ -214,7 +347,12 @@ pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
             record.error = Some(format!("upstream {}: {e}", up.name));
             record.latency_ms = started.elapsed().as_millis() as u64;
             p.ledger.record(record);
-            return anthropic_error(status, kind, &format!("upstream {} unreachable", up.name));
+            return error_for(
+                api,
+                status,
+                kind,
+                &format!("upstream {} unreachable", up.name),
+            );
         }
     };
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -232,7 +370,8 @@ pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
                 record.error = Some(format!("upstream body: {e}"));
                 record.latency_ms = started.elapsed().as_millis() as u64;
                 p.ledger.record(record);
-                return anthropic_error(
+                return error_for(
+                    api,
                     StatusCode::BAD_GATEWAY,
                     "api_error",
                     "upstream answer was cut off",
@@ -240,7 +379,10 @@ pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
             }
         };
         if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
-            record.usage = Usage::from_anthropic(&v["usage"]);
+            record.usage = match api {
+                ApiKind::Anthropic => Usage::from_anthropic(&v["usage"]),
+                ApiKind::Openai => from_openai(&v["usage"]),
+            };
         }
         record.latency_ms = started.elapsed().as_millis() as u64;
         p.ledger.record(record);
@@ -258,17 +400,20 @@ pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
     }
     // Stream: a task reads the upstream to its end whatever the client does, so usage
     // is never lost; the client gets chunks as they arrive, unbuffered.
+    let mut parser = match api {
+        ApiKind::Anthropic => StreamParser::Anthropic(SseUsage::default()),
+        ApiKind::Openai => StreamParser::Openai(OpenAiSse::new(client_wants_usage)),
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let ledger_proxy = Arc::clone(&p);
     tokio::spawn(async move {
         let mut upstream = resp.bytes_stream();
-        let mut usage = SseUsage::default();
         let mut client_gone = false;
         while let Some(chunk) = upstream.next().await {
             match chunk {
                 Ok(b) => {
-                    usage.feed(&b);
-                    if !client_gone && tx.send(Ok(b)).await.is_err() {
+                    let out = parser.feed(b);
+                    if !client_gone && !out.is_empty() && tx.send(Ok(out)).await.is_err() {
                         client_gone = true;
                     }
                 }
@@ -278,19 +423,22 @@ pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
                 }
             }
         }
-        if !usage.complete && record.error.is_none() {
-            record.error = Some("upstream stream ended without message_stop".into());
+        let rest = parser.finish();
+        if !client_gone && !rest.is_empty() {
+            let _ = tx.send(Ok(rest)).await;
         }
-        if record.error.is_some() && !client_gone {
-            let ev = json!({ "type": "error", "error": { "type": "api_error", "message": record.error } });
-            let _ = tx
-                .send(Ok(Bytes::from(format!("event: error\ndata: {ev}\n\n"))))
-                .await;
+        if !parser.complete() && record.error.is_none() {
+            record.error = Some("upstream stream ended before its end marker".into());
+        }
+        if let Some(err) = &record.error
+            && !client_gone
+        {
+            let _ = tx.send(Ok(parser.error_event(err))).await;
         }
         if client_gone && record.error.is_none() {
             record.error = Some("client disconnected; upstream read to the end".into());
         }
-        record.usage = usage.usage;
+        record.usage = parser.usage();
         record.latency_ms = started.elapsed().as_millis() as u64;
         ledger_proxy.ledger.record(record);
     });

@@ -121,3 +121,119 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         assert_eq!(p.usage.output_tokens, 1);
     }
 }
+
+/// OpenAI's `usage` object (`prompt_tokens`, `completion_tokens`, cached prompt tokens).
+pub fn from_openai(u: &Value) -> Usage {
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    Usage {
+        input_tokens: n(&u["prompt_tokens"]),
+        output_tokens: n(&u["completion_tokens"]),
+        cache_creation_input_tokens: 0,
+        cache_read_input_tokens: n(&u["prompt_tokens_details"]["cached_tokens"]),
+    }
+}
+
+/// Incremental reader of an OpenAI chat-completions stream: usage from the final
+/// `include_usage` chunk, completion from `data: [DONE]`. The proxy always asks the
+/// upstream for usage; when the client did not, that chunk is removed from what the
+/// client sees (a chunk with no `choices` would surprise it).
+#[derive(Debug, Default)]
+pub struct OpenAiSse {
+    pending: Vec<u8>,
+    pub usage: Usage,
+    pub complete: bool,
+    /// Pass the usage chunk on to the client.
+    pub client_wants_usage: bool,
+}
+
+impl OpenAiSse {
+    /// A parser; `client_wants_usage` keeps the usage chunk in what the client sees.
+    pub fn new(client_wants_usage: bool) -> Self {
+        Self {
+            client_wants_usage,
+            ..Self::default()
+        }
+    }
+
+    /// Feeds a chunk; returns the bytes to forward (whole events only).
+    pub fn feed(&mut self, chunk: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(chunk);
+        let mut out = Vec::new();
+        while let Some(end) = find(&self.pending, b"\n\n") {
+            let event: Vec<u8> = self.pending.drain(..end + 2).collect();
+            if self.event(&event) {
+                out.extend_from_slice(&event);
+            }
+        }
+        out
+    }
+
+    /// What remains at the end of the stream (an unterminated last event).
+    pub fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Records what the event says; returns whether the client gets it.
+    fn event(&mut self, event: &[u8]) -> bool {
+        let Some(data) = event
+            .split(|&b| b == b'\n')
+            .find_map(|l| l.strip_prefix(b"data:"))
+        else {
+            return true;
+        };
+        let data = data.trim_ascii();
+        if data == b"[DONE]" {
+            self.complete = true;
+            return true;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(data) else {
+            return true;
+        };
+        if v.get("usage").is_some_and(|u| !u.is_null()) {
+            self.usage = from_openai(&v["usage"]);
+            let usage_only = v["choices"].as_array().is_some_and(Vec::is_empty);
+            return self.client_wants_usage || !usage_only;
+        }
+        true
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod openai_tests {
+    use super::*;
+
+    const STREAM: &str = "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n\
+data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n\
+data: {\"id\":\"c\",\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":4}}}\n\n\
+data: [DONE]\n\n";
+
+    #[test]
+    fn usage_is_counted_and_hidden_unless_asked_for() {
+        for wants in [false, true] {
+            for size in [1, 5, 64, STREAM.len()] {
+                let mut p = OpenAiSse::new(wants);
+                let mut out = Vec::new();
+                for c in STREAM.as_bytes().chunks(size) {
+                    out.extend(p.feed(c));
+                }
+                out.extend(p.finish());
+                assert!(p.complete);
+                assert_eq!(
+                    (
+                        p.usage.input_tokens,
+                        p.usage.output_tokens,
+                        p.usage.cache_read_input_tokens
+                    ),
+                    (9, 2, 4)
+                );
+                let text = String::from_utf8(out).expect("utf8");
+                assert_eq!(text.contains("prompt_tokens"), wants, "size {size}");
+                assert!(text.ends_with("data: [DONE]\n\n"));
+            }
+        }
+    }
+}
