@@ -278,3 +278,88 @@ fn rusqlite_rows(db: &std::path::Path) -> (u64, u64) {
             .sum(),
     )
 }
+
+#[test]
+fn token_budgets_refuse_until_the_window_allows_and_survive_a_restart() {
+    let work = tempfile::tempdir().expect("tmp");
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).expect("state");
+    let upstream = FakeAnthropic::start(HOST_KEY);
+    let tokens = work.path().join("tokens.json");
+    std::fs::write(
+        &tokens,
+        r#"{"dev-token-a": "agent-a", "dev-token-b": "agent-b"}"#,
+    )
+    .expect("tokens");
+    let px_port = port();
+    let start = || {
+        spawn_daemon(
+            "inference-proxy",
+            &[
+                "--addr",
+                &format!("127.0.0.1:{px_port}"),
+                "--state-dir",
+                state.to_str().expect("utf8"),
+            ],
+            &[
+                ("ANTHROPIC_API_KEY", HOST_KEY),
+                ("CLAWOS_PROXY_ANTHROPIC_URL", upstream.url.as_str()),
+                ("CLAWOS_PROXY_STATIC_TOKENS", tokens.to_str().expect("utf8")),
+                ("CLAWOS_PROXY_TOKENS_PER_DAY", "20"),
+            ],
+            &work.path().join(format!("proxy-{}.log", port())),
+            px_port,
+        )
+        .expect("inference-proxy")
+    };
+    let mut proxy = start();
+    let rt = runtime();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .expect("client");
+    let url = format!("http://127.0.0.1:{px_port}");
+    let call = |token: &str, path: &str| -> (u16, Option<String>, String) {
+        rt.block_on(async {
+            let r = http
+                .post(format!("{url}{path}"))
+                .header("x-api-key", token)
+                .body(r#"{"model":"claude-test","max_tokens":8,"messages":[{"role":"user","content":"a b c"}]}"#)
+                .send()
+                .await
+                .expect("send");
+            let retry = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            (r.status().as_u16(), retry, r.text().await.unwrap_or_default())
+        })
+    };
+    // count_tokens passes through and costs nothing.
+    let (st, _, text) = call("dev-token-a", "/v1/messages/count_tokens");
+    assert_eq!((st, text.as_str()), (200, r#"{"input_tokens":3}"#));
+    // Each call costs 3 + 4 = 7 tokens: 7, 14, 21 (over 20), then refused.
+    for _ in 0..3 {
+        assert_eq!(call("dev-token-a", "/v1/messages").0, 200);
+    }
+    let (st, retry, text) = call("dev-token-a", "/v1/messages");
+    assert_eq!(st, 429, "{text}");
+    assert!(text.contains("token budget"), "{text}");
+    assert!(
+        retry
+            .and_then(|r| r.parse::<u64>().ok())
+            .is_some_and(|s| s > 0 && s <= 86_400)
+    );
+    assert_eq!(
+        call("dev-token-b", "/v1/messages").0,
+        200,
+        "another agent has its own budget"
+    );
+    // A restart does not reset the day's spend: it is read back from the ledger.
+    let _ = Command::new("kill")
+        .args(["-INT", &proxy.id().to_string()])
+        .status();
+    let _ = proxy.wait();
+    let mut proxy = start();
+    assert_eq!(call("dev-token-a", "/v1/messages").0, 429);
+    assert_eq!(call("dev-token-b", "/v1/messages").0, 200);
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}

@@ -179,6 +179,14 @@ async fn chat_completions(
         .unwrap_or_default()
 }
 
+async fn count_tokens(State(u): State<Arc<Upstream>>, headers: HeaderMap, body: Bytes) -> Response {
+    if headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some(u.key.as_str()) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    axum::Json(json!({"input_tokens": input_tokens(&req)})).into_response()
+}
+
 /// A running fake; dropping it does not stop the server (it lives for the test process).
 #[derive(Debug, Clone)]
 pub struct FakeAnthropic {
@@ -201,6 +209,10 @@ impl FakeAnthropic {
             .route(
                 "/v1/chat/completions",
                 axum::routing::post(chat_completions),
+            )
+            .route(
+                "/v1/messages/count_tokens",
+                axum::routing::post(count_tokens),
             )
             .with_state(Arc::clone(&state));
         std::thread::spawn(move || {

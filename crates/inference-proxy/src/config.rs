@@ -60,6 +60,10 @@ pub struct ProxyConfig {
     pub addr: SocketAddr,
     pub upstreams: Vec<Upstream>,
     pub rpm: u32,
+    /// Tokens per agent per rolling minute (0: no budget).
+    pub tokens_per_minute: u64,
+    /// Tokens per agent per UTC day (0: no budget).
+    pub tokens_per_day: u64,
     /// identity-manager issuer URL (JWT auth), or static tokens for development.
     pub issuer: Option<String>,
     pub audience: String,

@@ -211,6 +211,27 @@ pub fn usage_since(
         .map_err(|e| LedgerError(e.to_string()))
 }
 
+/// Tokens per agent since `since_ms` (seeds the daily budgets at start-up).
+pub fn tokens_since(
+    db_path: &Path,
+    since_ms: u64,
+) -> Result<std::collections::HashMap<String, u64>, LedgerError> {
+    let db = open_db(db_path)?;
+    let mut st = db
+        .prepare(
+            "SELECT agent, SUM(input_tokens + output_tokens + cache_creation_input_tokens + cache_read_input_tokens)
+             FROM requests WHERE time_ms >= ?1 GROUP BY agent",
+        )
+        .map_err(|e| LedgerError(e.to_string()))?;
+    let rows = st
+        .query_map([since_ms], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?))
+        })
+        .map_err(|e| LedgerError(e.to_string()))?;
+    rows.collect::<Result<_, _>>()
+        .map_err(|e| LedgerError(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

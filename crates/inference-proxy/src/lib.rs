@@ -56,6 +56,7 @@ async fn usage(
 pub fn router(p: Arc<proxy::Proxy>) -> Router {
     Router::new()
         .route("/v1/messages", post(proxy::messages))
+        .route("/v1/messages/count_tokens", post(proxy::count_tokens))
         .route("/v1/chat/completions", post(proxy::chat_completions))
         .route("/v1/models", get(proxy::models))
         .route("/v1/usage", get(usage))
@@ -75,7 +76,10 @@ pub async fn run(
         (None, Some(map)) => proxy::AgentAuth::Static(map),
         (None, None) => proxy::AgentAuth::Static(Default::default()),
     };
+    let now = ledger::now_ms();
+    let today = ledger::tokens_since(&cfg.ledger_path, now - now % 86_400_000)?;
     let p = Arc::new(proxy::Proxy {
+        budgets: limits::TokenBudgets::new(cfg.tokens_per_minute, cfg.tokens_per_day, today, now),
         auth,
         upstreams: cfg.upstreams,
         limiter: limits::RateLimiter::per_minute(cfg.rpm),

@@ -57,6 +57,110 @@ impl RateLimiter {
     }
 }
 
+/// Per-agent token budgets: tokens per rolling minute and per UTC day, charged with
+/// what the upstream reported after each request. A request is refused while the
+/// agent is at or over a budget, until the window lets it back in.
+#[derive(Debug)]
+pub struct TokenBudgets {
+    per_minute: Option<u64>,
+    per_day: Option<u64>,
+    spend: Mutex<HashMap<String, Spend>>,
+}
+
+#[derive(Debug, Default)]
+struct Spend {
+    /// (when, tokens) within the last minute.
+    minute: std::collections::VecDeque<(Instant, u64)>,
+    day: u64,
+    day_tokens: u64,
+}
+
+const DAY_MS: u64 = 86_400_000;
+
+impl TokenBudgets {
+    /// `0` disables a budget. `day_so_far` seeds today's spend (from the ledger), so a
+    /// restart does not reset it.
+    pub fn new(
+        per_minute: u64,
+        per_day: u64,
+        day_so_far: HashMap<String, u64>,
+        now_ms: u64,
+    ) -> Self {
+        let day = now_ms / DAY_MS;
+        let spend = day_so_far
+            .into_iter()
+            .map(|(a, t)| {
+                (
+                    a,
+                    Spend {
+                        day,
+                        day_tokens: t,
+                        ..Spend::default()
+                    },
+                )
+            })
+            .collect();
+        Self {
+            per_minute: (per_minute > 0).then_some(per_minute),
+            per_day: (per_day > 0).then_some(per_day),
+            spend: Mutex::new(spend),
+        }
+    }
+
+    /// Whether `agent` may send a request now.
+    pub fn check(&self, agent: &str, now: Instant, now_ms: u64) -> Decision {
+        let mut map = self.spend.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(s) = map.get_mut(agent) else {
+            return Decision::Allow;
+        };
+        if s.day != now_ms / DAY_MS {
+            s.day = now_ms / DAY_MS;
+            s.day_tokens = 0;
+        }
+        if let Some(limit) = self.per_day
+            && s.day_tokens >= limit
+        {
+            let until_midnight = DAY_MS - now_ms % DAY_MS;
+            return Decision::Deny {
+                retry_after: Duration::from_millis(until_midnight),
+            };
+        }
+        while s
+            .minute
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            s.minute.pop_front();
+        }
+        if let Some(limit) = self.per_minute {
+            let used: u64 = s.minute.iter().map(|(_, n)| n).sum();
+            if used >= limit {
+                let oldest = s.minute.front().map_or(now, |(t, _)| *t);
+                let wait = Duration::from_secs(60).saturating_sub(now.duration_since(oldest));
+                return Decision::Deny {
+                    retry_after: wait.max(Duration::from_millis(1)),
+                };
+            }
+        }
+        Decision::Allow
+    }
+
+    /// Charges a finished request.
+    pub fn charge(&self, agent: &str, tokens: u64, now: Instant, now_ms: u64) {
+        if tokens == 0 || (self.per_minute.is_none() && self.per_day.is_none()) {
+            return;
+        }
+        let mut map = self.spend.lock().unwrap_or_else(|p| p.into_inner());
+        let s = map.entry(agent.to_owned()).or_default();
+        if s.day != now_ms / DAY_MS {
+            s.day = now_ms / DAY_MS;
+            s.day_tokens = 0;
+        }
+        s.day_tokens += tokens;
+        s.minute.push_back((now, tokens));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,5 +193,43 @@ mod tests {
                 .count(),
             60
         );
+    }
+}
+
+#[cfg(test)]
+mod budget_tests {
+    use super::*;
+
+    #[test]
+    fn per_minute_budget_refuses_until_the_window_moves() {
+        let b = TokenBudgets::new(100, 0, HashMap::new(), 0);
+        let t0 = Instant::now();
+        assert_eq!(b.check("a", t0, 0), Decision::Allow);
+        b.charge("a", 60, t0, 0);
+        assert_eq!(b.check("a", t0, 0), Decision::Allow, "60 < 100");
+        b.charge("a", 60, t0, 0);
+        assert!(
+            matches!(b.check("a", t0, 0), Decision::Deny { .. }),
+            "120 >= 100"
+        );
+        assert_eq!(b.check("other", t0, 0), Decision::Allow);
+        assert_eq!(
+            b.check("a", t0 + Duration::from_secs(61), 61_000),
+            Decision::Allow
+        );
+    }
+
+    #[test]
+    fn daily_budget_survives_a_restart_and_resets_at_midnight() {
+        let noon = 10 * DAY_MS + DAY_MS / 2;
+        let b = TokenBudgets::new(0, 1000, HashMap::from([("a".to_owned(), 1000)]), noon);
+        let t = Instant::now();
+        match b.check("a", t, noon) {
+            Decision::Deny { retry_after } => {
+                assert_eq!(retry_after, Duration::from_millis(DAY_MS / 2))
+            }
+            d => panic!("{d:?}"),
+        }
+        assert_eq!(b.check("a", t, 11 * DAY_MS), Decision::Allow, "a new day");
     }
 }

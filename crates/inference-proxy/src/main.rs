@@ -17,6 +17,12 @@ struct Args {
     /// Requests per minute per agent.
     #[arg(long, env = "CLAWOS_PROXY_RATE_LIMIT_RPM", default_value_t = 60)]
     rpm: u32,
+    /// Tokens per agent per rolling minute (0: no budget).
+    #[arg(long, env = "CLAWOS_PROXY_TOKENS_PER_MINUTE", default_value_t = 0)]
+    tokens_per_minute: u64,
+    /// Tokens per agent per UTC day (0: no budget).
+    #[arg(long, env = "CLAWOS_PROXY_TOKENS_PER_DAY", default_value_t = 0)]
+    tokens_per_day: u64,
     /// identity-manager issuer URL whose JWKS verifies agent tokens.
     #[arg(long, env = "CLAWOS_IDENTITY_ISSUER")]
     issuer: Option<String>,
@@ -73,6 +79,8 @@ fn main() -> Result<()> {
             std::env::var(k).ok()
         })?,
         rpm: a.rpm,
+        tokens_per_minute: a.tokens_per_minute,
+        tokens_per_day: a.tokens_per_day,
         issuer: a.issuer,
         audience: a.audience,
         static_tokens,

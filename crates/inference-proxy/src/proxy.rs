@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::config::{ApiKind, Upstream};
 use crate::ledger::{Ledger, Record, now_ms};
-use crate::limits::{Decision, RateLimiter};
+use crate::limits::{Decision, RateLimiter, TokenBudgets};
 use crate::usage::{OpenAiSse, SseUsage, Usage, from_openai};
 
 /// How agents authenticate.
@@ -41,6 +41,7 @@ pub struct Proxy {
     pub auth: AgentAuth,
     pub upstreams: Vec<Upstream>,
     pub limiter: RateLimiter,
+    pub budgets: TokenBudgets,
     pub ledger: Ledger,
     pub http: reqwest::Client,
 }
@@ -95,6 +96,17 @@ impl Proxy {
                 })
                 .ok_or_else(|| unauthorized("unknown agent credential")),
         }
+    }
+
+    /// Charges the agent's budgets and writes the record.
+    fn finish(&self, record: Record) {
+        self.budgets.charge(
+            &record.agent,
+            record.usage.total(),
+            Instant::now(),
+            now_ms(),
+        );
+        self.ledger.record(record);
     }
 
     fn upstream_for(&self, model: &str, api: ApiKind) -> Option<&Upstream> {
@@ -200,6 +212,72 @@ pub async fn chat_completions(
     forward(p, ApiKind::Openai, headers, body).await
 }
 
+/// `POST /v1/messages/count_tokens` (Anthropic): authenticated, passed through with the
+/// host key, not charged (it consumes no tokens).
+pub async fn count_tokens(
+    State(p): State<Arc<Proxy>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Err(r) = p.authenticate(&headers, ApiKind::Anthropic).await {
+        return r;
+    }
+    let model = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["model"].as_str().map(str::to_owned));
+    let Some(model) = model else {
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            "body must be JSON with a model",
+        );
+    };
+    let Some(up) = p.upstream_for(&model, ApiKind::Anthropic) else {
+        return anthropic_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &format!("model {model} is not served by this proxy"),
+        );
+    };
+    let resp = p
+        .http
+        .post(format!(
+            "{}/v1/messages/count_tokens",
+            up.base_url.trim_end_matches('/')
+        ))
+        .header("x-api-key", up.api_key.as_str())
+        .header(
+            "anthropic-version",
+            headers
+                .get("anthropic-version")
+                .cloned()
+                .unwrap_or(HeaderValue::from_static("2023-06-01")),
+        )
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await;
+    match resp {
+        Ok(r) => {
+            let status =
+                StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let bytes = r.bytes().await.unwrap_or_default();
+            let mut out = Response::new(Body::from(bytes));
+            *out.status_mut() = status;
+            out.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            out
+        }
+        Err(_) => anthropic_error(
+            StatusCode::BAD_GATEWAY,
+            "api_error",
+            &format!("upstream {} unreachable", up.name),
+        ),
+    }
+}
+
 /// `GET /v1/models` (OpenAI-compatible): the exact model names configured.
 pub async fn models(State(p): State<Arc<Proxy>>, headers: HeaderMap) -> Response {
     if let Err(r) = p.authenticate(&headers, ApiKind::Openai).await {
@@ -266,6 +344,22 @@ async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -
             "rate_limit_error",
             &format!(
                 "agent {} is over its requests-per-minute limit; retry in {secs}s",
+                caller.agent
+            ),
+        );
+        resp.headers_mut()
+            .insert("retry-after", HeaderValue::from(secs));
+        return resp;
+    }
+    if let Decision::Deny { retry_after } = p.budgets.check(&caller.agent, Instant::now(), now_ms())
+    {
+        let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        let mut resp = error_for(
+            api,
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            &format!(
+                "agent {} has used its token budget; retry in {secs}s",
                 caller.agent
             ),
         );
@@ -346,7 +440,7 @@ async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -
             record.status = status.as_u16();
             record.error = Some(format!("upstream {}: {e}", up.name));
             record.latency_ms = started.elapsed().as_millis() as u64;
-            p.ledger.record(record);
+            p.finish(record);
             return error_for(
                 api,
                 status,
@@ -369,7 +463,7 @@ async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -
                 record.status = StatusCode::BAD_GATEWAY.as_u16();
                 record.error = Some(format!("upstream body: {e}"));
                 record.latency_ms = started.elapsed().as_millis() as u64;
-                p.ledger.record(record);
+                p.finish(record);
                 return error_for(
                     api,
                     StatusCode::BAD_GATEWAY,
@@ -385,7 +479,7 @@ async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -
             };
         }
         record.latency_ms = started.elapsed().as_millis() as u64;
-        p.ledger.record(record);
+        p.finish(record);
         let mut out = Response::new(Body::from(bytes));
         *out.status_mut() = status;
         out.headers_mut().insert(
@@ -440,7 +534,7 @@ async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -
         }
         record.usage = parser.usage();
         record.latency_ms = started.elapsed().as_millis() as u64;
-        ledger_proxy.ledger.record(record);
+        ledger_proxy.finish(record);
     });
     let body = Body::from_stream(tokio_stream_from(rx));
     let mut out = Response::new(body);
