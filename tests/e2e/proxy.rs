@@ -363,3 +363,123 @@ fn token_budgets_refuse_until_the_window_allows_and_survive_a_restart() {
     let _ = proxy.kill();
     let _ = proxy.wait();
 }
+
+#[test]
+fn sixty_four_clients_with_failures_every_request_audited_and_charged_once() {
+    let work = tempfile::tempdir().expect("tmp");
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).expect("state");
+    let upstream = FakeAnthropic::start(HOST_KEY);
+    let tokens = work.path().join("tokens.json");
+    let map: serde_json::Map<String, Value> = (0..8)
+        .map(|i| (format!("tok-{i}"), json!(format!("agent-{i}"))))
+        .collect();
+    std::fs::write(&tokens, Value::Object(map).to_string()).expect("tokens");
+    let px_port = port();
+    let mut proxy = spawn_daemon(
+        "inference-proxy",
+        &[
+            "--addr",
+            &format!("127.0.0.1:{px_port}"),
+            "--state-dir",
+            state.to_str().expect("utf8"),
+            "--rpm",
+            "10000000",
+        ],
+        &[
+            ("ANTHROPIC_API_KEY", HOST_KEY),
+            ("CLAWOS_PROXY_ANTHROPIC_URL", upstream.url.as_str()),
+            ("CLAWOS_PROXY_STATIC_TOKENS", tokens.to_str().expect("utf8")),
+        ],
+        &work.path().join("proxy.log"),
+        px_port,
+    )
+    .expect("inference-proxy");
+    let url = format!("http://127.0.0.1:{px_port}/v1/messages");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
+    // (sent, expected input tokens, expected output tokens) per client.
+    let totals = rt.block_on(async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut tasks = Vec::new();
+        for c in 0..64u64 {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let token = format!("tok-{}", c % 8);
+                let (mut sent, mut input, mut output) = (0u64, 0u64, 0u64);
+                let mut i = c;
+                while std::time::Instant::now() < deadline {
+                    // Mixed traffic: JSON, streams, an upstream 500, an upstream dying mid-stream.
+                    let (model, stream, exp_in, exp_out) = match i % 10 {
+                        0 => ("fail-midstream", true, 3, 1),
+                        1 => ("fail-500", false, 0, 0),
+                        2..=5 => ("claude-load", false, 3, 4),
+                        _ => ("claude-load", true, 3, 4),
+                    };
+                    i += 1;
+                    let body = json!({"model": model, "stream": stream, "max_tokens": 8, "messages": [{"role": "user", "content": "w1 w2 w3"}]});
+                    let r = http.post(&url).header("x-api-key", &token).json(&body).send().await.expect("send");
+                    let status = r.status().as_u16();
+                    let _ = r.bytes().await;
+                    assert!(status == 200 || (model == "fail-500" && status == 500), "{model}: {status}");
+                    sent += 1;
+                    input += exp_in;
+                    output += exp_out;
+                }
+                (sent, input, output)
+            }));
+        }
+        let mut t = (0, 0, 0);
+        for task in tasks {
+            let (s, i, o) = task.await.expect("client");
+            t = (t.0 + s, t.1 + i, t.2 + o);
+        }
+        t
+    });
+    let (sent, exp_in, exp_out) = totals;
+    assert!(sent > 640, "only {sent} requests in 10 s");
+    // Stop gracefully: the ledger writer drains its queue.
+    let _ = Command::new("kill")
+        .args(["-INT", &proxy.id().to_string()])
+        .status();
+    let _ = proxy.wait();
+    assert_eq!(upstream.seen().2 as u64, sent, "requests seen upstream");
+    let audit = std::fs::read_to_string(state.join("proxy/audit.jsonl")).expect("audit");
+    let lines: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len() as u64, sent, "audit lines = requests sent");
+    let ids: std::collections::HashSet<&str> = lines
+        .iter()
+        .map(|l| l["request_id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids.len(), lines.len(), "duplicate request ids in the audit");
+    let rows = clawos_inference_proxy::ledger::usage_since(&state.join("proxy/ledger.db"), 0, None)
+        .expect("ledger");
+    let sum = |k: &str| rows.iter().map(|r| r[k].as_u64().unwrap_or(0)).sum::<u64>();
+    assert_eq!(sum("requests"), sent, "ledger rows = requests sent");
+    assert_eq!(
+        sum("input_tokens"),
+        exp_in,
+        "input tokens = what the upstream reported"
+    );
+    assert_eq!(
+        sum("output_tokens"),
+        exp_out,
+        "output tokens = what the upstream reported"
+    );
+    let failed = lines
+        .iter()
+        .filter(|l| l["error"].is_string() || l["status"].as_u64() == Some(500))
+        .count() as u64;
+    assert!(
+        failed > 0 && failed < sent,
+        "failures were injected and recorded: {failed}"
+    );
+    eprintln!("load: {sent} requests in 10 s by 64 clients, {failed} with injected failures");
+}

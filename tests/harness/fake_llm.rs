@@ -1,6 +1,6 @@
 //! A local stand-in for the Anthropic API (the only thing tests cannot reach): real
 //! wire format — JSON messages, and SSE with the real event sequence and `usage` — and
-//! a record of which credentials arrived; likewise OpenAI chat completions (JSON, and
+//! a record of which credentials arrived (model `fail-500` answers 500); likewise OpenAI chat completions (JSON, and
 //! SSE chunks with the `include_usage` chunk and `[DONE]`). Model `fail-midstream` drops the connection
 //! in the middle of a stream.
 
@@ -68,6 +68,10 @@ async fn messages(State(u): State<Arc<Upstream>>, headers: HeaderMap, body: Byte
     let model = req["model"].as_str().unwrap_or("").to_owned();
     let input = input_tokens(&req);
     let id = format!("msg_fake_{input}");
+    if model == "fail-500" {
+        let e = json!({"type": "error", "error": {"type": "api_error", "message": "injected upstream failure"}});
+        return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(e)).into_response();
+    }
     if req["stream"].as_bool() != Some(true) {
         let text: String = WORDS.concat();
         return axum::Json(json!({

@@ -61,6 +61,20 @@ pub fn router(p: Arc<proxy::Proxy>) -> Router {
         .route("/v1/models", get(proxy::models))
         .route("/v1/usage", get(usage))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/metrics",
+            get(
+                |axum::extract::State(p): axum::extract::State<Arc<proxy::Proxy>>| async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        p.metrics.render(),
+                    )
+                },
+            ),
+        )
         .with_state(p)
 }
 
@@ -79,6 +93,7 @@ pub async fn run(
     let now = ledger::now_ms();
     let today = ledger::tokens_since(&cfg.ledger_path, now - now % 86_400_000)?;
     let p = Arc::new(proxy::Proxy {
+        metrics: proxy::Metrics::default(),
         budgets: limits::TokenBudgets::new(cfg.tokens_per_minute, cfg.tokens_per_day, today, now),
         auth,
         upstreams: cfg.upstreams,

@@ -35,9 +35,76 @@ impl std::fmt::Debug for AgentAuth {
     }
 }
 
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub requests: std::sync::atomic::AtomicU64,
+    pub auth_failures: std::sync::atomic::AtomicU64,
+    pub rate_limited: std::sync::atomic::AtomicU64,
+    pub budget_refused: std::sync::atomic::AtomicU64,
+    pub upstream_errors: std::sync::atomic::AtomicU64,
+    pub input_tokens: std::sync::atomic::AtomicU64,
+    pub output_tokens: std::sync::atomic::AtomicU64,
+}
+
+impl Metrics {
+    fn add(c: &std::sync::atomic::AtomicU64, n: u64) {
+        c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let mut out = String::new();
+        for (name, help, v) in [
+            (
+                "clawos_proxy_requests_total",
+                "Requests forwarded upstream.",
+                g(&self.requests),
+            ),
+            (
+                "clawos_proxy_auth_failures_total",
+                "Requests refused for their credential.",
+                g(&self.auth_failures),
+            ),
+            (
+                "clawos_proxy_rate_limited_total",
+                "Requests refused by the per-agent RPM limit.",
+                g(&self.rate_limited),
+            ),
+            (
+                "clawos_proxy_budget_refused_total",
+                "Requests refused by a token budget.",
+                g(&self.budget_refused),
+            ),
+            (
+                "clawos_proxy_upstream_errors_total",
+                "Requests whose upstream failed or broke off.",
+                g(&self.upstream_errors),
+            ),
+            (
+                "clawos_proxy_input_tokens_total",
+                "Input tokens charged (incl. cache).",
+                g(&self.input_tokens),
+            ),
+            (
+                "clawos_proxy_output_tokens_total",
+                "Output tokens charged.",
+                g(&self.output_tokens),
+            ),
+        ] {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+            ));
+        }
+        out
+    }
+}
+
 /// Shared state of the proxy.
 #[derive(Debug)]
 pub struct Proxy {
+    pub metrics: Metrics,
     pub auth: AgentAuth,
     pub upstreams: Vec<Upstream>,
     pub limiter: RateLimiter,
@@ -100,6 +167,17 @@ impl Proxy {
 
     /// Charges the agent's budgets and writes the record.
     fn finish(&self, record: Record) {
+        let m = &self.metrics;
+        Metrics::add(&m.requests, 1);
+        if record.error.is_some() || record.status >= 500 {
+            Metrics::add(&m.upstream_errors, 1);
+        }
+        let u = record.usage;
+        Metrics::add(
+            &m.input_tokens,
+            u.input_tokens + u.cache_creation_input_tokens + u.cache_read_input_tokens,
+        );
+        Metrics::add(&m.output_tokens, u.output_tokens);
         self.budgets.charge(
             &record.agent,
             record.usage.total(),
@@ -299,7 +377,10 @@ async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -
     let started = Instant::now();
     let caller = match p.authenticate(&headers, api).await {
         Ok(c) => c,
-        Err(resp) => return resp,
+        Err(resp) => {
+            Metrics::add(&p.metrics.auth_failures, 1);
+            return resp;
+        }
     };
     let mut parsed: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
@@ -337,6 +418,7 @@ async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -
         .and_then(Value::as_bool)
         .unwrap_or(false);
     if let Decision::Deny { retry_after } = p.limiter.check(&caller.agent) {
+        Metrics::add(&p.metrics.rate_limited, 1);
         let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
         let mut resp = error_for(
             api,
@@ -353,6 +435,7 @@ async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -
     }
     if let Decision::Deny { retry_after } = p.budgets.check(&caller.agent, Instant::now(), now_ms())
     {
+        Metrics::add(&p.metrics.budget_refused, 1);
         let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
         let mut resp = error_for(
             api,
