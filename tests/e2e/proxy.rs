@@ -352,6 +352,34 @@ fn token_budgets_refuse_until_the_window_allows_and_survive_a_restart() {
         200,
         "another agent has its own budget"
     );
+    // Operators read usage with `clawos usage`; without the credential it is refused.
+    // The ledger is written in batches (up to 20 ms), so poll briefly.
+    let mut u = Value::Null;
+    for _ in 0..50 {
+        let o = Command::new(clawos_e2e::bin("clawos"))
+            .args(["--json", "usage", "--agent", "agent-a", "--proxy-url", &url])
+            .env("CLAWOS_STATE_DIR", &state)
+            .output()
+            .expect("clawos usage");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        u = serde_json::from_slice(&o.stdout).expect("json");
+        if u["usage"][0]["requests"] == 3 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(u["usage"][0]["requests"], 3, "{u}");
+    assert_eq!(u["usage"][0]["input_tokens"], 9);
+    let anon = rt.block_on(async {
+        http.get(format!("{url}/v1/usage"))
+            .header("authorization", "Bearer dev-token-a")
+            .send()
+            .await
+            .expect("send")
+            .status()
+            .as_u16()
+    });
+    assert_eq!(anon, 401, "an agent credential does not read usage");
     // A restart does not reset the day's spend: it is read back from the ledger.
     let _ = Command::new("kill")
         .args(["-INT", &proxy.id().to_string()])

@@ -59,6 +59,22 @@ enum Cmd {
     /// identity-manager keys.
     #[command(subcommand)]
     Identity(IdentityCmd),
+    /// LLM usage per agent and model, from inference-proxy's ledger.
+    Usage {
+        /// Only this agent.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Window: the last N minutes [default: all].
+        #[arg(long)]
+        since_minutes: Option<u64>,
+        /// inference-proxy URL.
+        #[arg(
+            long,
+            env = "CLAWOS_PROXY_URL",
+            default_value = "http://127.0.0.1:11435"
+        )]
+        proxy_url: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -912,6 +928,83 @@ fn run(cli: Cli) -> Result<(), Exit> {
         Cmd::Token(cmd) => {
             let rt = runtime()?;
             rt.block_on(token_cmd(cmd, &cli.identity_url, cli.json))
+        }
+        Cmd::Usage {
+            agent,
+            since_minutes,
+            proxy_url,
+        } => {
+            let since_ms = since_minutes
+                .map(|m| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    now.saturating_sub(m * 60_000)
+                })
+                .unwrap_or(0);
+            let token_path = std::env::var_os("CLAWOS_PROXY_ADMIN_TOKEN_PATH")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| state_dir().join("proxy/admin.token"));
+            let token = std::fs::read_to_string(&token_path)
+                .map(|s| s.trim().to_owned())
+                .map_err(|e| {
+                    Exit(
+                        1,
+                        anyhow!("proxy operator credential {}: {e}", token_path.display()),
+                    )
+                })?;
+            let rt = runtime()?;
+            let v: serde_json::Value = rt.block_on(async {
+                let mut q = vec![("since_ms", since_ms.to_string())];
+                if let Some(a) = &agent {
+                    q.push(("agent", a.clone()));
+                }
+                let r = reqwest::Client::new()
+                    .get(format!("{}/v1/usage", proxy_url.trim_end_matches('/')))
+                    .bearer_auth(&token)
+                    .query(&q)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        Exit(
+                            7,
+                            anyhow!("cannot reach inference-proxy at {proxy_url}: {e}"),
+                        )
+                    })?;
+                let status = r.status().as_u16();
+                let v: serde_json::Value = r.json().await.unwrap_or_default();
+                if status >= 400 {
+                    return Err(Exit(
+                        1,
+                        anyhow!(
+                            "{} (HTTP {status})",
+                            v["message"].as_str().unwrap_or("error")
+                        ),
+                    ));
+                }
+                Ok(v)
+            })?;
+            if cli.json {
+                print_json(&v).map_err(|e| Exit(1, e))?;
+            } else {
+                println!(
+                    "{:<24} {:<28} {:>9} {:>12} {:>12}",
+                    "AGENT", "MODEL", "REQUESTS", "INPUT", "OUTPUT"
+                );
+                for r in v["usage"].as_array().into_iter().flatten() {
+                    println!(
+                        "{:<24} {:<28} {:>9} {:>12} {:>12}",
+                        r["agent"].as_str().unwrap_or(""),
+                        r["model"].as_str().unwrap_or(""),
+                        r["requests"].as_u64().unwrap_or(0),
+                        r["input_tokens"].as_u64().unwrap_or(0)
+                            + r["cache_creation_input_tokens"].as_u64().unwrap_or(0)
+                            + r["cache_read_input_tokens"].as_u64().unwrap_or(0),
+                        r["output_tokens"].as_u64().unwrap_or(0)
+                    );
+                }
+            }
+            Ok(())
         }
         Cmd::Identity(IdentityCmd::RotateKeys) => {
             let rt = runtime()?;

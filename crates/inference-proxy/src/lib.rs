@@ -41,11 +41,30 @@ struct UsageQuery {
     agent: Option<String>,
 }
 
+/// `GET /v1/usage`: operators only (agents reach this proxy too, and must not read
+/// each other's usage).
 async fn usage(
     axum::extract::State(p): axum::extract::State<Arc<proxy::Proxy>>,
+    headers: axum::http::HeaderMap,
     axum::extract::Query(q): axum::extract::Query<UsageQuery>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let (a, b) = (given.as_bytes(), p.admin_token.as_bytes());
+    let ok = !b.is_empty()
+        && a.len() == b.len()
+        && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    if !ok {
+        return (
+            axum::http::StatusCode::UNAUTHORIZED,
+            axum::Json(serde_json::json!({"error": "unauthorized", "message": "usage needs the operator credential (<state>/proxy/admin.token)"})),
+        )
+            .into_response();
+    }
     match ledger::usage_since(&p.ledger.db_path, q.since_ms, q.agent.as_deref()) {
         Ok(rows) => axum::Json(serde_json::json!({ "usage": rows })).into_response(),
         Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
@@ -94,6 +113,7 @@ pub async fn run(
     let today = ledger::tokens_since(&cfg.ledger_path, now - now % 86_400_000)?;
     let p = Arc::new(proxy::Proxy {
         metrics: proxy::Metrics::default(),
+        admin_token: cfg.admin_token,
         budgets: limits::TokenBudgets::new(cfg.tokens_per_minute, cfg.tokens_per_day, today, now),
         auth,
         upstreams: cfg.upstreams,

@@ -86,6 +86,7 @@ fn main() -> Result<()> {
         static_tokens,
         ledger_path: dir.join("ledger.db"),
         audit_path: dir.join("audit.jsonl"),
+        admin_token: config::admin_token(&dir.join("admin.token"))?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

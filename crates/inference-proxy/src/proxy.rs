@@ -105,6 +105,8 @@ impl Metrics {
 #[derive(Debug)]
 pub struct Proxy {
     pub metrics: Metrics,
+    /// Operator credential for `GET /v1/usage`.
+    pub admin_token: String,
     pub auth: AgentAuth,
     pub upstreams: Vec<Upstream>,
     pub limiter: RateLimiter,
