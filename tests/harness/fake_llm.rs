@@ -227,6 +227,11 @@ impl FakeAnthropic {
                 .expect("runtime");
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::from_std(listener).expect("listener");
+                // Like a real API server: small SSE writes go out at once.
+                use axum::serve::ListenerExt;
+                let l = l.tap_io(|tcp| {
+                    let _ = tcp.set_nodelay(true);
+                });
                 let _ = axum::serve(l, app).await;
             });
         });

@@ -131,6 +131,12 @@ pub async fn run(
             source,
         })?;
     tracing::info!(addr = %cfg.addr, rpm = cfg.rpm, "inference-proxy listening");
+    // Streams are many small writes: without TCP_NODELAY an SSE event can wait for the
+    // client's delayed ACK (tens of milliseconds).
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router(Arc::clone(&p)))
         .with_graceful_shutdown(shutdown)
         .await
