@@ -55,7 +55,7 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
     std::fs::write(
         &upstreams,
         json!([
-            {"name": "anthropic", "api": "anthropic", "base_url": upstream.url, "api_key_env": "ANTHROPIC_API_KEY", "models": ["claude-*", "fail-midstream"]},
+            {"name": "anthropic", "api": "anthropic", "base_url": upstream.url, "api_key_env": "ANTHROPIC_API_KEY", "models": ["claude-*", "fail-midstream", "slow-model"]},
             {"name": "local-vllm", "api": "openai", "base_url": openai_upstream.url, "api_key_env": "OPENAI_API_KEY", "models": ["gpt-test", "gpt-*"]},
         ])
         .to_string(),
@@ -75,6 +75,7 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
             ("CLAWOS_PROXY_UPSTREAMS", upstreams.to_str().expect("utf8")),
             ("CLAWOS_IDENTITY_ISSUER", issuer.as_str()),
             ("CLAWOS_PROXY_RATE_LIMIT_RPM", "60"),
+            ("CLAWOS_PROXY_UPSTREAM_TIMEOUT_SECS", "2"),
         ],
         &work.path().join("proxy.log"),
         px_port,
@@ -157,7 +158,10 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
         r["plain_chunks_without_choices"], 0,
         "the usage chunk the proxy asked for is hidden"
     );
-    assert_eq!(r["models"], json!(["fail-midstream", "gpt-test"]));
+    assert_eq!(
+        r["models"],
+        json!(["fail-midstream", "gpt-test", "slow-model"])
+    );
     let (_, oa_auths, _) = openai_upstream.seen();
     assert!(
         !oa_auths.is_empty()
@@ -212,6 +216,47 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
         "{limited:?}"
     );
     assert_eq!(call(&b_tok, body).0, 200, "another agent is unaffected");
+
+    // Expired and revoked tokens: 401 (the revocation feed is polled every 5 s).
+    let short = rt.block_on(async {
+        let v: Value = http
+            .post(format!("{issuer}/v1/tokens"))
+            .bearer_auth(&svc)
+            .json(&json!({"agent": "agent-x", "vm_id": "vm-x", "audience": "inference-proxy", "ttl_secs": 1}))
+            .send()
+            .await
+            .expect("issue")
+            .json()
+            .await
+            .expect("json");
+        v["token"].as_str().expect("token").to_owned()
+    });
+    let doomed = issue("agent-d", "inference-proxy");
+    assert_eq!(call(&doomed, body).0, 200);
+    let st = rt.block_on(async {
+        http.post(format!("{issuer}/v1/revoke"))
+            .bearer_auth(&svc)
+            .json(&json!({"agent": "agent-d"}))
+            .send()
+            .await
+            .expect("revoke")
+            .status()
+            .as_u16()
+    });
+    assert_eq!(st, 204);
+    std::thread::sleep(Duration::from_millis(5500));
+    assert_eq!(call(&short, body).0, 401, "expired");
+    assert_eq!(call(&doomed, body).0, 401, "revoked");
+
+    // A slow upstream: 504 with a clear body, still audited.
+    let (st, _, text) = call(
+        &a,
+        r#"{"model":"claude-slow","max_tokens":8,"messages":[{"role":"user","content":"x"}]}"#
+            .replace("claude-slow", "slow-model")
+            .as_str(),
+    );
+    assert_eq!(st, 504, "{text}");
+    assert!(text.contains("timeout_error"), "{text}");
 
     // The upstream dies mid-stream: the client sees an error event, the ledger a row.
     let (st, _, text) = call(

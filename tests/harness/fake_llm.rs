@@ -68,6 +68,9 @@ async fn messages(State(u): State<Arc<Upstream>>, headers: HeaderMap, body: Byte
     let model = req["model"].as_str().unwrap_or("").to_owned();
     let input = input_tokens(&req);
     let id = format!("msg_fake_{input}");
+    if model == "slow-model" {
+        tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    }
     if model == "fail-500" {
         let e = json!({"type": "error", "error": {"type": "api_error", "message": "injected upstream failure"}});
         return (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(e)).into_response();

@@ -72,6 +72,10 @@ pub struct ProxyConfig {
     pub audit_path: PathBuf,
     /// Operator credential for `GET /v1/usage`.
     pub admin_token: String,
+    /// Longest wait for a non-streaming upstream answer (504 after).
+    pub upstream_timeout: std::time::Duration,
+    /// Audit file rotation.
+    pub audit_rotation: crate::ledger::AuditRotation,
 }
 
 /// Reads the operator credential file, or creates it (0600, random).

@@ -73,6 +73,39 @@ fn open_db(path: &Path) -> Result<Connection, LedgerError> {
     Ok(db)
 }
 
+/// When the audit file rotates, and how many old files are kept
+/// (`audit.jsonl.1` newest … `.N` oldest).
+#[derive(Debug, Clone, Copy)]
+pub struct AuditRotation {
+    pub max_bytes: u64,
+    pub keep: u32,
+}
+
+impl Default for AuditRotation {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 << 20,
+            keep: 5,
+        }
+    }
+}
+
+/// Renames `audit.jsonl` to `.1` (shifting older ones up, dropping the oldest) and
+/// opens a fresh file.
+fn rotate(path: &Path, keep: u32) -> std::io::Result<File> {
+    let numbered = |n: u32| {
+        let mut p = path.as_os_str().to_owned();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    };
+    let _ = std::fs::remove_file(numbered(keep));
+    for n in (1..keep).rev() {
+        let _ = std::fs::rename(numbered(n), numbered(n + 1));
+    }
+    std::fs::rename(path, numbered(1))?;
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
 /// Handle to the writer thread.
 #[derive(Debug)]
 pub struct Ledger {
@@ -84,6 +117,15 @@ pub struct Ledger {
 impl Ledger {
     /// Opens both files and starts the writer.
     pub fn open(db_path: &Path, audit_path: &Path) -> Result<Self, LedgerError> {
+        Self::open_with(db_path, audit_path, AuditRotation::default())
+    }
+
+    /// Like [`Ledger::open`] with an explicit rotation policy.
+    pub fn open_with(
+        db_path: &Path,
+        audit_path: &Path,
+        rotation: AuditRotation,
+    ) -> Result<Self, LedgerError> {
         let db = open_db(db_path)?;
         let audit = OpenOptions::new()
             .create(true)
@@ -91,9 +133,10 @@ impl Ledger {
             .open(audit_path)
             .map_err(|e| LedgerError(format!("{}: {e}", audit_path.display())))?;
         let (tx, rx) = mpsc::channel();
+        let audit_path = audit_path.to_owned();
         let thread = std::thread::Builder::new()
             .name("ledger".into())
-            .spawn(move || writer(db, audit, rx))
+            .spawn(move || writer(db, audit, &audit_path, rotation, rx))
             .map_err(|e| LedgerError(format!("writer thread: {e}")))?;
         Ok(Self {
             tx: Some(tx),
@@ -122,7 +165,13 @@ impl Drop for Ledger {
     }
 }
 
-fn writer(mut db: Connection, mut audit: File, rx: mpsc::Receiver<Record>) {
+fn writer(
+    mut db: Connection,
+    mut audit: File,
+    audit_path: &Path,
+    rotation: AuditRotation,
+    rx: mpsc::Receiver<Record>,
+) {
     let mut batch = Vec::with_capacity(BATCH);
     while let Ok(first) = rx.recv() {
         batch.push(first);
@@ -146,6 +195,16 @@ fn writer(mut db: Connection, mut audit: File, rx: mpsc::Receiver<Record>) {
             .and_then(|()| audit.sync_data())
         {
             tracing::error!(error = %e, "audit write failed");
+        }
+        // Rotate between batches, so a line never straddles two files.
+        if audit
+            .metadata()
+            .is_ok_and(|m| m.len() >= rotation.max_bytes)
+        {
+            match rotate(audit_path, rotation.keep) {
+                Ok(f) => audit = f,
+                Err(e) => tracing::error!(error = %e, "audit rotation failed; still appending"),
+            }
         }
         let result = (|| -> rusqlite::Result<()> {
             let tx = db.transaction()?;
@@ -255,6 +314,49 @@ mod tests {
             latency_ms: 1,
             error: None,
         }
+    }
+
+    #[test]
+    fn audit_rotates_by_size_and_loses_no_line() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (db, audit) = (d.path().join("l.db"), d.path().join("a.jsonl"));
+        let l = Ledger::open_with(
+            &db,
+            &audit,
+            AuditRotation {
+                max_bytes: 4096,
+                keep: 3,
+            },
+        )
+        .expect("open");
+        for i in 0..200 {
+            l.record(rec(i));
+            if i % 20 == 0 {
+                std::thread::sleep(Duration::from_millis(30));
+            }
+        }
+        drop(l);
+        let mut total = 0;
+        let mut files = 0;
+        for name in ["a.jsonl", "a.jsonl.1", "a.jsonl.2", "a.jsonl.3"] {
+            if let Ok(t) = std::fs::read_to_string(d.path().join(name)) {
+                files += 1;
+                total += t.lines().count();
+                assert!(
+                    t.lines()
+                        .all(|l| serde_json::from_str::<serde_json::Value>(l).is_ok()),
+                    "{name}: a cut line"
+                );
+            }
+        }
+        assert_eq!(files, 4, "rotated, keeping 3 old files");
+        assert!(!d.path().join("a.jsonl.4").exists());
+        // The oldest rotated files were dropped, the ledger keeps everything.
+        assert!(total < 200);
+        assert_eq!(
+            usage_since(&db, 0, None).expect("usage")[0]["requests"],
+            200
+        );
     }
 
     #[test]

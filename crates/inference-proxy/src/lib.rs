@@ -114,11 +114,12 @@ pub async fn run(
     let p = Arc::new(proxy::Proxy {
         metrics: proxy::Metrics::default(),
         admin_token: cfg.admin_token,
+        upstream_timeout: cfg.upstream_timeout,
         budgets: limits::TokenBudgets::new(cfg.tokens_per_minute, cfg.tokens_per_day, today, now),
         auth,
         upstreams: cfg.upstreams,
         limiter: limits::RateLimiter::per_minute(cfg.rpm),
-        ledger: ledger::Ledger::open(&cfg.ledger_path, &cfg.audit_path)?,
+        ledger: ledger::Ledger::open_with(&cfg.ledger_path, &cfg.audit_path, cfg.audit_rotation)?,
         http: reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(10))
             .build()

@@ -23,6 +23,16 @@ struct Args {
     /// Tokens per agent per UTC day (0: no budget).
     #[arg(long, env = "CLAWOS_PROXY_TOKENS_PER_DAY", default_value_t = 0)]
     tokens_per_day: u64,
+    /// Seconds to wait for a non-streaming upstream answer (504 after).
+    #[arg(
+        long,
+        env = "CLAWOS_PROXY_UPSTREAM_TIMEOUT_SECS",
+        default_value_t = 600
+    )]
+    upstream_timeout: u64,
+    /// Rotate the audit file at this size (MiB), keeping 5 old files.
+    #[arg(long, env = "CLAWOS_PROXY_AUDIT_MAX_MIB", default_value_t = 64)]
+    audit_max_mib: u64,
     /// identity-manager issuer URL whose JWKS verifies agent tokens.
     #[arg(long, env = "CLAWOS_IDENTITY_ISSUER")]
     issuer: Option<String>,
@@ -87,6 +97,11 @@ fn main() -> Result<()> {
         ledger_path: dir.join("ledger.db"),
         audit_path: dir.join("audit.jsonl"),
         admin_token: config::admin_token(&dir.join("admin.token"))?,
+        upstream_timeout: std::time::Duration::from_secs(a.upstream_timeout.max(1)),
+        audit_rotation: clawos_inference_proxy::ledger::AuditRotation {
+            max_bytes: a.audit_max_mib.max(1) << 20,
+            keep: 5,
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

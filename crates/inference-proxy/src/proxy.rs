@@ -107,6 +107,8 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// Operator credential for `GET /v1/usage`.
     pub admin_token: String,
+    /// Longest wait for a non-streaming upstream answer.
+    pub upstream_timeout: Duration,
     pub auth: AgentAuth,
     pub upstreams: Vec<Upstream>,
     pub limiter: RateLimiter,
@@ -514,6 +516,11 @@ async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -
             .bearer_auth(&up.api_key),
     };
     req = req.header("content-type", "application/json").body(body);
+    if !stream {
+        // A slow upstream gets a 504, not a hung agent. Streams are bounded by the
+        // upstream's own pacing.
+        req = req.timeout(p.upstream_timeout);
+    }
     let resp = match req.send().await {
         Ok(r) => r,
         Err(e) => {
@@ -646,5 +653,5 @@ fn tokio_stream_from(
     })
 }
 
-/// Upstream request timeout for the whole answer of a non-streaming call.
+/// Default upstream timeout for the whole answer of a non-streaming call.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(600);
