@@ -270,6 +270,24 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
     );
     assert!(!text.contains("message_stop"));
 
+    // A client that hangs up mid-stream: the proxy reads the upstream to the end, so
+    // the row carries the full usage.
+    {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(("127.0.0.1", px_port)).expect("connect");
+        let b = r#"{"model":"claude-hangup","max_tokens":8,"stream":true,"messages":[{"role":"user","content":"p q r s t"}]}"#;
+        write!(c, "POST /v1/messages HTTP/1.1\r\nHost: x\r\nx-api-key: {a}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{b}", b.len()).expect("write");
+        let mut buf = [0u8; 4096];
+        let mut got = Vec::new();
+        while !String::from_utf8_lossy(&got).contains("event: message_start") {
+            let n = c.read(&mut buf).expect("read");
+            assert!(n > 0, "stream ended early");
+            got.extend_from_slice(&buf[..n]);
+        }
+        drop(c);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
     // Ledger and audit: one row and one line per request that reached the upstream.
     let sent = upstream.seen().2 + openai_upstream.seen().2;
     let _ = Command::new("kill")
@@ -555,4 +573,11 @@ fn sixty_four_clients_with_failures_every_request_audited_and_charged_once() {
         "failures were injected and recorded: {failed}"
     );
     eprintln!("load: {sent} requests in 10 s by 64 clients, {failed} with injected failures");
+}
+
+fn lines_of(audit: &str) -> Vec<Value> {
+    audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
 }

@@ -64,6 +64,8 @@ pub struct ProxyConfig {
     pub tokens_per_minute: u64,
     /// Tokens per agent per UTC day (0: no budget).
     pub tokens_per_day: u64,
+    /// Tokens per agent in total (0: no budget).
+    pub tokens_total: u64,
     /// identity-manager issuer URL (JWT auth), or static tokens for development.
     pub issuer: Option<String>,
     pub audience: String,

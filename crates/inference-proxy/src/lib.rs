@@ -111,11 +111,23 @@ pub async fn run(
     };
     let now = ledger::now_ms();
     let today = ledger::tokens_since(&cfg.ledger_path, now - now % 86_400_000)?;
+    let all = if cfg.tokens_total > 0 {
+        ledger::tokens_since(&cfg.ledger_path, 0)?
+    } else {
+        Default::default()
+    };
     let p = Arc::new(proxy::Proxy {
         metrics: proxy::Metrics::default(),
         admin_token: cfg.admin_token,
         upstream_timeout: cfg.upstream_timeout,
-        budgets: limits::TokenBudgets::new(cfg.tokens_per_minute, cfg.tokens_per_day, today, now),
+        budgets: limits::TokenBudgets::new(
+            cfg.tokens_per_minute,
+            cfg.tokens_per_day,
+            cfg.tokens_total,
+            today,
+            all,
+            now,
+        ),
         auth,
         upstreams: cfg.upstreams,
         limiter: limits::RateLimiter::per_minute(cfg.rpm),

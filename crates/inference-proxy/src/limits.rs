@@ -64,6 +64,7 @@ impl RateLimiter {
 pub struct TokenBudgets {
     per_minute: Option<u64>,
     per_day: Option<u64>,
+    total: Option<u64>,
     spend: Mutex<HashMap<String, Spend>>,
 }
 
@@ -73,36 +74,36 @@ struct Spend {
     minute: std::collections::VecDeque<(Instant, u64)>,
     day: u64,
     day_tokens: u64,
+    all_tokens: u64,
 }
 
 const DAY_MS: u64 = 86_400_000;
 
 impl TokenBudgets {
-    /// `0` disables a budget. `day_so_far` seeds today's spend (from the ledger), so a
-    /// restart does not reset it.
+    /// `0` disables a budget. `day_so_far` and `all_so_far` seed today's and the total
+    /// spend (from the ledger), so a restart does not reset them.
     pub fn new(
         per_minute: u64,
         per_day: u64,
+        total: u64,
         day_so_far: HashMap<String, u64>,
+        all_so_far: HashMap<String, u64>,
         now_ms: u64,
     ) -> Self {
         let day = now_ms / DAY_MS;
-        let spend = day_so_far
-            .into_iter()
-            .map(|(a, t)| {
-                (
-                    a,
-                    Spend {
-                        day,
-                        day_tokens: t,
-                        ..Spend::default()
-                    },
-                )
-            })
-            .collect();
+        let mut spend: HashMap<String, Spend> = HashMap::new();
+        for (a, t) in all_so_far {
+            spend.entry(a).or_default().all_tokens = t;
+        }
+        for (a, t) in day_so_far {
+            let s = spend.entry(a).or_default();
+            s.day = day;
+            s.day_tokens = t;
+        }
         Self {
             per_minute: (per_minute > 0).then_some(per_minute),
             per_day: (per_day > 0).then_some(per_day),
+            total: (total > 0).then_some(total),
             spend: Mutex::new(spend),
         }
     }
@@ -116,6 +117,14 @@ impl TokenBudgets {
         if s.day != now_ms / DAY_MS {
             s.day = now_ms / DAY_MS;
             s.day_tokens = 0;
+        }
+        if let Some(limit) = self.total
+            && s.all_tokens >= limit
+        {
+            // A total budget does not come back by itself: an operator raises it.
+            return Decision::Deny {
+                retry_after: Duration::from_secs(86_400),
+            };
         }
         if let Some(limit) = self.per_day
             && s.day_tokens >= limit
@@ -147,7 +156,9 @@ impl TokenBudgets {
 
     /// Charges a finished request.
     pub fn charge(&self, agent: &str, tokens: u64, now: Instant, now_ms: u64) {
-        if tokens == 0 || (self.per_minute.is_none() && self.per_day.is_none()) {
+        if tokens == 0
+            || (self.per_minute.is_none() && self.per_day.is_none() && self.total.is_none())
+        {
             return;
         }
         let mut map = self.spend.lock().unwrap_or_else(|p| p.into_inner());
@@ -157,6 +168,7 @@ impl TokenBudgets {
             s.day_tokens = 0;
         }
         s.day_tokens += tokens;
+        s.all_tokens += tokens;
         s.minute.push_back((now, tokens));
     }
 }
@@ -202,7 +214,7 @@ mod budget_tests {
 
     #[test]
     fn per_minute_budget_refuses_until_the_window_moves() {
-        let b = TokenBudgets::new(100, 0, HashMap::new(), 0);
+        let b = TokenBudgets::new(100, 0, 0, HashMap::new(), HashMap::new(), 0);
         let t0 = Instant::now();
         assert_eq!(b.check("a", t0, 0), Decision::Allow);
         b.charge("a", 60, t0, 0);
@@ -222,7 +234,14 @@ mod budget_tests {
     #[test]
     fn daily_budget_survives_a_restart_and_resets_at_midnight() {
         let noon = 10 * DAY_MS + DAY_MS / 2;
-        let b = TokenBudgets::new(0, 1000, HashMap::from([("a".to_owned(), 1000)]), noon);
+        let b = TokenBudgets::new(
+            0,
+            1000,
+            0,
+            HashMap::from([("a".to_owned(), 1000)]),
+            HashMap::new(),
+            noon,
+        );
         let t = Instant::now();
         match b.check("a", t, noon) {
             Decision::Deny { retry_after } => {
@@ -231,5 +250,25 @@ mod budget_tests {
             d => panic!("{d:?}"),
         }
         assert_eq!(b.check("a", t, 11 * DAY_MS), Decision::Allow, "a new day");
+    }
+
+    #[test]
+    fn total_budget_does_not_reset() {
+        let b = TokenBudgets::new(
+            0,
+            0,
+            50,
+            HashMap::new(),
+            HashMap::from([("a".to_owned(), 40)]),
+            0,
+        );
+        let t = Instant::now();
+        assert_eq!(b.check("a", t, 0), Decision::Allow);
+        b.charge("a", 10, t, 0);
+        assert!(matches!(b.check("a", t, 0), Decision::Deny { .. }));
+        assert!(matches!(
+            b.check("a", t + Duration::from_secs(3 * 86_400), 3 * DAY_MS),
+            Decision::Deny { .. }
+        ));
     }
 }

@@ -23,6 +23,9 @@ struct Args {
     /// Tokens per agent per UTC day (0: no budget).
     #[arg(long, env = "CLAWOS_PROXY_TOKENS_PER_DAY", default_value_t = 0)]
     tokens_per_day: u64,
+    /// Tokens per agent in total (0: no budget).
+    #[arg(long, env = "CLAWOS_PROXY_TOKENS_TOTAL", default_value_t = 0)]
+    tokens_total: u64,
     /// Seconds to wait for a non-streaming upstream answer (504 after).
     #[arg(
         long,
@@ -91,6 +94,7 @@ fn main() -> Result<()> {
         rpm: a.rpm,
         tokens_per_minute: a.tokens_per_minute,
         tokens_per_day: a.tokens_per_day,
+        tokens_total: a.tokens_total,
         issuer: a.issuer,
         audience: a.audience,
         static_tokens,
