@@ -323,6 +323,28 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
         cut[0]["input_tokens"], 2,
         "usage counted before the cut is kept"
     );
+    let all = lines_of(&audit);
+    let hung: Vec<&Value> = all
+        .iter()
+        .filter(|v| v["model"] == "claude-hangup")
+        .collect();
+    assert_eq!(hung.len(), 1);
+    assert_eq!(
+        (
+            hung[0]["input_tokens"].clone(),
+            hung[0]["output_tokens"].clone()
+        ),
+        (json!(5), json!(4)),
+        "{}",
+        hung[0]
+    );
+    assert!(
+        hung[0]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("client disconnected")),
+        "{}",
+        hung[0]
+    );
     let _ = identity.kill();
     let _ = identity.wait();
     std::thread::sleep(Duration::from_millis(10));
