@@ -107,6 +107,8 @@ fn boot_and_stop(extra_env: &[(&str, &str)]) {
     assert_eq!(vm.backend, "firecracker");
     l.wait_for("fc1", Duration::from_secs(60), is(VmState::Running))
         .expect("running");
+    let o = l.clawos(&["vm", "exec", "fc1", "--", "echo", "fc-exec"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "fc-exec\n", "{o:?}");
     let vm = rt.block_on(l.client().stop("fc1")).expect("stop");
     assert_eq!(vm.state, VmState::Stopped);
 }
