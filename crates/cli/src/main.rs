@@ -869,24 +869,7 @@ async fn token_cmd(cmd: TokenCmd, url: &str, json: bool) -> Result<(), Exit> {
                 (None, Some(a)) => serde_json::json!({ "agent": a }),
                 (None, None) => return Err(Exit(2, anyhow!("give --jti or --agent"))),
             };
-            let resp = reqwest::Client::new()
-                .post(format!("{}/v1/revoke", url.trim_end_matches('/')))
-                .bearer_auth(&cred)
-                .json(&body)
-                .send()
-                .await
-                .map_err(|e| Exit(7, anyhow!("cannot reach identity-manager at {url}: {e}")))?;
-            if !resp.status().is_success() {
-                let status = resp.status().as_u16();
-                let v: serde_json::Value = resp.json().await.unwrap_or_default();
-                return Err(Exit(
-                    1,
-                    anyhow!(
-                        "{} (HTTP {status})",
-                        v["message"].as_str().unwrap_or("error")
-                    ),
-                ));
-            }
+            identity_call(url, "/v1/revoke", &cred, Some(body)).await?;
             if !json {
                 println!("revoked");
             }
