@@ -35,13 +35,6 @@ if ! command -v vhost-device-vsock >/dev/null && [ ! -x "$HOME/.cargo/bin/vhost-
   echo "==> installing vhost-device-vsock (cargo install, about a minute)"
   cargo install --locked --quiet vhost-device-vsock --version 0.3.0
 fi
-# Real clients the tests use: PyJWT (independent token verifier) and the official
-# anthropic and openai SDKs (inference-proxy).
-if ! python3 -c "import jwt, cryptography, anthropic, openai" 2>/dev/null; then
-  echo "==> installing PyJWT and the anthropic SDK for the tests"
-  python3 -m pip install --quiet pyjwt cryptography anthropic openai 2>/dev/null \
-    || python3 -m pip install --quiet --break-system-packages pyjwt cryptography anthropic openai
-fi
 echo "==> building guest binaries (static)"
 scripts/build-guest.sh >/dev/null
 echo "==> building clawos and vm-launcher (${CLAWOS_PROFILE:-release})"

@@ -4,6 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CLAWOS_PROFILE=debug scripts/setup.sh
+# Real clients the tests use: PyJWT (independent token verifier) and the official
+# anthropic and openai SDKs (inference-proxy).
+if ! python3 -c "import jwt, cryptography, anthropic, openai" 2>/dev/null; then
+  echo "==> installing PyJWT and the anthropic SDK for the tests"
+  python3 -m pip install --quiet pyjwt cryptography anthropic openai 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages pyjwt cryptography anthropic openai
+fi
 skipped=target/e2e/SKIPPED
 mkdir -p target/e2e && rm -f "$skipped"
 # Two cores: VM tests are CPU bound under software emulation.
