@@ -56,7 +56,8 @@ pub fn skip(test: &str, why: &str) {
         .append(true)
         .open(dir.join("SKIPPED"))
     {
-        let _ = writeln!(f, "SKIP {test}: {why}");
+        // One write per line: O_APPEND keeps concurrent tests' lines whole.
+        let _ = f.write_all(format!("SKIP {test}: {why}\n").as_bytes());
     }
 }
 
