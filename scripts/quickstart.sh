@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install, build, make and sign the default agent image,
-# start vm-launcher, boot an agent VM, show it running, stop it.
+# start vm-launcher, boot an agent VM, show it running, run a command and copy a file in
+# it, stop it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -34,6 +35,12 @@ echo "==> clawos vm list"
 clawos vm list
 echo "==> guest console (clawos vm logs my-agent)"
 clawos vm logs my-agent | grep -E 'clawos|CLAWOS' || true
+echo "==> clawos vm exec my-agent -- sh -c 'uname -r; cat /workspace/.env'"
+clawos vm exec my-agent -- sh -c 'uname -r; cat /workspace/.env'
+echo "==> clawos vm cp (a file into the VM, checksummed inside it)"
+echo "hello from the host" > "$CLAWOS_STATE_DIR/hello.txt"
+clawos vm cp "$CLAWOS_STATE_DIR/hello.txt" my-agent:/workspace/hello.txt
+clawos vm exec my-agent -- sha256sum /workspace/hello.txt
 echo "==> clawos vm stop my-agent"
 clawos vm stop my-agent
 clawos vm list
