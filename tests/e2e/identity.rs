@@ -343,6 +343,30 @@ fn tokens_verify_with_pyjwt_and_the_store_survives_restarts() {
         "{v}"
     );
 
+    // Operators see what happened in /metrics.
+    let metrics = rt.block_on(async {
+        http.get(format!("{}/metrics", s.url))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    });
+    for (name, want) in [
+        ("clawos_identity_tokens_issued_total", 4),
+        ("clawos_identity_tokens_renewed_total", 1),
+        ("clawos_identity_revocations_total", 1),
+        ("clawos_identity_service_auth_refused_total", 2),
+    ] {
+        let v: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"));
+        assert_eq!(v, want, "{name}");
+    }
+
     // Restart with the same master key: keys decrypt, old tokens verify.
     s.stop();
     let s = Service::start(&state, port, &[]).expect("restart");

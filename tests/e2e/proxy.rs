@@ -290,6 +290,29 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
 
     // Ledger and audit: one row and one line per request that reached the upstream.
     let sent = upstream.seen().2 + openai_upstream.seen().2;
+    let metrics = rt.block_on(async {
+        http.get(format!("{proxy_url}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    });
+    let metric = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{metrics}"))
+    };
+    assert_eq!(
+        metric("clawos_proxy_requests_total"),
+        sent as u64,
+        "{metrics}"
+    );
+    assert_eq!(metric("clawos_proxy_rate_limited_total"), 1, "{metrics}");
+    assert!(metric("clawos_proxy_auth_failures_total") >= 6, "{metrics}");
     let _ = Command::new("kill")
         .args(["-INT", &proxy.id().to_string()])
         .status();

@@ -54,6 +54,14 @@ impl IntoResponse for IdentityError {
 struct AppState {
     identity: Arc<Identity>,
     service_token: String,
+    issued: std::sync::atomic::AtomicU64,
+    renewed: std::sync::atomic::AtomicU64,
+    revocations: std::sync::atomic::AtomicU64,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+fn bump(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 type S = State<Arc<AppState>>;
@@ -69,6 +77,14 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Constant-time check of the service credential.
 fn require_service(st: &AppState, headers: &HeaderMap) -> Result<(), IdentityError> {
+    let result = check_service(st, headers);
+    if result.is_err() {
+        bump(&st.refused);
+    }
+    result
+}
+
+fn check_service(st: &AppState, headers: &HeaderMap) -> Result<(), IdentityError> {
     let given = bearer(headers).ok_or_else(|| {
         IdentityError::Unauthorized("missing service credential (Authorization: Bearer)".into())
     })?;
@@ -95,6 +111,7 @@ async fn issue(
     require_service(&st, &headers)?;
     let req = json_body(body)?;
     let issued = st.identity.issue(&req)?;
+    bump(&st.issued);
     tracing::info!(agent = %req.agent, vm = %req.vm_id, jti = %issued.jti, kid = %issued.kid, "token issued");
     Ok((StatusCode::CREATED, Json(issued)).into_response())
 }
@@ -103,7 +120,9 @@ async fn renew(State(st): S, headers: HeaderMap) -> Result<Response, IdentityErr
     let token = bearer(&headers).ok_or_else(|| {
         IdentityError::Unauthorized("renew needs the current token (Authorization: Bearer)".into())
     })?;
-    Ok(Json(st.identity.renew(token)?).into_response())
+    let renewed = st.identity.renew(token)?;
+    bump(&st.renewed);
+    Ok(Json(renewed).into_response())
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -134,6 +153,7 @@ async fn revoke(
             ));
         }
     }
+    bump(&st.revocations);
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -221,6 +241,38 @@ async fn discovery(State(st): S) -> Response {
     .into_response()
 }
 
+async fn metrics(State(st): S) -> Response {
+    let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    let mut out = String::new();
+    for (name, help, v) in [
+        (
+            "clawos_identity_tokens_issued_total",
+            "Tokens issued.",
+            g(&st.issued),
+        ),
+        (
+            "clawos_identity_tokens_renewed_total",
+            "Tokens renewed.",
+            g(&st.renewed),
+        ),
+        (
+            "clawos_identity_revocations_total",
+            "Revocations (by jti or agent).",
+            g(&st.revocations),
+        ),
+        (
+            "clawos_identity_service_auth_refused_total",
+            "Requests refused for a missing or wrong service credential.",
+            g(&st.refused),
+        ),
+    ] {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+        ));
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
+}
+
 async fn fallback() -> IdentityError {
     IdentityError::NotFound("no such route".into())
 }
@@ -230,6 +282,10 @@ pub fn router(identity: Arc<Identity>, service_token: String) -> Router {
     let st = Arc::new(AppState {
         identity,
         service_token,
+        issued: Default::default(),
+        renewed: Default::default(),
+        revocations: Default::default(),
+        refused: Default::default(),
     });
     Router::new()
         .route("/v1/tokens", post(issue))
@@ -242,6 +298,7 @@ pub fn router(identity: Arc<Identity>, service_token: String) -> Router {
         .route("/.well-known/jwks.json", get(jwks))
         .route("/.well-known/openid-configuration", get(discovery))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .fallback(fallback)
         .with_state(st)
 }
