@@ -263,10 +263,7 @@ struct Exit(u8, anyhow::Error);
 fn state_dir() -> PathBuf {
     std::env::var_os("CLAWOS_STATE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(".clawos")
-        })
+        .unwrap_or_else(clawos_service::default_state_dir)
 }
 
 /// Where the static guest binaries are: next to this binary (an install), or in the

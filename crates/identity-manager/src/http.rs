@@ -243,8 +243,7 @@ async fn discovery(State(st): S) -> Response {
 
 async fn metrics(State(st): S) -> Response {
     let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    let mut out = String::new();
-    for (name, help, v) in [
+    let out = clawos_service::render_counters(&[
         (
             "clawos_identity_tokens_issued_total",
             "Tokens issued.",
@@ -265,11 +264,7 @@ async fn metrics(State(st): S) -> Response {
             "Requests refused for a missing or wrong service credential.",
             g(&st.refused),
         ),
-    ] {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-        ));
-    }
+    ]);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }
 

@@ -59,16 +59,10 @@ struct Args {
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    tracing_subscriber::fmt()
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let state = a.state_dir.unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".clawos")
-    });
+    clawos_service::init_tracing(false);
+    let state = a
+        .state_dir
+        .unwrap_or_else(clawos_service::default_state_dir);
     let dir = state.join("proxy");
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     let static_tokens = match &a.static_tokens {

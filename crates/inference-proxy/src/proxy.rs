@@ -55,8 +55,7 @@ impl Metrics {
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
         let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        let mut out = String::new();
-        for (name, help, v) in [
+        clawos_service::render_counters(&[
             (
                 "clawos_proxy_requests_total",
                 "Requests forwarded upstream.",
@@ -92,12 +91,7 @@ impl Metrics {
                 "Output tokens charged.",
                 g(&self.output_tokens),
             ),
-        ] {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-            ));
-        }
-        out
+        ])
     }
 }
 

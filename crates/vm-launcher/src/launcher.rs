@@ -749,33 +749,28 @@ impl Launcher {
                 counts.get(&s).unwrap_or(&0)
             ));
         }
-        for (name, help, v) in [
+        out.push_str(&clawos_service::render_counters(&[
             (
                 "clawos_launcher_vm_starts_total",
                 "VM boots started.",
-                &self.metrics.starts,
+                self.metrics.starts.load(Ordering::Relaxed),
             ),
             (
                 "clawos_launcher_images_refused_total",
                 "Starts refused by image verification.",
-                &self.metrics.images_refused,
+                self.metrics.images_refused.load(Ordering::Relaxed),
             ),
             (
                 "clawos_launcher_vm_failures_total",
                 "VMs that ended failed.",
-                &self.metrics.failures,
+                self.metrics.failures.load(Ordering::Relaxed),
             ),
             (
                 "clawos_launcher_vms_adopted_total",
                 "Running VMs re-adopted after a restart.",
-                &self.metrics.adopted,
+                self.metrics.adopted.load(Ordering::Relaxed),
             ),
-        ] {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                v.load(Ordering::Relaxed)
-            ));
-        }
+        ]));
         out
     }
 }

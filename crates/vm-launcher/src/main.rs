@@ -78,22 +78,10 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if args.log_json {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt()
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .with_env_filter(filter)
-            .init();
-    }
-    let state_dir = args.state_dir.unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".clawos")
-    });
+    clawos_service::init_tracing(args.log_json);
+    let state_dir = args
+        .state_dir
+        .unwrap_or_else(clawos_service::default_state_dir);
     let image = args.image.or_else(|| {
         let d = state_dir.join("images/default");
         d.is_dir().then_some(d)

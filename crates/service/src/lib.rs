@@ -1,0 +1,51 @@
+//! What every ClawOS daemon binary shares: where state lives by default, how logs are
+//! set up, and how counters are exposed to Prometheus.
+
+use std::path::PathBuf;
+
+/// `~/.clawos`: the state directory when none is configured.
+pub fn default_state_dir() -> PathBuf {
+    PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".clawos")
+}
+
+/// Diagnostic logs on stderr: `RUST_LOG` or `info`; JSON lines when `json`, colours
+/// only on a terminal.
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if json {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_env_filter(filter)
+            .init();
+    }
+}
+
+/// Prometheus text for counters: `(name, help, value)`.
+pub fn render_counters(counters: &[(&str, &str, u64)]) -> String {
+    let mut out = String::new();
+    for (name, help, v) in counters {
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render_in_exposition_format() {
+        assert_eq!(
+            render_counters(&[("a_total", "A things.", 3)]),
+            "# HELP a_total A things.\n# TYPE a_total counter\na_total 3\n"
+        );
+    }
+}
