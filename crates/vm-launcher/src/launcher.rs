@@ -740,6 +740,7 @@ impl Launcher {
         for s in [
             VmState::Starting,
             VmState::Running,
+            VmState::Paused,
             VmState::Stopping,
             VmState::Stopped,
             VmState::Failed,
