@@ -113,6 +113,14 @@ fn one_changed_byte_in_any_part_is_refused_and_named() {
         metrics.contains("clawos_launcher_images_refused_total 6"),
         "{metrics}"
     );
+    for state in [
+        "starting", "running", "paused", "stopping", "stopped", "failed",
+    ] {
+        assert!(
+            metrics.contains(&format!("clawos_launcher_vms{{state=\"{state}\"}} 0")),
+            "{state}: {metrics}"
+        );
+    }
 }
 
 #[test]
