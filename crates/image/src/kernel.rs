@@ -15,6 +15,8 @@ pub const DEBIAN_CLOUD_META: &str = "linux-image-cloud-amd64";
 /// automatically, from each module's own `.modinfo`.
 pub const GUEST_MODULES: &[&str] = &[
     "virtio_mmio",
+    // The `pc` machine (snapshot-capable VMs) puts its devices on PCI.
+    "virtio_pci",
     "virtio_blk",
     "virtio_rng",
     "vmw_vsock_virtio_transport",

@@ -15,7 +15,9 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use clawos_vm_launcher_api::{ApiError, CONSOLE_OFFSET_HEADER, StartVm};
+use clawos_vm_launcher_api::{
+    ApiError, CONSOLE_OFFSET_HEADER, CreateSnapshot, RestoreVm, Snapshot, StartVm,
+};
 
 use crate::LauncherError;
 use crate::launcher::Launcher;
@@ -118,6 +120,15 @@ pub fn router(launcher: Arc<Launcher>) -> Router {
         .route("/v1/vms/{name}/console", get(console))
         .route("/v1/vms/{name}/pause", post(pause))
         .route("/v1/vms/{name}/resume", post(resume))
+        .route(
+            "/v1/vms/{name}/snapshots",
+            post(create_snapshot).get(list_snapshots),
+        )
+        .route(
+            "/v1/vms/{name}/snapshots/{tag}",
+            axum::routing::delete(delete_snapshot),
+        )
+        .route("/v1/vms/{name}/restore", post(restore))
         .route("/v1/vms/{name}/exec", get(exec))
         .route("/v1/vms/{name}/gateway", get(gateway))
         .route("/v1/vms/{name}/files", get(get_file).put(put_file))
@@ -139,6 +150,48 @@ async fn resume(
     Path(name): Path<String>,
 ) -> Result<Json<clawos_vm_launcher_api::Vm>, LauncherError> {
     l.resume(&name).await.map(Json)
+}
+
+async fn create_snapshot(
+    State(l): State<AppState>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Snapshot>), LauncherError> {
+    // The body is optional: no body takes a time-stamped tag.
+    let req: CreateSnapshot = if body.iter().all(u8::is_ascii_whitespace) {
+        CreateSnapshot::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| LauncherError::Invalid(format!("request body: {e}")))?
+    };
+    let snap = l.snapshot(&name, req.tag.as_deref()).await?;
+    Ok((StatusCode::CREATED, Json(snap)))
+}
+
+async fn list_snapshots(
+    State(l): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Vec<Snapshot>>, LauncherError> {
+    l.snapshots(&name).map(Json)
+}
+
+async fn delete_snapshot(
+    State(l): State<AppState>,
+    Path((name, tag)): Path<(String, String)>,
+) -> Result<StatusCode, LauncherError> {
+    l.delete_snapshot(&name, &tag)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn restore(
+    State(l): State<AppState>,
+    Path(name): Path<String>,
+    body: Result<Json<RestoreVm>, JsonRejection>,
+) -> Result<(StatusCode, Json<clawos_vm_launcher_api::Vm>), LauncherError> {
+    let Json(req) =
+        body.map_err(|e| LauncherError::Invalid(format!("request body: {}", e.body_text())))?;
+    let vm = l.restore(&name, &req.snapshot).await?;
+    Ok((StatusCode::ACCEPTED, Json(vm)))
 }
 
 /// A guest refusal (bad path, missing file) is the client's problem: 400 with the

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clawos_image::{ImagePaths, Manifest, VerifyPolicy};
-use clawos_vm_launcher_api::{StartVm, Vm, VmState};
+use clawos_vm_launcher_api::{Snapshot, StartVm, Vm, VmState};
 use tokio::process::Child;
 
 use crate::backend::{BackendError, Hypervisor, LaunchSpec, VSOCK_SOCKET};
@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::host::ProcessId;
 use crate::store::{self, VmDir, VmRecord};
 use crate::vsock::GuestClient;
-use crate::{LauncherError, console, validate};
+use crate::{LauncherError, console, snapshot, validate};
 
 /// How often a watcher looks at its VM.
 const WATCH_INTERVAL: Duration = Duration::from_millis(25);
@@ -319,25 +319,49 @@ impl Launcher {
             ),
         )?;
         store::rotate_console(dir)?;
-        let spec = LaunchSpec {
-            name: req.name.clone(),
-            dir: dir.clone(),
-            mem_mib: req.mem_mib,
-            vcpus: req.vcpus,
-            kernel: paths.kernel.clone(),
-            vmlinux: manifest
-                .vmlinux_sha256
-                .as_ref()
-                .map(|_| paths.vmlinux.clone()),
-            initramfs: paths.initramfs.clone(),
-            rootfs: paths.rootfs.clone(),
-            image_cmdline: manifest.cmdline.clone(),
-        };
+        let spec = launch_spec(
+            &req.name,
+            dir,
+            req.mem_mib,
+            req.vcpus,
+            paths,
+            manifest,
+            req.snapshots,
+        );
         let started = Instant::now();
         let launched = self.backend.launch(&spec).await.map_err(|e| match e {
             BackendError::Unsupported(m) => LauncherError::ImageRefused(m),
             e => LauncherError::Internal(e.to_string()),
         })?;
+        let record = VmRecord {
+            name: req.name.clone(),
+            model: req.model.clone(),
+            mem_mib: req.mem_mib,
+            vcpus: req.vcpus,
+            image: image_dir.display().to_string(),
+            root_hash: manifest.verity.root_hash.clone(),
+            backend: self.backend.name().to_owned(),
+            state: VmState::Starting,
+            reason: None,
+            boot_ms: None,
+            started_at: Some(now_unix()),
+            process: None,
+            helpers: Vec::new(),
+            vsock: false,
+            socket_dir: None,
+            snapshots: req.snapshots,
+        };
+        self.track(record, launched, started)
+    }
+
+    /// Records a launched VM and starts its watcher (and relay).
+    fn track(
+        self: &Arc<Self>,
+        mut record: VmRecord,
+        launched: crate::backend::Launched,
+        started: Instant,
+    ) -> Result<Vm, LauncherError> {
+        let dir = self.dir(&record.name);
         let child = launched.child;
         let pid = child.id().unwrap_or(0);
         let process = ProcessId::of(pid).ok_or_else(|| {
@@ -351,34 +375,227 @@ impl Launcher {
         })?;
         dir.write_pid(process)
             .map_err(|e| LauncherError::io(&dir.pid(), e))?;
-        let record = VmRecord {
-            name: req.name.clone(),
-            model: req.model.clone(),
-            mem_mib: req.mem_mib,
-            vcpus: req.vcpus,
-            image: image_dir.display().to_string(),
-            root_hash: manifest.verity.root_hash.clone(),
-            backend: self.backend.name().to_owned(),
-            state: VmState::Starting,
-            reason: None,
-            boot_ms: None,
-            started_at: Some(now_unix()),
-            process: Some(process),
-            helpers: launched.helpers,
-            vsock: launched.vsock,
-            socket_dir: launched.socket_dir,
-        };
+        record.process = Some(process);
+        record.helpers = launched.helpers;
+        record.vsock = launched.vsock;
+        record.socket_dir = launched.socket_dir;
         let view = record.view();
+        let name = record.name.clone();
         if record.vsock {
-            self.start_relay(&req.name);
+            self.start_relay(&name);
         }
+        tracing::info!(vm = %name, pid, backend = self.backend.name(), root_hash = %record.root_hash, "VM started");
         self.commit(record);
         self.metrics.starts.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(vm = %req.name, pid, backend = self.backend.name(), root_hash = %manifest.verity.root_hash, "VM started");
         let me = Arc::clone(self);
-        let name = req.name.clone();
         tokio::spawn(async move { me.watch(name, Some(child), process, started, 0).await });
         Ok(view)
+    }
+
+    /// Saves a running or paused VM: memory and device state, and copies of the disks
+    /// that state goes with. The guest is frozen meanwhile (reported `paused`) and
+    /// returns to its previous state afterwards.
+    pub async fn snapshot(&self, name: &str, tag: Option<&str>) -> Result<Snapshot, LauncherError> {
+        validate::name(name)?;
+        let tag = match tag {
+            Some(t) => t.to_owned(),
+            None => format!("snap-{}", now_unix()),
+        };
+        validate::snapshot_tag(&tag)?;
+        let _claim = self.claim(name)?;
+        let record = self
+            .record(name)
+            .ok_or_else(|| LauncherError::NotFound(format!("no VM named {name}")))?;
+        if !matches!(record.state, VmState::Running | VmState::Paused) {
+            return Err(LauncherError::Conflict(format!(
+                "cannot snapshot VM {name}: it is {}; only a running or paused VM can be saved",
+                record.state
+            )));
+        }
+        if let Some(why) = self.backend.snapshot_unsupported(record.snapshots) {
+            return Err(LauncherError::Conflict(format!(
+                "cannot snapshot VM {name}: {why}"
+            )));
+        }
+        let dir = self.dir(name);
+        if snapshot::SnapshotDir::new(&dir, &tag).root.exists() {
+            return Err(LauncherError::Conflict(format!(
+                "VM {name} already has a snapshot tagged {tag}"
+            )));
+        }
+        let staging = snapshot::begin(&dir, &tag)?;
+        let was_paused = record.state == VmState::Paused;
+        self.update(name, |r| r.state = VmState::Paused);
+        let frozen = Instant::now();
+        let saved = async {
+            let state_bytes = self
+                .backend
+                .save(&dir, &staging.relative)
+                .await
+                .map_err(|e| LauncherError::Internal(format!("saving VM {name}: {e}")))?;
+            let (d, s) = (dir.clone(), staging.clone());
+            let disk_bytes = tokio::task::spawn_blocking(move || snapshot::copy_disks_in(&d, &s))
+                .await
+                .map_err(|e| LauncherError::Internal(format!("disk copy task: {e}")))??;
+            Ok::<_, LauncherError>((state_bytes, disk_bytes))
+        }
+        .await;
+        // Whatever happened, bring the VM back.
+        let back = self
+            .backend
+            .after_save(&dir, &record.helpers, !was_paused)
+            .await;
+        let save_ms = frozen.elapsed().as_millis() as u64;
+        if back.is_ok() && !was_paused && record.vsock {
+            // The guest takes a moment to probe the re-plugged vsock device; answer
+            // only once the control channel works again, so the next exec does not
+            // race it.
+            let guest = GuestClient {
+                dir: record
+                    .socket_dir
+                    .clone()
+                    .unwrap_or_else(|| dir.root.clone()),
+                secret: dir.read_secret().unwrap_or_default(),
+            };
+            if !wait_healthy(&guest, Duration::from_secs(15)).await {
+                tracing::warn!(vm = %name, "guest agent not answering after the snapshot");
+            }
+        }
+        match &back {
+            Ok(helpers) => self.update(name, |r| {
+                r.helpers = helpers.clone();
+                r.state = if was_paused {
+                    VmState::Paused
+                } else {
+                    VmState::Running
+                };
+            }),
+            Err(e) => {
+                tracing::error!(vm = %name, error = %e, "VM could not be resumed after a snapshot");
+            }
+        }
+        let result = match (saved, back) {
+            (Ok((state_bytes, disk_bytes)), Ok(_)) => {
+                let rec = Snapshot {
+                    tag: tag.clone(),
+                    vm: name.to_owned(),
+                    created_at: now_unix(),
+                    backend: self.backend.name().to_owned(),
+                    mem_mib: record.mem_mib,
+                    vcpus: record.vcpus,
+                    root_hash: record.root_hash.clone(),
+                    state_bytes,
+                    disk_bytes,
+                    save_ms,
+                };
+                snapshot::commit(&dir, &staging, &rec).map(|_| rec)
+            }
+            (Err(e), _) => Err(e),
+            (Ok(_), Err(e)) => Err(LauncherError::Internal(format!(
+                "VM {name} was saved but could not be resumed ({e}); it stays paused"
+            ))),
+        };
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(&staging.root);
+        }
+        let rec = result?;
+        tracing::info!(vm = %name, tag = %rec.tag, save_ms, state_bytes = rec.state_bytes, disk_bytes = rec.disk_bytes, "snapshot taken");
+        Ok(rec)
+    }
+
+    /// A VM's snapshots, oldest first.
+    pub fn snapshots(&self, name: &str) -> Result<Vec<Snapshot>, LauncherError> {
+        self.get(name)?;
+        Ok(snapshot::list(&self.dir(name)))
+    }
+
+    /// Deletes one snapshot.
+    pub fn delete_snapshot(&self, name: &str, tag: &str) -> Result<(), LauncherError> {
+        self.get(name)?;
+        validate::snapshot_tag(tag)?;
+        let _claim = self.claim(name)?;
+        let dir = self.dir(name);
+        if !snapshot::SnapshotDir::new(&dir, tag).record().exists() {
+            return Err(LauncherError::NotFound(format!(
+                "VM {name} has no snapshot tagged {tag}"
+            )));
+        }
+        snapshot::remove(&dir, tag)?;
+        tracing::info!(vm = %name, %tag, "snapshot deleted");
+        Ok(())
+    }
+
+    /// Boots a stopped VM from one of its snapshots: the disks return to the
+    /// snapshot's copies, then the saved memory and devices are loaded and run.
+    pub async fn restore(self: &Arc<Self>, name: &str, tag: &str) -> Result<Vm, LauncherError> {
+        validate::name(name)?;
+        validate::snapshot_tag(tag)?;
+        let _claim = self.claim(name)?;
+        let record = self
+            .record(name)
+            .ok_or_else(|| LauncherError::NotFound(format!("no VM named {name}")))?;
+        if record.state.is_active() {
+            return Err(LauncherError::Conflict(format!(
+                "cannot restore VM {name}: it is {}; stop it first",
+                record.state
+            )));
+        }
+        let dir = self.dir(name);
+        let snap = snapshot::SnapshotDir::new(&dir, tag);
+        let meta = snap.load().map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => {
+                LauncherError::NotFound(format!("VM {name} has no snapshot tagged {tag}"))
+            }
+            _ => LauncherError::io(&snap.record(), e),
+        })?;
+        if meta.backend != self.backend.name() {
+            return Err(LauncherError::Conflict(format!(
+                "snapshot {tag} was taken on {}, this launcher runs {}",
+                meta.backend,
+                self.backend.name()
+            )));
+        }
+        let (image_dir, paths) = self.image_paths(Some(&record.image))?;
+        let manifest = self.verify(&paths).await?;
+        if manifest.verity.root_hash != meta.root_hash {
+            return Err(LauncherError::Conflict(format!(
+                "snapshot {tag} was taken on image root hash {}, but {} now holds {}; \
+                 the saved memory only runs on the image it was taken on",
+                meta.root_hash,
+                image_dir.display(),
+                manifest.verity.root_hash
+            )));
+        }
+        let (d, s) = (dir.clone(), snap.clone());
+        tokio::task::spawn_blocking(move || snapshot::copy_disks_out(&d, &s))
+            .await
+            .map_err(|e| LauncherError::Internal(format!("disk copy task: {e}")))??;
+        store::rotate_console(&dir)?;
+        let spec = launch_spec(
+            name,
+            &dir,
+            meta.mem_mib,
+            meta.vcpus,
+            &paths,
+            &manifest,
+            record.snapshots,
+        );
+        let started = Instant::now();
+        let launched = self
+            .backend
+            .restore(&spec, &snap.relative)
+            .await
+            .map_err(|e| LauncherError::Internal(format!("restoring VM {name}: {e}")))?;
+        tracing::info!(vm = %name, %tag, ms = started.elapsed().as_millis() as u64, "state loaded");
+        let mut rec = record.clone();
+        rec.state = VmState::Starting;
+        rec.reason = None;
+        rec.boot_ms = None;
+        rec.started_at = Some(now_unix());
+        rec.mem_mib = meta.mem_mib;
+        rec.vcpus = meta.vcpus;
+        rec.process = None;
+        self.track(rec, launched, started)
     }
 
     /// Follows one VM until its hypervisor exits: readiness, boot timeout, final state.
@@ -574,6 +791,7 @@ impl Launcher {
                 continue;
             }
             let dir = self.dir(&name);
+            snapshot::clean_leftovers(&dir);
             let mut record = match dir.load() {
                 Ok(r) => r,
                 Err(err) => {
@@ -788,6 +1006,47 @@ impl ReadyState {
             watch: console::ReadyWatch::new(offset),
             timed_out: false,
         }
+    }
+}
+
+/// Polls the guest agent's health until it answers or `limit` passes.
+async fn wait_healthy(guest: &GuestClient, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Ok(clawos_guest::protocol::Reply::Health { .. })) =
+            tokio::time::timeout(Duration::from_secs(1), guest.health()).await
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// What a backend needs to boot (or restore) one VM.
+fn launch_spec(
+    name: &str,
+    dir: &VmDir,
+    mem_mib: u32,
+    vcpus: u32,
+    paths: &ImagePaths,
+    manifest: &Manifest,
+    snapshots: bool,
+) -> LaunchSpec {
+    LaunchSpec {
+        name: name.to_owned(),
+        dir: dir.clone(),
+        mem_mib,
+        vcpus,
+        kernel: paths.kernel.clone(),
+        vmlinux: manifest
+            .vmlinux_sha256
+            .as_ref()
+            .map(|_| paths.vmlinux.clone()),
+        initramfs: paths.initramfs.clone(),
+        rootfs: paths.rootfs.clone(),
+        image_cmdline: manifest.cmdline.clone(),
+        snapshots,
     }
 }
 

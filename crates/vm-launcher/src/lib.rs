@@ -12,6 +12,7 @@ pub mod console;
 pub mod host;
 pub mod http;
 pub mod launcher;
+pub mod snapshot;
 pub mod store;
 pub mod validate;
 pub mod vsock;
@@ -85,6 +86,7 @@ pub fn backend_for(cfg: &Config) -> Box<dyn backend::Hypervisor> {
             kvm: host::has_hardware_kvm(),
             tsc_khz: host::tsc_khz(),
             vhost_vsock: cfg.vhost_vsock_bin.clone(),
+            qboot: Some(PathBuf::from(backend::qemu::QBOOT_ROM)).filter(|p| p.exists()),
         }),
         BackendKind::Firecracker => Box::new(backend::firecracker::Firecracker {
             bin: cfg.firecracker_bin.clone(),

@@ -37,6 +37,9 @@ pub struct VmRecord {
     /// Where the VM's sockets live if not in its directory (jailed Firecracker).
     #[serde(default)]
     pub socket_dir: Option<PathBuf>,
+    /// Started snapshot-capable (QEMU: `pc` machine with a hot-pluggable vsock).
+    #[serde(default)]
+    pub snapshots: bool,
 }
 
 impl VmRecord {
@@ -58,6 +61,7 @@ impl VmRecord {
                 .map(|p| p.pid),
             boot_ms: self.boot_ms,
             started_at: self.started_at,
+            snapshots: self.snapshots,
         }
     }
 }
@@ -110,6 +114,11 @@ impl VmDir {
         Ok(hex)
     }
 
+    /// The VM's snapshots, one directory per tag.
+    pub fn snapshots(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
     pub fn read_secret(&self) -> io::Result<String> {
         Ok(fs::read_to_string(self.secret())?.trim().to_owned())
     }
@@ -147,7 +156,7 @@ impl VmDir {
     }
 }
 
-fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let tmp = path.with_extension("tmp");
     let mut f = fs::OpenOptions::new()
         .write(true)

@@ -9,9 +9,19 @@ pub const MIN_MEM_MIB: u32 = 128;
 
 /// `[a-z0-9-]`, 1–63 characters, not starting or ending with `-`.
 pub fn name(name: &str) -> Result<(), LauncherError> {
+    label("VM name", name)
+}
+
+/// A snapshot tag: the same rules as a VM name (it names a directory, so it is never a
+/// path either).
+pub fn snapshot_tag(tag: &str) -> Result<(), LauncherError> {
+    label("snapshot tag", tag)
+}
+
+fn label(what: &str, name: &str) -> Result<(), LauncherError> {
     let bad = |why: &str| {
         Err(LauncherError::Invalid(format!(
-            "invalid VM name {:?}: {why}",
+            "invalid {what} {:?}: {why}",
             name.chars().take(80).collect::<String>()
         )))
     };

@@ -116,6 +116,7 @@ fn every_firecracker_call_matches_the_official_schema() {
         initramfs: "/img/initramfs.cpio.gz".into(),
         rootfs: "/img/rootfs.img".into(),
         image_cmdline: "panic=-1".into(),
+        snapshots: false,
     };
     let files = BootFiles {
         vmlinux: "/vmlinux".into(),

@@ -10,6 +10,10 @@
 //! | DELETE | `/v1/vms/{name}` | → 204 (409 while running) |
 //! | GET | `/v1/vms/{name}/console?offset=N` | → console bytes from N; `x-console-offset` is the next N |
 //! | POST | `/v1/vms/{name}/pause`, `/resume` | → [`Vm`] |
+//! | POST | `/v1/vms/{name}/snapshots` | [`CreateSnapshot`] → 201 [`Snapshot`] (memory, CPU and disks; the VM keeps running) |
+//! | GET | `/v1/vms/{name}/snapshots` | → `[Snapshot]` |
+//! | DELETE | `/v1/vms/{name}/snapshots/{tag}` | → 204 |
+//! | POST | `/v1/vms/{name}/restore` | [`RestoreVm`] → 202 [`Vm`] (VM must be stopped; disks return to the snapshot's) |
 //! | GET (WebSocket) | `/v1/vms/{name}/exec` | [`ExecStart`], stdin, → output frames, [`ExecEvent`] |
 //! | GET (WebSocket) | `/v1/vms/{name}/gateway` | raw TCP to the agent gateway (guest port 18789), binary messages |
 //! | PUT | `/v1/vms/{name}/files?path=P` | file bytes (Content-Length required) → 204 |
@@ -51,6 +55,12 @@ pub struct StartVm {
     /// Image bundle directory; the launcher's default image when absent.
     #[serde(default)]
     pub image: Option<String>,
+    /// Make the VM snapshot-capable. On QEMU this boots the `pc` machine (the vsock
+    /// device is hot-pluggable there, so it can be unplugged while memory is saved)
+    /// instead of `microvm`, which costs some boot time. Firecracker VMs can always be
+    /// snapshotted.
+    #[serde(default)]
+    pub snapshots: bool,
 }
 
 fn default_mem() -> u32 {
@@ -127,6 +137,47 @@ pub struct Vm {
     /// Unix time (s) of the last start.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<u64>,
+    /// Whether the VM was started snapshot-capable.
+    #[serde(default)]
+    pub snapshots: bool,
+}
+
+/// Request to snapshot a running or paused VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// Snapshot name, same rules as a VM name; a time stamp when absent.
+    #[serde(default)]
+    pub tag: Option<String>,
+}
+
+/// Request to restore a stopped VM from one of its snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreVm {
+    /// The snapshot's tag.
+    pub snapshot: String,
+}
+
+/// A saved VM: guest memory and device state plus copies of its writable disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub tag: String,
+    pub vm: String,
+    /// Unix time (s) it was taken.
+    pub created_at: u64,
+    /// `qemu` or `firecracker`; a snapshot restores only on the backend that took it.
+    pub backend: String,
+    pub mem_mib: u32,
+    pub vcpus: u32,
+    /// Verity root hash of the image the VM ran; a restore needs the same image.
+    pub root_hash: String,
+    /// Bytes of the saved memory and device state.
+    pub state_bytes: u64,
+    /// Bytes of disk data held (sparse copies: data only).
+    pub disk_bytes: u64,
+    /// How long the guest was frozen for the save, milliseconds.
+    pub save_ms: u64,
 }
 
 /// First byte of a WebSocket binary message carrying stdout.
@@ -317,6 +368,51 @@ impl LauncherClient {
     pub async fn resume(&self, name: &str) -> Result<Vm, ClientError> {
         self.json(self.http.post(self.url(&format!("/v1/vms/{name}/resume"))))
             .await
+    }
+
+    /// Snapshots a running or paused VM (it keeps its state afterwards).
+    pub async fn snapshot(
+        &self,
+        name: &str,
+        req: &CreateSnapshot,
+    ) -> Result<Snapshot, ClientError> {
+        self.json(
+            self.http
+                .post(self.url(&format!("/v1/vms/{name}/snapshots")))
+                .timeout(Duration::from_secs(600))
+                .json(req),
+        )
+        .await
+    }
+
+    /// A VM's snapshots, oldest first.
+    pub async fn snapshots(&self, name: &str) -> Result<Vec<Snapshot>, ClientError> {
+        self.json(
+            self.http
+                .get(self.url(&format!("/v1/vms/{name}/snapshots"))),
+        )
+        .await
+    }
+
+    /// Deletes one snapshot.
+    pub async fn delete_snapshot(&self, name: &str, tag: &str) -> Result<(), ClientError> {
+        self.send(
+            self.http
+                .delete(self.url(&format!("/v1/vms/{name}/snapshots/{tag}"))),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Boots a stopped VM from a snapshot; its disks return to the snapshot's.
+    pub async fn restore(&self, name: &str, req: &RestoreVm) -> Result<Vm, ClientError> {
+        self.json(
+            self.http
+                .post(self.url(&format!("/v1/vms/{name}/restore")))
+                .timeout(Duration::from_secs(600))
+                .json(req),
+        )
+        .await
     }
 
     /// Uploads `data` to `path` in the VM's workspace.

@@ -233,6 +233,34 @@ pub fn pause_request(pause: bool) -> (String, Value) {
     )
 }
 
+/// `PUT /snapshot/create`: a full snapshot into `snap` (relative to Firecracker's
+/// working directory, the VM directory).
+pub fn snapshot_create_request(snap: &str) -> (String, Value) {
+    (
+        "/snapshot/create".into(),
+        json!({
+            "snapshot_type": "Full",
+            "snapshot_path": format!("{snap}/{}", crate::snapshot::FC_VMSTATE),
+            "mem_file_path": format!("{snap}/{}", crate::snapshot::FC_MEMORY),
+        }),
+    )
+}
+
+/// `PUT /snapshot/load`: the state and memory in `snap`, running the guest at once.
+pub fn snapshot_load_request(snap: &str) -> (String, Value) {
+    (
+        "/snapshot/load".into(),
+        json!({
+            "snapshot_path": format!("{snap}/{}", crate::snapshot::FC_VMSTATE),
+            "mem_backend": {
+                "backend_type": "File",
+                "backend_path": format!("{snap}/{}", crate::snapshot::FC_MEMORY),
+            },
+            "resume_vm": true,
+        }),
+    )
+}
+
 /// Every call this backend makes, as `(method, path, body)`: what the API-spec test
 /// validates.
 pub fn all_calls(spec: &LaunchSpec, files: &BootFiles) -> Vec<(&'static str, String, Value)> {
@@ -246,6 +274,10 @@ pub fn all_calls(spec: &LaunchSpec, files: &BootFiles) -> Vec<(&'static str, Str
         let (p, b) = pause_request(pause);
         calls.push(("patch", p, b));
     }
+    let (p, b) = snapshot_create_request("snapshots/.t1.saving");
+    calls.push(("put", p, b));
+    let (p, b) = snapshot_load_request("snapshots/t1");
+    calls.push(("put", p, b));
     calls
 }
 
@@ -293,6 +325,31 @@ async fn api_request(
 }
 
 impl Firecracker {
+    /// Starts a Firecracker process for `dir` and waits for its API socket (not jailed).
+    async fn spawn_direct(&self, spec: &LaunchSpec) -> Result<tokio::process::Child, BackendError> {
+        let console = log_file(&spec.dir.console())?;
+        let log = log_file(&spec.dir.hypervisor_log())?;
+        let _ = std::fs::remove_file(spec.dir.root.join(API_SOCKET));
+        let mut child = Command::new(&self.bin)
+            .args(["--api-sock", API_SOCKET, "--id"])
+            .arg(format!("clawos-{}", spec.name))
+            .current_dir(&spec.dir.root)
+            .stdin(Stdio::null())
+            .stdout(console)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|source| BackendError::Spawn {
+                bin: self.bin.clone(),
+                source,
+            })?;
+        if !wait_for_socket(&spec.dir.root.join(API_SOCKET), Duration::from_secs(5)).await {
+            let _ = child.start_kill();
+            return Err(fc_err("API socket did not appear (see hypervisor.log)"));
+        }
+        Ok(child)
+    }
+
     /// Where a VM's API and vsock sockets are: its chroot when jailed, else its directory.
     pub fn socket_dir(&self, dir: &VmDir) -> PathBuf {
         match &self.jailer {
@@ -322,39 +379,35 @@ impl Hypervisor for Firecracker {
                 )
             })?;
             let sockets = self.socket_dir(&spec.dir);
-            let (mut cmd, files) = match &self.jailer {
+            let (mut child, files) = match &self.jailer {
                 Some(j) => {
                     let files = j.prepare(spec, &vmlinux, &self.bin)?;
-                    let mut cmd = Command::new(&j.bin);
-                    cmd.args(j.args(&spec.name, &self.bin));
-                    (cmd, files)
+                    let console = log_file(&spec.dir.console())?;
+                    let log = log_file(&spec.dir.hypervisor_log())?;
+                    let _ = std::fs::remove_file(sockets.join(API_SOCKET));
+                    let mut child = Command::new(&j.bin)
+                        .args(j.args(&spec.name, &self.bin))
+                        .stdin(Stdio::null())
+                        // The guest's serial console is Firecracker's stdout.
+                        .stdout(console)
+                        .stderr(log)
+                        .process_group(0)
+                        .spawn()
+                        .map_err(|source| BackendError::Spawn {
+                            bin: j.bin.clone(),
+                            source,
+                        })?;
+                    if !wait_for_socket(&sockets.join(API_SOCKET), Duration::from_secs(5)).await {
+                        let _ = child.start_kill();
+                        return Err(fc_err("API socket did not appear (see hypervisor.log)"));
+                    }
+                    (child, files)
                 }
-                None => {
-                    let mut cmd = Command::new(&self.bin);
-                    cmd.args(["--api-sock", API_SOCKET, "--id"])
-                        .arg(format!("clawos-{}", spec.name))
-                        .current_dir(&spec.dir.root);
-                    (cmd, BootFiles::direct(spec, &vmlinux))
-                }
+                None => (
+                    self.spawn_direct(spec).await?,
+                    BootFiles::direct(spec, &vmlinux),
+                ),
             };
-            let console = log_file(&spec.dir.console())?;
-            let log = log_file(&spec.dir.hypervisor_log())?;
-            let _ = std::fs::remove_file(sockets.join(API_SOCKET));
-            let mut child = cmd
-                .stdin(Stdio::null())
-                // The guest's serial console is Firecracker's stdout.
-                .stdout(console)
-                .stderr(log)
-                .process_group(0)
-                .spawn()
-                .map_err(|source| BackendError::Spawn {
-                    bin: self.bin.clone(),
-                    source,
-                })?;
-            if !wait_for_socket(&sockets.join(API_SOCKET), Duration::from_secs(5)).await {
-                let _ = child.start_kill();
-                return Err(fc_err("API socket did not appear (see hypervisor.log)"));
-            }
             for (path, body) in boot_requests(spec, &files) {
                 if let Err(e) = api_put(&sockets, &path, &body).await {
                     let _ = child.start_kill();
@@ -388,6 +441,72 @@ impl Hypervisor for Firecracker {
         Box::pin(async move {
             let (path, body) = pause_request(false);
             api_request(&self.socket_dir(dir), hyper::Method::PATCH, &path, &body).await
+        })
+    }
+
+    fn snapshot_unsupported(&self, _snapshots: bool) -> Option<String> {
+        self.jailer.as_ref().map(|_| {
+            "snapshots of jailed Firecracker VMs are not supported yet (the state files \
+             would have to be moved in and out of the chroot)"
+                .into()
+        })
+    }
+
+    fn save<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        snap: &'a str,
+    ) -> BoxFuture<'a, Result<u64, BackendError>> {
+        Box::pin(async move {
+            let sockets = self.socket_dir(dir);
+            let (path, body) = pause_request(true);
+            api_request(&sockets, hyper::Method::PATCH, &path, &body).await?;
+            let (path, body) = snapshot_create_request(snap);
+            api_put(&sockets, &path, &body).await?;
+            let size =
+                |f: &str| std::fs::metadata(dir.root.join(snap).join(f)).map_or(0, |m| m.len());
+            Ok(size(crate::snapshot::FC_VMSTATE) + size(crate::snapshot::FC_MEMORY))
+        })
+    }
+
+    fn after_save<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        helpers: &'a [crate::host::ProcessId],
+        resume: bool,
+    ) -> BoxFuture<'a, Result<Vec<crate::host::ProcessId>, BackendError>> {
+        Box::pin(async move {
+            if resume {
+                let (path, body) = pause_request(false);
+                api_request(&self.socket_dir(dir), hyper::Method::PATCH, &path, &body).await?;
+            }
+            Ok(helpers.to_vec())
+        })
+    }
+
+    fn restore<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        snap: &'a str,
+    ) -> BoxFuture<'a, Result<Launched, BackendError>> {
+        Box::pin(async move {
+            if let Some(why) = self.snapshot_unsupported(true) {
+                return Err(BackendError::Unsupported(why));
+            }
+            // Firecracker binds the saved vsock path again on load.
+            let _ = std::fs::remove_file(spec.dir.root.join(VSOCK_SOCKET));
+            let mut child = self.spawn_direct(spec).await?;
+            let (path, body) = snapshot_load_request(snap);
+            if let Err(e) = api_put(&spec.dir.root, &path, &body).await {
+                let _ = child.start_kill();
+                return Err(e);
+            }
+            Ok(Launched {
+                child,
+                helpers: Vec::new(),
+                vsock: true,
+                socket_dir: None,
+            })
         })
     }
 
@@ -426,6 +545,7 @@ mod tests {
             initramfs: "/img/initramfs.cpio.gz".into(),
             rootfs: "/img/rootfs.img".into(),
             image_cmdline: "panic=-1".into(),
+            snapshots: false,
         };
         let reqs = boot_requests(&spec, &BootFiles::direct(&spec, Path::new("/img/vmlinux")));
         let paths: Vec<&str> = reqs.iter().map(|(p, _)| p.as_str()).collect();
@@ -510,6 +630,7 @@ mod jailer_tests {
             initramfs: img.join("initramfs.cpio.gz"),
             rootfs: img.join("rootfs.img"),
             image_cmdline: String::new(),
+            snapshots: false,
         };
         // Our own uid/gid, so the test needs no privileges.
         // SAFETY: getuid/getgid cannot fail.

@@ -32,6 +32,8 @@ pub struct LaunchSpec {
     /// The image's signed command line; the backend prepends its console/timer
     /// settings.
     pub image_cmdline: String,
+    /// Boot a snapshot-capable machine (QEMU: `pc` with hot-pluggable devices).
+    pub snapshots: bool,
 }
 
 /// Errors of a backend.
@@ -89,6 +91,32 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     fn resume<'a>(&'a self, dir: &'a VmDir) -> BoxFuture<'a, Result<(), BackendError>>;
     /// Removes what the backend set up outside the VM directory, once the VM ended.
     fn cleanup(&self, _dir: &VmDir) {}
+
+    /// Why a VM started with `snapshots` cannot be snapshotted, if it cannot.
+    fn snapshot_unsupported(&self, snapshots: bool) -> Option<String>;
+    /// Freezes the guest and writes its memory and device state into `snap` (a path
+    /// relative to the VM directory). The VM stays frozen, so the launcher can copy its
+    /// disks consistently. Returns the bytes written.
+    fn save<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        snap: &'a str,
+    ) -> BoxFuture<'a, Result<u64, BackendError>>;
+    /// Undoes what [`Hypervisor::save`] detached and, when `resume`, lets the guest run
+    /// again. Returns the VM's helper processes from now on (they may be new).
+    fn after_save<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        helpers: &'a [crate::host::ProcessId],
+        resume: bool,
+    ) -> BoxFuture<'a, Result<Vec<crate::host::ProcessId>, BackendError>>;
+    /// Starts the VM from the state saved in `snap` (relative to the VM directory; the
+    /// launcher has put the snapshot's disks back). The guest runs when it returns.
+    fn restore<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        snap: &'a str,
+    ) -> BoxFuture<'a, Result<Launched, BackendError>>;
 }
 
 /// Opens the file the hypervisor writes its own diagnostics to.

@@ -1,5 +1,13 @@
-//! QEMU `microvm` backend. Hardware KVM when the CPU has it, TCG (software emulation)
-//! otherwise, with the timer setting a microvm guest needs under TCG.
+//! QEMU backend. Hardware KVM when the CPU has it, TCG (software emulation) otherwise,
+//! with the timer setting a guest needs under TCG.
+//!
+//! VMs boot the `microvm` machine, or — when started snapshot-capable — the `pc`
+//! machine with qboot firmware. The reason is the vsock device: QEMU refuses to
+//! migrate (save) a VM with `vhost-user-vsock` ("non-migratable device"), and microvm's
+//! virtio-mmio devices cannot be unplugged. On `pc` the launcher hot-unplugs the vsock
+//! device (ACPI PCI hotplug, ~0.2 s), saves memory and device state with `migrate`,
+//! then plugs a fresh device back in; a restore starts QEMU with `-incoming`, loads the
+//! state and plugs the device in before the guest runs.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -21,6 +29,19 @@ use crate::store::VmDir;
 pub const QMP_SOCKET: &str = "qmp.sock";
 /// vhost-user socket between QEMU and the vsock device process.
 pub const VHOST_USER_SOCKET: &str = "vhost-vsock.sock";
+/// QEMU id of the vsock device (the one that is unplugged around a save).
+const VSOCK_DEVICE_ID: &str = "vsock0";
+/// PCI slots on the `pc` machine, fixed so that a restored VM's devices sit exactly
+/// where the saved state expects them whatever was hot-plugged before.
+const PCI_SLOT_RNG: u32 = 3;
+const PCI_SLOT_FIRST_DISK: u32 = 4;
+const PCI_SLOT_VSOCK: u32 = 9;
+/// The fast firmware for `pc` (Debian's qemu-system-x86 ships it); SeaBIOS otherwise.
+pub const QBOOT_ROM: &str = "/usr/share/qemu/qboot.rom";
+/// Longest wait for the guest to release the vsock device on unplug.
+const UNPLUG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Longest a save or load of the migration stream may take.
+const MIGRATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The QEMU backend.
 #[derive(Debug, Clone)]
@@ -33,12 +54,45 @@ pub struct Qemu {
     /// `vhost-device-vsock`, which gives QEMU Firecracker's hybrid vsock model. Without
     /// it VMs boot with no control channel.
     pub vhost_vsock: Option<PathBuf>,
+    /// qboot firmware for snapshot-capable (`pc`) VMs, when installed.
+    pub qboot: Option<PathBuf>,
+}
+
+/// What the vsock device of a command line looks like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum VsockAt {
+    /// Plugged at boot.
+    Boot,
+    /// Left out: a restore plugs it in after loading the saved state.
+    Later,
 }
 
 impl Qemu {
     /// The full argument list for one VM (paths of per-VM files are relative to the VM
     /// directory, which is QEMU's working directory).
     pub fn args(&self, spec: &LaunchSpec) -> Vec<String> {
+        self.args_with(spec, VsockAt::Boot)
+    }
+
+    /// The argument list of a restore: no vsock device yet, and waiting for the saved
+    /// state (`-incoming defer`).
+    pub fn restore_args(&self, spec: &LaunchSpec) -> Vec<String> {
+        let mut a = self.args_with(spec, VsockAt::Later);
+        a.extend(["-incoming".into(), "defer".into()]);
+        a
+    }
+
+    fn args_with(&self, spec: &LaunchSpec, vsock_at: VsockAt) -> Vec<String> {
+        let pc = spec.snapshots;
+        let machine = if pc { "pc" } else { "microvm" };
+        // PCI devices on `pc` at fixed slots; virtio-mmio ones on microvm.
+        let device = |kind: &str, slot: u32| {
+            if pc {
+                format!("{kind}-pci,addr={slot:#x}")
+            } else {
+                format!("{kind}-device")
+            }
+        };
         let mut cmdline = String::from("console=ttyS0 ");
         if !self.kvm
             && let Some(khz) = self.tsc_khz
@@ -55,9 +109,9 @@ impl Qemu {
             "-M".into(),
             if self.vhost_vsock.is_some() {
                 // vhost-user needs guest RAM the device process can map.
-                "microvm,memory-backend=ram".into()
+                format!("{machine},memory-backend=ram")
             } else {
-                "microvm".into()
+                machine.into()
             },
             "-m".into(),
             spec.mem_mib.to_string(),
@@ -80,7 +134,7 @@ impl Qemu {
             "-action".into(),
             "panic=exit-failure".into(),
             "-device".into(),
-            "virtio-rng-device".into(),
+            device("virtio-rng", PCI_SLOT_RNG),
             "-kernel".into(),
             spec.kernel.display().to_string(),
             "-initrd".into(),
@@ -91,6 +145,9 @@ impl Qemu {
         if self.kvm {
             a.extend(["-cpu".into(), "host".into()]);
         }
+        if pc && let Some(rom) = &self.qboot {
+            a.extend(["-bios".into(), rom.display().to_string()]);
+        }
         if self.vhost_vsock.is_some() {
             a.extend([
                 "-object".into(),
@@ -98,11 +155,18 @@ impl Qemu {
                     "memory-backend-memfd,id=ram,size={}M,share=on",
                     spec.mem_mib
                 ),
-                "-chardev".into(),
-                format!("socket,id=vsock,path={VHOST_USER_SOCKET}"),
-                "-device".into(),
-                "vhost-user-vsock-device,chardev=vsock".into(),
             ]);
+            if vsock_at == VsockAt::Boot {
+                a.extend([
+                    "-chardev".into(),
+                    format!("socket,id=vsock,path={VHOST_USER_SOCKET}"),
+                    "-device".into(),
+                    format!(
+                        "{},chardev=vsock,id={VSOCK_DEVICE_ID}",
+                        device("vhost-user-vsock", PCI_SLOT_VSOCK)
+                    ),
+                ]);
+            }
         }
         let disks = [
             (disk::ROOTFS, spec.rootfs.display().to_string(), true),
@@ -110,14 +174,17 @@ impl Qemu {
             (disk::WORKSPACE, "workspace.img".to_owned(), false),
             (disk::CONFIG, "config.img".to_owned(), true),
         ];
-        for (serial, file, ro) in disks {
+        for (slot, (serial, file, ro)) in (PCI_SLOT_FIRST_DISK..).zip(disks) {
             // QEMU's option syntax escapes a comma by doubling it.
             let file = file.replace(',', ",,");
             let ro = if ro { ",readonly=on" } else { "" };
             a.push("-drive".into());
             a.push(format!("id={serial},file={file},format=raw,if=none{ro}"));
             a.push("-device".into());
-            a.push(format!("virtio-blk-device,drive={serial},serial={serial}"));
+            a.push(format!(
+                "{},drive={serial},serial={serial}",
+                device("virtio-blk", slot)
+            ));
         }
         a
     }
@@ -132,9 +199,9 @@ impl Hypervisor for Qemu {
         Box::pin(async move {
             let mut helpers = Vec::new();
             if let Some(bin) = &self.vhost_vsock {
-                helpers.push(self.start_vsock_device(bin, spec).await?);
+                helpers.push(start_vsock_device(bin, &spec.dir).await?);
             }
-            match self.spawn_qemu(spec) {
+            match self.spawn_qemu(spec, self.args(spec)) {
                 Ok(child) => Ok(Launched {
                     child,
                     vsock: !helpers.is_empty(),
@@ -178,22 +245,198 @@ impl Hypervisor for Qemu {
                 .map(drop)
         })
     }
+
+    fn snapshot_unsupported(&self, snapshots: bool) -> Option<String> {
+        (!snapshots).then(|| {
+            "it was started without snapshot support: QEMU cannot save a microvm with a \
+             vsock device; start it with --snapshots (the pc machine) to snapshot it"
+                .into()
+        })
+    }
+
+    fn save<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        snap: &'a str,
+    ) -> BoxFuture<'a, Result<u64, BackendError>> {
+        Box::pin(async move {
+            let mut qmp = Qmp::connect(dir).await?;
+            if self.vhost_vsock.is_some() {
+                qmp.execute("device_del", Some(json!({ "id": VSOCK_DEVICE_ID })))
+                    .await?;
+                qmp.wait_event("DEVICE_DELETED", Some(VSOCK_DEVICE_ID), UNPLUG_TIMEOUT)
+                    .await?;
+            }
+            qmp.execute("stop", None).await?;
+            // The stream goes to a temporary name and is renamed by the same shell once
+            // `cat` has written all of it: the final name appearing means complete.
+            let part = format!("{snap}/{}.part", crate::snapshot::QEMU_STATE);
+            let done = format!("{snap}/{}", crate::snapshot::QEMU_STATE);
+            qmp.execute(
+                "migrate",
+                Some(json!({ "uri": format!("exec:cat > {part} && mv {part} {done}") })),
+            )
+            .await?;
+            qmp.wait_migration().await?;
+            let path = dir.root.join(&done);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                if let Ok(m) = std::fs::metadata(&path) {
+                    return Ok(m.len());
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(qmp_err("the saved state file never appeared"));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        })
+    }
+
+    fn after_save<'a>(
+        &'a self,
+        dir: &'a VmDir,
+        helpers: &'a [ProcessId],
+        resume: bool,
+    ) -> BoxFuture<'a, Result<Vec<ProcessId>, BackendError>> {
+        Box::pin(async move {
+            let mut qmp = Qmp::connect(dir).await?;
+            let mut new_helpers = helpers.to_vec();
+            if let Some(bin) = &self.vhost_vsock {
+                // vhost-device-vsock serves one vhost-user session: the unplugged device
+                // ended it, so a fresh process backs the new device.
+                for h in helpers {
+                    end_process(*h).await;
+                }
+                let h = start_vsock_device(bin, dir).await?;
+                new_helpers = vec![h];
+                if let Err(e) = plug_vsock(&mut qmp).await {
+                    h.signal(libc::SIGKILL);
+                    return Err(e);
+                }
+            }
+            if resume {
+                qmp.execute("cont", None).await?;
+            }
+            Ok(new_helpers)
+        })
+    }
+
+    fn restore<'a>(
+        &'a self,
+        spec: &'a LaunchSpec,
+        snap: &'a str,
+    ) -> BoxFuture<'a, Result<Launched, BackendError>> {
+        Box::pin(async move {
+            let mut helpers = Vec::new();
+            if let Some(bin) = &self.vhost_vsock {
+                helpers.push(start_vsock_device(bin, &spec.dir).await?);
+            }
+            let mut child = match self.spawn_qemu(spec, self.restore_args(spec)) {
+                Ok(c) => c,
+                Err(e) => {
+                    for h in &helpers {
+                        h.signal(libc::SIGKILL);
+                    }
+                    return Err(e);
+                }
+            };
+            let loaded = async {
+                if !wait_for_socket(
+                    &spec.dir.root.join(QMP_SOCKET),
+                    std::time::Duration::from_secs(10),
+                )
+                .await
+                {
+                    return Err(qmp_err("QEMU did not open its QMP socket"));
+                }
+                let mut qmp = Qmp::connect(&spec.dir).await?;
+                let state = format!("{snap}/{}", crate::snapshot::QEMU_STATE);
+                qmp.execute(
+                    "migrate-incoming",
+                    Some(json!({ "uri": format!("exec:cat {state}") })),
+                )
+                .await?;
+                qmp.wait_migration().await?;
+                if self.vhost_vsock.is_some() {
+                    plug_vsock(&mut qmp).await?;
+                }
+                qmp.execute("cont", None).await.map(drop)
+            }
+            .await;
+            match loaded {
+                Ok(()) => Ok(Launched {
+                    child,
+                    vsock: !helpers.is_empty(),
+                    helpers,
+                    socket_dir: None,
+                }),
+                Err(e) => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    for h in &helpers {
+                        h.signal(libc::SIGKILL);
+                    }
+                    Err(e)
+                }
+            }
+        })
+    }
 }
 
-impl Qemu {
-    /// Starts the per-VM `vhost-device-vsock` and waits for its vhost-user socket.
-    async fn start_vsock_device(
-        &self,
-        bin: &std::path::Path,
-        spec: &LaunchSpec,
-    ) -> Result<ProcessId, BackendError> {
-        let log = log_file(&spec.dir.root.join("vsock-device.log"))?;
+/// Plugs a vsock device backed by the (new) device process into a `pc` VM.
+async fn plug_vsock(qmp: &mut Qmp) -> Result<(), BackendError> {
+    // The chardev of the unplugged device is still there (it is not in a restored VM).
+    let _ = qmp
+        .execute("chardev-remove", Some(json!({ "id": "vsock" })))
+        .await;
+    qmp.execute(
+        "chardev-add",
+        Some(json!({
+            "id": "vsock",
+            "backend": { "type": "socket", "data": {
+                "addr": { "type": "unix", "data": { "path": VHOST_USER_SOCKET } },
+                "server": false,
+            }},
+        })),
+    )
+    .await?;
+    qmp.execute(
+        "device_add",
+        Some(json!({
+            "driver": "vhost-user-vsock-pci",
+            "chardev": "vsock",
+            "id": VSOCK_DEVICE_ID,
+            "addr": format!("{PCI_SLOT_VSOCK:#x}"),
+        })),
+    )
+    .await
+    .map(drop)
+}
+
+/// SIGTERM, then SIGKILL after a second; returns once the process is gone.
+async fn end_process(p: ProcessId) {
+    p.signal(libc::SIGTERM);
+    for i in 0..200 {
+        if !p.is_alive() {
+            return;
+        }
+        if i == 100 {
+            p.signal(libc::SIGKILL);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Starts the per-VM `vhost-device-vsock` and waits for its vhost-user socket.
+async fn start_vsock_device(bin: &std::path::Path, dir: &VmDir) -> Result<ProcessId, BackendError> {
+    {
+        let log = log_file(&dir.root.join("vsock-device.log"))?;
         let log2 = log.try_clone().map_err(|source| BackendError::Spawn {
             bin: bin.to_owned(),
             source,
         })?;
         for s in [VHOST_USER_SOCKET, VSOCK_SOCKET] {
-            let _ = std::fs::remove_file(spec.dir.root.join(s));
+            let _ = std::fs::remove_file(dir.root.join(s));
         }
         let child = Command::new(bin)
             .args([
@@ -204,7 +447,7 @@ impl Qemu {
                 "--uds-path",
                 VSOCK_SOCKET,
             ])
-            .current_dir(&spec.dir.root)
+            .current_dir(&dir.root)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
@@ -223,7 +466,7 @@ impl Qemu {
             detail: "vhost-device-vsock exited at once (see vsock-device.log)".into(),
         })?;
         if !wait_for_socket(
-            &spec.dir.root.join(VHOST_USER_SOCKET),
+            &dir.root.join(VHOST_USER_SOCKET),
             std::time::Duration::from_secs(5),
         )
         .await
@@ -237,8 +480,10 @@ impl Qemu {
         }
         Ok(id)
     }
+}
 
-    fn spawn_qemu(&self, spec: &LaunchSpec) -> Result<Child, BackendError> {
+impl Qemu {
+    fn spawn_qemu(&self, spec: &LaunchSpec, args: Vec<String>) -> Result<Child, BackendError> {
         {
             let log = log_file(&spec.dir.hypervisor_log())?;
             let log2 = log.try_clone().map_err(|source| BackendError::Spawn {
@@ -247,7 +492,7 @@ impl Qemu {
             })?;
             let _ = std::fs::remove_file(spec.dir.root.join(QMP_SOCKET));
             Command::new(&self.bin)
-                .args(self.args(spec))
+                .args(args)
                 .current_dir(&spec.dir.root)
                 .stdin(Stdio::null())
                 .stdout(log)
@@ -269,6 +514,8 @@ impl Qemu {
 pub struct Qmp {
     reader: BufReader<tokio::net::unix::OwnedReadHalf>,
     writer: tokio::net::unix::OwnedWriteHalf,
+    /// Events that arrived while waiting for a command's answer.
+    events: Vec<Value>,
 }
 
 fn qmp_err(detail: impl std::fmt::Display) -> BackendError {
@@ -288,6 +535,7 @@ impl Qmp {
         let mut qmp = Self {
             reader: BufReader::new(r),
             writer: w,
+            events: Vec::new(),
         };
         let greeting = qmp.read().await?;
         if greeting.get("QMP").is_none() {
@@ -325,6 +573,61 @@ impl Qmp {
             if let Some(e) = v.get("error") {
                 return Err(qmp_err(format!("{cmd}: {e}")));
             }
+            if v.get("event").is_some() {
+                self.events.push(v);
+            }
+        }
+    }
+
+    /// Waits for an event (for `device`, one whose `data.device` is it).
+    pub async fn wait_event(
+        &mut self,
+        name: &str,
+        device: Option<&str>,
+        limit: std::time::Duration,
+    ) -> Result<Value, BackendError> {
+        let matches = |v: &Value| {
+            v.get("event").and_then(Value::as_str) == Some(name)
+                && device
+                    .is_none_or(|d| v.pointer("/data/device").and_then(Value::as_str) == Some(d))
+        };
+        if let Some(i) = self.events.iter().position(matches) {
+            return Ok(self.events.remove(i));
+        }
+        tokio::time::timeout(limit, async {
+            loop {
+                let v = self.read().await?;
+                if matches(&v) {
+                    return Ok(v);
+                }
+            }
+        })
+        .await
+        .map_err(|_| qmp_err(format!("no {name} event within {limit:?}")))?
+    }
+
+    /// Polls `query-migrate` until the migration completes; its error if it fails.
+    pub async fn wait_migration(&mut self) -> Result<(), BackendError> {
+        let deadline = std::time::Instant::now() + MIGRATE_TIMEOUT;
+        loop {
+            let r = self.execute("query-migrate", None).await?;
+            match r.get("status").and_then(Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some("failed" | "cancelled") => {
+                    let why = r
+                        .get("error-desc")
+                        .and_then(Value::as_str)
+                        .unwrap_or("no reason given");
+                    return Err(qmp_err(format!("migration failed: {why}")));
+                }
+                _ => {}
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(qmp_err(format!(
+                    "migration did not finish within {MIGRATE_TIMEOUT:?}"
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 }
@@ -346,6 +649,7 @@ mod tests {
             initramfs: "/img/initramfs.cpio.gz".into(),
             rootfs: "/img,odd/rootfs.img".into(),
             image_cmdline: "panic=-1 clawos.root_hash=ab".into(),
+            snapshots: false,
         }
     }
 
@@ -356,6 +660,7 @@ mod tests {
             kvm: false,
             tsc_khz: Some(2_596_146),
             vhost_vsock: Some("vhost-device-vsock".into()),
+            qboot: None,
         };
         let a = q.args(&spec()).join(" ");
         assert!(a.contains("-accel tcg"), "{a}");
@@ -384,12 +689,54 @@ mod tests {
     }
 
     #[test]
+    fn snapshot_capable_vms_use_pc_with_fixed_pci_slots_and_a_restorable_vsock() {
+        let q = Qemu {
+            bin: "qemu-system-x86_64".into(),
+            kvm: false,
+            tsc_khz: Some(1),
+            vhost_vsock: Some("vhost-device-vsock".into()),
+            qboot: Some(QBOOT_ROM.into()),
+        };
+        let mut s = spec();
+        s.snapshots = true;
+        let boot = q.args(&s).join(" ");
+        assert!(boot.contains("-M pc,memory-backend=ram"), "{boot}");
+        assert!(boot.contains(&format!("-bios {QBOOT_ROM}")), "{boot}");
+        assert!(boot.contains("virtio-rng-pci,addr=0x3"), "{boot}");
+        assert!(
+            boot.contains("virtio-blk-pci,addr=0x4,drive=rootfs,serial=rootfs"),
+            "{boot}"
+        );
+        assert!(
+            boot.contains("virtio-blk-pci,addr=0x7,drive=config,serial=config"),
+            "{boot}"
+        );
+        assert!(
+            boot.contains("vhost-user-vsock-pci,addr=0x9,chardev=vsock,id=vsock0"),
+            "{boot}"
+        );
+        assert!(!boot.contains("-device virtio-blk-device"), "{boot}");
+        // A restore starts without the vsock device (it was unplugged when the state
+        // was saved) and waits for the state; everything else is identical.
+        let restore = q.restore_args(&s);
+        let mut expected = q.args(&s);
+        let at = expected
+            .iter()
+            .position(|a| a == "socket,id=vsock,path=vhost-vsock.sock");
+        let at = at.expect("vsock chardev") - 1;
+        expected.drain(at..at + 4);
+        expected.extend(["-incoming".into(), "defer".into()]);
+        assert_eq!(restore, expected);
+    }
+
+    #[test]
     fn kvm_args_skip_the_tcg_timer() {
         let q = Qemu {
             bin: "qemu-system-x86_64".into(),
             kvm: true,
             tsc_khz: Some(1),
             vhost_vsock: None,
+            qboot: None,
         };
         let a = q.args(&spec()).join(" ");
         assert!(a.contains("-accel kvm") && a.contains("-cpu host"), "{a}");

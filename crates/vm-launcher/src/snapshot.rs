@@ -1,0 +1,340 @@
+//! Snapshots on disk: `<vm>/snapshots/<tag>/` holds `snapshot.json` (the
+//! [`Snapshot`] record), the hypervisor's saved memory and device state, and sparse
+//! copies of the VM's writable disks plus its config disk and control secret — what
+//! the saved memory was using, so a restore never pairs old memory with newer disks.
+//!
+//! A snapshot is built in `.<tag>.saving` and renamed into place once complete, so a
+//! failed or interrupted save leaves no directory that looks like a snapshot.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use clawos_vm_launcher_api::Snapshot;
+
+use crate::LauncherError;
+use crate::store::VmDir;
+
+/// The record of a snapshot inside its directory.
+pub const RECORD: &str = "snapshot.json";
+/// QEMU's migration stream (memory, CPU and device state).
+pub const QEMU_STATE: &str = "state.bin";
+/// Firecracker's device and CPU state.
+pub const FC_VMSTATE: &str = "vmstate";
+/// Firecracker's guest memory.
+pub const FC_MEMORY: &str = "memory";
+
+/// The VM directory's files a snapshot carries: the writable disks the saved memory has
+/// cached blocks of, the config disk, and the secret the restored guest agent still
+/// holds in memory.
+pub fn carried_files(dir: &VmDir) -> [PathBuf; 4] {
+    [
+        dir.runtime_disk(),
+        dir.workspace_disk(),
+        dir.config_disk(),
+        dir.secret(),
+    ]
+}
+
+/// One snapshot directory.
+#[derive(Debug, Clone)]
+pub struct SnapshotDir {
+    pub root: PathBuf,
+    /// The same, relative to the VM directory (the hypervisor's working directory).
+    pub relative: String,
+}
+
+impl SnapshotDir {
+    /// The final directory of `tag` (the tag is validated by the caller).
+    pub fn new(vm: &VmDir, tag: &str) -> Self {
+        Self {
+            root: vm.snapshots().join(tag),
+            relative: format!("snapshots/{tag}"),
+        }
+    }
+
+    /// The directory a snapshot of `tag` is built in.
+    pub fn staging(vm: &VmDir, tag: &str) -> Self {
+        Self {
+            root: vm.snapshots().join(format!(".{tag}.saving")),
+            relative: format!("snapshots/.{tag}.saving"),
+        }
+    }
+
+    pub fn record(&self) -> PathBuf {
+        self.root.join(RECORD)
+    }
+
+    pub fn load(&self) -> io::Result<Snapshot> {
+        let bytes = fs::read(self.record())?;
+        serde_json::from_slice(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+    }
+}
+
+/// Creates the staging directory for `tag` (0700), replacing leftovers of an earlier
+/// failed attempt.
+pub fn begin(vm: &VmDir, tag: &str) -> Result<SnapshotDir, LauncherError> {
+    let parent = vm.snapshots();
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&parent)
+        .map_err(|e| LauncherError::io(&parent, e))?;
+    let staging = SnapshotDir::staging(vm, tag);
+    let _ = fs::remove_dir_all(&staging.root);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&staging.root)
+        .map_err(|e| LauncherError::io(&staging.root, e))?;
+    Ok(staging)
+}
+
+/// Copies the VM's carried files into the staging directory; returns the data bytes.
+pub fn copy_disks_in(vm: &VmDir, staging: &SnapshotDir) -> Result<u64, LauncherError> {
+    let mut total = 0;
+    for src in carried_files(vm) {
+        let name = src.file_name().unwrap_or_default();
+        let dst = staging.root.join(name);
+        total += copy_sparse(&src, &dst).map_err(|e| LauncherError::io(&src, e))?;
+    }
+    Ok(total)
+}
+
+/// Writes the record and renames the staging directory to its final name.
+pub fn commit(
+    vm: &VmDir,
+    staging: &SnapshotDir,
+    record: &Snapshot,
+) -> Result<SnapshotDir, LauncherError> {
+    let json = serde_json::to_vec_pretty(record)
+        .map_err(|e| LauncherError::Internal(format!("snapshot record: {e}")))?;
+    crate::store::write_atomic(&staging.record(), &json, 0o600)
+        .map_err(|e| LauncherError::io(&staging.record(), e))?;
+    let done = SnapshotDir::new(vm, &record.tag);
+    fs::rename(&staging.root, &done.root).map_err(|e| LauncherError::io(&done.root, e))?;
+    sync_dir(&vm.snapshots());
+    Ok(done)
+}
+
+/// Puts a snapshot's copies of the carried files back into the VM directory. All files
+/// are copied first and renamed over the VM's only when every copy succeeded, so a
+/// failure leaves the VM's disks as they were.
+pub fn copy_disks_out(vm: &VmDir, snap: &SnapshotDir) -> Result<(), LauncherError> {
+    let files = carried_files(vm);
+    let mut staged = Vec::new();
+    let result = (|| {
+        for dst in &files {
+            let name = dst.file_name().unwrap_or_default();
+            let src = snap.root.join(name);
+            let tmp = dst.with_extension("restoring");
+            let _ = fs::remove_file(&tmp);
+            staged.push(tmp.clone());
+            copy_sparse(&src, &tmp).map_err(|e| LauncherError::io(&src, e))?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        for t in staged {
+            let _ = fs::remove_file(t);
+        }
+        return Err(e);
+    }
+    for (tmp, dst) in staged.iter().zip(files.iter()) {
+        fs::rename(tmp, dst).map_err(|e| LauncherError::io(dst, e))?;
+    }
+    sync_dir(&vm.root);
+    Ok(())
+}
+
+/// A VM's complete snapshots, oldest first.
+pub fn list(vm: &VmDir) -> Vec<Snapshot> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(vm.snapshots()) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') {
+            continue;
+        }
+        match SnapshotDir::new(vm, &name).load() {
+            Ok(s) => out.push(s),
+            Err(err) => {
+                tracing::warn!(snapshot = %name, error = %err, "unreadable snapshot record")
+            }
+        }
+    }
+    out.sort_by(|a, b| (a.created_at, &a.tag).cmp(&(b.created_at, &b.tag)));
+    out
+}
+
+/// Deletes a snapshot (renamed away first, so a crash mid-delete never leaves a
+/// half-deleted snapshot that looks complete).
+pub fn remove(vm: &VmDir, tag: &str) -> Result<(), LauncherError> {
+    let dir = SnapshotDir::new(vm, tag).root;
+    let doomed = vm.snapshots().join(format!(".{tag}.deleting"));
+    fs::rename(&dir, &doomed).map_err(|e| LauncherError::io(&dir, e))?;
+    fs::remove_dir_all(&doomed).map_err(|e| LauncherError::io(&doomed, e))
+}
+
+/// Removes staging and deleting leftovers of an interrupted save or delete.
+pub fn clean_leftovers(vm: &VmDir) {
+    let Ok(entries) = fs::read_dir(vm.snapshots()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with('.') && (n.ends_with(".saving") || n.ends_with(".deleting")) {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// Copies `src` to a new file `dst` (0600) keeping holes: only the data ranges the file
+/// system reports are read and written, so a mostly empty 1 GiB disk image copies in a
+/// fraction of its size. Returns the data bytes copied.
+pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<u64> {
+    let mut from = File::open(src)?;
+    let len = from.metadata()?.len();
+    let mut to = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(dst)?;
+    let result = (|| {
+        to.set_len(len)?;
+        let fd = from.as_raw_fd();
+        let mut pos: i64 = 0;
+        let mut copied = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        while (pos as u64) < len {
+            // SAFETY: lseek takes no pointers; `fd` is open for as long as `from` lives.
+            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = io::Error::last_os_error();
+                // ENXIO: no data after `pos`, the rest is a hole.
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    break;
+                }
+                return Err(e);
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            from.seek(SeekFrom::Start(data as u64))?;
+            to.seek(SeekFrom::Start(data as u64))?;
+            let mut left = (hole - data) as u64;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                from.read_exact(&mut buf[..n])?;
+                to.write_all(&buf[..n])?;
+                left -= n as u64;
+            }
+            copied += (hole - data) as u64;
+            pos = hole;
+        }
+        to.sync_all()?;
+        Ok(copied)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(dst);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_copy_keeps_content_and_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.img");
+        let mut f = File::create(&src).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.seek(SeekFrom::Start(5 << 20)).unwrap();
+        f.write_all(&[0xab; 10_000]).unwrap();
+        f.seek(SeekFrom::Start((64 << 20) - 3)).unwrap();
+        f.write_all(b"end").unwrap();
+        drop(f);
+        let dst = dir.path().join("dst.img");
+        let copied = copy_sparse(&src, &dst).unwrap();
+        assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
+        assert!(
+            copied < 1 << 20,
+            "copied {copied} bytes of a 64 MiB sparse file"
+        );
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(&dst).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o600);
+        assert!(
+            m.blocks() * 512 < 1 << 20,
+            "holes lost: {} blocks",
+            m.blocks()
+        );
+        // An existing destination is never overwritten.
+        assert_eq!(
+            copy_sparse(&src, &dst).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+    }
+
+    #[test]
+    fn staging_is_invisible_until_committed_and_restores_are_all_or_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vm = VmDir {
+            root: tmp.path().join("a1"),
+        };
+        fs::create_dir(&vm.root).unwrap();
+        for (i, f) in carried_files(&vm).iter().enumerate() {
+            fs::write(f, format!("v1-{i}")).unwrap();
+        }
+        let staging = begin(&vm, "t1").unwrap();
+        copy_disks_in(&vm, &staging).unwrap();
+        assert!(
+            list(&vm).is_empty(),
+            "a staging directory is not a snapshot"
+        );
+        let rec = Snapshot {
+            tag: "t1".into(),
+            vm: "a1".into(),
+            created_at: 1,
+            backend: "qemu".into(),
+            mem_mib: 256,
+            vcpus: 1,
+            root_hash: "ab".into(),
+            state_bytes: 0,
+            disk_bytes: 0,
+            save_ms: 0,
+        };
+        let done = commit(&vm, &staging, &rec).unwrap();
+        assert_eq!(list(&vm), vec![rec]);
+        for f in carried_files(&vm) {
+            fs::write(&f, "v2").unwrap();
+        }
+        // A snapshot missing one file: nothing in the VM directory changes.
+        fs::remove_file(done.root.join("config.img")).unwrap();
+        assert!(copy_disks_out(&vm, &done).is_err());
+        for f in carried_files(&vm) {
+            assert_eq!(fs::read_to_string(&f).unwrap(), "v2");
+            assert!(!f.with_extension("restoring").exists());
+        }
+        fs::write(done.root.join("config.img"), "v1-2").unwrap();
+        copy_disks_out(&vm, &done).unwrap();
+        for (i, f) in carried_files(&vm).iter().enumerate() {
+            assert_eq!(fs::read_to_string(f).unwrap(), format!("v1-{i}"));
+        }
+        remove(&vm, "t1").unwrap();
+        assert!(list(&vm).is_empty());
+    }
+}
