@@ -126,6 +126,7 @@ fn start_req(name: &str) -> StartVm {
         mem_mib: 256,
         vcpus: 1,
         image: None,
+        snapshots: false,
     }
 }
 

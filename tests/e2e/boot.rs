@@ -161,6 +161,7 @@ fn rootfs_block_flipped_after_signing_fails_the_vm_with_a_verity_reason() {
             mem_mib: 256,
             vcpus: 1,
             image: Some(image.display().to_string()),
+            snapshots: false,
         }))
         .expect("the host accepts it: signature and kernel/initramfs hashes match");
     assert_eq!(vm.state, VmState::Starting);

@@ -102,6 +102,7 @@ fn boot_and_stop(extra_env: &[(&str, &str)]) {
             mem_mib: 256,
             vcpus: 1,
             image: Some(img.into()),
+            snapshots: false,
         }))
         .expect("start");
     assert_eq!(vm.backend, "firecracker");

@@ -14,6 +14,7 @@ fn start(l: &Launcher, name: &str) {
             mem_mib: 256,
             vcpus: 1,
             image: None,
+            snapshots: false,
         }))
         .expect("start");
 }

@@ -258,24 +258,29 @@ mod tests {
 
     #[test]
     fn sparse_copy_keeps_content_and_holes() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test file operation");
         let src = dir.path().join("src.img");
-        let mut f = File::create(&src).unwrap();
-        f.set_len(64 << 20).unwrap();
-        f.seek(SeekFrom::Start(5 << 20)).unwrap();
-        f.write_all(&[0xab; 10_000]).unwrap();
-        f.seek(SeekFrom::Start((64 << 20) - 3)).unwrap();
-        f.write_all(b"end").unwrap();
+        let mut f = File::create(&src).expect("test file operation");
+        f.set_len(64 << 20).expect("test file operation");
+        f.seek(SeekFrom::Start(5 << 20))
+            .expect("test file operation");
+        f.write_all(&[0xab; 10_000]).expect("test file operation");
+        f.seek(SeekFrom::Start((64 << 20) - 3))
+            .expect("test file operation");
+        f.write_all(b"end").expect("test file operation");
         drop(f);
         let dst = dir.path().join("dst.img");
-        let copied = copy_sparse(&src, &dst).unwrap();
-        assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
+        let copied = copy_sparse(&src, &dst).expect("test file operation");
+        assert_eq!(
+            fs::read(&src).expect("test file operation"),
+            fs::read(&dst).expect("test file operation")
+        );
         assert!(
             copied < 1 << 20,
             "copied {copied} bytes of a 64 MiB sparse file"
         );
         use std::os::unix::fs::MetadataExt;
-        let m = fs::metadata(&dst).unwrap();
+        let m = fs::metadata(&dst).expect("test file operation");
         assert_eq!(m.mode() & 0o777, 0o600);
         assert!(
             m.blocks() * 512 < 1 << 20,
@@ -284,23 +289,23 @@ mod tests {
         );
         // An existing destination is never overwritten.
         assert_eq!(
-            copy_sparse(&src, &dst).unwrap_err().kind(),
+            copy_sparse(&src, &dst).expect_err("must fail").kind(),
             io::ErrorKind::AlreadyExists
         );
     }
 
     #[test]
     fn staging_is_invisible_until_committed_and_restores_are_all_or_nothing() {
-        let tmp = tempfile::tempdir().unwrap();
+        let tmp = tempfile::tempdir().expect("test file operation");
         let vm = VmDir {
             root: tmp.path().join("a1"),
         };
-        fs::create_dir(&vm.root).unwrap();
+        fs::create_dir(&vm.root).expect("test file operation");
         for (i, f) in carried_files(&vm).iter().enumerate() {
-            fs::write(f, format!("v1-{i}")).unwrap();
+            fs::write(f, format!("v1-{i}")).expect("test file operation");
         }
-        let staging = begin(&vm, "t1").unwrap();
-        copy_disks_in(&vm, &staging).unwrap();
+        let staging = begin(&vm, "t1").expect("test file operation");
+        copy_disks_in(&vm, &staging).expect("test file operation");
         assert!(
             list(&vm).is_empty(),
             "a staging directory is not a snapshot"
@@ -317,24 +322,27 @@ mod tests {
             disk_bytes: 0,
             save_ms: 0,
         };
-        let done = commit(&vm, &staging, &rec).unwrap();
+        let done = commit(&vm, &staging, &rec).expect("test file operation");
         assert_eq!(list(&vm), vec![rec]);
         for f in carried_files(&vm) {
-            fs::write(&f, "v2").unwrap();
+            fs::write(&f, "v2").expect("test file operation");
         }
         // A snapshot missing one file: nothing in the VM directory changes.
-        fs::remove_file(done.root.join("config.img")).unwrap();
+        fs::remove_file(done.root.join("config.img")).expect("test file operation");
         assert!(copy_disks_out(&vm, &done).is_err());
         for f in carried_files(&vm) {
-            assert_eq!(fs::read_to_string(&f).unwrap(), "v2");
+            assert_eq!(fs::read_to_string(&f).expect("test file operation"), "v2");
             assert!(!f.with_extension("restoring").exists());
         }
-        fs::write(done.root.join("config.img"), "v1-2").unwrap();
-        copy_disks_out(&vm, &done).unwrap();
+        fs::write(done.root.join("config.img"), "v1-2").expect("test file operation");
+        copy_disks_out(&vm, &done).expect("test file operation");
         for (i, f) in carried_files(&vm).iter().enumerate() {
-            assert_eq!(fs::read_to_string(f).unwrap(), format!("v1-{i}"));
+            assert_eq!(
+                fs::read_to_string(f).expect("test file operation"),
+                format!("v1-{i}")
+            );
         }
-        remove(&vm, "t1").unwrap();
+        remove(&vm, "t1").expect("test file operation");
         assert!(list(&vm).is_empty());
     }
 }
