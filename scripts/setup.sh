@@ -7,8 +7,12 @@ cd "$(dirname "$0")/.."
 # qemu-system-x86: the hypervisor on hosts without Firecracker; erofs-utils: the rootfs;
 # e2fsprogs: per-VM disks (mkfs.ext4) and debugfs in tests; cryptsetup-bin: veritysetup,
 # the independent check of our dm-verity trees; lz4: vmlinux for Firecracker;
-# busybox-static: the guest's shell and coreutils; dpkg/apt: the guest kernel package.
-PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 busybox-static curl ca-certificates)
+# busybox-static: the guest's shell and coreutils; dpkg/apt: the guest kernel package;
+# clang + libbpf-dev (+ libelf-dev, zlib1g-dev, pkg-config for libbpf-sys): the
+# monitor's eBPF program; rsyslog: the SIEM receiver its tests send CEF to; python3: the
+# monitor tests' workload.
+PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 busybox-static curl ca-certificates
+  clang libbpf-dev libelf-dev zlib1g-dev pkg-config rsyslog python3)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -35,11 +39,15 @@ if ! command -v vhost-device-vsock >/dev/null && [ ! -x "$HOME/.cargo/bin/vhost-
   echo "==> installing vhost-device-vsock (cargo install, about a minute)"
   cargo install --locked --quiet vhost-device-vsock --version 0.3.0
 fi
+# `--deps-only`: packages and tools, no build (CI lints before it builds).
+if [ "${1:-}" = --deps-only ]; then
+  exit 0
+fi
 echo "==> building guest binaries (static)"
 scripts/build-guest.sh >/dev/null
 echo "==> building clawos and vm-launcher (${CLAWOS_PROFILE:-release})"
 if [ "${CLAWOS_PROFILE:-release}" = release ]; then
-  cargo build --release --locked -p clawos-cli -p clawos-vm-launcher -p clawos-identity-manager -p clawos-inference-proxy
+  cargo build --release --locked -p clawos-cli -p clawos-vm-launcher -p clawos-identity-manager -p clawos-inference-proxy -p clawos-monitor
 else
   cargo build --locked --workspace
 fi

@@ -82,31 +82,7 @@ pub struct ProxyConfig {
 
 /// Reads the operator credential file, or creates it (0600, random).
 pub fn admin_token(path: &std::path::Path) -> Result<String, ConfigError> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(ConfigError(format!(
-                "{} must be readable by its owner only (chmod 600)",
-                path.display()
-            )));
-        }
-        return std::fs::read_to_string(path)
-            .map(|s| s.trim().to_owned())
-            .map_err(|e| ConfigError(format!("{}: {e}", path.display())));
-    }
-    let mut b = [0u8; 32];
-    getrandom::fill(&mut b).map_err(|e| ConfigError(format!("no OS randomness: {e}")))?;
-    let token = hex::encode(b);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-    f.write_all(token.as_bytes())
-        .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-    Ok(token)
+    clawos_service::operator_token(path).map_err(ConfigError)
 }
 
 /// Reads upstreams from a JSON file (`[{"name", "api", "base_url", "api_key_env",

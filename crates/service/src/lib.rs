@@ -37,6 +37,38 @@ pub fn render_counters(counters: &[(&str, &str, u64)]) -> String {
     out
 }
 
+/// Reads an operator credential file, or creates it (0600, 32 random bytes as hex).
+/// A file others can read is refused: the error says how to fix it.
+pub fn operator_token(path: &std::path::Path) -> Result<String, String> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            return Err(format!(
+                "{} must be readable by its owner only (chmod 600)",
+                path.display()
+            ));
+        }
+        return std::fs::read_to_string(path)
+            .map(|s| s.trim().to_owned())
+            .map_err(|e| format!("{}: {e}", path.display()));
+    }
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|e| format!("no OS randomness: {e}"))?;
+    let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    f.write_all(token.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

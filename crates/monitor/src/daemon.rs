@@ -1,0 +1,733 @@
+//! The daemon: configuration (checked before anything is opened), the recorder thread
+//! that turns kernel records into JSONL lines, the syslog forwarders, and the HTTP API
+//! (`/v1/watch`, `/v1/events`, `/metrics`) on loopback.
+//!
+//! | method | path | |
+//! |---|---|---|
+//! | POST | `/v1/watch` | [`WatchRequest`] → 201: watch a pid (and its children) or a cgroup |
+//! | DELETE | `/v1/watch?pid=N` or `?cgroup=PATH` | → 204 |
+//! | GET | `/v1/watch` | → the watch list |
+//! | GET | `/v1/events?agent=A&after=SEQ&limit=N` | → `[AuditEvent]` from the JSONL trail |
+//! | GET | `/metrics`, `/healthz` | Prometheus text; liveness |
+//!
+//! `/v1/*` needs `Authorization: Bearer <state>/monitor/admin.token`.
+
+use std::cell::RefCell;
+use std::io::{BufRead, BufWriter, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use crate::event::{AuditEvent, Clock, Kind, RawEvent, c_str, syscall_name};
+use crate::forward::{self, ForwardConfig, ForwardStats, Target};
+use crate::probe::{self, Maps};
+use crate::rules::Rules;
+
+/// Default HTTP address (loopback only).
+pub const DEFAULT_ADDR: &str = "127.0.0.1:2084";
+
+/// What to watch: a process (with the children it forks from then on) or a cgroup v2.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchRequest {
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// A cgroup v2 directory, e.g. `/sys/fs/cgroup/firecracker/clawos-a1`.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// The agent its events are tagged with.
+    pub agent: String,
+    /// The VM its events are tagged with.
+    #[serde(default)]
+    pub vm: Option<String>,
+}
+
+impl std::str::FromStr for WatchRequest {
+    type Err = String;
+
+    /// `pid=N,agent=A[,vm=V]` or `cgroup=PATH,agent=A[,vm=V]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut w = WatchRequest {
+            pid: None,
+            cgroup: None,
+            agent: String::new(),
+            vm: None,
+        };
+        for part in s.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("watch {s:?}: expected key=value, got {part:?}"))?;
+            match k {
+                "pid" => {
+                    w.pid = Some(
+                        v.parse()
+                            .map_err(|_| format!("watch {s:?}: pid {v:?} is not a number"))?,
+                    );
+                }
+                "cgroup" => w.cgroup = Some(v.into()),
+                "agent" => w.agent = v.into(),
+                "vm" => w.vm = Some(v.into()),
+                _ => {
+                    return Err(format!(
+                        "watch {s:?}: unknown key {k:?} (pid, cgroup, agent, vm)"
+                    ));
+                }
+            }
+        }
+        w.check()?;
+        Ok(w)
+    }
+}
+
+impl WatchRequest {
+    /// Exactly one of pid and cgroup; a label-safe agent name.
+    pub fn check(&self) -> Result<(), String> {
+        if self.pid.is_some() == self.cgroup.is_some() {
+            return Err("a watch names exactly one of pid or cgroup".into());
+        }
+        for (what, v) in [("agent", Some(&self.agent)), ("vm", self.vm.as_ref())] {
+            if let Some(v) = v
+                && (v.is_empty()
+                    || v.len() > 63
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'))
+            {
+                return Err(format!(
+                    "invalid {what} {v:?}: 1-63 characters of A-Z a-z 0-9 - _ ."
+                ));
+            }
+        }
+        if let Some(c) = &self.cgroup
+            && (!c.is_absolute() || !c.starts_with("/sys/fs/cgroup"))
+        {
+            return Err(format!(
+                "cgroup {} must be a directory under /sys/fs/cgroup",
+                c.display()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The daemon's configuration, validated before any socket or map is opened.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub addr: SocketAddr,
+    pub state_dir: PathBuf,
+    /// The JSONL audit trail.
+    pub jsonl: PathBuf,
+    /// This host's name in every event.
+    pub host: String,
+    /// Kernel ring buffer size (power of two, ≥ 4096).
+    pub ring_bytes: u32,
+    pub watches: Vec<WatchRequest>,
+    pub syslog: Vec<Target>,
+    pub spool_max_bytes: u64,
+    pub max_message: usize,
+    pub rules: Rules,
+}
+
+/// Errors that stop the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Probe(#[from] probe::ProbeError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Agent and VM label of each tag (index = tag), shared with the recorder thread.
+type Labels = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub events: AtomicU64,
+    pub alerts: AtomicU64,
+    pub kernel_drops: AtomicU64,
+}
+
+/// A watch and the tag its events carry.
+#[derive(Debug, Clone)]
+struct Watched {
+    req: WatchRequest,
+    cgroup_id: Option<u64>,
+}
+
+/// State shared by the recorder, forwarders and HTTP handlers.
+#[derive(Debug)]
+pub struct Monitor {
+    maps: Maps,
+    /// Index = tag in the kernel maps.
+    tags: Mutex<Vec<Watched>>,
+    labels: Labels,
+    pub metrics: Metrics,
+    pub forwarders: Vec<(Target, Arc<ForwardStats>)>,
+    jsonl: PathBuf,
+    token: String,
+}
+
+impl Monitor {
+    /// Adds a watch; returns its tag.
+    pub fn watch(&self, req: WatchRequest) -> Result<u32, String> {
+        req.check()?;
+        let cgroup_id = match &req.cgroup {
+            Some(c) => {
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::metadata(c).map_err(|e| format!("{}: {e}", c.display()))?;
+                if !m.is_dir() {
+                    return Err(format!("{} is not a cgroup directory", c.display()));
+                }
+                Some(m.ino())
+            }
+            None => None,
+        };
+        if let Some(pid) = req.pid
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            return Err(format!("no process with pid {pid}"));
+        }
+        let mut tags = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+        let tag = tags.len() as u32;
+        self.labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((req.agent.clone(), req.vm.clone()));
+        let result = match (req.pid, cgroup_id) {
+            (Some(pid), _) => self.maps.watch_pid(pid, tag),
+            (None, Some(id)) => self.maps.watch_cgroup(id, tag),
+            (None, None) => Ok(()),
+        };
+        result.map_err(|e| e.to_string())?;
+        tracing::info!(agent = %req.agent, vm = ?req.vm, pid = ?req.pid, cgroup = ?req.cgroup, tag, "watching");
+        tags.push(Watched { req, cgroup_id });
+        Ok(tag)
+    }
+
+    /// Removes the watches of a pid or cgroup; whether there was one.
+    pub fn unwatch(&self, pid: Option<u32>, cgroup: Option<&Path>) -> bool {
+        let tags = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+        let mut found = false;
+        for w in tags.iter() {
+            if pid.is_some() && w.req.pid == pid {
+                self.maps.unwatch_pid(pid.unwrap_or_default());
+                found = true;
+            }
+            if let (Some(c), Some(id)) = (cgroup, w.cgroup_id)
+                && w.req.cgroup.as_deref() == Some(c)
+            {
+                self.maps.unwatch_cgroup(id);
+                found = true;
+            }
+        }
+        found
+    }
+
+    fn watches(&self) -> Vec<WatchRequest> {
+        self.tags
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|w| w.req.clone())
+            .collect()
+    }
+
+    /// Prometheus text.
+    pub fn metrics_text(&self) -> String {
+        let mut c = vec![
+            (
+                "clawos_monitor_events_total",
+                "Audit events written (syscalls and alerts).",
+                self.metrics.events.load(Ordering::Relaxed),
+            ),
+            (
+                "clawos_monitor_alerts_total",
+                "Rule matches.",
+                self.metrics.alerts.load(Ordering::Relaxed),
+            ),
+            (
+                "clawos_monitor_kernel_drops_total",
+                "Events lost because the ring buffer was full.",
+                self.metrics.kernel_drops.load(Ordering::Relaxed),
+            ),
+        ];
+        let (mut sent, mut dropped, mut backlog) = (0, 0, 0);
+        for (_, s) in &self.forwarders {
+            sent += s.sent.load(Ordering::Relaxed);
+            dropped += s.dropped.load(Ordering::Relaxed);
+            backlog += s.backlog_bytes.load(Ordering::Relaxed);
+        }
+        c.push((
+            "clawos_monitor_siem_sent_total",
+            "Events delivered to SIEM targets.",
+            sent,
+        ));
+        c.push((
+            "clawos_monitor_siem_dropped_total",
+            "Events skipped because a SIEM spool was full.",
+            dropped,
+        ));
+        c.push((
+            "clawos_monitor_siem_backlog_bytes",
+            "Audit bytes waiting for SIEM targets.",
+            backlog,
+        ));
+        clawos_service::render_counters(&c)
+    }
+}
+
+/// The last sequence number in an existing trail (0 if none).
+fn last_seq(path: &Path) -> u64 {
+    let Ok(f) = std::fs::File::open(path) else {
+        return 0;
+    };
+    let mut last = 0;
+    for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+        if let Ok(e) = serde_json::from_str::<AuditEvent>(&line) {
+            last = e.seq;
+        }
+    }
+    last
+}
+
+/// Turns kernel records into JSONL lines.
+struct Recorder {
+    out: BufWriter<std::fs::File>,
+    seq: u64,
+    host: String,
+    clock: Clock,
+    rules: Rules,
+    labels: Labels,
+    reported_drops: u64,
+}
+
+impl Recorder {
+    fn write(&mut self, e: &AuditEvent) {
+        if let Ok(line) = serde_json::to_string(e) {
+            let _ = self.out.write_all(line.as_bytes());
+            let _ = self.out.write_all(b"\n");
+        }
+    }
+
+    fn next(&mut self, kind: Kind, ts: String) -> AuditEvent {
+        self.seq += 1;
+        AuditEvent::new(self.seq, ts, &self.host, kind)
+    }
+
+    fn record(&mut self, raw: &RawEvent, metrics: &Metrics) {
+        let (agent, vm) = self
+            .labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(raw.tag as usize)
+            .cloned()
+            .unwrap_or_default();
+        let ts = self.clock.format(raw.ts_ns);
+        let name = syscall_name(raw.nr);
+        let mut e = self.next(Kind::Syscall, ts.clone());
+        e.agent = Some(agent.clone()).filter(|a| !a.is_empty());
+        e.vm = vm;
+        e.pid = Some(raw.tgid);
+        e.tid = Some(raw.tid);
+        e.comm = Some(c_str(&raw.comm));
+        e.nr = Some(raw.nr);
+        e.syscall = Some(name.clone());
+        e.args = Some(raw.args);
+        e.ret = Some(raw.ret);
+        let path = c_str(&raw.path);
+        e.path = (!path.is_empty()).then_some(path);
+        self.write(&e);
+        metrics.events.fetch_add(1, Ordering::Relaxed);
+        if let Some((rule, severity)) = self.rules.check(e.agent.as_deref(), &name) {
+            let mut a = e.clone();
+            self.seq += 1;
+            a.seq = self.seq;
+            a.kind = Kind::Alert;
+            a.rule = Some(rule);
+            a.severity = Some(severity);
+            self.write(&a);
+            metrics.alerts.fetch_add(1, Ordering::Relaxed);
+            metrics.events.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn drops(&mut self, total: u64, kind: Kind, metrics: &Metrics) {
+        let new = match kind {
+            Kind::Drops => {
+                let new = total.saturating_sub(self.reported_drops);
+                self.reported_drops = total;
+                metrics.kernel_drops.store(total, Ordering::Relaxed);
+                new
+            }
+            _ => total,
+        };
+        if new == 0 {
+            return;
+        }
+        let mut e = self.next(kind, Clock::now());
+        e.dropped = Some(new);
+        if kind == Kind::Drops {
+            e.dropped_total = Some(total);
+        }
+        self.write(&e);
+    }
+}
+
+/// Starts everything; returns the shared state and the HTTP router. Probe errors
+/// (privileges, kernel) come back before any socket is bound.
+pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Router), DaemonError> {
+    let dir = cfg.jsonl.parent().unwrap_or(Path::new("."));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| DaemonError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+    }
+    let token =
+        clawos_service::operator_token(&dir.join("admin.token")).map_err(DaemonError::Config)?;
+    let out = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(&cfg.jsonl)
+            .map_err(|source| DaemonError::Io {
+                path: cfg.jsonl.clone(),
+                source,
+            })?
+    };
+    let labels: Labels = Arc::default();
+    let (report_tx, report_rx) = std::sync::mpsc::channel::<u64>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let metrics_for_thread: Arc<Mutex<Option<Arc<Monitor>>>> = Arc::default();
+    let recorder = Recorder {
+        out: BufWriter::with_capacity(1 << 20, out),
+        seq: last_seq(&cfg.jsonl),
+        host: cfg.host.clone(),
+        clock: Clock::new(),
+        rules: cfg.rules.clone(),
+        labels: Arc::clone(&labels),
+        reported_drops: 0,
+    };
+    let ring_bytes = cfg.ring_bytes;
+    let stop2 = Arc::clone(&stop);
+    let shared = Arc::clone(&metrics_for_thread);
+    std::thread::Builder::new()
+        .name("recorder".into())
+        .spawn(move || {
+            let rec = RefCell::new(recorder);
+            let monitor = || shared.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let fallback = Metrics::default();
+            let result = probe::run(
+                ring_bytes,
+                ready_tx,
+                |data| {
+                    if let Some(raw) = RawEvent::parse(data) {
+                        let m = monitor();
+                        let metrics = m.as_ref().map_or(&fallback, |m| &m.metrics);
+                        rec.borrow_mut().record(&raw, metrics);
+                    }
+                },
+                || {
+                    let m = monitor();
+                    let mut r = rec.borrow_mut();
+                    if let Some(m) = &m {
+                        r.drops(m.maps.drops(), Kind::Drops, &m.metrics);
+                        while let Ok(n) = report_rx.try_recv() {
+                            r.drops(n, Kind::ForwardDrops, &m.metrics);
+                        }
+                    }
+                    let _ = r.out.flush();
+                },
+                &stop2,
+            );
+            let _ = rec.borrow_mut().out.flush();
+            if let Err(e) = result {
+                tracing::error!(error = %e, "recorder stopped");
+            }
+        })
+        .map_err(|source| DaemonError::Io {
+            path: "recorder thread".into(),
+            source,
+        })?;
+    let maps = ready_rx
+        .recv()
+        .map_err(|_| DaemonError::Config("the recorder thread ended during setup".into()))??;
+    let mut forwarders = Vec::new();
+    for (i, t) in cfg.syslog.iter().enumerate() {
+        let stats = Arc::new(ForwardStats::default());
+        let fcfg = ForwardConfig {
+            target: t.clone(),
+            jsonl: cfg.jsonl.clone(),
+            offset_file: dir.join(format!("forward-{i}.offset")),
+            spool_max_bytes: cfg.spool_max_bytes,
+            max_message: cfg.max_message,
+        };
+        let (s, stop3, tx) = (Arc::clone(&stats), Arc::clone(&stop), report_tx.clone());
+        std::thread::Builder::new()
+            .name(format!("forward-{i}"))
+            .spawn(move || {
+                forward::run(
+                    &fcfg,
+                    &s,
+                    &|n| {
+                        let _ = tx.send(n);
+                    },
+                    &stop3,
+                );
+            })
+            .map_err(|source| DaemonError::Io {
+                path: "forwarder thread".into(),
+                source,
+            })?;
+        forwarders.push((t.clone(), stats));
+    }
+    let monitor = Arc::new(Monitor {
+        maps,
+        tags: Mutex::new(Vec::new()),
+        labels,
+        metrics: Metrics::default(),
+        forwarders,
+        jsonl: cfg.jsonl.clone(),
+        token,
+    });
+    *metrics_for_thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&monitor));
+    for w in &cfg.watches {
+        monitor.watch(w.clone()).map_err(DaemonError::Config)?;
+    }
+    let router = Router::new()
+        .route(
+            "/v1/watch",
+            get(list_watches).post(add_watch).delete(remove_watch),
+        )
+        .route("/v1/events", get(events))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(Arc::clone(&monitor));
+    Ok((monitor, router))
+}
+
+/// Runs the daemon until `shutdown`.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (_monitor, router) = start(&cfg, Arc::clone(&stop))?;
+    let listener = tokio::net::TcpListener::bind(cfg.addr)
+        .await
+        .map_err(|source| DaemonError::Bind {
+            addr: cfg.addr,
+            source,
+        })?;
+    tracing::info!(addr = %cfg.addr, jsonl = %cfg.jsonl.display(), syslog = ?cfg.syslog.iter().map(ToString::to_string).collect::<Vec<_>>(), "monitor-daemon listening");
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    // Let the recorder and forwarders flush.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    served.map_err(|source| DaemonError::Io {
+        path: "HTTP server".into(),
+        source,
+    })
+}
+
+type AppState = Arc<Monitor>;
+
+fn authorized(m: &Monitor, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let (a, b) = (given.as_bytes(), m.token.as_bytes());
+    let ok = !b.is_empty()
+        && a.len() == b.len()
+        && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    if ok {
+        Ok(())
+    } else {
+        Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "needs the operator credential (<state>/monitor/admin.token)",
+        )))
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+async fn add_watch(
+    State(m): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<WatchRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if let Err(r) = authorized(&m, &headers) {
+        return *r;
+    }
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    match m.watch(req) {
+        Ok(tag) => (StatusCode::CREATED, Json(serde_json::json!({ "tag": tag }))).into_response(),
+        Err(e) => error(StatusCode::BAD_REQUEST, &e),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct UnwatchQuery {
+    pid: Option<u32>,
+    cgroup: Option<PathBuf>,
+}
+
+async fn remove_watch(
+    State(m): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<UnwatchQuery>,
+) -> Response {
+    if let Err(r) = authorized(&m, &headers) {
+        return *r;
+    }
+    if m.unwatch(q.pid, q.cgroup.as_deref()) {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        error(StatusCode::NOT_FOUND, "no such watch")
+    }
+}
+
+async fn list_watches(State(m): State<AppState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorized(&m, &headers) {
+        return *r;
+    }
+    Json(m.watches()).into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    agent: Option<String>,
+    #[serde(default)]
+    after: u64,
+    limit: Option<usize>,
+}
+
+async fn events(
+    State(m): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<EventsQuery>,
+) -> Response {
+    if let Err(r) = authorized(&m, &headers) {
+        return *r;
+    }
+    let path = m.jsonl.clone();
+    let limit = q.limit.unwrap_or(1000).min(10_000);
+    let found = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        let Ok(f) = std::fs::File::open(&path) else {
+            return out;
+        };
+        for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+            let Ok(e) = serde_json::from_str::<AuditEvent>(&line) else {
+                continue;
+            };
+            if e.seq <= q.after {
+                continue;
+            }
+            if let Some(a) = &q.agent
+                && e.agent.as_ref() != Some(a)
+            {
+                continue;
+            }
+            out.push(e);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        out
+    })
+    .await
+    .unwrap_or_default();
+    Json(found).into_response()
+}
+
+async fn metrics(State(m): State<AppState>) -> impl IntoResponse {
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        m.metrics_text(),
+    )
+}
+
+/// This host's name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// Default rules when no file is given.
+pub fn rules_from(path: Option<&Path>) -> Result<Rules, DaemonError> {
+    match path {
+        None => Ok(Rules::builtin()),
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| DaemonError::Io {
+                path: p.to_owned(),
+                source,
+            })?;
+            Rules::from_json(&text)
+                .map_err(|e| DaemonError::Config(format!("{}: {e}", p.display())))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_specs_parse_and_validate() {
+        let w: WatchRequest = "pid=12,agent=a1,vm=v1".parse().expect("pid");
+        assert_eq!(
+            (w.pid, w.agent.as_str(), w.vm.as_deref()),
+            (Some(12), "a1", Some("v1"))
+        );
+        for bad in [
+            "agent=a",
+            "pid=1,cgroup=/sys/fs/cgroup/x,agent=a",
+            "pid=x,agent=a",
+            "pid=1,agent=a b",
+            "cgroup=/etc,agent=a",
+            "pid=1,agent=a,color=red",
+        ] {
+            assert!(bad.parse::<WatchRequest>().is_err(), "{bad}");
+        }
+    }
+}

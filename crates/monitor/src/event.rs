@@ -1,0 +1,235 @@
+//! Audit events: the raw record the eBPF program writes, and the JSONL form.
+
+use serde::{Deserialize, Serialize};
+
+/// Length of the path copied for path-taking syscalls (see the eBPF program).
+pub const PATH_LEN: usize = 96;
+const COMM_LEN: usize = 16;
+
+/// The eBPF program's `struct event`, byte for byte.
+#[derive(Debug, Clone, Copy)]
+#[repr(C)]
+pub struct RawEvent {
+    pub ts_ns: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    pub tag: u32,
+    pub nr: i32,
+    pub ret: i64,
+    pub args: [u64; 6],
+    pub comm: [u8; COMM_LEN],
+    pub path: [u8; PATH_LEN],
+}
+
+impl RawEvent {
+    /// Size of one record in the ring buffer.
+    pub const SIZE: usize = std::mem::size_of::<Self>();
+
+    /// Decodes one ring-buffer record; `None` if it is not the expected size.
+    pub fn parse(data: &[u8]) -> Option<Self> {
+        if data.len() < Self::SIZE {
+            return None;
+        }
+        let u64_at = |o: usize| u64::from_ne_bytes(data[o..o + 8].try_into().unwrap_or_default());
+        let u32_at = |o: usize| u32::from_ne_bytes(data[o..o + 4].try_into().unwrap_or_default());
+        let mut args = [0u64; 6];
+        for (i, a) in args.iter_mut().enumerate() {
+            *a = u64_at(32 + 8 * i);
+        }
+        let mut comm = [0u8; COMM_LEN];
+        comm.copy_from_slice(&data[80..80 + COMM_LEN]);
+        let mut path = [0u8; PATH_LEN];
+        path.copy_from_slice(&data[96..96 + PATH_LEN]);
+        Some(Self {
+            ts_ns: u64_at(0),
+            tgid: u32_at(8),
+            tid: u32_at(12),
+            tag: u32_at(16),
+            nr: u32_at(20) as i32,
+            ret: u64_at(24) as i64,
+            args,
+            comm,
+            path,
+        })
+    }
+}
+
+/// Text up to the first NUL, lossily decoded.
+pub fn c_str(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+/// The syscall's name on x86_64, or `syscall_<nr>` for numbers this table lacks.
+pub fn syscall_name(nr: i32) -> String {
+    usize::try_from(nr)
+        .ok()
+        .and_then(syscalls::x86_64::Sysno::new)
+        .map_or_else(|| format!("syscall_{nr}"), |s| s.name().to_owned())
+}
+
+/// What an audit line records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// One system call of a watched process, at its exit.
+    Syscall,
+    /// A rule matched a system call.
+    Alert,
+    /// Events the kernel could not hand over (ring buffer full).
+    Drops,
+    /// Events the SIEM forwarder had to skip (its spool was full).
+    ForwardDrops,
+}
+
+/// One JSONL line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Per-host sequence number: consecutive, so a gap shows a loss.
+    pub seq: u64,
+    /// RFC 3339 time, nanoseconds.
+    pub ts: String,
+    pub host: String,
+    pub kind: Kind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nr: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syscall: Option<String>,
+    /// Raw argument registers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<[u64; 6]>,
+    /// Return value (negative errno on failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<i64>,
+    /// The path argument, for syscalls that take one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Alerts: the rule that matched and its severity (0–10, CEF's scale).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<u8>,
+    /// Drops: how many were lost since the last report, and in all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_total: Option<u64>,
+}
+
+impl AuditEvent {
+    /// An event of `kind` with no details yet.
+    pub fn new(seq: u64, ts: String, host: &str, kind: Kind) -> Self {
+        Self {
+            seq,
+            ts,
+            host: host.to_owned(),
+            kind,
+            agent: None,
+            vm: None,
+            pid: None,
+            tid: None,
+            comm: None,
+            nr: None,
+            syscall: None,
+            args: None,
+            ret: None,
+            path: None,
+            rule: None,
+            severity: None,
+            dropped: None,
+            dropped_total: None,
+        }
+    }
+}
+
+/// Converts the kernel's boot-time stamps to wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    /// Realtime minus boottime, nanoseconds.
+    offset_ns: i128,
+}
+
+fn clock_ns(id: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    unsafe { libc::clock_gettime(id, &mut ts) };
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        Self {
+            offset_ns: clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_BOOTTIME),
+        }
+    }
+
+    /// RFC 3339 (UTC, nanoseconds) of a boot-time stamp.
+    pub fn format(&self, boot_ns: u64) -> String {
+        format_unix_ns(self.offset_ns + i128::from(boot_ns))
+    }
+
+    /// RFC 3339 of now.
+    pub fn now() -> String {
+        format_unix_ns(clock_ns(libc::CLOCK_REALTIME))
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn format_unix_ns(ns: i128) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(ns)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_of_known_and_unknown_syscalls() {
+        assert_eq!(syscall_name(110), "getppid");
+        assert_eq!(syscall_name(257), "openat");
+        assert_eq!(syscall_name(101), "ptrace");
+        assert_eq!(syscall_name(-1), "syscall_-1");
+        assert_eq!(syscall_name(100_000), "syscall_100000");
+    }
+
+    #[test]
+    fn raw_event_layout_matches_the_c_struct() {
+        // 8 + 4*4 + 8 + 6*8 + 16 + 96
+        assert_eq!(RawEvent::SIZE, 192);
+        let mut b = vec![0u8; RawEvent::SIZE];
+        b[8..12].copy_from_slice(&42u32.to_ne_bytes());
+        b[20..24].copy_from_slice(&110i32.to_ne_bytes());
+        b[24..32].copy_from_slice(&(-2i64).to_ne_bytes());
+        b[80..84].copy_from_slice(b"test");
+        b[96..101].copy_from_slice(b"/x/y\0");
+        let e = RawEvent::parse(&b).expect("parse");
+        assert_eq!((e.tgid, e.nr, e.ret), (42, 110, -2));
+        assert_eq!(c_str(&e.comm), "test");
+        assert_eq!(c_str(&e.path), "/x/y");
+        assert!(RawEvent::parse(&b[..100]).is_none());
+    }
+}

@@ -1,0 +1,309 @@
+//! Forwards the audit trail to a SIEM as CEF over syslog (RFC 5424; octet-counted over
+//! TCP, one datagram per message over UDP).
+//!
+//! The forwarder tails the JSONL file from an offset it persists, so the file is its
+//! on-disk spool: while the SIEM is unreachable nothing is sent and nothing is lost,
+//! and once it is back the backlog goes out in order. The backlog is bounded
+//! (`spool_max_bytes`): when it grows past that, the oldest lines are skipped, counted,
+//! and reported as a `forward_drops` event — never silently.
+//!
+//! Delivery: over TCP a line counts as sent once written to a connection that was not
+//! closed by the peer just before (checked before every write), so a SIEM that stops
+//! does not swallow the gap. UDP has no delivery guarantee at all. A forwarder that
+//! crashes resends at most the lines since its last offset save (~200 ms).
+
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::cef;
+use crate::event::AuditEvent;
+
+/// How a syslog target is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Tcp,
+    Udp,
+}
+
+/// A syslog receiver: `tcp://HOST:PORT` or `udp://HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub transport: Transport,
+    pub addr: SocketAddr,
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = match self.transport {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        };
+        write!(f, "{t}://{}", self.addr)
+    }
+}
+
+impl std::str::FromStr for Target {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (scheme, rest) = s.split_once("://").ok_or_else(|| {
+            format!("syslog target {s:?}: expected tcp://HOST:PORT or udp://HOST:PORT")
+        })?;
+        let transport = match scheme {
+            "tcp" => Transport::Tcp,
+            "udp" => Transport::Udp,
+            "tls" => {
+                return Err(format!(
+                    "syslog target {s:?}: TLS is not supported yet; use tcp:// through a local TLS relay"
+                ));
+            }
+            other => return Err(format!("syslog target {s:?}: unknown scheme {other:?}")),
+        };
+        let addr = rest
+            .parse()
+            .map_err(|e| format!("syslog target {s:?}: {e} (give an IP address and port)"))?;
+        Ok(Self { transport, addr })
+    }
+}
+
+/// One forwarder's settings.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    pub target: Target,
+    /// The JSONL audit file it tails.
+    pub jsonl: PathBuf,
+    /// Where it keeps the byte offset of the next line to send.
+    pub offset_file: PathBuf,
+    /// Largest backlog kept for the SIEM before the oldest lines are dropped.
+    pub spool_max_bytes: u64,
+    /// Largest syslog message (header included).
+    pub max_message: usize,
+}
+
+/// Counters of one forwarder.
+#[derive(Debug, Default)]
+pub struct ForwardStats {
+    pub sent: AtomicU64,
+    pub dropped: AtomicU64,
+    pub backlog_bytes: AtomicU64,
+    pub connected: AtomicBool,
+    pub connect_failures: AtomicU64,
+}
+
+enum Conn {
+    Tcp(TcpStream),
+    Udp(UdpSocket),
+}
+
+impl Conn {
+    fn open(t: &Target) -> std::io::Result<Self> {
+        match t.transport {
+            Transport::Tcp => {
+                let s = TcpStream::connect_timeout(&t.addr, Duration::from_secs(2))?;
+                s.set_nodelay(true)?;
+                s.set_write_timeout(Some(Duration::from_secs(5)))?;
+                Ok(Self::Tcp(s))
+            }
+            Transport::Udp => {
+                let local: SocketAddr = if t.addr.is_ipv4() {
+                    "0.0.0.0:0".parse().map_err(std::io::Error::other)?
+                } else {
+                    "[::]:0".parse().map_err(std::io::Error::other)?
+                };
+                let s = UdpSocket::bind(local)?;
+                s.connect(t.addr)?;
+                Ok(Self::Udp(s))
+            }
+        }
+    }
+
+    /// Sends one message; an error means the connection is gone.
+    fn send(&mut self, msg: &str) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => {
+                // A peer that closed shows as end-of-file here before our write would
+                // vanish into its dead socket.
+                s.set_nonblocking(true)?;
+                let mut probe = [0u8; 1];
+                let peek = s.peek(&mut probe);
+                s.set_nonblocking(false)?;
+                match peek {
+                    Ok(0) => return Err(std::io::ErrorKind::ConnectionAborted.into()),
+                    Ok(_) => {} // a receiver that talks back; ignore it
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                s.write_all(&cef::octet_counted(msg))
+            }
+            Self::Udp(s) => s.send(msg.as_bytes()).map(drop),
+        }
+    }
+}
+
+fn read_offset(path: &std::path::Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn save_offset(path: &std::path::Path, offset: u64) {
+    let tmp = path.with_extension("tmp");
+    if std::fs::write(&tmp, offset.to_string()).is_ok() {
+        let _ = std::fs::rename(&tmp, path);
+    }
+}
+
+/// Runs a forwarder until `stop`. `report_drops(n)` records a `forward_drops` event.
+pub fn run(
+    cfg: &ForwardConfig,
+    stats: &Arc<ForwardStats>,
+    report_drops: &dyn Fn(u64),
+    stop: &AtomicBool,
+) {
+    let mut offset = read_offset(&cfg.offset_file);
+    let mut saved = offset;
+    let mut last_save = Instant::now();
+    let mut conn: Option<Conn> = None;
+    let mut retry_at = Instant::now();
+    let mut backoff = Duration::from_millis(100);
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(mut file) = std::fs::File::open(&cfg.jsonl) else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if offset > len {
+            // The file was replaced; start over on the new one.
+            offset = 0;
+        }
+        let mut backlog = len - offset;
+        if backlog > cfg.spool_max_bytes {
+            let skipped = skip_to_line(&mut file, offset, len - cfg.spool_max_bytes);
+            if let Some((new_offset, lines)) = skipped {
+                offset = new_offset;
+                backlog = len - offset;
+                stats.dropped.fetch_add(lines, Ordering::Relaxed);
+                tracing::warn!(target = %cfg.target, lines, "SIEM spool full; oldest events dropped");
+                report_drops(lines);
+            }
+        }
+        stats.backlog_bytes.store(backlog, Ordering::Relaxed);
+        if backlog > 0 && conn.is_none() && Instant::now() >= retry_at {
+            match Conn::open(&cfg.target) {
+                Ok(c) => {
+                    tracing::info!(target = %cfg.target, "connected to the SIEM");
+                    conn = Some(c);
+                    backoff = Duration::from_millis(100);
+                    stats.connected.store(true, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(target = %cfg.target, error = %e, "SIEM unreachable; spooling");
+                    retry_at = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        let mut progressed = false;
+        if let Some(c) = conn.as_mut()
+            && backlog > 0
+            && file.seek(SeekFrom::Start(offset)).is_ok()
+        {
+            let mut reader = BufReader::new((&mut file).take(backlog.min(1 << 20)));
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) if !line.ends_with('\n') => break, // a line still being written
+                    Ok(n) => {
+                        let msg = match serde_json::from_str::<AuditEvent>(line.trim_end()) {
+                            Ok(e) => {
+                                Some(cef::syslog_message(&e, &cef::encode(&e), cfg.max_message))
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "skipping an unreadable audit line");
+                                None
+                            }
+                        };
+                        if let Some(m) = msg
+                            && let Err(e) = c.send(&m)
+                        {
+                            tracing::warn!(target = %cfg.target, error = %e, "SIEM connection lost; spooling");
+                            conn = None;
+                            stats.connected.store(false, Ordering::Relaxed);
+                            break;
+                        }
+                        offset += n as u64;
+                        progressed = true;
+                        if msg_counted(&line) {
+                            stats.sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        }
+        if offset != saved && (last_save.elapsed() > Duration::from_millis(200) || !progressed) {
+            save_offset(&cfg.offset_file, offset);
+            saved = offset;
+            last_save = Instant::now();
+        }
+        if !progressed {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    if offset != saved {
+        save_offset(&cfg.offset_file, offset);
+    }
+}
+
+fn msg_counted(line: &str) -> bool {
+    !line.trim().is_empty()
+}
+
+/// Moves from `from` to the first line start at or after `at`; returns the new offset
+/// and how many lines were passed over.
+fn skip_to_line(file: &mut std::fs::File, from: u64, at: u64) -> Option<(u64, u64)> {
+    file.seek(SeekFrom::Start(from)).ok()?;
+    let mut reader = BufReader::new(file);
+    let mut pos = from;
+    let mut lines = 0;
+    let mut buf = Vec::new();
+    while pos < at {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf).ok()?;
+        if n == 0 || buf.last() != Some(&b'\n') {
+            break;
+        }
+        pos += n as u64;
+        lines += 1;
+    }
+    Some((pos, lines))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_or_say_why_not() {
+        let t: Target = "tcp://127.0.0.1:5514".parse().expect("tcp");
+        assert_eq!(t.transport, Transport::Tcp);
+        assert_eq!(t.to_string(), "tcp://127.0.0.1:5514");
+        assert!("udp://[::1]:514".parse::<Target>().is_ok());
+        let e = "tls://127.0.0.1:6514".parse::<Target>().expect_err("tls");
+        assert!(e.contains("TLS is not supported yet"), "{e}");
+        assert!("127.0.0.1:514".parse::<Target>().is_err());
+        assert!(
+            "tcp://localhost:514"
+                .parse::<Target>()
+                .expect_err("name")
+                .contains("IP address")
+        );
+    }
+}
