@@ -24,7 +24,9 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
+
+pub use clawos_monitor_api::WatchRequest;
 
 use crate::event::{AuditEvent, Clock, Kind, RawEvent, c_str, syscall_name};
 use crate::forward::{self, ForwardConfig, ForwardStats, Target};
@@ -33,90 +35,6 @@ use crate::rules::Rules;
 
 /// Default HTTP address (loopback only).
 pub const DEFAULT_ADDR: &str = "127.0.0.1:2084";
-
-/// What to watch: a process (with the children it forks from then on) or a cgroup v2.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WatchRequest {
-    #[serde(default)]
-    pub pid: Option<u32>,
-    /// A cgroup v2 directory, e.g. `/sys/fs/cgroup/firecracker/clawos-a1`.
-    #[serde(default)]
-    pub cgroup: Option<PathBuf>,
-    /// The agent its events are tagged with.
-    pub agent: String,
-    /// The VM its events are tagged with.
-    #[serde(default)]
-    pub vm: Option<String>,
-}
-
-impl std::str::FromStr for WatchRequest {
-    type Err = String;
-
-    /// `pid=N,agent=A[,vm=V]` or `cgroup=PATH,agent=A[,vm=V]`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut w = WatchRequest {
-            pid: None,
-            cgroup: None,
-            agent: String::new(),
-            vm: None,
-        };
-        for part in s.split(',') {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("watch {s:?}: expected key=value, got {part:?}"))?;
-            match k {
-                "pid" => {
-                    w.pid = Some(
-                        v.parse()
-                            .map_err(|_| format!("watch {s:?}: pid {v:?} is not a number"))?,
-                    );
-                }
-                "cgroup" => w.cgroup = Some(v.into()),
-                "agent" => w.agent = v.into(),
-                "vm" => w.vm = Some(v.into()),
-                _ => {
-                    return Err(format!(
-                        "watch {s:?}: unknown key {k:?} (pid, cgroup, agent, vm)"
-                    ));
-                }
-            }
-        }
-        w.check()?;
-        Ok(w)
-    }
-}
-
-impl WatchRequest {
-    /// Exactly one of pid and cgroup; a label-safe agent name.
-    pub fn check(&self) -> Result<(), String> {
-        if self.pid.is_some() == self.cgroup.is_some() {
-            return Err("a watch names exactly one of pid or cgroup".into());
-        }
-        for (what, v) in [("agent", Some(&self.agent)), ("vm", self.vm.as_ref())] {
-            if let Some(v) = v
-                && (v.is_empty()
-                    || v.len() > 63
-                    || !v
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'))
-            {
-                return Err(format!(
-                    "invalid {what} {v:?}: 1-63 characters of A-Z a-z 0-9 - _ ."
-                ));
-            }
-        }
-        if let Some(c) = &self.cgroup
-            && (!c.is_absolute() || !c.starts_with("/sys/fs/cgroup"))
-        {
-            return Err(format!(
-                "cgroup {} must be a directory under /sys/fs/cgroup",
-                c.display()
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// The daemon's configuration, validated before any socket or map is opened.
 #[derive(Debug, Clone)]

@@ -1,7 +1,5 @@
 //! Audit events: the raw record the eBPF program writes, and the JSONL form.
 
-use serde::{Deserialize, Serialize};
-
 /// Length of the path copied for path-taking syscalls (see the eBPF program).
 pub const PATH_LEN: usize = 96;
 const COMM_LEN: usize = 16;
@@ -68,89 +66,7 @@ pub fn syscall_name(nr: i32) -> String {
         .map_or_else(|| format!("syscall_{nr}"), |s| s.name().to_owned())
 }
 
-/// What an audit line records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Kind {
-    /// One system call of a watched process, at its exit.
-    Syscall,
-    /// A rule matched a system call.
-    Alert,
-    /// Events the kernel could not hand over (ring buffer full).
-    Drops,
-    /// Events the SIEM forwarder had to skip (its spool was full).
-    ForwardDrops,
-}
-
-/// One JSONL line.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AuditEvent {
-    /// Per-host sequence number: consecutive, so a gap shows a loss.
-    pub seq: u64,
-    /// RFC 3339 time, nanoseconds.
-    pub ts: String,
-    pub host: String,
-    pub kind: Kind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vm: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tid: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub comm: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nr: Option<i32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub syscall: Option<String>,
-    /// Raw argument registers.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub args: Option<[u64; 6]>,
-    /// Return value (negative errno on failure).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ret: Option<i64>,
-    /// The path argument, for syscalls that take one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
-    /// Alerts: the rule that matched and its severity (0–10, CEF's scale).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub severity: Option<u8>,
-    /// Drops: how many were lost since the last report, and in all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dropped: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dropped_total: Option<u64>,
-}
-
-impl AuditEvent {
-    /// An event of `kind` with no details yet.
-    pub fn new(seq: u64, ts: String, host: &str, kind: Kind) -> Self {
-        Self {
-            seq,
-            ts,
-            host: host.to_owned(),
-            kind,
-            agent: None,
-            vm: None,
-            pid: None,
-            tid: None,
-            comm: None,
-            nr: None,
-            syscall: None,
-            args: None,
-            ret: None,
-            path: None,
-            rule: None,
-            severity: None,
-            dropped: None,
-            dropped_total: None,
-        }
-    }
-}
+pub use clawos_monitor_api::{AuditEvent, Kind};
 
 /// Converts the kernel's boot-time stamps to wall-clock time.
 #[derive(Debug, Clone, Copy)]

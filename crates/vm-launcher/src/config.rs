@@ -44,6 +44,8 @@ pub struct Config {
     pub public_key: Option<VerifyingKey>,
     /// Inference proxy URL on the host (`CLAWOS_INFERENCE_PROXY_URL`).
     pub inference_proxy_url: String,
+    /// monitor-daemon to register each VM's processes with (`CLAWOS_MONITOR_URL`).
+    pub monitor_url: Option<String>,
     /// Hypervisor backend.
     pub backend: BackendKind,
     /// QEMU binary.
@@ -77,6 +79,7 @@ pub struct RawConfig {
     pub public_key: Option<String>,
     pub allow_unsigned: bool,
     pub inference_proxy_url: String,
+    pub monitor_url: Option<String>,
     /// `auto`, `qemu` or `firecracker`.
     pub backend: String,
     pub qemu_bin: PathBuf,
@@ -160,6 +163,13 @@ impl RawConfig {
             return Err(ConfigError(format!(
                 "CLAWOS_INFERENCE_PROXY_URL {:?} is not an http(s) URL",
                 self.inference_proxy_url
+            )));
+        }
+        if let Some(u) = &self.monitor_url
+            && !u.starts_with("http://")
+        {
+            return Err(ConfigError(format!(
+                "CLAWOS_MONITOR_URL {u:?} is not an http URL"
             )));
         }
         let qemu = find_in_path(&self.qemu_bin);
@@ -262,6 +272,7 @@ impl RawConfig {
             pinned_root_hash: self.pinned_root_hash.map(|h| h.to_ascii_lowercase()),
             public_key,
             inference_proxy_url: self.inference_proxy_url,
+            monitor_url: self.monitor_url,
             backend,
             qemu_bin,
             firecracker_bin,
@@ -336,6 +347,13 @@ mod tests {
                     ..raw()
                 },
                 "CLAWOS_INFERENCE_PROXY_URL",
+            ),
+            (
+                RawConfig {
+                    monitor_url: Some("127.0.0.1:2084".into()),
+                    ..raw()
+                },
+                "CLAWOS_MONITOR_URL",
             ),
             (
                 RawConfig {

@@ -385,6 +385,7 @@ impl Launcher {
             self.start_relay(&name);
         }
         tracing::info!(vm = %name, pid, backend = self.backend.name(), root_hash = %record.root_hash, "VM started");
+        self.register_with_monitor(&record);
         self.commit(record);
         self.metrics.starts.fetch_add(1, Ordering::Relaxed);
         let me = Arc::clone(self);
@@ -813,6 +814,7 @@ impl Launcher {
                             .unwrap_or_else(Instant::now);
                         let n = name.clone();
                         let vsock = record.vsock;
+                        self.register_with_monitor(&record);
                         self.lock().vms.insert(name.clone(), record.clone());
                         if vsock {
                             self.start_relay(&name);
@@ -847,6 +849,47 @@ impl Launcher {
             self.lock().vms.insert(name, record);
         }
         Ok(())
+    }
+
+    /// Asks monitor-daemon (when configured) to audit the VM's hypervisor and helper
+    /// processes, tagged with the VM's name. Best effort: a monitor that is down is
+    /// logged, the VM runs regardless.
+    fn register_with_monitor(&self, record: &VmRecord) {
+        let Some(url) = self.cfg.monitor_url.clone() else {
+            return;
+        };
+        let token_path = clawos_monitor_api::token_path(&self.cfg.state_dir);
+        let pids: Vec<u32> = record
+            .process
+            .iter()
+            .chain(record.helpers.iter())
+            .map(|p| p.pid)
+            .collect();
+        let name = record.name.clone();
+        tokio::spawn(async move {
+            let token = match std::fs::read_to_string(&token_path) {
+                Ok(t) => t.trim().to_owned(),
+                Err(e) => {
+                    tracing::warn!(vm = %name, error = %e, path = %token_path.display(), "no monitor-daemon token; VM not audited");
+                    return;
+                }
+            };
+            let client = clawos_monitor_api::MonitorClient::new(&url, &token);
+            for pid in pids {
+                let req = clawos_monitor_api::WatchRequest {
+                    pid: Some(pid),
+                    cgroup: None,
+                    agent: name.clone(),
+                    vm: Some(name.clone()),
+                };
+                match client.watch(&req).await {
+                    Ok(()) => tracing::info!(vm = %name, pid, "registered with monitor-daemon"),
+                    Err(e) => {
+                        tracing::warn!(vm = %name, pid, error = %e, "monitor-daemon registration failed")
+                    }
+                }
+            }
+        });
     }
 
     fn start_relay(&self, name: &str) {

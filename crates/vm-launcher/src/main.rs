@@ -42,6 +42,10 @@ struct Args {
     )]
     inference_proxy_url: String,
     /// Hypervisor: auto, qemu or firecracker.
+    /// monitor-daemon URL: each VM's hypervisor and helper processes are registered there
+    /// for syscall auditing (e.g. http://127.0.0.1:2084).
+    #[arg(long, env = "CLAWOS_MONITOR_URL")]
+    monitor_url: Option<String>,
     #[arg(long, env = "CLAWOS_BACKEND", default_value = "auto")]
     backend: String,
     /// QEMU binary.
@@ -96,6 +100,7 @@ fn main() -> Result<()> {
         public_key: args.signing_pubkey.filter(|s| !s.is_empty()),
         allow_unsigned: args.allow_unsigned,
         inference_proxy_url: args.inference_proxy_url,
+        monitor_url: args.monitor_url,
         backend: args.backend,
         qemu_bin: args.qemu,
         firecracker_bin: args.firecracker,

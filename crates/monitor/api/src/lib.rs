@@ -1,0 +1,293 @@
+//! monitor-daemon's REST API: one definition of its wire types, used by the daemon, by
+//! vm-launcher (which registers its VMs' processes) and by `clawos audit tail`.
+//!
+//! | method | path | |
+//! |---|---|---|
+//! | POST | `/v1/watch` | [`WatchRequest`] → 201: watch a pid (and its children) or a cgroup |
+//! | DELETE | `/v1/watch?pid=N` or `?cgroup=PATH` | → 204 |
+//! | GET | `/v1/watch` | → `[WatchRequest]` |
+//! | GET | `/v1/events?agent=A&after=SEQ&limit=N` | → `[AuditEvent]` from the JSONL trail |
+//! | GET | `/metrics`, `/healthz` | Prometheus text; liveness |
+//!
+//! `/v1/*` needs `Authorization: Bearer <token>`, the token being
+//! `<state>/monitor/admin.token` (0600).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default address of the daemon.
+pub const DEFAULT_URL: &str = "http://127.0.0.1:2084";
+
+/// What an audit line records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// One system call of a watched process, at its exit.
+    Syscall,
+    /// A rule matched a system call.
+    Alert,
+    /// Events the kernel could not hand over (ring buffer full).
+    Drops,
+    /// Events the SIEM forwarder had to skip (its spool was full).
+    ForwardDrops,
+}
+
+/// One JSONL line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEvent {
+    /// Per-host sequence number: consecutive, so a gap shows a loss.
+    pub seq: u64,
+    /// RFC 3339 time, nanoseconds.
+    pub ts: String,
+    pub host: String,
+    pub kind: Kind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nr: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syscall: Option<String>,
+    /// Raw argument registers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<[u64; 6]>,
+    /// Return value (negative errno on failure).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ret: Option<i64>,
+    /// The path argument, for syscalls that take one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Alerts: the rule that matched and its severity (0–10, CEF's scale).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<u8>,
+    /// Drops: how many were lost since the last report, and in all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped_total: Option<u64>,
+}
+
+impl AuditEvent {
+    /// An event of `kind` with no details yet.
+    pub fn new(seq: u64, ts: String, host: &str, kind: Kind) -> Self {
+        Self {
+            seq,
+            ts,
+            host: host.to_owned(),
+            kind,
+            agent: None,
+            vm: None,
+            pid: None,
+            tid: None,
+            comm: None,
+            nr: None,
+            syscall: None,
+            args: None,
+            ret: None,
+            path: None,
+            rule: None,
+            severity: None,
+            dropped: None,
+            dropped_total: None,
+        }
+    }
+}
+
+/// What to watch: a process (with the children it forks from then on) or a cgroup v2.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WatchRequest {
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// A cgroup v2 directory, e.g. `/sys/fs/cgroup/firecracker/clawos-a1`.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// The agent its events are tagged with.
+    pub agent: String,
+    /// The VM its events are tagged with.
+    #[serde(default)]
+    pub vm: Option<String>,
+}
+
+impl std::str::FromStr for WatchRequest {
+    type Err = String;
+
+    /// `pid=N,agent=A[,vm=V]` or `cgroup=PATH,agent=A[,vm=V]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut w = WatchRequest {
+            pid: None,
+            cgroup: None,
+            agent: String::new(),
+            vm: None,
+        };
+        for part in s.split(',') {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("watch {s:?}: expected key=value, got {part:?}"))?;
+            match k {
+                "pid" => {
+                    w.pid = Some(
+                        v.parse()
+                            .map_err(|_| format!("watch {s:?}: pid {v:?} is not a number"))?,
+                    );
+                }
+                "cgroup" => w.cgroup = Some(v.into()),
+                "agent" => w.agent = v.into(),
+                "vm" => w.vm = Some(v.into()),
+                _ => {
+                    return Err(format!(
+                        "watch {s:?}: unknown key {k:?} (pid, cgroup, agent, vm)"
+                    ));
+                }
+            }
+        }
+        w.check()?;
+        Ok(w)
+    }
+}
+
+impl WatchRequest {
+    /// Exactly one of pid and cgroup; a label-safe agent name.
+    pub fn check(&self) -> Result<(), String> {
+        if self.pid.is_some() == self.cgroup.is_some() {
+            return Err("a watch names exactly one of pid or cgroup".into());
+        }
+        for (what, v) in [("agent", Some(&self.agent)), ("vm", self.vm.as_ref())] {
+            if let Some(v) = v
+                && (v.is_empty()
+                    || v.len() > 63
+                    || !v
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'))
+            {
+                return Err(format!(
+                    "invalid {what} {v:?}: 1-63 characters of A-Z a-z 0-9 - _ ."
+                ));
+            }
+        }
+        if let Some(c) = &self.cgroup
+            && (!c.is_absolute() || !c.starts_with("/sys/fs/cgroup"))
+        {
+            return Err(format!(
+                "cgroup {} must be a directory under /sys/fs/cgroup",
+                c.display()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Errors of the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The daemon answered with an error.
+    #[error("monitor-daemon: {message} (HTTP {status})")]
+    Api { status: u16, message: String },
+    /// The daemon could not be reached or answered garbage.
+    #[error("cannot talk to monitor-daemon at {url}: {source}")]
+    Transport {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+/// A typed client.
+#[derive(Debug, Clone)]
+pub struct MonitorClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl MonitorClient {
+    pub fn new(base: &str, token: &str) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .unwrap_or_default();
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            token: token.to_owned(),
+            http,
+        }
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        let transport = |source| ClientError::Transport {
+            url: self.base.clone(),
+            source,
+        };
+        let resp = req
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(transport)?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(transport)?;
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
+            .unwrap_or(text);
+        Err(ClientError::Api { status, message })
+    }
+
+    /// Starts watching a process or cgroup.
+    pub async fn watch(&self, req: &WatchRequest) -> Result<(), ClientError> {
+        self.send(self.http.post(format!("{}/v1/watch", self.base)).json(req))
+            .await
+            .map(drop)
+    }
+
+    /// Stops watching a process.
+    pub async fn unwatch_pid(&self, pid: u32) -> Result<(), ClientError> {
+        self.send(
+            self.http
+                .delete(format!("{}/v1/watch", self.base))
+                .query(&[("pid", pid)]),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Events after sequence number `after`, optionally of one agent.
+    pub async fn events(
+        &self,
+        agent: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<AuditEvent>, ClientError> {
+        let mut q = vec![("after", after.to_string()), ("limit", limit.to_string())];
+        if let Some(a) = agent {
+            q.push(("agent", a.to_owned()));
+        }
+        self.send(self.http.get(format!("{}/v1/events", self.base)).query(&q))
+            .await?
+            .json()
+            .await
+            .map_err(|source| ClientError::Transport {
+                url: self.base.clone(),
+                source,
+            })
+    }
+}
+
+/// Where a state directory keeps the daemon's operator token.
+pub fn token_path(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("monitor/admin.token")
+}
