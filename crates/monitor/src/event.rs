@@ -20,12 +20,15 @@ pub struct RawEvent {
 }
 
 impl RawEvent {
-    /// Size of one record in the ring buffer.
+    /// Size of a record with a path.
     pub const SIZE: usize = std::mem::size_of::<Self>();
+    /// Size of a record without one (syscalls that take no path).
+    pub const HEAD_SIZE: usize = Self::SIZE - PATH_LEN;
 
-    /// Decodes one ring-buffer record; `None` if it is not the expected size.
+    /// Decodes one ring-buffer record (with or without the path); `None` if it is
+    /// shorter than a head.
     pub fn parse(data: &[u8]) -> Option<Self> {
-        if data.len() < Self::SIZE {
+        if data.len() < Self::HEAD_SIZE {
             return None;
         }
         let u64_at = |o: usize| u64::from_ne_bytes(data[o..o + 8].try_into().unwrap_or_default());
@@ -37,7 +40,9 @@ impl RawEvent {
         let mut comm = [0u8; COMM_LEN];
         comm.copy_from_slice(&data[80..80 + COMM_LEN]);
         let mut path = [0u8; PATH_LEN];
-        path.copy_from_slice(&data[96..96 + PATH_LEN]);
+        if data.len() >= Self::SIZE {
+            path.copy_from_slice(&data[96..96 + PATH_LEN]);
+        }
         Some(Self {
             ts_ns: u64_at(0),
             tgid: u32_at(8),
@@ -146,6 +151,9 @@ mod tests {
         assert_eq!((e.tgid, e.nr, e.ret), (42, 110, -2));
         assert_eq!(c_str(&e.comm), "test");
         assert_eq!(c_str(&e.path), "/x/y");
-        assert!(RawEvent::parse(&b[..100]).is_none());
+        assert_eq!(RawEvent::HEAD_SIZE, 96);
+        let head = RawEvent::parse(&b[..96]).expect("head only");
+        assert_eq!((head.nr, c_str(&head.path).as_str()), (110, ""));
+        assert!(RawEvent::parse(&b[..95]).is_none());
     }
 }

@@ -38,11 +38,40 @@ pub struct Maps {
     tgids: MapHandle,
     cgroups: MapHandle,
     drops: MapHandle,
+    user_bits: MapHandle,
+    cgroup_watches: MapHandle,
+    /// Serializes user space's read-modify-write of `user_bits` and the cgroup count.
+    lock: std::sync::Mutex<u32>,
 }
+
+/// Words in the tgid pre-filter bitmaps (see the eBPF program).
+const BIT_WORDS: u32 = 1024;
 
 impl Maps {
     /// Watches a process (and, from now on, the children it forks).
     pub fn watch_pid(&self, tgid: u32, tag: u32) -> Result<(), ProbeError> {
+        {
+            // The bit goes in first, so the hash entry is never hidden behind a clear bit.
+            let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let idx = ((tgid >> 6) & (BIT_WORDS - 1)).to_ne_bytes();
+            let word = self
+                .user_bits
+                .lookup(&idx, MapFlags::ANY)
+                .ok()
+                .flatten()
+                .and_then(|v| v.get(..8).and_then(|b| b.try_into().ok()))
+                .map_or(0, u64::from_ne_bytes);
+            self.user_bits
+                .update(
+                    &idx,
+                    &(word | 1 << (tgid & 63)).to_ne_bytes(),
+                    MapFlags::ANY,
+                )
+                .map_err(|source| ProbeError::Map {
+                    map: "user_bits",
+                    source,
+                })?;
+        }
         self.tgids
             .update(&tgid.to_ne_bytes(), &tag.to_ne_bytes(), MapFlags::ANY)
             .map_err(|source| ProbeError::Map {
@@ -63,11 +92,25 @@ impl Maps {
             .map_err(|source| ProbeError::Map {
                 map: "watched_cgroups",
                 source,
-            })
+            })?;
+        self.count_cgroups(1)
     }
 
     pub fn unwatch_cgroup(&self, id: u64) {
-        let _ = self.cgroups.delete(&id.to_ne_bytes());
+        if self.cgroups.delete(&id.to_ne_bytes()).is_ok() {
+            let _ = self.count_cgroups(-1);
+        }
+    }
+
+    fn count_cgroups(&self, delta: i32) -> Result<(), ProbeError> {
+        let mut n = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_add_signed(delta);
+        self.cgroup_watches
+            .update(&0u32.to_ne_bytes(), &n.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|source| ProbeError::Map {
+                map: "cgroup_watches",
+                source,
+            })
     }
 
     /// Events lost in the kernel so far (all CPUs).
@@ -109,8 +152,11 @@ pub fn run(
                 && let Some(data) = m.initial_value_mut()
                 && data.len() >= 8
             {
-                // `wakeup_bytes`: wake the consumer once a quarter of the ring is used.
-                data[..8].copy_from_slice(&u64::from(ring_bytes / 4).to_ne_bytes());
+                // `wake_every`: about a quarter of the ring's worth of events per CPU
+                // (a power of two, at least 1).
+                let quarter = (u64::from(ring_bytes) / 4 / 128).max(1);
+                let every = 1u64 << (63 - quarter.leading_zeros());
+                data[..8].copy_from_slice(&every.to_ne_bytes());
             }
         }
         let obj = open.load().map_err(load("load (verifier)"))?;
@@ -133,18 +179,18 @@ pub fn run(
             tgids: handle("watched_tgids")?,
             cgroups: handle("watched_cgroups")?,
             drops: handle("drops")?,
+            user_bits: handle("user_bits")?,
+            cgroup_watches: handle("cgroup_watches")?,
+            lock: std::sync::Mutex::new(0),
         };
         Ok((obj, links, maps))
     })();
     let (obj, _links, maps) = match setup {
         Ok(v) => v,
         Err(e) => {
-            let msg = e.to_string();
+            // Reported to the caller, which stops the daemon with it.
             let _ = ready.send(Err(e));
-            return Err(ProbeError::Load {
-                step: "setup",
-                source: libbpf_rs::Error::from(std::io::Error::other(msg)),
-            });
+            return Ok(());
         }
     };
     let events = obj
@@ -166,7 +212,7 @@ pub fn run(
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         // Wake-ups are batched in the kernel; the timeout bounds the latency of a quiet
         // trickle, and `consume` drains whatever is there either way.
-        ring.poll(Duration::from_millis(20)).map_err(load("poll"))?;
+        ring.poll(Duration::from_millis(10)).map_err(load("poll"))?;
         ring.consume().map_err(load("consume"))?;
         on_batch();
     }

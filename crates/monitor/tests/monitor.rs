@@ -620,3 +620,65 @@ fn the_api_needs_the_operator_credential_and_validates_watches() {
     };
     assert_eq!(mode, 0o600);
 }
+
+#[test]
+fn a_full_siem_spool_drops_the_oldest_counts_them_and_reports_them() {
+    if cannot_trace() || no_rsyslog() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let siem = tempfile::tempdir().expect("tempdir");
+    let (tcp, udp) = (free_port(), free_port());
+    // Nothing listens on `tcp` yet: the SIEM is down from the start.
+    let d = Daemon::start(
+        state.path(),
+        &[
+            "--syslog",
+            &format!("tcp://127.0.0.1:{tcp}"),
+            "--spool-max-bytes",
+            "16384",
+        ],
+    );
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut w = Workload::spawn(500, work.path(), "spool");
+    d.watch(w.pid(), "agent-spool", "vm-s");
+    w.go();
+    w.finish();
+    wait_until(Duration::from_secs(10), "a forward_drops report", || {
+        d.events().iter().any(|e| e.kind == Kind::ForwardDrops)
+    });
+    let reported: u64 = d
+        .events()
+        .iter()
+        .filter(|e| e.kind == Kind::ForwardDrops)
+        .map(|e| e.dropped.unwrap_or(0))
+        .sum();
+    assert!(
+        reported > 400,
+        "most of ~600 events could not be kept: {reported}"
+    );
+    assert_eq!(d.metric("clawos_monitor_siem_dropped_total"), reported);
+    assert!(d.metric("clawos_monitor_siem_backlog_bytes") <= 16384);
+    // The SIEM comes up: it gets what was kept, including the drop report.
+    let rs = Rsyslog::start(siem.path(), tcp, udp);
+    wait_until(
+        Duration::from_secs(20),
+        "the drop report at the SIEM",
+        || {
+            rs.received("tcp")
+                .iter()
+                .any(|p| p.header[4] == "forward-drops" && p.ext.contains_key("cnt"))
+        },
+    );
+    let got = rs.received("tcp");
+    let seqs: Vec<u64> = got
+        .iter()
+        .filter_map(|p| p.ext.get("externalId").and_then(|s| s.parse().ok()))
+        .collect();
+    for w in seqs.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "what was kept arrives in order, once");
+    }
+    let last = d.events().last().map(|e| e.seq).expect("events");
+    assert_eq!(seqs.last(), Some(&last));
+    assert!((last - seqs[0] + 1) as usize == seqs.len());
+}
