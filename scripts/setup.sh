@@ -9,10 +9,11 @@ cd "$(dirname "$0")/.."
 # the independent check of our dm-verity trees; lz4: vmlinux for Firecracker;
 # busybox-static: the guest's shell and coreutils; dpkg/apt: the guest kernel package;
 # clang + libbpf-dev (+ libelf-dev, zlib1g-dev, pkg-config for libbpf-sys): the
-# monitor's eBPF program; rsyslog: the SIEM receiver its tests send CEF to; python3: the
-# monitor tests' workload.
+# monitor's eBPF program; rsyslog (+ rsyslog-gnutls, openssl for test certificates):
+# the SIEM receiver its tests send CEF to, also over TLS; python3: the monitor tests'
+# workload.
 PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 busybox-static curl ca-certificates
-  clang libbpf-dev libelf-dev zlib1g-dev pkg-config rsyslog python3)
+  clang libbpf-dev libelf-dev zlib1g-dev pkg-config rsyslog rsyslog-gnutls openssl python3)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -49,6 +49,8 @@ pub struct Config {
     pub ring_bytes: u32,
     pub watches: Vec<WatchRequest>,
     pub syslog: Vec<Target>,
+    /// CA certificates for `tls://` targets.
+    pub syslog_tls: Option<forward::TlsTrust>,
     pub spool_max_bytes: u64,
     pub max_message: usize,
     pub rules: Rules,
@@ -315,6 +317,16 @@ impl Recorder {
 /// Starts everything; returns the shared state and the HTTP router. Probe errors
 /// (privileges, kernel) come back before any socket is bound.
 pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Router), DaemonError> {
+    if cfg.syslog_tls.is_none()
+        && let Some(t) = cfg
+            .syslog
+            .iter()
+            .find(|t| t.transport == forward::Transport::Tls)
+    {
+        return Err(DaemonError::Config(format!(
+            "syslog target {t} needs --syslog-ca (the CA that signed the SIEM's certificate)"
+        )));
+    }
     let dir = cfg.jsonl.parent().unwrap_or(Path::new("."));
     {
         use std::os::unix::fs::DirBuilderExt;
@@ -403,6 +415,7 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Route
         let stats = Arc::new(ForwardStats::default());
         let fcfg = ForwardConfig {
             target: t.clone(),
+            tls: cfg.syslog_tls.clone(),
             jsonl: cfg.jsonl.clone(),
             offset_file: dir.join(format!("forward-{i}.offset")),
             spool_max_bytes: cfg.spool_max_bytes,

@@ -1,5 +1,5 @@
 //! Forwards the audit trail to a SIEM as CEF over syslog (RFC 5424; octet-counted over
-//! TCP, one datagram per message over UDP).
+//! TCP and TLS (RFC 5425), one datagram per message over UDP).
 //!
 //! The forwarder tails the JSONL file from an offset it persists, so the file is its
 //! on-disk spool: while the SIEM is unreachable nothing is sent and nothing is lost,
@@ -27,6 +27,9 @@ use crate::event::AuditEvent;
 pub enum Transport {
     Tcp,
     Udp,
+    /// TCP with TLS; the server certificate must chain to the configured CA and name
+    /// the target's IP address.
+    Tls,
 }
 
 /// A syslog receiver: `tcp://HOST:PORT` or `udp://HOST:PORT`.
@@ -41,6 +44,7 @@ impl std::fmt::Display for Target {
         let t = match self.transport {
             Transport::Tcp => "tcp",
             Transport::Udp => "udp",
+            Transport::Tls => "tls",
         };
         write!(f, "{t}://{}", self.addr)
     }
@@ -56,11 +60,7 @@ impl std::str::FromStr for Target {
         let transport = match scheme {
             "tcp" => Transport::Tcp,
             "udp" => Transport::Udp,
-            "tls" => {
-                return Err(format!(
-                    "syslog target {s:?}: TLS is not supported yet; use tcp:// through a local TLS relay"
-                ));
-            }
+            "tls" => Transport::Tls,
             other => return Err(format!("syslog target {s:?}: unknown scheme {other:?}")),
         };
         let addr = rest
@@ -70,10 +70,46 @@ impl std::str::FromStr for Target {
     }
 }
 
+/// Trust for TLS targets: the CA certificates (PEM) the SIEM's certificate must chain to.
+#[derive(Debug, Clone)]
+pub struct TlsTrust(pub Arc<rustls::ClientConfig>);
+
+impl TlsTrust {
+    /// Reads a PEM bundle; an unreadable file or one without certificates is an error.
+    pub fn from_pem_file(path: &std::path::Path) -> Result<Self, String> {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("syslog CA file {}: {e}", path.display()))?;
+        for c in certs {
+            let c = c.map_err(|e| format!("syslog CA file {}: {e}", path.display()))?;
+            roots
+                .add(c)
+                .map_err(|e| format!("syslog CA file {}: {e}", path.display()))?;
+        }
+        if roots.is_empty() {
+            return Err(format!(
+                "syslog CA file {} holds no certificate",
+                path.display()
+            ));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS: {e}"))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Self(Arc::new(cfg)))
+    }
+}
+
 /// One forwarder's settings.
 #[derive(Debug, Clone)]
 pub struct ForwardConfig {
     pub target: Target,
+    /// Required for `tls://` targets.
+    pub tls: Option<TlsTrust>,
     /// The JSONL audit file it tails.
     pub jsonl: PathBuf,
     /// Where it keeps the byte offset of the next line to send.
@@ -97,11 +133,43 @@ pub struct ForwardStats {
 enum Conn {
     Tcp(TcpStream),
     Udp(UdpSocket),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+/// Whether the peer closed `s` (or sent something, which a syslog receiver only does to
+/// close: a TLS close_notify).
+fn peer_gone(s: &TcpStream) -> std::io::Result<bool> {
+    s.set_nonblocking(true)?;
+    let mut probe = [0u8; 1];
+    let peek = s.peek(&mut probe);
+    s.set_nonblocking(false)?;
+    match peek {
+        Ok(0) => Ok(true),
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 impl Conn {
-    fn open(t: &Target) -> std::io::Result<Self> {
+    fn open(t: &Target, tls: Option<&TlsTrust>) -> std::io::Result<Self> {
         match t.transport {
+            Transport::Tls => {
+                let trust = tls.ok_or_else(|| std::io::Error::other("no CA configured"))?;
+                let s = TcpStream::connect_timeout(&t.addr, Duration::from_secs(2))?;
+                s.set_nodelay(true)?;
+                s.set_write_timeout(Some(Duration::from_secs(5)))?;
+                s.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let name = rustls::pki_types::ServerName::IpAddress(t.addr.ip().into());
+                let conn = rustls::ClientConnection::new(Arc::clone(&trust.0), name)
+                    .map_err(std::io::Error::other)?;
+                let mut stream = rustls::StreamOwned::new(conn, s);
+                // Handshake now, so a bad certificate shows as a failed connect.
+                while stream.conn.is_handshaking() {
+                    stream.conn.complete_io(&mut stream.sock)?;
+                }
+                Ok(Self::Tls(Box::new(stream)))
+            }
             Transport::Tcp => {
                 let s = TcpStream::connect_timeout(&t.addr, Duration::from_secs(2))?;
                 s.set_nodelay(true)?;
@@ -127,17 +195,17 @@ impl Conn {
             Self::Tcp(s) => {
                 // A peer that closed shows as end-of-file here before our write would
                 // vanish into its dead socket.
-                s.set_nonblocking(true)?;
-                let mut probe = [0u8; 1];
-                let peek = s.peek(&mut probe);
-                s.set_nonblocking(false)?;
-                match peek {
-                    Ok(0) => return Err(std::io::ErrorKind::ConnectionAborted.into()),
-                    Ok(_) => {} // a receiver that talks back; ignore it
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
+                if peer_gone(s)? {
+                    return Err(std::io::ErrorKind::ConnectionAborted.into());
                 }
                 s.write_all(&cef::octet_counted(msg))
+            }
+            Self::Tls(s) => {
+                if peer_gone(&s.sock)? {
+                    return Err(std::io::ErrorKind::ConnectionAborted.into());
+                }
+                s.write_all(&cef::octet_counted(msg))?;
+                s.flush()
             }
             Self::Udp(s) => s.send(msg.as_bytes()).map(drop),
         }
@@ -194,7 +262,7 @@ pub fn run(
         }
         stats.backlog_bytes.store(backlog, Ordering::Relaxed);
         if backlog > 0 && conn.is_none() && Instant::now() >= retry_at {
-            match Conn::open(&cfg.target) {
+            match Conn::open(&cfg.target, cfg.tls.as_ref()) {
                 Ok(c) => {
                     tracing::info!(target = %cfg.target, "connected to the SIEM");
                     conn = Some(c);
@@ -296,8 +364,14 @@ mod tests {
         assert_eq!(t.transport, Transport::Tcp);
         assert_eq!(t.to_string(), "tcp://127.0.0.1:5514");
         assert!("udp://[::1]:514".parse::<Target>().is_ok());
-        let e = "tls://127.0.0.1:6514".parse::<Target>().expect_err("tls");
-        assert!(e.contains("TLS is not supported yet"), "{e}");
+        let t: Target = "tls://127.0.0.1:6514".parse().expect("tls");
+        assert_eq!(t.transport, Transport::Tls);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificates here\n").expect("write");
+        let e = TlsTrust::from_pem_file(&empty).expect_err("empty");
+        assert!(e.contains("holds no certificate"), "{e}");
+        assert!(TlsTrust::from_pem_file(&dir.path().join("absent.pem")).is_err());
         assert!("127.0.0.1:514".parse::<Target>().is_err());
         assert!(
             "tcp://localhost:514"

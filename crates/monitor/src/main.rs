@@ -26,9 +26,14 @@ struct Args {
     /// its VMs through the API.
     #[arg(long = "watch")]
     watches: Vec<WatchRequest>,
-    /// SIEM syslog receiver, `tcp://IP:PORT` or `udp://IP:PORT` (repeatable).
+    /// SIEM syslog receiver, `tcp://IP:PORT`, `tls://IP:PORT` or `udp://IP:PORT`
+    /// (repeatable).
     #[arg(long = "syslog", env = "CLAWOS_MONITOR_SYSLOG", value_delimiter = ',')]
     syslog: Vec<Target>,
+    /// CA certificates (PEM) a `tls://` SIEM's certificate must chain to; the certificate
+    /// must name the target's IP address.
+    #[arg(long, env = "CLAWOS_MONITOR_SYSLOG_CA")]
+    syslog_ca: Option<PathBuf>,
     /// Largest backlog kept for an unreachable SIEM before the oldest events are
     /// dropped (and reported).
     #[arg(long, default_value_t = 256 << 20)]
@@ -70,6 +75,12 @@ async fn main() -> anyhow::Result<()> {
         ring_bytes: a.ring_bytes,
         watches: a.watches,
         syslog: a.syslog,
+        syslog_tls: a
+            .syslog_ca
+            .as_deref()
+            .map(clawos_monitor::forward::TlsTrust::from_pem_file)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
         spool_max_bytes: a.spool_max_bytes,
         max_message: a.max_message,
         rules: daemon::rules_from(a.rules.as_deref())?,

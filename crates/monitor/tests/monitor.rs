@@ -682,3 +682,177 @@ fn a_full_siem_spool_drops_the_oldest_counts_them_and_reports_them() {
     assert_eq!(seqs.last(), Some(&last));
     assert!((last - seqs[0] + 1) as usize == seqs.len());
 }
+
+/// A CA and a server certificate for 127.0.0.1, made with openssl.
+fn make_certs(dir: &Path) -> bool {
+    let run = |args: &[&str]| {
+        Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").expect("ext");
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=test CA",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]) && run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]) && run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]) && run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=other CA",
+        "-keyout",
+        "other.key",
+        "-out",
+        "other.pem",
+    ])
+}
+
+#[test]
+fn cef_over_tls_reaches_rsyslog_and_an_untrusted_siem_gets_nothing() {
+    if cannot_trace() || no_rsyslog() {
+        return;
+    }
+    if !Path::new("/usr/lib/x86_64-linux-gnu/rsyslog/lmnsd_gtls.so").exists() {
+        skip(
+            "rsyslog's TLS driver is not installed (rsyslog-gnutls; scripts/setup.sh installs it)",
+        );
+        return;
+    }
+    let siem = tempfile::tempdir().expect("tempdir");
+    if !make_certs(siem.path()) {
+        skip("openssl could not make test certificates");
+        return;
+    }
+    let port = free_port();
+    let d = siem.path().display();
+    let conf = siem.path().join("rsyslog.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"global(workDirectory="{d}" maxMessageSize="16k"
+       defaultNetstreamDriver="gtls"
+       defaultNetstreamDriverCAFile="{d}/ca.pem"
+       defaultNetstreamDriverCertFile="{d}/server.pem"
+       defaultNetstreamDriverKeyFile="{d}/server.key")
+module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1" streamDriver.authMode="anon")
+template(name="msgonly" type="string" string="%msg%\n")
+ruleset(name="tls") {{ action(type="omfile" file="{d}/tls.log" template="msgonly" flushOnTXEnd="on" asyncWriting="off") }}
+input(type="imtcp" address="127.0.0.1" port="{port}" ruleset="tls")
+"#
+        ),
+    )
+    .expect("conf");
+    let mut rs = Rsyslog {
+        child: None,
+        conf,
+        dir: siem.path().to_owned(),
+    };
+    rs.resume(port);
+
+    // Trusting another CA: the handshake fails, nothing is sent, the backlog waits.
+    let state = tempfile::tempdir().expect("tempdir");
+    let target = format!("tls://127.0.0.1:{port}");
+    let other = siem.path().join("other.pem");
+    let bad = Daemon::start(
+        state.path(),
+        &[
+            "--syslog",
+            &target,
+            "--syslog-ca",
+            other.to_str().expect("utf8"),
+        ],
+    );
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut w = Workload::spawn(3, work.path(), "tls-bad");
+    bad.watch(w.pid(), "agent-tls", "vm-t");
+    w.go();
+    w.finish();
+    wait_until(Duration::from_secs(10), "failed handshakes", || {
+        bad.metric("clawos_monitor_siem_backlog_bytes") > 0
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(bad.metric("clawos_monitor_siem_sent_total"), 0);
+    assert!(rs.received("tls").is_empty());
+    drop(bad);
+
+    // The right CA: every event arrives, fields intact.
+    let state = tempfile::tempdir().expect("tempdir");
+    let ca = siem.path().join("ca.pem");
+    let good = Daemon::start(
+        state.path(),
+        &[
+            "--syslog",
+            &target,
+            "--syslog-ca",
+            ca.to_str().expect("utf8"),
+        ],
+    );
+    let mut w = Workload::spawn(3, work.path(), "tls|x=y");
+    good.watch(w.pid(), "agent-tls", "vm-t");
+    w.go();
+    let pid = w.pid();
+    w.finish();
+    wait_until(Duration::from_secs(20), "events over TLS", || {
+        let n = good.events().iter().filter(|e| e.pid == Some(pid)).count();
+        n > 0 && rs.received("tls").len() >= n
+    });
+    let by_seq: BTreeMap<String, AuditEvent> = good
+        .events()
+        .into_iter()
+        .filter(|e| e.pid == Some(pid))
+        .map(|e| (e.seq.to_string(), e))
+        .collect();
+    let got = rs.received("tls");
+    for p in &got {
+        let e = &by_seq[&p.ext["externalId"]];
+        same_fields(p, e);
+    }
+    assert_eq!(got.len(), by_seq.len());
+    assert!(got.iter().all(|p| p.ext["dproc"] == "tls|x=y"));
+}
