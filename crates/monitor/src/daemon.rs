@@ -24,7 +24,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use clawos_monitor_api::WatchRequest;
 
@@ -93,6 +93,28 @@ pub struct Metrics {
 struct Watched {
     req: WatchRequest,
     cgroup_id: Option<u64>,
+    /// The process's start time (clock ticks after boot), so a restarted daemon does not
+    /// re-watch a reused pid.
+    start_time: Option<u64>,
+    active: bool,
+}
+
+/// A watch as persisted in `watches.json`, re-applied when the daemon restarts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SavedWatch {
+    req: WatchRequest,
+    start_time: Option<u64>,
+}
+
+/// Field 22 of `/proc/<pid>/stat`.
+fn process_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields start after the last ')'.
+    stat[stat.rfind(')')? + 2..]
+        .split_ascii_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 /// State shared by the recorder, forwarders and HTTP handlers.
@@ -105,6 +127,8 @@ pub struct Monitor {
     pub metrics: Metrics,
     pub forwarders: Vec<(Target, Arc<ForwardStats>)>,
     jsonl: PathBuf,
+    /// Active watches, re-applied after a restart.
+    watch_file: PathBuf,
     token: String,
 }
 
@@ -128,7 +152,11 @@ impl Monitor {
         {
             return Err(format!("no process with pid {pid}"));
         }
+        let start_time = req.pid.and_then(process_start_time);
         let mut tags = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = tags.iter().position(|w| w.active && w.req == req) {
+            return Ok(i as u32);
+        }
         let tag = tags.len() as u32;
         self.labels
             .lock()
@@ -141,25 +169,79 @@ impl Monitor {
         };
         result.map_err(|e| e.to_string())?;
         tracing::info!(agent = %req.agent, vm = ?req.vm, pid = ?req.pid, cgroup = ?req.cgroup, tag, "watching");
-        tags.push(Watched { req, cgroup_id });
+        tags.push(Watched {
+            req,
+            cgroup_id,
+            start_time,
+            active: true,
+        });
+        self.save_watches(&tags);
         Ok(tag)
+    }
+
+    /// Persists the active watches (atomically; a failure is logged).
+    fn save_watches(&self, tags: &[Watched]) {
+        let saved: Vec<SavedWatch> = tags
+            .iter()
+            .filter(|w| w.active)
+            .map(|w| SavedWatch {
+                req: w.req.clone(),
+                start_time: w.start_time,
+            })
+            .collect();
+        let tmp = self.watch_file.with_extension("tmp");
+        let result = serde_json::to_vec_pretty(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|json| std::fs::write(&tmp, json))
+            .and_then(|()| std::fs::rename(&tmp, &self.watch_file));
+        if let Err(e) = result {
+            tracing::error!(error = %e, path = %self.watch_file.display(), "cannot save the watch list");
+        }
+    }
+
+    /// Re-applies the watches of an earlier run whose process is still the same one.
+    fn restore_watches(&self) {
+        let Ok(text) = std::fs::read(&self.watch_file) else {
+            return;
+        };
+        let saved: Vec<SavedWatch> = serde_json::from_slice(&text).unwrap_or_default();
+        for w in saved {
+            let same = match w.req.pid {
+                Some(pid) => {
+                    process_start_time(pid).is_some() && process_start_time(pid) == w.start_time
+                }
+                None => w.req.cgroup.as_ref().is_some_and(|c| c.is_dir()),
+            };
+            if !same {
+                tracing::info!(agent = %w.req.agent, pid = ?w.req.pid, "not re-watching: the process is gone");
+                continue;
+            }
+            if let Err(e) = self.watch(w.req) {
+                tracing::warn!(error = %e, "cannot re-apply a saved watch");
+            }
+        }
     }
 
     /// Removes the watches of a pid or cgroup; whether there was one.
     pub fn unwatch(&self, pid: Option<u32>, cgroup: Option<&Path>) -> bool {
-        let tags = self.tags.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tags = self.tags.lock().unwrap_or_else(|p| p.into_inner());
         let mut found = false;
-        for w in tags.iter() {
+        for w in tags.iter_mut().filter(|w| w.active) {
             if pid.is_some() && w.req.pid == pid {
                 self.maps.unwatch_pid(pid.unwrap_or_default());
+                w.active = false;
                 found = true;
             }
             if let (Some(c), Some(id)) = (cgroup, w.cgroup_id)
                 && w.req.cgroup.as_deref() == Some(c)
             {
                 self.maps.unwatch_cgroup(id);
+                w.active = false;
                 found = true;
             }
+        }
+        if found {
+            self.save_watches(&tags);
         }
         found
     }
@@ -169,6 +251,7 @@ impl Monitor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
+            .filter(|w| w.active)
             .map(|w| w.req.clone())
             .collect()
     }
@@ -447,9 +530,11 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Route
         metrics: Metrics::default(),
         forwarders,
         jsonl: cfg.jsonl.clone(),
+        watch_file: dir.join("watches.json"),
         token,
     });
     *metrics_for_thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&monitor));
+    monitor.restore_watches();
     for w in &cfg.watches {
         monitor.watch(w.clone()).map_err(DaemonError::Config)?;
     }

@@ -856,3 +856,51 @@ input(type="imtcp" address="127.0.0.1" port="{port}" ruleset="tls")
     assert_eq!(got.len(), by_seq.len());
     assert!(got.iter().all(|p| p.ext["dproc"] == "tls|x=y"));
 }
+
+#[test]
+fn watches_survive_a_daemon_restart_and_those_of_ended_processes_do_not() {
+    if cannot_trace() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut w = Workload::spawn(4, work.path(), "survivor");
+    {
+        let d = Daemon::start(state.path(), &[]);
+        d.watch(w.pid(), "agent-r", "vm-r");
+        // A watch on a process that then exits: not re-applied later.
+        let gone = Workload::spawn(1, work.path(), "gone");
+        d.watch(gone.pid(), "agent-g", "vm-g");
+        gone.finish();
+    } // SIGKILL
+    let d = Daemon::start(state.path(), &[]);
+    let (_, list) = http("GET", &format!("{}/v1/watch", d.url), Some(&d.token), None);
+    let list: Vec<serde_json::Value> = serde_json::from_str(&list).expect("watch list");
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["agent"], "agent-r");
+    w.go();
+    let pid = w.pid();
+    w.finish();
+    wait_until(Duration::from_secs(10), "events after the restart", || {
+        d.events().iter().any(|e| {
+            e.pid == Some(pid)
+                && e.path
+                    .as_deref()
+                    .is_some_and(|p| p.ends_with("/end-marker"))
+        })
+    });
+    let events = d.events();
+    let window = marked(&events, pid);
+    assert_eq!(
+        window
+            .iter()
+            .filter(|e| e.syscall.as_deref() == Some("getppid"))
+            .count(),
+        4
+    );
+    assert!(window.iter().all(|e| e.agent.as_deref() == Some("agent-r")));
+    // The sequence continues across the restart.
+    for pair in events.windows(2) {
+        assert_eq!(pair[1].seq, pair[0].seq + 1);
+    }
+}
