@@ -49,15 +49,12 @@ async fn usage(
     axum::extract::Query(q): axum::extract::Query<UsageQuery>,
 ) -> axum::response::Response {
     use axum::response::IntoResponse;
-    let given = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let (a, b) = (given.as_bytes(), p.admin_token.as_bytes());
-    let ok = !b.is_empty()
-        && a.len() == b.len()
-        && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    let ok = clawos_service::bearer_matches(
+        headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+        &p.admin_token,
+    );
     if !ok {
         return (
             axum::http::StatusCode::UNAUTHORIZED,

@@ -579,15 +579,10 @@ pub async fn run(
 type AppState = Arc<Monitor>;
 
 fn authorized(m: &Monitor, headers: &HeaderMap) -> Result<(), Box<Response>> {
-    let given = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let (a, b) = (given.as_bytes(), m.token.as_bytes());
-    let ok = !b.is_empty()
-        && a.len() == b.len()
-        && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+    let ok = clawos_service::bearer_matches(
+        headers.get("authorization").and_then(|v| v.to_str().ok()),
+        &m.token,
+    );
     if ok {
         Ok(())
     } else {

@@ -69,9 +69,37 @@ pub fn operator_token(path: &std::path::Path) -> Result<String, String> {
     Ok(token)
 }
 
+/// Whether an `Authorization` header value is `Bearer <token>`, compared in constant
+/// time. An empty expected token never matches.
+pub fn bearer_matches(header: Option<&str>, token: &str) -> bool {
+    let given = header.and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    let (a, b) = (given.as_bytes(), token.as_bytes());
+    !b.is_empty()
+        && a.len() == b.len()
+        && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bearer_tokens_must_match_exactly() {
+        assert!(bearer_matches(Some("Bearer abc"), "abc"));
+        for bad in [
+            None,
+            Some("abc"),
+            Some("Bearer ab"),
+            Some("Bearer abcd"),
+            Some("bearer abc"),
+        ] {
+            assert!(!bearer_matches(bad, "abc"), "{bad:?}");
+        }
+        assert!(
+            !bearer_matches(Some("Bearer "), ""),
+            "an empty token never matches"
+        );
+    }
 
     #[test]
     fn counters_render_in_exposition_format() {

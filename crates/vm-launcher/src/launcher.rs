@@ -532,15 +532,7 @@ impl Launcher {
         validate::name(name)?;
         validate::snapshot_tag(tag)?;
         let _claim = self.claim(name)?;
-        let record = self
-            .record(name)
-            .ok_or_else(|| LauncherError::NotFound(format!("no VM named {name}")))?;
-        if record.state.is_active() {
-            return Err(LauncherError::Conflict(format!(
-                "cannot restore VM {name}: it is {}; stop it first",
-                record.state
-            )));
-        }
+        let record = self.inactive_record(name, "restore")?;
         let dir = self.dir(name);
         let snap = snapshot::SnapshotDir::new(&dir, tag);
         let meta = snap.load().map_err(|e| match e.kind() {
@@ -691,6 +683,20 @@ impl Launcher {
         }
     }
 
+    /// The record of a VM that exists and is not running (what `op` needs).
+    fn inactive_record(&self, name: &str, op: &str) -> Result<VmRecord, LauncherError> {
+        let record = self
+            .record(name)
+            .ok_or_else(|| LauncherError::NotFound(format!("no VM named {name}")))?;
+        if record.state.is_active() {
+            return Err(LauncherError::Conflict(format!(
+                "cannot {op} VM {name}: it is {}; stop it first",
+                record.state
+            )));
+        }
+        Ok(record)
+    }
+
     /// Asks the guest to power off, waits, kills after the stop timeout. Disks stay.
     pub async fn stop(&self, name: &str) -> Result<Vm, LauncherError> {
         validate::name(name)?;
@@ -741,15 +747,7 @@ impl Launcher {
     pub fn delete(&self, name: &str) -> Result<(), LauncherError> {
         validate::name(name)?;
         let _claim = self.claim(name)?;
-        let record = self
-            .record(name)
-            .ok_or_else(|| LauncherError::NotFound(format!("no VM named {name}")))?;
-        if record.state.is_active() {
-            return Err(LauncherError::Conflict(format!(
-                "VM {name} is {}; stop it first",
-                record.state
-            )));
-        }
+        self.inactive_record(name, "delete")?;
         store::remove(&self.vms_dir, name)?;
         self.lock().vms.remove(name);
         tracing::info!(vm = %name, "VM deleted");
