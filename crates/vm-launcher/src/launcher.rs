@@ -463,14 +463,20 @@ impl Launcher {
             }
         }
         match &back {
-            Ok(helpers) => self.update(name, |r| {
-                r.helpers = helpers.clone();
-                r.state = if was_paused {
-                    VmState::Paused
-                } else {
-                    VmState::Running
-                };
-            }),
+            Ok(helpers) => {
+                self.update(name, |r| {
+                    r.helpers = helpers.clone();
+                    r.state = if was_paused {
+                        VmState::Paused
+                    } else {
+                        VmState::Running
+                    };
+                });
+                // The re-plugged vsock device has a new process: audit it too.
+                if let Some(r) = self.record(name) {
+                    self.register_with_monitor(&r);
+                }
+            }
             Err(e) => {
                 tracing::error!(vm = %name, error = %e, "VM could not be resumed after a snapshot");
             }
