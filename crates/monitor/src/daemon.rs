@@ -439,7 +439,9 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Route
     let labels: Labels = Arc::default();
     let (report_tx, report_rx) = std::sync::mpsc::channel::<u64>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let metrics_for_thread: Arc<Mutex<Option<Arc<Monitor>>>> = Arc::default();
+    // The recorder thread creates the maps the Monitor holds, so it starts first and
+    // finds the Monitor (for metrics and drop counts) here once it is built.
+    let monitor_slot: Arc<Mutex<Option<Arc<Monitor>>>> = Arc::default();
     let recorder = Recorder {
         out: BufWriter::with_capacity(1 << 20, out),
         seq: last_seq(&cfg.jsonl),
@@ -451,7 +453,7 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Route
     };
     let ring_bytes = cfg.ring_bytes;
     let stop2 = Arc::clone(&stop);
-    let shared = Arc::clone(&metrics_for_thread);
+    let shared = Arc::clone(&monitor_slot);
     std::thread::Builder::new()
         .name("recorder".into())
         .spawn(move || {
@@ -533,7 +535,7 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Route
         watch_file: dir.join("watches.json"),
         token,
     });
-    *metrics_for_thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&monitor));
+    *monitor_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&monitor));
     monitor.restore_watches();
     for w in &cfg.watches {
         monitor.watch(w.clone()).map_err(DaemonError::Config)?;

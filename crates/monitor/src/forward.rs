@@ -299,19 +299,17 @@ pub fn run(
                                 None
                             }
                         };
-                        if let Some(m) = msg
-                            && let Err(e) = c.send(&m)
-                        {
-                            tracing::warn!(target = %cfg.target, error = %e, "SIEM connection lost; spooling");
-                            conn = None;
-                            stats.connected.store(false, Ordering::Relaxed);
-                            break;
+                        if let Some(m) = msg {
+                            if let Err(e) = c.send(&m) {
+                                tracing::warn!(target = %cfg.target, error = %e, "SIEM connection lost; spooling");
+                                conn = None;
+                                stats.connected.store(false, Ordering::Relaxed);
+                                break;
+                            }
+                            stats.sent.fetch_add(1, Ordering::Relaxed);
                         }
                         offset += n as u64;
                         progressed = true;
-                        if msg_counted(&line) {
-                            stats.sent.fetch_add(1, Ordering::Relaxed);
-                        }
                     }
                 }
             }
@@ -328,10 +326,6 @@ pub fn run(
     if offset != saved {
         save_offset(&cfg.offset_file, offset);
     }
-}
-
-fn msg_counted(line: &str) -> bool {
-    !line.trim().is_empty()
 }
 
 /// Moves from `from` to the first line start at or after `at`; returns the new offset
