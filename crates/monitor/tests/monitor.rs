@@ -131,7 +131,10 @@ impl Daemon {
 
     fn events(&self) -> Vec<AuditEvent> {
         let text = std::fs::read_to_string(&self.jsonl).unwrap_or_default();
-        text.lines()
+        // The recorder may be mid-write: only complete lines count.
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete
+            .lines()
             .map(|l| serde_json::from_str(l).expect("every JSONL line parses"))
             .collect()
     }
@@ -540,6 +543,16 @@ fn a_burst_beyond_the_ring_buffer_is_counted_and_reported_and_the_daemon_lives_o
     w.finish();
     wait_until(Duration::from_secs(10), "a drops report", || {
         d.events().iter().any(|e| e.kind == Kind::Drops)
+    });
+    // The workload has exited: wait until the recorder has drained the ring and
+    // reported every drop (the trail stops growing).
+    let mut last_len = 0;
+    wait_until(Duration::from_secs(20), "the trail to settle", || {
+        std::thread::sleep(Duration::from_millis(200));
+        let len = d.events().len();
+        let settled = len == last_len;
+        last_len = len;
+        settled
     });
     let events = d.events();
     let reported: u64 = events
