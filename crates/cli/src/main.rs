@@ -818,6 +818,28 @@ async fn wait_ready(
     Ok(vm)
 }
 
+/// Sends what `src` yields as binary WebSocket messages until it ends. Returns false
+/// if the WebSocket went away first.
+async fn pump_to_websocket<S>(mut src: impl tokio::io::AsyncRead + Unpin, tx: &mut S) -> bool
+where
+    S: futures_util::Sink<tokio_tungstenite::tungstenite::Message> + Unpin,
+{
+    use futures_util::SinkExt;
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match src.read(&mut buf).await {
+            Ok(0) | Err(_) => return true,
+            Ok(n) => {
+                let msg = tokio_tungstenite::tungstenite::Message::Binary(buf[..n].to_vec().into());
+                if tx.send(msg).await.is_err() {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
 /// Runs a command in the guest over the launcher's WebSocket exec endpoint.
 async fn exec(
     client: &LauncherClient,
@@ -829,7 +851,7 @@ async fn exec(
     command: Vec<String>,
 ) -> Result<(), Exit> {
     use futures_util::{SinkExt, StreamExt};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
     let env = env
@@ -875,23 +897,9 @@ async fn exec(
     let (mut tx, mut rx) = ws.split();
     if interactive {
         tokio::spawn(async move {
-            let mut stdin = tokio::io::stdin();
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match stdin.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if tx
-                            .send(Message::Binary(buf[..n].to_vec().into()))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
+            if pump_to_websocket(tokio::io::stdin(), &mut tx).await {
+                let _ = tx.send(Message::Text(r#"{"eof":true}"#.into())).await;
             }
-            let _ = tx.send(Message::Text(r#"{"eof":true}"#.into())).await;
         });
     }
     let mut stdout = tokio::io::stdout();
@@ -938,7 +946,7 @@ async fn exec(
 /// its own WebSocket to the launcher.
 async fn port_forward(client: &LauncherClient, name: &str, listen: &str) -> Result<(), Exit> {
     use futures_util::{SinkExt, StreamExt};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     use tokio_tungstenite::tungstenite::Message;
 
     // Fail early, with the launcher's words, if the VM cannot be reached.
@@ -966,21 +974,7 @@ async fn port_forward(client: &LauncherClient, name: &str, listen: &str) -> Resu
             let (mut tx, mut rx) = ws.split();
             let (mut tr, mut tw) = tcp.into_split();
             let up = async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match tr.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if tx
-                                .send(Message::Binary(buf[..n].to_vec().into()))
-                                .await
-                                .is_err()
-                            {
-                                break;
-                            }
-                        }
-                    }
-                }
+                pump_to_websocket(&mut tr, &mut tx).await;
                 let _ = tx.send(Message::Close(None)).await;
             };
             let down = async move {

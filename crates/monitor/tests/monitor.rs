@@ -226,6 +226,22 @@ fn marked(events: &[AuditEvent], pid: u32) -> Vec<AuditEvent> {
     mine[start..=end].iter().map(|e| (*e).clone()).collect()
 }
 
+/// Waits until the trail holds `pid`'s end-marker open (its workload is recorded).
+fn wait_for_end_marker(d: &Daemon, pid: u32) {
+    wait_until(
+        Duration::from_secs(10),
+        "the end marker in the JSONL",
+        || {
+            d.events().iter().any(|e| {
+                e.pid == Some(pid)
+                    && e.path
+                        .as_deref()
+                        .is_some_and(|p| p.ends_with("/end-marker"))
+            })
+        },
+    );
+}
+
 fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !f() {
@@ -251,18 +267,7 @@ fn known_syscalls_yield_exactly_those_events_with_tags_and_unwatched_ones_none()
     let (wpid, upid) = (watched.pid(), unwatched.pid());
     watched.finish();
     unwatched.finish();
-    wait_until(
-        Duration::from_secs(10),
-        "the end marker in the JSONL",
-        || {
-            d.events().iter().any(|e| {
-                e.pid == Some(wpid)
-                    && e.path
-                        .as_deref()
-                        .is_some_and(|p| p.ends_with("/end-marker"))
-            })
-        },
-    );
+    wait_for_end_marker(&d, wpid);
     let events = d.events();
     let window = marked(&events, wpid);
     let mut names: BTreeMap<&str, usize> = BTreeMap::new();
@@ -903,14 +908,7 @@ fn watches_survive_a_daemon_restart_and_those_of_ended_processes_do_not() {
     w.go();
     let pid = w.pid();
     w.finish();
-    wait_until(Duration::from_secs(10), "events after the restart", || {
-        d.events().iter().any(|e| {
-            e.pid == Some(pid)
-                && e.path
-                    .as_deref()
-                    .is_some_and(|p| p.ends_with("/end-marker"))
-        })
-    });
+    wait_for_end_marker(&d, pid);
     let events = d.events();
     let window = marked(&events, pid);
     assert_eq!(
