@@ -11,9 +11,12 @@ cd "$(dirname "$0")/.."
 # clang + libbpf-dev (+ libelf-dev, zlib1g-dev, pkg-config for libbpf-sys): the
 # monitor's eBPF program; rsyslog (+ rsyslog-gnutls, openssl for test certificates):
 # the SIEM receiver its tests send CEF to, also over TLS; python3: the monitor tests'
-# workload.
+# workload. libelf-dev and zlib1g-dev also carry the static libelf.a and libz.a the
+# guest's static clawos-audit links; gcc + libc6-dev: the static workload the guest
+# audit test runs inside a VM.
 PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 busybox-static curl ca-certificates
-  clang libbpf-dev libelf-dev zlib1g-dev pkg-config rsyslog rsyslog-gnutls openssl python3)
+  clang libbpf-dev libelf-dev zlib1g-dev pkg-config rsyslog rsyslog-gnutls openssl python3
+  gcc libc6-dev)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

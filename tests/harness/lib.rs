@@ -37,7 +37,9 @@ pub fn bin(name: &str) -> PathBuf {
 pub fn guest_bin_dir() -> PathBuf {
     let d = target_profile_dir().join("../x86_64-unknown-linux-gnu/release");
     assert!(
-        d.join("clawos-init").is_file() && d.join("clawos-agent").is_file(),
+        clawos_image::build::GUEST_BINS
+            .iter()
+            .all(|b| d.join(b).is_file()),
         "static guest binaries missing in {}: run scripts/build-guest.sh first (scripts/test.sh does)",
         d.display()
     );

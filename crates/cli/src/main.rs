@@ -181,7 +181,7 @@ struct BuildArgs {
     /// Use an unpacked kernel tree (boot/vmlinuz-*, lib/modules/*) instead of Debian's.
     #[arg(long)]
     kernel_dir: Option<PathBuf>,
-    /// Directory with static clawos-init and clawos-agent [default: next to this binary].
+    /// Directory with the static clawos-init, clawos-agent and clawos-audit [default: next to this binary].
     #[arg(long, env = "CLAWOS_GUEST_BIN_DIR")]
     guest_bin_dir: Option<PathBuf>,
     /// Files to merge over the default rootfs tree.
@@ -337,7 +337,11 @@ fn find_guest_bin_dir() -> Result<PathBuf> {
     ];
     candidates
         .iter()
-        .find(|d| d.join("clawos-init").is_file() && d.join("clawos-agent").is_file())
+        .find(|d| {
+            clawos_image::build::GUEST_BINS
+                .iter()
+                .all(|b| d.join(b).is_file())
+        })
         .cloned()
         .ok_or_else(|| {
             anyhow!("static guest binaries not found next to {}; run scripts/build-guest.sh or pass --guest-bin-dir", exe.display())
@@ -732,9 +736,10 @@ async fn audit_tail(
                 continue;
             }
             let who = format!(
-                "{}/{} {}[{}]",
+                "{}/{}{} {}[{}]",
                 e.agent.as_deref().unwrap_or("-"),
                 e.vm.as_deref().unwrap_or("-"),
+                if e.guest_boot.is_some() { ":guest" } else { "" },
                 e.comm.as_deref().unwrap_or("-").escape_debug(),
                 e.pid.unwrap_or(0)
             );
@@ -772,6 +777,11 @@ async fn audit_tail(
                 Kind::ForwardDrops => format!(
                     "DROPPED {} events for the SIEM (spool full)",
                     e.dropped.unwrap_or(0)
+                ),
+                Kind::GuestDrops => format!(
+                    "DROPPED {} events inside the VM ({})",
+                    e.dropped.unwrap_or(0),
+                    e.detail.as_deref().unwrap_or("-")
                 ),
             };
             println!("{:>8} {} {who} {line}", e.seq, e.ts);

@@ -38,6 +38,9 @@ pub struct Service {
     pub started: Instant,
     /// Asks init to power off (sends it SIGTERM in the guest).
     pub on_shutdown: fn(),
+    /// The cgroup every command is started in ([`crate::AGENT_CGROUP`] in the guest,
+    /// watched by `clawos-audit`); `None` runs commands where the agent runs.
+    pub audit_cgroup: Option<std::path::PathBuf>,
 }
 
 fn reply<W: Write>(w: &mut W, r: &Reply) -> io::Result<()> {
@@ -74,7 +77,7 @@ impl Service {
                     uptime_ms: self.started.elapsed().as_millis() as u64,
                 },
             ),
-            Op::Exec(x) => exec(conn, x),
+            Op::Exec(x) => exec(conn, x, self.audit_cgroup.as_deref()),
             Op::Put { path, size, mode } => self.put(conn, &path, size, mode.unwrap_or(0o644)),
             Op::Get { path } => self.get(conn, &path),
             Op::List { path } => match self.workspace.list(&path) {
@@ -152,7 +155,7 @@ fn pump<R: Read>(mut from: R, kind: Kind, to: Arc<Mutex<impl Write>>) {
     }
 }
 
-fn exec<C: Duplex>(conn: C, x: ExecRequest) -> io::Result<()> {
+fn exec<C: Duplex>(conn: C, x: ExecRequest, cgroup: Option<&std::path::Path>) -> io::Result<()> {
     let writer = Arc::new(Mutex::new(conn.try_clone_conn()?));
     let mut reader = conn;
     let Some(program) = x.argv.first() else {
@@ -177,7 +180,39 @@ fn exec<C: Duplex>(conn: C, x: ExecRequest) -> io::Result<()> {
         .stderr(Stdio::piped())
         // Its own process group, so a timeout or a vanished client kills the whole tree.
         .process_group(0);
-    let mut child = match cmd.spawn() {
+    // The command joins the audited cgroup between fork and exec, so its first system
+    // call is already recorded. If it cannot join, it does not run.
+    let procs = match cgroup.map(|c| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(c.join("cgroup.procs"))
+    }) {
+        Some(Err(e)) => {
+            let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+            return error(&mut *w, format!("exec: audit cgroup unavailable: {e}"));
+        }
+        Some(Ok(f)) => Some(f),
+        None => None,
+    };
+    if let Some(f) = &procs {
+        use std::os::fd::AsRawFd;
+        let fd = f.as_raw_fd();
+        // SAFETY: the closure runs in the forked child before exec and only calls
+        // write(2), which is async-signal-safe, on an fd that stays open until spawn
+        // returns (`procs` outlives it).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::write(fd, b"0".as_ptr().cast(), 1) == 1 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            });
+        }
+    }
+    let spawned = cmd.spawn();
+    drop(procs);
+    let mut child = match spawned {
         Ok(c) => c,
         Err(e) => {
             let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -267,6 +302,7 @@ mod tests {
             boot: 1,
             started: Instant::now(),
             on_shutdown: || {},
+            audit_cgroup: None,
         }
     }
 
@@ -323,6 +359,68 @@ mod tests {
                 ..ExecRequest::default()
             }),
         }
+    }
+
+    #[test]
+    fn commands_start_inside_the_audit_cgroup_or_not_at_all() {
+        let d = tempfile::tempdir().expect("tmp");
+        // A cgroup that does not exist: the command must not run unaudited.
+        let svc: &'static Service = Box::leak(Box::new(Service {
+            audit_cgroup: Some(d.path().join("no-such-cgroup")),
+            ..service(d.path())
+        }));
+        let frames = call(svc, &exec_req(&["touch", "ran"], false, None), &[]);
+        match last_reply(&frames) {
+            Reply::Error { message } => assert!(message.contains("audit cgroup"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(!d.path().join("ran").exists());
+        // A real cgroup v2: a fresh mount of the unified hierarchy (needs root).
+        let mnt = tempfile::tempdir().expect("tmp");
+        if crate::sys::mount(
+            "cgroup2",
+            mnt.path().to_str().unwrap_or(""),
+            Some("cgroup2"),
+            0,
+            None,
+        )
+        .is_err()
+        {
+            eprintln!("SKIP the real-cgroup half: cannot mount cgroup2 (needs root)");
+            return;
+        }
+        let cg = mnt
+            .path()
+            .join(format!("clawos-agent-test-{}", std::process::id()));
+        std::fs::create_dir(&cg).expect("create a cgroup");
+        let svc: &'static Service = Box::leak(Box::new(Service {
+            audit_cgroup: Some(cg.clone()),
+            ..service(d.path())
+        }));
+        let frames = call(
+            svc,
+            &exec_req(&["cat", "/proc/self/cgroup"], false, None),
+            &[],
+        );
+        let out: Vec<u8> = frames
+            .iter()
+            .filter(|f| f.0 == Kind::Stdout)
+            .flat_map(|f| f.1.clone())
+            .collect();
+        let _ = std::fs::remove_dir(&cg);
+        let _ = crate::sys::umount(mnt.path().to_str().unwrap_or(""), 0);
+        assert!(
+            matches!(last_reply(&frames), Reply::Exit { code: Some(0), .. }),
+            "{:?}",
+            last_reply(&frames)
+        );
+        // The unified hierarchy's line (a hybrid host lists v1 controllers too).
+        let want = format!(
+            "0::/{}",
+            cg.file_name().and_then(|n| n.to_str()).unwrap_or("")
+        );
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.lines().any(|l| l == want), "{text}");
     }
 
     #[test]

@@ -19,6 +19,17 @@ pub mod marker {
     pub const POWEROFF: &str = "CLAWOS_POWEROFF";
 }
 
+/// Cgroup (v2) of every command the guest agent starts: `clawos-init` creates it,
+/// `clawos-audit` watches it (children included).
+pub const AGENT_CGROUP: &str = "/sys/fs/cgroup/agent";
+
+/// The guest's syscall audit binary, started by the agent.
+pub const AUDIT_BIN: &str = "/sbin/clawos-audit";
+
+/// The line `clawos-audit` prints on stdout once its probe is attached and watching
+/// [`AGENT_CGROUP`]; the agent waits for it before it serves commands.
+pub const AUDIT_READY: &str = "clawos-audit: ready";
+
 /// Virtio block serial numbers the launcher gives each disk.
 pub mod disk {
     /// The read-only erofs rootfs with its verity tree.

@@ -21,6 +21,9 @@ use serde::{Deserialize, Serialize};
 
 /// Guest port of the control service.
 pub const CONTROL_PORT: u32 = 1024;
+/// Host port the guest's `clawos-audit` streams syscall records to; vm-launcher
+/// relays `<vsock>_2084` to monitor-daemon.
+pub const AUDIT_PORT: u32 = 2084;
 /// Port of the LLM relay: guest `127.0.0.1:11435` → host port 11435 → inference proxy.
 pub const PROXY_PORT: u32 = 11435;
 /// Port of the agent gateway (OpenClaw's default), host → guest.

@@ -30,7 +30,7 @@ pub struct BuildOptions {
     pub kernel: KernelSource,
     /// Download cache for kernel packages.
     pub cache_dir: PathBuf,
-    /// Directory holding the static guest binaries `clawos-init` and `clawos-agent`.
+    /// Directory holding the static guest binaries ([`GUEST_BINS`]).
     pub guest_bin_dir: PathBuf,
     /// Extra files merged over the default rootfs tree.
     pub rootfs_overlay: Option<PathBuf>,
@@ -56,6 +56,10 @@ pub const DEFAULT_BUSYBOX: &str = "/bin/busybox";
 pub const INIT_BIN: &str = "clawos-init";
 /// The guest agent started by init.
 pub const AGENT_BIN: &str = "clawos-agent";
+/// The guest's syscall audit, started by the agent (crate `clawos-guest-audit`).
+pub const AUDIT_BIN: &str = "clawos-audit";
+/// Every static binary an image build takes from the guest binary directory.
+pub const GUEST_BINS: [&str; 3] = [INIT_BIN, AGENT_BIN, AUDIT_BIN];
 
 const PT_INTERP: u32 = 3;
 
@@ -97,7 +101,7 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), BuildError> {
 }
 
 /// The default rootfs: the guest agent and the few files a static binary expects.
-fn populate_rootfs(tree: &Path, agent: &[u8]) -> Result<(), BuildError> {
+fn populate_rootfs(tree: &Path, agent: &[u8], audit: &[u8]) -> Result<(), BuildError> {
     for d in [
         "dev",
         "proc",
@@ -113,6 +117,7 @@ fn populate_rootfs(tree: &Path, agent: &[u8]) -> Result<(), BuildError> {
         fs::create_dir_all(&p).map_err(|e| BuildError::io(&p, e))?;
     }
     write_file(&tree.join("sbin").join(AGENT_BIN), agent, 0o755)?;
+    write_file(&tree.join("sbin").join(AUDIT_BIN), audit, 0o755)?;
     // glibc's static name lookup reads these.
     write_file(
         &tree.join("etc/hosts"),
@@ -442,6 +447,7 @@ fn build_into(
     let epoch = opts.source_date_epoch.unwrap_or(0);
     let init = check_static(&opts.guest_bin_dir.join(INIT_BIN))?;
     let agent = check_static(&opts.guest_bin_dir.join(AGENT_BIN))?;
+    let audit = check_static(&opts.guest_bin_dir.join(AUDIT_BIN))?;
 
     let tree: KernelTree = match &opts.kernel {
         KernelSource::Dir(dir) => {
@@ -460,7 +466,7 @@ fn build_into(
 
     progress("rootfs: assembling tree");
     let rootfs_tree = out.join("rootfs.tree");
-    populate_rootfs(&rootfs_tree, &agent)?;
+    populate_rootfs(&rootfs_tree, &agent, &audit)?;
     if let Some(bb) = &opts.busybox {
         let n = install_busybox(&rootfs_tree, bb)?;
         progress(&format!("rootfs: busybox with {n} applets"));

@@ -65,6 +65,11 @@ pub fn encode(e: &AuditEvent) -> String {
             "events dropped by the SIEM forwarder".into(),
             5,
         ),
+        Kind::GuestDrops => (
+            "guest-drops".into(),
+            "events recorded in a VM that never reached the host".into(),
+            5,
+        ),
     };
     let mut ext: Vec<(&str, String)> = vec![
         ("externalId", e.seq.to_string()),
@@ -102,6 +107,14 @@ pub fn encode(e: &AuditEvent) -> String {
     opt("cs4Label", e.rule.as_ref().map(|_| "rule".into()));
     opt("cs4", e.rule.clone());
     opt("cnt", e.dropped.map(|d| d.to_string()));
+    opt(
+        "cs5Label",
+        e.guest_boot.as_ref().map(|_| "guestBoot".into()),
+    );
+    opt("cs5", e.guest_boot.clone());
+    opt("cs6Label", e.guest_seq.map(|_| "guestSeq".into()));
+    opt("cs6", e.guest_seq.map(|s| s.to_string()));
+    opt("msg", e.detail.clone());
     let ext: Vec<String> = ext
         .into_iter()
         .map(|(k, v)| format!("{k}={}", escape_value(&v)))
@@ -119,9 +132,9 @@ pub fn encode(e: &AuditEvent) -> String {
 /// at a character boundary that does not split an escape sequence.
 pub fn syslog_message(e: &AuditEvent, cef: &str, cap: usize) -> String {
     let severity = match e.kind {
-        Kind::Alert => 2,                      // critical
-        Kind::Drops | Kind::ForwardDrops => 4, // warning
-        Kind::Syscall => 6,                    // informational
+        Kind::Alert => 2,                                         // critical
+        Kind::Drops | Kind::ForwardDrops | Kind::GuestDrops => 4, // warning
+        Kind::Syscall => 6,                                       // informational
     };
     let pri = u16::from(FACILITY) * 8 + severity;
     let host = if e.host.is_empty() { "-" } else { &e.host };

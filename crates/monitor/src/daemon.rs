@@ -30,6 +30,7 @@ pub use clawos_monitor_api::WatchRequest;
 
 use crate::event::{AuditEvent, Clock, Kind, RawEvent, c_str, syscall_name};
 use crate::forward::{self, ForwardConfig, ForwardStats, Target};
+use crate::ingest::{GuestBody, GuestMessage, GuestStreams, Verdict};
 use crate::probe::{self, Maps};
 use crate::rules::Rules;
 
@@ -86,6 +87,12 @@ pub struct Metrics {
     pub events: AtomicU64,
     pub alerts: AtomicU64,
     pub kernel_drops: AtomicU64,
+    /// Syscall events recorded inside VMs.
+    pub guest_events: AtomicU64,
+    /// Guest events that never arrived (guest ring, queue or connection).
+    pub guest_lost: AtomicU64,
+    /// Re-sent guest events skipped.
+    pub guest_resent: AtomicU64,
 }
 
 /// A watch and the tag its events carry.
@@ -274,6 +281,21 @@ impl Monitor {
                 "Events lost because the ring buffer was full.",
                 self.metrics.kernel_drops.load(Ordering::Relaxed),
             ),
+            (
+                "clawos_monitor_guest_events_total",
+                "Syscall events recorded inside VMs and received from their guests.",
+                self.metrics.guest_events.load(Ordering::Relaxed),
+            ),
+            (
+                "clawos_monitor_guest_lost_total",
+                "Guest events that never reached the host (reported as guest_drops).",
+                self.metrics.guest_lost.load(Ordering::Relaxed),
+            ),
+            (
+                "clawos_monitor_guest_resent_total",
+                "Guest events sent again after a reconnect and skipped.",
+                self.metrics.guest_resent.load(Ordering::Relaxed),
+            ),
         ];
         let (mut sent, mut dropped, mut backlog) = (0, 0, 0);
         for (_, s) in &self.forwarders {
@@ -300,18 +322,54 @@ impl Monitor {
     }
 }
 
-/// The last sequence number in an existing trail (0 if none).
-fn last_seq(path: &Path) -> u64 {
+/// Cuts a last line the previous run did not finish (it was killed mid-write), so the
+/// next line does not run into it. Nothing in it was acknowledged to a guest, which
+/// sends it again.
+fn drop_torn_tail(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    else {
+        return Ok(());
+    };
+    let len = f.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            end = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end < len {
+        tracing::warn!(path = %path.display(), bytes = len - end, "cutting an unfinished last line");
+        f.set_len(end)?;
+    }
+    Ok(())
+}
+
+/// The last sequence number in an existing trail (0 if none), and where each VM's
+/// guest stream stood.
+fn replay_trail(path: &Path) -> (u64, GuestStreams) {
+    let mut guests = GuestStreams::default();
     let Ok(f) = std::fs::File::open(path) else {
-        return 0;
+        return (0, guests);
     };
     let mut last = 0;
     for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
         if let Ok(e) = serde_json::from_str::<AuditEvent>(&line) {
             last = e.seq;
+            guests.replay(&e);
         }
     }
-    last
+    (last, guests)
 }
 
 /// Turns kernel records into JSONL lines.
@@ -323,6 +381,9 @@ struct Recorder {
     rules: Rules,
     labels: Labels,
     reported_drops: u64,
+    guests: GuestStreams,
+    /// Guest events written since the last flush: acknowledged after it.
+    pending_acks: Vec<(Arc<AtomicU64>, u64)>,
 }
 
 impl Recorder {
@@ -338,6 +399,7 @@ impl Recorder {
         AuditEvent::new(self.seq, ts, &self.host, kind)
     }
 
+    /// A record of the host's probe, labelled by its watch tag.
     fn record(&mut self, raw: &RawEvent, metrics: &Metrics) {
         let (agent, vm) = self
             .labels
@@ -347,10 +409,62 @@ impl Recorder {
             .cloned()
             .unwrap_or_default();
         let ts = self.clock.format(raw.ts_ns);
-        let name = syscall_name(raw.nr);
-        let mut e = self.next(Kind::Syscall, ts.clone());
-        e.agent = Some(agent.clone()).filter(|a| !a.is_empty());
+        let mut e = self.next(Kind::Syscall, ts);
+        e.agent = Some(agent).filter(|a| !a.is_empty());
         e.vm = vm;
+        self.write_syscall(e, raw, metrics);
+    }
+
+    /// A message of a guest stream: its events go in once each, in order; what never
+    /// arrived is reported.
+    fn record_guest(&mut self, m: GuestMessage, metrics: &Metrics) {
+        let verdict = self.guests.judge(&m);
+        let lost = |r: &mut Self, n: u64, total: Option<u64>, detail: &str| {
+            let mut e = r.next(Kind::GuestDrops, Clock::now());
+            e.agent = Some(m.agent.clone());
+            e.vm = Some(m.vm.clone());
+            e.guest_boot = Some(m.boot_id.clone());
+            e.dropped = Some(n);
+            e.dropped_total = total;
+            e.detail = Some(detail.into());
+            r.write(&e);
+            metrics.guest_lost.fetch_add(n, Ordering::Relaxed);
+        };
+        if let GuestBody::Event { seq, .. } = &m.body {
+            self.pending_acks.push((Arc::clone(&m.ack), *seq));
+        }
+        match (verdict, &m.body) {
+            (Verdict::Duplicate, _) => {
+                metrics.guest_resent.fetch_add(1, Ordering::Relaxed);
+            }
+            (Verdict::Record { lost: n }, GuestBody::Event { seq, raw }) => {
+                if n > 0 {
+                    lost(
+                        self,
+                        n,
+                        None,
+                        "guest queue full or connection lost while the host was away",
+                    );
+                }
+                let ts = Clock::with_offset(m.clock_offset_ns).format(raw.ts_ns);
+                let mut e = self.next(Kind::Syscall, ts);
+                e.agent = Some(m.agent.clone());
+                e.vm = Some(m.vm.clone());
+                e.guest_boot = Some(m.boot_id.clone());
+                e.guest_seq = Some(*seq);
+                self.write_syscall(e, raw, metrics);
+                metrics.guest_events.fetch_add(1, Ordering::Relaxed);
+            }
+            (Verdict::KernelDrops { new, total }, _) => {
+                lost(self, new, Some(total), "guest ring buffer full");
+            }
+            _ => {}
+        }
+    }
+
+    /// Fills in a syscall event from its record, writes it and any alert it raises.
+    fn write_syscall(&mut self, mut e: AuditEvent, raw: &RawEvent, metrics: &Metrics) {
+        let name = syscall_name(raw.nr);
         e.pid = Some(raw.tgid);
         e.tid = Some(raw.tid);
         e.comm = Some(c_str(&raw.comm));
@@ -410,20 +524,23 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Route
             "syslog target {t} needs --syslog-ca (the CA that signed the SIEM's certificate)"
         )));
     }
-    let dir = cfg.jsonl.parent().unwrap_or(Path::new("."));
-    {
+    // The daemon's own files (token, guest socket, watch list, forwarder offsets) live
+    // in <state>/monitor, where vm-launcher finds the token and the guest socket; the
+    // trail may be elsewhere.
+    let dir = &cfg.state_dir.join("monitor");
+    for d in [dir.as_path(), cfg.jsonl.parent().unwrap_or(Path::new("."))] {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
-            .create(dir)
+            .create(d)
             .map_err(|source| DaemonError::Io {
-                path: dir.to_owned(),
+                path: d.to_owned(),
                 source,
             })?;
     }
-    let token =
-        clawos_service::operator_token(&dir.join("admin.token")).map_err(DaemonError::Config)?;
+    let token = clawos_service::operator_token(&clawos_monitor_api::token_path(&cfg.state_dir))
+        .map_err(DaemonError::Config)?;
     let out = {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
@@ -436,15 +553,30 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Route
                 source,
             })?
     };
+    let guest_socket = clawos_monitor_api::guest_socket_path(&cfg.state_dir);
+    let guest_listener = crate::ingest::bind(&guest_socket).map_err(|source| DaemonError::Io {
+        path: guest_socket.clone(),
+        source,
+    })?;
+    // Bounded: a recorder that falls behind slows the guests' streams (their queues
+    // wait) instead of growing memory here.
+    let (guest_tx, guest_rx) = std::sync::mpsc::sync_channel::<GuestMessage>(1 << 16);
     let labels: Labels = Arc::default();
     let (report_tx, report_rx) = std::sync::mpsc::channel::<u64>();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     // The recorder thread creates the maps the Monitor holds, so it starts first and
     // finds the Monitor (for metrics and drop counts) here once it is built.
     let monitor_slot: Arc<Mutex<Option<Arc<Monitor>>>> = Arc::default();
+    drop_torn_tail(&cfg.jsonl).map_err(|source| DaemonError::Io {
+        path: cfg.jsonl.clone(),
+        source,
+    })?;
+    let (seq, guests) = replay_trail(&cfg.jsonl);
     let recorder = Recorder {
         out: BufWriter::with_capacity(1 << 20, out),
-        seq: last_seq(&cfg.jsonl),
+        seq,
+        guests,
+        pending_acks: Vec::new(),
         host: cfg.host.clone(),
         clock: Clock::new(),
         rules: cfg.rules.clone(),
@@ -478,8 +610,15 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Route
                         while let Ok(n) = report_rx.try_recv() {
                             r.drops(n, Kind::ForwardDrops, &m.metrics);
                         }
+                        while let Ok(g) = guest_rx.try_recv() {
+                            r.record_guest(g, &m.metrics);
+                        }
                     }
-                    let _ = r.out.flush();
+                    if r.out.flush().is_ok() {
+                        for (ack, seq) in r.pending_acks.drain(..) {
+                            ack.fetch_max(seq, Ordering::Release);
+                        }
+                    }
                 },
                 &stop2,
             );
@@ -536,6 +675,15 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Route
         token,
     });
     *monitor_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&monitor));
+    let token = monitor.token.clone();
+    std::thread::Builder::new()
+        .name("guest-streams".into())
+        .spawn(move || crate::ingest::serve(guest_listener, token, guest_tx))
+        .map_err(|source| DaemonError::Io {
+            path: "guest stream thread".into(),
+            source,
+        })?;
+    tracing::info!(socket = %guest_socket.display(), "taking guest audit streams");
     monitor.restore_watches();
     for w in &cfg.watches {
         monitor.watch(w.clone()).map_err(DaemonError::Config)?;
@@ -724,6 +872,23 @@ pub fn rules_from(path: Option<&Path>) -> Result<Rules, DaemonError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unfinished_last_line_is_cut() {
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("audit.jsonl");
+        for (before, after) in [
+            ("{\"a\":1}\n{\"b\":", "{\"a\":1}\n"),
+            ("{\"a\":1}\n", "{\"a\":1}\n"),
+            ("{\"torn", ""),
+            ("", ""),
+        ] {
+            std::fs::write(&p, before).expect("write");
+            drop_torn_tail(&p).expect("repair");
+            assert_eq!(std::fs::read_to_string(&p).expect("read"), after);
+        }
+        drop_torn_tail(&d.path().join("missing")).expect("no file is fine");
+    }
 
     #[test]
     fn watch_specs_parse_and_validate() {

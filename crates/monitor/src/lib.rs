@@ -1,19 +1,23 @@
 //! monitor-daemon: records the system calls of agent VMs' processes with eBPF, writes a
 //! JSONL audit trail, and forwards it as CEF over syslog to a SIEM.
 //!
-//! - [`probe`]: the eBPF program (raw BTF tracepoints on `sys_exit`, fork and exit),
-//!   filtering in the kernel by watched process or cgroup, one ring buffer, drop count.
+//! - [`probe`] (from `clawos-syscall-probe`, shared with the guest's `clawos-audit`):
+//!   the eBPF program (raw BTF tracepoints on `sys_exit`, fork and exit), filtering in
+//!   the kernel by watched process or cgroup, one ring buffer, drop count.
 //! - [`event`]: the kernel's record and the JSONL event.
 //! - [`rules`]: per-agent deny/allow lists turning syscalls into alerts.
 //! - [`cef`]: CEF encoding (and parsing, for tests and tools) and RFC 5424 framing.
 //! - [`forward`]: the syslog forwarder, which tails the JSONL file from a persisted
 //!   offset, so the file is its spool: nothing is lost while the SIEM is away, and a
 //!   bounded backlog turns into counted, reported drops.
+//! - [`ingest`]: the audit streams of the VMs' guests (`clawos-audit` inside each VM,
+//!   over vsock, relayed by vm-launcher): checked, de-duplicated, gaps reported.
 //! - [`daemon`]: configuration, the recorder thread and the HTTP API.
 
 pub mod cef;
 pub mod daemon;
 pub mod event;
 pub mod forward;
-pub mod probe;
+pub mod ingest;
+pub use clawos_syscall_probe::probe;
 pub mod rules;

@@ -106,6 +106,57 @@ fn url_authority(url: &str) -> Option<String> {
     ))
 }
 
+/// Relays the guest's syscall audit stream (its `clawos-audit` connects to host vsock
+/// port 2084, which arrives on `<vsock>_2084` here) to monitor-daemon's guest socket.
+/// The header line names the VM: the guest cannot choose where its events are filed.
+/// A monitor that is down ends the guest's connection; the guest queues and retries.
+async fn audit_relay(dir: PathBuf, vm: String, state_dir: PathBuf) {
+    use tokio::io::AsyncWriteExt;
+    let name = format!("{VSOCK_SOCKET}_{}", clawos_guest::protocol::AUDIT_PORT);
+    let listener = match crate::backend::bind_in_dir(&dir, &name) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(vm = %vm, dir = %dir.display(), error = %e, "guest audit relay not available");
+            return;
+        }
+    };
+    let socket = clawos_monitor_api::guest_socket_path(&state_dir);
+    let token_path = clawos_monitor_api::token_path(&state_dir);
+    loop {
+        let Ok((mut guest, _)) = listener.accept().await else {
+            continue;
+        };
+        let (vm, socket, token_path) = (vm.clone(), socket.clone(), token_path.clone());
+        tokio::spawn(async move {
+            let token = match tokio::fs::read_to_string(&token_path).await {
+                Ok(t) => t.trim().to_owned(),
+                Err(e) => {
+                    tracing::warn!(vm = %vm, path = %token_path.display(), error = %e, "no monitor-daemon token; guest audit stream waits");
+                    return;
+                }
+            };
+            let mut monitor = match tokio::net::UnixStream::connect(&socket).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!(vm = %vm, socket = %socket.display(), error = %e, "monitor-daemon not taking guest streams; the guest queues");
+                    return;
+                }
+            };
+            let header = clawos_monitor_api::GuestStreamHeader {
+                token,
+                agent: vm.clone(),
+                vm: vm.clone(),
+            };
+            let mut line = serde_json::to_vec(&header).unwrap_or_default();
+            line.push(b'\n');
+            // Both ways: records to the monitor, its acknowledgements back.
+            if monitor.write_all(&line).await.is_ok() {
+                let _ = tokio::io::copy_bidirectional(&mut guest, &mut monitor).await;
+            }
+        });
+    }
+}
+
 /// Relays guest connections to the inference proxy: the guest agent forwards its
 /// `127.0.0.1:11435` to host vsock port 11435, which arrives on `<vsock>_11435` here.
 async fn proxy_relay(dir: PathBuf, target: String) {
@@ -896,15 +947,34 @@ impl Launcher {
         });
     }
 
+    /// Starts the VM's host-side relays: LLM traffic to the inference proxy, and (with
+    /// a monitor configured) the guest's audit stream to monitor-daemon.
     fn start_relay(&self, name: &str) {
-        let Some(target) = url_authority(&self.cfg.inference_proxy_url) else {
-            return;
-        };
         let sockets = self
             .record(name)
             .and_then(|r| r.socket_dir)
             .unwrap_or_else(|| self.dir(name).root);
-        let task = tokio::spawn(proxy_relay(sockets, target));
+        let proxy = url_authority(&self.cfg.inference_proxy_url)
+            .map(|target| proxy_relay(sockets.clone(), target));
+        let audit = self
+            .cfg
+            .monitor_url
+            .is_some()
+            .then(|| audit_relay(sockets, name.to_owned(), self.cfg.state_dir.clone()));
+        let task = tokio::spawn(async move {
+            tokio::join!(
+                async {
+                    if let Some(p) = proxy {
+                        p.await;
+                    }
+                },
+                async {
+                    if let Some(a) = audit {
+                        a.await;
+                    }
+                }
+            );
+        });
         if let Some(old) = self.lock().relays.insert(name.to_owned(), task) {
             old.abort();
         }
@@ -920,10 +990,12 @@ impl Launcher {
             h.signal(libc::SIGTERM);
         }
         let dir = self.dir(name);
-        let _ = std::fs::remove_file(dir.root.join(format!(
-            "{VSOCK_SOCKET}_{}",
-            clawos_guest::protocol::PROXY_PORT
-        )));
+        for port in [
+            clawos_guest::protocol::PROXY_PORT,
+            clawos_guest::protocol::AUDIT_PORT,
+        ] {
+            let _ = std::fs::remove_file(dir.root.join(format!("{VSOCK_SOCKET}_{port}")));
+        }
         self.backend.cleanup(&dir);
     }
 

@@ -13,13 +13,14 @@ use std::fs;
 use std::io::{self, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use clawos_guest::agent::Service;
 use clawos_guest::protocol::{CONTROL_PORT, GATEWAY_PORT, PROXY_PORT};
 use clawos_guest::workspace::{WORKSPACE, Workspace};
-use clawos_guest::{marker, sys};
+use clawos_guest::{AGENT_CGROUP, AUDIT_BIN, AUDIT_READY, marker, sys};
 
 /// Where init leaves the control secret (tmpfs, 0600, never in the workspace).
 const SECRET_PATH: &str = "/run/clawos/control.secret";
@@ -99,8 +100,75 @@ fn gateway_relay() {
     }
 }
 
+/// Runs `clawos-audit` for the life of the VM, restarting it if it ends. Returns once
+/// the first instance reported that it is attached (or failed, or took too long):
+/// whether commands can be audited.
+fn start_audit() -> bool {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<bool>();
+    std::thread::spawn(move || {
+        let mut ready_tx = Some(ready_tx);
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let child = Command::new(AUDIT_BIN)
+                .stdout(Stdio::piped())
+                .stdin(Stdio::null())
+                .spawn();
+            let mut child = match child {
+                Ok(c) => c,
+                Err(e) => {
+                    log(&format!(
+                        "cannot start {AUDIT_BIN}: {e}; commands run unaudited"
+                    ));
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(false);
+                    }
+                    return;
+                }
+            };
+            let started = Instant::now();
+            if let Some(out) = child.stdout.take() {
+                let tx = ready_tx.take();
+                std::thread::spawn(move || {
+                    let mut tx = tx;
+                    for line in io::BufRead::lines(io::BufReader::new(out)).map_while(Result::ok) {
+                        if line.starts_with(AUDIT_READY)
+                            && let Some(tx) = tx.take()
+                        {
+                            let _ = tx.send(true);
+                        }
+                        log(&line);
+                    }
+                });
+            }
+            let status = child.wait();
+            log(&format!("{AUDIT_BIN} ended ({status:?}); restarting"));
+            if let Some(tx) = ready_tx.take() {
+                let _ = tx.send(false);
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                backoff = Duration::from_secs(1);
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| {
+            log("clawos-audit did not report ready within 30 s");
+            false
+        })
+}
+
 fn main() {
     let boot = record_boot();
+    let t = Instant::now();
+    let audited = start_audit() && Path::new(AGENT_CGROUP).is_dir();
+    log(&format!(
+        "syscall audit {} ({} ms)",
+        if audited { "on" } else { "OFF" },
+        t.elapsed().as_millis()
+    ));
     let secret = fs::read_to_string(SECRET_PATH)
         .unwrap_or_default()
         .trim()
@@ -121,6 +189,7 @@ fn main() {
         on_shutdown: || unsafe {
             libc::kill(1, libc::SIGTERM);
         },
+        audit_cgroup: audited.then(|| AGENT_CGROUP.into()),
     });
     std::thread::spawn(llm_relay);
     std::thread::spawn(gateway_relay);

@@ -242,6 +242,20 @@ fn power_buttons() -> Vec<fs::File> {
     out
 }
 
+/// Mounts cgroup v2 and creates the cgroup the guest agent starts every command in
+/// (what `clawos-audit` watches). Without it the guest runs unaudited, which the
+/// agent reports.
+fn mount_cgroups() {
+    let root = "/sys/fs/cgroup";
+    let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    if let Err(e) = sys::mount("cgroup2", root, Some("cgroup2"), flags, None) {
+        return log(&format!("{e}"));
+    }
+    if let Err(e) = fs::create_dir(clawos_guest::AGENT_CGROUP) {
+        log(&format!("create {}: {e}", clawos_guest::AGENT_CGROUP));
+    }
+}
+
 fn spawn_agent() -> Option<u32> {
     match Command::new(AGENT).current_dir("/workspace").spawn() {
         Ok(c) => Some(c.id()),
@@ -371,6 +385,7 @@ fn main() {
     let name = mount_root();
     switch_root();
     let _ = sys::sethostname(&name);
+    mount_cgroups();
     if let Err(e) = sys::loopback_up() {
         log(&format!("{e}"));
     }

@@ -32,6 +32,10 @@ pub enum Kind {
     Drops,
     /// Events the SIEM forwarder had to skip (its spool was full).
     ForwardDrops,
+    /// Events recorded inside a VM that never reached the host: its ring buffer was
+    /// full, or its queue overflowed or a connection broke while the host was away
+    /// (`detail` says which).
+    GuestDrops,
 }
 
 /// One JSONL line.
@@ -76,6 +80,15 @@ pub struct AuditEvent {
     pub dropped: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dropped_total: Option<u64>,
+    /// Events recorded inside a VM (by its `clawos-audit`): the guest's boot id, and
+    /// the guest's own sequence number of the event in that boot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_boot: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_seq: Option<u64>,
+    /// Guest drops: where they were lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl AuditEvent {
@@ -100,6 +113,9 @@ impl AuditEvent {
             severity: None,
             dropped: None,
             dropped_total: None,
+            guest_boot: None,
+            guest_seq: None,
+            detail: None,
         }
     }
 }
@@ -163,18 +179,9 @@ impl WatchRequest {
         if self.pid.is_some() == self.cgroup.is_some() {
             return Err("a watch names exactly one of pid or cgroup".into());
         }
-        for (what, v) in [("agent", Some(&self.agent)), ("vm", self.vm.as_ref())] {
-            if let Some(v) = v
-                && (v.is_empty()
-                    || v.len() > 63
-                    || !v
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'))
-            {
-                return Err(format!(
-                    "invalid {what} {v:?}: 1-63 characters of A-Z a-z 0-9 - _ ."
-                ));
-            }
+        check_label("agent", &self.agent)?;
+        if let Some(vm) = &self.vm {
+            check_label("vm", vm)?;
         }
         if let Some(c) = &self.cgroup
             && (!c.is_absolute() || !c.starts_with("/sys/fs/cgroup"))
@@ -185,6 +192,29 @@ impl WatchRequest {
             ));
         }
         Ok(())
+    }
+}
+
+/// An agent or VM label: 1-63 characters of `A-Z a-z 0-9 - _ .`.
+pub fn check_label(what: &str, v: &str) -> Result<(), String> {
+    let ok = !v.is_empty()
+        && v.len() <= 63
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid {what} {v:?}: 1-63 characters of A-Z a-z 0-9 - _ ."
+        ))
+    }
+}
+
+impl GuestStreamHeader {
+    /// Label-safe agent and VM names.
+    pub fn check(&self) -> Result<(), String> {
+        check_label("agent", &self.agent)?;
+        check_label("vm", &self.vm)
     }
 }
 
@@ -290,4 +320,23 @@ impl MonitorClient {
 /// Where a state directory keeps the daemon's operator token.
 pub fn token_path(state_dir: &std::path::Path) -> PathBuf {
     state_dir.join("monitor/admin.token")
+}
+
+/// The Unix socket (0600) where the daemon takes the audit streams of VMs' guests,
+/// relayed by vm-launcher from each VM's vsock port
+/// 2084 (`clawos_syscall_probe::stream::AUDIT_PORT`). A relay first sends one
+/// [`GuestStreamHeader`] line, then the guest's bytes unchanged.
+pub fn guest_socket_path(state_dir: &std::path::Path) -> PathBuf {
+    state_dir.join("monitor/guest.sock")
+}
+
+/// The first line (JSON, then `\n`) of a relayed guest audit stream. The relay, not
+/// the guest, names the VM: nothing the guest sends decides where its events are filed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestStreamHeader {
+    /// The operator token (`<state>/monitor/admin.token`).
+    pub token: String,
+    pub agent: String,
+    pub vm: String,
 }

@@ -34,7 +34,7 @@ struct task_struct {
 #define PATH_LEN 96
 #define COMM_LEN 16
 
-// One event; mirrored by `RawEvent` in src/event.rs (keep them in step). Syscalls
+// One event; mirrored by `RawEvent` in src/record.rs (keep them in step). Syscalls
 // without a path argument get only the head (96 bytes instead of 192): less memory
 // traffic per event.
 struct event_head {
