@@ -33,6 +33,7 @@ use crate::forward::{self, ForwardConfig, ForwardStats, Target};
 use crate::ingest::{GuestBody, GuestMessage, GuestStreams, Verdict};
 use crate::probe::{self, Maps};
 use crate::rules::Rules;
+use crate::trail;
 
 /// Default HTTP address (loopback only).
 pub const DEFAULT_ADDR: &str = "127.0.0.1:2084";
@@ -55,6 +56,10 @@ pub struct Config {
     pub spool_max_bytes: u64,
     pub max_message: usize,
     pub rules: Rules,
+    /// Rotate the trail when the live file reaches this many bytes (0: never).
+    pub rotate_bytes: u64,
+    /// Closed segments kept (older ones go, unless a SIEM forwarder still reads them).
+    pub rotate_keep: usize,
 }
 
 /// Errors that stop the daemon.
@@ -357,16 +362,22 @@ fn drop_torn_tail(path: &Path) -> std::io::Result<()> {
 
 /// The last sequence number in an existing trail (0 if none), and where each VM's
 /// guest stream stood.
+///
+/// It reads the newest closed segment and the live file: right after a rotation the
+/// live file is empty, and the numbering must go on from the segment.
 fn replay_trail(path: &Path) -> (u64, GuestStreams) {
     let mut guests = GuestStreams::default();
-    let Ok(f) = std::fs::File::open(path) else {
-        return (0, guests);
-    };
     let mut last = 0;
-    for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
-        if let Ok(e) = serde_json::from_str::<AuditEvent>(&line) {
-            last = e.seq;
-            guests.replay(&e);
+    let newest_segment = trail::segments(path).pop().map(|(_, p)| p);
+    for p in newest_segment.iter().map(PathBuf::as_path).chain([path]) {
+        let Ok(f) = std::fs::File::open(p) else {
+            continue;
+        };
+        for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+            if let Ok(e) = serde_json::from_str::<AuditEvent>(&line) {
+                last = e.seq;
+                guests.replay(&e);
+            }
         }
     }
     (last, guests)
@@ -384,6 +395,20 @@ struct Recorder {
     guests: GuestStreams,
     /// Guest events written since the last flush: acknowledged after it.
     pending_acks: Vec<(Arc<AtomicU64>, u64)>,
+    jsonl: PathBuf,
+    live_bytes: u64,
+    rotate_bytes: u64,
+    rotate_keep: usize,
+}
+
+/// Opens (creates, 0600) the live trail file for appending.
+fn open_trail(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
 }
 
 impl Recorder {
@@ -391,6 +416,33 @@ impl Recorder {
         if let Ok(line) = serde_json::to_string(e) {
             let _ = self.out.write_all(line.as_bytes());
             let _ = self.out.write_all(b"\n");
+            self.live_bytes += line.len() as u64 + 1;
+        }
+    }
+
+    /// After a flush: rotates the live file once it is big enough, and prunes old
+    /// segments (sparing what `readers`, the forwarders' inodes, still need).
+    fn maybe_rotate(&mut self, readers: &[u64]) {
+        if self.rotate_bytes == 0 || self.live_bytes < self.rotate_bytes {
+            return;
+        }
+        let reopened = trail::rotate(&self.jsonl).and_then(|seg| {
+            let f = open_trail(&self.jsonl)?;
+            Ok((seg, f))
+        });
+        match reopened {
+            Ok((seg, f)) => {
+                self.out = BufWriter::with_capacity(1 << 20, f);
+                self.live_bytes = 0;
+                tracing::info!(segment = %seg.display(), "audit trail rotated");
+                for gone in trail::prune(&self.jsonl, self.rotate_keep, readers) {
+                    tracing::info!(segment = %gone.display(), "old audit segment removed");
+                }
+            }
+            Err(e) => {
+                // Keep appending to whatever file is open; try again after the next flush.
+                tracing::error!(error = %e, path = %self.jsonl.display(), "cannot rotate the audit trail");
+            }
         }
     }
 
@@ -541,18 +593,11 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Route
     }
     let token = clawos_service::operator_token(&clawos_monitor_api::token_path(&cfg.state_dir))
         .map_err(DaemonError::Config)?;
-    let out = {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .mode(0o600)
-            .open(&cfg.jsonl)
-            .map_err(|source| DaemonError::Io {
-                path: cfg.jsonl.clone(),
-                source,
-            })?
-    };
+    let out = open_trail(&cfg.jsonl).map_err(|source| DaemonError::Io {
+        path: cfg.jsonl.clone(),
+        source,
+    })?;
+    let live_bytes = out.metadata().map(|m| m.len()).unwrap_or(0);
     let guest_socket = clawos_monitor_api::guest_socket_path(&cfg.state_dir);
     let guest_listener = crate::ingest::bind(&guest_socket).map_err(|source| DaemonError::Io {
         path: guest_socket.clone(),
@@ -577,6 +622,10 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Route
         seq,
         guests,
         pending_acks: Vec::new(),
+        jsonl: cfg.jsonl.clone(),
+        live_bytes,
+        rotate_bytes: cfg.rotate_bytes,
+        rotate_keep: cfg.rotate_keep,
         host: cfg.host.clone(),
         clock: Clock::new(),
         rules: cfg.rules.clone(),
@@ -618,6 +667,12 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Route
                         for (ack, seq) in r.pending_acks.drain(..) {
                             ack.fetch_max(seq, Ordering::Release);
                         }
+                        let readers: Vec<u64> = m
+                            .iter()
+                            .flat_map(|m| m.forwarders.iter())
+                            .map(|(_, s)| s.reading_inode.load(Ordering::Relaxed))
+                            .collect();
+                        r.maybe_rotate(&readers);
                     }
                 },
                 &stop2,
@@ -813,10 +868,15 @@ async fn events(
     let limit = q.limit.unwrap_or(1000).min(10_000);
     let found = tokio::task::spawn_blocking(move || {
         let mut out = Vec::new();
-        let Ok(f) = std::fs::File::open(&path) else {
-            return out;
-        };
-        for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+        // The newest closed segment and the live file (older segments are for the
+        // SIEM and for the operator's tools).
+        let newest_segment = trail::segments(&path).pop().map(|(_, p)| p);
+        let lines = newest_segment
+            .iter()
+            .chain([&path])
+            .filter_map(|p| std::fs::File::open(p).ok())
+            .flat_map(|f| std::io::BufReader::new(f).lines().map_while(Result::ok));
+        for line in lines {
             let Ok(e) = serde_json::from_str::<AuditEvent>(&line) else {
                 continue;
             };

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::cef;
 use crate::event::AuditEvent;
+use crate::{cef, trail};
 
 /// How a syslog target is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +128,8 @@ pub struct ForwardStats {
     pub backlog_bytes: AtomicU64,
     pub connected: AtomicBool,
     pub connect_failures: AtomicU64,
+    /// Inode of the trail file it reads (rotation keeps segments it has not finished).
+    pub reading_inode: AtomicU64,
 }
 
 enum Conn {
@@ -212,54 +214,95 @@ impl Conn {
     }
 }
 
-fn read_offset(path: &std::path::Path) -> u64 {
-    std::fs::read_to_string(path)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
+/// The saved place: `inode offset` (a bare offset, from before rotation existed,
+/// means the live file).
+fn read_position(path: &std::path::Path) -> (u64, u64) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut it = text.split_whitespace().map(|v| v.parse::<u64>().ok());
+    match (it.next().flatten(), it.next().flatten()) {
+        (Some(inode), Some(offset)) => (inode, offset),
+        (Some(offset), None) => (0, offset),
+        _ => (0, 0),
+    }
 }
 
-fn save_offset(path: &std::path::Path, offset: u64) {
+fn save_position(path: &std::path::Path, inode: u64, offset: u64) {
     let tmp = path.with_extension("tmp");
-    if std::fs::write(&tmp, offset.to_string()).is_ok() {
+    if std::fs::write(&tmp, format!("{inode} {offset}")).is_ok() {
         let _ = std::fs::rename(&tmp, path);
     }
 }
 
 /// Runs a forwarder until `stop`. `report_drops(n)` records a `forward_drops` event.
+///
+/// It reads the trail's files in order (closed segments, then the live file), keeping
+/// its place as (inode, offset) so that a rotation does not move it.
 pub fn run(
     cfg: &ForwardConfig,
     stats: &Arc<ForwardStats>,
     report_drops: &dyn Fn(u64),
     stop: &AtomicBool,
 ) {
-    let mut offset = read_offset(&cfg.offset_file);
-    let mut saved = offset;
+    use std::os::unix::fs::MetadataExt;
+    let (mut inode, mut offset) = read_position(&cfg.offset_file);
+    let mut saved = (inode, offset);
     let mut last_save = Instant::now();
     let mut conn: Option<Conn> = None;
     let mut retry_at = Instant::now();
     let mut backoff = Duration::from_millis(100);
     while !stop.load(Ordering::Relaxed) {
-        let Ok(mut file) = std::fs::File::open(&cfg.jsonl) else {
+        let pieces = trail::pieces(&cfg.jsonl);
+        let Some(last) = pieces.len().checked_sub(1) else {
             std::thread::sleep(Duration::from_millis(50));
             continue;
         };
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let idx = match pieces.iter().position(|p| p.inode == inode) {
+            Some(i) => i,
+            None if inode == 0 => last,
+            None => {
+                tracing::warn!(target = %cfg.target, "the trail file being forwarded is gone; going on with the oldest one left");
+                offset = 0;
+                0
+            }
+        };
+        inode = pieces[idx].inode;
+        stats.reading_inode.store(inode, Ordering::Relaxed);
+        let Ok(mut file) = std::fs::File::open(&pieces[idx].path) else {
+            continue;
+        };
+        let Ok(meta) = file.metadata() else { continue };
+        if meta.ino() != inode {
+            // Rotated between the listing and the open: list again.
+            continue;
+        }
+        let len = meta.len();
         if offset > len {
-            // The file was replaced; start over on the new one.
             offset = 0;
         }
-        let mut backlog = len - offset;
+        let closed = pieces[idx].generation.is_some();
+        if closed && offset == len && idx < last {
+            // A closed segment is never written again: on to the next file.
+            inode = pieces[idx + 1].inode;
+            offset = 0;
+            continue;
+        }
+        let later: u64 = pieces[idx + 1..].iter().map(|p| p.len).sum();
+        let mut backlog = len - offset + later;
         if backlog > cfg.spool_max_bytes {
-            let skipped = skip_to_line(&mut file, offset, len - cfg.spool_max_bytes);
+            let excess = backlog - cfg.spool_max_bytes;
+            let skipped = skip_to_line(&mut file, offset, (offset + excess).min(len));
             if let Some((new_offset, lines)) = skipped {
                 offset = new_offset;
-                backlog = len - offset;
+                backlog = len - offset + later;
                 stats.dropped.fetch_add(lines, Ordering::Relaxed);
                 tracing::warn!(target = %cfg.target, lines, "SIEM spool full; oldest events dropped");
                 report_drops(lines);
+                if closed && offset == len {
+                    continue;
+                }
             }
         }
+        let remaining = len - offset;
         stats.backlog_bytes.store(backlog, Ordering::Relaxed);
         if backlog > 0 && conn.is_none() && Instant::now() >= retry_at {
             match Conn::open(&cfg.target, cfg.tls.as_ref()) {
@@ -279,10 +322,10 @@ pub fn run(
         }
         let mut progressed = false;
         if let Some(c) = conn.as_mut()
-            && backlog > 0
+            && remaining > 0
             && file.seek(SeekFrom::Start(offset)).is_ok()
         {
-            let mut reader = BufReader::new((&mut file).take(backlog.min(1 << 20)));
+            let mut reader = BufReader::new((&mut file).take(remaining.min(1 << 20)));
             let mut line = String::new();
             loop {
                 line.clear();
@@ -314,17 +357,19 @@ pub fn run(
                 }
             }
         }
-        if offset != saved && (last_save.elapsed() > Duration::from_millis(200) || !progressed) {
-            save_offset(&cfg.offset_file, offset);
-            saved = offset;
+        if (inode, offset) != saved
+            && (last_save.elapsed() > Duration::from_millis(200) || !progressed)
+        {
+            save_position(&cfg.offset_file, inode, offset);
+            saved = (inode, offset);
             last_save = Instant::now();
         }
         if !progressed {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    if offset != saved {
-        save_offset(&cfg.offset_file, offset);
+    if (inode, offset) != saved {
+        save_position(&cfg.offset_file, inode, offset);
     }
 }
 

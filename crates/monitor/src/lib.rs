@@ -21,3 +21,4 @@ pub mod forward;
 pub mod ingest;
 pub use clawos_syscall_probe::probe;
 pub mod rules;
+pub mod trail;

@@ -41,6 +41,14 @@ struct Args {
     /// Largest syslog message in bytes (rsyslog's default limit is 8096).
     #[arg(long, default_value_t = 8000)]
     max_message: usize,
+    /// Rotate the JSONL trail into `audit.jsonl.N` when it reaches this many bytes
+    /// (0: never).
+    #[arg(long, default_value_t = 256 << 20)]
+    rotate_bytes: u64,
+    /// Rotated segments to keep; older ones are removed once every SIEM forwarder is
+    /// past them.
+    #[arg(long, default_value_t = 8)]
+    rotate_keep: usize,
     /// Kernel ring buffer size in bytes (a power of two).
     #[arg(long, default_value_t = 4 << 20)]
     ring_bytes: u32,
@@ -84,6 +92,8 @@ async fn main() -> anyhow::Result<()> {
         spool_max_bytes: a.spool_max_bytes,
         max_message: a.max_message,
         rules: daemon::rules_from(a.rules.as_deref())?,
+        rotate_bytes: a.rotate_bytes,
+        rotate_keep: a.rotate_keep,
     };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

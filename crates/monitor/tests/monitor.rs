@@ -924,3 +924,124 @@ fn watches_survive_a_daemon_restart_and_those_of_ended_processes_do_not() {
         assert_eq!(pair[1].seq, pair[0].seq + 1);
     }
 }
+
+/// Every event in the trail: the rotated segments (oldest first), then the live file.
+fn whole_trail(jsonl: &Path) -> Vec<AuditEvent> {
+    let mut files: Vec<PathBuf> = clawos_monitor::trail::segments(jsonl)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    files.push(jsonl.to_owned());
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f).unwrap_or_default();
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        out.extend(
+            complete
+                .lines()
+                .map(|l| serde_json::from_str::<AuditEvent>(l).expect("JSONL line")),
+        );
+    }
+    out
+}
+
+#[test]
+fn the_trail_rotates_without_losing_the_siems_place_or_the_numbering() {
+    if cannot_trace() || no_rsyslog() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let siem = tempfile::tempdir().expect("tempdir");
+    let (tcp, udp) = (free_port(), free_port());
+    let mut rs = Rsyslog::start(siem.path(), tcp, udp);
+    let d = Daemon::start(
+        state.path(),
+        &[
+            "--syslog",
+            &format!("tcp://127.0.0.1:{tcp}"),
+            "--rotate-bytes",
+            "65536",
+            "--rotate-keep",
+            "2",
+        ],
+    );
+    // The SIEM is away while the trail rotates many times.
+    rs.stop();
+    let work = tempfile::tempdir().expect("tempdir");
+    // Bursts apart in time: the recorder rotates after a flush.
+    let mut pids = Vec::new();
+    for _ in 0..8 {
+        let mut w = Workload::spawn(400, work.path(), "rot");
+        d.watch(w.pid(), "agent-rot", "vm-rot");
+        w.go();
+        pids.push(w.pid());
+        w.finish();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_until(Duration::from_secs(20), "the workloads' events", || {
+        let trail = whole_trail(&d.jsonl);
+        pids.iter().all(|pid| {
+            trail
+                .iter()
+                .filter(|e| e.pid == Some(*pid) && e.syscall.as_deref() == Some("getppid"))
+                .count()
+                == 400
+        })
+    });
+    let segments = clawos_monitor::trail::segments(&d.jsonl);
+    assert!(
+        segments.len() > 2,
+        "segments the forwarder has not read are kept beyond --rotate-keep: {}",
+        segments.len()
+    );
+    let all = whole_trail(&d.jsonl);
+    for pair in all.windows(2) {
+        assert_eq!(pair[1].seq, pair[0].seq + 1, "numbering across segments");
+    }
+    assert_eq!(all[0].seq, 1);
+    let last = all.last().expect("events").seq;
+
+    // The SIEM comes back: it gets every event, across every segment, in order, once.
+    rs.resume(tcp);
+    wait_until(Duration::from_secs(60), "the backlog delivered", || {
+        rs.received("tcp")
+            .iter()
+            .any(|p| p.ext.get("externalId") == Some(&last.to_string()))
+    });
+    let seqs: Vec<u64> = rs
+        .received("tcp")
+        .iter()
+        .filter_map(|p| p.ext.get("externalId").and_then(|s| s.parse().ok()))
+        .collect();
+    assert_eq!(seqs.first(), Some(&1));
+    for pair in seqs.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "out of order, duplicated or a hole");
+    }
+    assert_eq!(d.metric("clawos_monitor_siem_dropped_total"), 0);
+
+    // Once the forwarder is past them, old segments go at the next rotation.
+    let mut w = Workload::spawn(600, work.path(), "rot2");
+    d.watch(w.pid(), "agent-rot", "vm-rot");
+    w.go();
+    w.finish();
+    wait_until(Duration::from_secs(30), "old segments pruned", || {
+        clawos_monitor::trail::segments(&d.jsonl).len() <= 2
+    });
+    // A restarted daemon numbers on from the last event, even right after a rotation.
+    let before = whole_trail(&d.jsonl).last().expect("events").seq;
+    drop(d);
+    let d = Daemon::start(state.path(), &["--rotate-bytes", "65536"]);
+    let mut w = Workload::spawn(3, work.path(), "rot3");
+    d.watch(w.pid(), "agent-rot", "vm-rot");
+    w.go();
+    let pid = w.pid();
+    w.finish();
+    wait_until(Duration::from_secs(20), "events after the restart", || {
+        whole_trail(&d.jsonl).iter().any(|e| e.pid == Some(pid))
+    });
+    let first_new = whole_trail(&d.jsonl)
+        .into_iter()
+        .find(|e| e.seq > before)
+        .expect("a new event");
+    assert_eq!(first_new.seq, before + 1);
+}
