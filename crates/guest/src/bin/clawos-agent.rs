@@ -4,7 +4,9 @@
 //!   launcher only: every request carries the VM's secret;
 //! - LLM relay: listens on `127.0.0.1:11435` in the guest and forwards each connection
 //!   to the host (vsock port 11435), where the launcher relays it to the inference proxy;
-//! - gateway relay: host → guest vsock port 18789 → `127.0.0.1:18789` in the guest.
+//! - gateway relay: host → guest vsock port 18789 → `127.0.0.1:18789` in the guest;
+//! - syscall audit: runs `/sbin/clawos-audit` (restarted if it ends) and waits for it
+//!   to attach before serving; every command starts in the audited agent cgroup.
 //!
 //! It also records each boot in `/workspace/.clawos/boots` and prints the
 //! `CLAWOS_READY` console marker (a fallback diagnostic; readiness is the health call).
