@@ -82,7 +82,11 @@ fn main() {
         .arg(&src)
         .output()
         .expect("gcc");
-    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
     let mport = port();
     let mut monitor = spawn_daemon(
         "monitor-daemon",
@@ -102,20 +106,7 @@ fn main() {
     let o = l.clawos(&["vm", "start", "gab", "--mem", "256"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The hypervisor's own events are not what this measures.
-    let token = std::fs::read_to_string(state.path().join("monitor/admin.token")).expect("token");
-    let client = clawos_monitor_api::MonitorClient::new(&murl, token.trim());
-    for pid in l.hypervisor_pids() {
-        let _ = clawos_e2e::runtime().block_on(client.unwatch_pid(pid));
-    }
-    let watched: Vec<serde_json::Value> = serde_json::from_slice(
-        &std::fs::read(state.path().join("monitor/watches.json")).expect("watches.json"),
-    )
-    .unwrap_or_default();
-    for w in watched {
-        if let Some(pid) = w["req"]["pid"].as_u64() {
-            let _ = clawos_e2e::runtime().block_on(client.unwatch_pid(pid as u32));
-        }
-    }
+    clawos_e2e::monitor_unwatch_all(state.path(), &murl).expect("unwatch");
     let console =
         std::fs::read_to_string(state.path().join("vms/gab/console.log")).unwrap_or_default();
     let attach = console
@@ -150,7 +141,10 @@ fn main() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (mut audited, mut plain) = (Vec::new(), Vec::new());
     for line in String::from_utf8_lossy(&o.stdout).lines() {
-        let v: Vec<f64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        let v: Vec<f64> = line
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
         audited.push(v[0]);
         plain.push(v[1]);
     }

@@ -193,19 +193,8 @@ fn what_the_agent_does_inside_its_vm_is_audited_even_across_a_monitor_crash() {
     // The launcher registered the hypervisor's processes too; under software
     // emulation they make thousands of events a second, which this test does not need
     // to wade through. Only the guest's stream remains.
-    let token = std::fs::read_to_string(state.path().join("monitor/admin.token")).expect("token");
-    let client = clawos_monitor_api::MonitorClient::new(&murl, token.trim());
-    let watched: Vec<serde_json::Value> = serde_json::from_slice(
-        &std::fs::read(state.path().join("monitor/watches.json")).expect("watches.json"),
-    )
-    .expect("watch list");
-    assert_eq!(watched.len(), 2, "the hypervisor and its vsock device");
-    for w in watched {
-        let pid = w["req"]["pid"].as_u64().expect("pid") as u32;
-        clawos_e2e::runtime()
-            .block_on(client.unwatch_pid(pid))
-            .expect("unwatch");
-    }
+    let unwatched = clawos_e2e::monitor_unwatch_all(state.path(), &murl).expect("unwatch");
+    assert_eq!(unwatched, 2, "the hypervisor and its vsock device");
     let o = l.clawos(&["vm", "cp", work.to_str().expect("utf8"), "gaud:audwork"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = l.clawos(&[

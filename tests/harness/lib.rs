@@ -423,3 +423,19 @@ pub fn spawn_daemon(
 pub fn port() -> u16 {
     free_port()
 }
+
+/// Stops every watch of the monitor-daemon at `url` whose state is in `state_dir` (the
+/// VM processes vm-launcher registered); returns how many. Under software emulation a
+/// hypervisor makes thousands of events a second that guest-side tests need not read.
+pub fn monitor_unwatch_all(state_dir: &Path, url: &str) -> Result<usize> {
+    let token = std::fs::read_to_string(clawos_monitor_api::token_path(state_dir))?;
+    let client = clawos_monitor_api::MonitorClient::new(url, token.trim());
+    let watched: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(state_dir.join("monitor/watches.json"))?)?;
+    let rt = runtime();
+    for w in &watched {
+        let pid = w["req"]["pid"].as_u64().context("a pid watch")? as u32;
+        rt.block_on(client.unwatch_pid(pid))?;
+    }
+    Ok(watched.len())
+}

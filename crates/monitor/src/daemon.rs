@@ -368,8 +368,7 @@ fn drop_torn_tail(path: &Path) -> std::io::Result<()> {
 fn replay_trail(path: &Path) -> (u64, GuestStreams) {
     let mut guests = GuestStreams::default();
     let mut last = 0;
-    let newest_segment = trail::segments(path).pop().map(|(_, p)| p);
-    for p in newest_segment.iter().map(PathBuf::as_path).chain([path]) {
+    for p in trail::recent(path) {
         let Ok(f) = std::fs::File::open(p) else {
             continue;
         };
@@ -870,10 +869,8 @@ async fn events(
         let mut out = Vec::new();
         // The newest closed segment and the live file (older segments are for the
         // SIEM and for the operator's tools).
-        let newest_segment = trail::segments(&path).pop().map(|(_, p)| p);
-        let lines = newest_segment
-            .iter()
-            .chain([&path])
+        let lines = trail::recent(&path)
+            .into_iter()
             .filter_map(|p| std::fs::File::open(p).ok())
             .flat_map(|f| std::io::BufReader::new(f).lines().map_while(Result::ok));
         for line in lines {

@@ -68,6 +68,14 @@ pub fn pieces(live: &Path) -> Vec<Piece> {
     out
 }
 
+/// The newest closed segment (if any), then the live file: where the latest events are
+/// even right after a rotation.
+pub fn recent(live: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = segments(live).pop().map(|(_, p)| p).into_iter().collect();
+    out.push(live.to_owned());
+    out
+}
+
 /// Renames the live file to the next segment. The caller has flushed it and opens a
 /// new live file after.
 pub fn rotate(live: &Path) -> std::io::Result<PathBuf> {
