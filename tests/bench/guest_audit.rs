@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, port, skip, spawn_daemon};
+use clawos_e2e::{Launcher, can_audit_vms, port, start_monitor, static_c_program};
 
 /// Times `calls` getppid calls audited, then unaudited, for `rounds` rounds each; prints
 /// one line per round: `audited_ns unaudited_ns`.
@@ -60,12 +60,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() {
-    if !can_boot_vms() || !can_use_vsock("bench guest_audit") {
-        return;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        skip("bench guest_audit", "monitor-daemon loads eBPF: needs root");
+    if !can_audit_vms("bench guest_audit") {
         return;
     }
     let calls: u64 = std::env::args()
@@ -73,34 +68,9 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(20_000);
     let state = tempfile::tempdir().expect("tempdir");
-    let src = state.path().join("cost.c");
-    std::fs::write(&src, COST_C).expect("write C");
-    let bin = state.path().join("cost");
-    let cc = std::process::Command::new("gcc")
-        .args(["-static", "-O2", "-o"])
-        .arg(&bin)
-        .arg(&src)
-        .output()
-        .expect("gcc");
-    assert!(
-        cc.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cc.stderr)
-    );
+    let bin = static_c_program(state.path(), "cost", COST_C).expect("workload");
     let mport = port();
-    let mut monitor = spawn_daemon(
-        "monitor-daemon",
-        &[
-            "--addr",
-            &format!("127.0.0.1:{mport}"),
-            "--state-dir",
-            state.path().to_str().expect("utf8"),
-        ],
-        &[],
-        &state.path().join("monitor.log"),
-        mport,
-    )
-    .expect("monitor-daemon");
+    let mut monitor = start_monitor(state.path(), mport, "monitor.log").expect("monitor-daemon");
     let murl = format!("http://127.0.0.1:{mport}");
     let l = Launcher::start_with(state.path(), &[("CLAWOS_MONITOR_URL", &murl)]).expect("launcher");
     let o = l.clawos(&["vm", "start", "gab", "--mem", "256"]);

@@ -3,39 +3,18 @@
 
 use std::time::{Duration, Instant};
 
-use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, port, skip, spawn_daemon};
+use clawos_e2e::{Launcher, can_audit_vms, port, start_monitor, static_c_program};
 use clawos_monitor_api::{AuditEvent, Kind};
 
 #[test]
 fn a_vms_hypervisor_is_audited_and_audit_tail_shows_it() {
     let name = "a_vms_hypervisor_is_audited_and_audit_tail_shows_it";
-    if !can_boot_vms() || !can_use_vsock(name) {
-        return;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
-    {
-        skip(
-            name,
-            "monitor-daemon loads eBPF programs: needs root and a kernel with BTF",
-        );
+    if !can_audit_vms(name) {
         return;
     }
     let state = tempfile::tempdir().expect("tempdir");
     let mport = port();
-    let mut monitor = spawn_daemon(
-        "monitor-daemon",
-        &[
-            "--addr",
-            &format!("127.0.0.1:{mport}"),
-            "--state-dir",
-            state.path().to_str().expect("utf8"),
-        ],
-        &[],
-        &state.path().join("monitor.log"),
-        mport,
-    )
-    .expect("monitor-daemon");
+    let mut monitor = start_monitor(state.path(), mport, "monitor.log").expect("monitor-daemon");
     let murl = format!("http://127.0.0.1:{mport}");
     let l = Launcher::start_with(state.path(), &[("CLAWOS_MONITOR_URL", &murl)]).expect("launcher");
     let o = l.clawos(&["vm", "start", "aud", "--mem", "256"]);
@@ -143,49 +122,13 @@ fn guest_run_events(events: &[AuditEvent], pid: u32) -> Vec<&AuditEvent> {
 #[test]
 fn what_the_agent_does_inside_its_vm_is_audited_even_across_a_monitor_crash() {
     let name = "what_the_agent_does_inside_its_vm_is_audited_even_across_a_monitor_crash";
-    if !can_boot_vms() || !can_use_vsock(name) {
-        return;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
-    {
-        skip(
-            name,
-            "monitor-daemon loads eBPF programs: needs root and a kernel with BTF",
-        );
+    if !can_audit_vms(name) {
         return;
     }
     let state = tempfile::tempdir().expect("tempdir");
-    let work = state.path().join("audwork");
-    std::fs::write(state.path().join("audwork.c"), WORKLOAD_C).expect("write C");
-    let cc = std::process::Command::new("gcc")
-        .args(["-static", "-O1", "-o"])
-        .arg(&work)
-        .arg(state.path().join("audwork.c"))
-        .output()
-        .expect("gcc (scripts/setup.sh installs build-essential)");
-    assert!(
-        cc.status.success(),
-        "{}",
-        String::from_utf8_lossy(&cc.stderr)
-    );
-
+    let work = static_c_program(state.path(), "audwork", WORKLOAD_C).expect("workload");
     let mport = port();
-    let monitor_args = [
-        "--addr".to_owned(),
-        format!("127.0.0.1:{mport}"),
-        "--state-dir".to_owned(),
-        state.path().to_str().expect("utf8").to_owned(),
-    ];
-    let monitor_args: Vec<&str> = monitor_args.iter().map(String::as_str).collect();
-    let mut monitor = spawn_daemon(
-        "monitor-daemon",
-        &monitor_args,
-        &[],
-        &state.path().join("monitor.log"),
-        mport,
-    )
-    .expect("monitor-daemon");
+    let mut monitor = start_monitor(state.path(), mport, "monitor.log").expect("monitor-daemon");
     let murl = format!("http://127.0.0.1:{mport}");
     let l = Launcher::start_with(state.path(), &[("CLAWOS_MONITOR_URL", &murl)]).expect("launcher");
     let o = l.clawos(&["vm", "start", "gaud", "--mem", "256"]);
@@ -306,14 +249,8 @@ fn what_the_agent_does_inside_its_vm_is_audited_even_across_a_monitor_crash() {
     let _ = monitor.kill();
     let _ = monitor.wait();
     let (pid2, ppid2) = run("/workspace/while-down", 23);
-    let mut monitor = spawn_daemon(
-        "monitor-daemon",
-        &monitor_args,
-        &[],
-        &state.path().join("monitor-2.log"),
-        mport,
-    )
-    .expect("monitor-daemon restart");
+    let mut monitor =
+        start_monitor(state.path(), mport, "monitor-2.log").expect("monitor-daemon restart");
     let events = trail_after(pid2);
     check_run(&events, pid2, ppid2, "/workspace/while-down", 23);
     check_run(&events, pid, ppid, "/workspace/begin-marker", 37);

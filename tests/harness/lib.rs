@@ -439,3 +439,55 @@ pub fn monitor_unwatch_all(state_dir: &Path, url: &str) -> Result<usize> {
     }
     Ok(watched.len())
 }
+
+/// Whether the monitor's VM tests can run here: real VMs with vsock, and root with a
+/// BTF kernel for the eBPF program. Says why not (loudly) when they cannot.
+pub fn can_audit_vms(test: &str) -> bool {
+    if !can_boot_vms() || !can_use_vsock(test) {
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        skip(
+            test,
+            "monitor-daemon loads eBPF programs: needs root and a kernel with BTF",
+        );
+        return false;
+    }
+    true
+}
+
+/// Starts monitor-daemon on `127.0.0.1:port` with its state in `state_dir` and its
+/// output in `state_dir/<log>`.
+pub fn start_monitor(state_dir: &Path, port: u16, log: &str) -> Result<Child> {
+    spawn_daemon(
+        "monitor-daemon",
+        &[
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--state-dir",
+            state_dir.to_str().context("state dir is not UTF-8")?,
+        ],
+        &[],
+        &state_dir.join(log),
+        port,
+    )
+}
+
+/// Compiles a C program to a static executable `dir/name` (for running inside a VM,
+/// whose rootfs has no C library).
+pub fn static_c_program(dir: &Path, name: &str, source: &str) -> Result<PathBuf> {
+    let src = dir.join(format!("{name}.c"));
+    std::fs::write(&src, source)?;
+    let bin = dir.join(name);
+    let o = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .context("gcc (scripts/setup.sh installs gcc and libc6-dev)")?;
+    if !o.status.success() {
+        bail!("gcc: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(bin)
+}
