@@ -666,12 +666,16 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Route
                         for (ack, seq) in r.pending_acks.drain(..) {
                             ack.fetch_max(seq, Ordering::Release);
                         }
-                        let readers: Vec<u64> = m
-                            .iter()
-                            .flat_map(|m| m.forwarders.iter())
-                            .map(|(_, s)| s.reading_inode.load(Ordering::Relaxed))
-                            .collect();
-                        r.maybe_rotate(&readers);
+                        // Rotation waits until the forwarders exist: pruning must
+                        // know where each of them reads.
+                        if let Some(m) = &m {
+                            let readers: Vec<u64> = m
+                                .forwarders
+                                .iter()
+                                .map(|(_, s)| s.reading_inode.load(Ordering::Relaxed))
+                                .collect();
+                            r.maybe_rotate(&readers);
+                        }
                     }
                 },
                 &stop2,
@@ -690,12 +694,17 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<(Arc<Monitor>, Route
         .map_err(|_| DaemonError::Config("the recorder thread ended during setup".into()))??;
     let mut forwarders = Vec::new();
     for (i, t) in cfg.syslog.iter().enumerate() {
+        let offset_file = dir.join(format!("forward-{i}.offset"));
         let stats = Arc::new(ForwardStats::default());
+        // Known before the first rotation, so pruning spares the forwarder's segment.
+        stats
+            .reading_inode
+            .store(forward::saved_inode(&offset_file), Ordering::Relaxed);
         let fcfg = ForwardConfig {
             target: t.clone(),
             tls: cfg.syslog_tls.clone(),
             jsonl: cfg.jsonl.clone(),
-            offset_file: dir.join(format!("forward-{i}.offset")),
+            offset_file,
             spool_max_bytes: cfg.spool_max_bytes,
             max_message: cfg.max_message,
         };

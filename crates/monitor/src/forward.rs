@@ -226,6 +226,11 @@ fn read_position(path: &std::path::Path) -> (u64, u64) {
     }
 }
 
+/// The inode of the trail file a forwarder's saved place is in (0: none saved).
+pub fn saved_inode(offset_file: &std::path::Path) -> u64 {
+    read_position(offset_file).0
+}
+
 fn save_position(path: &std::path::Path, inode: u64, offset: u64) {
     let tmp = path.with_extension("tmp");
     if std::fs::write(&tmp, format!("{inode} {offset}")).is_ok() {
