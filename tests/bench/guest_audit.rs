@@ -70,7 +70,7 @@ fn main() {
     let state = tempfile::tempdir().expect("tempdir");
     let bin = static_c_program(state.path(), "cost", COST_C).expect("workload");
     let mport = port();
-    let mut monitor = start_monitor(state.path(), mport, "monitor.log").expect("monitor-daemon");
+    let monitor = start_monitor(state.path(), mport, "monitor.log").expect("monitor-daemon");
     let murl = format!("http://127.0.0.1:{mport}");
     let l = Launcher::start_with(state.path(), &[("CLAWOS_MONITOR_URL", &murl)]).expect("launcher");
     let o = l.clawos(&["vm", "start", "gab", "--mem", "256"]);
@@ -140,6 +140,5 @@ fn main() {
         got as f64 / shipped_s
     );
     let _ = l.clawos(&["vm", "stop", "gab"]);
-    let _ = monitor.kill();
-    let _ = monitor.wait();
+    drop(monitor);
 }

@@ -14,7 +14,7 @@ fn a_vms_hypervisor_is_audited_and_audit_tail_shows_it() {
     }
     let state = tempfile::tempdir().expect("tempdir");
     let mport = port();
-    let mut monitor = start_monitor(state.path(), mport, "monitor.log").expect("monitor-daemon");
+    let monitor = start_monitor(state.path(), mport, "monitor.log").expect("monitor-daemon");
     let murl = format!("http://127.0.0.1:{mport}");
     let l = Launcher::start_with(state.path(), &[("CLAWOS_MONITOR_URL", &murl)]).expect("launcher");
     let o = l.clawos(&["vm", "start", "aud", "--mem", "256"]);
@@ -88,8 +88,7 @@ fn a_vms_hypervisor_is_audited_and_audit_tail_shows_it() {
     assert!(text.lines().all(|l| l.contains(" aud/aud ")), "{text}");
     let o = l.clawos(&["vm", "stop", "aud"]);
     assert!(o.status.success());
-    let _ = monitor.kill();
-    let _ = monitor.wait();
+    drop(monitor);
 }
 
 /// A static workload run inside the VM: a failing `open` of a marker path, then `n`
@@ -128,7 +127,7 @@ fn what_the_agent_does_inside_its_vm_is_audited_even_across_a_monitor_crash() {
     let state = tempfile::tempdir().expect("tempdir");
     let work = static_c_program(state.path(), "audwork", WORKLOAD_C).expect("workload");
     let mport = port();
-    let mut monitor = start_monitor(state.path(), mport, "monitor.log").expect("monitor-daemon");
+    let monitor = start_monitor(state.path(), mport, "monitor.log").expect("monitor-daemon");
     let murl = format!("http://127.0.0.1:{mport}");
     let l = Launcher::start_with(state.path(), &[("CLAWOS_MONITOR_URL", &murl)]).expect("launcher");
     let o = l.clawos(&["vm", "start", "gaud", "--mem", "256"]);
@@ -245,11 +244,11 @@ fn what_the_agent_does_inside_its_vm_is_audited_even_across_a_monitor_crash() {
         "the guest's own services were audited"
     );
 
-    // The monitor is killed outright; the agent keeps working; the monitor comes back.
-    let _ = monitor.kill();
-    let _ = monitor.wait();
+    // The monitor is killed outright (SIGKILL, by the drop); the agent keeps working;
+    // the monitor comes back.
+    drop(monitor);
     let (pid2, ppid2) = run("/workspace/while-down", 23);
-    let mut monitor =
+    let monitor =
         start_monitor(state.path(), mport, "monitor-2.log").expect("monitor-daemon restart");
     let events = trail_after(pid2);
     check_run(&events, pid2, ppid2, "/workspace/while-down", 23);
@@ -289,6 +288,5 @@ fn what_the_agent_does_inside_its_vm_is_audited_even_across_a_monitor_crash() {
     );
     let o = l.clawos(&["vm", "stop", "gaud"]);
     assert!(o.status.success());
-    let _ = monitor.kill();
-    let _ = monitor.wait();
+    drop(monitor);
 }

@@ -457,9 +457,20 @@ pub fn can_audit_vms(test: &str) -> bool {
     true
 }
 
+/// A daemon process that is killed (SIGKILL) when dropped, also when a test panics.
+#[derive(Debug)]
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts monitor-daemon on `127.0.0.1:port` with its state in `state_dir` and its
 /// output in `state_dir/<log>`.
-pub fn start_monitor(state_dir: &Path, port: u16, log: &str) -> Result<Child> {
+pub fn start_monitor(state_dir: &Path, port: u16, log: &str) -> Result<KillOnDrop> {
     spawn_daemon(
         "monitor-daemon",
         &[
@@ -472,6 +483,7 @@ pub fn start_monitor(state_dir: &Path, port: u16, log: &str) -> Result<Child> {
         &state_dir.join(log),
         port,
     )
+    .map(KillOnDrop)
 }
 
 /// Compiles a C program to a static executable `dir/name` (for running inside a VM,
