@@ -130,13 +130,7 @@ impl Daemon {
     }
 
     fn events(&self) -> Vec<AuditEvent> {
-        let text = std::fs::read_to_string(&self.jsonl).unwrap_or_default();
-        // The recorder may be mid-write: only complete lines count.
-        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        complete
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("every JSONL line parses"))
-            .collect()
+        complete_events(&self.jsonl)
     }
 
     fn metric(&self, name: &str) -> u64 {
@@ -408,6 +402,31 @@ fn same_fields(p: &cef::Parsed, e: &AuditEvent) {
     );
 }
 
+/// The events of one JSONL file. The recorder may be mid-write: only complete lines
+/// count.
+fn complete_events(path: &Path) -> Vec<AuditEvent> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every JSONL line parses"))
+        .collect()
+}
+
+/// The sequence numbers of what a SIEM received, in arrival order.
+fn siem_seqs(got: &[cef::Parsed]) -> Vec<u64> {
+    got.iter()
+        .filter_map(|p| p.ext.get("externalId").and_then(|s| s.parse().ok()))
+        .collect()
+}
+
+/// In order, no duplicates, no hole.
+fn assert_consecutive(seqs: &[u64], what: &str) {
+    for w in seqs.windows(2) {
+        assert_eq!(w[1], w[0] + 1, "{what}");
+    }
+}
+
 #[test]
 fn cef_reaches_rsyslog_over_tcp_and_udp_and_a_siem_outage_loses_nothing() {
     if cannot_trace() || no_rsyslog() {
@@ -511,21 +530,11 @@ fn cef_reaches_rsyslog_over_tcp_and_udp_and_a_siem_outage_loses_nothing() {
             .iter()
             .any(|p| p.ext.get("externalId") == Some(&last.to_string()))
     });
-    let seqs: Vec<u64> = rs
-        .received("tcp")
-        .iter()
-        .filter_map(|p| p.ext.get("externalId").and_then(|s| s.parse().ok()))
-        .collect();
+    let seqs = siem_seqs(&rs.received("tcp"));
     assert!(seqs.len() > before);
     // In order, no duplicates, and no hole: every JSONL event up to the last gap event
     // arrived exactly once over TCP.
-    for w in seqs.windows(2) {
-        assert_eq!(
-            w[1],
-            w[0] + 1,
-            "TCP stream out of order, duplicated or with a hole"
-        );
-    }
+    assert_consecutive(&seqs, "TCP stream out of order, duplicated or with a hole");
     assert_eq!(seqs.first(), all.first().map(|e| e.seq).as_ref());
     assert!(seqs.contains(&last));
     assert_eq!(d.metric("clawos_monitor_siem_dropped_total"), 0);
@@ -699,13 +708,8 @@ fn a_full_siem_spool_drops_the_oldest_counts_them_and_reports_them() {
             .any(|p| p.header[4] == "forward-drops" && p.ext.contains_key("cnt")),
         "the drop report reached the SIEM"
     );
-    let seqs: Vec<u64> = got
-        .iter()
-        .filter_map(|p| p.ext.get("externalId").and_then(|s| s.parse().ok()))
-        .collect();
-    for w in seqs.windows(2) {
-        assert_eq!(w[1], w[0] + 1, "what was kept arrives in order, once");
-    }
+    let seqs = siem_seqs(&got);
+    assert_consecutive(&seqs, "what was kept arrives in order, once");
     assert_eq!(seqs.last(), Some(&last));
     assert_eq!(d.metric("clawos_monitor_siem_dropped_total"), reported);
 }
@@ -927,22 +931,10 @@ fn watches_survive_a_daemon_restart_and_those_of_ended_processes_do_not() {
 
 /// Every event in the trail: the rotated segments (oldest first), then the live file.
 fn whole_trail(jsonl: &Path) -> Vec<AuditEvent> {
-    let mut files: Vec<PathBuf> = clawos_monitor::trail::segments(jsonl)
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect();
-    files.push(jsonl.to_owned());
-    let mut out = Vec::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f).unwrap_or_default();
-        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        out.extend(
-            complete
-                .lines()
-                .map(|l| serde_json::from_str::<AuditEvent>(l).expect("JSONL line")),
-        );
-    }
-    out
+    clawos_monitor::trail::pieces(jsonl)
+        .iter()
+        .flat_map(|p| complete_events(&p.path))
+        .collect()
 }
 
 #[test]
@@ -1008,15 +1000,9 @@ fn the_trail_rotates_without_losing_the_siems_place_or_the_numbering() {
             .iter()
             .any(|p| p.ext.get("externalId") == Some(&last.to_string()))
     });
-    let seqs: Vec<u64> = rs
-        .received("tcp")
-        .iter()
-        .filter_map(|p| p.ext.get("externalId").and_then(|s| s.parse().ok()))
-        .collect();
+    let seqs = siem_seqs(&rs.received("tcp"));
     assert_eq!(seqs.first(), Some(&1));
-    for pair in seqs.windows(2) {
-        assert_eq!(pair[1], pair[0] + 1, "out of order, duplicated or a hole");
-    }
+    assert_consecutive(&seqs, "out of order, duplicated or a hole");
     assert_eq!(d.metric("clawos_monitor_siem_dropped_total"), 0);
 
     // Once the forwarder is past them, old segments go at the next rotation.
