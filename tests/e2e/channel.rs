@@ -291,21 +291,22 @@ fn exec_files_relay_and_secret_on_a_real_vm() {
         "{}",
         String::from_utf8_lossy(&line)
     );
-    let req = clawos_guest::protocol::Request {
+    let req = clawos_guest_protocol::frames::Request {
         secret: "0".repeat(64),
-        op: clawos_guest::protocol::Op::Exec(clawos_guest::protocol::ExecRequest {
+        op: clawos_guest_protocol::frames::Op::Exec(clawos_guest_protocol::frames::ExecRequest {
             argv: vec!["touch".into(), "/workspace/pwned".into()],
             ..Default::default()
         }),
     };
-    s.write_all(&clawos_guest::protocol::encode_json(&req))
+    s.write_all(&clawos_guest_protocol::frames::encode_json(&req))
         .expect("send");
-    let (_, payload) = clawos_guest::protocol::read_frame(&mut s)
+    let (_, payload) = clawos_guest_protocol::frames::read_frame(&mut s)
         .expect("read")
         .expect("a reply");
-    let reply: clawos_guest::protocol::Reply = serde_json::from_slice(&payload).expect("json");
+    let reply: clawos_guest_protocol::frames::Reply =
+        serde_json::from_slice(&payload).expect("json");
     assert!(
-        matches!(&reply, clawos_guest::protocol::Reply::Error { message } if message.contains("unauthorized")),
+        matches!(&reply, clawos_guest_protocol::frames::Reply::Error { message } if message.contains("unauthorized")),
         "{reply:?}"
     );
     let o = l.clawos(&["vm", "exec", "ch", "--", "test", "-e", "/workspace/pwned"]);

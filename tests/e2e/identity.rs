@@ -319,7 +319,9 @@ fn tokens_verify_with_pyjwt_and_the_store_survives_restarts() {
         let (st, v) = call(method, path, auth, body);
         assert_eq!(st, want, "{method} {path}: {v}");
         assert!(
-            v["message"].as_str().is_some_and(|m| !m.is_empty()),
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
             "{method} {path}: {v}"
         );
     }
@@ -339,7 +341,10 @@ fn tokens_verify_with_pyjwt_and_the_store_survives_restarts() {
     });
     assert_eq!(st, 400, "{v}");
     assert!(
-        v["message"].as_str().unwrap_or("").contains("request body"),
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("request body"),
         "{v}"
     );
 

@@ -21,22 +21,33 @@ fn one_changed_byte_in_any_part_is_refused_and_named() {
     let state = work.path().join("state");
     let l = Launcher::start(&state).expect("launcher");
 
-    // (name, file to change, offset, words the error must contain)
+    // (name, file to change, offset, words the error must contain: the launcher's
+    // message and the error code that keeps what failed)
     let cases: &[(&str, &str, u64, &[&str])] = &[
-        ("t-kernel", "vmlinuz", 4096, &["kernel", "hash mismatch"]),
+        (
+            "t-kernel",
+            "vmlinuz",
+            4096,
+            &["kernel", "hash mismatch", "image_hash_mismatch"],
+        ),
         (
             "t-initramfs",
             "initramfs.cpio.gz",
             100,
-            &["initramfs", "hash mismatch"],
+            &["initramfs", "hash mismatch", "image_hash_mismatch"],
         ),
         (
             "t-manifest",
             "manifest.json",
             40,
-            &["signature mismatch", "manifest"],
+            &["signature mismatch", "manifest", "image_bad_signature"],
         ),
-        ("t-signature", "manifest.sig", 10, &["signature"]),
+        (
+            "t-signature",
+            "manifest.sig",
+            10,
+            &["signature", "image_bad_signature"],
+        ),
     ];
     for (name, file, offset, words) in cases {
         let image = copy_image(&work.path().join(name)).expect("copy");
@@ -74,6 +85,10 @@ fn one_changed_byte_in_any_part_is_refused_and_named() {
     assert_eq!(o.status.code(), Some(5));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("unsigned"),
+        "{o:?}"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("image_unsigned"),
         "{o:?}"
     );
 
@@ -146,7 +161,10 @@ fn bad_names_sizes_and_bodies_get_4xx_and_create_nothing() {
             let body: serde_json::Value = r.json().await.expect("error body is JSON");
             (
                 status,
-                body["message"].as_str().unwrap_or_default().to_owned(),
+                body["error"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
             )
         })
     };

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clawos_e2e::fake_llm::FakeAnthropic;
 use clawos_e2e::{port, runtime, spawn_daemon};
+use clawos_identity_manager_api::{IdentityClient, IssueRequest, RevokeRequest};
+use clawos_inference_proxy_api::{ProxyAdminClient, UsageQuery};
 use serde_json::{Value, json};
 
 const HOST_KEY: &str = "sk-ant-host-only-7f3a9c";
@@ -87,21 +89,21 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
         .to_owned();
     let rt = runtime();
     let http = reqwest::Client::new();
-    let issue = |agent: &str, aud: &str| -> String {
-        rt.block_on(async {
-            let v: Value = http
-                .post(format!("{issuer}/v1/tokens"))
-                .bearer_auth(&svc)
-                .json(&json!({"agent": agent, "vm_id": format!("vm-{agent}"), "audience": aud}))
-                .send()
-                .await
-                .expect("issue")
-                .json()
-                .await
-                .expect("json");
-            v["token"].as_str().expect("token").to_owned()
-        })
+    let identity_client = IdentityClient::with_service_token(&issuer, &svc);
+    let issue_for = |agent: &str, aud: &str, ttl_secs: Option<u64>| -> String {
+        let req = IssueRequest {
+            agent: agent.into(),
+            vm_id: format!("vm-{agent}"),
+            image_root_hash: String::new(),
+            audience: aud.into(),
+            ttl_secs,
+            scopes: vec![],
+        };
+        rt.block_on(identity_client.issue(&req))
+            .expect("issue")
+            .token
     };
+    let issue = |agent: &str, aud: &str| issue_for(agent, aud, None);
     let proxy_url = format!("http://127.0.0.1:{px_port}");
     let call = |token: &str, body: &str| -> (u16, Option<String>, String) {
         rt.block_on(async {
@@ -218,32 +220,11 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
     assert_eq!(call(&b_tok, body).0, 200, "another agent is unaffected");
 
     // Expired and revoked tokens: 401 (the revocation feed is polled every 5 s).
-    let short = rt.block_on(async {
-        let v: Value = http
-            .post(format!("{issuer}/v1/tokens"))
-            .bearer_auth(&svc)
-            .json(&json!({"agent": "agent-x", "vm_id": "vm-x", "audience": "inference-proxy", "ttl_secs": 1}))
-            .send()
-            .await
-            .expect("issue")
-            .json()
-            .await
-            .expect("json");
-        v["token"].as_str().expect("token").to_owned()
-    });
+    let short = issue_for("agent-x", "inference-proxy", Some(1));
     let doomed = issue("agent-d", "inference-proxy");
     assert_eq!(call(&doomed, body).0, 200);
-    let st = rt.block_on(async {
-        http.post(format!("{issuer}/v1/revoke"))
-            .bearer_auth(&svc)
-            .json(&json!({"agent": "agent-d"}))
-            .send()
-            .await
-            .expect("revoke")
-            .status()
-            .as_u16()
-    });
-    assert_eq!(st, 204);
+    rt.block_on(identity_client.revoke(&RevokeRequest::agent("agent-d")))
+        .expect("revoke");
     std::thread::sleep(Duration::from_millis(5500));
     assert_eq!(call(&short, body).0, 401, "expired");
     assert_eq!(call(&doomed, body).0, 401, "revoked");
@@ -478,16 +459,10 @@ fn token_budgets_refuse_until_the_window_allows_and_survive_a_restart() {
     }
     assert_eq!(u["usage"][0]["requests"], 3, "{u}");
     assert_eq!(u["usage"][0]["input_tokens"], 9);
-    let anon = rt.block_on(async {
-        http.get(format!("{url}/v1/usage"))
-            .header("authorization", "Bearer dev-token-a")
-            .send()
-            .await
-            .expect("send")
-            .status()
-            .as_u16()
-    });
-    assert_eq!(anon, 401, "an agent credential does not read usage");
+    let anon = rt
+        .block_on(ProxyAdminClient::new(&url, "dev-token-a").usage(&UsageQuery::default()))
+        .expect_err("an agent credential does not read usage");
+    assert_eq!(anon.status(), Some(401), "{anon}");
     // A restart does not reset the day's spend: it is read back from the ledger.
     let _ = Command::new("kill")
         .args(["-INT", &proxy.id().to_string()])

@@ -84,9 +84,35 @@ fn sigkill_restart_readopts_live_vms_and_drops_dead_ones() {
     let _ = impostor.kill();
     let _ = impostor.wait();
 
-    // The re-adopted VM is still fully controllable.
-    let vm = runtime().block_on(l.client().stop("keep")).expect("stop");
+    // The re-adopted VM is still fully controllable, and a service manager's stop
+    // (SIGTERM) while its stop is in flight lets that request finish before exiting 0.
+    let client = l.client();
+    let stopping = std::thread::spawn(move || runtime().block_on(client.stop("keep")));
+    l.wait_for("keep", Duration::from_secs(30), |v| {
+        v.state != VmState::Running
+    })
+    .expect("stopping");
+    let mut child = l.child.take().expect("launcher process");
+    // SAFETY: kill with plain integers, on this test's own launcher process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let vm = stopping.join().expect("stop thread").expect("stop");
     assert_eq!(vm.state, VmState::Stopped, "{vm:?}");
     assert!(!hypervisor_running_for("keep"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(35);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "launcher did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status.success(),
+        "launcher exited with {status}: {}",
+        l.log()
+    );
     assert!(l.log().contains("re-adopted running VM"), "{}", l.log());
 }

@@ -11,8 +11,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use clawos_identity_manager_api::{IdentityClient, RevocationFeed, routes};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::{Deserialize, Serialize};
 use tokio::sync::RwLock;
 
 /// How many poll intervals a stale revocation feed may be used while the issuer is
@@ -20,21 +20,7 @@ use tokio::sync::RwLock;
 pub const REVOCATION_GRACE_POLLS: u32 = 12;
 
 /// The claims identity-manager puts in agent tokens.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claims {
-    pub iss: String,
-    pub sub: String,
-    pub aud: String,
-    pub iat: u64,
-    pub nbf: u64,
-    pub exp: u64,
-    pub jti: String,
-    pub agent: String,
-    pub vm_id: String,
-    pub image_root_hash: String,
-    #[serde(default)]
-    pub scopes: Vec<String>,
-}
+pub use clawos_identity_manager_api::Claims;
 
 /// Why a token was refused (every variant is a 401 for the caller).
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +86,7 @@ struct Revocations {
 /// A token verifier; share one per process.
 pub struct Verifier {
     cfg: VerifierConfig,
-    http: reqwest::Client,
+    issuer: IdentityClient,
     keys: RwLock<Keys>,
     revocations: RwLock<Revocations>,
 }
@@ -113,79 +99,39 @@ impl std::fmt::Debug for Verifier {
     }
 }
 
-#[derive(Deserialize)]
-struct Jwk {
-    kid: String,
-    kty: String,
-    crv: Option<String>,
-    x: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct Jwks {
-    keys: Vec<Jwk>,
-}
-
-#[derive(Deserialize)]
-struct Feed {
-    tokens: Vec<FeedToken>,
-    agents: Vec<FeedAgent>,
-}
-
-#[derive(Deserialize)]
-struct FeedToken {
-    jti: String,
-}
-
-#[derive(Deserialize)]
-struct FeedAgent {
-    agent: String,
-    issued_before: u64,
-}
-
 impl Verifier {
     pub fn new(cfg: VerifierConfig) -> Self {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .build()
-            .unwrap_or_default();
+        let issuer = IdentityClient::new(&cfg.issuer).with_timeout(Duration::from_secs(5));
         Self {
             cfg,
-            http,
+            issuer,
             keys: RwLock::new(Keys::default()),
             revocations: RwLock::new(Revocations::default()),
         }
     }
 
-    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, VerifyError> {
-        let url = format!("{}{path}", self.cfg.issuer);
-        let fetch = |detail: String| VerifyError::Fetch {
-            url: url.clone(),
-            detail,
-        };
-        let resp = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| fetch(e.to_string()))?;
-        if !resp.status().is_success() {
-            return Err(fetch(format!("HTTP {}", resp.status())));
+    fn fetch_error(&self, route: clawos_api::Route, e: clawos_api::ClientError) -> VerifyError {
+        VerifyError::Fetch {
+            url: self.issuer.url(route, &[]),
+            detail: e.to_string(),
         }
-        resp.json().await.map_err(|e| fetch(e.to_string()))
     }
 
     async fn refresh_keys(&self) -> Result<(), VerifyError> {
-        let jwks: Jwks = self.get("/.well-known/jwks.json").await?;
+        let jwks = self
+            .issuer
+            .jwks()
+            .await
+            .map_err(|e| self.fetch_error(routes::JWKS, e))?;
         let mut by_kid = HashMap::new();
         for k in jwks.keys {
-            if k.kty != "OKP" || k.crv.as_deref() != Some("Ed25519") {
+            if !k.is_ed25519() {
                 continue;
             }
-            if let Some(x) = k.x
+            if let (Some(kid), Some(x)) = (k.kid, k.x)
                 && let Ok(key) = DecodingKey::from_ed_components(&x)
             {
-                by_kid.insert(k.kid, key);
+                by_kid.insert(kid, key);
             }
         }
         let mut keys = self.keys.write().await;
@@ -233,7 +179,12 @@ impl Verifier {
         if !due {
             return Ok(());
         }
-        let feed: Feed = match self.get("/v1/revocations").await {
+        let fetched: Result<RevocationFeed, VerifyError> = self
+            .issuer
+            .revocations()
+            .await
+            .map_err(|e| self.fetch_error(routes::REVOCATIONS, e));
+        let feed = match fetched {
             Ok(f) => f,
             Err(e) => {
                 // A short outage of the issuer is bridged with the last feed; past

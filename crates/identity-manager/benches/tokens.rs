@@ -6,8 +6,8 @@
 use std::time::{Duration, Instant};
 
 use clawos_agent_token::{Verifier, VerifierConfig};
-use clawos_identity_manager::identity::IssueRequest;
 use clawos_identity_manager::{Config, Identity, IssuerConfig, MasterKey, MasterKeySource};
+use clawos_identity_manager_api::{IdentityClient, IssueRequest};
 use ed25519_dalek::{Signer, SigningKey, Verifier as _};
 
 fn rate(n: usize, d: Duration) -> f64 {
@@ -82,30 +82,31 @@ fn main() {
     rt.spawn(async move { clawos_identity_manager::run(cfg, std::future::pending()).await });
     let (verify, p50, p99) = rt.block_on(async {
         for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let http = reqwest::Client::new();
-        let body = serde_json::json!({"agent": "bench-agent", "vm_id": "vm", "audience": "inference-proxy"});
+        let client = IdentityClient::with_service_token(&url, &service_token);
+        let body = IssueRequest {
+            agent: "bench-agent".into(),
+            vm_id: "vm".into(),
+            image_root_hash: String::new(),
+            audience: "inference-proxy".into(),
+            ttl_secs: None,
+            scopes: vec![],
+        };
         let mut lat = Vec::new();
         let mut fresh = Vec::new();
         for i in 0..2000 {
             let t = Instant::now();
-            let v: serde_json::Value = http
-                .post(format!("{url}/v1/tokens"))
-                .bearer_auth(&service_token)
-                .json(&body)
-                .send()
-                .await
-                .expect("send")
-                .json()
-                .await
-                .expect("json");
+            let issued = client.issue(&body).await.expect("issue");
             lat.push(t.elapsed().as_secs_f64() * 1e3);
             if i < n.min(2000) {
-                fresh.push(v["token"].as_str().expect("token").to_owned());
+                fresh.push(issued.token);
             }
         }
         lat.sort_by(f64::total_cmp);
@@ -123,7 +124,11 @@ fn main() {
                 count += 1;
             }
         }
-        (rate(count, t.elapsed()), lat[lat.len() / 2], lat[lat.len() * 99 / 100])
+        (
+            rate(count, t.elapsed()),
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100],
+        )
     });
     let _ = tokens;
     println!("raw Ed25519 on one core: sign {raw_sign:.0}/s, verify {raw_verify:.0}/s");

@@ -1,15 +1,5 @@
-//! REST API.
-//!
-//! | method | path | auth | |
-//! |---|---|---|---|
-//! | POST | `/v1/tokens` | service | issue ([`IssueRequest`]) → 201 |
-//! | POST | `/v1/tokens/renew` | agent token | a fresh token with the same claims |
-//! | POST | `/v1/revoke` | service | `{"jti": ..}` or `{"agent": ..}` → 204 |
-//! | POST | `/v1/introspect` | service | RFC 7662 (form or JSON `token`) |
-//! | GET | `/v1/revocations` | – | revocation feed for verifiers |
-//! | GET | `/v1/agents/{agent}/key` | service | the agent's public key |
-//! | POST | `/v1/keys/rotate` | service | signing key rotation |
-//! | GET | `/.well-known/jwks.json`, `/.well-known/openid-configuration` | – | |
+//! The REST API: the routes of `clawos_identity_manager_api::routes`, served from the
+//! store. Every error leaves through `impl From<IdentityError> for ErrorResponse`.
 
 use std::sync::Arc;
 
@@ -17,51 +7,59 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
-use serde_json::json;
+use clawos_identity_manager_api::{
+    AgentKey, IntrospectRequest, Introspection, IssueRequest, Jwk, OpenIdConfiguration,
+    RevokeRequest, RotatedKeys, routes,
+};
+use clawos_service::http::{ErrorResponse, RouterExt};
+use clawos_service::metrics::Counter;
 
 use crate::IdentityError;
-use crate::identity::{Identity, IssueRequest};
+use crate::identity::Identity;
 
-impl IntoResponse for IdentityError {
-    fn into_response(self) -> Response {
-        let (status, code) = match &self {
-            Self::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
-            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            Self::MasterKey(_) | Self::Internal(_) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal")
-            }
-        };
-        let mut resp = (
-            status,
-            Json(json!({ "error": code, "message": self.to_string() })),
-        )
-            .into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
+/// The one place a domain error becomes an HTTP status and error code.
+impl From<IdentityError> for ErrorResponse {
+    fn from(e: IdentityError) -> Self {
+        match e {
+            IdentityError::Invalid(m) => Self::invalid(m),
+            IdentityError::Unauthorized(m) => Self::unauthorized(m),
+            IdentityError::NotFound(m) => Self::not_found(m),
+            e @ (IdentityError::MasterKey(_)
+            | IdentityError::Database(_)
+            | IdentityError::Io { .. }
+            | IdentityError::Internal(_)) => Self::internal(e.to_string()),
         }
-        resp
     }
 }
+
+/// RFC 6750: a 401 names the scheme it wants.
+async fn www_authenticate(mut resp: Response) -> Response {
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
+}
+
+type ApiResult<T> = Result<T, ErrorResponse>;
 
 #[derive(Debug)]
 struct AppState {
     identity: Arc<Identity>,
     service_token: String,
-    issued: std::sync::atomic::AtomicU64,
-    renewed: std::sync::atomic::AtomicU64,
-    revocations: std::sync::atomic::AtomicU64,
-    refused: std::sync::atomic::AtomicU64,
+    metrics: clawos_service::Metrics,
+    issued: Counter,
+    renewed: Counter,
+    revocations: Counter,
+    refused: Counter,
 }
 
-fn bump(c: &std::sync::atomic::AtomicU64) {
-    c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+fn bump(c: &Counter) {
+    c.inc();
 }
 
 type S = State<Arc<AppState>>;
@@ -85,12 +83,16 @@ fn require_service(st: &AppState, headers: &HeaderMap) -> Result<(), IdentityErr
 }
 
 fn check_service(st: &AppState, headers: &HeaderMap) -> Result<(), IdentityError> {
-    let given = bearer(headers).ok_or_else(|| {
-        IdentityError::Unauthorized("missing service credential (Authorization: Bearer)".into())
-    })?;
-    let (a, b) = (given.as_bytes(), st.service_token.as_bytes());
-    let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
-    if !same {
+    if bearer(headers).is_none() {
+        return Err(IdentityError::Unauthorized(
+            "missing service credential (Authorization: Bearer)".into(),
+        ));
+    }
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim_end);
+    if !clawos_service::bearer_matches(given, &st.service_token) {
         return Err(IdentityError::Unauthorized(
             "wrong service credential".into(),
         ));
@@ -107,7 +109,7 @@ async fn issue(
     State(st): S,
     headers: HeaderMap,
     body: Result<Json<IssueRequest>, JsonRejection>,
-) -> Result<Response, IdentityError> {
+) -> ApiResult<Response> {
     require_service(&st, &headers)?;
     let req = json_body(body)?;
     let issued = st.identity.issue(&req)?;
@@ -116,7 +118,7 @@ async fn issue(
     Ok((StatusCode::CREATED, Json(issued)).into_response())
 }
 
-async fn renew(State(st): S, headers: HeaderMap) -> Result<Response, IdentityError> {
+async fn renew(State(st): S, headers: HeaderMap) -> ApiResult<Response> {
     let token = bearer(&headers).ok_or_else(|| {
         IdentityError::Unauthorized("renew needs the current token (Authorization: Bearer)".into())
     })?;
@@ -125,18 +127,11 @@ async fn renew(State(st): S, headers: HeaderMap) -> Result<Response, IdentityErr
     Ok(Json(renewed).into_response())
 }
 
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RevokeRequest {
-    jti: Option<String>,
-    agent: Option<String>,
-}
-
 async fn revoke(
     State(st): S,
     headers: HeaderMap,
     body: Result<Json<RevokeRequest>, JsonRejection>,
-) -> Result<StatusCode, IdentityError> {
+) -> ApiResult<StatusCode> {
     require_service(&st, &headers)?;
     match json_body(body)? {
         RevokeRequest {
@@ -148,18 +143,11 @@ async fn revoke(
             agent: Some(a),
         } => st.identity.revoke_agent(&a)?,
         _ => {
-            return Err(IdentityError::Invalid(
-                "give exactly one of jti or agent".into(),
-            ));
+            return Err(IdentityError::Invalid("give exactly one of jti or agent".into()).into());
         }
     }
     bump(&st.revocations);
     Ok(StatusCode::NO_CONTENT)
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct IntrospectRequest {
-    token: String,
 }
 
 /// RFC 7662: `active: false` and nothing else for any token that does not verify.
@@ -167,7 +155,7 @@ async fn introspect(
     State(st): S,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Response, IdentityError> {
+) -> ApiResult<Json<Introspection>> {
     require_service(&st, &headers)?;
     let is_json = headers
         .get(header::CONTENT_TYPE)
@@ -180,18 +168,13 @@ async fn introspect(
         serde_urlencoded::from_bytes(&body)
             .map_err(|e| IdentityError::Invalid(format!("request body: {e}")))?
     };
-    let answer = match st.identity.verify(&req.token, None) {
-        Ok(c) => json!({
-            "active": true, "token_type": "Bearer", "iss": c.iss, "sub": c.sub, "aud": c.aud,
-            "iat": c.iat, "nbf": c.nbf, "exp": c.exp, "jti": c.jti, "scope": c.scopes.join(" "),
-            "agent": c.agent, "vm_id": c.vm_id, "image_root_hash": c.image_root_hash,
-        }),
-        Err(_) => json!({ "active": false }),
-    };
-    Ok(Json(answer).into_response())
+    Ok(Json(match st.identity.verify(&req.token, None) {
+        Ok(c) => Introspection::active(&c),
+        Err(_) => Introspection::inactive(),
+    }))
 }
 
-async fn revocations(State(st): S) -> Result<Response, IdentityError> {
+async fn revocations(State(st): S) -> ApiResult<Response> {
     Ok(Json(st.identity.revocations()?).into_response())
 }
 
@@ -199,23 +182,23 @@ async fn agent_key(
     State(st): S,
     headers: HeaderMap,
     Path(agent): Path<String>,
-) -> Result<Response, IdentityError> {
+) -> ApiResult<Json<AgentKey>> {
     require_service(&st, &headers)?;
     let public = st.identity.known_agent_key(&agent)?;
     let x = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(public);
-    Ok(
-        Json(json!({ "agent": agent, "jwk": { "kty": "OKP", "crv": "Ed25519", "x": x } }))
-            .into_response(),
-    )
+    Ok(Json(AgentKey {
+        agent,
+        jwk: Jwk::ed25519(x),
+    }))
 }
 
-async fn rotate(State(st): S, headers: HeaderMap) -> Result<Response, IdentityError> {
+async fn rotate(State(st): S, headers: HeaderMap) -> ApiResult<Json<RotatedKeys>> {
     require_service(&st, &headers)?;
-    let kid = st.identity.rotate_signing_keys()?;
-    Ok(Json(json!({ "active_kid": kid })).into_response())
+    let active_kid = st.identity.rotate_signing_keys()?;
+    Ok(Json(RotatedKeys { active_kid }))
 }
 
-async fn jwks(State(st): S) -> Result<Response, IdentityError> {
+async fn jwks(State(st): S) -> ApiResult<Response> {
     let mut resp = Json(st.identity.jwks()?).into_response();
     resp.headers_mut().insert(
         header::CACHE_CONTROL,
@@ -225,75 +208,70 @@ async fn jwks(State(st): S) -> Result<Response, IdentityError> {
     Ok(resp)
 }
 
-async fn discovery(State(st): S) -> Response {
+async fn discovery(State(st): S) -> Json<OpenIdConfiguration> {
     let iss = st.identity.config.issuer.trim_end_matches('/').to_owned();
-    Json(json!({
-        "issuer": iss,
-        "jwks_uri": format!("{iss}/.well-known/jwks.json"),
-        "introspection_endpoint": format!("{iss}/v1/introspect"),
-        "revocation_endpoint": format!("{iss}/v1/revoke"),
-        "id_token_signing_alg_values_supported": ["EdDSA"],
-        "token_endpoint_auth_methods_supported": ["client_secret_bearer"],
-        "subject_types_supported": ["public"],
-        "response_types_supported": ["token"],
-        "claims_supported": ["iss", "sub", "aud", "iat", "nbf", "exp", "jti", "agent", "vm_id", "image_root_hash", "scopes"],
-    }))
-    .into_response()
+    let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    Json(OpenIdConfiguration {
+        jwks_uri: format!("{iss}{}", routes::JWKS.path),
+        introspection_endpoint: format!("{iss}{}", routes::INTROSPECT.path),
+        revocation_endpoint: format!("{iss}{}", routes::REVOKE.path),
+        issuer: iss,
+        id_token_signing_alg_values_supported: strings(&["EdDSA"]),
+        token_endpoint_auth_methods_supported: strings(&["client_secret_bearer"]),
+        subject_types_supported: strings(&["public"]),
+        response_types_supported: strings(&["token"]),
+        claims_supported: strings(&[
+            "iss",
+            "sub",
+            "aud",
+            "iat",
+            "nbf",
+            "exp",
+            "jti",
+            "agent",
+            "vm_id",
+            "image_root_hash",
+            "scopes",
+        ]),
+    })
 }
 
 async fn metrics(State(st): S) -> Response {
-    let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-    let out = clawos_service::render_counters(&[
-        (
-            "clawos_identity_tokens_issued_total",
-            "Tokens issued.",
-            g(&st.issued),
-        ),
-        (
-            "clawos_identity_tokens_renewed_total",
-            "Tokens renewed.",
-            g(&st.renewed),
-        ),
-        (
-            "clawos_identity_revocations_total",
-            "Revocations (by jti or agent).",
-            g(&st.revocations),
-        ),
-        (
-            "clawos_identity_service_auth_refused_total",
-            "Requests refused for a missing or wrong service credential.",
-            g(&st.refused),
-        ),
-    ]);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
-}
-
-async fn fallback() -> IdentityError {
-    IdentityError::NotFound("no such route".into())
+    st.metrics.response()
 }
 
 /// The router.
 pub fn router(identity: Arc<Identity>, service_token: String) -> Router {
+    let mut registry = clawos_service::Metrics::new();
     let st = Arc::new(AppState {
         identity,
         service_token,
-        issued: Default::default(),
-        renewed: Default::default(),
-        revocations: Default::default(),
-        refused: Default::default(),
+        issued: registry.counter("clawos_identity_tokens_issued_total", "Tokens issued."),
+        renewed: registry.counter("clawos_identity_tokens_renewed_total", "Tokens renewed."),
+        revocations: registry.counter(
+            "clawos_identity_revocations_total",
+            "Revocations (by jti or agent).",
+        ),
+        refused: registry.counter(
+            "clawos_identity_service_auth_refused_total",
+            "Requests refused for a missing or wrong service credential.",
+        ),
+        metrics: registry,
     });
     Router::new()
-        .route("/v1/tokens", post(issue))
-        .route("/v1/tokens/renew", post(renew))
-        .route("/v1/revoke", post(revoke))
-        .route("/v1/introspect", post(introspect))
-        .route("/v1/revocations", get(revocations))
-        .route("/v1/agents/{agent}/key", get(agent_key))
-        .route("/v1/keys/rotate", post(rotate))
-        .route("/.well-known/jwks.json", get(jwks))
-        .route("/.well-known/openid-configuration", get(discovery))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
-        .fallback(fallback)
+        .at(routes::ISSUE, issue)
+        .at(routes::RENEW, renew)
+        .at(routes::REVOKE, revoke)
+        .at(routes::INTROSPECT, introspect)
+        .at(routes::REVOCATIONS, revocations)
+        .at(routes::AGENT_KEY, agent_key)
+        .at(routes::ROTATE_KEYS, rotate)
+        .at(routes::JWKS, jwks)
+        .at(routes::DISCOVERY, discovery)
+        .at(routes::HEALTHZ, || async { "ok\n" })
+        .at(routes::METRICS, metrics)
+        .fallback(clawos_service::http::no_such_route)
         .with_state(st)
+        .layer(axum::middleware::map_response(www_authenticate))
+        .layer(axum::middleware::from_fn(clawos_service::http::request_id))
 }

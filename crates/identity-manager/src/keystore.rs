@@ -77,17 +77,11 @@ impl MasterKey {
         }
     }
 
-    /// Writes the key to a new file (0600, fsynced), replacing a stale one.
+    /// Writes the key to `path` (0600), replacing a stale file: atomically, so a crash
+    /// leaves the old file or the whole new key, never a truncated one.
     pub fn write_new_file(&self, path: &Path) -> Result<(), IdentityError> {
-        let _ = fs::remove_file(path);
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| IdentityError::MasterKey(format!("create {}: {e}", path.display())))?;
-        f.write_all(format!("{}\n", hex::encode(self.0)).as_bytes())
-            .and_then(|()| f.sync_all())
+        let text = format!("{}\n", hex::encode(self.0));
+        clawos_service::atomic_write(path, text.as_bytes(), 0o600)
             .map_err(|e| IdentityError::MasterKey(format!("write {}: {e}", path.display())))
     }
 

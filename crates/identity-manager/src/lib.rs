@@ -5,6 +5,9 @@
 //! (signing keys and each agent's own key pair) are sealed with AES-256-GCM under a
 //! key derived from a persistent master key; a wrong master key stops the service
 //! before it changes anything.
+//!
+//! [`identity`] owns keys and tokens in the store, [`keystore`] the master key, [`http`]
+//! serves the API whose routes and wire types are `clawos_identity_manager_api`.
 
 pub mod http;
 pub mod identity;
@@ -15,7 +18,7 @@ use std::path::PathBuf;
 pub use identity::{Identity, IssuerConfig};
 pub use keystore::{MasterKey, MasterKeySource};
 
-/// Errors; each maps to one HTTP status.
+/// Errors of the service; `http` maps each to one HTTP status and error code.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// Bad input (400).
@@ -30,6 +33,16 @@ pub enum IdentityError {
     /// The master key is malformed, exposed, or does not open the store (startup).
     #[error("master key: {0}")]
     MasterKey(String),
+    /// The key store's database failed (500).
+    #[error("database: {0}")]
+    Database(#[source] rusqlite::Error),
+    /// A file operation on the store failed (500).
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     /// Anything else (500).
     #[error("{0}")]
     Internal(String),
@@ -141,8 +154,7 @@ pub async fn run(
         .map_err(|e| IdentityError::Internal(format!("cannot listen on {}: {e}", cfg.addr)))?;
     tracing::info!(addr = %cfg.addr, store = %cfg.db_path.display(), issuer = %cfg.issuer.issuer, "identity-manager listening");
     let app = http::router(std::sync::Arc::new(identity), cfg.service_token);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+    clawos_service::http::serve(listener, app, shutdown, clawos_service::http::DRAIN_TIMEOUT)
         .await
         .map_err(|e| IdentityError::Internal(format!("HTTP server: {e}")))
 }

@@ -3,24 +3,26 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use clawos_identity_manager::{Config, IssuerConfig, MasterKeySource};
 
 /// Per-agent Ed25519 JWTs, JWKS + OIDC discovery, encrypted key store (port 2082).
 #[derive(Debug, Parser)]
 #[command(name = "identity-manager", version)]
 struct Args {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
     /// Listen address.
     #[arg(long, env = "CLAWOS_IDENTITY_ADDR", default_value = "127.0.0.1:2082")]
     addr: String,
     /// State directory (the key store lives in `<dir>/identity/`).
-    #[arg(long, env = "CLAWOS_STATE_DIR")]
+    #[arg(long, global = true, env = "CLAWOS_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Master key, 64 hex characters.
     #[arg(long, env = "CLAWOS_MASTER_KEY", hide_env_values = true)]
     master_key: Option<String>,
     /// Master key file (created 0600 on first start) [default: <state>/identity/master.key].
-    #[arg(long, env = "CLAWOS_MASTER_KEY_PATH")]
+    #[arg(long, global = true, env = "CLAWOS_MASTER_KEY_PATH")]
     master_key_path: Option<PathBuf>,
     /// Issuer URL (`iss`, discovery base).
     #[arg(long, env = "CLAWOS_IDENTITY_ISSUER")]
@@ -31,15 +33,37 @@ struct Args {
     /// Service credential file [default: <state>/identity/service.token, created 0600].
     #[arg(long, env = "CLAWOS_IDENTITY_SERVICE_TOKEN_PATH")]
     service_token_path: Option<PathBuf>,
+    #[command(flatten)]
+    log: clawos_service::LogArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Re-seal every stored private key under a new master key kept in the master key
+    /// file (the service must be stopped; crash-safe). `clawos identity
+    /// rotate-master-key` runs this.
+    RotateMasterKey,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    clawos_service::init_tracing(false);
+    clawos_service::init_tracing(args.log.format());
     let state = args
         .state_dir
         .unwrap_or_else(clawos_service::default_state_dir);
     let dir = state.join("identity");
+    if let Some(Cmd::RotateMasterKey) = args.cmd {
+        let key = args
+            .master_key_path
+            .unwrap_or_else(|| dir.join("master.key"));
+        let (n, v) =
+            clawos_identity_manager::rotate_master_key_file(&dir.join("identity.db"), &key)?;
+        println!(
+            "re-sealed {n} keys under a new master key (version {v}) in {}",
+            key.display()
+        );
+        return Ok(());
+    }
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .with_context(|| format!("chmod 700 {}", dir.display()))?;
@@ -70,8 +94,9 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(clawos_identity_manager::run(cfg, async {
-        let _ = tokio::signal::ctrl_c().await;
-    }))?;
+    rt.block_on(clawos_identity_manager::run(
+        cfg,
+        clawos_service::shutdown_signal(),
+    ))?;
     Ok(())
 }

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use clawos_inference_proxy_api::UsageRow;
 use rusqlite::{Connection, params};
 use serde::Serialize;
 
@@ -242,11 +243,11 @@ fn writer(
 }
 
 /// Usage totals per agent and model since `since_ms` (for `GET /v1/usage`).
-pub fn usage_since(
+pub fn usage_rows(
     db_path: &Path,
     since_ms: u64,
     agent: Option<&str>,
-) -> Result<Vec<serde_json::Value>, LedgerError> {
+) -> Result<Vec<UsageRow>, LedgerError> {
     let db = Connection::open(db_path).map_err(|e| LedgerError(e.to_string()))?;
     let mut st = db
         .prepare(
@@ -258,16 +259,32 @@ pub fn usage_since(
         .map_err(|e| LedgerError(e.to_string()))?;
     let rows = st
         .query_map(params![since_ms, agent], |r| {
-            Ok(serde_json::json!({
-                "agent": r.get::<_, String>(0)?, "model": r.get::<_, String>(1)?,
-                "requests": r.get::<_, u64>(2)?, "input_tokens": r.get::<_, u64>(3)?,
-                "output_tokens": r.get::<_, u64>(4)?, "cache_creation_input_tokens": r.get::<_, u64>(5)?,
-                "cache_read_input_tokens": r.get::<_, u64>(6)?,
-            }))
+            Ok(UsageRow {
+                agent: r.get(0)?,
+                model: r.get(1)?,
+                requests: r.get(2)?,
+                input_tokens: r.get(3)?,
+                output_tokens: r.get(4)?,
+                cache_creation_input_tokens: r.get(5)?,
+                cache_read_input_tokens: r.get(6)?,
+            })
         })
         .map_err(|e| LedgerError(e.to_string()))?;
     rows.collect::<Result<_, _>>()
         .map_err(|e| LedgerError(e.to_string()))
+}
+
+/// [`usage_rows`] as the JSON `GET /v1/usage` serves, for tools and tests that read
+/// the ledger as JSON.
+pub fn usage_since(
+    db_path: &Path,
+    since_ms: u64,
+    agent: Option<&str>,
+) -> Result<Vec<serde_json::Value>, LedgerError> {
+    usage_rows(db_path, since_ms, agent)?
+        .iter()
+        .map(|r| serde_json::to_value(r).map_err(|e| LedgerError(e.to_string())))
+        .collect()
 }
 
 /// Tokens per agent since `since_ms` (seeds the daily budgets at start-up).

@@ -5,6 +5,10 @@
 //! replaces the credential with the host's real provider key, passes the answer or the
 //! SSE stream through unbuffered, and records usage as the upstream reported it in a
 //! SQLite ledger and a JSONL audit trail.
+//!
+//! The LLM endpoints answer errors in Anthropic's and OpenAI's own shapes (agents use
+//! those SDKs); the operator API (`clawos_inference_proxy_api`: usage, health,
+//! metrics) answers the one ClawOS error body.
 
 pub mod config;
 pub mod ledger;
@@ -14,8 +18,13 @@ pub mod usage;
 
 use std::sync::Arc;
 
-use axum::Router;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
 use axum::routing::{get, post};
+use axum::{Json, Router};
+use clawos_inference_proxy_api::{UsageQuery, UsageReport, routes};
+use clawos_service::http::{ErrorResponse, RouterExt};
 
 pub use config::{ConfigError, ProxyConfig};
 
@@ -34,21 +43,13 @@ pub enum ServeError {
     Http(#[source] std::io::Error),
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct UsageQuery {
-    #[serde(default)]
-    since_ms: u64,
-    agent: Option<String>,
-}
-
 /// `GET /v1/usage`: operators only (agents reach this proxy too, and must not read
 /// each other's usage).
 async fn usage(
-    axum::extract::State(p): axum::extract::State<Arc<proxy::Proxy>>,
-    headers: axum::http::HeaderMap,
-    axum::extract::Query(q): axum::extract::Query<UsageQuery>,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
+    State(p): State<Arc<proxy::Proxy>>,
+    headers: HeaderMap,
+    q: Result<Query<UsageQuery>, QueryRejection>,
+) -> Result<Json<UsageReport>, ErrorResponse> {
     let ok = clawos_service::bearer_matches(
         headers
             .get(axum::http::header::AUTHORIZATION)
@@ -56,41 +57,35 @@ async fn usage(
         &p.admin_token,
     );
     if !ok {
-        return (
-            axum::http::StatusCode::UNAUTHORIZED,
-            axum::Json(serde_json::json!({"error": "unauthorized", "message": "usage needs the operator credential (<state>/proxy/admin.token)"})),
-        )
-            .into_response();
+        return Err(ErrorResponse::unauthorized(
+            "usage needs the operator credential (<state>/proxy/admin.token)",
+        ));
     }
-    match ledger::usage_since(&p.ledger.db_path, q.since_ms, q.agent.as_deref()) {
-        Ok(rows) => axum::Json(serde_json::json!({ "usage": rows })).into_response(),
-        Err(e) => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
+    let Query(q) = q.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
+    let usage = ledger::usage_rows(&p.ledger.db_path, q.since_ms, q.agent.as_deref())
+        .map_err(|e| ErrorResponse::internal(e.to_string()))?;
+    Ok(Json(UsageReport { usage }))
 }
 
-/// The router.
+/// The router: the agent-facing LLM APIs, which answer errors in their vendors' own
+/// shapes (agents use those SDKs), and the operator API of
+/// `clawos_inference_proxy_api::routes`, which answers the one ClawOS error body.
 pub fn router(p: Arc<proxy::Proxy>) -> Router {
+    let operator = Router::new()
+        .at(routes::USAGE, usage)
+        .at(routes::HEALTHZ, || async { "ok\n" })
+        .at(
+            routes::METRICS,
+            |State(p): State<Arc<proxy::Proxy>>| async move { p.metrics.response() },
+        )
+        .fallback(clawos_service::http::no_such_route)
+        .layer(axum::middleware::from_fn(clawos_service::http::request_id));
     Router::new()
         .route("/v1/messages", post(proxy::messages))
         .route("/v1/messages/count_tokens", post(proxy::count_tokens))
         .route("/v1/chat/completions", post(proxy::chat_completions))
         .route("/v1/models", get(proxy::models))
-        .route("/v1/usage", get(usage))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/metrics",
-            get(
-                |axum::extract::State(p): axum::extract::State<Arc<proxy::Proxy>>| async move {
-                    (
-                        [(
-                            axum::http::header::CONTENT_TYPE,
-                            "text/plain; version=0.0.4",
-                        )],
-                        p.metrics.render(),
-                    )
-                },
-            ),
-        )
+        .merge(operator)
         .with_state(p)
 }
 
@@ -147,10 +142,14 @@ pub async fn run(
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    axum::serve(listener, router(Arc::clone(&p)))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServeError::Http)?;
+    clawos_service::http::serve(
+        listener,
+        router(Arc::clone(&p)),
+        shutdown,
+        clawos_service::http::DRAIN_TIMEOUT,
+    )
+    .await
+    .map_err(ServeError::Http)?;
     drop(p);
     Ok(())
 }

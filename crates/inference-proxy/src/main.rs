@@ -55,11 +55,13 @@ struct Args {
         default_value = "https://api.anthropic.com"
     )]
     anthropic_url: String,
+    #[command(flatten)]
+    log: clawos_service::LogArgs,
 }
 
 fn main() -> Result<()> {
     let a = Args::parse();
-    clawos_service::init_tracing(false);
+    clawos_service::init_tracing(a.log.format());
     let state = a
         .state_dir
         .unwrap_or_else(clawos_service::default_state_dir);
@@ -105,8 +107,9 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(clawos_inference_proxy::run(cfg, async {
-        let _ = tokio::signal::ctrl_c().await;
-    }))?;
+    rt.block_on(clawos_inference_proxy::run(
+        cfg,
+        clawos_service::shutdown_signal(),
+    ))?;
     Ok(())
 }

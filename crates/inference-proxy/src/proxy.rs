@@ -10,6 +10,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use clawos_agent_token::Verifier;
+use clawos_service::metrics::Counter;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -35,63 +36,66 @@ impl std::fmt::Debug for AgentAuth {
     }
 }
 
-/// Counters for `/metrics`.
-#[derive(Debug, Default)]
+/// Counters for `/metrics`, in the proxy's registry.
+#[derive(Debug)]
 pub struct Metrics {
-    pub requests: std::sync::atomic::AtomicU64,
-    pub auth_failures: std::sync::atomic::AtomicU64,
-    pub rate_limited: std::sync::atomic::AtomicU64,
-    pub budget_refused: std::sync::atomic::AtomicU64,
-    pub upstream_errors: std::sync::atomic::AtomicU64,
-    pub input_tokens: std::sync::atomic::AtomicU64,
-    pub output_tokens: std::sync::atomic::AtomicU64,
+    registry: clawos_service::Metrics,
+    pub requests: Counter,
+    pub auth_failures: Counter,
+    pub rate_limited: Counter,
+    pub budget_refused: Counter,
+    pub upstream_errors: Counter,
+    pub input_tokens: Counter,
+    pub output_tokens: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut r = clawos_service::Metrics::new();
+        Self {
+            requests: r.counter(
+                "clawos_proxy_requests_total",
+                "Requests forwarded upstream.",
+            ),
+            auth_failures: r.counter(
+                "clawos_proxy_auth_failures_total",
+                "Requests refused for their credential.",
+            ),
+            rate_limited: r.counter(
+                "clawos_proxy_rate_limited_total",
+                "Requests refused by the per-agent RPM limit.",
+            ),
+            budget_refused: r.counter(
+                "clawos_proxy_budget_refused_total",
+                "Requests refused by a token budget.",
+            ),
+            upstream_errors: r.counter(
+                "clawos_proxy_upstream_errors_total",
+                "Requests whose upstream failed or broke off.",
+            ),
+            input_tokens: r.counter(
+                "clawos_proxy_input_tokens_total",
+                "Input tokens charged (incl. cache).",
+            ),
+            output_tokens: r.counter("clawos_proxy_output_tokens_total", "Output tokens charged."),
+            registry: r,
+        }
+    }
 }
 
 impl Metrics {
-    fn add(c: &std::sync::atomic::AtomicU64, n: u64) {
-        c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    fn add(c: &Counter, n: u64) {
+        c.inc_by(n);
     }
 
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
-        let g = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        clawos_service::render_counters(&[
-            (
-                "clawos_proxy_requests_total",
-                "Requests forwarded upstream.",
-                g(&self.requests),
-            ),
-            (
-                "clawos_proxy_auth_failures_total",
-                "Requests refused for their credential.",
-                g(&self.auth_failures),
-            ),
-            (
-                "clawos_proxy_rate_limited_total",
-                "Requests refused by the per-agent RPM limit.",
-                g(&self.rate_limited),
-            ),
-            (
-                "clawos_proxy_budget_refused_total",
-                "Requests refused by a token budget.",
-                g(&self.budget_refused),
-            ),
-            (
-                "clawos_proxy_upstream_errors_total",
-                "Requests whose upstream failed or broke off.",
-                g(&self.upstream_errors),
-            ),
-            (
-                "clawos_proxy_input_tokens_total",
-                "Input tokens charged (incl. cache).",
-                g(&self.input_tokens),
-            ),
-            (
-                "clawos_proxy_output_tokens_total",
-                "Output tokens charged.",
-                g(&self.output_tokens),
-            ),
-        ])
+        self.registry.render()
+    }
+
+    /// The answer to `GET /metrics`.
+    pub fn response(&self) -> Response {
+        self.registry.response()
     }
 }
 

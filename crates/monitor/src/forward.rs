@@ -232,10 +232,8 @@ pub fn saved_inode(offset_file: &std::path::Path) -> u64 {
 }
 
 fn save_position(path: &std::path::Path, inode: u64, offset: u64) {
-    let tmp = path.with_extension("tmp");
-    if std::fs::write(&tmp, format!("{inode} {offset}")).is_ok() {
-        let _ = std::fs::rename(&tmp, path);
-    }
+    // A failed save is retried at the next one; at worst a restart re-sends lines.
+    let _ = clawos_service::atomic_write(path, format!("{inode} {offset}").as_bytes(), 0o600);
 }
 
 /// Runs a forwarder until `stop`. `report_drops(n)` records a `forward_drops` event.

@@ -12,13 +12,20 @@
 //!   bounded backlog turns into counted, reported drops.
 //! - [`ingest`]: the audit streams of the VMs' guests (`clawos-audit` inside each VM,
 //!   over vsock, relayed by vm-launcher): checked, de-duplicated, gaps reported.
-//! - [`daemon`]: configuration, the recorder thread and the HTTP API.
+//! - [`recorder`]: the one thread that writes the JSONL trail (numbering, alerts, drop
+//!   reports, acknowledgements to guests, rotation); [`trail`]: its files.
+//! - [`watches`]: what the kernel follows, under which tag, persisted across restarts.
+//! - [`http`]: the REST API (routes and wire types in `clawos-monitor-api`).
+//! - [`daemon`]: configuration, start-up and shutdown of all of the above.
 
 pub mod cef;
 pub mod daemon;
 pub mod event;
 pub mod forward;
+pub mod http;
 pub mod ingest;
 pub use clawos_syscall_probe::probe;
+pub mod recorder;
 pub mod rules;
 pub mod trail;
+pub mod watches;

@@ -55,15 +55,14 @@ struct Args {
     /// Rules file (JSON: `{"default": {"deny": [...]}, "agents": {"a1": {"allow": [...]}}}`).
     #[arg(long)]
     rules: Option<PathBuf>,
-    /// Log as JSON.
-    #[arg(long)]
-    log_json: bool,
+    #[command(flatten)]
+    log: clawos_service::LogArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = Args::parse();
-    clawos_service::init_tracing(a.log_json);
+    clawos_service::init_tracing(a.log.format());
     let state_dir = a
         .state_dir
         .unwrap_or_else(clawos_service::default_state_dir);
@@ -95,18 +94,7 @@ async fn main() -> anyhow::Result<()> {
         rotate_bytes: a.rotate_bytes,
         rotate_keep: a.rotate_keep,
     };
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        }
-    };
-    daemon::run(cfg, async {
-        tokio::select! { _ = shutdown => {}, _ = term => {} }
-    })
-    .await
-    .context("monitor-daemon")
+    daemon::run(cfg, clawos_service::shutdown_signal())
+        .await
+        .context("monitor-daemon")
 }

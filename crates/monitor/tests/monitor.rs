@@ -621,7 +621,28 @@ fn the_api_needs_the_operator_credential_and_validates_watches() {
     let d = Daemon::start(state.path(), &[]);
     let url = format!("{}/v1/watch", d.url);
     let body = r#"{"pid":1,"agent":"a"}"#;
-    assert_eq!(http("POST", &url, None, Some(body)).0, 401);
+    let (status, text) = http("POST", &url, None, Some(body));
+    assert_eq!(status, 401);
+    // Every error is the one ClawOS error body, with the request's id.
+    let error_of = |text: &str| {
+        let v: serde_json::Value = serde_json::from_str(text).expect("an error body");
+        assert_eq!(
+            v["error"]["request_id"].as_str().map(str::len),
+            Some(32),
+            "{v}"
+        );
+        v["error"]["code"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(error_of(&text), "unauthorized");
+    let (status, text) = http("GET", &format!("{}/v1/nothing", d.url), None, None);
+    assert_eq!((status, error_of(&text).as_str()), (404, "not_found"));
+    let (status, text) = http(
+        "DELETE",
+        &format!("{url}?pid=4000000"),
+        Some(&d.token),
+        None,
+    );
+    assert_eq!((status, error_of(&text).as_str()), (404, "not_found"));
     assert_eq!(http("POST", &url, Some("wrong"), Some(body)).0, 401);
     assert_eq!(
         http("GET", &format!("{}/v1/events", d.url), None, None).0,
@@ -636,6 +657,7 @@ fn the_api_needs_the_operator_credential_and_validates_watches() {
     ] {
         let (status, text) = http("POST", &url, Some(&d.token), Some(bad));
         assert!(status == 400 || status == 422, "{bad}: {status} {text}");
+        assert_eq!(error_of(&text), "invalid_request", "{bad}");
     }
     let mode = {
         use std::os::unix::fs::PermissionsExt;
@@ -646,6 +668,42 @@ fn the_api_needs_the_operator_credential_and_validates_watches() {
             & 0o777
     };
     assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn the_typed_client_uses_the_daemons_routes_and_error_codes() {
+    if cannot_trace() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(state.path(), &[]);
+    let mut sleeper = Command::new("sleep").arg("30").spawn().expect("sleep");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client = clawos_monitor_api::MonitorClient::new(&d.url, &d.token);
+    let req = clawos_monitor_api::WatchRequest {
+        pid: Some(sleeper.id()),
+        cgroup: None,
+        agent: "typed".into(),
+        vm: Some("vm-typed".into()),
+    };
+    rt.block_on(client.watch(&req)).expect("watch");
+    assert_eq!(rt.block_on(client.watches()).expect("list"), vec![req]);
+    rt.block_on(client.events(Some("typed"), 0, 10))
+        .expect("events");
+    rt.block_on(client.unwatch_pid(sleeper.id()))
+        .expect("unwatch");
+    let e = rt
+        .block_on(client.unwatch_pid(sleeper.id()))
+        .expect_err("no such watch any more");
+    assert_eq!((e.status(), e.code()), (Some(404), "not_found"), "{e}");
+    let wrong = clawos_monitor_api::MonitorClient::new(&d.url, "wrong");
+    let e = rt.block_on(wrong.watches()).expect_err("wrong token");
+    assert_eq!((e.status(), e.code()), (Some(401), "unauthorized"), "{e}");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
 }
 
 #[test]

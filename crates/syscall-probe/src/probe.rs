@@ -127,8 +127,9 @@ impl Maps {
 }
 
 /// Loads the program with a ring buffer of `ring_bytes` and runs `on_event` for every
-/// record, in batches: `on_batch` after each drain. Returns only on error; the maps
-/// are handed out through `ready` once everything is attached.
+/// record, in batches: `on_batch` after each drain. Returns on error, or once `stop`
+/// is set and the ring is drained a last time; the maps are handed out through `ready`
+/// once everything is attached.
 pub fn run(
     ring_bytes: u32,
     ready: std::sync::mpsc::Sender<Result<Maps, ProbeError>>,
@@ -216,5 +217,9 @@ pub fn run(
         ring.consume().map_err(load("consume"))?;
         on_batch();
     }
+    // What was emitted between the last drain and the stop is still in the ring: a
+    // stopping daemon records it too.
+    ring.consume().map_err(load("consume"))?;
+    on_batch();
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! The guest → host audit stream: what `clawos-audit` inside a VM sends to the host's
-//! monitor-daemon over vsock (host port 2084, `clawos_guest::protocol::AUDIT_PORT`;
+//! monitor-daemon over vsock (host port 2084, `clawos_guest_protocol::frames::AUDIT_PORT`;
 //! vm-launcher relays it).
 //!
 //! Every frame is a little-endian `u32` body length, then the body, whose first byte is

@@ -44,6 +44,8 @@ pub struct Config {
     pub public_key: Option<VerifyingKey>,
     /// Inference proxy URL on the host (`CLAWOS_INFERENCE_PROXY_URL`).
     pub inference_proxy_url: String,
+    /// `host:port` the LLM relay connects to, from that URL.
+    pub inference_proxy_authority: String,
     /// monitor-daemon to register each VM's processes with (`CLAWOS_MONITOR_URL`).
     pub monitor_url: Option<String>,
     /// Hypervisor backend.
@@ -65,6 +67,9 @@ pub struct Config {
     pub runtime_disk_mib: u64,
     /// Size of each VM's `/workspace` disk.
     pub workspace_disk_mib: u64,
+    /// How often a starting VM is asked whether it is ready (its supervisor is woken by
+    /// its process's exit and by requests; only readiness needs asking).
+    pub ready_probe_interval: Duration,
 }
 
 /// Raw settings as given (flags or environment), before validation.
@@ -157,19 +162,18 @@ impl RawConfig {
                 d.display()
             )));
         }
-        if !(self.inference_proxy_url.starts_with("http://")
-            || self.inference_proxy_url.starts_with("https://"))
-        {
-            return Err(ConfigError(format!(
-                "CLAWOS_INFERENCE_PROXY_URL {:?} is not an http(s) URL",
-                self.inference_proxy_url
-            )));
-        }
+        let inference_proxy_authority =
+            url_authority(&self.inference_proxy_url).ok_or_else(|| {
+                ConfigError(format!(
+                    "CLAWOS_INFERENCE_PROXY_URL {:?} is not an http(s) URL with a host (e.g. http://127.0.0.1:11435)",
+                    self.inference_proxy_url
+                ))
+            })?;
         if let Some(u) = &self.monitor_url
-            && !u.starts_with("http://")
+            && !(u.starts_with("http://") && url_authority(u).is_some())
         {
             return Err(ConfigError(format!(
-                "CLAWOS_MONITOR_URL {u:?} is not an http URL"
+                "CLAWOS_MONITOR_URL {u:?} is not an http URL with a host (e.g. http://127.0.0.1:2084)"
             )));
         }
         let qemu = find_in_path(&self.qemu_bin);
@@ -272,18 +276,59 @@ impl RawConfig {
             pinned_root_hash: self.pinned_root_hash.map(|h| h.to_ascii_lowercase()),
             public_key,
             inference_proxy_url: self.inference_proxy_url,
+            inference_proxy_authority,
             monitor_url: self.monitor_url,
             backend,
             qemu_bin,
             firecracker_bin,
             vhost_vsock_bin,
             jailer,
-            stop_timeout: std::time::Duration::from_secs(self.stop_timeout_secs),
-            boot_timeout: std::time::Duration::from_secs(self.boot_timeout_secs),
+            stop_timeout: Duration::from_secs(self.stop_timeout_secs),
+            boot_timeout: Duration::from_secs(self.boot_timeout_secs),
             runtime_disk_mib: 256,
             workspace_disk_mib: 1024,
+            ready_probe_interval: Duration::from_millis(200),
         })
     }
+}
+
+/// `host:port` of an http(s) URL (the scheme's port when none is given); `None` when
+/// it is not one or names no host.
+pub fn url_authority(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let auth = rest.split(['/', '?', '#']).next()?;
+    if auth.is_empty() || auth.contains('@') {
+        return None;
+    }
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let (host, port) = match auth.strip_prefix('[') {
+        Some(v6) => {
+            let (addr, rest) = v6.split_once(']')?;
+            let port = match rest {
+                "" => None,
+                r => Some(r.strip_prefix(':')?),
+            };
+            (addr, port)
+        }
+        None => match auth.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (auth, None),
+        },
+    };
+    let port = match port {
+        None => default_port,
+        Some(p) => p.parse::<u16>().ok().filter(|&p| p != 0)?,
+    };
+    if host.is_empty() {
+        return None;
+    }
+    Some(match auth.starts_with('[') {
+        true => format!("[{host}]:{port}"),
+        false => format!("{host}:{port}"),
+    })
 }
 
 #[cfg(test)]
@@ -303,6 +348,28 @@ mod tests {
             stop_timeout_secs: 5,
             boot_timeout_secs: 5,
             ..RawConfig::default()
+        }
+    }
+
+    #[test]
+    fn proxy_authority() {
+        for (url, want) in [
+            ("http://127.0.0.1:11435", Some("127.0.0.1:11435")),
+            ("http://proxy.local/v1", Some("proxy.local:80")),
+            ("https://proxy.local", Some("proxy.local:443")),
+            ("https://[::1]:8443/x", Some("[::1]:8443")),
+            ("http://[::1]", Some("[::1]:80")),
+            ("nonsense", None),
+            ("ftp://x:21", None),
+            ("http://", None),
+            ("http:///v1", None),
+            ("http://:80", None),
+            ("http://h:0", None),
+            ("http://h:99999", None),
+            ("http://h:x", None),
+            ("http://user@h", None),
+        ] {
+            assert_eq!(url_authority(url).as_deref(), want, "{url}");
         }
     }
 
@@ -347,6 +414,13 @@ mod tests {
                     ..raw()
                 },
                 "CLAWOS_INFERENCE_PROXY_URL",
+            ),
+            (
+                RawConfig {
+                    inference_proxy_url: "http:///v1".into(),
+                    ..raw()
+                },
+                "with a host",
             ),
             (
                 RawConfig {

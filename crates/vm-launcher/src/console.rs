@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use clawos_guest::marker::{FATAL, POWEROFF, READY};
+use clawos_guest_protocol::marker::{FATAL, POWEROFF, READY};
 
 /// Incremental reader of a console log that spots the ready marker.
 #[derive(Debug, Default)]

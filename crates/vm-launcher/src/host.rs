@@ -42,6 +42,48 @@ impl ProcessId {
     }
 }
 
+impl ProcessId {
+    /// Resolves when this exact process has ended (at once if it already has). Woken
+    /// by the kernel through a pidfd, not by polling; the start time is checked after
+    /// the pidfd is open, so a recycled pid is never waited on.
+    pub async fn exited(&self) {
+        let Some(fd) = pidfd_open(self.pid) else {
+            return;
+        };
+        if !self.is_alive() {
+            return;
+        }
+        // SAFETY: `fd` is an OwnedFd moved into the AsyncFd, so it stays open and is the
+        // same descriptor until the AsyncFd is dropped.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        };
+        match registered {
+            // A pidfd becomes readable when its process exits.
+            Ok(afd) => drop(afd.readable().await),
+            Err(e) => {
+                tracing::warn!(pid = self.pid, error = %e, "cannot watch the process through its pidfd; polling it");
+                while self.is_alive() {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// A pidfd for `pid`, or `None` if there is no such process.
+fn pidfd_open(pid: u32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1; no
+    // memory is passed.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just returned this descriptor to us and nothing else owns it.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as std::os::fd::RawFd) })
+}
+
 /// Total host memory in MiB.
 pub fn mem_total_mib() -> u64 {
     fs::read_to_string("/proc/meminfo")

@@ -1,41 +1,50 @@
-//! The REST API (see `clawos_vm_launcher_api` for the routes and wire types).
+//! The REST API: the routes of `clawos_vm_launcher_api::routes`, served by the
+//! [`Launcher`]. Every error leaves through `impl From<LauncherError> for
+//! ErrorResponse`.
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use clawos_guest::protocol::{CHUNK, ExecRequest, Kind, Op, Reply};
-use clawos_vm_launcher_api::{ExecEvent, ExecStart, FileEntry, STDERR, STDOUT};
-use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
-
-use crate::vsock::VsockError;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::{Json, Router};
+use clawos_guest_protocol::frames::{CHUNK, ExecRequest, Kind, Op, Reply};
+use clawos_service::http::{ErrorResponse, RouterExt};
 use clawos_vm_launcher_api::{
-    ApiError, CONSOLE_OFFSET_HEADER, CreateSnapshot, RestoreVm, Snapshot, StartVm,
+    CONSOLE_OFFSET_HEADER, ConsoleQuery, CreateSnapshot, ExecEvent, ExecStart, FileEntry,
+    FileQuery, RestoreVm, STDERR, STDOUT, Snapshot, StartVm, routes,
 };
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
 
 use crate::LauncherError;
 use crate::launcher::Launcher;
+use crate::vsock::VsockError;
+
+/// The one place a domain error becomes an HTTP status and error code.
+impl From<LauncherError> for ErrorResponse {
+    fn from(e: LauncherError) -> Self {
+        match e {
+            LauncherError::Invalid(m) => Self::invalid(m),
+            LauncherError::NotFound(m) => Self::not_found(m),
+            LauncherError::Conflict(m) => {
+                Self::new(StatusCode::CONFLICT, clawos_api::code::CONFLICT, m)
+            }
+            LauncherError::ImageRefused { code, message } => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+            }
+            e @ (LauncherError::Io { .. } | LauncherError::Internal(_)) => {
+                Self::internal(e.to_string())
+            }
+        }
+    }
+}
 
 impl IntoResponse for LauncherError {
     fn into_response(self) -> Response {
-        let (status, code) = match &self {
-            Self::Invalid(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
-            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            Self::ImageRefused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "image_refused"),
-            Self::Io { .. } | Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        };
-        let body = ApiError {
-            code: code.into(),
-            message: self.to_string(),
-        };
-        (status, Json(body)).into_response()
+        ErrorResponse::from(self).into_response()
     }
 }
 
@@ -77,16 +86,10 @@ async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct ConsoleQuery {
-    #[serde(default)]
-    offset: u64,
-}
-
 async fn console(
     State(l): State<AppState>,
     Path(name): Path<String>,
-    q: Result<Query<ConsoleQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<ConsoleQuery>, QueryRejection>,
 ) -> Result<Response, LauncherError> {
     let Query(q) = q.map_err(|e| LauncherError::Invalid(e.body_text()))?;
     let (bytes, next) = l.console(&name, q.offset)?;
@@ -100,11 +103,8 @@ async fn console(
     Ok(resp)
 }
 
-async fn metrics(State(l): State<AppState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        l.metrics_text(),
-    )
+async fn metrics(State(l): State<AppState>) -> Response {
+    l.metrics_response()
 }
 
 async fn fallback() -> LauncherError {
@@ -114,28 +114,27 @@ async fn fallback() -> LauncherError {
 /// The launcher's router.
 pub fn router(launcher: Arc<Launcher>) -> Router {
     Router::new()
-        .route("/v1/vms", post(start).get(list))
-        .route("/v1/vms/{name}", get(get_vm).delete(delete))
-        .route("/v1/vms/{name}/stop", post(stop))
-        .route("/v1/vms/{name}/console", get(console))
-        .route("/v1/vms/{name}/pause", post(pause))
-        .route("/v1/vms/{name}/resume", post(resume))
-        .route(
-            "/v1/vms/{name}/snapshots",
-            post(create_snapshot).get(list_snapshots),
-        )
-        .route(
-            "/v1/vms/{name}/snapshots/{tag}",
-            axum::routing::delete(delete_snapshot),
-        )
-        .route("/v1/vms/{name}/restore", post(restore))
-        .route("/v1/vms/{name}/exec", get(exec))
-        .route("/v1/vms/{name}/gateway", get(gateway))
-        .route("/v1/vms/{name}/files", get(get_file).put(put_file))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics))
+        .at(routes::START, start)
+        .at(routes::LIST, list)
+        .at(routes::GET, get_vm)
+        .at(routes::DELETE, delete)
+        .at(routes::STOP, stop)
+        .at(routes::CONSOLE, console)
+        .at(routes::PAUSE, pause)
+        .at(routes::RESUME, resume)
+        .at(routes::CREATE_SNAPSHOT, create_snapshot)
+        .at(routes::LIST_SNAPSHOTS, list_snapshots)
+        .at(routes::DELETE_SNAPSHOT, delete_snapshot)
+        .at(routes::RESTORE, restore)
+        .at(routes::EXEC, exec)
+        .at(routes::GATEWAY, gateway)
+        .at(routes::GET_FILE, get_file)
+        .at(routes::PUT_FILE, put_file)
+        .at(routes::HEALTHZ, || async { "ok\n" })
+        .at(routes::METRICS, metrics)
         .fallback(fallback)
         .with_state(launcher)
+        .layer(axum::middleware::from_fn(clawos_service::http::request_id))
 }
 
 async fn pause(
@@ -203,17 +202,10 @@ fn guest_error(e: VsockError) -> LauncherError {
     }
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct FileQuery {
-    path: String,
-    #[serde(default)]
-    list: bool,
-}
-
 async fn put_file(
     State(l): State<AppState>,
     Path(name): Path<String>,
-    q: Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<FileQuery>, QueryRejection>,
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<StatusCode, LauncherError> {
@@ -267,7 +259,7 @@ async fn put_file(
 async fn get_file(
     State(l): State<AppState>,
     Path(name): Path<String>,
-    q: Result<Query<FileQuery>, axum::extract::rejection::QueryRejection>,
+    q: Result<Query<FileQuery>, QueryRejection>,
 ) -> Result<Response, LauncherError> {
     let Query(q) = q.map_err(|e| LauncherError::Invalid(e.body_text()))?;
     let guest = l.guest(&name, "copy files from")?;
@@ -461,11 +453,11 @@ async fn exec_session(mut socket: WebSocket, guest: crate::vsock::GuestClient) {
             m = socket.recv() => match m {
                 Some(Ok(Message::Binary(b))) => {
                     for part in b.chunks(CHUNK) {
-                        let _ = writer.write_all(&clawos_guest::protocol::encode(Kind::Stdin, part)).await;
+                        let _ = writer.write_all(&clawos_guest_protocol::frames::encode(Kind::Stdin, part)).await;
                     }
                 }
                 Some(Ok(Message::Text(t))) if t.contains("\"eof\"") => {
-                    let _ = writer.write_all(&clawos_guest::protocol::encode(Kind::End, &[])).await;
+                    let _ = writer.write_all(&clawos_guest_protocol::frames::encode(Kind::End, &[])).await;
                 }
                 Some(Ok(_)) => {}
                 // Client gone: returning drops the guest connection, which kills the command.
@@ -485,7 +477,7 @@ async fn gateway(
 ) -> Result<Response, LauncherError> {
     let guest = l.guest(&name, "reach the gateway of")?;
     let (reader, writer) = guest
-        .connect(clawos_guest::protocol::GATEWAY_PORT)
+        .connect(clawos_guest_protocol::frames::GATEWAY_PORT)
         .await
         .map_err(|e| LauncherError::Internal(e.to_string()))?;
     Ok(ws.on_upgrade(move |socket| tunnel(socket, reader, writer)))
@@ -522,6 +514,114 @@ async fn tunnel(
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
                 Some(Ok(_)) => {}
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use clawos_api::code;
+    use clawos_image::ImageError;
+
+    use super::*;
+
+    #[test]
+    fn an_image_refusal_keeps_what_failed_as_its_code() {
+        let cases = [
+            (
+                ImageError::HashMismatch {
+                    what: "kernel",
+                    path: PathBuf::from("/i/vmlinuz"),
+                    expected: "a".into(),
+                    actual: "b".into(),
+                },
+                code::IMAGE_HASH_MISMATCH,
+            ),
+            (
+                ImageError::SignatureMismatch { pubkey: "k".into() },
+                code::IMAGE_BAD_SIGNATURE,
+            ),
+            (
+                ImageError::SignatureSyntax {
+                    path: PathBuf::from("/i/manifest.sig"),
+                },
+                code::IMAGE_BAD_SIGNATURE,
+            ),
+            (
+                ImageError::Unsigned {
+                    path: PathBuf::from("/i/manifest.sig"),
+                },
+                code::IMAGE_UNSIGNED,
+            ),
+            (
+                ImageError::RootfsSize {
+                    path: PathBuf::from("/i/rootfs.img"),
+                    expected: 1,
+                    actual: 2,
+                },
+                code::IMAGE_SIZE_MISMATCH,
+            ),
+            (
+                ImageError::RootHashPin {
+                    expected: "a".into(),
+                    actual: "b".into(),
+                },
+                code::IMAGE_ROOT_HASH_MISMATCH,
+            ),
+            (
+                ImageError::ManifestVersion {
+                    path: PathBuf::from("/i/manifest.json"),
+                    found: 9,
+                },
+                code::IMAGE_INVALID,
+            ),
+        ];
+        for (e, want) in cases {
+            let message = e.to_string();
+            let r = ErrorResponse::from(LauncherError::image_refused(&e));
+            assert_eq!(
+                (r.status, r.code, r.message.as_str()),
+                (StatusCode::UNPROCESSABLE_ENTITY, want, message.as_str())
+            );
+            assert_eq!(clawos_api::exit_code(r.code), 5);
+        }
+        let r = ErrorResponse::from(LauncherError::image_unbootable("no vmlinux".into()));
+        assert_eq!(r.code, code::IMAGE_INVALID);
+    }
+
+    #[test]
+    fn state_and_lookup_errors_keep_their_codes() {
+        for (e, status, want, exit) in [
+            (
+                LauncherError::NotFound("no VM x".into()),
+                StatusCode::NOT_FOUND,
+                code::NOT_FOUND,
+                3,
+            ),
+            (
+                LauncherError::Conflict("x is running".into()),
+                StatusCode::CONFLICT,
+                code::CONFLICT,
+                4,
+            ),
+            (
+                LauncherError::Invalid("bad".into()),
+                StatusCode::BAD_REQUEST,
+                code::INVALID_REQUEST,
+                1,
+            ),
+            (
+                LauncherError::Internal("boom".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                code::INTERNAL,
+                1,
+            ),
+        ] {
+            let r = ErrorResponse::from(e);
+            assert_eq!((r.status, r.code), (status, want));
+            assert_eq!(clawos_api::exit_code(r.code), exit);
         }
     }
 }

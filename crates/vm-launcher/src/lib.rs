@@ -2,9 +2,15 @@
 //!
 //! Life cycle: verify (signature over the manifest, sha256 of kernel and initramfs,
 //! pinned root hash) → prepare the VM's own disks → boot on a [`backend::Hypervisor`]
-//! → watch the console for readiness and the process for its end → stop (clean
+//! → a per-VM [`supervisor`] follows readiness and the process's end → stop (clean
 //! power-off, then kill). State lives in files under the state directory, so a
 //! restarted launcher re-adopts VMs whose hypervisor is still the same process.
+//!
+//! Layers, top down: [`http`] (REST) → [`launcher`] (the façade: one method per
+//! operation) → [`registry`] (records, the [`state`] machine, waiting on a state) and
+//! [`supervisor`] (one task per running VM) → [`backend`] (QEMU, Firecracker, and a
+//! [`backend::fake`] for tests) with [`store`] and [`snapshot`] (files) and [`relays`]
+//! (the VM's links to the host's other services).
 
 pub mod backend;
 pub mod config;
@@ -12,8 +18,13 @@ pub mod console;
 pub mod host;
 pub mod http;
 pub mod launcher;
+pub mod names;
+pub mod registry;
+pub mod relays;
 pub mod snapshot;
+pub mod state;
 pub mod store;
+pub mod supervisor;
 pub mod validate;
 pub mod vsock;
 
@@ -24,7 +35,7 @@ use std::sync::Arc;
 pub use config::{BackendKind, Config, RawConfig};
 pub use launcher::Launcher;
 
-/// Errors of launcher operations; each maps to one HTTP status.
+/// Errors of launcher operations; `http` maps each to one HTTP status and error code.
 #[derive(Debug, thiserror::Error)]
 pub enum LauncherError {
     /// Bad input (400).
@@ -36,9 +47,11 @@ pub enum LauncherError {
     /// The VM's state does not allow the operation (409).
     #[error("{0}")]
     Conflict(String),
-    /// Image verification failed; nothing was started (422).
-    #[error("{0}")]
-    ImageRefused(String),
+    /// The image failed verification, or the backend cannot boot it; nothing was
+    /// started (422). `code` says what failed (one of the `image_*` codes of
+    /// `clawos_api::code`), so clients can tell a bad signature from a changed file.
+    #[error("{message}")]
+    ImageRefused { code: &'static str, message: String },
     /// File system failure (500).
     #[error("{path}: {source}")]
     Io {
@@ -57,6 +70,41 @@ impl LauncherError {
             path: path.to_owned(),
             source,
         }
+    }
+
+    /// An image refused by verification, keeping what failed as its code.
+    pub fn image_refused(e: &clawos_image::ImageError) -> Self {
+        Self::ImageRefused {
+            code: image_code(e),
+            message: e.to_string(),
+        }
+    }
+
+    /// An image that verified but that the backend cannot boot (e.g. Firecracker and a
+    /// bundle without a `vmlinux`).
+    pub fn image_unbootable(message: String) -> Self {
+        Self::ImageRefused {
+            code: clawos_api::code::IMAGE_INVALID,
+            message,
+        }
+    }
+}
+
+/// The API error code of an image refusal: which part of the chain of trust failed.
+pub fn image_code(e: &clawos_image::ImageError) -> &'static str {
+    use clawos_api::code;
+    use clawos_image::ImageError as E;
+    match e {
+        E::Unsigned { .. } => code::IMAGE_UNSIGNED,
+        E::SignatureMismatch { .. } | E::SignatureSyntax { .. } => code::IMAGE_BAD_SIGNATURE,
+        E::HashMismatch { .. } => code::IMAGE_HASH_MISMATCH,
+        E::RootfsSize { .. } => code::IMAGE_SIZE_MISMATCH,
+        E::RootHashPin { .. } => code::IMAGE_ROOT_HASH_MISMATCH,
+        E::Read { .. }
+        | E::ManifestSyntax { .. }
+        | E::ManifestVersion { .. }
+        | E::Key { .. }
+        | E::Write { .. } => code::IMAGE_INVALID,
     }
 }
 
@@ -79,16 +127,16 @@ pub enum ServeError {
 }
 
 /// Builds the backend the configuration chose.
-pub fn backend_for(cfg: &Config) -> Box<dyn backend::Hypervisor> {
+pub fn backend_for(cfg: &Config) -> Arc<dyn backend::Hypervisor> {
     match cfg.backend {
-        BackendKind::Qemu => Box::new(backend::qemu::Qemu {
+        BackendKind::Qemu => Arc::new(backend::qemu::Qemu {
             bin: cfg.qemu_bin.clone(),
             kvm: host::has_hardware_kvm(),
             tsc_khz: host::tsc_khz(),
             vhost_vsock: cfg.vhost_vsock_bin.clone(),
             qboot: Some(PathBuf::from(backend::qemu::QBOOT_ROM)).filter(|p| p.exists()),
         }),
-        BackendKind::Firecracker => Box::new(backend::firecracker::Firecracker {
+        BackendKind::Firecracker => Arc::new(backend::firecracker::Firecracker {
             bin: cfg.firecracker_bin.clone(),
             jailer: cfg.jailer.clone(),
         }),
@@ -126,9 +174,13 @@ pub async fn serve(
         "vm-launcher listening"
     );
     let launcher: Arc<Launcher> = Launcher::new(cfg, backend)?;
-    axum::serve(listener, http::router(launcher))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServeError::Http)?;
+    clawos_service::http::serve(
+        listener,
+        http::router(launcher),
+        shutdown,
+        clawos_service::http::DRAIN_TIMEOUT,
+    )
+    .await
+    .map_err(ServeError::Http)?;
     Ok(())
 }

@@ -75,14 +75,13 @@ struct Args {
     /// Seconds a guest gets to report ready before it is failed.
     #[arg(long, default_value_t = 180)]
     boot_timeout: u64,
-    /// Log as JSON lines.
-    #[arg(long, env = "CLAWOS_LOG_JSON")]
-    log_json: bool,
+    #[command(flatten)]
+    log: clawos_service::LogArgs,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    clawos_service::init_tracing(args.log_json);
+    clawos_service::init_tracing(args.log.format());
     let state_dir = args
         .state_dir
         .unwrap_or_else(clawos_service::default_state_dir);
@@ -122,11 +121,6 @@ fn main() -> Result<()> {
 }
 
 async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    clawos_service::shutdown_signal().await;
     tracing::info!("shutting down; VMs keep running and are re-adopted on the next start");
 }

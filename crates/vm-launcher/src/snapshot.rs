@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use clawos_vm_launcher_api::Snapshot;
 
 use crate::LauncherError;
+use crate::names::SnapshotTag;
 use crate::store::VmDir;
 
 /// The record of a snapshot inside its directory.
@@ -47,8 +48,8 @@ pub struct SnapshotDir {
 }
 
 impl SnapshotDir {
-    /// The final directory of `tag` (the tag is validated by the caller).
-    pub fn new(vm: &VmDir, tag: &str) -> Self {
+    /// The final directory of `tag`.
+    pub fn new(vm: &VmDir, tag: &SnapshotTag) -> Self {
         Self {
             root: vm.snapshots().join(tag),
             relative: format!("snapshots/{tag}"),
@@ -56,7 +57,7 @@ impl SnapshotDir {
     }
 
     /// The directory a snapshot of `tag` is built in.
-    pub fn staging(vm: &VmDir, tag: &str) -> Self {
+    pub fn staging(vm: &VmDir, tag: &SnapshotTag) -> Self {
         Self {
             root: vm.snapshots().join(format!(".{tag}.saving")),
             relative: format!("snapshots/.{tag}.saving"),
@@ -75,7 +76,7 @@ impl SnapshotDir {
 
 /// Creates the staging directory for `tag` (0700), replacing leftovers of an earlier
 /// failed attempt.
-pub fn begin(vm: &VmDir, tag: &str) -> Result<SnapshotDir, LauncherError> {
+pub fn begin(vm: &VmDir, tag: &SnapshotTag) -> Result<SnapshotDir, LauncherError> {
     let parent = vm.snapshots();
     fs::DirBuilder::new()
         .recursive(true)
@@ -110,9 +111,10 @@ pub fn commit(
 ) -> Result<SnapshotDir, LauncherError> {
     let json = serde_json::to_vec_pretty(record)
         .map_err(|e| LauncherError::Internal(format!("snapshot record: {e}")))?;
-    crate::store::write_atomic(&staging.record(), &json, 0o600)
+    clawos_service::atomic_write(&staging.record(), &json, 0o600)
         .map_err(|e| LauncherError::io(&staging.record(), e))?;
-    let done = SnapshotDir::new(vm, &record.tag);
+    let tag = SnapshotTag::parse(&record.tag)?;
+    let done = SnapshotDir::new(vm, &tag);
     fs::rename(&staging.root, &done.root).map_err(|e| LauncherError::io(&done.root, e))?;
     sync_dir(&vm.snapshots());
     Ok(done)
@@ -156,10 +158,11 @@ pub fn list(vm: &VmDir) -> Vec<Snapshot> {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
+        // Snapshots being built or deleted start with a dot, which no tag does.
+        let Ok(tag) = SnapshotTag::parse(&name) else {
             continue;
-        }
-        match SnapshotDir::new(vm, &name).load() {
+        };
+        match SnapshotDir::new(vm, &tag).load() {
             Ok(s) => out.push(s),
             Err(err) => {
                 tracing::warn!(snapshot = %name, error = %err, "unreadable snapshot record")
@@ -172,7 +175,7 @@ pub fn list(vm: &VmDir) -> Vec<Snapshot> {
 
 /// Deletes a snapshot (renamed away first, so a crash mid-delete never leaves a
 /// half-deleted snapshot that looks complete).
-pub fn remove(vm: &VmDir, tag: &str) -> Result<(), LauncherError> {
+pub fn remove(vm: &VmDir, tag: &SnapshotTag) -> Result<(), LauncherError> {
     let dir = SnapshotDir::new(vm, tag).root;
     let doomed = vm.snapshots().join(format!(".{tag}.deleting"));
     fs::rename(&dir, &doomed).map_err(|e| LauncherError::io(&dir, e))?;
@@ -304,7 +307,8 @@ mod tests {
         for (i, f) in carried_files(&vm).iter().enumerate() {
             fs::write(f, format!("v1-{i}")).expect("test file operation");
         }
-        let staging = begin(&vm, "t1").expect("test file operation");
+        let t1 = SnapshotTag::parse("t1").expect("tag");
+        let staging = begin(&vm, &t1).expect("test file operation");
         copy_disks_in(&vm, &staging).expect("test file operation");
         assert!(
             list(&vm).is_empty(),
@@ -342,7 +346,7 @@ mod tests {
                 format!("v1-{i}")
             );
         }
-        remove(&vm, "t1").expect("test file operation");
+        remove(&vm, &t1).expect("test file operation");
         assert!(list(&vm).is_empty());
     }
 }

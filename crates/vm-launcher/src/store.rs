@@ -3,7 +3,7 @@
 //! `runtime.img` and `workspace.img`, and `config.img` (the agent's environment).
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,6 +12,7 @@ use clawos_vm_launcher_api::{Vm, VmState};
 
 use crate::LauncherError;
 use crate::host::ProcessId;
+use crate::names::VmName;
 
 /// What the launcher persists about a VM.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -73,7 +74,7 @@ pub struct VmDir {
 }
 
 impl VmDir {
-    pub fn new(vms: &Path, name: &str) -> Self {
+    pub fn new(vms: &Path, name: &VmName) -> Self {
         Self {
             root: vms.join(name),
         }
@@ -110,7 +111,7 @@ impl VmDir {
         let mut f = fs::File::open("/dev/urandom")?;
         std::io::Read::read_exact(&mut f, &mut bytes)?;
         let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-        write_atomic(&self.secret(), hex.as_bytes(), 0o600)?;
+        clawos_service::atomic_write(&self.secret(), hex.as_bytes(), 0o600)?;
         Ok(hex)
     }
 
@@ -126,7 +127,7 @@ impl VmDir {
     /// Writes the record atomically (temp file, fsync, rename).
     pub fn save(&self, record: &VmRecord) -> io::Result<()> {
         let json = serde_json::to_vec_pretty(record).map_err(io::Error::other)?;
-        write_atomic(&self.record(), &json, 0o600)
+        clawos_service::atomic_write(&self.record(), &json, 0o600)
     }
 
     pub fn load(&self) -> io::Result<VmRecord> {
@@ -135,7 +136,7 @@ impl VmDir {
     }
 
     pub fn write_pid(&self, p: ProcessId) -> io::Result<()> {
-        write_atomic(
+        clawos_service::atomic_write(
             &self.pid(),
             format!("{} {}\n", p.pid, p.start_time).as_bytes(),
             0o600,
@@ -154,19 +155,6 @@ impl VmDir {
     pub fn remove_pid(&self) {
         let _ = fs::remove_file(self.pid());
     }
-}
-
-pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)
 }
 
 fn mkfs_ext4(path: &Path, label: &str, mib: u64) -> Result<(), LauncherError> {
@@ -205,7 +193,7 @@ fn mkfs_ext4(path: &Path, label: &str, mib: u64) -> Result<(), LauncherError> {
 /// renamed, so a failure leaves nothing behind.
 pub fn create(
     vms: &Path,
-    name: &str,
+    name: &VmName,
     runtime_mib: u64,
     workspace_mib: u64,
 ) -> Result<VmDir, LauncherError> {
@@ -240,7 +228,7 @@ pub fn write_config_disk(dir: &VmDir, env: &str) -> Result<(), LauncherError> {
         ));
     }
     data.resize(4096, 0);
-    write_atomic(&dir.config_disk(), &data, 0o600)
+    clawos_service::atomic_write(&dir.config_disk(), &data, 0o600)
         .map_err(|e| LauncherError::io(&dir.config_disk(), e))
 }
 
@@ -262,7 +250,7 @@ pub fn rotate_console(dir: &VmDir) -> Result<(), LauncherError> {
 
 /// Removes a VM directory (renamed away first, so a crash mid-delete leaves no
 /// half-deleted VM that looks real).
-pub fn remove(vms: &Path, name: &str) -> Result<(), LauncherError> {
+pub fn remove(vms: &Path, name: &VmName) -> Result<(), LauncherError> {
     let dir = vms.join(name);
     let doomed = vms.join(format!(".{name}.deleting"));
     fs::rename(&dir, &doomed).map_err(|e| LauncherError::io(&dir, e))?;

@@ -1,50 +1,10 @@
-//! Validation at the edge: a VM name is never a path, sizes are bounded by the host.
+//! Validation at the edge of values that are not names (those are [`crate::names`]):
+//! a model cannot inject lines, sizes are bounded by the host.
 
 use crate::LauncherError;
 
-/// Maximum VM name length (a DNS label).
-pub const MAX_NAME: usize = 63;
 /// Smallest guest memory that boots the agent image.
 pub const MIN_MEM_MIB: u32 = 128;
-
-/// `[a-z0-9-]`, 1–63 characters, not starting or ending with `-`.
-pub fn name(name: &str) -> Result<(), LauncherError> {
-    label("VM name", name)
-}
-
-/// A snapshot tag: the same rules as a VM name (it names a directory, so it is never a
-/// path either).
-pub fn snapshot_tag(tag: &str) -> Result<(), LauncherError> {
-    label("snapshot tag", tag)
-}
-
-fn label(what: &str, name: &str) -> Result<(), LauncherError> {
-    let bad = |why: &str| {
-        Err(LauncherError::Invalid(format!(
-            "invalid {what} {:?}: {why}",
-            name.chars().take(80).collect::<String>()
-        )))
-    };
-    if name.is_empty() {
-        return bad("empty");
-    }
-    if name.len() > MAX_NAME {
-        return bad(&format!(
-            "{} characters, at most {MAX_NAME}",
-            name.chars().count()
-        ));
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return bad("only lowercase a-z, digits and '-' are allowed");
-    }
-    if name.starts_with('-') || name.ends_with('-') {
-        return bad("must not start or end with '-'");
-    }
-    Ok(())
-}
 
 /// A model name goes into the guest's environment file: no line breaks or shell
 /// metacharacters.
@@ -87,28 +47,6 @@ pub fn resources(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names() {
-        for good in ["a", "my-agent", "agent-007", &"a".repeat(63)] {
-            assert!(name(good).is_ok(), "{good}");
-        }
-        for bad in [
-            "",
-            "../x",
-            "x/y",
-            "A",
-            "é",
-            "-a",
-            "a-",
-            ".",
-            "a b",
-            &"a".repeat(64),
-            &"a".repeat(200),
-        ] {
-            assert!(name(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn models_cannot_inject_lines() {

@@ -1,12 +1,12 @@
 //! Host side of the hybrid vsock (Firecracker's model, also what `vhost-device-vsock`
 //! gives QEMU): connect to the VM's Unix socket, send `CONNECT <port>\n`, read
-//! `OK <n>\n`, then speak [`clawos_guest::protocol`] with the guest agent.
+//! `OK <n>\n`, then speak [`clawos_guest_protocol::frames`] with the guest agent.
 
 use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clawos_guest::protocol::{self, CONTROL_PORT, Kind, Op, Reply, Request};
+use clawos_guest_protocol::frames::{self as protocol, CONTROL_PORT, Kind, Op, Reply, Request};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 

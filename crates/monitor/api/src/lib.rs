@@ -1,24 +1,40 @@
-//! monitor-daemon's REST API: one definition of its wire types, used by the daemon, by
-//! vm-launcher (which registers its VMs' processes) and by `clawos audit tail`.
+//! monitor-daemon's REST API, owned here once: its route table ([`routes`]), its wire
+//! types (audit events, watches, queries, the guest stream header) and
+//! [`MonitorClient`], used by the daemon itself, by vm-launcher (which registers its
+//! VMs' processes and relays guest streams), by `clawos audit tail` and by the tests.
 //!
-//! | method | path | |
-//! |---|---|---|
-//! | POST | `/v1/watch` | [`WatchRequest`] → 201: watch a pid (and its children) or a cgroup |
-//! | DELETE | `/v1/watch?pid=N` or `?cgroup=PATH` | → 204 |
-//! | GET | `/v1/watch` | → `[WatchRequest]` |
-//! | GET | `/v1/events?agent=A&after=SEQ&limit=N` | → `[AuditEvent]` from the JSONL trail |
-//! | GET | `/metrics`, `/healthz` | Prometheus text; liveness |
+//! | route | body / query → answer |
+//! |---|---|
+//! | [`routes::WATCH`] | [`WatchRequest`] → 201 [`WatchAdded`]: watch a pid (and its children) or a cgroup |
+//! | [`routes::UNWATCH`] | [`UnwatchQuery`] (`?pid=N` or `?cgroup=PATH`) → 204 |
+//! | [`routes::WATCHES`] | → `[WatchRequest]` |
+//! | [`routes::EVENTS`] | [`EventsQuery`] (`?agent=A&after=SEQ&limit=N`) → `[AuditEvent]` from the JSONL trail |
+//! | [`routes::METRICS`], [`routes::HEALTHZ`] | Prometheus text; liveness |
 //!
 //! `/v1/*` needs `Authorization: Bearer <token>`, the token being
-//! `<state>/monitor/admin.token` (0600).
+//! `<state>/monitor/admin.token` (0600). Errors are `clawos_api::ErrorBody`.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use clawos_api::ClientError;
+use clawos_api::HttpClient;
 use serde::{Deserialize, Serialize};
 
 /// Default address of the daemon.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:2084";
+
+/// The route table, mounted by the daemon and called by [`MonitorClient`].
+pub mod routes {
+    use clawos_api::Route;
+
+    pub const WATCH: Route = Route::post("/v1/watch");
+    pub const UNWATCH: Route = Route::delete("/v1/watch");
+    pub const WATCHES: Route = Route::get("/v1/watch");
+    pub const EVENTS: Route = Route::get("/v1/events");
+    pub const METRICS: Route = Route::get("/metrics");
+    pub const HEALTHZ: Route = Route::get("/healthz");
+}
 
 /// What an audit line records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -218,81 +234,72 @@ impl GuestStreamHeader {
     }
 }
 
-/// Errors of the client.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The daemon answered with an error.
-    #[error("monitor-daemon: {message} (HTTP {status})")]
-    Api { status: u16, message: String },
-    /// The daemon could not be reached or answered garbage.
-    #[error("cannot talk to monitor-daemon at {url}: {source}")]
-    Transport {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
+/// The answer to [`routes::WATCH`]: the tag the watch's events carry in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchAdded {
+    pub tag: u32,
+}
+
+/// The query of [`routes::UNWATCH`]: the pid or the cgroup whose watches end.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnwatchQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<PathBuf>,
+}
+
+/// The query of [`routes::EVENTS`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventsQuery {
+    /// Only this agent's events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// Events with a larger sequence number.
+    #[serde(default)]
+    pub after: u64,
+    /// At most this many (default 1000, at most 10 000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
 }
 
 /// A typed client.
 #[derive(Debug, Clone)]
 pub struct MonitorClient {
-    base: String,
-    token: String,
-    http: reqwest::Client,
+    http: HttpClient,
 }
 
-impl MonitorClient {
-    pub fn new(base: &str, token: &str) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(30))
-            .build()
-            .unwrap_or_default();
-        Self {
-            base: base.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
-            http,
-        }
-    }
+/// Longest wait for any answer: the daemon answers from memory or its trail file.
+const TIMEOUT: Duration = Duration::from_secs(30);
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
-        let transport = |source| ClientError::Transport {
-            url: self.base.clone(),
-            source,
-        };
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .map_err(transport)?;
-        if resp.status().is_success() {
-            return Ok(resp);
+impl MonitorClient {
+    /// A client of the daemon at `base`, presenting the operator `token`.
+    pub fn new(base: &str, token: &str) -> Self {
+        Self {
+            http: HttpClient::new("monitor-daemon", base).with_token(token),
         }
-        let status = resp.status().as_u16();
-        let text = resp.text().await.map_err(transport)?;
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_owned))
-            .unwrap_or(text);
-        Err(ClientError::Api { status, message })
     }
 
     /// Starts watching a process or cgroup.
     pub async fn watch(&self, req: &WatchRequest) -> Result<(), ClientError> {
-        self.send(self.http.post(format!("{}/v1/watch", self.base)).json(req))
-            .await
-            .map(drop)
+        let r = self.http.request(routes::WATCH, &[]).timeout(TIMEOUT);
+        self.http.send(r.json(req)).await.map(drop)
     }
 
     /// Stops watching a process.
     pub async fn unwatch_pid(&self, pid: u32) -> Result<(), ClientError> {
-        self.send(
-            self.http
-                .delete(format!("{}/v1/watch", self.base))
-                .query(&[("pid", pid)]),
-        )
-        .await
-        .map(drop)
+        let q = UnwatchQuery {
+            pid: Some(pid),
+            cgroup: None,
+        };
+        let r = self.http.request(routes::UNWATCH, &[]).timeout(TIMEOUT);
+        self.http.send(r.query(&q)).await.map(drop)
+    }
+
+    /// The active watches.
+    pub async fn watches(&self) -> Result<Vec<WatchRequest>, ClientError> {
+        let r = self.http.request(routes::WATCHES, &[]).timeout(TIMEOUT);
+        self.http.json(r).await
     }
 
     /// Events after sequence number `after`, optionally of one agent.
@@ -302,18 +309,13 @@ impl MonitorClient {
         after: u64,
         limit: usize,
     ) -> Result<Vec<AuditEvent>, ClientError> {
-        let mut q = vec![("after", after.to_string()), ("limit", limit.to_string())];
-        if let Some(a) = agent {
-            q.push(("agent", a.to_owned()));
-        }
-        self.send(self.http.get(format!("{}/v1/events", self.base)).query(&q))
-            .await?
-            .json()
-            .await
-            .map_err(|source| ClientError::Transport {
-                url: self.base.clone(),
-                source,
-            })
+        let q = EventsQuery {
+            agent: agent.map(str::to_owned),
+            after,
+            limit: Some(limit),
+        };
+        let r = self.http.request(routes::EVENTS, &[]).timeout(TIMEOUT);
+        self.http.json(r.query(&q)).await
     }
 }
 

@@ -1,41 +1,77 @@
-//! The vm-launcher REST API: one definition of its wire types, used by the server and by
-//! [`LauncherClient`].
+//! The vm-launcher REST API: one definition of its routes ([`routes`]) and wire types,
+//! used by the server and by [`LauncherClient`], whose WebSocket clients ([`exec`],
+//! [`tunnel`]) run commands in a VM and tunnel TCP to its agent gateway.
 //!
-//! | method | path | body → answer |
-//! |---|---|---|
-//! | POST | `/v1/vms` | [`StartVm`] → 202 [`Vm`] (create if new, start if stopped; 409 if running) |
-//! | GET | `/v1/vms` | → `[Vm]` |
-//! | GET | `/v1/vms/{name}` | → [`Vm`] |
-//! | POST | `/v1/vms/{name}/stop` | → [`Vm`] once stopped |
-//! | DELETE | `/v1/vms/{name}` | → 204 (409 while running) |
-//! | GET | `/v1/vms/{name}/console?offset=N` | → console bytes from N; `x-console-offset` is the next N |
-//! | POST | `/v1/vms/{name}/pause`, `/resume` | → [`Vm`] |
-//! | POST | `/v1/vms/{name}/snapshots` | [`CreateSnapshot`] → 201 [`Snapshot`] (memory, CPU and disks; the VM keeps running) |
-//! | GET | `/v1/vms/{name}/snapshots` | → `[Snapshot]` |
-//! | DELETE | `/v1/vms/{name}/snapshots/{tag}` | → 204 |
-//! | POST | `/v1/vms/{name}/restore` | [`RestoreVm`] → 202 [`Vm`] (VM must be stopped; disks return to the snapshot's) |
-//! | GET (WebSocket) | `/v1/vms/{name}/exec` | [`ExecStart`], stdin, → output frames, [`ExecEvent`] |
-//! | GET (WebSocket) | `/v1/vms/{name}/gateway` | raw TCP to the agent gateway (guest port 18789), binary messages |
-//! | PUT | `/v1/vms/{name}/files?path=P` | file bytes (Content-Length required) → 204 |
-//! | GET | `/v1/vms/{name}/files?path=P` | → file bytes |
-//! | GET | `/v1/vms/{name}/files?path=P&list=true` | → `[FileEntry]` |
-//! | GET | `/healthz`, `/metrics` | liveness; Prometheus text |
+//! | route | body → answer |
+//! |---|---|
+//! | [`routes::START`] `POST /v1/vms` | [`StartVm`] → 202 [`Vm`] (create if new, start if stopped; 409 if running) |
+//! | [`routes::LIST`] `GET /v1/vms` | → `[Vm]` |
+//! | [`routes::GET`] `GET /v1/vms/{name}` | → [`Vm`] |
+//! | [`routes::STOP`] `POST /v1/vms/{name}/stop` | → [`Vm`] once stopped |
+//! | [`routes::DELETE`] `DELETE /v1/vms/{name}` | → 204 (409 while running) |
+//! | [`routes::CONSOLE`] `GET /v1/vms/{name}/console?offset=N` | → console bytes from N; `x-console-offset` is the next N |
+//! | [`routes::PAUSE`], [`routes::RESUME`] `POST /v1/vms/{name}/pause`, `/resume` | → [`Vm`] |
+//! | [`routes::CREATE_SNAPSHOT`] `POST /v1/vms/{name}/snapshots` | [`CreateSnapshot`] → 201 [`Snapshot`] (memory, CPU and disks; the VM keeps running) |
+//! | [`routes::LIST_SNAPSHOTS`] `GET /v1/vms/{name}/snapshots` | → `[Snapshot]` |
+//! | [`routes::DELETE_SNAPSHOT`] `DELETE /v1/vms/{name}/snapshots/{tag}` | → 204 |
+//! | [`routes::RESTORE`] `POST /v1/vms/{name}/restore` | [`RestoreVm`] → 202 [`Vm`] (VM must be stopped; disks return to the snapshot's) |
+//! | [`routes::EXEC`] `GET /v1/vms/{name}/exec` (WebSocket) | [`ExecStart`], stdin, → output frames, [`ExecEvent`] |
+//! | [`routes::GATEWAY`] `GET /v1/vms/{name}/gateway` (WebSocket) | raw TCP to the agent gateway (guest port 18789), binary messages |
+//! | [`routes::PUT_FILE`] `PUT /v1/vms/{name}/files?path=P` | file bytes (Content-Length required) → 204 |
+//! | [`routes::GET_FILE`] `GET /v1/vms/{name}/files?path=P` | → file bytes; with `&list=true` → `[FileEntry]` |
+//! | [`routes::HEALTHZ`], [`routes::METRICS`] | liveness; Prometheus text |
 //!
 //! Exec over WebSocket: the client's first message is a text [`ExecStart`]; then binary
 //! messages are stdin and a text `{"eof":true}` closes stdin. The server sends binary
 //! messages whose first byte is [`STDOUT`] or [`STDERR`] followed by the bytes, and ends
 //! with one text [`ExecEvent`].
 //!
-//! Errors are [`ApiError`] JSON with a 4xx/5xx status.
+//! Errors are [`ErrorBody`] with a 4xx/5xx status; an image the launcher refuses to
+//! boot answers 422 with one of the `image_*` codes of `clawos_api::code`, naming what
+//! failed (signature, hash, size, pinned root hash).
 
-use std::time::Duration;
+mod client;
+pub mod exec;
+pub mod tunnel;
 
 use serde::{Deserialize, Serialize};
+
+pub use clawos_api::{ClientError, ErrorBody};
+pub use client::LauncherClient;
+pub use exec::{ExecError, ExecStatus};
+pub use tunnel::TunnelError;
 
 /// Default address of the launcher.
 pub const DEFAULT_URL: &str = "http://127.0.0.1:2080";
 /// Header carrying the next console offset.
 pub const CONSOLE_OFFSET_HEADER: &str = "x-console-offset";
+
+/// The route table, mounted by the daemon and called by [`LauncherClient`]. `{name}` is
+/// a VM's name, `{tag}` a snapshot's.
+pub mod routes {
+    use clawos_api::Route;
+
+    pub const START: Route = Route::post("/v1/vms");
+    pub const LIST: Route = Route::get("/v1/vms");
+    pub const GET: Route = Route::get("/v1/vms/{name}");
+    pub const DELETE: Route = Route::delete("/v1/vms/{name}");
+    pub const STOP: Route = Route::post("/v1/vms/{name}/stop");
+    pub const CONSOLE: Route = Route::get("/v1/vms/{name}/console");
+    pub const PAUSE: Route = Route::post("/v1/vms/{name}/pause");
+    pub const RESUME: Route = Route::post("/v1/vms/{name}/resume");
+    pub const CREATE_SNAPSHOT: Route = Route::post("/v1/vms/{name}/snapshots");
+    pub const LIST_SNAPSHOTS: Route = Route::get("/v1/vms/{name}/snapshots");
+    pub const DELETE_SNAPSHOT: Route = Route::delete("/v1/vms/{name}/snapshots/{tag}");
+    pub const RESTORE: Route = Route::post("/v1/vms/{name}/restore");
+    /// WebSocket.
+    pub const EXEC: Route = Route::get("/v1/vms/{name}/exec");
+    /// WebSocket.
+    pub const GATEWAY: Route = Route::get("/v1/vms/{name}/gateway");
+    pub const PUT_FILE: Route = Route::put("/v1/vms/{name}/files");
+    pub const GET_FILE: Route = Route::get("/v1/vms/{name}/files");
+    pub const HEALTHZ: Route = Route::get("/healthz");
+    pub const METRICS: Route = Route::get("/metrics");
+}
 
 /// Request to start an agent VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,273 +261,20 @@ pub struct FileEntry {
     pub size: u64,
 }
 
-/// Error body of every non-2xx answer.
+/// The query of [`routes::CONSOLE`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleQuery {
+    /// Byte offset in the console log to read from.
+    #[serde(default)]
+    pub offset: u64,
+}
+
+/// The query of [`routes::PUT_FILE`] and [`routes::GET_FILE`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ApiError {
-    /// Machine-readable kind: `invalid_request`, `not_found`, `conflict`,
-    /// `image_refused`, `internal`.
-    pub code: String,
-    /// What went wrong, for a person.
-    pub message: String,
-}
-
-/// Errors of the client.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// The launcher answered with an error.
-    #[error("{message} (HTTP {status}, {code})")]
-    Api {
-        status: u16,
-        code: String,
-        message: String,
-    },
-    /// The launcher could not be reached or answered garbage.
-    #[error("cannot talk to vm-launcher at {url}: {source}")]
-    Transport {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
-}
-
-impl ClientError {
-    /// HTTP status of an API error.
-    pub fn status(&self) -> Option<u16> {
-        match self {
-            Self::Api { status, .. } => Some(*status),
-            Self::Transport { .. } => None,
-        }
-    }
-}
-
-/// A typed client for the launcher.
-#[derive(Debug, Clone)]
-pub struct LauncherClient {
-    base: String,
-    http: reqwest::Client,
-}
-
-impl LauncherClient {
-    /// A client for the launcher at `base` (e.g. `http://127.0.0.1:2080`).
-    pub fn new(base: &str) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .unwrap_or_default();
-        Self {
-            base: base.trim_end_matches('/').to_owned(),
-            http,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
-        let transport = |source| ClientError::Transport {
-            url: self.base.clone(),
-            source,
-        };
-        let resp = req.send().await.map_err(transport)?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status().as_u16();
-        let body = resp.bytes().await.map_err(transport)?;
-        let err = serde_json::from_slice::<ApiError>(&body).unwrap_or_else(|_| ApiError {
-            code: "unknown".into(),
-            message: String::from_utf8_lossy(&body).into_owned(),
-        });
-        Err(ClientError::Api {
-            status,
-            code: err.code,
-            message: err.message,
-        })
-    }
-
-    async fn json<T: serde::de::DeserializeOwned>(
-        &self,
-        req: reqwest::RequestBuilder,
-    ) -> Result<T, ClientError> {
-        self.send(req)
-            .await?
-            .json()
-            .await
-            .map_err(|source| ClientError::Transport {
-                url: self.base.clone(),
-                source,
-            })
-    }
-
-    /// Creates (if new) and starts a VM.
-    pub async fn start(&self, req: &StartVm) -> Result<Vm, ClientError> {
-        self.json(self.http.post(self.url("/v1/vms")).json(req))
-            .await
-    }
-
-    /// Lists VMs.
-    pub async fn list(&self) -> Result<Vec<Vm>, ClientError> {
-        self.json(self.http.get(self.url("/v1/vms"))).await
-    }
-
-    /// One VM.
-    pub async fn get(&self, name: &str) -> Result<Vm, ClientError> {
-        self.json(self.http.get(self.url(&format!("/v1/vms/{name}"))))
-            .await
-    }
-
-    /// Stops a VM and waits until it is stopped.
-    pub async fn stop(&self, name: &str) -> Result<Vm, ClientError> {
-        self.json(
-            self.http
-                .post(self.url(&format!("/v1/vms/{name}/stop")))
-                .timeout(Duration::from_secs(120)),
-        )
-        .await
-    }
-
-    /// Deletes a stopped VM and its disks.
-    pub async fn delete(&self, name: &str) -> Result<(), ClientError> {
-        self.send(self.http.delete(self.url(&format!("/v1/vms/{name}"))))
-            .await
-            .map(drop)
-    }
-
-    /// Freezes a running VM.
-    pub async fn pause(&self, name: &str) -> Result<Vm, ClientError> {
-        self.json(self.http.post(self.url(&format!("/v1/vms/{name}/pause"))))
-            .await
-    }
-
-    /// Resumes a paused VM.
-    pub async fn resume(&self, name: &str) -> Result<Vm, ClientError> {
-        self.json(self.http.post(self.url(&format!("/v1/vms/{name}/resume"))))
-            .await
-    }
-
-    /// Snapshots a running or paused VM (it keeps its state afterwards).
-    pub async fn snapshot(
-        &self,
-        name: &str,
-        req: &CreateSnapshot,
-    ) -> Result<Snapshot, ClientError> {
-        self.json(
-            self.http
-                .post(self.url(&format!("/v1/vms/{name}/snapshots")))
-                .timeout(Duration::from_secs(600))
-                .json(req),
-        )
-        .await
-    }
-
-    /// A VM's snapshots, oldest first.
-    pub async fn snapshots(&self, name: &str) -> Result<Vec<Snapshot>, ClientError> {
-        self.json(
-            self.http
-                .get(self.url(&format!("/v1/vms/{name}/snapshots"))),
-        )
-        .await
-    }
-
-    /// Deletes one snapshot.
-    pub async fn delete_snapshot(&self, name: &str, tag: &str) -> Result<(), ClientError> {
-        self.send(
-            self.http
-                .delete(self.url(&format!("/v1/vms/{name}/snapshots/{tag}"))),
-        )
-        .await
-        .map(drop)
-    }
-
-    /// Boots a stopped VM from a snapshot; its disks return to the snapshot's.
-    pub async fn restore(&self, name: &str, req: &RestoreVm) -> Result<Vm, ClientError> {
-        self.json(
-            self.http
-                .post(self.url(&format!("/v1/vms/{name}/restore")))
-                .timeout(Duration::from_secs(600))
-                .json(req),
-        )
-        .await
-    }
-
-    /// Uploads `data` to `path` in the VM's workspace.
-    pub async fn put_file(&self, name: &str, path: &str, data: Vec<u8>) -> Result<(), ClientError> {
-        self.send(
-            self.http
-                .put(self.url(&format!("/v1/vms/{name}/files")))
-                .query(&[("path", path)])
-                .body(data),
-        )
-        .await
-        .map(drop)
-    }
-
-    /// Downloads `path` from the VM's workspace.
-    pub async fn get_file(&self, name: &str, path: &str) -> Result<Vec<u8>, ClientError> {
-        let resp = self
-            .send(
-                self.http
-                    .get(self.url(&format!("/v1/vms/{name}/files")))
-                    .query(&[("path", path)]),
-            )
-            .await?;
-        resp.bytes()
-            .await
-            .map(|b| b.to_vec())
-            .map_err(|source| ClientError::Transport {
-                url: self.base.clone(),
-                source,
-            })
-    }
-
-    /// Lists a directory in the VM's workspace.
-    pub async fn list_files(&self, name: &str, path: &str) -> Result<Vec<FileEntry>, ClientError> {
-        self.json(
-            self.http
-                .get(self.url(&format!("/v1/vms/{name}/files")))
-                .query(&[("path", path), ("list", "true")]),
-        )
-        .await
-    }
-
-    /// The WebSocket URL of a VM's exec endpoint.
-    pub fn exec_url(&self, name: &str) -> String {
-        format!("{}/v1/vms/{name}/exec", self.ws_base())
-    }
-
-    /// The WebSocket URL of a VM's gateway tunnel.
-    pub fn gateway_url(&self, name: &str) -> String {
-        format!("{}/v1/vms/{name}/gateway", self.ws_base())
-    }
-
-    fn ws_base(&self) -> String {
-        self.base
-            .replacen("https://", "wss://", 1)
-            .replacen("http://", "ws://", 1)
-    }
-
-    /// Console output from byte `offset`; returns the bytes and the next offset.
-    pub async fn console(&self, name: &str, offset: u64) -> Result<(Vec<u8>, u64), ClientError> {
-        let resp = self
-            .send(
-                self.http
-                    .get(self.url(&format!("/v1/vms/{name}/console?offset={offset}"))),
-            )
-            .await?;
-        let next = resp
-            .headers()
-            .get(CONSOLE_OFFSET_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(offset);
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|source| ClientError::Transport {
-                url: self.base.clone(),
-                source,
-            })?;
-        Ok((bytes.to_vec(), next))
-    }
+pub struct FileQuery {
+    /// A path in the VM's `/workspace` (relative, or absolute under it).
+    pub path: String,
+    /// List the directory instead of reading a file.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub list: bool,
 }

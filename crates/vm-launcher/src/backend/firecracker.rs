@@ -11,7 +11,7 @@ use hyper::body::Bytes;
 use serde_json::{Value, json};
 use tokio::process::Command;
 
-use clawos_guest::disk;
+use clawos_guest_protocol::disk;
 
 use super::{
     BackendError, BoxFuture, GUEST_CID, Hypervisor, LaunchSpec, Launched, VSOCK_SOCKET,

@@ -1,8 +1,11 @@
-//! Hypervisor backends behind one trait: QEMU `microvm` (boots here, KVM or TCG) and
-//! Firecracker (production hosts with hardware KVM).
+//! Hypervisor backends behind one trait: QEMU `microvm` (boots here, KVM or TCG),
+//! Firecracker (production hosts with hardware KVM), and a fake for the launcher's
+//! state-machine tests.
 
+pub mod fake;
 pub mod firecracker;
 pub mod qemu;
+mod qmp;
 
 use std::future::Future;
 use std::io;

@@ -1,0 +1,207 @@
+//! `clawos keygen` and `clawos image build|sign|verify`: signing keys and image bundles.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, anyhow};
+use clap::{Args, Subcommand};
+use clawos_image::{ImagePaths, KernelSource, VerifyPolicy, keys, manifest};
+
+use crate::exit::Exit;
+use crate::output::print_json;
+use crate::state_dir;
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// Build an image bundle: kernel, initramfs, erofs rootfs + dm-verity, manifest.
+    Build(BuildArgs),
+    /// Sign a bundle's manifest with an Ed25519 key.
+    Sign {
+        /// Bundle directory.
+        dir: PathBuf,
+        /// Private key [default: $CLAWOS_STATE_DIR/signing.key].
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
+    /// Verify a bundle as the launcher does before boot.
+    Verify {
+        /// Bundle directory.
+        dir: PathBuf,
+        /// Trusted public key, hex.
+        #[arg(long, env = "CLAWOS_SIGNING_PUBKEY")]
+        pubkey: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Output bundle directory [default: $CLAWOS_STATE_DIR/images/default].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Debian kernel package to fetch [default: what linux-image-cloud-amd64 depends on].
+    #[arg(long, conflicts_with = "kernel_dir")]
+    kernel_package: Option<String>,
+    /// Use an unpacked kernel tree (boot/vmlinuz-*, lib/modules/*) instead of Debian's.
+    #[arg(long)]
+    kernel_dir: Option<PathBuf>,
+    /// Directory with the static clawos-init, clawos-agent and clawos-audit [default: next to this binary].
+    #[arg(long, env = "CLAWOS_GUEST_BIN_DIR")]
+    guest_bin_dir: Option<PathBuf>,
+    /// Files to merge over the default rootfs tree.
+    #[arg(long)]
+    rootfs_overlay: Option<PathBuf>,
+    /// Image version [default: kernel release].
+    #[arg(long)]
+    version: Option<String>,
+    /// Replace an existing bundle.
+    #[arg(long)]
+    force: bool,
+    /// Also extract the ELF vmlinux, which the Firecracker backend boots.
+    #[arg(long)]
+    vmlinux: bool,
+    /// Static busybox installed as the guest's shell and coreutils.
+    #[arg(long, default_value = clawos_image::build::DEFAULT_BUSYBOX, conflicts_with = "no_busybox")]
+    busybox: PathBuf,
+    /// Build a guest without a shell.
+    #[arg(long)]
+    no_busybox: bool,
+}
+
+/// `clawos keygen`: writes a new signing key to `out` and prints its public key.
+pub fn keygen(out: Option<PathBuf>, json: bool) -> Result<(), Exit> {
+    let path = out.unwrap_or_else(|| state_dir().join("signing.key"));
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("create {}", parent.display()))
+            .map_err(|e| Exit(1, e))?;
+    }
+    let key = keys::generate(&path).map_err(|e| Exit(1, e.into()))?;
+    if json {
+        print_json(&serde_json::json!({"private_key": path, "public_key": keys::public_hex(&key)}))
+            .map_err(|e| Exit(1, e))?;
+    } else {
+        eprintln!("wrote private key {} (mode 0600)", path.display());
+        println!("{}", keys::public_hex(&key));
+    }
+    Ok(())
+}
+
+/// Where the static guest binaries are: next to this binary (an install), or in the
+/// cargo target directory for the static target (a checkout).
+fn find_guest_bin_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locate the clawos binary")?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let candidates = [
+        // A checkout: the static build beside target/{debug,release}, preferred over the
+        // dynamic builds cargo also leaves there.
+        dir.join("../x86_64-unknown-linux-gnu/release"),
+        dir.join("../../x86_64-unknown-linux-gnu/release"),
+        dir.to_path_buf(),
+    ];
+    candidates
+        .iter()
+        .find(|d| {
+            clawos_image::build::GUEST_BINS
+                .iter()
+                .all(|b| d.join(b).is_file())
+        })
+        .cloned()
+        .ok_or_else(|| {
+            anyhow!("static guest binaries not found next to {}; run scripts/build-guest.sh or pass --guest-bin-dir", exe.display())
+        })
+}
+
+pub fn run(cmd: ImageCmd, json: bool) -> Result<(), Exit> {
+    let err = |e: anyhow::Error| Exit(1, e);
+    match cmd {
+        ImageCmd::Build(a) => {
+            let kernel = match a.kernel_dir {
+                Some(d) => KernelSource::Dir(d),
+                None => KernelSource::Debian {
+                    package: a.kernel_package,
+                },
+            };
+            let guest_bin_dir = match a.guest_bin_dir {
+                Some(d) => d,
+                None => find_guest_bin_dir().map_err(err)?,
+            };
+            let opts = clawos_image::BuildOptions {
+                kernel,
+                cache_dir: state_dir().join("cache/kernel"),
+                guest_bin_dir,
+                rootfs_overlay: a.rootfs_overlay,
+                out: a.out.unwrap_or_else(|| state_dir().join("images/default")),
+                force: a.force,
+                version: a.version,
+                source_date_epoch: std::env::var("SOURCE_DATE_EPOCH")
+                    .ok()
+                    .and_then(|s| s.parse().ok()),
+                vmlinux: a.vmlinux,
+                busybox: (!a.no_busybox).then_some(a.busybox),
+            };
+            let started = Instant::now();
+            let m = clawos_image::build(&opts, &mut |msg| {
+                eprintln!("[{:>5.1}s] {msg}", started.elapsed().as_secs_f64());
+            })
+            .map_err(|e| err(e.into()))?;
+            if json {
+                print_json(&m).map_err(err)?;
+            } else {
+                println!(
+                    "built {} (root hash {})",
+                    opts.out.display(),
+                    m.verity.root_hash
+                );
+                println!("next: clawos image sign {}", opts.out.display());
+            }
+        }
+        ImageCmd::Sign { dir, key } => {
+            let key_path = key.unwrap_or_else(|| state_dir().join("signing.key"));
+            let key = keys::load(&key_path).map_err(|e| err(e.into()))?;
+            let sig = manifest::sign_bundle(&dir, &key).map_err(|e| err(e.into()))?;
+            if json {
+                print_json(
+                    &serde_json::json!({"signature": sig, "public_key": keys::public_hex(&key)}),
+                )
+                .map_err(err)?;
+            } else {
+                println!(
+                    "signed {} with public key {}",
+                    sig.display(),
+                    keys::public_hex(&key)
+                );
+            }
+        }
+        ImageCmd::Verify { dir, pubkey } => {
+            let public_key = pubkey
+                .as_deref()
+                .map(manifest::parse_public_key)
+                .transpose()
+                .map_err(|e| err(e.into()))?;
+            let signed = public_key.is_some();
+            let policy = VerifyPolicy {
+                public_key,
+                pinned_root_hash: None,
+            };
+            let m = clawos_image::verify(&ImagePaths::bundle(&dir), &policy)
+                .map_err(|e| Exit(5, e.into()))?;
+            if json {
+                print_json(
+                    &serde_json::json!({"ok": true, "signature_checked": signed, "manifest": m}),
+                )
+                .map_err(err)?;
+            } else if signed {
+                println!(
+                    "ok: signature and hashes match (root hash {})",
+                    m.verity.root_hash
+                );
+            } else {
+                println!(
+                    "ok: hashes match (root hash {}); signature NOT checked: set CLAWOS_SIGNING_PUBKEY",
+                    m.verity.root_hash
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,435 @@
+//! The recorder: one thread that owns the JSONL trail. It turns the kernel's records
+//! and the guests' streams into numbered lines, adds alerts and drop reports, flushes
+//! once per batch (then acknowledges guest events and rotates the live file), and at
+//! start repairs a torn last line and numbers on from where the trail ends.
+
+use std::cell::RefCell;
+use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, OnceLock};
+
+use clawos_service::metrics::Counter;
+
+use crate::daemon::{Config, DaemonError, Monitor};
+use crate::event::{AuditEvent, Clock, Kind, RawEvent, c_str, syscall_name};
+use crate::ingest::{GuestBody, GuestMessage, GuestStreams, Verdict};
+use crate::probe::{self, Maps};
+use crate::rules::Rules;
+use crate::trail;
+use crate::watches::Labels;
+
+/// The recorder's counters in `/metrics`.
+#[derive(Debug, Clone)]
+pub(crate) struct Counters {
+    events: Counter,
+    alerts: Counter,
+    kernel_drops: Counter,
+    /// Syscall events recorded inside VMs.
+    guest_events: Counter,
+    /// Guest events that never arrived (guest ring, queue or connection).
+    guest_lost: Counter,
+    /// Re-sent guest events skipped.
+    guest_resent: Counter,
+}
+
+impl Counters {
+    pub(crate) fn register(m: &mut clawos_service::Metrics) -> Self {
+        Self {
+            events: m.counter(
+                "clawos_monitor_events_total",
+                "Audit events written (syscalls and alerts).",
+            ),
+            alerts: m.counter("clawos_monitor_alerts_total", "Rule matches."),
+            kernel_drops: m.counter(
+                "clawos_monitor_kernel_drops_total",
+                "Events lost because the ring buffer was full.",
+            ),
+            guest_events: m.counter(
+                "clawos_monitor_guest_events_total",
+                "Syscall events recorded inside VMs and received from their guests.",
+            ),
+            guest_lost: m.counter(
+                "clawos_monitor_guest_lost_total",
+                "Guest events that never reached the host (reported as guest_drops).",
+            ),
+            guest_resent: m.counter(
+                "clawos_monitor_guest_resent_total",
+                "Guest events sent again after a reconnect and skipped.",
+            ),
+        }
+    }
+}
+
+/// What the recorder drains after each batch of kernel records.
+#[derive(Debug)]
+pub(crate) struct Feeds {
+    /// Messages of the guests' audit streams.
+    pub guests: Receiver<GuestMessage>,
+    /// Lines the SIEM forwarders had to skip (a `forward_drops` line each).
+    pub forward_drops: Receiver<u64>,
+}
+
+/// Cuts a last line the previous run did not finish (it was killed mid-write), so the
+/// next line does not run into it. Nothing in it was acknowledged to a guest, which
+/// sends it again.
+fn drop_torn_tail(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    else {
+        return Ok(());
+    };
+    let len = f.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; 64 * 1024];
+    while end > 0 {
+        let start = end.saturating_sub(buf.len() as u64);
+        let chunk = &mut buf[..(end - start) as usize];
+        f.seek(SeekFrom::Start(start))?;
+        f.read_exact(chunk)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            end = start + i as u64 + 1;
+            break;
+        }
+        end = start;
+    }
+    if end < len {
+        tracing::warn!(path = %path.display(), bytes = len - end, "cutting an unfinished last line");
+        f.set_len(end)?;
+    }
+    Ok(())
+}
+
+/// The last sequence number in an existing trail (0 if none), and where each VM's
+/// guest stream stood.
+///
+/// It reads the newest closed segment and the live file: right after a rotation the
+/// live file is empty, and the numbering must go on from the segment.
+fn replay_trail(path: &Path) -> (u64, GuestStreams) {
+    let mut guests = GuestStreams::default();
+    let mut last = 0;
+    for p in trail::recent(path) {
+        let Ok(f) = std::fs::File::open(p) else {
+            continue;
+        };
+        for line in std::io::BufReader::new(f).lines().map_while(Result::ok) {
+            if let Ok(e) = serde_json::from_str::<AuditEvent>(&line) {
+                last = e.seq;
+                guests.replay(&e);
+            }
+        }
+    }
+    (last, guests)
+}
+
+/// Turns kernel records and guest streams into JSONL lines.
+pub(crate) struct Recorder {
+    out: BufWriter<std::fs::File>,
+    seq: u64,
+    host: String,
+    clock: Clock,
+    rules: Rules,
+    labels: Labels,
+    reported_drops: u64,
+    guests: GuestStreams,
+    /// Guest events written since the last flush: acknowledged after it.
+    pending_acks: Vec<(Arc<AtomicU64>, u64)>,
+    jsonl: PathBuf,
+    live_bytes: u64,
+    rotate_bytes: u64,
+    rotate_keep: usize,
+    counters: Counters,
+}
+
+/// Opens (creates, 0600) the live trail file for appending.
+fn open_trail(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+}
+
+impl Recorder {
+    fn write(&mut self, e: &AuditEvent) {
+        if let Ok(line) = serde_json::to_string(e) {
+            let _ = self.out.write_all(line.as_bytes());
+            let _ = self.out.write_all(b"\n");
+            self.live_bytes += line.len() as u64 + 1;
+        }
+    }
+
+    /// After a flush: rotates the live file once it is big enough, and prunes old
+    /// segments (sparing what `readers`, the forwarders' inodes, still need).
+    fn maybe_rotate(&mut self, readers: &[u64]) {
+        if self.rotate_bytes == 0 || self.live_bytes < self.rotate_bytes {
+            return;
+        }
+        let reopened = trail::rotate(&self.jsonl).and_then(|seg| {
+            let f = open_trail(&self.jsonl)?;
+            Ok((seg, f))
+        });
+        match reopened {
+            Ok((seg, f)) => {
+                self.out = BufWriter::with_capacity(1 << 20, f);
+                self.live_bytes = 0;
+                tracing::info!(segment = %seg.display(), "audit trail rotated");
+                for gone in trail::prune(&self.jsonl, self.rotate_keep, readers) {
+                    tracing::info!(segment = %gone.display(), "old audit segment removed");
+                }
+            }
+            Err(e) => {
+                // Keep appending to whatever file is open; try again after the next flush.
+                tracing::error!(error = %e, path = %self.jsonl.display(), "cannot rotate the audit trail");
+            }
+        }
+    }
+
+    fn next(&mut self, kind: Kind, ts: String) -> AuditEvent {
+        self.seq += 1;
+        AuditEvent::new(self.seq, ts, &self.host, kind)
+    }
+
+    /// A record of the host's probe, labelled by its watch tag.
+    fn record(&mut self, raw: &RawEvent) {
+        let (agent, vm) = self
+            .labels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(raw.tag as usize)
+            .cloned()
+            .unwrap_or_default();
+        let ts = self.clock.format(raw.ts_ns);
+        let mut e = self.next(Kind::Syscall, ts);
+        e.agent = Some(agent).filter(|a| !a.is_empty());
+        e.vm = vm;
+        self.write_syscall(e, raw);
+    }
+
+    /// A message of a guest stream: its events go in once each, in order; what never
+    /// arrived is reported.
+    fn record_guest(&mut self, m: GuestMessage) {
+        let verdict = self.guests.judge(&m);
+        let lost = |r: &mut Self, n: u64, total: Option<u64>, detail: &str| {
+            let mut e = r.next(Kind::GuestDrops, Clock::now());
+            e.agent = Some(m.agent.clone());
+            e.vm = Some(m.vm.clone());
+            e.guest_boot = Some(m.boot_id.clone());
+            e.dropped = Some(n);
+            e.dropped_total = total;
+            e.detail = Some(detail.into());
+            r.write(&e);
+            r.counters.guest_lost.inc_by(n);
+        };
+        if let GuestBody::Event { seq, .. } = &m.body {
+            self.pending_acks.push((Arc::clone(&m.ack), *seq));
+        }
+        match (verdict, &m.body) {
+            (Verdict::Duplicate, _) => {
+                self.counters.guest_resent.inc();
+            }
+            (Verdict::Record { lost: n }, GuestBody::Event { seq, raw }) => {
+                if n > 0 {
+                    lost(
+                        self,
+                        n,
+                        None,
+                        "guest queue full or connection lost while the host was away",
+                    );
+                }
+                let ts = Clock::with_offset(m.clock_offset_ns).format(raw.ts_ns);
+                let mut e = self.next(Kind::Syscall, ts);
+                e.agent = Some(m.agent.clone());
+                e.vm = Some(m.vm.clone());
+                e.guest_boot = Some(m.boot_id.clone());
+                e.guest_seq = Some(*seq);
+                self.write_syscall(e, raw);
+                self.counters.guest_events.inc();
+            }
+            (Verdict::KernelDrops { new, total }, _) => {
+                lost(self, new, Some(total), "guest ring buffer full");
+            }
+            _ => {}
+        }
+    }
+
+    /// Fills in a syscall event from its record, writes it and any alert it raises.
+    fn write_syscall(&mut self, mut e: AuditEvent, raw: &RawEvent) {
+        let name = syscall_name(raw.nr);
+        e.pid = Some(raw.tgid);
+        e.tid = Some(raw.tid);
+        e.comm = Some(c_str(&raw.comm));
+        e.nr = Some(raw.nr);
+        e.syscall = Some(name.clone());
+        e.args = Some(raw.args);
+        e.ret = Some(raw.ret);
+        let path = c_str(&raw.path);
+        e.path = (!path.is_empty()).then_some(path);
+        self.write(&e);
+        self.counters.events.inc();
+        if let Some((rule, severity)) = self.rules.check(e.agent.as_deref(), &name) {
+            let mut a = e.clone();
+            self.seq += 1;
+            a.seq = self.seq;
+            a.kind = Kind::Alert;
+            a.rule = Some(rule);
+            a.severity = Some(severity);
+            self.write(&a);
+            self.counters.alerts.inc();
+            self.counters.events.inc();
+        }
+    }
+
+    fn drops(&mut self, total: u64, kind: Kind) {
+        let new = match kind {
+            Kind::Drops => {
+                let new = total.saturating_sub(self.reported_drops);
+                self.reported_drops = total;
+                self.counters.kernel_drops.inc_by(new);
+                new
+            }
+            _ => total,
+        };
+        if new == 0 {
+            return;
+        }
+        let mut e = self.next(kind, Clock::now());
+        e.dropped = Some(new);
+        if kind == Kind::Drops {
+            e.dropped_total = Some(total);
+        }
+        self.write(&e);
+    }
+}
+
+impl Recorder {
+    /// Opens the trail (repairing a torn last line) and reads where it stands.
+    pub(crate) fn open(
+        cfg: &Config,
+        labels: Labels,
+        counters: Counters,
+    ) -> Result<Self, DaemonError> {
+        let io = |source| DaemonError::Io {
+            path: cfg.jsonl.clone(),
+            source,
+        };
+        let out = open_trail(&cfg.jsonl).map_err(io)?;
+        let live_bytes = out.metadata().map(|m| m.len()).unwrap_or(0);
+        drop_torn_tail(&cfg.jsonl).map_err(io)?;
+        let (seq, guests) = replay_trail(&cfg.jsonl);
+        Ok(Self {
+            out: BufWriter::with_capacity(1 << 20, out),
+            seq,
+            guests,
+            pending_acks: Vec::new(),
+            jsonl: cfg.jsonl.clone(),
+            live_bytes,
+            rotate_bytes: cfg.rotate_bytes,
+            rotate_keep: cfg.rotate_keep,
+            host: cfg.host.clone(),
+            clock: Clock::new(),
+            rules: cfg.rules.clone(),
+            labels,
+            reported_drops: 0,
+            counters,
+        })
+    }
+
+    /// Starts the recorder thread, which loads the eBPF program; returns its maps once
+    /// it is attached, and the thread, which ends (flushed) once `stop` is set. The thread creates the maps the [`Monitor`] holds, so it starts
+    /// first and finds the Monitor (drop count, forwarders' places) in `monitor` once
+    /// that is built; until then it records the kernel's events only.
+    pub(crate) fn spawn(
+        self,
+        ring_bytes: u32,
+        feeds: Feeds,
+        monitor: Arc<OnceLock<Arc<Monitor>>>,
+        stop: Arc<AtomicBool>,
+    ) -> Result<(Maps, std::thread::JoinHandle<()>), DaemonError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("recorder".into())
+            .spawn(move || {
+                let rec = RefCell::new(self);
+                let result = probe::run(
+                    ring_bytes,
+                    ready_tx,
+                    |data| {
+                        if let Some(raw) = RawEvent::parse(data) {
+                            rec.borrow_mut().record(&raw);
+                        }
+                    },
+                    || rec.borrow_mut().after_batch(monitor.get(), &feeds),
+                    &stop,
+                );
+                let _ = rec.borrow_mut().out.flush();
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "recorder stopped");
+                }
+            })
+            .map_err(|source| DaemonError::Io {
+                path: "recorder thread".into(),
+                source,
+            })?;
+        let maps = ready_rx
+            .recv()
+            .map_err(|_| DaemonError::Config("the recorder thread ended during setup".into()))??;
+        Ok((maps, thread))
+    }
+
+    /// After each drain of the ring buffer: drop reports and guest messages, then a
+    /// flush, the acknowledgements it makes safe, and maybe a rotation.
+    fn after_batch(&mut self, monitor: Option<&Arc<Monitor>>, feeds: &Feeds) {
+        if let Some(m) = monitor {
+            self.drops(m.watches.maps().drops(), Kind::Drops);
+            while let Ok(n) = feeds.forward_drops.try_recv() {
+                self.drops(n, Kind::ForwardDrops);
+            }
+            while let Ok(g) = feeds.guests.try_recv() {
+                self.record_guest(g);
+            }
+        }
+        if self.out.flush().is_ok() {
+            for (ack, seq) in self.pending_acks.drain(..) {
+                ack.fetch_max(seq, Ordering::Release);
+            }
+            // Rotation waits until the forwarders exist: pruning must know where each
+            // of them reads.
+            if let Some(m) = monitor {
+                let readers: Vec<u64> = m
+                    .forwarders
+                    .iter()
+                    .map(|(_, s)| s.reading_inode.load(Ordering::Relaxed))
+                    .collect();
+                self.maybe_rotate(&readers);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unfinished_last_line_is_cut() {
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("audit.jsonl");
+        for (before, after) in [
+            ("{\"a\":1}\n{\"b\":", "{\"a\":1}\n"),
+            ("{\"a\":1}\n", "{\"a\":1}\n"),
+            ("{\"torn", ""),
+            ("", ""),
+        ] {
+            std::fs::write(&p, before).expect("write");
+            drop_torn_tail(&p).expect("repair");
+            assert_eq!(std::fs::read_to_string(&p).expect("read"), after);
+        }
+        drop_torn_tail(&d.path().join("missing")).expect("no file is fine");
+    }
+}

@@ -1,0 +1,211 @@
+//! [`LauncherClient`]: the typed REST client.
+
+use std::time::Duration;
+
+use clawos_api::{ClientError, HttpClient, Route};
+
+use crate::{
+    CONSOLE_OFFSET_HEADER, ConsoleQuery, CreateSnapshot, FileEntry, FileQuery, RestoreVm, Snapshot,
+    StartVm, Vm, routes,
+};
+
+/// A typed client for the launcher.
+#[derive(Debug, Clone)]
+pub struct LauncherClient {
+    pub(crate) http: HttpClient,
+}
+
+impl LauncherClient {
+    /// A client for the launcher at `base` (e.g. `http://127.0.0.1:2080`).
+    pub fn new(base: &str) -> Self {
+        Self {
+            http: HttpClient::new("vm-launcher", base),
+        }
+    }
+
+    /// The base URL.
+    pub fn base(&self) -> &str {
+        self.http.base()
+    }
+
+    /// Creates (if new) and starts a VM.
+    pub async fn start(&self, req: &StartVm) -> Result<Vm, ClientError> {
+        self.http
+            .json(self.http.request(routes::START, &[]).json(req))
+            .await
+    }
+
+    /// Lists VMs.
+    pub async fn list(&self) -> Result<Vec<Vm>, ClientError> {
+        self.http.json(self.http.request(routes::LIST, &[])).await
+    }
+
+    /// One VM.
+    pub async fn get(&self, name: &str) -> Result<Vm, ClientError> {
+        self.http
+            .json(self.http.request(routes::GET, &[name]))
+            .await
+    }
+
+    /// Stops a VM and waits until it is stopped.
+    pub async fn stop(&self, name: &str) -> Result<Vm, ClientError> {
+        self.http
+            .json(
+                self.http
+                    .request(routes::STOP, &[name])
+                    .timeout(Duration::from_secs(120)),
+            )
+            .await
+    }
+
+    /// Deletes a stopped VM and its disks.
+    pub async fn delete(&self, name: &str) -> Result<(), ClientError> {
+        self.send(routes::DELETE, &[name]).await
+    }
+
+    /// Freezes a running VM.
+    pub async fn pause(&self, name: &str) -> Result<Vm, ClientError> {
+        self.http
+            .json(self.http.request(routes::PAUSE, &[name]))
+            .await
+    }
+
+    /// Resumes a paused VM.
+    pub async fn resume(&self, name: &str) -> Result<Vm, ClientError> {
+        self.http
+            .json(self.http.request(routes::RESUME, &[name]))
+            .await
+    }
+
+    /// Snapshots a running or paused VM (it keeps its state afterwards).
+    pub async fn snapshot(
+        &self,
+        name: &str,
+        req: &CreateSnapshot,
+    ) -> Result<Snapshot, ClientError> {
+        self.http
+            .json(
+                self.http
+                    .request(routes::CREATE_SNAPSHOT, &[name])
+                    .timeout(Duration::from_secs(600))
+                    .json(req),
+            )
+            .await
+    }
+
+    /// A VM's snapshots, oldest first.
+    pub async fn snapshots(&self, name: &str) -> Result<Vec<Snapshot>, ClientError> {
+        self.http
+            .json(self.http.request(routes::LIST_SNAPSHOTS, &[name]))
+            .await
+    }
+
+    /// Deletes one snapshot.
+    pub async fn delete_snapshot(&self, name: &str, tag: &str) -> Result<(), ClientError> {
+        self.send(routes::DELETE_SNAPSHOT, &[name, tag]).await
+    }
+
+    /// Boots a stopped VM from a snapshot; its disks return to the snapshot's.
+    pub async fn restore(&self, name: &str, req: &RestoreVm) -> Result<Vm, ClientError> {
+        self.http
+            .json(
+                self.http
+                    .request(routes::RESTORE, &[name])
+                    .timeout(Duration::from_secs(600))
+                    .json(req),
+            )
+            .await
+    }
+
+    /// Uploads `data` to `path` in the VM's workspace.
+    pub async fn put_file(&self, name: &str, path: &str, data: Vec<u8>) -> Result<(), ClientError> {
+        let q = FileQuery {
+            path: path.to_owned(),
+            list: false,
+        };
+        self.http
+            .send(
+                self.http
+                    .request(routes::PUT_FILE, &[name])
+                    .query(&q)
+                    .body(data),
+            )
+            .await
+            .map(drop)
+    }
+
+    /// Downloads `path` from the VM's workspace.
+    pub async fn get_file(&self, name: &str, path: &str) -> Result<Vec<u8>, ClientError> {
+        let q = FileQuery {
+            path: path.to_owned(),
+            list: false,
+        };
+        self.http
+            .bytes(self.http.request(routes::GET_FILE, &[name]).query(&q))
+            .await
+    }
+
+    /// Lists a directory in the VM's workspace.
+    pub async fn list_files(&self, name: &str, path: &str) -> Result<Vec<FileEntry>, ClientError> {
+        let q = FileQuery {
+            path: path.to_owned(),
+            list: true,
+        };
+        self.http
+            .json(self.http.request(routes::GET_FILE, &[name]).query(&q))
+            .await
+    }
+
+    /// The WebSocket URL of a VM's exec endpoint.
+    pub fn exec_url(&self, name: &str) -> String {
+        self.http.ws_url(routes::EXEC, &[name])
+    }
+
+    /// The WebSocket URL of a VM's gateway tunnel.
+    pub fn gateway_url(&self, name: &str) -> String {
+        self.http.ws_url(routes::GATEWAY, &[name])
+    }
+
+    /// Console output from byte `offset`; returns the bytes and the next offset.
+    pub async fn console(&self, name: &str, offset: u64) -> Result<(Vec<u8>, u64), ClientError> {
+        let resp = self
+            .http
+            .send(
+                self.http
+                    .request(routes::CONSOLE, &[name])
+                    .query(&ConsoleQuery { offset }),
+            )
+            .await?;
+        let next = resp
+            .headers()
+            .get(CONSOLE_OFFSET_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(offset);
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Transport {
+                service: "vm-launcher",
+                url: self.http.base().to_owned(),
+                source,
+            })?;
+        Ok((bytes.to_vec(), next))
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let bytes = self
+            .http
+            .bytes(self.http.request(routes::METRICS, &[]))
+            .await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    async fn send(&self, route: Route, args: &[&str]) -> Result<(), ClientError> {
+        self.http
+            .send(self.http.request(route, args))
+            .await
+            .map(drop)
+    }
+}

@@ -1,0 +1,285 @@
+//! One supervisor task per active VM. It owns the VM's hypervisor process and relays
+//! and sleeps until something happens: the process exits (its `Child`, or a pidfd for a
+//! re-adopted process), a kill is requested, the boot deadline passes, or — only while
+//! the guest is starting — the next readiness probe is due. When the process ends it
+//! records the outcome through the registry and ends what lived with the VM.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clawos_guest_protocol::frames::Reply;
+use clawos_vm_launcher_api::VmState;
+use tokio::process::Child;
+use tokio::sync::mpsc;
+
+use crate::console;
+use crate::host::ProcessId;
+use crate::launcher::Shared;
+use crate::names::VmName;
+use crate::state::Event;
+use crate::store::VmDir;
+use crate::vsock::GuestClient;
+
+/// What a supervisor can be asked.
+#[derive(Debug)]
+enum Request {
+    /// End the hypervisor now (SIGKILL).
+    Kill,
+}
+
+/// The way to reach a VM's supervisor.
+#[derive(Debug, Clone)]
+pub struct SupervisorHandle {
+    requests: mpsc::UnboundedSender<Request>,
+    task: tokio::task::AbortHandle,
+}
+
+impl SupervisorHandle {
+    /// Asks the supervisor to kill the hypervisor; false if it has already ended.
+    pub fn kill(&self) -> bool {
+        self.requests.send(Request::Kill).is_ok()
+    }
+
+    /// Ends the supervisor task (not the VM).
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+/// A hypervisor to follow.
+#[derive(Debug)]
+pub struct Boot {
+    pub name: VmName,
+    /// The process when this launcher started it (so its exit status is known).
+    pub child: Option<Child>,
+    pub process: ProcessId,
+    /// When the start was requested (boot time and the boot deadline count from it).
+    pub started: Instant,
+    /// Where in the console log this boot's output starts.
+    pub console_offset: u64,
+}
+
+/// Starts the supervisor of a launched or re-adopted VM, with its relays.
+pub fn spawn(shared: Arc<Shared>, boot: Boot) -> SupervisorHandle {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let task = tokio::spawn(run(shared, boot, rx));
+    SupervisorHandle {
+        requests: tx,
+        task: task.abort_handle(),
+    }
+}
+
+async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedReceiver<Request>) {
+    let Boot {
+        name,
+        mut child,
+        process,
+        started,
+        console_offset,
+    } = boot;
+    let registry = &shared.registry;
+    let dir = registry.dir(&name);
+    let record = registry.get(&name);
+    let sockets = record
+        .as_ref()
+        .and_then(|r| r.socket_dir.clone())
+        .unwrap_or_else(|| dir.root.clone());
+    let guest = record.as_ref().filter(|r| r.vsock).map(|_| GuestClient {
+        dir: sockets.clone(),
+        secret: dir.read_secret().unwrap_or_default(),
+    });
+    let relays = guest
+        .is_some()
+        .then(|| crate::relays::start(&shared.cfg, &name, sockets.clone()));
+
+    let mut console_ready = console::ReadyWatch::new(console_offset);
+    // A health probe is a vsock round trip; the console marker is a file read.
+    let probe_every = match guest {
+        Some(_) => shared.cfg.ready_probe_interval,
+        None => shared.cfg.ready_probe_interval / 8,
+    };
+    let mut probe = tokio::time::interval(probe_every.max(Duration::from_millis(1)));
+    probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let boot_deadline = tokio::time::Instant::from_std(started + shared.cfg.boot_timeout);
+    let mut timed_out = false;
+    let mut killed = false;
+
+    let exit_code = {
+        let exited = async {
+            match child.as_mut() {
+                Some(c) => c.wait().await.ok().and_then(|s| s.code()),
+                None => {
+                    process.exited().await;
+                    None
+                }
+            }
+        };
+        tokio::pin!(exited);
+        loop {
+            let starting = registry
+                .get(&name)
+                .is_some_and(|r| r.state == VmState::Starting);
+            tokio::select! {
+                code = &mut exited => break code,
+                Some(Request::Kill) = requests.recv(), if !killed => {
+                    killed = true;
+                    tracing::info!(vm = %name, "killing the hypervisor");
+                    process.signal(libc::SIGKILL);
+                }
+                _ = tokio::time::sleep_until(boot_deadline), if starting && !timed_out => {
+                    timed_out = true;
+                    tracing::warn!(vm = %name, "guest did not report ready in time; killing it");
+                    process.signal(libc::SIGKILL);
+                }
+                _ = probe.tick(), if starting && !timed_out => {
+                    let ready = match &guest {
+                        Some(g) => matches!(
+                            tokio::time::timeout(Duration::from_secs(1), g.health()).await,
+                            Ok(Ok(Reply::Health { .. }))
+                        ),
+                        None => console_ready.poll(&dir.console()),
+                    };
+                    if ready {
+                        let ms = started.elapsed().as_millis() as u64;
+                        if registry
+                            .apply(&name, Event::GuestReady, |r| r.boot_ms = Some(ms))
+                            .is_ok()
+                        {
+                            tracing::info!(vm = %name, boot_ms = ms, "guest ready");
+                        }
+                    }
+                }
+            }
+        }
+    };
+
+    let console_text = console::tail(&dir.console(), 64 * 1024);
+    dir.remove_pid();
+    if let Some(r) = relays {
+        r.abort();
+    }
+    for h in registry.get(&name).map(|r| r.helpers).unwrap_or_default() {
+        h.signal(libc::SIGTERM);
+    }
+    crate::relays::remove_sockets(&dir.root);
+    shared.backend.cleanup(&dir);
+    let before = registry.get(&name).map_or(VmState::Stopping, |r| r.state);
+    let timeout = timed_out.then_some(shared.cfg.boot_timeout);
+    let (state, reason) = outcome(before, exit_code, &console_text, timeout, &dir);
+    let failed = state == VmState::Failed;
+    if let Err(e) = registry.apply(&name, Event::Exited { failed }, |r| {
+        r.reason = reason.clone()
+    }) {
+        tracing::error!(vm = %name, error = %e, "cannot record the VM's end");
+    }
+    if failed {
+        shared.metrics.vm_failed();
+        tracing::warn!(vm = %name, reason = reason.as_deref().unwrap_or(""), "VM failed");
+    } else {
+        tracing::info!(vm = %name, "VM stopped");
+    }
+}
+
+/// Polls the guest agent's health until it answers or `limit` passes (used after a
+/// snapshot re-plugs the vsock device, when the guest takes a moment to find it).
+pub async fn wait_healthy(guest: &GuestClient, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Ok(Reply::Health { .. })) =
+            tokio::time::timeout(Duration::from_secs(1), guest.health()).await
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+/// Final state of a VM whose hypervisor exited.
+pub fn outcome(
+    state_before: VmState,
+    exit_code: Option<i32>,
+    console_text: &str,
+    boot_timeout: Option<Duration>,
+    dir: &VmDir,
+) -> (VmState, Option<String>) {
+    if let Some(reason) = console::failure_reason(console_text) {
+        return (VmState::Failed, Some(reason));
+    }
+    if let Some(t) = boot_timeout {
+        return (
+            VmState::Failed,
+            Some(format!(
+                "guest did not report ready within {}s",
+                t.as_secs()
+            )),
+        );
+    }
+    if state_before == VmState::Stopping {
+        return (VmState::Stopped, None);
+    }
+    if console::powered_off(console_text) && exit_code.is_none_or(|c| c == 0) {
+        return (VmState::Stopped, Some("guest powered off".into()));
+    }
+    let log = console::tail(&dir.hypervisor_log(), 400);
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    let code = exit_code.map_or("unknown".to_owned(), |c| c.to_string());
+    (
+        VmState::Failed,
+        Some(
+            format!("hypervisor exited unexpectedly (status {code}) {last}")
+                .trim()
+                .to_owned(),
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes() {
+        let dir = VmDir {
+            root: "/nonexistent".into(),
+        };
+        let (s, r) = outcome(
+            VmState::Running,
+            Some(1),
+            "[ 1.0] device-mapper: verity: 254:0: data block 3 is corrupted\n",
+            None,
+            &dir,
+        );
+        assert_eq!(s, VmState::Failed);
+        assert!(r.expect("reason").contains("dm-verity"));
+        assert_eq!(
+            outcome(VmState::Stopping, Some(0), "CLAWOS_POWEROFF\n", None, &dir).0,
+            VmState::Stopped
+        );
+        assert_eq!(
+            outcome(VmState::Stopping, None, "", None, &dir).0,
+            VmState::Stopped
+        );
+        assert_eq!(
+            outcome(VmState::Running, Some(0), "CLAWOS_POWEROFF\n", None, &dir).0,
+            VmState::Stopped
+        );
+        let (s, r) = outcome(VmState::Running, Some(137), "", None, &dir);
+        assert_eq!(s, VmState::Failed);
+        assert!(r.expect("reason").contains("137"));
+        let (s, r) = outcome(
+            VmState::Starting,
+            None,
+            "",
+            Some(Duration::from_secs(9)),
+            &dir,
+        );
+        assert_eq!(s, VmState::Failed);
+        assert!(r.expect("reason").contains("9s"));
+    }
+}

@@ -1,0 +1,206 @@
+//! `LauncherClient` against the launcher's router on loopback, over the fake
+//! hypervisor: both take their routes from one table, and every refusal reaches the
+//! client as one error body whose code keeps what failed (an image's hash vs its
+//! signature), which is what the CLI's exit code comes from.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clawos_api::{ClientError, HttpClient, Route, code};
+use clawos_image::manifest::{Manifest, files, sha256_file, sign_bundle};
+use clawos_image::verity::VerityGeometry;
+use clawos_vm_launcher::backend::fake::FakeHypervisor;
+use clawos_vm_launcher::host::ProcessId;
+use clawos_vm_launcher::store::VmDir;
+use clawos_vm_launcher::{Launcher, RawConfig};
+use clawos_vm_launcher_api::{ExecError, ExecStart, LauncherClient, StartVm, TunnelError, VmState};
+
+/// A signed bundle of small files: verification is real, nothing boots it.
+fn signed_bundle(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).expect("bundle dir");
+    std::fs::write(dir.join(files::KERNEL), b"fake kernel").expect("kernel");
+    std::fs::write(dir.join(files::INITRAMFS), b"fake initramfs").expect("initramfs");
+    std::fs::write(dir.join(files::ROOTFS), vec![0u8; 8192]).expect("rootfs");
+    let manifest = Manifest {
+        manifest_version: clawos_image::manifest::MANIFEST_VERSION,
+        version: "test".into(),
+        created: "2026-01-01T00:00:00Z".into(),
+        kernel_release: "fake".into(),
+        kernel_sha256: sha256_file(&dir.join(files::KERNEL)).expect("hash"),
+        initramfs_sha256: sha256_file(&dir.join(files::INITRAMFS)).expect("hash"),
+        vmlinux_sha256: None,
+        cmdline: "console=ttyS0".into(),
+        rootfs_size: 8192,
+        verity: VerityGeometry {
+            algorithm: "sha256".into(),
+            data_block_size: 4096,
+            hash_block_size: 4096,
+            data_blocks: 1,
+            hash_start_block: 1,
+            salt: "00".into(),
+            root_hash: "ab".repeat(32),
+        },
+    };
+    std::fs::write(
+        dir.join(files::MANIFEST),
+        serde_json::to_vec(&manifest).expect("manifest json"),
+    )
+    .expect("manifest");
+    let key = clawos_image::keys::generate(&dir.join("signing.key")).expect("key");
+    sign_bundle(dir, &key).expect("sign");
+    clawos_image::keys::public_hex(&key)
+}
+
+/// Kills the fake VMs a failed test left running.
+struct Cleanup(PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for e in std::fs::read_dir(self.0.join("vms"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let dir = VmDir { root: e.path() };
+            if let Some(p) = dir.read_pid().filter(ProcessId::is_alive) {
+                p.signal(libc::SIGKILL);
+            }
+        }
+    }
+}
+
+async fn serve(state: &Path, image: &Path, pubkey: &str) -> String {
+    let cfg = RawConfig {
+        addr: "127.0.0.1:0".into(),
+        state_dir: state.to_owned(),
+        image_dir: Some(image.to_owned()),
+        public_key: Some(pubkey.to_owned()),
+        inference_proxy_url: "http://127.0.0.1:9".into(),
+        backend: "qemu".into(),
+        qemu_bin: "/bin/sh".into(),
+        firecracker_bin: "firecracker-absent".into(),
+        vhost_vsock_bin: "vhost-device-vsock-absent".into(),
+        stop_timeout_secs: 1,
+        boot_timeout_secs: 5,
+        ..RawConfig::default()
+    }
+    .validate()
+    .expect("config");
+    let launcher = Launcher::new(cfg, Arc::new(FakeHypervisor::default())).expect("launcher");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(
+        async move { axum::serve(listener, clawos_vm_launcher::http::router(launcher)).await },
+    );
+    url
+}
+
+fn start_req(name: &str) -> StartVm {
+    StartVm {
+        name: name.into(),
+        model: None,
+        mem_mib: 128,
+        vcpus: 1,
+        image: None,
+        snapshots: false,
+    }
+}
+
+fn api(e: &ClientError) -> (u16, &str, u8) {
+    (e.status().unwrap_or(0), e.code(), e.exit_code())
+}
+
+#[tokio::test]
+async fn client_and_router_share_routes_and_refusals_keep_their_code() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (state, image) = (tmp.path().join("state"), tmp.path().join("image"));
+    let _cleanup = Cleanup(state.clone());
+    let pubkey = signed_bundle(&image);
+    let url = serve(&state, &image, &pubkey).await;
+    let c = LauncherClient::new(&url);
+
+    assert!(c.list().await.expect("list").is_empty());
+    c.start(&start_req("a")).await.expect("start");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.get("a").await.expect("get").state != VmState::Running {
+        assert!(Instant::now() < deadline, "a never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let e = c.start(&start_req("a")).await.expect_err("running");
+    assert_eq!(api(&e), (409, code::CONFLICT, 4), "{e}");
+    assert_eq!(c.pause("a").await.expect("pause").state, VmState::Paused);
+    assert_eq!(c.resume("a").await.expect("resume").state, VmState::Running);
+    c.console("a", 0).await.expect("console");
+    assert!(c.snapshots("a").await.expect("snapshots").is_empty());
+    assert_eq!(c.stop("a").await.expect("stop").state, VmState::Stopped);
+
+    // Exec and the gateway tunnel are refused before the WebSocket opens: the same
+    // error body, decoded from the refused upgrade.
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let e = c
+        .exec(
+            "a",
+            &ExecStart {
+                argv: vec!["true".into()],
+                ..Default::default()
+            },
+            None::<tokio::io::Empty>,
+            &mut out,
+            &mut err,
+        )
+        .await
+        .expect_err("a stopped VM runs nothing");
+    assert!(matches!(e, ExecError::Refused(_)), "{e}");
+    assert_eq!(e.exit_code(), 4, "{e}");
+    let (tcp, _) = {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        tokio::join!(tokio::net::TcpStream::connect(addr), l.accept())
+    };
+    let e = c
+        .tunnel_gateway("nope", tcp.expect("connect"))
+        .await
+        .expect_err("no such VM");
+    assert!(matches!(e, TunnelError::Refused(_)), "{e}");
+    assert_eq!(e.exit_code(), 3, "{e}");
+
+    c.delete("a").await.expect("delete");
+    let e = c.get("a").await.expect_err("deleted");
+    assert_eq!(api(&e), (404, code::NOT_FOUND, 3), "{e}");
+
+    // Image refusals name what failed, in the message and in the code.
+    std::fs::write(image.join(files::KERNEL), b"tampered").expect("tamper");
+    let e = c.start(&start_req("t")).await.expect_err("tampered kernel");
+    assert_eq!(api(&e), (422, code::IMAGE_HASH_MISMATCH, 5), "{e}");
+    assert!(e.to_string().contains("hash mismatch"), "{e}");
+    std::fs::remove_file(image.join(files::SIGNATURE)).expect("unsign");
+    let e = c.start(&start_req("t")).await.expect_err("unsigned");
+    assert_eq!(api(&e), (422, code::IMAGE_UNSIGNED, 5), "{e}");
+    assert!(c.list().await.expect("list").is_empty());
+
+    // A route no table has: the same body, with the request's id.
+    let raw = HttpClient::new("vm-launcher", &url);
+    let e = raw
+        .send(raw.request(Route::get("/v1/nothing"), &[]))
+        .await
+        .expect_err("no such route");
+    match e {
+        ClientError::Api {
+            status,
+            code,
+            message,
+            request_id,
+        } => {
+            assert_eq!((status, code.as_str()), (404, code::NOT_FOUND));
+            assert!(message.contains("no such route"), "{message}");
+            assert_eq!(request_id.len(), 32);
+        }
+        other => panic!("{other}"),
+    }
+}

@@ -1,0 +1,608 @@
+//! The launcher's VM state machine on the fake hypervisor: every transition (start,
+//! ready, pause, resume, stop, kill after the stop timeout, crash, failed boot, boot
+//! timeout, snapshot, restore, delete, re-adoption after a launcher restart) and
+//! concurrent requests on one VM, in milliseconds and without QEMU; then property
+//! tests over random request sequences.
+//!
+//! The image each fake VM "boots" is a real signed bundle, verified as usual.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clawos_image::manifest::{Manifest, files, sha256_file, sign_bundle};
+use clawos_image::verity::VerityGeometry;
+use clawos_vm_launcher::backend::fake::{FakeGuest, FakeHypervisor};
+use clawos_vm_launcher::host::ProcessId;
+use clawos_vm_launcher::store::VmDir;
+use clawos_vm_launcher::{Config, Launcher, LauncherError, RawConfig};
+use clawos_vm_launcher_api::{StartVm, VmState};
+use proptest::prelude::*;
+
+/// A signed image bundle of small files: verification is real, nothing boots it.
+fn signed_bundle(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).expect("bundle dir");
+    std::fs::write(dir.join(files::KERNEL), b"fake kernel").expect("kernel");
+    std::fs::write(dir.join(files::INITRAMFS), b"fake initramfs").expect("initramfs");
+    std::fs::write(dir.join(files::ROOTFS), vec![0u8; 8192]).expect("rootfs");
+    let manifest = Manifest {
+        manifest_version: clawos_image::manifest::MANIFEST_VERSION,
+        version: "test".into(),
+        created: "2026-01-01T00:00:00Z".into(),
+        kernel_release: "fake".into(),
+        kernel_sha256: sha256_file(&dir.join(files::KERNEL)).expect("hash"),
+        initramfs_sha256: sha256_file(&dir.join(files::INITRAMFS)).expect("hash"),
+        vmlinux_sha256: None,
+        cmdline: "console=ttyS0".into(),
+        rootfs_size: 8192,
+        verity: VerityGeometry {
+            algorithm: "sha256".into(),
+            data_block_size: 4096,
+            hash_block_size: 4096,
+            data_blocks: 1,
+            hash_start_block: 1,
+            salt: "00".into(),
+            root_hash: "ab".repeat(32),
+        },
+    };
+    std::fs::write(
+        dir.join(files::MANIFEST),
+        serde_json::to_vec(&manifest).expect("manifest json"),
+    )
+    .expect("manifest");
+    let _ = std::fs::remove_file(dir.join("signing.key"));
+    let key = clawos_image::keys::generate(&dir.join("signing.key")).expect("key");
+    sign_bundle(dir, &key).expect("sign");
+    clawos_image::keys::public_hex(&key)
+}
+
+/// A launcher's configuration over `state`, with timeouts short enough for tests.
+fn config(state: &Path, image: &Path, pubkey: &str) -> Config {
+    let mut cfg = RawConfig {
+        addr: "127.0.0.1:0".into(),
+        state_dir: state.to_owned(),
+        image_dir: Some(image.to_owned()),
+        public_key: Some(pubkey.to_owned()),
+        inference_proxy_url: "http://127.0.0.1:9".into(),
+        backend: "qemu".into(),
+        qemu_bin: "/bin/sh".into(),
+        firecracker_bin: "firecracker-absent".into(),
+        vhost_vsock_bin: "vhost-device-vsock-absent".into(),
+        stop_timeout_secs: 1,
+        boot_timeout_secs: 1,
+        ..RawConfig::default()
+    }
+    .validate()
+    .expect("config");
+    cfg.stop_timeout = Duration::from_millis(400);
+    cfg.boot_timeout = Duration::from_millis(600);
+    cfg.ready_probe_interval = Duration::from_millis(16);
+    cfg.runtime_disk_mib = 4;
+    cfg.workspace_disk_mib = 4;
+    cfg
+}
+
+struct Host {
+    _tmp: tempfile::TempDir,
+    state: PathBuf,
+    image: PathBuf,
+    pubkey: String,
+    fake: Arc<FakeHypervisor>,
+}
+
+impl Host {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let image = tmp.path().join("image");
+        let pubkey = signed_bundle(&image);
+        Self {
+            state: tmp.path().join("state"),
+            image,
+            pubkey,
+            fake: Arc::new(FakeHypervisor::default()),
+            _tmp: tmp,
+        }
+    }
+
+    /// A launcher over this host's state (a second call is a launcher restart).
+    fn launcher(&self) -> Arc<Launcher> {
+        Launcher::new(
+            config(&self.state, &self.image, &self.pubkey),
+            self.fake.clone(),
+        )
+        .expect("launcher")
+    }
+
+    fn dir(&self, name: &str) -> VmDir {
+        VmDir {
+            root: self.state.join("vms").join(name),
+        }
+    }
+
+    /// The fake VM's process, while its pid file names a live one.
+    fn process(&self, name: &str) -> Option<ProcessId> {
+        self.dir(name).read_pid().filter(ProcessId::is_alive)
+    }
+
+    /// Kills every fake VM left running (a test's end).
+    fn kill_all(&self) {
+        let Ok(entries) = std::fs::read_dir(self.state.join("vms")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            if let Some(p) = self.process(&e.file_name().to_string_lossy()) {
+                p.signal(libc::SIGKILL);
+            }
+        }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+fn start_req(name: &str) -> StartVm {
+    StartVm {
+        name: name.into(),
+        model: None,
+        mem_mib: 128,
+        vcpus: 1,
+        image: None,
+        snapshots: false,
+    }
+}
+
+/// Waits until `name` is in a state `done` accepts; returns that state.
+async fn settle(l: &Launcher, name: &str, done: impl Fn(VmState) -> bool) -> VmState {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = l.get(name).expect("vm").state;
+        if done(s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{name} stuck in {s}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// `/proc/<pid>/stat` state letter (T = stopped by a signal: a paused fake VM).
+fn proc_state(p: ProcessId) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", p.pid)).unwrap_or_default();
+    stat.rsplit_once(") ")
+        .and_then(|(_, r)| r.chars().next())
+        .unwrap_or('?')
+}
+
+#[test]
+fn a_vm_goes_through_its_whole_life_and_disk_agrees_with_memory() {
+    let host = Host::new();
+    runtime().block_on(async {
+        let l = host.launcher();
+        let vm = l.start(start_req("a")).await.expect("start");
+        assert_eq!(vm.state, VmState::Starting);
+        assert_eq!(
+            settle(&l, "a", |s| s != VmState::Starting).await,
+            VmState::Running
+        );
+        let p = host.process("a").expect("a process");
+        assert_eq!(
+            host.dir("a").load().expect("record").state,
+            VmState::Running
+        );
+
+        assert_eq!(l.pause("a").await.expect("pause").state, VmState::Paused);
+        assert_eq!(proc_state(p), 'T', "paused means the process is frozen");
+        let e = l.pause("a").await.expect_err("pause twice");
+        assert!(matches!(e, LauncherError::Conflict(_)), "{e}");
+        assert_eq!(l.resume("a").await.expect("resume").state, VmState::Running);
+        assert_ne!(proc_state(p), 'T');
+
+        let t = Instant::now();
+        let vm = l.stop("a").await.expect("stop");
+        assert_eq!(vm.state, VmState::Stopped);
+        assert_eq!(vm.reason, None, "a requested stop is clean");
+        assert!(
+            t.elapsed() < Duration::from_millis(400),
+            "a guest that honours the power button is not waited out"
+        );
+        assert!(!p.is_alive(), "stopped means the process is gone");
+        assert!(!host.dir("a").pid().exists(), "no orphaned process record");
+        assert_eq!(
+            host.dir("a").load().expect("record").state,
+            VmState::Stopped
+        );
+
+        // Start again: same VM, same disks, new process.
+        l.start(start_req("a")).await.expect("restart");
+        settle(&l, "a", |s| s == VmState::Running).await;
+        assert_ne!(host.process("a"), Some(p));
+        let e = l.delete("a").expect_err("delete while running");
+        assert!(matches!(e, LauncherError::Conflict(_)), "{e}");
+        l.stop("a").await.expect("stop");
+        l.delete("a").expect("delete");
+        assert!(
+            !host.dir("a").root.exists(),
+            "delete removes the VM and its disks"
+        );
+        assert!(matches!(l.get("a"), Err(LauncherError::NotFound(_))));
+        assert!(l.list().is_empty());
+    });
+}
+
+#[test]
+fn failures_are_recorded_with_their_reason() {
+    let host = Host::new();
+    host.fake.set_guest("broken", FakeGuest::FailsToBoot);
+    host.fake.set_guest("mute", FakeGuest::NeverReady);
+    runtime().block_on(async {
+        let l = host.launcher();
+        l.start(start_req("broken")).await.expect("launch");
+        l.start(start_req("mute")).await.expect("launch");
+        l.start(start_req("crashy")).await.expect("launch");
+
+        assert_eq!(
+            settle(&l, "broken", |s| !s.is_active()).await,
+            VmState::Failed
+        );
+        let reason = l.get("broken").expect("vm").reason.unwrap_or_default();
+        assert!(reason.contains("guest init failed"), "{reason}");
+
+        assert_eq!(
+            settle(&l, "mute", |s| !s.is_active()).await,
+            VmState::Failed
+        );
+        let reason = l.get("mute").expect("vm").reason.unwrap_or_default();
+        assert!(reason.contains("did not report ready"), "{reason}");
+
+        settle(&l, "crashy", |s| s == VmState::Running).await;
+        let p = host.process("crashy").expect("process");
+        p.signal(libc::SIGKILL);
+        assert_eq!(
+            settle(&l, "crashy", |s| !s.is_active()).await,
+            VmState::Failed
+        );
+        let reason = l.get("crashy").expect("vm").reason.unwrap_or_default();
+        assert!(reason.contains("exited unexpectedly"), "{reason}");
+        for name in ["broken", "mute", "crashy"] {
+            assert!(
+                !host.dir(name).pid().exists(),
+                "{name}: no orphaned process record"
+            );
+        }
+        // A failed VM starts again.
+        host.fake.set_guest("broken", FakeGuest::Healthy);
+        l.start(start_req("broken")).await.expect("start again");
+        settle(&l, "broken", |s| s == VmState::Running).await;
+        assert_eq!(l.get("broken").expect("vm").reason, None);
+    });
+}
+
+#[test]
+fn a_guest_deaf_to_the_power_button_is_killed_and_a_second_request_is_refused() {
+    let host = Host::new();
+    host.fake.set_guest("deaf", FakeGuest::IgnoresPowerButton);
+    runtime().block_on(async {
+        let l = host.launcher();
+        l.start(start_req("deaf")).await.expect("start");
+        settle(&l, "deaf", |s| s == VmState::Running).await;
+        let p = host.process("deaf").expect("process");
+        let t = Instant::now();
+        // join! polls in order: the stop claims the VM before the others ask.
+        let (stop, second_stop, pause, delete) =
+            tokio::join!(l.stop("deaf"), l.stop("deaf"), l.pause("deaf"), async {
+                l.delete("deaf")
+            });
+        let stop = stop.expect("stop");
+        assert_eq!(stop.state, VmState::Stopped);
+        assert!(
+            t.elapsed() >= Duration::from_millis(400),
+            "waited the stop timeout"
+        );
+        assert!(!p.is_alive(), "killed");
+        for e in [
+            second_stop.map(drop).expect_err("second stop"),
+            pause.map(drop).expect_err("pause"),
+            delete.expect_err("delete"),
+        ] {
+            assert!(
+                matches!(&e, LauncherError::Conflict(m) if m.contains("another operation")),
+                "{e}"
+            );
+        }
+        // The claim is released once the stop ended.
+        l.delete("deaf").expect("delete after the stop");
+    });
+}
+
+#[test]
+fn a_restarted_launcher_re_adopts_running_vms_and_records_the_ones_that_ended() {
+    let host = Host::new();
+    let (alive, dead) = runtime().block_on(async {
+        let l = host.launcher();
+        for n in ["keeps", "dies", "idle"] {
+            l.start(start_req(n)).await.expect("start");
+            settle(&l, n, |s| s == VmState::Running).await;
+        }
+        l.stop("idle").await.expect("stop");
+        (
+            host.process("keeps").expect("keeps"),
+            host.process("dies").expect("dies"),
+        )
+    });
+    // The launcher is gone; one VM dies meanwhile.
+    dead.signal(libc::SIGKILL);
+    while dead.is_alive() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    runtime().block_on(async {
+        let l = host.launcher();
+        let keeps = l.get("keeps").expect("keeps");
+        assert_eq!(keeps.state, VmState::Running);
+        assert_eq!(
+            keeps.pid,
+            Some(alive.pid),
+            "the same hypervisor, not a new one"
+        );
+        let dies = l.get("dies").expect("dies");
+        assert_eq!(dies.state, VmState::Failed);
+        assert!(
+            dies.reason
+                .as_deref()
+                .unwrap_or("")
+                .contains("while vm-launcher was down"),
+            "{dies:?}"
+        );
+        assert_eq!(l.get("idle").expect("idle").state, VmState::Stopped);
+        assert!(
+            l.metrics_text()
+                .contains("clawos_launcher_vms_adopted_total 1")
+        );
+        // The re-adopted VM is supervised: a stop works, and so does noticing a crash.
+        l.stop("keeps").await.expect("stop adopted");
+        assert!(!alive.is_alive());
+        l.start(start_req("keeps")).await.expect("start");
+        settle(&l, "keeps", |s| s == VmState::Running).await;
+    });
+    let p = host.process("keeps").expect("keeps");
+    runtime().block_on(async {
+        let l = host.launcher();
+        p.signal(libc::SIGKILL);
+        // Woken by the pidfd, not by polling: well within the deadline.
+        assert_eq!(
+            settle(&l, "keeps", |s| !s.is_active()).await,
+            VmState::Failed
+        );
+    });
+}
+
+#[test]
+fn snapshot_and_restore_return_the_vm_to_its_state() {
+    let host = Host::new();
+    runtime().block_on(async {
+        let l = host.launcher();
+        l.start(start_req("s")).await.expect("start");
+        settle(&l, "s", |s| s == VmState::Running).await;
+        let snap = l.snapshot("s", Some("t1")).await.expect("snapshot");
+        assert_eq!((snap.tag.as_str(), snap.backend.as_str()), ("t1", "fake"));
+        assert_eq!(l.get("s").expect("vm").state, VmState::Running, "resumed");
+        l.pause("s").await.expect("pause");
+        l.snapshot("s", Some("t2")).await.expect("snapshot paused");
+        assert_eq!(
+            l.get("s").expect("vm").state,
+            VmState::Paused,
+            "stays paused"
+        );
+        let e = l.snapshot("s", Some("t2")).await.expect_err("same tag");
+        assert!(matches!(e, LauncherError::Conflict(_)), "{e}");
+        let e = l.snapshot("s", Some("../x")).await.expect_err("a path");
+        assert!(matches!(e, LauncherError::Invalid(_)), "{e}");
+        let e = l
+            .restore("s", "t1")
+            .await
+            .expect_err("restore while active");
+        assert!(matches!(e, LauncherError::Conflict(_)), "{e}");
+        l.stop("s").await.expect("stop");
+        l.restore("s", "t1").await.expect("restore");
+        settle(&l, "s", |s| s == VmState::Running).await;
+        let tags: Vec<String> = l
+            .snapshots("s")
+            .expect("list")
+            .into_iter()
+            .map(|s| s.tag)
+            .collect();
+        assert_eq!(tags, ["t1", "t2"]);
+        l.delete_snapshot("s", "t2").expect("delete snapshot");
+        let e = l.restore("s", "t2").await.expect_err("deleted");
+        assert!(
+            matches!(e, LauncherError::Conflict(_) | LauncherError::NotFound(_)),
+            "{e}"
+        );
+        l.stop("s").await.expect("stop");
+        let e = l.restore("s", "t2").await.expect_err("deleted");
+        assert!(matches!(e, LauncherError::NotFound(_)), "{e}");
+    });
+}
+
+#[test]
+fn a_refused_image_or_bad_name_leaves_nothing_behind() {
+    let host = Host::new();
+    runtime().block_on(async {
+        let l = host.launcher();
+        for bad in ["../etc", "A", "", "x/y"] {
+            let e = l.start(start_req(bad)).await.expect_err("bad name");
+            assert!(matches!(e, LauncherError::Invalid(_)), "{bad:?}: {e}");
+        }
+        std::fs::write(host.image.join(files::KERNEL), b"tampered").expect("tamper");
+        let e = l.start(start_req("t")).await.expect_err("tampered image");
+        assert!(matches!(e, LauncherError::ImageRefused { .. }), "{e}");
+        assert!(l.list().is_empty());
+        let leftovers: Vec<_> = std::fs::read_dir(host.state.join("vms"))
+            .expect("vms dir")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    });
+    // The name is free again: a re-signed bundle (new key) boots under it.
+    let mut host = host;
+    host.pubkey = signed_bundle(&host.image);
+    runtime().block_on(async {
+        let l = host.launcher();
+        l.start(start_req("t")).await.expect("start");
+        settle(&l, "t", |s| s == VmState::Running).await;
+    });
+}
+
+// ---- property tests ----
+
+#[derive(Debug, Clone, Copy)]
+enum Op {
+    Start(usize),
+    Stop(usize),
+    Pause(usize),
+    Resume(usize),
+    Delete(usize),
+    Crash(usize),
+    Snapshot(usize),
+    Restore(usize),
+    RestartLauncher,
+}
+
+const NAMES: [&str; 2] = ["p0", "p1"];
+
+fn op() -> impl Strategy<Value = Op> {
+    let vm = 0..NAMES.len();
+    prop_oneof![
+        4 => vm.clone().prop_map(Op::Start),
+        3 => vm.clone().prop_map(Op::Stop),
+        2 => vm.clone().prop_map(Op::Pause),
+        2 => vm.clone().prop_map(Op::Resume),
+        1 => vm.clone().prop_map(Op::Delete),
+        1 => vm.clone().prop_map(Op::Crash),
+        1 => vm.clone().prop_map(Op::Snapshot),
+        1 => vm.prop_map(Op::Restore),
+        1 => Just(Op::RestartLauncher),
+    ]
+}
+
+/// What must hold after every operation, once no VM is mid-transition.
+fn check_invariants(host: &Host, l: &Launcher) -> Result<(), TestCaseError> {
+    let listed: HashMap<String, VmState> =
+        l.list().into_iter().map(|v| (v.name, v.state)).collect();
+    for name in NAMES {
+        let dir = host.dir(name);
+        match listed.get(name) {
+            None => prop_assert!(!dir.root.exists(), "{name}: unlisted but on disk"),
+            Some(&state) => {
+                // One state: memory and disk agree.
+                let on_disk = dir.load().map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(on_disk.state, state, "{}: disk vs memory", name);
+                let process = host.process(name);
+                if state.is_active() {
+                    prop_assert!(process.is_some(), "{name}: {state} without a live process");
+                } else {
+                    prop_assert!(process.is_none(), "{name}: {state} with a live process");
+                    prop_assert!(!dir.pid().exists(), "{name}: orphaned process record");
+                    if let Some(p) = on_disk.process {
+                        prop_assert!(!p.is_alive(), "{name}: its last hypervisor still runs");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn settle_all(l: &Launcher) {
+    for name in NAMES {
+        if l.get(name).is_ok() {
+            settle(l, name, |s| {
+                !matches!(s, VmState::Starting | VmState::Stopping)
+            })
+            .await;
+        }
+    }
+}
+
+fn run_ops(ops: &[Op]) -> Result<(), TestCaseError> {
+    let host = Host::new();
+    let rt = runtime();
+    let mut l = rt.block_on(async { host.launcher() });
+    let mut snapshots: HashMap<usize, u32> = HashMap::new();
+    for &op in ops {
+        let result: Result<(), LauncherError> = rt.block_on(async {
+            match op {
+                Op::Start(i) => l.start(start_req(NAMES[i])).await.map(drop),
+                Op::Stop(i) => {
+                    let r = l.stop(NAMES[i]).await;
+                    if let Ok(vm) = &r {
+                        // No lost stop: a stop that succeeded left the VM ended.
+                        assert!(!vm.state.is_active(), "{vm:?} after a stop");
+                    }
+                    r.map(drop)
+                }
+                Op::Pause(i) => l.pause(NAMES[i]).await.map(drop),
+                Op::Resume(i) => l.resume(NAMES[i]).await.map(drop),
+                Op::Delete(i) => l.delete(NAMES[i]),
+                Op::Crash(i) => {
+                    if let Some(p) = host.process(NAMES[i]) {
+                        p.signal(libc::SIGKILL);
+                        // The process is gone; its supervisor records the end.
+                        if l.get(NAMES[i]).is_ok() {
+                            settle(&l, NAMES[i], |s| !s.is_active()).await;
+                        }
+                    }
+                    Ok(())
+                }
+                Op::Snapshot(i) => {
+                    let n = snapshots.entry(i).or_default();
+                    *n += 1;
+                    l.snapshot(NAMES[i], Some(&format!("s{n}"))).await.map(drop)
+                }
+                Op::Restore(i) => {
+                    let n = snapshots.get(&i).copied().unwrap_or(1);
+                    l.restore(NAMES[i], &format!("s{n}")).await.map(drop)
+                }
+                Op::RestartLauncher => Ok(()),
+            }
+        });
+        if let Op::RestartLauncher = op {
+            drop(l);
+            l = rt.block_on(async { host.launcher() });
+        }
+        match result {
+            Ok(()) | Err(LauncherError::Conflict(_) | LauncherError::NotFound(_)) => {}
+            Err(e) => prop_assert!(false, "{op:?}: unexpected error {e}"),
+        }
+        rt.block_on(settle_all(&l));
+        check_invariants(&host, &l)?;
+        // A deleted VM forgets its snapshots.
+        for (i, name) in NAMES.iter().enumerate() {
+            if l.get(name).is_err() {
+                snapshots.remove(&i);
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_request_sequences_keep_every_vm_in_one_consistent_state(
+        ops in proptest::collection::vec(op(), 1..14)
+    ) {
+        run_ops(&ops)?;
+    }
+}
