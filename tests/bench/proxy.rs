@@ -120,6 +120,9 @@ fn main() {
             ("ANTHROPIC_API_KEY", KEY),
             ("CLAWOS_PROXY_ANTHROPIC_URL", upstream.url.as_str()),
             ("CLAWOS_PROXY_STATIC_TOKENS", tokens.to_str().expect("utf8")),
+            // The bench is one agent with 64 connections: lift its in-flight cap so
+            // it measures the proxy's overhead, not its refusals.
+            ("CLAWOS_PROXY_MAX_IN_FLIGHT", "64"),
             ("RUST_LOG", "warn"),
         ],
         &work.path().join("proxy.log"),

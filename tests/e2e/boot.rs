@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use clawos_e2e::{
-    Launcher, artifacts, can_boot_vms, copy_image, ext4_cat, flip_byte, hypervisor_running_for, is,
-    runtime,
+    Launcher, artifacts, can_boot_vms, ext4_cat, flip_byte, hypervisor_running_for, image_ref, is,
+    runtime, store_image,
 };
 use clawos_vm_launcher_api::{StartVm, VmState};
 
@@ -146,13 +146,14 @@ fn rootfs_block_flipped_after_signing_fails_the_vm_with_a_verity_reason() {
         return;
     }
     let work = tempfile::tempdir().expect("tempdir");
-    let image = copy_image(&work.path().join("image")).expect("copy image");
+    let state = work.path().join("state");
+    let image = store_image(&state, "tampered").expect("store image");
     // A data block in the middle of the erofs image; the host does not hash the rootfs,
     // so only the guest's dm-verity can notice.
     let blocks = artifacts().manifest.verity.data_blocks;
     flip_byte(&image.join("rootfs.img"), (blocks / 2) * 4096 + 123).expect("flip");
 
-    let l = Launcher::start(&work.path().join("state")).expect("launcher");
+    let l = Launcher::start(&state).expect("launcher");
     let rt = runtime();
     let vm = rt
         .block_on(l.client().start(&StartVm {
@@ -160,7 +161,7 @@ fn rootfs_block_flipped_after_signing_fails_the_vm_with_a_verity_reason() {
             model: None,
             mem_mib: 256,
             vcpus: 1,
-            image: Some(image.display().to_string()),
+            image: Some(image_ref(&state, "tampered")),
             snapshots: false,
         }))
         .expect("the host accepts it: signature and kernel/initramfs hashes match");

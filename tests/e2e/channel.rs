@@ -42,9 +42,8 @@ fn sha256(data: &[u8]) -> String {
 
 /// `clawos` with stdin from `input`.
 fn clawos_with_stdin(l: &Launcher, args: &[&str], input: &[u8]) -> Output {
-    let mut child = Command::new(clawos_e2e::bin("clawos"))
-        .args(args)
-        .env("CLAWOS_LAUNCHER_URL", &l.url)
+    let mut child = l
+        .clawos_command(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -244,15 +243,14 @@ fn exec_files_relay_and_secret_on_a_real_vm() {
         .and_then(|l| l.local_addr())
         .expect("port")
         .port();
-    let mut pf = Command::new(clawos_e2e::bin("clawos"))
-        .args([
+    let mut pf = l
+        .clawos_command(&[
             "vm",
             "port-forward",
             "ch",
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
-        .env("CLAWOS_LAUNCHER_URL", &l.url)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -276,7 +274,7 @@ fn exec_files_relay_and_secret_on_a_real_vm() {
     );
 
     // The control port refuses a caller without the VM's secret.
-    let sock = state.path().join("vms/ch/vsock.sock");
+    let sock = clawos_e2e::vsock_dir(state.path(), "ch").join("vsock.sock");
     let mut s = std::os::unix::net::UnixStream::connect(&sock).expect("connect vsock socket");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");

@@ -94,6 +94,11 @@ fn boot_and_stop(extra_env: &[(&str, &str)]) {
     ];
     env.extend_from_slice(extra_env);
     let l = Launcher::start_with(&work.path().join("state"), &env).expect("launcher");
+    let o = l
+        .clawos_command(&["image", "add", "fc", img, "--pubkey", &pk])
+        .output()
+        .expect("clawos image add");
+    assert!(o.status.success(), "{o:?}");
     let rt = runtime();
     let vm = rt
         .block_on(l.client().start(&StartVm {
@@ -101,7 +106,7 @@ fn boot_and_stop(extra_env: &[(&str, &str)]) {
             model: None,
             mem_mib: 256,
             vcpus: 1,
-            image: Some(img.into()),
+            image: Some("fc".into()),
             snapshots: false,
         }))
         .expect("start");

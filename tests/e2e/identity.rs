@@ -534,3 +534,174 @@ fn master_key_rotation_survives_a_kill_at_any_point() {
     }
     eprintln!("rotation kill outcomes: {outcomes:?}");
 }
+
+/// Runs a command as `nobody` (uid and gid 65534, no supplementary groups).
+fn as_nobody(args: &[&str]) -> std::process::Output {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(args)
+        .output()
+        .expect("setpriv")
+}
+
+/// A second local uid (`nobody`) cannot read the key store, the master key or the
+/// service credential of a running identity-manager: the directory is 0700 and every
+/// file in it 0600, and each layer refuses on its own.
+#[test]
+fn another_uid_cannot_read_the_key_store_or_the_credentials() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        clawos_e2e::skip(
+            "identity: another uid cannot read the key store",
+            "not root: cannot switch to the nobody uid (run as root)",
+        );
+        return;
+    }
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        clawos_e2e::skip(
+            "identity: another uid cannot read the key store",
+            "setpriv (util-linux) is missing",
+        );
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let chmod = |p: &Path, m: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).expect("chmod")
+    };
+    let mode = |p: &Path| std::fs::metadata(p).expect("meta").permissions().mode() & 0o777;
+    let work = tempfile::tempdir().expect("tmp");
+    // Everything above the identity directory is open to other users, so what is
+    // tested is the service's own modes.
+    chmod(work.path(), 0o755);
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).expect("state");
+    chmod(&state, 0o755);
+    let public = work.path().join("public.txt");
+    std::fs::write(&public, "anyone may read this\n").expect("write");
+    chmod(&public, 0o644);
+    // The control: nobody can read a world-readable file next to the state directory.
+    let o = as_nobody(&["cat", public.to_str().expect("utf8")]);
+    assert!(
+        o.status.success(),
+        "nobody cannot read a 0644 file: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let port = free_port();
+    let s = Service::start(&state, port, &[]).expect("start");
+    // Something worth stealing: an agent key pair and a signed token in the store.
+    let rt = clawos_e2e::runtime();
+    let issued = rt.block_on(async {
+        reqwest::Client::new()
+            .post(format!("{}/v1/tokens", s.url))
+            .bearer_auth(s.service_token())
+            .json(&json!({"agent": "a1", "vm_id": "vm", "audience": "inference-proxy"}))
+            .send()
+            .await
+            .expect("send")
+            .status()
+    });
+    assert_eq!(issued.as_u16(), 201);
+
+    let dir = state.join("identity");
+    assert_eq!(mode(&dir), 0o700, "{}", dir.display());
+    let files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file())
+        .collect();
+    for name in ["identity.db", "master.key", "service.token"] {
+        assert!(
+            files.iter().any(|f| f.ends_with(name)),
+            "{name} missing in {files:?}"
+        );
+    }
+    for f in &files {
+        assert_eq!(mode(f) & 0o077, 0, "{} is open to others", f.display());
+    }
+    let refused = |what: &str| {
+        for f in &files {
+            let o = as_nobody(&["cat", f.to_str().expect("utf8")]);
+            assert!(
+                !o.status.success() && o.stdout.is_empty(),
+                "{what}: nobody read {}",
+                f.display()
+            );
+            assert!(
+                String::from_utf8_lossy(&o.stderr).contains("Permission denied"),
+                "{what}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+    };
+    // The directory: nobody can neither list it nor open anything in it.
+    let o = as_nobody(&["ls", dir.to_str().expect("utf8")]);
+    assert!(!o.status.success(), "nobody listed {}", dir.display());
+    refused("0700 directory");
+    // The files on their own: with the directory opened for traversal (as an operator's
+    // careless chmod would), every file still refuses.
+    chmod(&dir, 0o711);
+    refused("0600 files");
+    chmod(&dir, 0o700);
+    s.stop();
+}
+
+/// Renewals chain only while the lineage is younger than `--max-lineage-secs`; past
+/// it the agent's renewal is a 401 that says why, although its token is still valid.
+#[test]
+fn renewal_past_the_maximum_lineage_age_is_refused_with_a_reason() {
+    let rt = clawos_e2e::runtime();
+    let http = reqwest::Client::new();
+    let work = tempfile::tempdir().expect("tmp");
+    let state = work.path().join("state");
+    let port = free_port();
+    let s = Service::start(&state, port, &["--max-lineage-secs", "2"]).expect("start");
+    let svc = s.service_token();
+    let post = |path: &str, auth: &str, body: Option<Value>| -> (u16, Value) {
+        rt.block_on(async {
+            let mut r = http.post(format!("{}{path}", s.url)).bearer_auth(auth);
+            if let Some(b) = body {
+                r = r.json(&b);
+            }
+            let resp = r.send().await.expect("send");
+            let status = resp.status().as_u16();
+            (status, resp.json().await.unwrap_or(Value::Null))
+        })
+    };
+    let (st, issued) = post(
+        "/v1/tokens",
+        &svc,
+        Some(json!({"agent": "a1", "vm_id": "vm", "audience": "inference-proxy", "ttl_secs": 600})),
+    );
+    assert_eq!(st, 201, "{issued}");
+    let first = issued["token"].as_str().expect("token").to_owned();
+    let (st, renewed) = post("/v1/tokens/renew", &first, None);
+    assert_eq!(st, 200, "{renewed}");
+    let (_, intro) = post(
+        "/v1/introspect",
+        &svc,
+        Some(json!({ "token": renewed["token"] })),
+    );
+    let (_, intro_first) = post("/v1/introspect", &svc, Some(json!({ "token": first })));
+    assert_eq!(intro["auth_time"], intro_first["iat"], "{intro}");
+    assert!(
+        renewed["expires_at"].as_u64().expect("exp")
+            <= intro_first["iat"].as_u64().expect("iat") + 2,
+        "a renewed token outlives its lineage: {renewed}"
+    );
+    std::thread::sleep(Duration::from_millis(3100));
+    let (_, still) = post("/v1/introspect", &svc, Some(json!({ "token": first })));
+    assert_eq!(
+        still["active"], true,
+        "the first token itself is still valid"
+    );
+    let (st, refused) = post("/v1/tokens/renew", &first, None);
+    assert_eq!(st, 401, "{refused}");
+    let msg = refused["error"]["message"].as_str().unwrap_or("");
+    assert!(
+        msg.contains("lineage") && msg.contains("maximum lineage age is 2s"),
+        "{msg}"
+    );
+    s.stop();
+}

@@ -1,6 +1,13 @@
-//! Images that fail verification start nothing, and bad input creates nothing.
+//! Images that fail verification start nothing, and bad input creates nothing. Images
+//! are chosen by name: `clawos image add` refuses a bad bundle before it reaches the
+//! store, and the launcher refuses an image in its store that changed since (the
+//! tests change the store's copy directly, as a failing disk or a root attacker would).
+//! A refusal names the part and keeps its code, but never says a file's hash or size.
 
-use clawos_e2e::{Launcher, can_boot_vms, copy_image, flip_byte, hypervisor_running_for};
+use clawos_e2e::{
+    Launcher, artifacts, can_boot_vms, copy_image, flip_byte, hypervisor_running_for, image_ref,
+    store_image,
+};
 
 fn vms_on_disk(state: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(state.join("vms"))
@@ -50,8 +57,18 @@ fn one_changed_byte_in_any_part_is_refused_and_named() {
         ),
     ];
     for (name, file, offset, words) in cases {
-        let image = copy_image(&work.path().join(name)).expect("copy");
+        // `clawos image add` checks as the launcher does: the bundle never gets in.
+        let source = copy_image(&work.path().join(name)).expect("copy");
+        flip_byte(&source.join(file), *offset).expect("flip");
+        let o = l.add_image(name, &source);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(5), "{name}: image add: {err}");
+        assert!(!state.join("images").join(name).exists(), "{name}: added");
+        // The store's copy changed after it was added: the launcher refuses it.
+        let image = store_image(&state, name).expect("store");
         flip_byte(&image.join(file), *offset).expect("flip");
+        let changed = clawos_image::manifest::sha256_file(&image.join(file)).expect("hash");
+        let size = std::fs::metadata(image.join(file)).expect("size").len();
         let o = l.clawos(&[
             "vm",
             "start",
@@ -59,13 +76,23 @@ fn one_changed_byte_in_any_part_is_refused_and_named() {
             "--mem",
             "256",
             "--image",
-            image.to_str().expect("utf8"),
+            &image_ref(&state, name),
         ]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(5), "{name}: {err}");
         for w in *words {
             assert!(err.contains(w), "{name}: error should name {w:?}: {err}");
         }
+        // (Sizes of a few digits could appear in a request id by chance: only the
+        // kernel's and initramfs's are distinctive.)
+        assert!(
+            !err.contains(&changed) && (size < 100_000 || !err.contains(&size.to_string())),
+            "{name}: the refusal must not say the file's hash or size: {err}"
+        );
+        assert!(
+            l.log().contains(&changed) || *file == "manifest.json" || *file == "manifest.sig",
+            "{name}: the launcher's own log keeps the details"
+        );
         assert!(
             !hypervisor_running_for(name),
             "{name}: a VM process was started"
@@ -73,14 +100,14 @@ fn one_changed_byte_in_any_part_is_refused_and_named() {
     }
 
     // No signature while a key is configured.
-    let image = copy_image(&work.path().join("unsigned")).expect("copy");
+    let image = store_image(&state, "t-unsigned").expect("store");
     std::fs::remove_file(image.join("manifest.sig")).expect("rm sig");
     let o = l.clawos(&[
         "vm",
         "start",
         "t-unsigned",
         "--image",
-        image.to_str().expect("utf8"),
+        &image_ref(&state, "t-unsigned"),
     ]);
     assert_eq!(o.status.code(), Some(5));
     assert!(
@@ -93,7 +120,7 @@ fn one_changed_byte_in_any_part_is_refused_and_named() {
     );
 
     // Signed by another key.
-    let image = copy_image(&work.path().join("otherkey")).expect("copy");
+    let image = store_image(&state, "t-otherkey").expect("store");
     let other = clawos_image::keys::generate(&work.path().join("other.key")).expect("key");
     clawos_image::manifest::sign_bundle(&image, &other).expect("sign");
     let o = l.clawos(&[
@@ -101,7 +128,7 @@ fn one_changed_byte_in_any_part_is_refused_and_named() {
         "start",
         "t-otherkey",
         "--image",
-        image.to_str().expect("utf8"),
+        &image_ref(&state, "t-otherkey"),
     ]);
     assert_eq!(o.status.code(), Some(5));
     assert!(
@@ -148,10 +175,12 @@ fn bad_names_sizes_and_bodies_get_4xx_and_create_nothing() {
     let l = Launcher::start(&state).expect("launcher");
     let rt = clawos_e2e::runtime();
     let http = reqwest::Client::new();
+    let token = l.token();
     let post = |body: String| {
         rt.block_on(async {
             let r = http
                 .post(format!("{}/v1/vms", l.url))
+                .bearer_auth(&token)
                 .header("content-type", "application/json")
                 .body(body)
                 .send()
@@ -197,7 +226,11 @@ fn bad_names_sizes_and_bodies_get_4xx_and_create_nothing() {
         ),
         (
             serde_json::json!({"name": "ok", "image": "relative/dir"}),
-            "must be absolute",
+            "invalid image name",
+        ),
+        (
+            serde_json::json!({"name": "ok", "image": artifacts().image_dir}),
+            "invalid image name",
         ),
         (
             serde_json::json!({"name": "ok", "surprise": 1}),
@@ -219,6 +252,7 @@ fn bad_names_sizes_and_bodies_get_4xx_and_create_nothing() {
     // Path parameters are validated too.
     let status = rt.block_on(async {
         http.get(format!("{}/v1/vms/..%2Fetc", l.url))
+            .bearer_auth(&token)
             .send()
             .await
             .expect("send")

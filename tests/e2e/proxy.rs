@@ -394,7 +394,7 @@ fn token_budgets_refuse_until_the_window_allows_and_survive_a_restart() {
                 ("ANTHROPIC_API_KEY", HOST_KEY),
                 ("CLAWOS_PROXY_ANTHROPIC_URL", upstream.url.as_str()),
                 ("CLAWOS_PROXY_STATIC_TOKENS", tokens.to_str().expect("utf8")),
-                ("CLAWOS_PROXY_TOKENS_PER_DAY", "20"),
+                ("CLAWOS_PROXY_TOKENS_PER_DAY", "60"),
             ],
             &work.path().join(format!("proxy-{}.log", port())),
             px_port,
@@ -424,8 +424,10 @@ fn token_budgets_refuse_until_the_window_allows_and_survive_a_restart() {
     // count_tokens passes through and costs nothing.
     let (st, _, text) = call("dev-token-a", "/v1/messages/count_tokens");
     assert_eq!((st, text.as_str()), (200, r#"{"input_tokens":3}"#));
-    // Each call costs 3 + 4 = 7 tokens: 7, 14, 21 (over 20), then refused.
-    for _ in 0..3 {
+    // Each call costs 3 + 4 = 7 tokens and reserves up to 21 first (13 bytes of prompt
+    // text and roles + max_tokens 8): admitted while spend + 21 <= 60, so six times
+    // (42 spent), never past the budget.
+    for _ in 0..6 {
         assert_eq!(call("dev-token-a", "/v1/messages").0, 200);
     }
     let (st, retry, text) = call("dev-token-a", "/v1/messages");
@@ -452,13 +454,13 @@ fn token_budgets_refuse_until_the_window_allows_and_survive_a_restart() {
             .expect("clawos usage");
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         u = serde_json::from_slice(&o.stdout).expect("json");
-        if u["usage"][0]["requests"] == 3 {
+        if u["usage"][0]["requests"] == 6 {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(u["usage"][0]["requests"], 3, "{u}");
-    assert_eq!(u["usage"][0]["input_tokens"], 9);
+    assert_eq!(u["usage"][0]["requests"], 6, "{u}");
+    assert_eq!(u["usage"][0]["input_tokens"], 18);
     let anon = rt
         .block_on(ProxyAdminClient::new(&url, "dev-token-a").usage(&UsageQuery::default()))
         .expect_err("an agent credential does not read usage");

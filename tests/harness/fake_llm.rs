@@ -2,7 +2,9 @@
 //! wire format — JSON messages, and SSE with the real event sequence and `usage` — and
 //! a record of which credentials arrived (model `fail-500` answers 500); likewise OpenAI chat completions (JSON, and
 //! SSE chunks with the `include_usage` chunk and `[DONE]`). Model `fail-midstream` drops the connection
-//! in the middle of a stream.
+//! in the middle of a stream; model `claude-delay-<ms>` answers after `<ms>` milliseconds. A request
+//! declaring a `web_search_*` server tool is answered as if one search ran (`usage.server_tool_use`).
+//! [`redirector`] is a hostile upstream that answers every request with a redirect.
 
 use std::sync::{Arc, Mutex};
 
@@ -20,6 +22,12 @@ pub struct Seen {
     /// Every `authorization` value received.
     pub authorizations: Vec<String>,
     pub requests: usize,
+    /// Every `anthropic-beta` value received.
+    pub betas: Vec<String>,
+    /// `POST /v1/messages/count_tokens` requests (not in `requests`).
+    pub count_tokens: usize,
+    /// The body of the last messages or chat-completions request.
+    pub last_body: Value,
 }
 
 #[derive(Debug)]
@@ -46,6 +54,18 @@ fn input_tokens(body: &Value) -> u64 {
 
 const WORDS: [&str; 4] = ["Hello", " from", " fake", " claude"];
 
+/// `usage.server_tool_use` for a request: one web search when it declares the tool.
+fn server_tool_use(req: &Value) -> Option<Value> {
+    let searches = req["tools"].as_array().is_some_and(|ts| {
+        ts.iter().any(|t| {
+            t["type"]
+                .as_str()
+                .is_some_and(|ty| ty.starts_with("web_search"))
+        })
+    });
+    searches.then(|| json!({"web_search_requests": 1}))
+}
+
 async fn messages(State(u): State<Arc<Upstream>>, headers: HeaderMap, body: Bytes) -> Response {
     let key = headers
         .get("x-api-key")
@@ -59,17 +79,32 @@ async fn messages(State(u): State<Arc<Upstream>>, headers: HeaderMap, body: Byte
         if let Some(a) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
             s.authorizations.push(a.to_owned());
         }
+        for b in headers.get_all("anthropic-beta") {
+            s.betas
+                .push(String::from_utf8_lossy(b.as_bytes()).into_owned());
+        }
     }
     if key != u.key {
         let e = json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}});
         return (StatusCode::UNAUTHORIZED, axum::Json(e)).into_response();
     }
     let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    u.seen.lock().unwrap_or_else(|p| p.into_inner()).last_body = req.clone();
     let model = req["model"].as_str().unwrap_or("").to_owned();
     let input = input_tokens(&req);
     let id = format!("msg_fake_{input}");
     if model == "slow-model" {
         tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    }
+    if let Some(ms) = model
+        .strip_prefix("claude-delay-")
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+    }
+    let mut final_usage = json!({"output_tokens": WORDS.len()});
+    if let Some(stu) = server_tool_use(&req) {
+        final_usage["server_tool_use"] = stu;
     }
     if model == "fail-500" {
         let e = json!({"type": "error", "error": {"type": "api_error", "message": "injected upstream failure"}});
@@ -77,11 +112,13 @@ async fn messages(State(u): State<Arc<Upstream>>, headers: HeaderMap, body: Byte
     }
     if req["stream"].as_bool() != Some(true) {
         let text: String = WORDS.concat();
+        let mut usage = final_usage;
+        usage["input_tokens"] = json!(input);
         return axum::Json(json!({
             "id": id, "type": "message", "role": "assistant", "model": model,
             "content": [{"type": "text", "text": text}],
             "stop_reason": "end_turn", "stop_sequence": null,
-            "usage": {"input_tokens": input, "output_tokens": WORDS.len()},
+            "usage": usage,
         }))
         .into_response();
     }
@@ -106,7 +143,7 @@ async fn messages(State(u): State<Arc<Upstream>>, headers: HeaderMap, body: Byte
         "content_block_stop",
         json!({"type": "content_block_stop", "index": 0}),
     ));
-    events.push(("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": {"output_tokens": WORDS.len()}})));
+    events.push(("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": null}, "usage": final_usage})));
     events.push(("message_stop", json!({"type": "message_stop"})));
     let fail = model == "fail-midstream";
     // Paced like a real stream, so what precedes a failure reaches the client.
@@ -150,6 +187,7 @@ async fn chat_completions(
         return (StatusCode::UNAUTHORIZED, axum::Json(e)).into_response();
     }
     let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    u.seen.lock().unwrap_or_else(|p| p.into_inner()).last_body = req.clone();
     let model = req["model"].as_str().unwrap_or("").to_owned();
     let prompt = input_tokens(&req);
     let words = ["Hello", " from", " fake", " gpt"];
@@ -187,6 +225,16 @@ async fn chat_completions(
 }
 
 async fn count_tokens(State(u): State<Arc<Upstream>>, headers: HeaderMap, body: Bytes) -> Response {
+    {
+        let mut s = u.seen.lock().unwrap_or_else(|p| p.into_inner());
+        s.count_tokens += 1;
+        if let Some(k) = headers.get("x-api-key").and_then(|v| v.to_str().ok()) {
+            s.api_keys.push(k.to_owned());
+        }
+        if let Some(a) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+            s.authorizations.push(a.to_owned());
+        }
+    }
     if headers.get("x-api-key").and_then(|v| v.to_str().ok()) != Some(u.key.as_str()) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
@@ -246,4 +294,59 @@ impl FakeAnthropic {
         let s = self.state.seen.lock().unwrap_or_else(|p| p.into_inner());
         (s.api_keys.clone(), s.authorizations.clone(), s.requests)
     }
+
+    /// Every `anthropic-beta` header value received.
+    pub fn betas(&self) -> Vec<String> {
+        let s = self.state.seen.lock().unwrap_or_else(|p| p.into_inner());
+        s.betas.clone()
+    }
+
+    /// The body of the last messages or chat-completions request (JSON null before).
+    pub fn last_body(&self) -> Value {
+        let s = self.state.seen.lock().unwrap_or_else(|p| p.into_inner());
+        s.last_body.clone()
+    }
+
+    /// How many `count_tokens` requests arrived.
+    pub fn count_tokens_requests(&self) -> usize {
+        let s = self.state.seen.lock().unwrap_or_else(|p| p.into_inner());
+        s.count_tokens
+    }
+}
+
+/// Serves `app` on a free loopback port from its own thread; returns the base URL.
+fn serve_in_thread(app: axum::Router) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake server");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let l = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let _ = axum::serve(l, app).await;
+        });
+    });
+    url
+}
+
+/// A hostile upstream: every request, whatever its method and path, is answered
+/// `307 Temporary Redirect` to the same path on `target` (a client that follows it
+/// re-sends the method, the body and, unless it takes care, the credential). Returns
+/// its base URL.
+pub fn redirector(target: &str) -> String {
+    let target = target.trim_end_matches('/').to_owned();
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+        let to = format!("{target}{}", uri.path());
+        async move {
+            Response::builder()
+                .status(StatusCode::TEMPORARY_REDIRECT)
+                .header("location", to)
+                .body(Body::empty())
+                .unwrap_or_default()
+        }
+    });
+    serve_in_thread(app)
 }

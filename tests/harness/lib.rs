@@ -23,8 +23,11 @@ pub fn target_profile_dir() -> PathBuf {
 }
 
 /// A workspace binary built by `cargo build --workspace`.
+/// `CLAWOS_E2E_BIN_DIR` overrides where they are (e.g. to run a bench or an attacker
+/// test against binaries built from an earlier commit).
 pub fn bin(name: &str) -> PathBuf {
-    let p = target_profile_dir().join(name);
+    let dir = std::env::var_os("CLAWOS_E2E_BIN_DIR").map_or_else(target_profile_dir, PathBuf::from);
+    let p = dir.join(name);
     assert!(
         p.is_file(),
         "{} is missing: the e2e tests run the real binaries; run `cargo build --workspace` first (scripts/test.sh does)",
@@ -247,6 +250,8 @@ impl Launcher {
             .arg("30")
             .env("CLAWOS_SIGNING_PUBKEY", &a.public_key)
             .env_remove("CLAWOS_AGENT_ROOTHASH")
+            .env_remove(clawos_vm_launcher_api::TOKEN_PATH_ENV)
+            .env_remove("CLAWOS_LAUNCHER_ALLOWED_ORIGINS")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -284,16 +289,39 @@ impl Launcher {
         }
     }
 
+    /// The launcher's operator credential (`<state>/launcher/admin.token`, made by the
+    /// launcher before it listens).
+    pub fn token(&self) -> String {
+        let path = clawos_vm_launcher_api::token_path(&self.state_dir);
+        std::fs::read_to_string(&path)
+            .map(|t| t.trim().to_owned())
+            .unwrap_or_else(|e| panic!("operator credential {}: {e}", path.display()))
+    }
+
+    /// A typed client with the operator credential (without one when the launcher made
+    /// none: a binary from before credentials, run through `CLAWOS_E2E_BIN_DIR`).
     pub fn client(&self) -> LauncherClient {
-        LauncherClient::new(&self.url)
+        let c = LauncherClient::new(&self.url);
+        match std::fs::read_to_string(clawos_vm_launcher_api::token_path(&self.state_dir)) {
+            Ok(t) => c.with_token(t.trim()),
+            Err(_) => c,
+        }
+    }
+
+    /// The `clawos` CLI against this launcher, as the local operator (it finds the
+    /// credential in the state directory), ready for more arguments or other stdio.
+    pub fn clawos_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("clawos"));
+        cmd.args(args)
+            .env("CLAWOS_LAUNCHER_URL", &self.url)
+            .env("CLAWOS_STATE_DIR", &self.state_dir)
+            .env_remove(clawos_vm_launcher_api::TOKEN_PATH_ENV);
+        cmd
     }
 
     /// Runs the `clawos` CLI against this launcher.
     pub fn clawos(&self, args: &[&str]) -> Output {
-        Command::new(bin("clawos"))
-            .args(args)
-            .env("CLAWOS_LAUNCHER_URL", &self.url)
-            .env("CLAWOS_STATE_DIR", &self.state_dir)
+        self.clawos_command(args)
             .stdin(Stdio::null())
             .output()
             .expect("run clawos")
@@ -502,4 +530,61 @@ pub fn static_c_program(dir: &Path, name: &str, source: &str) -> Result<PathBuf>
         bail!("gcc: {}", String::from_utf8_lossy(&o.stderr));
     }
     Ok(bin)
+}
+
+/// Copies the test image into `state`'s image store (`<state>/images/<name>/`, what
+/// `clawos image add` makes) without any check, so a test can then change it the way
+/// an attacker or a failing disk would. Returns the image's directory.
+pub fn store_image(state: &Path, name: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let images = state.join("images");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&images)?;
+    std::fs::set_permissions(&images, std::fs::Permissions::from_mode(0o700))?;
+    let dir = images.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    for e in std::fs::read_dir(&artifacts().image_dir)? {
+        let e = e?;
+        std::fs::copy(e.path(), dir.join(e.file_name()))?;
+    }
+    Ok(dir)
+}
+
+/// How a test names image `name` of `state`'s store in a start request: its name. With
+/// `CLAWOS_E2E_IMAGE_BY_PATH` set it is the image's directory instead — how launchers
+/// took images before they were chosen by name — so an attacker test can be run
+/// against such a binary (with `CLAWOS_E2E_BIN_DIR`) to show that it fails there.
+pub fn image_ref(state: &Path, name: &str) -> String {
+    if std::env::var_os("CLAWOS_E2E_IMAGE_BY_PATH").is_some() {
+        return state.join("images").join(name).display().to_string();
+    }
+    name.to_owned()
+}
+
+impl Launcher {
+    /// `clawos image add NAME DIR` into this launcher's image store, checking the
+    /// signature with the test key.
+    pub fn add_image(&self, name: &str, dir: &Path) -> Output {
+        self.clawos_command(&["image", "add", name])
+            .arg(dir)
+            .env("CLAWOS_SIGNING_PUBKEY", &artifacts().public_key)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run clawos image add")
+    }
+}
+
+/// Where a VM's vsock sockets are (`vsock.sock` and the relays' `vsock.sock_<port>`):
+/// the directory its record names (QEMU: `<vm>/vsock/`, owned by the VM's uid; a jailed
+/// Firecracker: its chroot), else the VM's directory.
+pub fn vsock_dir(state: &Path, vm: &str) -> PathBuf {
+    let dir = state.join("vms").join(vm);
+    std::fs::read(dir.join("vm.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|r| r["socket_dir"].as_str().map(PathBuf::from))
+        .unwrap_or(dir)
 }

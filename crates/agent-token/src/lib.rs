@@ -6,6 +6,8 @@
 //!   so garbage tokens cannot make it hammer the issuer);
 //! - only `EdDSA` is accepted, whatever the token's header claims;
 //! - issuer, audience, `exp` and `nbf` are checked without leeway;
+//! - the JWKS and the revocation feed come from the issuer URL itself: the HTTP client
+//!   (`clawos_api::HttpClient`) never follows a redirect, so a 3xx is a fetch error;
 //! - the revocation feed is polled at most every [`VerifierConfig::revocation_poll`].
 
 use std::collections::{HashMap, HashSet};
@@ -223,6 +225,9 @@ impl Verifier {
         let key = self.key_for(&kid).await?;
         let mut v = Validation::new(Algorithm::EdDSA);
         v.leeway = 0;
+        // `jsonwebtoken` only checks that `nbf` is present unless told to compare it:
+        // a token that is not valid yet is refused like an expired one.
+        v.validate_nbf = true;
         v.set_issuer(&[self.cfg.issuer.as_str()]);
         v.set_audience(&[self.cfg.audience.as_str()]);
         v.set_required_spec_claims(&["exp", "nbf", "iss", "sub", "aud"]);

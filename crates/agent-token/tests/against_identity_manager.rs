@@ -18,10 +18,7 @@ async fn start_identity(dir: &std::path::Path) -> (String, IdentityClient) {
         addr: format!("127.0.0.1:{port}").parse().expect("addr"),
         db_path: dir.join("identity.db"),
         master: MasterKeySource::Hex("42".repeat(32)),
-        issuer: IssuerConfig {
-            issuer: url.clone(),
-            trust_domain: "t.local".into(),
-        },
+        issuer: IssuerConfig::new(&url, "t.local"),
         service_token: service_token.clone(),
     };
     tokio::spawn(async move { clawos_identity_manager::run(cfg, std::future::pending()).await });

@@ -5,19 +5,35 @@ use anyhow::anyhow;
 use clawos_vm_launcher_api::{ExecStart, ExecStatus, LauncherClient, VmState};
 
 use crate::exit::{Exit, api_exit};
+use crate::terminal::{SafeWriter, neutralise};
 
-/// Runs a command in the guest, streaming its output. `Ok` carries the command's own
-/// exit status, as ssh and docker exec do; stdout and stderr are flushed before this
-/// returns, whatever it returns.
-pub async fn exec(
-    client: &LauncherClient,
-    name: &str,
-    interactive: bool,
-    timeout: Option<f64>,
-    cwd: Option<String>,
-    env: Vec<String>,
-    command: Vec<String>,
-) -> Result<u8, Exit> {
+/// What `vm exec` was asked to run, and how.
+#[derive(Debug)]
+pub struct ExecArgs {
+    /// Forward stdin.
+    pub interactive: bool,
+    /// Output to a terminal unchanged (escape sequences included).
+    pub raw: bool,
+    pub timeout: Option<f64>,
+    pub cwd: Option<String>,
+    /// `KEY=VALUE` pairs.
+    pub env: Vec<String>,
+    pub command: Vec<String>,
+}
+
+/// Runs a command in the guest, streaming its output (neutralised on a terminal unless
+/// `raw`: see [`crate::terminal`]). `Ok` carries the command's own exit status, as
+/// ssh and docker exec do; stdout and stderr are flushed before this returns,
+/// whatever it returns.
+pub async fn exec(client: &LauncherClient, name: &str, args: ExecArgs) -> Result<u8, Exit> {
+    let ExecArgs {
+        interactive,
+        raw,
+        timeout,
+        cwd,
+        env,
+        command,
+    } = args;
     let env = env
         .iter()
         .map(|kv| {
@@ -36,16 +52,21 @@ pub async fn exec(
     // Tokio writes stdout and stderr from a blocking thread, and the runtime is shut
     // down without waiting for it: `exec` flushes both before it returns, so everything
     // the command printed goes out before `main` prints an error or exits.
+    let mut stdout = SafeWriter::new(tokio::io::stdout(), neutralise(&std::io::stdout(), raw));
+    let mut stderr = SafeWriter::new(tokio::io::stderr(), neutralise(&std::io::stderr(), raw));
     let status = client
         .exec(
             name,
             &start,
             interactive.then(tokio::io::stdin),
-            &mut tokio::io::stdout(),
-            &mut tokio::io::stderr(),
+            &mut stdout,
+            &mut stderr,
         )
-        .await
-        .map_err(|e| Exit(e.exit_code(), e.into()))?;
+        .await;
+    // Shows a character the output ended in the middle of, and flushes.
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut stdout).await;
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut stderr).await;
+    let status = status.map_err(|e| Exit(e.exit_code(), e.into()))?;
     match status {
         ExecStatus::Exited(_) => Ok(status.exit_code()),
         ExecStatus::TimedOut => Err(Exit(

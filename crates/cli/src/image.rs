@@ -1,4 +1,5 @@
-//! `clawos keygen` and `clawos image build|sign|verify`: signing keys and image bundles.
+//! `clawos keygen` and `clawos image build|sign|verify|add`: signing keys and image
+//! bundles, and registering a bundle in the launcher's image store.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -22,6 +23,23 @@ pub enum ImageCmd {
         /// Private key [default: $CLAWOS_STATE_DIR/signing.key].
         #[arg(long)]
         key: Option<PathBuf>,
+    },
+    /// Verify a bundle and copy it into the launcher's image store as NAME
+    /// ($CLAWOS_STATE_DIR/images/NAME: directories 0700, files 0644, owned by the store's
+    /// owner). VMs boot it with `clawos vm start VM --image NAME`; the launcher never
+    /// boots a path an API caller names. Run it as the launcher's user (or root).
+    Add {
+        /// Image name: [a-z0-9-], 1-63 characters (like a VM name).
+        name: String,
+        /// Bundle directory to verify and copy.
+        dir: PathBuf,
+        /// Trusted public key, hex. Without one only the hashes are checked here; the
+        /// launcher checks the signature again before every boot.
+        #[arg(long, env = "CLAWOS_SIGNING_PUBKEY")]
+        pubkey: Option<String>,
+        /// Replace an existing image of that name (atomically; running VMs keep theirs).
+        #[arg(long)]
+        force: bool,
     },
     /// Verify a bundle as the launcher does before boot.
     Verify {
@@ -169,6 +187,56 @@ pub fn run(cmd: ImageCmd, json: bool) -> Result<(), Exit> {
                     "signed {} with public key {}",
                     sig.display(),
                     keys::public_hex(&key)
+                );
+            }
+        }
+        ImageCmd::Add {
+            name,
+            dir,
+            pubkey,
+            force,
+        } => {
+            clawos_image::store::check_name(&name).map_err(|m| err(anyhow!(m)))?;
+            let public_key = pubkey
+                .as_deref()
+                .map(manifest::parse_public_key)
+                .transpose()
+                .map_err(|e| err(e.into()))?;
+            let signed = public_key.is_some();
+            let policy = VerifyPolicy {
+                public_key,
+                pinned_root_hash: None,
+            };
+            let source = clawos_image::BundleDir::open(&dir, &clawos_image::Trust::operator())
+                .map(clawos_image::BundleSource::dir)
+                .map_err(|e| Exit(5, e.into()))?;
+            let store = clawos_image::store::images_dir(&state_dir());
+            let m =
+                clawos_image::store::add(&store, &name, &source, &policy, force).map_err(|e| {
+                    match e {
+                        clawos_image::ImageError::Write { .. } => Exit(1, e.into()),
+                        e => Exit(5, e.into()),
+                    }
+                })?;
+            let path = store.join(&name);
+            if json {
+                print_json(&serde_json::json!({
+                    "name": name,
+                    "path": path,
+                    "root_hash": m.verity.root_hash,
+                    "signature_checked": signed,
+                }))
+                .map_err(err)?;
+            } else {
+                println!(
+                    "added image {name} at {} (root hash {}){}",
+                    path.display(),
+                    m.verity.root_hash,
+                    if signed {
+                        ""
+                    } else {
+                        "; signature NOT checked here (set CLAWOS_SIGNING_PUBKEY); the launcher checks it before every boot"
+                    }
                 );
             }
         }

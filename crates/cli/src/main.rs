@@ -6,6 +6,7 @@ mod exit;
 mod identity;
 mod image;
 mod output;
+mod terminal;
 mod token;
 mod usage;
 mod vm;
@@ -24,8 +25,13 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict (e.g. already runnin
 8 rate limited, 9 a credential was missing or refused.
 `vm exec` exits with the command's own code (124 on --timeout, 128 on a signal).
 
+`vm` commands send the launcher's operator credential, read from
+$CLAWOS_STATE_DIR/launcher/admin.token (or the file CLAWOS_LAUNCHER_TOKEN_PATH names).
+On a terminal, `vm logs` and `vm exec` show control characters a VM prints as text
+(`\x1b`) unless --raw; pipes get the bytes unchanged.
+
 Environment: CLAWOS_STATE_DIR (default ~/.clawos), CLAWOS_LAUNCHER_URL,
-CLAWOS_SIGNING_PUBKEY, CLAWOS_GUEST_BIN_DIR.";
+CLAWOS_LAUNCHER_TOKEN_PATH, CLAWOS_SIGNING_PUBKEY, CLAWOS_GUEST_BIN_DIR.";
 
 #[derive(Debug, Parser)]
 #[command(name = "clawos", version, about = "Run AI agents in signed, verified microVMs", after_help = AFTER_HELP)]
@@ -108,8 +114,22 @@ fn run(cli: Cli) -> Result<u8, Exit> {
         Cmd::Usage(args) => usage::run(args, cli.json).map(ok),
         Cmd::Identity(cmd) => identity::run(cmd, &cli.identity_url).map(ok),
         Cmd::Vm(cmd) => {
-            let client = LauncherClient::new(&cli.launcher_url);
-            block_on(vm::run(cmd, &client, cli.json))
+            // The local operator's credential, found as the launcher made it. Without
+            // one the launcher answers 401; the error then says why none was sent.
+            let state = state_dir();
+            let (client, missing) = match clawos_vm_launcher_api::local_token(&state) {
+                Ok(t) => (LauncherClient::new(&cli.launcher_url).with_token(&t), None),
+                Err(why) => (LauncherClient::new(&cli.launcher_url), Some(why)),
+            };
+            block_on(vm::run(cmd, &client, cli.json)).map_err(|Exit(code, e)| match missing {
+                Some(why) if code == 9 => Exit(
+                    code,
+                    e.context(format!(
+                        "no operator credential was sent: {why} (run as the launcher's user, or set CLAWOS_STATE_DIR or CLAWOS_LAUNCHER_TOKEN_PATH)"
+                    )),
+                ),
+                _ => Exit(code, e),
+            })
         }
     }
 }

@@ -25,10 +25,7 @@ fn main() {
         .expect("port")
         .port();
     let url = format!("http://127.0.0.1:{port}");
-    let issuer = IssuerConfig {
-        issuer: url.clone(),
-        trust_domain: "bench.local".into(),
-    };
+    let issuer = IssuerConfig::new(&url, "bench.local");
     let id = Identity::open(
         &dir.path().join("bench.db"),
         MasterKey::generate().expect("key"),

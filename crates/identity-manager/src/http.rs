@@ -232,6 +232,7 @@ async fn discovery(State(st): S) -> Json<OpenIdConfiguration> {
             "vm_id",
             "image_root_hash",
             "scopes",
+            "auth_time",
         ]),
     })
 }

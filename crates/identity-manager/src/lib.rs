@@ -111,10 +111,7 @@ pub fn rotate_master_key_file(
     db: &std::path::Path,
     key_path: &std::path::Path,
 ) -> Result<(usize, u32), IdentityError> {
-    let issuer = IssuerConfig {
-        issuer: String::new(),
-        trust_domain: String::new(),
-    };
+    let issuer = IssuerConfig::new("", "");
     // Finish or discard an earlier interrupted rotation first.
     drop(open_store(
         db,
@@ -164,10 +161,7 @@ mod tests {
     use super::*;
 
     fn issuer() -> IssuerConfig {
-        IssuerConfig {
-            issuer: "http://127.0.0.1:2082".into(),
-            trust_domain: "t".into(),
-        }
+        IssuerConfig::new("http://127.0.0.1:2082", "t")
     }
 
     /// The state a crash leaves between the rotation's commit and the key file rename:

@@ -30,6 +30,16 @@ struct Args {
     /// SPIFFE trust domain of agent subjects.
     #[arg(long, env = "CLAWOS_TRUST_DOMAIN", default_value = "clawos.local")]
     trust_domain: String,
+    /// Maximum age of a token lineage in seconds: a token renewed from a token renewed
+    /// from … the one the service issued is refused once that first one is older than
+    /// this, and no renewed token outlives it.
+    #[arg(
+        long,
+        env = "CLAWOS_IDENTITY_MAX_LINEAGE_SECS",
+        default_value_t = clawos_identity_manager::identity::DEFAULT_MAX_LINEAGE_SECS,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    max_lineage_secs: u64,
     /// Service credential file [default: <state>/identity/service.token, created 0600].
     #[arg(long, env = "CLAWOS_IDENTITY_SERVICE_TOKEN_PATH")]
     service_token_path: Option<PathBuf>,
@@ -87,6 +97,7 @@ fn main() -> Result<()> {
         issuer: IssuerConfig {
             issuer: args.issuer.unwrap_or_else(|| format!("http://{addr}")),
             trust_domain: args.trust_domain,
+            max_lineage_secs: args.max_lineage_secs,
         },
         service_token,
     };

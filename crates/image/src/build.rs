@@ -423,7 +423,21 @@ pub fn build(opts: &BuildOptions, progress: &mut dyn FnMut(&str)) -> Result<Mani
     ));
     let _ = fs::remove_dir_all(&staging);
     fs::create_dir_all(&staging).map_err(|e| BuildError::io(&staging, e))?;
-    let result = build_into(opts, &staging, progress);
+    let result = build_into(opts, &staging, progress).and_then(|m| {
+        // Whatever the umask: the launcher refuses a bundle file that group or others
+        // could write.
+        use std::os::unix::fs::PermissionsExt;
+        for e in fs::read_dir(&staging).map_err(|e| BuildError::io(&staging, e))? {
+            let p = e.map_err(|e| BuildError::io(&staging, e))?.path();
+            if p.is_file() {
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o644))
+                    .map_err(|e| BuildError::io(&p, e))?;
+            }
+        }
+        fs::set_permissions(&staging, fs::Permissions::from_mode(0o755))
+            .map_err(|e| BuildError::io(&staging, e))?;
+        Ok(m)
+    });
     match result {
         Ok(m) => {
             if opts.out.exists() {

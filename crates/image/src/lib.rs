@@ -8,16 +8,19 @@
 //! block it reads against the signed root hash.
 
 pub mod build;
+pub mod bundle;
 pub mod cpio;
 pub mod kernel;
 pub mod keys;
 pub mod manifest;
+pub mod store;
 pub mod verity;
 
 use std::io;
 use std::path::{Path, PathBuf};
 
 pub use build::{BuildOptions, KernelSource, build};
+pub use bundle::{BundleDir, BundleSource, Part, Trust, VerifiedBundle, verify_bundle};
 pub use manifest::{ImageError, ImagePaths, Manifest, VerifyPolicy, files, verify};
 
 /// Errors building an image.

@@ -6,7 +6,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 pub use ed25519_dalek::VerifyingKey;
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier};
+use ed25519_dalek::{Signer, SigningKey};
 use sha2::{Digest, Sha256};
 
 use crate::verity::VerityGeometry;
@@ -189,7 +189,7 @@ fn read_manifest_bytes(path: &Path) -> Result<Vec<u8>, ImageError> {
     })
 }
 
-fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, ImageError> {
+pub(crate) fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, ImageError> {
     let manifest: Manifest =
         serde_json::from_slice(bytes).map_err(|source| ImageError::ManifestSyntax {
             path: path.to_owned(),
@@ -216,10 +216,18 @@ pub fn sign_bundle(dir: &Path, key: &SigningKey) -> Result<PathBuf, ImageError> 
     let (_, bytes) = read_manifest(&paths.manifest)?;
     let sig = key.sign(&bytes);
     let text = format!("{}\n", hex::encode(sig.to_bytes()));
-    fs::write(&paths.signature, text).map_err(|source| ImageError::Write {
-        path: paths.signature.clone(),
-        source,
-    })?;
+    // Not writable by group or others whatever the umask (the launcher refuses that).
+    fs::write(&paths.signature, text)
+        .and_then(|()| {
+            fs::set_permissions(
+                &paths.signature,
+                std::os::unix::fs::PermissionsExt::from_mode(0o644),
+            )
+        })
+        .map_err(|source| ImageError::Write {
+            path: paths.signature.clone(),
+            source,
+        })?;
     Ok(paths.signature)
 }
 
@@ -234,82 +242,66 @@ pub struct VerifyPolicy {
 
 /// Checks an image before boot: signature over the manifest (when a key is configured),
 /// sha256 of kernel and initramfs, rootfs size, pinned root hash. Returns the manifest on
-/// success; on failure the error names the part that did not match.
+/// success; on failure the error names the part that did not match. Each file is opened
+/// once without following symlinks and must be a regular file that group and others
+/// cannot write ([`crate::bundle`]); any owner is accepted (this is the operator's own
+/// check, `clawos image verify`; the launcher uses [`crate::bundle::verify_bundle`]).
 pub fn verify(paths: &ImagePaths, policy: &VerifyPolicy) -> Result<Manifest, ImageError> {
-    // The signature covers the raw bytes and is checked before they are parsed:
-    // nothing unsigned is interpreted.
-    let bytes = read_manifest_bytes(&paths.manifest)?;
-    if let Some(key) = &policy.public_key {
-        let text = match fs::read_to_string(&paths.signature) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(ImageError::Unsigned {
-                    path: paths.signature.clone(),
-                });
-            }
-            Err(source) => {
-                return Err(ImageError::Read {
-                    what: "signature",
-                    path: paths.signature.clone(),
-                    source,
-                });
-            }
+    use crate::bundle::{Part, Trust, open_file, verify_with};
+    let trust = Trust::operator();
+    let open = |part: Part| {
+        let path = match part {
+            Part::Manifest => &paths.manifest,
+            Part::Signature => &paths.signature,
+            Part::Kernel => &paths.kernel,
+            Part::Vmlinux => &paths.vmlinux,
+            Part::Initramfs => &paths.initramfs,
+            Part::Rootfs => &paths.rootfs,
         };
-        let sig: [u8; 64] = hex::decode(text.trim())
-            .ok()
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| ImageError::SignatureSyntax {
-                path: paths.signature.clone(),
-            })?;
-        key.verify(&bytes, &Signature::from_bytes(&sig))
-            .map_err(|_| ImageError::SignatureMismatch {
-                pubkey: hex::encode(key.as_bytes()),
-            })?;
-    }
-    let manifest = parse_manifest(&paths.manifest, &bytes)?;
-    let mut checks = vec![
-        ("kernel", &paths.kernel, &manifest.kernel_sha256),
-        ("initramfs", &paths.initramfs, &manifest.initramfs_sha256),
-    ];
-    if let Some(v) = &manifest.vmlinux_sha256 {
-        checks.push(("vmlinux", &paths.vmlinux, v));
-    }
-    for (what, path, expected) in checks {
-        let actual = sha256_file(path).map_err(|source| ImageError::Read {
-            what,
-            path: path.clone(),
-            source,
-        })?;
-        if &actual != expected {
-            return Err(ImageError::HashMismatch {
-                what,
-                path: path.clone(),
-                expected: expected.clone(),
-                actual,
-            });
+        open_file(None, path, part, &trust)
+    };
+    verify_with(&open, policy, trust.read_timeout).map(|v| v.manifest)
+}
+
+impl ImageError {
+    /// What a caller of the launcher's API is told: which part failed and how, in
+    /// general terms (e.g. `initramfs hash mismatch: …`, `kernel is a symbolic link`). Never a path, a size, a hash or anything read from a file, so a
+    /// refusal says nothing about a file the caller could not read itself. (`Display`
+    /// has the details, for the launcher's log and the operator's terminal.)
+    pub fn public_message(&self) -> String {
+        match self {
+            Self::Read { what, source, .. } => {
+                let how = match crate::bundle::unsafe_kind(source) {
+                    Some(k) => k.public(),
+                    None => match source.kind() {
+                        io::ErrorKind::NotFound => "is missing",
+                        io::ErrorKind::TimedOut => "took too long to read",
+                        _ => "cannot be read",
+                    },
+                };
+                format!("{what} {how}")
+            }
+            Self::ManifestSyntax { .. } => "manifest is malformed".into(),
+            Self::ManifestVersion { found, .. } => format!(
+                "manifest has format version {found}, this launcher reads {MANIFEST_VERSION}"
+            ),
+            Self::Unsigned { .. } => {
+                "unsigned: manifest.sig is missing and a signing public key is configured"
+                    .into()
+            }
+            Self::SignatureSyntax { .. } => {
+                "signature manifest.sig is malformed (expected 128 hex characters)".into()
+            }
+            Self::SignatureMismatch { .. } => "signature mismatch: manifest.sig does not verify manifest.json with the launcher's public key (manifest or signature was changed, or signed by another key)".into(),
+            Self::HashMismatch { what, .. } => {
+                format!("{what} hash mismatch: it differs from the signed manifest")
+            }
+            Self::RootfsSize { .. } => {
+                "rootfs size mismatch: it differs from the signed manifest".into()
+            }
+            Self::RootHashPin { .. } => "root hash mismatch: the image is not the one CLAWOS_AGENT_ROOTHASH pins".into(),
+            Self::Key { .. } => "bad key".into(),
+            Self::Write { .. } => "a file could not be written".into(),
         }
     }
-    let size = fs::metadata(&paths.rootfs)
-        .map_err(|source| ImageError::Read {
-            what: "rootfs",
-            path: paths.rootfs.clone(),
-            source,
-        })?
-        .len();
-    if size != manifest.rootfs_size {
-        return Err(ImageError::RootfsSize {
-            path: paths.rootfs.clone(),
-            expected: manifest.rootfs_size,
-            actual: size,
-        });
-    }
-    if let Some(pin) = &policy.pinned_root_hash
-        && !pin.eq_ignore_ascii_case(&manifest.verity.root_hash)
-    {
-        return Err(ImageError::RootHashPin {
-            expected: pin.clone(),
-            actual: manifest.verity.root_hash.clone(),
-        });
-    }
-    Ok(manifest)
 }

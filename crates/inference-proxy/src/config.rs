@@ -55,7 +55,7 @@ impl Upstream {
 pub struct ConfigError(pub String);
 
 /// Everything the proxy needs.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub addr: SocketAddr,
     pub upstreams: Vec<Upstream>,
@@ -78,7 +78,102 @@ pub struct ProxyConfig {
     pub upstream_timeout: std::time::Duration,
     /// Audit file rotation.
     pub audit_rotation: crate::ledger::AuditRotation,
+    /// Requests one agent may have in flight at once (429 past it).
+    pub max_in_flight: usize,
+    /// `max_tokens` given to OpenAI-API requests that set no maximum while a token
+    /// budget is on, so their reservation bounds them.
+    pub default_max_tokens: u64,
+    /// Beta flags and provider-side features each agent may use.
+    pub policies: crate::policy::Policies,
+    /// Client connections.
+    pub connections: crate::conns::ConnLimits,
+    /// Longest wait for a request body once its head has arrived (408 after).
+    pub body_timeout: std::time::Duration,
 }
+
+/// Default per-agent in-flight cap.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
+/// Default `max_tokens` for OpenAI-API requests without one, under a budget.
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+/// Default request body timeout.
+pub const DEFAULT_BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Default for ProxyConfig {
+    /// Loopback port 11435, no upstreams, no budgets: a base for tests and tools, which
+    /// must still set upstreams, paths and the operator credential.
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 11435)),
+            upstreams: Vec::new(),
+            rpm: 60,
+            tokens_per_minute: 0,
+            tokens_per_day: 0,
+            tokens_total: 0,
+            issuer: None,
+            audience: "inference-proxy".into(),
+            static_tokens: None,
+            ledger_path: PathBuf::from("ledger.db"),
+            audit_path: PathBuf::from("audit.jsonl"),
+            admin_token: String::new(),
+            upstream_timeout: std::time::Duration::from_secs(600),
+            audit_rotation: crate::ledger::AuditRotation::default(),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            default_max_tokens: DEFAULT_MAX_TOKENS,
+            policies: crate::policy::Policies::default(),
+            connections: crate::conns::ConnLimits::default(),
+            body_timeout: DEFAULT_BODY_TIMEOUT,
+        }
+    }
+}
+
+impl ProxyConfig {
+    /// Refuses a configuration the proxy cannot keep its promises with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |m: String| Err(ConfigError(m));
+        if self.upstreams.is_empty() {
+            return err("no upstreams configured".into());
+        }
+        if self.admin_token.trim().is_empty() {
+            return err("the operator credential is empty".into());
+        }
+        if self.rpm == 0 {
+            return err("CLAWOS_PROXY_RATE_LIMIT_RPM must be at least 1".into());
+        }
+        if self.max_in_flight == 0 {
+            return err("CLAWOS_PROXY_MAX_IN_FLIGHT must be at least 1".into());
+        }
+        if self.default_max_tokens == 0 {
+            return err("CLAWOS_PROXY_DEFAULT_MAX_TOKENS must be at least 1".into());
+        }
+        let c = &self.connections;
+        if c.max_connections < MIN_CONNECTIONS {
+            return err(format!(
+                "CLAWOS_PROXY_MAX_CONNECTIONS must be at least {MIN_CONNECTIONS}, not {}",
+                c.max_connections
+            ));
+        }
+        if c.max_per_peer == 0 || c.max_per_peer > c.max_connections {
+            return err(format!(
+                "CLAWOS_PROXY_MAX_CONNECTIONS_PER_PEER must be 1..={} (CLAWOS_PROXY_MAX_CONNECTIONS), not {}",
+                c.max_connections, c.max_per_peer
+            ));
+        }
+        for (name, d) in [
+            ("CLAWOS_PROXY_HEADER_TIMEOUT_SECS", c.header_timeout),
+            ("CLAWOS_PROXY_IDLE_TIMEOUT_SECS", c.idle_timeout),
+            ("CLAWOS_PROXY_BODY_TIMEOUT_SECS", self.body_timeout),
+            ("CLAWOS_PROXY_UPSTREAM_TIMEOUT_SECS", self.upstream_timeout),
+        ] {
+            if d.is_zero() {
+                return err(format!("{name} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The fewest client connections the proxy runs with.
+pub const MIN_CONNECTIONS: usize = 16;
 
 /// Reads the operator credential file, or creates it (0600, random).
 pub fn admin_token(path: &std::path::Path) -> Result<String, ConfigError> {
@@ -145,6 +240,28 @@ mod tests {
         assert!(e.to_string().contains("ANTHROPIC_API_KEY"), "{e}");
         let e = upstreams(None, "ftp://x", &env).expect_err("bad url");
         assert!(e.to_string().contains("not http"), "{e}");
+    }
+
+    #[test]
+    fn limits_are_validated() {
+        let ok = ProxyConfig {
+            upstreams: upstreams(None, "http://x", &|_| Some("k".into())).expect("ups"),
+            admin_token: "0123456789abcdef".into(),
+            ..ProxyConfig::default()
+        };
+        ok.validate().expect("defaults are valid");
+        let mut bad = ok.clone();
+        bad.max_in_flight = 0;
+        assert!(bad.validate().is_err());
+        let mut bad = ok.clone();
+        bad.connections.max_per_peer = bad.connections.max_connections + 1;
+        assert!(bad.validate().is_err());
+        let mut bad = ok.clone();
+        bad.connections.header_timeout = std::time::Duration::ZERO;
+        assert!(bad.validate().is_err());
+        let mut bad = ok;
+        bad.connections.max_connections = 3;
+        assert!(bad.validate().is_err());
     }
 
     #[test]

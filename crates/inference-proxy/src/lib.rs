@@ -9,11 +9,22 @@
 //! The LLM endpoints answer errors in Anthropic's and OpenAI's own shapes (agents use
 //! those SDKs); the operator API (`clawos_inference_proxy_api`: usage, health,
 //! metrics) answers the one ClawOS error body.
+//!
+//! What a hostile agent cannot do through it (`docs/security.md`): overrun its token
+//! budgets (costs are reserved before forwarding, [`limits::TokenBudgets`]), hold more
+//! than its in-flight cap of requests, call anything unlimited or unrecorded, smuggle
+//! a cost-deciding field past the checks ([`request`]), reach the internet through the
+//! provider's server-side tools unless allowed ([`policy`]), or exhaust the proxy's
+//! descriptors with connections ([`conns`]). An upstream cannot redirect the host's key
+//! elsewhere, and other local users cannot read the ledger or the audit trail.
 
 pub mod config;
+pub mod conns;
 pub mod ledger;
 pub mod limits;
+pub mod policy;
 pub mod proxy;
+pub mod request;
 pub mod usage;
 
 use std::sync::Arc;
@@ -32,7 +43,11 @@ pub use config::{ConfigError, ProxyConfig};
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
     Ledger(#[from] ledger::LedgerError),
+    #[error("upstream HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: std::net::SocketAddr,
@@ -71,6 +86,15 @@ async fn usage(
 /// shapes (agents use those SDKs), and the operator API of
 /// `clawos_inference_proxy_api::routes`, which answers the one ClawOS error body.
 pub fn router(p: Arc<proxy::Proxy>) -> Router {
+    router_on(p, std::net::SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// [`router`] for a proxy listening on `listen`: the operator API is behind the
+/// `Host`/`Origin`/body-type guard (`clawos_service::guard`; `GET /v1/usage` checks
+/// the operator credential itself). The agent-facing routes are not: agents' SDKs
+/// come through the launcher's relay with `Host: 127.0.0.1:11435`, which would pass,
+/// but their shapes are their vendors', not ours.
+pub fn router_on(p: Arc<proxy::Proxy>, listen: std::net::SocketAddr) -> Router {
     let operator = Router::new()
         .at(routes::USAGE, usage)
         .at(routes::HEALTHZ, || async { "ok\n" })
@@ -78,7 +102,10 @@ pub fn router(p: Arc<proxy::Proxy>) -> Router {
             routes::METRICS,
             |State(p): State<Arc<proxy::Proxy>>| async move { p.metrics.response() },
         )
-        .fallback(clawos_service::http::no_such_route)
+        .fallback(clawos_service::http::no_such_route);
+    let operator = clawos_service::guard::Guard::new()
+        .listening_on(listen)
+        .protect(operator)
         .layer(axum::middleware::from_fn(clawos_service::http::request_id));
     Router::new()
         .route("/v1/messages", post(proxy::messages))
@@ -94,6 +121,28 @@ pub async fn run(
     cfg: ProxyConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    cfg.validate()?;
+    // Every client connection may hold a second descriptor upstream: size the caps
+    // under this process's descriptor limit, so accept() never fails for lack of one.
+    let nofile = conns::fd_limit();
+    let fit = conns::fd_budget(nofile);
+    let mut limits = cfg.connections;
+    if limits.max_connections > fit {
+        if fit < config::MIN_CONNECTIONS {
+            return Err(ConfigError(format!(
+                "the descriptor limit ({nofile}) leaves room for {fit} client connections; raise it (ulimit -n, LimitNOFILE=)"
+            ))
+            .into());
+        }
+        tracing::warn!(
+            configured = limits.max_connections,
+            nofile,
+            max_connections = fit,
+            "fewer client connections than configured fit the descriptor limit"
+        );
+        limits.max_connections = fit;
+        limits.max_per_peer = limits.max_per_peer.min(fit);
+    }
     let auth = match (&cfg.issuer, cfg.static_tokens) {
         (Some(iss), _) => proxy::AgentAuth::Jwt(Box::new(clawos_agent_token::Verifier::new(
             clawos_agent_token::VerifierConfig::new(iss, &cfg.audience),
@@ -108,10 +157,13 @@ pub async fn run(
     } else {
         Default::default()
     };
+    let metrics = proxy::Metrics::default();
+    let conn_metrics = metrics.conns.clone();
     let p = Arc::new(proxy::Proxy {
-        metrics: proxy::Metrics::default(),
+        metrics,
         admin_token: cfg.admin_token,
         upstream_timeout: cfg.upstream_timeout,
+        body_timeout: cfg.body_timeout,
         budgets: limits::TokenBudgets::new(
             cfg.tokens_per_minute,
             cfg.tokens_per_day,
@@ -120,36 +172,66 @@ pub async fn run(
             all,
             now,
         ),
+        in_flight: limits::InFlight::new(cfg.max_in_flight),
+        default_max_tokens: cfg.default_max_tokens,
+        policies: cfg.policies,
         auth,
         upstreams: cfg.upstreams,
         limiter: limits::RateLimiter::per_minute(cfg.rpm),
         ledger: ledger::Ledger::open_with(&cfg.ledger_path, &cfg.audit_path, cfg.audit_rotation)?,
-        http: reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .build()
-            .unwrap_or_default(),
+        http: proxy::upstream_client().map_err(ServeError::Client)?,
     });
-    let listener = tokio::net::TcpListener::bind(cfg.addr)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: cfg.addr,
-            source,
+    let (listener, _table) =
+        conns::LimitedListener::bind(cfg.addr, limits, conn_metrics).map_err(|source| {
+            ServeError::Bind {
+                addr: cfg.addr,
+                source,
+            }
         })?;
-    tracing::info!(addr = %cfg.addr, rpm = cfg.rpm, "inference-proxy listening");
-    // Streams are many small writes: without TCP_NODELAY an SSE event can wait for the
-    // client's delayed ACK (tens of milliseconds).
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    clawos_service::http::serve(
-        listener,
-        router(Arc::clone(&p)),
-        shutdown,
-        clawos_service::http::DRAIN_TIMEOUT,
-    )
-    .await
-    .map_err(ServeError::Http)?;
+    tracing::info!(
+        addr = %cfg.addr,
+        rpm = cfg.rpm,
+        max_in_flight = cfg.max_in_flight,
+        max_connections = limits.max_connections,
+        max_connections_per_peer = limits.max_per_peer,
+        nofile,
+        "inference-proxy listening"
+    );
+    let app = router_on(Arc::clone(&p), cfg.addr)
+        .layer(axum::middleware::from_fn(conns::track_busy))
+        .into_make_service_with_connect_info::<conns::ConnHandle>();
+    serve(listener, app, shutdown, clawos_service::http::DRAIN_TIMEOUT)
+        .await
+        .map_err(ServeError::Http)?;
     drop(p);
     Ok(())
+}
+
+/// Serves until `shutdown` resolves, then lets requests in flight finish for at most
+/// `drain` (as `clawos_service::http::serve`, with the connection info the limits need).
+async fn serve(
+    listener: conns::LimitedListener,
+    app: axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, conns::ConnHandle>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    drain: std::time::Duration,
+) -> std::io::Result<()> {
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = stopping_tx.send(());
+    });
+    let server = std::future::IntoFuture::into_future(server);
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => served,
+        () = async {
+            if stopping_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(drain).await;
+        } => {
+            tracing::warn!(drain_secs = drain.as_secs(), "requests still in flight after the drain timeout; exiting without them");
+            Ok(())
+        }
+    }
 }

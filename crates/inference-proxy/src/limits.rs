@@ -57,9 +57,60 @@ impl RateLimiter {
     }
 }
 
-/// Per-agent token budgets: tokens per rolling minute and per UTC day, charged with
-/// what the upstream reported after each request. A request is refused while the
-/// agent is at or over a budget, until the window lets it back in.
+/// At most `max` requests per agent in flight at once (from authentication until the
+/// upstream's answer has been read to its end), so one agent cannot hold an unbounded
+/// share of the proxy's connections, memory and upstream capacity.
+#[derive(Debug)]
+pub struct InFlight {
+    max: usize,
+    count: Mutex<HashMap<String, usize>>,
+}
+
+impl InFlight {
+    /// `max` requests per agent (at least 1).
+    pub fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            count: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The cap.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Takes a slot for `agent`, or says no: it already has `max` requests in flight.
+    pub fn try_acquire(&self, agent: &str) -> bool {
+        let mut map = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(agent.to_owned()).or_default();
+        if *n >= self.max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Gives a slot back.
+    pub fn release(&self, agent: &str) {
+        let mut map = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(agent) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(agent);
+            }
+        }
+    }
+}
+
+/// Per-agent token budgets: tokens per rolling minute, per UTC day and in total.
+///
+/// A request is admitted only if its largest possible cost (the caller's estimate:
+/// input + `max_tokens`) fits every window on top of what was spent and what requests
+/// in flight have reserved; the reservation is replaced by what the upstream reported
+/// when the request ends ([`TokenBudgets::settle`]). So concurrent requests can never
+/// spend more than a budget together, as long as the upstream reports no more than
+/// the reservation.
 #[derive(Debug)]
 pub struct TokenBudgets {
     per_minute: Option<u64>,
@@ -75,9 +126,52 @@ struct Spend {
     day: u64,
     day_tokens: u64,
     all_tokens: u64,
+    /// Reserved by requests in flight.
+    reserved: u64,
+}
+
+/// A request's reservation, given back with [`TokenBudgets::settle`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ticket {
+    /// Tokens reserved.
+    pub tokens: u64,
+    /// The UTC day (days since the epoch) the request began on; its tokens count there,
+    /// like its ledger row.
+    day: u64,
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetRefusal {
+    /// Not now: the window has `left` tokens free (after reservations in flight).
+    Wait {
+        window: &'static str,
+        left: u64,
+        retry_after: Duration,
+    },
+    /// Never: the request alone may cost more than the whole budget.
+    TooLarge { window: &'static str, limit: u64 },
 }
 
 const DAY_MS: u64 = 86_400_000;
+/// Retry hint when only other requests' reservations are in the way.
+const IN_FLIGHT_RETRY: Duration = Duration::from_secs(1);
+
+impl Spend {
+    fn roll(&mut self, now: Instant, now_ms: u64) {
+        if self.day != now_ms / DAY_MS {
+            self.day = now_ms / DAY_MS;
+            self.day_tokens = 0;
+        }
+        while self
+            .minute
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(60))
+        {
+            self.minute.pop_front();
+        }
+    }
+}
 
 impl TokenBudgets {
     /// `0` disables a budget. `day_so_far` and `all_so_far` seed today's and the total
@@ -108,68 +202,109 @@ impl TokenBudgets {
         }
     }
 
-    /// Whether `agent` may send a request now.
-    pub fn check(&self, agent: &str, now: Instant, now_ms: u64) -> Decision {
-        let mut map = self.spend.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(s) = map.get_mut(agent) else {
-            return Decision::Allow;
-        };
-        if s.day != now_ms / DAY_MS {
-            s.day = now_ms / DAY_MS;
-            s.day_tokens = 0;
+    /// Whether any budget is set.
+    pub fn enabled(&self) -> bool {
+        self.per_minute.is_some() || self.per_day.is_some() || self.total.is_some()
+    }
+
+    /// Reserves `tokens` for one request of `agent`, or refuses.
+    pub fn reserve(
+        &self,
+        agent: &str,
+        tokens: u64,
+        now: Instant,
+        now_ms: u64,
+    ) -> Result<Ticket, BudgetRefusal> {
+        let day = now_ms / DAY_MS;
+        if !self.enabled() {
+            return Ok(Ticket { tokens: 0, day });
         }
+        for (limit, window) in [
+            (self.per_minute, "per-minute"),
+            (self.per_day, "per-day"),
+            (self.total, "total"),
+        ] {
+            if let Some(limit) = limit
+                && tokens > limit
+            {
+                return Err(BudgetRefusal::TooLarge { window, limit });
+            }
+        }
+        let mut map = self.spend.lock().unwrap_or_else(|p| p.into_inner());
+        let s = map.entry(agent.to_owned()).or_default();
+        s.roll(now, now_ms);
+        let wait = |used: u64, limit: u64, window, later: Duration| {
+            let left = limit.saturating_sub(used + s.reserved);
+            // Only reservations in the way: they end soon.
+            let retry_after = if used + tokens <= limit {
+                IN_FLIGHT_RETRY
+            } else {
+                later
+            };
+            BudgetRefusal::Wait {
+                window,
+                left,
+                retry_after,
+            }
+        };
         if let Some(limit) = self.total
-            && s.all_tokens >= limit
+            && s.all_tokens + s.reserved + tokens > limit
         {
             // A total budget does not come back by itself: an operator raises it.
-            return Decision::Deny {
-                retry_after: Duration::from_secs(86_400),
-            };
+            return Err(wait(
+                s.all_tokens,
+                limit,
+                "total",
+                Duration::from_secs(86_400),
+            ));
         }
         if let Some(limit) = self.per_day
-            && s.day_tokens >= limit
+            && s.day_tokens + s.reserved + tokens > limit
         {
-            let until_midnight = DAY_MS - now_ms % DAY_MS;
-            return Decision::Deny {
-                retry_after: Duration::from_millis(until_midnight),
-            };
-        }
-        while s
-            .minute
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) >= Duration::from_secs(60))
-        {
-            s.minute.pop_front();
+            let until_midnight = Duration::from_millis(DAY_MS - now_ms % DAY_MS);
+            return Err(wait(s.day_tokens, limit, "per-day", until_midnight));
         }
         if let Some(limit) = self.per_minute {
             let used: u64 = s.minute.iter().map(|(_, n)| n).sum();
-            if used >= limit {
-                let oldest = s.minute.front().map_or(now, |(t, _)| *t);
-                let wait = Duration::from_secs(60).saturating_sub(now.duration_since(oldest));
-                return Decision::Deny {
-                    retry_after: wait.max(Duration::from_millis(1)),
-                };
+            if used + s.reserved + tokens > limit {
+                // When enough of the minute's spend has aged out for this to fit.
+                let mut freed = 0;
+                let mut at = now;
+                for (t, n) in &s.minute {
+                    freed += n;
+                    at = *t;
+                    if used - freed + s.reserved + tokens <= limit {
+                        break;
+                    }
+                }
+                let later = Duration::from_secs(60)
+                    .saturating_sub(now.duration_since(at))
+                    .max(Duration::from_millis(1));
+                return Err(wait(used, limit, "per-minute", later));
             }
         }
-        Decision::Allow
+        s.reserved += tokens;
+        Ok(Ticket { tokens, day })
     }
 
-    /// Charges a finished request.
-    pub fn charge(&self, agent: &str, tokens: u64, now: Instant, now_ms: u64) {
-        if tokens == 0
-            || (self.per_minute.is_none() && self.per_day.is_none() && self.total.is_none())
-        {
+    /// Ends a request: its reservation is released and `charged` tokens (what the
+    /// upstream reported) are spent.
+    pub fn settle(&self, agent: &str, ticket: Ticket, charged: u64, now: Instant, now_ms: u64) {
+        if !self.enabled() {
             return;
         }
         let mut map = self.spend.lock().unwrap_or_else(|p| p.into_inner());
         let s = map.entry(agent.to_owned()).or_default();
-        if s.day != now_ms / DAY_MS {
-            s.day = now_ms / DAY_MS;
-            s.day_tokens = 0;
+        s.reserved = s.reserved.saturating_sub(ticket.tokens);
+        if charged == 0 {
+            return;
         }
-        s.day_tokens += tokens;
-        s.all_tokens += tokens;
-        s.minute.push_back((now, tokens));
+        s.roll(now, now_ms);
+        if ticket.day == s.day {
+            s.day_tokens += charged;
+        }
+        s.all_tokens += charged;
+        s.minute.push_back((now, charged));
     }
 }
 
@@ -212,23 +347,74 @@ mod tests {
 mod budget_tests {
     use super::*;
 
+    fn ok(r: Result<Ticket, BudgetRefusal>) -> Ticket {
+        r.unwrap_or_else(|e| panic!("refused: {e:?}"))
+    }
+
     #[test]
     fn per_minute_budget_refuses_until_the_window_moves() {
         let b = TokenBudgets::new(100, 0, 0, HashMap::new(), HashMap::new(), 0);
         let t0 = Instant::now();
-        assert_eq!(b.check("a", t0, 0), Decision::Allow);
-        b.charge("a", 60, t0, 0);
-        assert_eq!(b.check("a", t0, 0), Decision::Allow, "60 < 100");
-        b.charge("a", 60, t0, 0);
-        assert!(
-            matches!(b.check("a", t0, 0), Decision::Deny { .. }),
-            "120 >= 100"
-        );
-        assert_eq!(b.check("other", t0, 0), Decision::Allow);
-        assert_eq!(
-            b.check("a", t0 + Duration::from_secs(61), 61_000),
-            Decision::Allow
-        );
+        let r = ok(b.reserve("a", 40, t0, 0));
+        b.settle("a", r, 60, t0, 0);
+        let r = ok(b.reserve("a", 40, t0, 0));
+        b.settle("a", r, 30, t0, 0);
+        // 90 spent: 20 more does not fit, 10 does.
+        match b.reserve("a", 20, t0, 0) {
+            Err(BudgetRefusal::Wait {
+                window: "per-minute",
+                left: 10,
+                retry_after,
+            }) => assert_eq!(retry_after, Duration::from_secs(60)),
+            r => panic!("{r:?}"),
+        }
+        assert!(b.reserve("other", 100, t0, 0).is_ok());
+        let t1 = t0 + Duration::from_secs(61);
+        assert!(b.reserve("a", 100, t1, 61_000).is_ok());
+    }
+
+    #[test]
+    fn concurrent_reservations_never_sum_past_the_budget() {
+        let b = TokenBudgets::new(0, 1000, 0, HashMap::new(), HashMap::new(), 0);
+        let t = Instant::now();
+        let tickets: Vec<Ticket> = (0..40)
+            .filter_map(|_| b.reserve("a", 300, t, 0).ok())
+            .collect();
+        assert_eq!(tickets.len(), 3, "3 × 300 fit in 1000, a fourth does not");
+        match b.reserve("a", 300, t, 0) {
+            Err(BudgetRefusal::Wait {
+                retry_after, left, ..
+            }) => {
+                assert_eq!(left, 100);
+                assert_eq!(
+                    retry_after, IN_FLIGHT_RETRY,
+                    "only reservations are in the way"
+                );
+            }
+            r => panic!("{r:?}"),
+        }
+        // Each used 104: the reservations come back.
+        for tk in tickets {
+            b.settle("a", tk, 104, t, 0);
+        }
+        assert!(b.reserve("a", 600, t, 0).is_ok());
+        assert!(matches!(
+            b.reserve("a", 2000, t, 0),
+            Err(BudgetRefusal::TooLarge {
+                window: "per-day",
+                limit: 1000
+            })
+        ));
+    }
+
+    #[test]
+    fn a_failed_request_gives_its_reservation_back() {
+        let b = TokenBudgets::new(0, 100, 0, HashMap::new(), HashMap::new(), 0);
+        let t = Instant::now();
+        let r = ok(b.reserve("a", 100, t, 0));
+        assert!(b.reserve("a", 1, t, 0).is_err());
+        b.settle("a", r, 0, t, 0);
+        assert!(b.reserve("a", 100, t, 0).is_ok());
     }
 
     #[test]
@@ -243,13 +429,22 @@ mod budget_tests {
             noon,
         );
         let t = Instant::now();
-        match b.check("a", t, noon) {
-            Decision::Deny { retry_after } => {
+        match b.reserve("a", 1, t, noon) {
+            Err(BudgetRefusal::Wait { retry_after, .. }) => {
                 assert_eq!(retry_after, Duration::from_millis(DAY_MS / 2))
             }
             d => panic!("{d:?}"),
         }
-        assert_eq!(b.check("a", t, 11 * DAY_MS), Decision::Allow, "a new day");
+        assert!(b.reserve("a", 1000, t, 11 * DAY_MS).is_ok(), "a new day");
+    }
+
+    #[test]
+    fn a_request_that_began_yesterday_is_charged_to_yesterday() {
+        let b = TokenBudgets::new(0, 100, 0, HashMap::new(), HashMap::new(), 0);
+        let t = Instant::now();
+        let r = ok(b.reserve("a", 50, t, DAY_MS - 1));
+        b.settle("a", r, 50, t, DAY_MS + 1);
+        assert!(b.reserve("a", 100, t, DAY_MS + 2).is_ok());
     }
 
     #[test]
@@ -263,12 +458,28 @@ mod budget_tests {
             0,
         );
         let t = Instant::now();
-        assert_eq!(b.check("a", t, 0), Decision::Allow);
-        b.charge("a", 10, t, 0);
-        assert!(matches!(b.check("a", t, 0), Decision::Deny { .. }));
+        let r = ok(b.reserve("a", 10, t, 0));
+        b.settle("a", r, 10, t, 0);
         assert!(matches!(
-            b.check("a", t + Duration::from_secs(3 * 86_400), 3 * DAY_MS),
-            Decision::Deny { .. }
+            b.reserve("a", 1, t, 0),
+            Err(BudgetRefusal::Wait {
+                window: "total",
+                ..
+            })
         ));
+        assert!(
+            b.reserve("a", 1, t + Duration::from_secs(3 * 86_400), 3 * DAY_MS)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn in_flight_cap_per_agent() {
+        let f = InFlight::new(2);
+        assert!(f.try_acquire("a") && f.try_acquire("a"));
+        assert!(!f.try_acquire("a"));
+        assert!(f.try_acquire("b"));
+        f.release("a");
+        assert!(f.try_acquire("a"));
     }
 }

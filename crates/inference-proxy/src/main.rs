@@ -1,6 +1,7 @@
 //! `inference-proxy`: parse config → init tracing → run.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -55,6 +56,36 @@ struct Args {
         default_value = "https://api.anthropic.com"
     )]
     anthropic_url: String,
+    /// Requests one agent may have in flight at once (429 past it).
+    #[arg(long, env = "CLAWOS_PROXY_MAX_IN_FLIGHT", default_value_t = config::DEFAULT_MAX_IN_FLIGHT)]
+    max_in_flight: usize,
+    /// `max_tokens` set on OpenAI-API requests without a maximum while a token budget
+    /// is on (so the reservation bounds them).
+    #[arg(long, env = "CLAWOS_PROXY_DEFAULT_MAX_TOKENS", default_value_t = config::DEFAULT_MAX_TOKENS)]
+    default_max_tokens: u64,
+    /// Per-agent allowlist of anthropic-beta flags and provider-side tools (JSON file);
+    /// default: none allowed.
+    #[arg(long, env = "CLAWOS_PROXY_AGENT_POLICY")]
+    agent_policy: Option<PathBuf>,
+    /// Client connections held at once, in all (lowered to fit the descriptor limit).
+    #[arg(long, env = "CLAWOS_PROXY_MAX_CONNECTIONS", default_value_t = 1024)]
+    max_connections: usize,
+    /// Client connections held at once from one peer address.
+    #[arg(
+        long,
+        env = "CLAWOS_PROXY_MAX_CONNECTIONS_PER_PEER",
+        default_value_t = 512
+    )]
+    max_connections_per_peer: usize,
+    /// Seconds from connect to a complete first request head.
+    #[arg(long, env = "CLAWOS_PROXY_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    header_timeout: u64,
+    /// Seconds a keep-alive connection may stay idle between requests.
+    #[arg(long, env = "CLAWOS_PROXY_IDLE_TIMEOUT_SECS", default_value_t = 120)]
+    idle_timeout: u64,
+    /// Seconds to receive a request body once its head has arrived (408 after).
+    #[arg(long, env = "CLAWOS_PROXY_BODY_TIMEOUT_SECS", default_value_t = 30)]
+    body_timeout: u64,
     #[command(flatten)]
     log: clawos_service::LogArgs,
 }
@@ -66,7 +97,11 @@ fn main() -> Result<()> {
         .state_dir
         .unwrap_or_else(clawos_service::default_state_dir);
     let dir = state.join("proxy");
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    // The ledger, the audit trail and the operator credential: root's business only.
+    clawos_inference_proxy::ledger::private_dir(&dir)?;
+    // Services often start with a soft limit of 1,024 descriptors; the connection caps
+    // are sized under whatever is in force.
+    let nofile = clawos_inference_proxy::conns::raise_fd_limit();
     let static_tokens = match &a.static_tokens {
         Some(p) => Some(
             serde_json::from_str(&std::fs::read_to_string(p)?)
@@ -102,7 +137,19 @@ fn main() -> Result<()> {
             max_bytes: a.audit_max_mib.max(1) << 20,
             keep: 5,
         },
+        max_in_flight: a.max_in_flight,
+        default_max_tokens: a.default_max_tokens,
+        policies: clawos_inference_proxy::policy::Policies::load(a.agent_policy.as_deref())?,
+        connections: clawos_inference_proxy::conns::ConnLimits {
+            max_connections: a.max_connections,
+            max_per_peer: a.max_connections_per_peer,
+            header_timeout: Duration::from_secs(a.header_timeout),
+            idle_timeout: Duration::from_secs(a.idle_timeout),
+        },
+        body_timeout: Duration::from_secs(a.body_timeout),
     };
+    cfg.validate()?;
+    tracing::debug!(nofile, "descriptor limit");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,5 +1,12 @@
-//! The Anthropic Messages API, proxied: authenticate the agent, charge it, enforce its
-//! limits, swap in the host's key, pass the answer (or the stream) through, record it.
+//! The agent-facing LLM APIs, proxied: authenticate the agent, hold one of its
+//! in-flight slots, check the request (strict types, the agent's policy), apply its
+//! rate limit, reserve its largest possible cost in its token budgets, swap in the
+//! host's key, pass the answer (or the stream) through, settle the budget with the
+//! usage the upstream reported and record it.
+//!
+//! The exchange with the upstream runs in its own task, so it is read to its end and
+//! recorded whatever the client does. Redirects from an upstream are never followed:
+//! a 3xx is an upstream error, and the host's key is sent to the configured URL only.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,8 +22,11 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::config::{ApiKind, Upstream};
+use crate::conns::ConnMetrics;
 use crate::ledger::{Ledger, Record, now_ms};
-use crate::limits::{Decision, RateLimiter, TokenBudgets};
+use crate::limits::{BudgetRefusal, Decision, InFlight, RateLimiter, Ticket, TokenBudgets};
+use crate::policy::Policies;
+use crate::request::Endpoint;
 use crate::usage::{OpenAiSse, SseUsage, Usage, from_openai};
 
 /// How agents authenticate.
@@ -44,9 +54,14 @@ pub struct Metrics {
     pub auth_failures: Counter,
     pub rate_limited: Counter,
     pub budget_refused: Counter,
+    pub in_flight_refused: Counter,
+    pub policy_refused: Counter,
+    pub invalid_requests: Counter,
     pub upstream_errors: Counter,
     pub input_tokens: Counter,
     pub output_tokens: Counter,
+    pub server_tool_requests: Counter,
+    pub conns: ConnMetrics,
 }
 
 impl Default for Metrics {
@@ -69,15 +84,49 @@ impl Default for Metrics {
                 "clawos_proxy_budget_refused_total",
                 "Requests refused by a token budget.",
             ),
+            in_flight_refused: r.counter(
+                "clawos_proxy_in_flight_refused_total",
+                "Requests refused by the per-agent in-flight cap.",
+            ),
+            policy_refused: r.counter(
+                "clawos_proxy_policy_refused_total",
+                "Requests refused for a beta flag or provider-side feature the agent may not use.",
+            ),
+            invalid_requests: r.counter(
+                "clawos_proxy_invalid_requests_total",
+                "Requests refused as malformed (400, 408, 413).",
+            ),
             upstream_errors: r.counter(
                 "clawos_proxy_upstream_errors_total",
-                "Requests whose upstream failed or broke off.",
+                "Requests whose upstream failed, broke off or redirected.",
             ),
             input_tokens: r.counter(
                 "clawos_proxy_input_tokens_total",
                 "Input tokens charged (incl. cache).",
             ),
             output_tokens: r.counter("clawos_proxy_output_tokens_total", "Output tokens charged."),
+            server_tool_requests: r.counter(
+                "clawos_proxy_server_tool_requests_total",
+                "Server-side tool calls the provider reported (web searches, fetches).",
+            ),
+            conns: ConnMetrics {
+                evicted: r.counter(
+                    "clawos_proxy_connections_evicted_total",
+                    "Idle client connections closed to make room for new ones.",
+                ),
+                refused: r.counter(
+                    "clawos_proxy_connections_refused_total",
+                    "Client connections refused: the table was full of busy connections.",
+                ),
+                timed_out: r.counter(
+                    "clawos_proxy_connections_timed_out_total",
+                    "Client connections closed by the header or idle timeout.",
+                ),
+                open: r.gauge(
+                    "clawos_proxy_connections_open",
+                    "Client connections held now.",
+                ),
+            },
             registry: r,
         }
     }
@@ -105,14 +154,32 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// Operator credential for `GET /v1/usage`.
     pub admin_token: String,
-    /// Longest wait for a non-streaming upstream answer.
+    /// Longest wait for a non-streaming upstream answer, and between two chunks of a
+    /// stream.
     pub upstream_timeout: Duration,
+    /// Longest wait for a request body once its head has arrived.
+    pub body_timeout: Duration,
     pub auth: AgentAuth,
     pub upstreams: Vec<Upstream>,
     pub limiter: RateLimiter,
+    pub in_flight: InFlight,
     pub budgets: TokenBudgets,
+    /// `max_tokens` set on OpenAI requests without one while a budget is on.
+    pub default_max_tokens: u64,
+    pub policies: Policies,
     pub ledger: Ledger,
+    /// Upstream client: never follows redirects.
     pub http: reqwest::Client,
+}
+
+/// The upstream HTTP client: no redirects (a redirect would carry the host's key
+/// wherever the upstream points), bounded connect time and idle pool.
+pub fn upstream_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(16)
+        .build()
 }
 
 /// Who is calling.
@@ -121,6 +188,9 @@ struct Caller {
     agent: String,
     vm_id: String,
 }
+
+/// Largest request body accepted (the limit the proxy has always had).
+pub const MAX_REQUEST_BYTES: usize = 2 << 20;
 
 /// An error in the Anthropic API's shape, so the official SDKs understand it (and
 /// retry 429/5xx as they do against the real API).
@@ -167,8 +237,21 @@ impl Proxy {
         }
     }
 
-    /// Charges the agent's budgets and writes the record.
-    fn finish(&self, record: Record) {
+    /// Ends a request: settles its budget reservation with what the upstream reported
+    /// (the reservation if a successful answer reported nothing; nothing if it failed),
+    /// frees its in-flight slot and writes the record.
+    fn finish(&self, mut record: Record, slot: Slot) {
+        let reported = record.usage.total();
+        let succeeded = (200..300).contains(&record.status) && record.error.is_none();
+        let charged = if reported > 0 {
+            reported
+        } else if succeeded {
+            slot.reserved()
+        } else {
+            0
+        };
+        record.charged_tokens = charged;
+        slot.settle(charged);
         let m = &self.metrics;
         Metrics::add(&m.requests, 1);
         if record.error.is_some() || record.status >= 500 {
@@ -180,12 +263,7 @@ impl Proxy {
             u.input_tokens + u.cache_creation_input_tokens + u.cache_read_input_tokens,
         );
         Metrics::add(&m.output_tokens, u.output_tokens);
-        self.budgets.charge(
-            &record.agent,
-            record.usage.total(),
-            Instant::now(),
-            now_ms(),
-        );
+        Metrics::add(&m.server_tool_requests, u.server_tool_requests);
         self.ledger.record(record);
     }
 
@@ -193,6 +271,48 @@ impl Proxy {
         self.upstreams
             .iter()
             .find(|u| u.kind == api && u.serves(model))
+    }
+}
+
+/// One request's hold on its agent's limits: an in-flight slot from authentication on,
+/// and the budget reservation once made. Dropped without [`Slot::settle`] (the request
+/// failed before the upstream, or its task ended), both are given back.
+struct Slot {
+    p: Arc<Proxy>,
+    agent: String,
+    ticket: Option<Ticket>,
+}
+
+impl Slot {
+    fn acquire(p: &Arc<Proxy>, agent: &str) -> Option<Self> {
+        p.in_flight.try_acquire(agent).then(|| Self {
+            p: Arc::clone(p),
+            agent: agent.to_owned(),
+            ticket: None,
+        })
+    }
+
+    fn reserved(&self) -> u64 {
+        self.ticket.map_or(0, |t| t.tokens)
+    }
+
+    fn settle(mut self, charged: u64) {
+        if let Some(t) = self.ticket.take() {
+            self.p
+                .budgets
+                .settle(&self.agent, t, charged, Instant::now(), now_ms());
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.p
+                .budgets
+                .settle(&self.agent, t, 0, Instant::now(), now_ms());
+        }
+        self.p.in_flight.release(&self.agent);
     }
 }
 
@@ -219,14 +339,30 @@ fn error_for(api: ApiKind, status: StatusCode, anthropic_kind: &str, message: &s
         ApiKind::Anthropic => anthropic_error(status, anthropic_kind, message),
         ApiKind::Openai => {
             let kind = match anthropic_kind {
-                "authentication_error" => "invalid_request_error",
                 "rate_limit_error" => "requests",
-                "invalid_request_error" => "invalid_request_error",
+                "authentication_error"
+                | "invalid_request_error"
+                | "permission_error"
+                | "request_too_large" => "invalid_request_error",
                 _ => "server_error",
             };
             openai_error(status, kind, message)
         }
     }
+}
+
+/// A 429 with `retry-after`.
+fn too_many(api: ApiKind, retry_after: Duration, message: &str) -> Response {
+    let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let mut resp = error_for(
+        api,
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_error",
+        &message.replace("{secs}", &secs.to_string()),
+    );
+    resp.headers_mut()
+        .insert("retry-after", HeaderValue::from(secs));
+    resp
 }
 
 /// Reads usage out of a stream, in either API's event format.
@@ -279,83 +415,24 @@ impl StreamParser {
 }
 
 /// `POST /v1/messages` (Anthropic).
-pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes) -> Response {
-    forward(p, ApiKind::Anthropic, headers, body).await
+pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Body) -> Response {
+    handle(p, Endpoint::Messages, headers, body).await
 }
 
 /// `POST /v1/chat/completions` (OpenAI-compatible).
 pub async fn chat_completions(
     State(p): State<Arc<Proxy>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    forward(p, ApiKind::Openai, headers, body).await
+    handle(p, Endpoint::ChatCompletions, headers, body).await
 }
 
-/// `POST /v1/messages/count_tokens` (Anthropic): authenticated, passed through with the
-/// host key, not charged (it consumes no tokens).
-pub async fn count_tokens(
-    State(p): State<Arc<Proxy>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Err(r) = p.authenticate(&headers, ApiKind::Anthropic).await {
-        return r;
-    }
-    let model = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v["model"].as_str().map(str::to_owned));
-    let Some(model) = model else {
-        return anthropic_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "body must be JSON with a model",
-        );
-    };
-    let Some(up) = p.upstream_for(&model, ApiKind::Anthropic) else {
-        return anthropic_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            &format!("model {model} is not served by this proxy"),
-        );
-    };
-    let resp = p
-        .http
-        .post(format!(
-            "{}/v1/messages/count_tokens",
-            up.base_url.trim_end_matches('/')
-        ))
-        .header("x-api-key", up.api_key.as_str())
-        .header(
-            "anthropic-version",
-            headers
-                .get("anthropic-version")
-                .cloned()
-                .unwrap_or(HeaderValue::from_static("2023-06-01")),
-        )
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await;
-    match resp {
-        Ok(r) => {
-            let status =
-                StatusCode::from_u16(r.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-            let bytes = r.bytes().await.unwrap_or_default();
-            let mut out = Response::new(Body::from(bytes));
-            *out.status_mut() = status;
-            out.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            out
-        }
-        Err(_) => anthropic_error(
-            StatusCode::BAD_GATEWAY,
-            "api_error",
-            &format!("upstream {} unreachable", up.name),
-        ),
-    }
+/// `POST /v1/messages/count_tokens` (Anthropic): like a message for authentication,
+/// the in-flight cap, the policy and the RPM limit; recorded with kind `count_tokens`,
+/// charged nothing (it consumes no tokens).
+pub async fn count_tokens(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Body) -> Response {
+    handle(p, Endpoint::CountTokens, headers, body).await
 }
 
 /// `GET /v1/models` (OpenAI-compatible): the exact model names configured.
@@ -375,7 +452,59 @@ pub async fn models(State(p): State<Arc<Proxy>>, headers: HeaderMap) -> Response
     axum::Json(json!({ "object": "list", "data": data })).into_response()
 }
 
-async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -> Response {
+/// Reads the body once the caller is known, bounded in size and time.
+async fn read_body(
+    p: &Proxy,
+    api: ApiKind,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, Response> {
+    let too_large = || {
+        error_for(
+            api,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            &format!("request body is larger than {MAX_REQUEST_BYTES} bytes"),
+        )
+    };
+    if headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|n| n > MAX_REQUEST_BYTES as u64)
+    {
+        return Err(too_large());
+    }
+    match tokio::time::timeout(
+        p.body_timeout,
+        axum::body::to_bytes(body, MAX_REQUEST_BYTES),
+    )
+    .await
+    {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(_)) => Err(error_for(
+            api,
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &format!(
+                "request body could not be read: cut off, or larger than {MAX_REQUEST_BYTES} bytes"
+            ),
+        )),
+        Err(_) => Err(error_for(
+            api,
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            &format!(
+                "request body not received within {} s",
+                p.body_timeout.as_secs()
+            ),
+        )),
+    }
+}
+
+/// Everything about a request up to the upstream call.
+async fn handle(p: Arc<Proxy>, ep: Endpoint, headers: HeaderMap, body: Body) -> Response {
+    let api = ep.api();
     let started = Instant::now();
     let caller = match p.authenticate(&headers, api).await {
         Ok(c) => c,
@@ -384,117 +513,157 @@ async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -
             return resp;
         }
     };
-    let mut parsed: Value = match serde_json::from_slice(&body) {
-        Ok(v @ Value::Object(_)) => v,
-        Ok(_) => {
-            return error_for(
-                api,
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                "request body must be a JSON object",
-            );
-        }
-        Err(e) => {
-            return error_for(
-                api,
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                &format!("malformed JSON body: {e}"),
-            );
-        }
-    };
-    let Some(model) = parsed
-        .get("model")
-        .and_then(Value::as_str)
-        .map(str::to_owned)
-    else {
-        return error_for(
+    // Held before the body is read, so a slow body counts against the agent too.
+    let Some(mut slot) = Slot::acquire(&p, &caller.agent) else {
+        Metrics::add(&p.metrics.in_flight_refused, 1);
+        return too_many(
             api,
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            "model: field required",
+            Duration::from_secs(1),
+            &format!(
+                "agent {} already has {} requests in flight, the most it may have at once; retry when one finishes",
+                caller.agent,
+                p.in_flight.max()
+            ),
         );
     };
-    let stream = parsed
-        .get("stream")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let invalid = |status: StatusCode, m: &str| {
+        Metrics::add(&p.metrics.invalid_requests, 1);
+        error_for(api, status, "invalid_request_error", m)
+    };
+    let bytes = match read_body(&p, api, &headers, body).await {
+        Ok(b) => b,
+        Err(r) => {
+            Metrics::add(&p.metrics.invalid_requests, 1);
+            return r;
+        }
+    };
+    let mut parsed = match crate::request::parse(&bytes) {
+        Ok(v) => v,
+        Err(m) => return invalid(StatusCode::BAD_REQUEST, &m),
+    };
+    let shape = match crate::request::check(ep, &parsed) {
+        Ok(s) => s,
+        Err(m) => return invalid(StatusCode::BAD_REQUEST, &m),
+    };
+    let beta = match crate::policy::check(
+        p.policies.for_agent(&caller.agent),
+        &caller.agent,
+        ep,
+        &headers,
+        &parsed,
+    ) {
+        Ok(b) => b,
+        Err(m) => {
+            Metrics::add(&p.metrics.policy_refused, 1);
+            return error_for(api, StatusCode::FORBIDDEN, "permission_error", &m);
+        }
+    };
+    let Some(up) = p.upstream_for(&shape.model, api).cloned() else {
+        return invalid(
+            StatusCode::BAD_REQUEST,
+            &format!("model {} is not served by this proxy", shape.model),
+        );
+    };
     if let Decision::Deny { retry_after } = p.limiter.check(&caller.agent) {
         Metrics::add(&p.metrics.rate_limited, 1);
-        let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-        let mut resp = error_for(
+        return too_many(
             api,
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
+            retry_after,
             &format!(
-                "agent {} is over its requests-per-minute limit; retry in {secs}s",
+                "agent {} is over its requests-per-minute limit; retry in {{secs}}s",
                 caller.agent
             ),
         );
-        resp.headers_mut()
-            .insert("retry-after", HeaderValue::from(secs));
-        return resp;
     }
-    if let Decision::Deny { retry_after } = p.budgets.check(&caller.agent, Instant::now(), now_ms())
-    {
-        Metrics::add(&p.metrics.budget_refused, 1);
-        let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-        let mut resp = error_for(
-            api,
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            &format!(
-                "agent {} has used its token budget; retry in {secs}s",
-                caller.agent
-            ),
-        );
-        resp.headers_mut()
-            .insert("retry-after", HeaderValue::from(secs));
-        return resp;
+    // The body goes upstream as the agent sent it, unless the proxy must set a field.
+    let mut rewrite = false;
+    let mut max_output = shape.max_output;
+    if ep == Endpoint::ChatCompletions && max_output.is_none() && p.budgets.enabled() {
+        // Without a maximum the answer is unbounded, and so would be its cost.
+        parsed["max_tokens"] = json!(p.default_max_tokens);
+        max_output = Some(p.default_max_tokens.saturating_mul(shape.choices));
+        rewrite = true;
     }
-    let Some(up) = p.upstream_for(&model, api).cloned() else {
-        return error_for(
-            api,
-            StatusCode::BAD_REQUEST,
-            "invalid_request_error",
-            &format!("model {model} is not served by this proxy"),
-        );
+    let reserve = match ep {
+        Endpoint::CountTokens => 0,
+        _ => shape.input_estimate + max_output.unwrap_or(0),
     };
+    match p
+        .budgets
+        .reserve(&caller.agent, reserve, Instant::now(), now_ms())
+    {
+        Ok(t) => slot.ticket = Some(t),
+        Err(BudgetRefusal::Wait {
+            window,
+            left,
+            retry_after,
+        }) => {
+            Metrics::add(&p.metrics.budget_refused, 1);
+            return too_many(
+                api,
+                retry_after,
+                &format!(
+                    "agent {} has used its token budget: this request may cost up to {reserve} tokens (input estimate {} + maximum output {}) and its {window} budget has {left} left; retry in {{secs}}s",
+                    caller.agent,
+                    shape.input_estimate,
+                    max_output.unwrap_or(0)
+                ),
+            );
+        }
+        Err(BudgetRefusal::TooLarge { window, limit }) => {
+            Metrics::add(&p.metrics.budget_refused, 1);
+            return invalid(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "this request may cost up to {reserve} tokens (input estimate {} + maximum output {}), more than agent {}'s whole {window} token budget of {limit}; lower max_tokens or the prompt",
+                    shape.input_estimate,
+                    max_output.unwrap_or(0),
+                    caller.agent
+                ),
+            );
+        }
+    }
     // OpenAI streams report usage only when asked: always ask, and hide the extra chunk
     // from clients that did not.
     let mut client_wants_usage = false;
-    let body = if api == ApiKind::Openai && stream {
+    if ep == Endpoint::ChatCompletions && shape.stream {
         client_wants_usage = parsed["stream_options"]["include_usage"].as_bool() == Some(true);
         parsed["stream_options"] = json!({ "include_usage": true });
+        rewrite = true;
+    }
+    let body = if rewrite {
         Bytes::from(parsed.to_string())
     } else {
-        body
+        bytes
     };
     let id = request_id();
-    let mut record = Record {
+    let record = Record {
         request_id: id.clone(),
         time_ms: now_ms(),
         agent: caller.agent.clone(),
         vm_id: caller.vm_id.clone(),
-        model: model.clone(),
+        model: shape.model.clone(),
         upstream: up.name.clone(),
         api: match api {
             ApiKind::Anthropic => "anthropic",
             ApiKind::Openai => "openai",
         },
-        stream,
+        kind: ep.kind(),
+        stream: shape.stream,
         status: 0,
         usage: Usage::default(),
+        charged_tokens: 0,
         latency_ms: 0,
         error: None,
     };
-    // The agent's credential stops here; the host's key goes upstream.
-    let base = up.base_url.trim_end_matches('/');
+    // The agent's credential stops here; the host's key goes upstream, to the
+    // configured URL only.
+    let url = format!("{}{}", up.base_url.trim_end_matches('/'), ep.path());
     let mut req = match api {
         ApiKind::Anthropic => {
             let mut r = p
                 .http
-                .post(format!("{base}/v1/messages"))
+                .post(url)
                 .header("x-api-key", up.api_key.as_str())
                 .header(
                     "anthropic-version",
@@ -503,97 +672,186 @@ async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -
                         .cloned()
                         .unwrap_or(HeaderValue::from_static("2023-06-01")),
                 );
-            if let Some(beta) = headers.get("anthropic-beta") {
-                r = r.header("anthropic-beta", beta.clone());
+            if let Some(beta) = beta {
+                r = r.header("anthropic-beta", beta);
             }
             r
         }
-        ApiKind::Openai => p
-            .http
-            .post(format!("{base}/v1/chat/completions"))
-            .bearer_auth(&up.api_key),
+        ApiKind::Openai => p.http.post(url).bearer_auth(&up.api_key),
     };
     req = req.header("content-type", "application/json").body(body);
-    if !stream {
+    if !shape.stream {
         // A slow upstream gets a 504, not a hung agent. Streams are bounded by the
-        // upstream's own pacing.
+        // upstream's own pacing, and a gap between chunks.
         req = req.timeout(p.upstream_timeout);
     }
-    let resp = match req.send().await {
-        Ok(r) => r,
-        Err(e) => {
-            let (status, kind) = if e.is_timeout() {
-                (StatusCode::GATEWAY_TIMEOUT, "timeout_error")
-            } else {
-                (StatusCode::BAD_GATEWAY, "api_error")
-            };
-            record.status = status.as_u16();
-            record.error = Some(format!("upstream {}: {e}", up.name));
-            record.latency_ms = started.elapsed().as_millis() as u64;
-            p.finish(record);
-            return error_for(
-                api,
-                status,
-                kind,
-                &format!("upstream {} unreachable", up.name),
-            );
-        }
+    let exchange = Exchange {
+        p: Arc::clone(&p),
+        ep,
+        upstream: up.name,
+        client_wants_usage,
+        record,
+        slot,
+        started,
+        id,
     };
-    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
-    record.status = status.as_u16();
-    let is_sse = resp
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
-    if !is_sse {
-        let bytes = match resp.bytes().await {
-            Ok(b) => b,
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(exchange.run(req, tx));
+    rx.await.unwrap_or_else(|_| {
+        error_for(
+            api,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "api_error",
+            "the proxy lost this request's upstream exchange",
+        )
+    })
+}
+
+/// One request's exchange with its upstream, run to its end in its own task.
+struct Exchange {
+    p: Arc<Proxy>,
+    ep: Endpoint,
+    upstream: String,
+    client_wants_usage: bool,
+    record: Record,
+    slot: Slot,
+    started: Instant,
+    id: String,
+}
+
+impl Exchange {
+    fn fail(mut self, status: StatusCode, kind: &str, log: String, message: &str) -> Response {
+        self.record.status = status.as_u16();
+        self.record.error = Some(log);
+        self.record.latency_ms = self.started.elapsed().as_millis() as u64;
+        self.p.finish(self.record, self.slot);
+        error_for(self.ep.api(), status, kind, message)
+    }
+
+    fn with_id(&self, mut out: Response) -> Response {
+        if let Ok(v) = HeaderValue::from_str(&self.id) {
+            out.headers_mut().insert("request-id", v);
+        }
+        out
+    }
+
+    async fn run(
+        mut self,
+        req: reqwest::RequestBuilder,
+        answer: tokio::sync::oneshot::Sender<Response>,
+    ) {
+        let api = self.ep.api();
+        let resp = match req.send().await {
+            Ok(r) => r,
             Err(e) => {
-                record.status = StatusCode::BAD_GATEWAY.as_u16();
-                record.error = Some(format!("upstream body: {e}"));
-                record.latency_ms = started.elapsed().as_millis() as u64;
-                p.finish(record);
-                return error_for(
-                    api,
-                    StatusCode::BAD_GATEWAY,
-                    "api_error",
-                    "upstream answer was cut off",
-                );
+                let (status, kind) = if e.is_timeout() {
+                    (StatusCode::GATEWAY_TIMEOUT, "timeout_error")
+                } else {
+                    (StatusCode::BAD_GATEWAY, "api_error")
+                };
+                let msg = format!("upstream {} unreachable", self.upstream);
+                let log = format!("upstream {}: {e}", self.upstream);
+                let _ = answer.send(self.fail(status, kind, log, &msg));
+                return;
             }
         };
-        if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
-            record.usage = match api {
-                ApiKind::Anthropic => Usage::from_anthropic(&v["usage"]),
-                ApiKind::Openai => from_openai(&v["usage"]),
-            };
+        if resp.status().is_redirection() {
+            // Never followed: the host's key goes to the configured URL and nowhere else.
+            let code = resp.status().as_u16();
+            let location = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .chars()
+                .take(200)
+                .collect::<String>();
+            let log = format!(
+                "upstream {} answered a {code} redirect to {location:?}; redirects are not followed",
+                self.upstream
+            );
+            let msg = format!(
+                "upstream {} answered a redirect ({code}); the proxy does not follow redirects",
+                self.upstream
+            );
+            let _ = answer.send(self.fail(StatusCode::BAD_GATEWAY, "api_error", log, &msg));
+            return;
         }
-        record.latency_ms = started.elapsed().as_millis() as u64;
-        p.finish(record);
-        let mut out = Response::new(Body::from(bytes));
+        let status =
+            StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+        self.record.status = status.as_u16();
+        let is_sse = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if !is_sse {
+            let bytes = match resp.bytes().await {
+                Ok(b) => b,
+                Err(e) => {
+                    let log = format!("upstream body: {e}");
+                    let r = self.fail(
+                        StatusCode::BAD_GATEWAY,
+                        "api_error",
+                        log,
+                        "upstream answer was cut off",
+                    );
+                    let _ = answer.send(r);
+                    return;
+                }
+            };
+            if self.ep != Endpoint::CountTokens
+                && let Ok(v) = serde_json::from_slice::<Value>(&bytes)
+            {
+                self.record.usage = match api {
+                    ApiKind::Anthropic => Usage::from_anthropic(&v["usage"]),
+                    ApiKind::Openai => from_openai(&v["usage"]),
+                };
+            }
+            self.record.latency_ms = self.started.elapsed().as_millis() as u64;
+            let mut out = Response::new(Body::from(bytes));
+            *out.status_mut() = status;
+            out.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            let out = self.with_id(out);
+            // Settled before the client has the answer, so its next request finds the
+            // slot and the budget free.
+            self.p.finish(self.record, self.slot);
+            let _ = answer.send(out);
+            return;
+        }
+        // Stream: read the upstream to its end whatever the client does, so usage is
+        // never lost; the client gets chunks as they arrive, unbuffered.
+        let mut parser = match api {
+            ApiKind::Anthropic => StreamParser::Anthropic(SseUsage::default()),
+            ApiKind::Openai => StreamParser::Openai(OpenAiSse::new(self.client_wants_usage)),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+        let mut out = Response::new(Body::from_stream(tokio_stream_from(rx)));
         *out.status_mut() = status;
         out.headers_mut().insert(
             header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
+            HeaderValue::from_static("text/event-stream"),
         );
-        out.headers_mut().insert(
-            "request-id",
-            HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("")),
-        );
-        return out;
-    }
-    // Stream: a task reads the upstream to its end whatever the client does, so usage
-    // is never lost; the client gets chunks as they arrive, unbuffered.
-    let mut parser = match api {
-        ApiKind::Anthropic => StreamParser::Anthropic(SseUsage::default()),
-        ApiKind::Openai => StreamParser::Openai(OpenAiSse::new(client_wants_usage)),
-    };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
-    let ledger_proxy = Arc::clone(&p);
-    tokio::spawn(async move {
+        out.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        let out = self.with_id(out);
+        let mut client_gone = answer.send(out).is_err();
         let mut upstream = resp.bytes_stream();
-        let mut client_gone = false;
-        while let Some(chunk) = upstream.next().await {
+        loop {
+            let chunk = match tokio::time::timeout(self.p.upstream_timeout, upstream.next()).await {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(_) => {
+                    self.record.error = Some(format!(
+                        "upstream stream stalled for {} s",
+                        self.p.upstream_timeout.as_secs()
+                    ));
+                    break;
+                }
+            };
             match chunk {
                 Ok(b) => {
                     let out = parser.feed(b);
@@ -602,7 +860,7 @@ async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -
                     }
                 }
                 Err(e) => {
-                    record.error = Some(format!("upstream stream broke: {e}"));
+                    self.record.error = Some(format!("upstream stream broke: {e}"));
                     break;
                 }
             }
@@ -611,35 +869,23 @@ async fn forward(p: Arc<Proxy>, api: ApiKind, headers: HeaderMap, body: Bytes) -
         if !client_gone && !rest.is_empty() {
             let _ = tx.send(Ok(rest)).await;
         }
-        if !parser.complete() && record.error.is_none() {
-            record.error = Some("upstream stream ended before its end marker".into());
+        if !parser.complete() && self.record.error.is_none() {
+            self.record.error = Some("upstream stream ended before its end marker".into());
         }
-        if let Some(err) = &record.error
+        if let Some(err) = &self.record.error
             && !client_gone
         {
             let _ = tx.send(Ok(parser.error_event(err))).await;
         }
-        if client_gone && record.error.is_none() {
-            record.error = Some("client disconnected; upstream read to the end".into());
+        if client_gone && self.record.error.is_none() {
+            self.record.error = Some("client disconnected; upstream read to the end".into());
         }
-        record.usage = parser.usage();
-        record.latency_ms = started.elapsed().as_millis() as u64;
-        ledger_proxy.finish(record);
-    });
-    let body = Body::from_stream(tokio_stream_from(rx));
-    let mut out = Response::new(body);
-    *out.status_mut() = status;
-    out.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    out.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    out.headers_mut().insert(
-        "request-id",
-        HeaderValue::from_str(&id).unwrap_or(HeaderValue::from_static("")),
-    );
-    out
+        self.record.usage = parser.usage();
+        self.record.latency_ms = self.started.elapsed().as_millis() as u64;
+        // Settled before the client sees the end of the stream.
+        self.p.finish(self.record, self.slot);
+        drop(tx);
+    }
 }
 
 /// A receiver as a stream.

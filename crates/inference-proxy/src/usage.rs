@@ -1,8 +1,9 @@
 //! Token usage as the upstream itself reports it.
 //!
 //! Anthropic JSON answers carry `usage`; streams carry input (and cache) tokens in
-//! `message_start` and the final output count in the last `message_delta`. The SSE
-//! parser is incremental: chunks may split lines anywhere.
+//! `message_start` and the final output count in the last `message_delta`. Server-side
+//! tool calls the provider ran (web searches, fetches) are in `usage.server_tool_use`.
+//! The SSE parser is incremental: chunks may split lines anywhere.
 
 use serde_json::Value;
 
@@ -13,6 +14,16 @@ pub struct Usage {
     pub output_tokens: u64,
     pub cache_creation_input_tokens: u64,
     pub cache_read_input_tokens: u64,
+    /// Server-side tool calls the provider ran for this request (the sum of
+    /// `usage.server_tool_use`: web searches, web fetches, ...). Not tokens.
+    pub server_tool_requests: u64,
+}
+
+/// The sum of the counters in a `server_tool_use` object.
+fn server_tool_requests(u: &Value) -> u64 {
+    u.get("server_tool_use")
+        .and_then(Value::as_object)
+        .map_or(0, |o| o.values().filter_map(Value::as_u64).sum())
 }
 
 impl Usage {
@@ -24,6 +35,7 @@ impl Usage {
             output_tokens: n("output_tokens"),
             cache_creation_input_tokens: n("cache_creation_input_tokens"),
             cache_read_input_tokens: n("cache_read_input_tokens"),
+            server_tool_requests: server_tool_requests(u),
         }
     }
 
@@ -69,11 +81,22 @@ impl SseUsage {
                 self.usage.cache_creation_input_tokens = u.cache_creation_input_tokens;
                 self.usage.cache_read_input_tokens = u.cache_read_input_tokens;
                 self.usage.output_tokens = self.usage.output_tokens.max(u.output_tokens);
+                self.usage.server_tool_requests = u.server_tool_requests;
             }
             Some("message_delta") => {
-                if let Some(o) = v["usage"]["output_tokens"].as_u64() {
+                let u = &v["usage"];
+                if let Some(o) = u["output_tokens"].as_u64() {
                     // Cumulative: the last delta carries the final count.
                     self.usage.output_tokens = o;
+                }
+                // Also cumulative; with server tools the input grows by what they
+                // returned, and the delta says so.
+                if let Some(i) = u["input_tokens"].as_u64() {
+                    self.usage.input_tokens = self.usage.input_tokens.max(i);
+                }
+                let s = server_tool_requests(u);
+                if s > 0 {
+                    self.usage.server_tool_requests = s;
                 }
             }
             Some("message_stop") => self.complete = true,
@@ -104,12 +127,32 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
                     input_tokens: 25,
                     output_tokens: 15,
                     cache_creation_input_tokens: 0,
-                    cache_read_input_tokens: 3
+                    cache_read_input_tokens: 3,
+                    server_tool_requests: 0,
                 },
                 "chunk size {size}"
             );
             assert!(p.complete);
         }
+    }
+
+    #[test]
+    fn server_tool_use_is_counted_from_json_and_streams() {
+        let u = Usage::from_anthropic(&serde_json::json!({"input_tokens": 5, "output_tokens": 2,
+            "server_tool_use": {"web_search_requests": 2, "web_fetch_requests": 1}}));
+        assert_eq!(u.server_tool_requests, 3);
+        assert_eq!(u.total(), 7, "server tool calls are not tokens");
+        let mut p = SseUsage::default();
+        p.feed(b"data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n");
+        p.feed(b"data: {\"type\":\"message_delta\",\"usage\":{\"input_tokens\":900,\"output_tokens\":9,\"server_tool_use\":{\"web_search_requests\":1}}}\n");
+        assert_eq!(
+            (
+                p.usage.input_tokens,
+                p.usage.output_tokens,
+                p.usage.server_tool_requests
+            ),
+            (900, 9, 1)
+        );
     }
 
     #[test]
@@ -130,6 +173,7 @@ pub fn from_openai(u: &Value) -> Usage {
         output_tokens: n(&u["completion_tokens"]),
         cache_creation_input_tokens: 0,
         cache_read_input_tokens: n(&u["prompt_tokens_details"]["cached_tokens"]),
+        server_tool_requests: 0,
     }
 }
 

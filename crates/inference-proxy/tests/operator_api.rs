@@ -35,6 +35,7 @@ async fn start(dir: &std::path::Path) -> String {
             max_bytes: 1 << 20,
             keep: 2,
         },
+        ..ProxyConfig::default()
     };
     tokio::spawn(async move { clawos_inference_proxy::run(cfg, std::future::pending()).await });
     for _ in 0..100 {
@@ -120,4 +121,36 @@ async fn operator_errors_are_clawos_bodies_and_agent_errors_stay_the_vendors() {
         .expect("json");
     assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
     assert!(v["error"].get("request_id").is_none(), "{v}");
+}
+
+#[tokio::test]
+async fn operator_routes_refuse_browser_style_requests_and_agent_routes_are_untouched() {
+    let d = tempfile::tempdir().expect("tmp");
+    let url = start(d.path()).await;
+    let http = reqwest::Client::new();
+    let status =
+        |r: reqwest::RequestBuilder| async move { r.send().await.expect("send").status().as_u16() };
+    let usage = format!("{url}/v1/usage");
+    // DNS rebinding and cross-origin pages, even with the operator credential: 403.
+    for (h, v) in [
+        ("host", "evil.example:11435"),
+        ("origin", "http://evil.example"),
+        ("origin", "null"),
+    ] {
+        let r = http.get(&usage).bearer_auth(ADMIN).header(h, v);
+        assert_eq!(status(r).await, 403, "{h}: {v}");
+    }
+    let r = http
+        .get(format!("{url}/healthz"))
+        .header("host", "evil.example");
+    assert_eq!(status(r).await, 403);
+    assert_eq!(status(http.get(&usage).bearer_auth(ADMIN)).await, 200);
+    // Agents' SDKs come through the relay as `Host: 127.0.0.1:11435`; their routes keep
+    // their vendors' answers (here: no credential).
+    let r = http
+        .post(format!("{url}/v1/messages"))
+        .header("host", "127.0.0.1:11435")
+        .header("content-type", "application/json")
+        .body("{}");
+    assert_eq!(status(r).await, 401);
 }

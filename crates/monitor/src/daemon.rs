@@ -16,8 +16,9 @@ use axum::Router;
 pub use clawos_monitor_api::WatchRequest;
 
 use crate::forward::{self, ForwardConfig, ForwardStats, Target};
-use crate::ingest::GuestMessage;
+use crate::ingest::{GuestMessage, IngestMetrics};
 use crate::probe;
+use crate::quota::GuestQuota;
 use crate::recorder::{Counters, Feeds, Recorder};
 use crate::rules::Rules;
 use crate::watches::{Labels, WatchError, Watches};
@@ -47,6 +48,10 @@ pub struct Config {
     pub rotate_bytes: u64,
     /// Closed segments kept (older ones go, unless a SIEM forwarder still reads them).
     pub rotate_keep: usize,
+    /// Each VM's guest stream allowance.
+    pub guest_quota: GuestQuota,
+    /// Handshake limits of the guest socket.
+    pub guest_limits: crate::ingest::Limits,
 }
 
 /// Errors that stop the daemon.
@@ -218,14 +223,20 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<Started, DaemonError
     let mut metrics = clawos_service::Metrics::new();
     let labels: Labels = Arc::default();
     let recorder = Recorder::open(cfg, Arc::clone(&labels), Counters::register(&mut metrics))?;
+    let ingest_metrics = IngestMetrics::register(&mut metrics);
+    // The guest connections are tasks on the runtime `run` is called on.
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|e| DaemonError::Config(format!("the daemon starts on a tokio runtime: {e}")))?;
+    log_retention(cfg);
     let guest_socket = clawos_monitor_api::guest_socket_path(&cfg.state_dir);
     let guest_listener = crate::ingest::bind(&guest_socket).map_err(|source| DaemonError::Io {
         path: guest_socket.clone(),
         source,
     })?;
     // Bounded: a recorder that falls behind slows the guests' streams (their queues
-    // wait) instead of growing memory here.
-    let (guest_tx, guest_rx) = std::sync::mpsc::sync_channel::<GuestMessage>(1 << 16);
+    // wait) instead of growing memory here. Senders wait in turn (the channel is
+    // fair), so a flooding guest is one sender among others.
+    let (guest_tx, guest_rx) = tokio::sync::mpsc::channel::<GuestMessage>(1 << 16);
     let (drops_tx, drops_rx) = std::sync::mpsc::channel::<u64>();
     let monitor_slot: Arc<OnceLock<Arc<Monitor>>> = Arc::default();
     let feeds = Feeds {
@@ -248,24 +259,43 @@ pub fn start(cfg: &Config, stop: Arc<AtomicBool>) -> Result<Started, DaemonError
         token,
     });
     let _ = monitor_slot.set(Arc::clone(&monitor));
-    let token = monitor.token.clone();
-    std::thread::Builder::new()
-        .name("guest-streams".into())
-        .spawn(move || crate::ingest::serve(guest_listener, token, guest_tx))
-        .map_err(|source| DaemonError::Io {
-            path: "guest stream thread".into(),
-            source,
-        })?;
+    runtime.spawn(crate::ingest::serve(
+        guest_listener,
+        monitor.token.clone(),
+        cfg.guest_limits,
+        guest_tx,
+        ingest_metrics,
+    ));
     tracing::info!(socket = %guest_socket.display(), "taking guest audit streams");
     monitor.watches.restore();
     for w in &cfg.watches {
         monitor.watch(w.clone())?;
     }
     Ok(Started {
-        router: crate::http::router(Arc::clone(&monitor)),
+        router: crate::http::router(Arc::clone(&monitor), cfg.addr),
         monitor,
         recorder,
     })
+}
+
+/// Says how long the per-VM quota keeps one flooding guest from rotating other VMs'
+/// history out of the trail.
+fn log_retention(cfg: &Config) {
+    let q = &cfg.guest_quota;
+    match crate::quota::retention_floor(q, cfg.rotate_bytes, cfg.rotate_keep) {
+        Some(floor) => tracing::info!(
+            events_per_sec = q.events_per_sec,
+            bytes_per_sec = q.bytes_per_sec,
+            burst_secs = q.burst_secs,
+            "per-VM guest quota: one flooding guest needs at least {} s to rotate another VM's events out of the {} kept segments",
+            floor.as_secs(),
+            cfg.rotate_keep
+        ),
+        None if cfg.rotate_bytes > 0 => tracing::warn!(
+            "no per-VM guest byte quota: one guest's volume alone decides how long other VMs' history is kept"
+        ),
+        None => {}
+    }
 }
 
 /// Runs the daemon until `shutdown`: requests in flight finish, then the recorder

@@ -62,16 +62,21 @@ impl IntoResponse for ApiError {
 
 type AppState = Arc<Monitor>;
 
-/// The router, with request ids on every answer.
-pub(crate) fn router(monitor: AppState) -> Router {
-    Router::new()
+/// The router, with request ids on every answer, behind the `Host`/`Origin`/body-type
+/// guard (`clawos_service::guard`) for a daemon listening on `listen`; the operator
+/// credential is checked per route ([`Operator`]).
+pub(crate) fn router(monitor: AppState, listen: std::net::SocketAddr) -> Router {
+    let routes = Router::new()
         .at(routes::WATCH, add_watch)
         .at(routes::UNWATCH, remove_watch)
         .at(routes::WATCHES, list_watches)
         .at(routes::EVENTS, events)
         .at(routes::METRICS, metrics)
         .at(routes::HEALTHZ, || async { "ok\n" })
-        .fallback(no_such_route)
+        .fallback(no_such_route);
+    clawos_service::guard::Guard::new()
+        .listening_on(listen)
+        .protect(routes)
         .layer(axum::middleware::from_fn(request_id))
         .with_state(monitor)
 }

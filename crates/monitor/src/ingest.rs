@@ -3,40 +3,96 @@
 //! `<state>/monitor/guest.sock`.
 //!
 //! A connection starts with a [`GuestStreamHeader`] line from the relay (operator
-//! token, agent and VM), then carries the guest's [`stream`] frames unchanged. A
-//! thread per connection checks and decodes; the recorder thread owns the
-//! per-VM [`GuestStreams`] bookkeeping, so sequence numbers are judged in the order the
-//! events are written: re-sent events are skipped, gaps and the guest kernel's drops
-//! become [`Kind::GuestDrops`] events.
+//! token, agent and VM), then carries the guest's [`stream`] frames unchanged. The
+//! connections are tasks on the daemon's async runtime (an idle one costs a few
+//! kilobytes, no thread), and what a guest can hold open is bounded:
+//!
+//! - a connection must finish its handshake (header, then the guest's hello) within
+//!   [`Limits::handshake`]; at most [`Limits::max_pending`] connections may be in their
+//!   handshake at once (a new one beyond that closes the oldest), and of those at most
+//!   one per VM once its header has named the VM (a newer one closes the older);
+//! - a VM has **one active stream**: a stream whose hello arrives while another of the
+//!   same VM is open replaces it. The older one is closed, and the newer one reads
+//!   nothing before the older one has stopped handing messages to the recorder, so
+//!   the recorder sees the VM's sequence numbers in the order the guest sent them:
+//!   what the older one had not had acknowledged, the guest sends again on the newer
+//!   one and the recorder skips what it already wrote (no duplicate), and nothing
+//!   between is skipped (no gap).
+//!
+//! The recorder thread owns the per-VM [`GuestStreams`] bookkeeping, so sequence
+//! numbers are judged in the order the events are written: re-sent events are
+//! skipped, gaps and the guest kernel's drops become [`Kind::GuestDrops`] events; and
+//! it applies each VM's quota ([`crate::quota`]).
 
-use std::collections::HashMap;
-use std::io::{BufRead, Read};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clawos_monitor_api::GuestStreamHeader;
+use clawos_service::metrics::{Counter, Gauge};
 use clawos_syscall_probe::RawEvent;
 use clawos_syscall_probe::stream::{self, Frame, StreamError};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::event::{AuditEvent, Kind};
 
-/// One decoded frame of a guest, with who it belongs to (from the relay's header).
-#[derive(Debug, Clone)]
-pub struct GuestMessage {
+/// Who a stream's messages belong to: the VM (from the relay's header) and the
+/// guest boot (from its hello). Shared by every message of the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamInfo {
     pub agent: String,
     pub vm: String,
     pub boot_id: String,
     /// The guest's realtime − boottime (from its hello frame).
     pub clock_offset_ns: i64,
+}
+
+/// The connection's acknowledgement: the recorder raises it to an event's sequence
+/// number once the event is in the trail (flushed), and the connection sends it back
+/// to the guest, which then forgets the event.
+#[derive(Debug, Clone)]
+pub struct Ack(Arc<watch::Sender<u64>>);
+
+impl Ack {
+    pub fn new() -> (Self, watch::Receiver<u64>) {
+        let (tx, rx) = watch::channel(0);
+        (Self(Arc::new(tx)), rx)
+    }
+
+    /// Raises the acknowledgement to `seq` (never lowers it).
+    pub fn raise(&self, seq: u64) {
+        self.0.send_if_modified(|v| {
+            let up = seq > *v;
+            if up {
+                *v = seq;
+            }
+            up
+        });
+    }
+}
+
+impl Ack {
+    /// The acknowledgement now.
+    pub fn get(&self) -> u64 {
+        *self.0.borrow()
+    }
+}
+
+impl Default for Ack {
+    fn default() -> Self {
+        Self::new().0
+    }
+}
+
+/// One decoded frame of a guest, with who it belongs to.
+#[derive(Debug, Clone)]
+pub struct GuestMessage {
+    pub stream: Arc<StreamInfo>,
     pub body: GuestBody,
-    /// The connection's acknowledgement: the recorder raises it to an event's sequence
-    /// number once the event is in the trail (flushed), and the connection sends it
-    /// back to the guest, which then forgets the event.
-    pub ack: Arc<AtomicU64>,
+    pub ack: Ack,
 }
 
 #[derive(Debug, Clone)]
@@ -77,11 +133,17 @@ pub struct GuestStreams {
 impl GuestStreams {
     /// Judges one message and moves the VM's state past it.
     pub fn judge(&mut self, m: &GuestMessage) -> Verdict {
-        let s = self.by_vm.entry(m.vm.clone()).or_default();
-        if s.boot_id != m.boot_id {
+        let (vm, boot) = (&m.stream.vm, &m.stream.boot_id);
+        if !self.by_vm.contains_key(vm) {
+            self.by_vm.insert(vm.clone(), StreamState::default());
+        }
+        let Some(s) = self.by_vm.get_mut(vm) else {
+            return Verdict::Nothing;
+        };
+        if &s.boot_id != boot {
             // A new guest boot (or the first stream of this VM): numbering restarts.
             *s = StreamState {
-                boot_id: m.boot_id.clone(),
+                boot_id: boot.clone(),
                 ..StreamState::default()
             };
         }
@@ -113,6 +175,7 @@ impl GuestStreams {
                 ..StreamState::default()
             };
         }
+        // A syscall's own number, or the last one a quota report covers.
         if let Some(seq) = e.guest_seq {
             s.last_seq = s.last_seq.max(seq);
         }
@@ -142,40 +205,232 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
     Ok(l)
 }
 
-/// One lock per VM: a VM's streams are read one after the other, so a reconnect's
-/// re-sent events never overtake the tail of the connection it replaces.
+/// What the guest socket allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections in their handshake at once; a new one beyond closes the oldest.
+    pub max_pending: usize,
+    /// Time from accept to a complete handshake (header and hello).
+    pub handshake: Duration,
+}
+
+impl Limits {
+    pub const DEFAULT_MAX_PENDING: usize = 256;
+    pub const DEFAULT_HANDSHAKE_SECS: u64 = 10;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_pending: Self::DEFAULT_MAX_PENDING,
+            handshake: Duration::from_secs(Self::DEFAULT_HANDSHAKE_SECS),
+        }
+    }
+}
+
+/// The guest socket's counters in `/metrics`.
+#[derive(Debug, Clone, Default)]
+pub struct IngestMetrics {
+    /// Streams past their handshake, open now.
+    pub streams: Gauge,
+    /// Connections in their handshake now.
+    pub pending: Gauge,
+    /// Connections closed before their handshake finished (timeout, a newer one, the
+    /// pending cap) or refused (bad header or hello).
+    pub refused: Counter,
+    /// Streams closed because a newer one of the same VM took over.
+    pub replaced: Counter,
+}
+
+impl IngestMetrics {
+    pub fn register(m: &mut clawos_service::Metrics) -> Self {
+        Self {
+            streams: m.gauge(
+                "clawos_monitor_guest_streams",
+                "Guest audit streams open (at most one per VM).",
+            ),
+            pending: m.gauge(
+                "clawos_monitor_guest_pending_connections",
+                "Guest socket connections still in their handshake.",
+            ),
+            refused: m.counter(
+                "clawos_monitor_guest_refused_total",
+                "Guest socket connections closed before or at their handshake.",
+            ),
+            replaced: m.counter(
+                "clawos_monitor_guest_replaced_total",
+                "Guest audit streams closed because a newer stream of the same VM took over.",
+            ),
+        }
+    }
+}
+
+/// Connections in their handshake, oldest first, each with the means to close it.
 #[derive(Debug, Default)]
-pub struct VmLocks(Mutex<HashMap<String, Arc<Mutex<()>>>>);
-
-impl VmLocks {
-    fn get(&self, vm: &str) -> Arc<Mutex<()>> {
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(m.entry(vm.to_owned()).or_default())
-    }
+struct Pending {
+    conns: BTreeMap<u64, oneshot::Sender<()>>,
+    /// The connection of each VM whose header arrived and whose hello has not.
+    by_vm: HashMap<String, u64>,
 }
 
-/// Accepts relayed guest streams until the process ends; a thread per connection.
-pub fn serve(listener: UnixListener, token: String, to_recorder: SyncSender<GuestMessage>) {
-    let locks = Arc::new(VmLocks::default());
-    for conn in listener.incoming() {
-        let Ok(conn) = conn else { continue };
-        let (token, tx, locks) = (token.clone(), to_recorder.clone(), Arc::clone(&locks));
-        let _ = std::thread::Builder::new()
-            .name("guest-stream".into())
-            .spawn(move || {
-                if let Err(e) = read_stream(conn, &token, &tx, &locks) {
-                    tracing::warn!(error = %e, "guest audit stream refused or broken");
+/// One VM's active stream: `latest` is the id of the connection that should read,
+/// `turn` is held by the one that does.
+#[derive(Debug)]
+struct VmSlot {
+    latest: watch::Sender<u64>,
+    turn: tokio::sync::Mutex<()>,
+}
+
+/// What the connections share.
+#[derive(Debug)]
+struct Shared {
+    token: String,
+    limits: Limits,
+    to_recorder: mpsc::Sender<GuestMessage>,
+    metrics: IngestMetrics,
+    pending: Mutex<Pending>,
+    slots: Mutex<HashMap<String, Arc<VmSlot>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Registers a new connection in its handshake, closing the oldest one if there
+    /// are too many; the receiver fires when this one is to close.
+    fn admit(&self, id: u64) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let mut p = lock(&self.pending);
+        while p.conns.len() >= self.limits.max_pending.max(1) {
+            let Some((_, close)) = p.conns.pop_first() else {
+                break;
+            };
+            let _ = close.send(());
+        }
+        p.conns.insert(id, tx);
+        self.metrics.pending.set(p.conns.len() as i64);
+        rx
+    }
+
+    /// The header named `vm`: of the VM's connections in their handshake only the
+    /// one accepted last stays (a guest cannot pile them up). Whether `id` is it.
+    fn named(&self, id: u64, vm: &str) -> bool {
+        let mut p = lock(&self.pending);
+        let keep = match p.by_vm.get(vm).copied() {
+            Some(other) if other > id => false,
+            Some(older) => {
+                if let Some(close) = p.conns.remove(&older) {
+                    let _ = close.send(());
                 }
-            });
+                true
+            }
+            None => true,
+        };
+        if keep {
+            p.by_vm.insert(vm.to_owned(), id);
+        }
+        self.metrics.pending.set(p.conns.len() as i64);
+        keep
+    }
+
+    /// The handshake is over (either way).
+    fn settled(&self, id: u64) {
+        let mut p = lock(&self.pending);
+        p.conns.remove(&id);
+        p.by_vm.retain(|_, v| *v != id);
+        self.metrics.pending.set(p.conns.len() as i64);
+    }
+
+    /// Makes connection `id` the one that should read `vm`'s stream, unless one
+    /// accepted later already is (handshakes may finish out of order; the connection
+    /// accepted last wins).
+    fn claim(&self, vm: &str, id: u64) -> (Arc<VmSlot>, watch::Receiver<u64>) {
+        let mut slots = lock(&self.slots);
+        let slot = slots
+            .entry(vm.to_owned())
+            .or_insert_with(|| {
+                Arc::new(VmSlot {
+                    latest: watch::channel(0).0,
+                    turn: tokio::sync::Mutex::new(()),
+                })
+            })
+            .clone();
+        slot.latest.send_if_modified(|latest| {
+            let newer = id > *latest;
+            if newer {
+                *latest = id;
+            }
+            newer
+        });
+        let rx = slot.latest.subscribe();
+        (slot, rx)
+    }
+
+    /// Forgets `vm`'s slot once no connection holds it.
+    fn release(&self, vm: &str, slot: Arc<VmSlot>) {
+        let mut slots = lock(&self.slots);
+        // The map's reference and ours.
+        if Arc::strong_count(&slot) <= 2 && slots.get(vm).is_some_and(|s| Arc::ptr_eq(s, &slot)) {
+            slots.remove(vm);
+        }
     }
 }
 
-/// Sets its flag when dropped (ends a connection's acknowledgement thread).
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
+/// Accepts relayed guest streams until the process ends: a task per connection.
+///
+/// Call it on the daemon's runtime.
+pub async fn serve(
+    listener: UnixListener,
+    token: String,
+    limits: Limits,
+    to_recorder: mpsc::Sender<GuestMessage>,
+    metrics: IngestMetrics,
+) {
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot take guest audit streams");
+            return;
+        }
+    };
+    let shared = Arc::new(Shared {
+        token,
+        limits,
+        to_recorder,
+        metrics,
+        pending: Mutex::default(),
+        slots: Mutex::default(),
+    });
+    let mut next_id = 0u64;
+    loop {
+        let conn = match listener.accept().await {
+            Ok((c, _)) => c,
+            Err(e) => {
+                // Out of file descriptors, most likely: wait for some to close rather
+                // than spin.
+                tracing::warn!(error = %e, "guest socket: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        next_id += 1;
+        let id = next_id;
+        let close = shared.admit(id);
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            match connection(conn, id, close, &shared).await {
+                Ok(()) => {}
+                // Connections that never said anything: counted, not each logged.
+                Err(e @ (IngestError::Timeout(_) | IngestError::Displaced)) => {
+                    tracing::debug!(error = %e, "guest socket connection closed");
+                }
+                Err(e) => tracing::warn!(error = %e, "guest audit stream refused or broken"),
+            }
+        });
     }
 }
 
@@ -195,22 +450,23 @@ pub enum IngestError {
         stream::VERSION
     )]
     NoHello { vm: String },
+    #[error("no complete handshake within {0:?}")]
+    Timeout(Duration),
+    #[error("closed in its handshake: too many connections, or a newer one of the same VM")]
+    Displaced,
 }
 
-fn read_header(
-    reader: &mut std::io::BufReader<UnixStream>,
+/// Reads the relay's header line (at most 4 KiB) and checks it.
+async fn read_header<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
     token: &str,
 ) -> Result<GuestStreamHeader, IngestError> {
     let bad = |m: String| IngestError::Header(m);
-    reader
-        .get_ref()
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| bad(e.to_string()))?;
     let mut line = Vec::new();
     reader
-        .by_ref()
         .take(4096)
         .read_until(b'\n', &mut line)
+        .await
         .map_err(|e| bad(e.to_string()))?;
     let header: GuestStreamHeader = serde_json::from_slice(&line)
         .map_err(|e| bad(format!("not a guest stream header: {e}")))?;
@@ -218,75 +474,177 @@ fn read_header(
         return Err(bad("wrong token".into()));
     }
     header.check().map_err(bad)?;
-    reader
-        .get_ref()
-        .set_read_timeout(None)
-        .map_err(|e| bad(e.to_string()))?;
     Ok(header)
 }
 
-/// Serves one relayed stream to its end.
-pub fn read_stream(
-    conn: UnixStream,
+/// Reads the next frame; `None` at a clean end of stream (between frames). The async
+/// twin of [`Frame::read_from`], with the same checks.
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    body: &mut Vec<u8>,
+) -> Result<Option<Frame>, StreamError> {
+    let mut len = [0u8; 4];
+    if r.read(&mut len[..1]).await? == 0 {
+        return Ok(None);
+    }
+    r.read_exact(&mut len[1..]).await?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > stream::MAX_BODY {
+        return Err(StreamError::Length(len));
+    }
+    body.resize(len, 0);
+    r.read_exact(body).await?;
+    Frame::decode(body).map(Some)
+}
+
+/// Header and hello.
+async fn handshake<R: AsyncRead + Unpin>(
+    reader: &mut BufReader<R>,
     token: &str,
-    to_recorder: &SyncSender<GuestMessage>,
-    locks: &VmLocks,
-) -> Result<(), IngestError> {
-    let mut reader = std::io::BufReader::with_capacity(64 * 1024, conn);
-    let header = read_header(&mut reader, token)?;
+    id: u64,
+    shared: &Shared,
+) -> Result<Option<StreamInfo>, IngestError> {
+    let header = read_header(reader, token).await?;
+    if !shared.named(id, &header.vm) {
+        return Err(IngestError::Displaced);
+    }
     let vm = header.vm.clone();
-    let lock = locks.get(&vm);
-    // The connection this one replaces ends as soon as its relay sees the guest's side
-    // gone; a stuck one is not waited for forever.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let _turn = loop {
-        match lock.try_lock() {
-            Ok(g) => break Some(g),
-            Err(std::sync::TryLockError::Poisoned(p)) => break Some(p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) if std::time::Instant::now() > deadline => {
-                tracing::warn!(vm = %vm, "an earlier guest audit stream is still open; reading both");
-                break None;
-            }
-            Err(std::sync::TryLockError::WouldBlock) => {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    };
-    let stream_err = |source| IngestError::Stream {
-        vm: vm.clone(),
-        source,
-    };
-    let (boot_id, clock_offset_ns) = match Frame::read_from(&mut reader).map_err(stream_err)? {
+    let mut body = Vec::new();
+    match read_frame(reader, &mut body)
+        .await
+        .map_err(|source| IngestError::Stream {
+            vm: vm.clone(),
+            source,
+        })? {
         Some(Frame::Hello {
             version: stream::VERSION,
             boot_id,
             clock_offset_ns,
-        }) => (boot_id, clock_offset_ns),
-        None => return Ok(()),
-        Some(_) => return Err(IngestError::NoHello { vm }),
-    };
-    tracing::info!(vm = %vm, boot = %boot_id, "guest audit stream connected");
-    let ack = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(AtomicBool::new(false));
-    let _stop_acks = StopOnDrop(Arc::clone(&done));
-    if let Ok(mut w) = reader.get_ref().try_clone() {
-        let (ack, done) = (Arc::clone(&ack), Arc::clone(&done));
-        std::thread::spawn(move || {
-            use std::io::Write;
-            let mut sent = 0;
-            while !done.load(Ordering::Relaxed) {
-                let now = ack.load(Ordering::Acquire);
-                if now != sent {
-                    if w.write_all(&now.to_le_bytes()).is_err() {
-                        return;
-                    }
-                    sent = now;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
+        }) => Ok(Some(StreamInfo {
+            agent: header.agent,
+            vm,
+            boot_id,
+            clock_offset_ns,
+        })),
+        None => Ok(None),
+        Some(_) => Err(IngestError::NoHello { vm }),
     }
-    while let Some(frame) = Frame::read_from(&mut reader).map_err(stream_err)? {
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Counts an open stream while it lives.
+struct Open(Gauge);
+
+impl Open {
+    fn new(g: &Gauge) -> Self {
+        g.inc();
+        Self(g.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// Serves one connection: handshake (bounded in time and number), then, as the VM's
+/// one active stream, its frames until it ends or a newer stream replaces it.
+async fn connection(
+    conn: tokio::net::UnixStream,
+    id: u64,
+    close: oneshot::Receiver<()>,
+    shared: &Shared,
+) -> Result<(), IngestError> {
+    let (read, write) = conn.into_split();
+    let mut reader = BufReader::with_capacity(8 * 1024, read);
+    let limit = shared.limits.handshake;
+    let hs = tokio::select! {
+        _ = close => Err(IngestError::Displaced),
+        r = tokio::time::timeout(limit, handshake(&mut reader, &shared.token, id, shared)) => {
+            r.unwrap_or(Err(IngestError::Timeout(limit)))
+        }
+    };
+    shared.settled(id);
+    let info = match hs {
+        Ok(Some(info)) => Arc::new(info),
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            shared.metrics.refused.inc();
+            return Err(e);
+        }
+    };
+    let (slot, mut latest) = shared.claim(&info.vm, id);
+    let result = stream_frames(&mut reader, write, &info, id, &slot, &mut latest, shared).await;
+    shared.release(&info.vm, slot);
+    result
+}
+
+/// Whether `id` is no longer the VM's latest connection.
+async fn superseded(latest: &mut watch::Receiver<u64>, id: u64) {
+    // The sender lives in the slot, which the caller holds.
+    let _ = latest.wait_for(|v| *v != id).await;
+}
+
+/// Waits for the VM's turn, then hands the stream's frames to the recorder.
+async fn stream_frames(
+    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    mut write: tokio::net::unix::OwnedWriteHalf,
+    info: &Arc<StreamInfo>,
+    id: u64,
+    slot: &VmSlot,
+    latest: &mut watch::Receiver<u64>,
+    shared: &Shared,
+) -> Result<(), IngestError> {
+    let vm = &info.vm;
+    // The stream this one replaces stops at its next await; the turn comes once it
+    // has (its messages are then all in the recorder's queue, ahead of ours).
+    let _turn = tokio::select! {
+        biased;
+        () = superseded(latest, id) => {
+            shared.metrics.replaced.inc();
+            return Ok(());
+        }
+        t = slot.turn.lock() => t,
+    };
+    if *latest.borrow() != id {
+        shared.metrics.replaced.inc();
+        return Ok(());
+    }
+    let _open = Open::new(&shared.metrics.streams);
+    tracing::info!(vm = %vm, boot = %info.boot_id, "guest audit stream connected");
+    let (ack, mut acks) = Ack::new();
+    let _acks = AbortOnDrop(tokio::spawn(async move {
+        while acks.changed().await.is_ok() {
+            let now = *acks.borrow_and_update();
+            if write.write_all(&now.to_le_bytes()).await.is_err() {
+                return;
+            }
+        }
+    }));
+    let mut body = Vec::with_capacity(stream::MAX_BODY);
+    loop {
+        let frame = tokio::select! {
+            biased;
+            () = superseded(latest, id) => {
+                tracing::debug!(vm = %vm, "guest audit stream replaced by a newer one");
+                shared.metrics.replaced.inc();
+                return Ok(());
+            }
+            f = read_frame(reader, &mut body) => f.map_err(|source| IngestError::Stream {
+                vm: vm.clone(),
+                source,
+            })?,
+        };
+        let Some(frame) = frame else { break };
         let body = match frame {
             Frame::Event { seq, record } => match RawEvent::parse(&record) {
                 Some(raw) => GuestBody::Event {
@@ -296,18 +654,20 @@ pub fn read_stream(
                 None => continue,
             },
             Frame::Drops { total } => GuestBody::Drops { total },
-            Frame::Hello { .. } => return Err(IngestError::NoHello { vm }),
+            Frame::Hello { .. } => return Err(IngestError::NoHello { vm: vm.clone() }),
         };
         let m = GuestMessage {
-            agent: header.agent.clone(),
-            vm: vm.clone(),
-            boot_id: boot_id.clone(),
-            clock_offset_ns,
+            stream: Arc::clone(info),
             body,
-            ack: Arc::clone(&ack),
+            ack: ack.clone(),
         };
-        if to_recorder.send(m).is_err() {
-            break;
+        tokio::select! {
+            biased;
+            () = superseded(latest, id) => {
+                shared.metrics.replaced.inc();
+                return Ok(());
+            }
+            sent = shared.to_recorder.send(m) => if sent.is_err() { break },
         }
     }
     tracing::info!(vm = %vm, "guest audit stream closed");
@@ -320,12 +680,14 @@ mod tests {
 
     fn msg(vm: &str, boot: &str, body: GuestBody) -> GuestMessage {
         GuestMessage {
-            agent: "a".into(),
-            vm: vm.into(),
-            boot_id: boot.into(),
-            clock_offset_ns: 0,
+            stream: Arc::new(StreamInfo {
+                agent: "a".into(),
+                vm: vm.into(),
+                boot_id: boot.into(),
+                clock_offset_ns: 0,
+            }),
             body,
-            ack: Arc::default(),
+            ack: Ack::default(),
         }
     }
 
@@ -388,48 +750,206 @@ mod tests {
             g.judge(&msg("v1", "b1", GuestBody::Drops { total: 5 })),
             Verdict::Nothing
         );
+        // A quota report names the last event it covers: those are not a gap later.
+        let mut q = AuditEvent::new(3, String::new(), "h", Kind::GuestDrops);
+        q.vm = Some("v1".into());
+        q.guest_boot = Some("b1".into());
+        q.guest_seq = Some(60);
+        g.replay(&q);
+        assert_eq!(
+            g.judge(&msg("v1", "b1", ev(61))),
+            Verdict::Record { lost: 0 }
+        );
     }
 
-    #[test]
-    fn streams_without_the_token_or_a_hello_are_refused() {
-        use std::io::Write;
-        let (tx, rx) = std::sync::mpsc::sync_channel(16);
-        let run = |bytes: Vec<u8>| {
-            let (mut a, b) = UnixStream::pair().expect("pair");
-            a.write_all(&bytes).expect("write");
-            drop(a);
-            read_stream(b, "tok", &tx, &VmLocks::default())
-        };
-        let header = |t: &str, vm: &str| {
-            format!("{{\"token\":\"{t}\",\"agent\":\"a\",\"vm\":\"{vm}\"}}\n").into_bytes()
-        };
-        let err = run(header("nope", "v")).expect_err("wrong token");
-        assert!(err.to_string().contains("wrong token"), "{err}");
-        let err = run(header("tok", "../etc")).expect_err("bad vm");
-        assert!(err.to_string().contains("invalid vm"), "{err}");
-        let err = run(b"garbage\n".to_vec()).expect_err("garbage");
-        assert!(err.to_string().contains("header"), "{err}");
-        let mut no_hello = header("tok", "v");
-        Frame::Drops { total: 1 }.encode(&mut no_hello);
-        let err = run(no_hello).expect_err("no hello");
-        assert!(err.to_string().contains("hello"), "{err}");
-        assert!(rx.try_recv().is_err(), "nothing reached the recorder");
-        // A good stream: header, hello, one event.
-        let mut ok = header("tok", "v");
+    const BOOT: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+
+    /// A guest socket served on a runtime, as the daemon serves it.
+    struct Socket {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        rx: mpsc::Receiver<GuestMessage>,
+        metrics: IngestMetrics,
+    }
+
+    fn socket(limits: Limits) -> Socket {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("guest.sock");
+        let listener = bind(&path).expect("bind");
+        let (tx, rx) = mpsc::channel(1024);
+        let metrics = IngestMetrics::default();
+        tokio::spawn(serve(listener, "tok".into(), limits, tx, metrics.clone()));
+        Socket {
+            _dir: dir,
+            path,
+            rx,
+            metrics,
+        }
+    }
+
+    fn header(t: &str, vm: &str) -> Vec<u8> {
+        format!("{{\"token\":\"{t}\",\"agent\":\"a\",\"vm\":\"{vm}\"}}\n").into_bytes()
+    }
+
+    fn hello(out: &mut Vec<u8>) {
         Frame::Hello {
             version: stream::VERSION,
-            boot_id: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into(),
+            boot_id: BOOT.into(),
             clock_offset_ns: 5,
         }
-        .encode(&mut ok);
-        Frame::Event {
-            seq: 1,
-            record: vec![0; RawEvent::HEAD_SIZE],
+        .encode(out);
+    }
+
+    fn events(out: &mut Vec<u8>, seqs: impl IntoIterator<Item = u64>) {
+        for seq in seqs {
+            Frame::Event {
+                seq,
+                record: vec![0; RawEvent::HEAD_SIZE],
+            }
+            .encode(out);
         }
-        .encode(&mut ok);
-        run(ok).expect("good stream");
-        let m = rx.try_recv().expect("event");
-        assert_eq!((m.vm.as_str(), m.clock_offset_ns), ("v", 5));
-        assert!(matches!(m.body, GuestBody::Event { seq: 1, .. }));
+    }
+
+    async fn connect(s: &Socket, bytes: &[u8]) -> tokio::net::UnixStream {
+        let mut c = tokio::net::UnixStream::connect(&s.path)
+            .await
+            .expect("connect");
+        c.write_all(bytes).await.expect("write");
+        c
+    }
+
+    /// Whether the daemon side closed `c` within `limit` (acknowledgements are read
+    /// and ignored).
+    async fn closed(c: &mut tokio::net::UnixStream, limit: Duration) -> bool {
+        let mut buf = [0u8; 64];
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, c.read(&mut buf)).await {
+                Err(_) => return false,
+                Ok(Ok(0) | Err(_)) => return true,
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    async fn next(s: &mut Socket) -> GuestMessage {
+        tokio::time::timeout(Duration::from_secs(5), s.rx.recv())
+            .await
+            .expect("a message in time")
+            .expect("a message")
+    }
+
+    fn seq_of(m: &GuestMessage) -> u64 {
+        match m.body {
+            GuestBody::Event { seq, .. } => seq,
+            GuestBody::Drops { .. } => 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_without_the_token_or_a_hello_are_refused() {
+        let mut s = socket(Limits::default());
+        let mut no_hello = header("tok", "v");
+        Frame::Drops { total: 1 }.encode(&mut no_hello);
+        for bad in [
+            header("nope", "v"),
+            header("tok", "../etc"),
+            b"garbage\n".to_vec(),
+            no_hello,
+            vec![b'x'; 5000],
+        ] {
+            let mut c = connect(&s, &bad).await;
+            assert!(closed(&mut c, Duration::from_secs(5)).await);
+        }
+        assert!(s.rx.try_recv().is_err(), "nothing reached the recorder");
+        assert_eq!(s.metrics.refused.get(), 5);
+        // A good stream: header, hello, one event; its acknowledgement comes back.
+        let mut ok = header("tok", "v");
+        hello(&mut ok);
+        events(&mut ok, [1]);
+        let mut c = connect(&s, &ok).await;
+        let m = next(&mut s).await;
+        assert_eq!(
+            (m.stream.vm.as_str(), m.stream.clock_offset_ns, seq_of(&m)),
+            ("v", 5, 1)
+        );
+        m.ack.raise(1);
+        let mut ack = [0u8; 8];
+        tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut ack))
+            .await
+            .expect("ack in time")
+            .expect("ack");
+        assert_eq!(u64::from_le_bytes(ack), 1);
+        assert_eq!(s.metrics.streams.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_newer_stream_of_a_vm_replaces_the_older_one_after_its_last_message() {
+        let mut s = socket(Limits::default());
+        let mut first = header("tok", "v");
+        hello(&mut first);
+        events(&mut first, 1..=3);
+        let mut c1 = connect(&s, &first).await;
+        for want in 1..=3 {
+            assert_eq!(seq_of(&next(&mut s).await), want);
+        }
+        // Another VM's stream is not disturbed by any of this.
+        let mut other = header("tok", "w");
+        hello(&mut other);
+        let mut cw = connect(&s, &other).await;
+        // The newer one re-sends 3 and goes on.
+        let mut second = header("tok", "v");
+        hello(&mut second);
+        events(&mut second, 3..=5);
+        let mut c2 = connect(&s, &second).await;
+        assert!(
+            closed(&mut c1, Duration::from_secs(5)).await,
+            "older closed"
+        );
+        let got: Vec<u64> = [next(&mut s).await, next(&mut s).await, next(&mut s).await]
+            .iter()
+            .map(seq_of)
+            .collect();
+        assert_eq!(got, [3, 4, 5]);
+        // What the older one sends now reaches nobody.
+        let mut late = Vec::new();
+        events(&mut late, 6..=9);
+        let _ = c1.write_all(&late).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(s.rx.try_recv().is_err());
+        assert!(!closed(&mut c2, Duration::from_millis(100)).await);
+        assert!(!closed(&mut cw, Duration::from_millis(100)).await);
+        assert_eq!(s.metrics.replaced.get(), 1);
+        assert_eq!(s.metrics.streams.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn handshakes_are_bounded_in_time_and_number_and_per_vm() {
+        let mut s = socket(Limits {
+            max_pending: 3,
+            handshake: Duration::from_millis(300),
+        });
+        // Silent ones: the fourth closes the oldest.
+        let mut silent = Vec::new();
+        for _ in 0..4 {
+            silent.push(connect(&s, b"").await);
+        }
+        assert!(closed(&mut silent[0], Duration::from_secs(2)).await);
+        // Headers for one VM without a hello: a newer one closes the older.
+        let mut a = connect(&s, &header("tok", "v")).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut b = connect(&s, &header("tok", "v")).await;
+        assert!(closed(&mut a, Duration::from_millis(200)).await);
+        // After the handshake time, every one of them is closed.
+        for c in silent.iter_mut().skip(1).chain([&mut b]) {
+            assert!(closed(c, Duration::from_secs(2)).await);
+        }
+        assert_eq!(s.metrics.pending.get(), 0);
+        // A real stream is still taken.
+        let mut ok = header("tok", "v");
+        hello(&mut ok);
+        events(&mut ok, [1]);
+        let _c = connect(&s, &ok).await;
+        assert_eq!(seq_of(&next(&mut s).await), 1);
     }
 }

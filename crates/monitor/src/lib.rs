@@ -11,7 +11,10 @@
 //!   offset, so the file is its spool: nothing is lost while the SIEM is away, and a
 //!   bounded backlog turns into counted, reported drops.
 //! - [`ingest`]: the audit streams of the VMs' guests (`clawos-audit` inside each VM,
-//!   over vsock, relayed by vm-launcher): checked, de-duplicated, gaps reported.
+//!   over vsock, relayed by vm-launcher): async connections with a bounded handshake,
+//!   one active stream per VM; checked, de-duplicated, gaps reported.
+//! - [`quota`]: each VM's event and byte allowance, so that no guest can fill (and
+//!   rotate away) the trail faster than it allows.
 //! - [`recorder`]: the one thread that writes the JSONL trail (numbering, alerts, drop
 //!   reports, acknowledgements to guests, rotation); [`trail`]: its files.
 //! - [`watches`]: what the kernel follows, under which tag, persisted across restarts.
@@ -25,6 +28,7 @@ pub mod forward;
 pub mod http;
 pub mod ingest;
 pub use clawos_syscall_probe::probe;
+pub mod quota;
 pub mod recorder;
 pub mod rules;
 pub mod trail;

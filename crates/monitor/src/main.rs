@@ -7,6 +7,8 @@ use anyhow::Context;
 use clap::Parser;
 use clawos_monitor::daemon::{self, Config, WatchRequest};
 use clawos_monitor::forward::Target;
+use clawos_monitor::ingest::Limits;
+use clawos_monitor::quota::GuestQuota;
 
 /// eBPF syscall audit of agent VMs → JSONL + CEF over syslog.
 #[derive(Debug, Parser)]
@@ -55,8 +57,49 @@ struct Args {
     /// Rules file (JSON: `{"default": {"deny": [...]}, "agents": {"a1": {"allow": [...]}}}`).
     #[arg(long)]
     rules: Option<PathBuf>,
+    /// Per-VM quota of a guest's audit stream: trail lines a second (events, their
+    /// alerts and drop reports; 0: no limit). Excess is counted and reported, not
+    /// written.
+    #[arg(long, default_value_t = GuestQuota::DEFAULT_EVENTS_PER_SEC)]
+    guest_events_per_sec: u64,
+    /// Per-VM quota of a guest's audit stream: trail bytes a second (0: no limit).
+    /// With --rotate-bytes and --rotate-keep it bounds how fast one guest can rotate
+    /// other VMs' history away.
+    #[arg(long, default_value_t = GuestQuota::DEFAULT_BYTES_PER_SEC)]
+    guest_bytes_per_sec: u64,
+    /// Seconds of either guest quota a quiet VM saves up for a burst.
+    #[arg(long, default_value_t = GuestQuota::DEFAULT_BURST_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    guest_burst_secs: u64,
+    /// Guest socket connections in their handshake at once (a new one beyond closes
+    /// the oldest).
+    #[arg(long, default_value_t = Limits::DEFAULT_MAX_PENDING, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=65536))]
+    guest_max_pending: usize,
+    /// Seconds a guest socket connection has for its handshake (the relay's header
+    /// and the guest's hello).
+    #[arg(long, default_value_t = Limits::DEFAULT_HANDSHAKE_SECS, value_parser = clap::value_parser!(u64).range(1..=600))]
+    guest_handshake_secs: u64,
     #[command(flatten)]
     log: clawos_service::LogArgs,
+}
+
+/// Raises the soft open-file limit to the hard one: every guest stream, SIEM
+/// connection and API client is a descriptor, and the guest socket's own caps (one
+/// stream per VM, `--guest-max-pending` handshakes) are what bound them.
+fn raise_open_file_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid, writable rlimit.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max && {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0
+        }
+    };
+    if raised {
+        tracing::debug!(limit = r.rlim_cur, "open-file limit raised");
+    }
 }
 
 #[tokio::main]
@@ -93,7 +136,17 @@ async fn main() -> anyhow::Result<()> {
         rules: daemon::rules_from(a.rules.as_deref())?,
         rotate_bytes: a.rotate_bytes,
         rotate_keep: a.rotate_keep,
+        guest_quota: GuestQuota {
+            events_per_sec: a.guest_events_per_sec,
+            bytes_per_sec: a.guest_bytes_per_sec,
+            burst_secs: a.guest_burst_secs,
+        },
+        guest_limits: Limits {
+            max_pending: a.guest_max_pending,
+            handshake: std::time::Duration::from_secs(a.guest_handshake_secs),
+        },
     };
+    raise_open_file_limit();
     daemon::run(cfg, clawos_service::shutdown_signal())
         .await
         .context("monitor-daemon")

@@ -6,16 +6,18 @@
 use std::cell::RefCell;
 use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use clawos_service::metrics::Counter;
 
 use crate::daemon::{Config, DaemonError, Monitor};
 use crate::event::{AuditEvent, Clock, Kind, RawEvent, c_str, syscall_name};
-use crate::ingest::{GuestBody, GuestMessage, GuestStreams, Verdict};
+use crate::ingest::{Ack, GuestBody, GuestMessage, GuestStreams, StreamInfo, Verdict};
 use crate::probe::{self, Maps};
+use crate::quota::Quotas;
 use crate::rules::Rules;
 use crate::trail;
 use crate::watches::Labels;
@@ -32,6 +34,8 @@ pub(crate) struct Counters {
     guest_lost: Counter,
     /// Re-sent guest events skipped.
     guest_resent: Counter,
+    /// Guest events not written because their VM was over its quota.
+    guest_quota_dropped: Counter,
 }
 
 impl Counters {
@@ -58,6 +62,10 @@ impl Counters {
                 "clawos_monitor_guest_resent_total",
                 "Guest events sent again after a reconnect and skipped.",
             ),
+            guest_quota_dropped: m.counter(
+                "clawos_monitor_guest_quota_dropped_total",
+                "Guest events not recorded because their VM was over its quota (reported as guest_drops).",
+            ),
         }
     }
 }
@@ -66,7 +74,7 @@ impl Counters {
 #[derive(Debug)]
 pub(crate) struct Feeds {
     /// Messages of the guests' audit streams.
-    pub guests: Receiver<GuestMessage>,
+    pub guests: tokio::sync::mpsc::Receiver<GuestMessage>,
     /// Lines the SIEM forwarders had to skip (a `forward_drops` line each).
     pub forward_drops: Receiver<u64>,
 }
@@ -126,6 +134,15 @@ fn replay_trail(path: &Path) -> (u64, GuestStreams) {
     (last, guests)
 }
 
+/// Why guest events never arrived: a gap in the sequence numbers.
+const LOST_DETAIL: &str = "guest queue full or connection lost while the host was away";
+/// Why guest events never arrived: the guest kernel's ring buffer.
+const KERNEL_DETAIL: &str = "guest ring buffer full";
+
+/// Guest messages taken per batch at most: a flood cannot keep the recorder from
+/// flushing, acknowledging and draining the kernel's ring buffer.
+const GUEST_BATCH: usize = 16 * 1024;
+
 /// Turns kernel records and guest streams into JSONL lines.
 pub(crate) struct Recorder {
     out: BufWriter<std::fs::File>,
@@ -136,8 +153,12 @@ pub(crate) struct Recorder {
     labels: Labels,
     reported_drops: u64,
     guests: GuestStreams,
-    /// Guest events written since the last flush: acknowledged after it.
-    pending_acks: Vec<(Arc<AtomicU64>, u64)>,
+    /// Each VM's quota, and what it held back.
+    quotas: Quotas,
+    /// When to forget the quotas of quiet VMs next.
+    next_tidy: Instant,
+    /// Guest events judged since the last flush: acknowledged after it.
+    pending_acks: Vec<(Ack, u64)>,
     jsonl: PathBuf,
     live_bytes: u64,
     rotate_bytes: u64,
@@ -211,50 +232,111 @@ impl Recorder {
         self.write_syscall(e, raw);
     }
 
+    /// A `guest_drops` line of `stream`'s VM: `n` events lost (`total`: the guest
+    /// kernel's running count).
+    fn guest_drops(&mut self, stream: &StreamInfo, n: u64, total: Option<u64>, detail: String) {
+        let mut e = self.next(Kind::GuestDrops, Clock::now());
+        e.agent = Some(stream.agent.clone());
+        e.vm = Some(stream.vm.clone());
+        e.guest_boot = Some(stream.boot_id.clone());
+        e.dropped = Some(n);
+        e.dropped_total = total;
+        e.detail = Some(detail);
+        self.write(&e);
+        self.counters.guest_lost.inc_by(n);
+    }
+
     /// A message of a guest stream: its events go in once each, in order; what never
-    /// arrived is reported.
-    fn record_guest(&mut self, m: GuestMessage) {
+    /// arrived is reported; what its VM sends beyond its quota is counted, reported
+    /// and not written.
+    fn record_guest(&mut self, m: GuestMessage, now: Instant) {
         let verdict = self.guests.judge(&m);
-        let lost = |r: &mut Self, n: u64, total: Option<u64>, detail: &str| {
-            let mut e = r.next(Kind::GuestDrops, Clock::now());
-            e.agent = Some(m.agent.clone());
-            e.vm = Some(m.vm.clone());
-            e.guest_boot = Some(m.boot_id.clone());
-            e.dropped = Some(n);
-            e.dropped_total = total;
-            e.detail = Some(detail.into());
-            r.write(&e);
-            r.counters.guest_lost.inc_by(n);
-        };
         if let GuestBody::Event { seq, .. } = &m.body {
-            self.pending_acks.push((Arc::clone(&m.ack), *seq));
+            self.pending_acks.push((m.ack.clone(), *seq));
         }
-        match (verdict, &m.body) {
-            (Verdict::Duplicate, _) => {
+        let s = &m.stream;
+        match verdict {
+            Verdict::Duplicate => {
                 self.counters.guest_resent.inc();
+                return;
             }
+            Verdict::Nothing => return,
+            _ => {}
+        }
+        if !self.quotas.admit(&s.vm, now) {
+            match (verdict, &m.body) {
+                (Verdict::Record { lost }, GuestBody::Event { seq, .. }) => {
+                    self.counters.guest_quota_dropped.inc();
+                    self.quotas.hold(s, now, |h| {
+                        h.events += 1;
+                        h.last_seq = *seq;
+                        h.lost += lost;
+                    });
+                }
+                (Verdict::KernelDrops { new, total }, _) => {
+                    self.quotas.hold(s, now, |h| {
+                        h.kernel_new += new;
+                        h.kernel_total = Some(total);
+                    });
+                }
+                _ => {}
+            }
+            return;
+        }
+        let (lines, bytes) = (self.seq, self.live_bytes);
+        match (verdict, &m.body) {
             (Verdict::Record { lost: n }, GuestBody::Event { seq, raw }) => {
                 if n > 0 {
-                    lost(
-                        self,
-                        n,
-                        None,
-                        "guest queue full or connection lost while the host was away",
-                    );
+                    self.guest_drops(s, n, None, LOST_DETAIL.into());
                 }
-                let ts = Clock::with_offset(m.clock_offset_ns).format(raw.ts_ns);
+                let ts = Clock::with_offset(s.clock_offset_ns).format(raw.ts_ns);
                 let mut e = self.next(Kind::Syscall, ts);
-                e.agent = Some(m.agent.clone());
-                e.vm = Some(m.vm.clone());
-                e.guest_boot = Some(m.boot_id.clone());
+                e.agent = Some(s.agent.clone());
+                e.vm = Some(s.vm.clone());
+                e.guest_boot = Some(s.boot_id.clone());
                 e.guest_seq = Some(*seq);
                 self.write_syscall(e, raw);
                 self.counters.guest_events.inc();
             }
             (Verdict::KernelDrops { new, total }, _) => {
-                lost(self, new, Some(total), "guest ring buffer full");
+                self.guest_drops(s, new, Some(total), KERNEL_DETAIL.into());
             }
             _ => {}
+        }
+        let (lines, bytes) = (self.seq - lines, self.live_bytes.saturating_sub(bytes));
+        self.quotas.charge(&s.vm, lines, bytes, now);
+    }
+
+    /// Reports what VMs' quotas held back (each VM once a second at most; everything
+    /// when `all`). The reports are charged to the VM too.
+    fn report_quotas(&mut self, now: Instant, all: bool) {
+        for r in self.quotas.due(now, all) {
+            let (s, h) = (&r.stream, &r.held);
+            let (lines, bytes) = (self.seq, self.live_bytes);
+            if h.events > 0 {
+                let q = self.quotas.quota();
+                let mut e = self.next(Kind::GuestDrops, Clock::now());
+                e.agent = Some(s.agent.clone());
+                e.vm = Some(s.vm.clone());
+                e.guest_boot = Some(s.boot_id.clone());
+                // The last one not recorded: a restarted daemon numbers on after it.
+                e.guest_seq = Some(h.last_seq);
+                e.dropped = Some(h.events);
+                e.detail = Some(format!(
+                    "over quota: events not recorded (the VM may write {} events and {} bytes a second, {} s of burst)",
+                    q.events_per_sec, q.bytes_per_sec, q.burst_secs
+                ));
+                self.write(&e);
+                tracing::warn!(vm = %s.vm, dropped = h.events, "guest audit stream over its quota");
+            }
+            if h.lost > 0 {
+                self.guest_drops(s, h.lost, None, LOST_DETAIL.into());
+            }
+            if h.kernel_new > 0 {
+                self.guest_drops(s, h.kernel_new, h.kernel_total, KERNEL_DETAIL.into());
+            }
+            let (lines, bytes) = (self.seq - lines, self.live_bytes.saturating_sub(bytes));
+            self.quotas.charge(&s.vm, lines, bytes, now);
         }
     }
 
@@ -326,6 +408,8 @@ impl Recorder {
             out: BufWriter::with_capacity(1 << 20, out),
             seq,
             guests,
+            quotas: Quotas::new(cfg.guest_quota),
+            next_tidy: Instant::now(),
             pending_acks: Vec::new(),
             jsonl: cfg.jsonl.clone(),
             live_bytes,
@@ -347,7 +431,7 @@ impl Recorder {
     pub(crate) fn spawn(
         self,
         ring_bytes: u32,
-        feeds: Feeds,
+        mut feeds: Feeds,
         monitor: Arc<OnceLock<Arc<Monitor>>>,
         stop: Arc<AtomicBool>,
     ) -> Result<(Maps, std::thread::JoinHandle<()>), DaemonError> {
@@ -364,7 +448,11 @@ impl Recorder {
                             rec.borrow_mut().record(&raw);
                         }
                     },
-                    || rec.borrow_mut().after_batch(monitor.get(), &feeds),
+                    || {
+                        let stopping = stop.load(Ordering::Relaxed);
+                        rec.borrow_mut()
+                            .after_batch(monitor.get(), &mut feeds, stopping);
+                    },
                     &stop,
                 );
                 let _ = rec.borrow_mut().out.flush();
@@ -382,21 +470,32 @@ impl Recorder {
         Ok((maps, thread))
     }
 
-    /// After each drain of the ring buffer: drop reports and guest messages, then a
-    /// flush, the acknowledgements it makes safe, and maybe a rotation.
-    fn after_batch(&mut self, monitor: Option<&Arc<Monitor>>, feeds: &Feeds) {
+    /// After each drain of the ring buffer: drop reports and guest messages (a
+    /// bounded number), quota reports, then a flush, the acknowledgements it makes
+    /// safe, and maybe a rotation. `stopping`: the last batch, which reports all that
+    /// quotas held back.
+    fn after_batch(&mut self, monitor: Option<&Arc<Monitor>>, feeds: &mut Feeds, stopping: bool) {
         if let Some(m) = monitor {
             self.drops(m.watches.maps().drops(), Kind::Drops);
             while let Ok(n) = feeds.forward_drops.try_recv() {
                 self.drops(n, Kind::ForwardDrops);
             }
-            while let Ok(g) = feeds.guests.try_recv() {
-                self.record_guest(g);
+            let now = Instant::now();
+            for _ in 0..GUEST_BATCH {
+                let Ok(g) = feeds.guests.try_recv() else {
+                    break;
+                };
+                self.record_guest(g, now);
+            }
+            self.report_quotas(now, stopping);
+            if now >= self.next_tidy {
+                self.quotas.tidy(now);
+                self.next_tidy = now + Duration::from_secs(10);
             }
         }
         if self.out.flush().is_ok() {
             for (ack, seq) in self.pending_acks.drain(..) {
-                ack.fetch_max(seq, Ordering::Release);
+                ack.raise(seq);
             }
             // Rotation waits until the forwarders exist: pruning must know where each
             // of them reads.

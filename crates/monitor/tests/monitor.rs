@@ -1089,3 +1089,575 @@ fn the_trail_rotates_without_losing_the_siems_place_or_the_numbering() {
         .expect("a new event");
     assert_eq!(first_new.seq, before + 1);
 }
+
+// ---------------------------------------------------------------------------------
+// Hostile guests on the guest socket (issue 12, item 4). A guest's audit stream is
+// driven here without a VM: a connection to `<state>/monitor/guest.sock` carrying the
+// header line vm-launcher's relay sends, then the frames `clawos-audit` would send.
+// Everything after the header is the guest's to choose.
+// ---------------------------------------------------------------------------------
+
+use std::os::unix::net::UnixStream;
+
+use clawos_syscall_probe::RawEvent;
+use clawos_syscall_probe::stream::{self, Frame};
+
+/// What starting the daemon needs (the guest-stream tests run no workload).
+fn cannot_run_daemon() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("monitor tests load eBPF programs and need root");
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        return skip("the kernel has no BTF (/sys/kernel/btf/vmlinux)");
+    }
+    false
+}
+
+/// A record as a guest's `clawos-audit` ships it: `comm` names it, and with `path` it
+/// is the 192-byte form.
+fn guest_record(comm: &str, path: bool) -> Vec<u8> {
+    let mut r = vec![
+        0u8;
+        if path {
+            RawEvent::SIZE
+        } else {
+            RawEvent::HEAD_SIZE
+        }
+    ];
+    r[20..24].copy_from_slice(&110i32.to_ne_bytes()); // getppid
+    let c = comm.as_bytes();
+    r[80..80 + c.len().min(15)].copy_from_slice(&c[..c.len().min(15)]);
+    if path {
+        r[96..96 + 40].copy_from_slice(&[b'f'; 40]);
+    }
+    r
+}
+
+/// A relayed guest stream: the relay's header line for `vm`, then the guest's bytes.
+struct Guest {
+    conn: UnixStream,
+}
+
+impl Guest {
+    /// Connects and sends the relay's header line only.
+    fn header_only(state: &Path, token: &str, vm: &str) -> Self {
+        let conn = UnixStream::connect(clawos_monitor_api::guest_socket_path(state))
+            .expect("guest socket");
+        let header = clawos_monitor_api::GuestStreamHeader {
+            token: token.trim().to_owned(),
+            agent: vm.to_owned(),
+            vm: vm.to_owned(),
+        };
+        let mut line = serde_json::to_vec(&header).expect("header");
+        line.push(b'\n');
+        let mut g = Self { conn };
+        g.conn.write_all(&line).expect("header");
+        g
+    }
+
+    /// Header and hello: a stream as a guest opens it.
+    fn open(state: &Path, token: &str, vm: &str, boot: &str) -> Self {
+        let mut g = Self::header_only(state, token, vm);
+        let mut hello = Vec::new();
+        Frame::Hello {
+            version: stream::VERSION,
+            boot_id: boot.into(),
+            clock_offset_ns: 0,
+        }
+        .encode(&mut hello);
+        g.conn.write_all(&hello).expect("hello");
+        g
+    }
+
+    /// Sends events `seqs`, each named `comm`.
+    fn send(&mut self, seqs: impl IntoIterator<Item = u64>, comm: &str) -> std::io::Result<()> {
+        let mut buf = Vec::new();
+        for seq in seqs {
+            Frame::Event {
+                seq,
+                record: guest_record(comm, false),
+            }
+            .encode(&mut buf);
+        }
+        self.conn.write_all(&buf)
+    }
+
+    /// Whether the daemon closed this connection within `limit` (acknowledgements it
+    /// sent before are read and ignored).
+    fn closed_within(&mut self, limit: Duration) -> bool {
+        use std::io::Read;
+        let deadline = Instant::now() + limit;
+        let mut buf = [0u8; 4096];
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let _ = self.conn.set_read_timeout(Some(left));
+            match self.conn.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::TimedOut =>
+                {
+                    return false;
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+const BOOT_A: &str = "0a0a0a0a-0000-4000-8000-00000000000a";
+const BOOT_B: &str = "0b0b0b0b-0000-4000-8000-00000000000b";
+
+/// The guest sequence numbers of `vm`'s syscall events, in trail order.
+fn guest_seqs(trail: &[AuditEvent], vm: &str) -> Vec<u64> {
+    trail
+        .iter()
+        .filter(|e| e.vm.as_deref() == Some(vm) && e.kind == Kind::Syscall)
+        .filter_map(|e| e.guest_seq)
+        .collect()
+}
+
+/// The per-VM quota the flood tests run with: 100 events/s, 64 KiB/s, 1 s of burst.
+/// Against `--rotate-bytes 65536 --rotate-keep 8` a flooding guest can write at most
+/// ~100 + 100/s events (≤ 64 KiB + 64 KiB/s): far less than the 512 KiB retained.
+const FLOOD_QUOTA: &[&str] = &[
+    "--guest-events-per-sec",
+    "100",
+    "--guest-bytes-per-sec",
+    "65536",
+    "--guest-burst-secs",
+    "1",
+];
+
+/// VM A writes forged records for `secs`, in bursts (`paced`) or as fast as the
+/// daemon reads them; returns how many it sent.
+fn flood(state: &Path, token: &str, secs: u64, paced: bool) -> u64 {
+    let mut a = Guest::open(state, token, "vm-a", BOOT_A);
+    let start = Instant::now();
+    let mut seq = 0u64;
+    let mut buf = Vec::new();
+    while start.elapsed() < Duration::from_secs(secs) {
+        buf.clear();
+        for _ in 0..512 {
+            seq += 1;
+            Frame::Event {
+                seq,
+                record: guest_record("forged", true),
+            }
+            .encode(&mut buf);
+        }
+        if a.conn.write_all(&buf).is_err() {
+            break;
+        }
+        // Bursts of 512 every 50 ms (~10,000 a second, 100 times the quota), as a
+        // guest's queue sends them: slow enough that even an unoptimised recorder
+        // finishes batches, and rotates, while the flood goes on.
+        if paced {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    seq
+}
+
+/// The quota lines of `vm` (guest_drops whose detail says quota) and what they count.
+fn quota_dropped(trail: &[AuditEvent], vm: &str) -> u64 {
+    trail
+        .iter()
+        .filter(|e| {
+            e.kind == Kind::GuestDrops
+                && e.vm.as_deref() == Some(vm)
+                && e.detail.as_deref().is_some_and(|d| d.contains("quota"))
+        })
+        .map(|e| e.dropped.unwrap_or(0))
+        .sum()
+}
+
+#[test]
+fn a_guest_flooding_forged_records_is_held_to_its_quota_and_other_vms_history_stays() {
+    if cannot_run_daemon() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut args = vec!["--rotate-bytes", "65536", "--rotate-keep", "8"];
+    args.extend_from_slice(FLOOD_QUOTA);
+    let d = Daemon::start(state.path(), &args);
+    // VM B's history: 20 events, in the trail before the flood.
+    let mut b = Guest::open(state.path(), &d.token, "vm-b", BOOT_B);
+    b.send(1..=20, "b-before").expect("send");
+    wait_until(Duration::from_secs(10), "VM B's events", || {
+        guest_seqs(&whole_trail(&d.jsonl), "vm-b").len() == 20
+    });
+    // VM A floods at full speed.
+    let started = Instant::now();
+    let sent = flood(state.path(), &d.token, 3, true);
+    assert!(sent > 10_000, "the flood was a flood: {sent}");
+    // The flood's last event is in the trail, written or reported as over quota.
+    wait_until(
+        Duration::from_secs(30),
+        "the flood's end in the trail",
+        || {
+            whole_trail(&d.jsonl)
+                .iter()
+                .any(|e| e.vm.as_deref() == Some("vm-a") && e.guest_seq == Some(sent))
+        },
+    );
+    let elapsed = started.elapsed().as_secs() + 1;
+    assert_eq!(
+        guest_seqs(&whole_trail(&d.jsonl), "vm-b"),
+        (1..=20).collect::<Vec<_>>(),
+        "VM B's history survived VM A's flood"
+    );
+    // Every forged event is either written or counted as over quota (the last
+    // report comes within a second).
+    wait_until(
+        Duration::from_secs(5),
+        "every flood event accounted for",
+        || {
+            let trail = whole_trail(&d.jsonl);
+            guest_seqs(&trail, "vm-a").len() as u64 + quota_dropped(&trail, "vm-a") == sent
+        },
+    );
+    let trail = whole_trail(&d.jsonl);
+    let written = guest_seqs(&trail, "vm-a").len() as u64;
+    let dropped = quota_dropped(&trail, "vm-a");
+    assert!(
+        written <= 100 + 100 * elapsed,
+        "VM A wrote {written} events in {elapsed} s, beyond its quota"
+    );
+    assert!(dropped > 0, "the excess is reported");
+    assert_eq!(
+        d.metric("clawos_monitor_guest_quota_dropped_total"),
+        dropped
+    );
+    assert_eq!(quota_dropped(&trail, "vm-b"), 0);
+    // The quota lines themselves are few (at most about one a second).
+    let lines = trail
+        .iter()
+        .filter(|e| e.kind == Kind::GuestDrops && e.vm.as_deref() == Some("vm-a"))
+        .count() as u64;
+    assert!(lines <= 2 * elapsed + 2, "{lines} quota lines");
+    // VM B is still heard, at once.
+    let t = Instant::now();
+    b.send(21..=25, "b-after").expect("send");
+    wait_until(Duration::from_secs(5), "VM B after the flood", || {
+        guest_seqs(&whole_trail(&d.jsonl), "vm-b").len() == 25
+    });
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    for pair in whole_trail(&d.jsonl).windows(2) {
+        assert_eq!(pair[1].seq, pair[0].seq + 1, "numbering across segments");
+    }
+}
+
+#[test]
+fn a_guest_flood_while_the_siem_is_away_does_not_push_other_vms_events_out_of_the_spool() {
+    if cannot_run_daemon() || no_rsyslog() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let siem = tempfile::tempdir().expect("tempdir");
+    let (tcp, udp) = (free_port(), free_port());
+    let target = format!("tcp://127.0.0.1:{tcp}");
+    let mut args = vec![
+        "--syslog",
+        &target,
+        "--spool-max-bytes",
+        "1048576",
+        "--rotate-bytes",
+        "65536",
+        "--rotate-keep",
+        "2",
+    ];
+    args.extend_from_slice(FLOOD_QUOTA);
+    // The SIEM is away from the start: everything below is unshipped.
+    let d = Daemon::start(state.path(), &args);
+    let mut b = Guest::open(state.path(), &d.token, "vm-b", BOOT_B);
+    b.send(1..=20, "b-before").expect("send");
+    wait_until(Duration::from_secs(10), "VM B's events", || {
+        guest_seqs(&whole_trail(&d.jsonl), "vm-b").len() == 20
+    });
+    let b_seqs: Vec<u64> = whole_trail(&d.jsonl)
+        .iter()
+        .filter(|e| e.vm.as_deref() == Some("vm-b"))
+        .map(|e| e.seq)
+        .collect();
+    let sent = flood(state.path(), &d.token, 3, true);
+    wait_until(
+        Duration::from_secs(30),
+        "the flood's end in the trail",
+        || {
+            whole_trail(&d.jsonl)
+                .iter()
+                .any(|e| e.vm.as_deref() == Some("vm-a") && e.guest_seq == Some(sent))
+        },
+    );
+    // The SIEM comes back: it gets VM B's events, and nothing was skipped.
+    let rs = Rsyslog::start(siem.path(), tcp, udp);
+    let last = d.events().last().map(|e| e.seq).expect("events");
+    wait_until(Duration::from_secs(30), "the backlog at the SIEM", || {
+        rs.received("tcp")
+            .iter()
+            .any(|p| p.ext.get("externalId") == Some(&last.to_string()))
+    });
+    let got = siem_seqs(&rs.received("tcp"));
+    for s in &b_seqs {
+        assert!(got.contains(s), "VM B's event {s} reached the SIEM");
+    }
+    assert_eq!(got.first(), Some(&1));
+    assert_consecutive(&got, "out of order, duplicated or a hole");
+    assert_eq!(d.metric("clawos_monitor_siem_dropped_total"), 0);
+}
+
+#[test]
+fn a_second_stream_for_a_vm_replaces_the_first_and_each_event_is_recorded_once_in_order() {
+    if cannot_run_daemon() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(state.path(), &[]);
+    let vm = "vm-r";
+    let mut first = Guest::open(state.path(), &d.token, vm, BOOT_A);
+    first.send(1..=10, "first").expect("send");
+    wait_until(Duration::from_secs(10), "the first stream's events", || {
+        guest_seqs(&d.events(), vm).len() == 10
+    });
+    // The guest opens more connections for the same VM through its relay and leaves
+    // them open, then one more that goes on where the first left off (re-sending 6..10,
+    // as a reconnecting guest re-sends what was not yet acknowledged).
+    let mut extra: Vec<Guest> = (0..20)
+        .map(|_| Guest::open(state.path(), &d.token, vm, BOOT_A))
+        .collect();
+    let t = Instant::now();
+    let mut last = Guest::open(state.path(), &d.token, vm, BOOT_A);
+    last.send(6..=30, "last").expect("send");
+    wait_until(
+        Duration::from_secs(20),
+        "the newest stream's events",
+        || guest_seqs(&d.events(), vm).len() == 30,
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the newest stream waited {:?} behind the older ones",
+        t.elapsed()
+    );
+    // Only the newest stream is open: the daemon closed the others.
+    assert!(
+        first.closed_within(Duration::from_secs(3)),
+        "the replaced stream is still open"
+    );
+    for (i, g) in extra.iter_mut().enumerate() {
+        assert!(
+            g.closed_within(Duration::from_secs(1)),
+            "extra stream {i} is still open"
+        );
+    }
+    // What the replaced connections send now goes nowhere.
+    let _ = first.send(31..=40, "stale");
+    let _ = extra[0].send(31..=40, "stale");
+    last.send(31..=35, "last").expect("send");
+    wait_until(Duration::from_secs(10), "the newest stream goes on", || {
+        guest_seqs(&d.events(), vm).len() == 35
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let events = d.events();
+    assert_eq!(
+        guest_seqs(&events, vm),
+        (1..=35).collect::<Vec<_>>(),
+        "each event once, in order"
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| e.comm.as_deref() != Some("stale") && e.kind != Kind::GuestDrops),
+        "nothing from a replaced stream, no gap"
+    );
+}
+
+/// Threads of process `pid` (`/proc/PID/status`).
+fn threads(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Raises this process's open-file limit to its hard limit (the daemon inherits it).
+fn raise_nofile() -> u64 {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid, writable rlimit.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+    r.rlim_cur
+}
+
+#[test]
+fn two_thousand_idle_guest_connections_cost_no_threads_and_keep_no_vm_out() {
+    if cannot_run_daemon() {
+        return;
+    }
+    if raise_nofile() < 4500 {
+        skip("the open-file limit is below 4500; cannot open 2,000 connections");
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(state.path(), &["--guest-handshake-secs", "3"]);
+    let pid = d.child.id();
+    let before = threads(pid);
+    // 1,000 connections that say nothing, 1,000 that send the relay's header for one
+    // VM and then nothing.
+    let mut idle: Vec<UnixStream> = Vec::new();
+    for i in 0..2000 {
+        if i % 2 == 0 {
+            idle.push(
+                UnixStream::connect(clawos_monitor_api::guest_socket_path(state.path()))
+                    .expect("connect"),
+            );
+        } else {
+            idle.push(Guest::header_only(state.path(), &d.token, "vm-idle").conn);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let during = threads(pid);
+    assert!(
+        during <= before + 4,
+        "2,000 idle connections cost {} threads ({before} before)",
+        during.saturating_sub(before)
+    );
+    // Another VM's real stream is taken and recorded at once.
+    let t = Instant::now();
+    let mut live = Guest::open(state.path(), &d.token, "vm-live", BOOT_B);
+    live.send(1..=5, "live").expect("send");
+    wait_until(Duration::from_secs(10), "the live VM's events", || {
+        guest_seqs(&d.events(), "vm-live").len() == 5
+    });
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "the live stream took {:?}",
+        t.elapsed()
+    );
+    assert!(threads(pid) <= before + 4);
+    // Connections that never finish their handshake are closed after its timeout;
+    // the live stream stays.
+    std::thread::sleep(Duration::from_secs(4));
+    let mut open = 0;
+    for c in &mut idle {
+        let mut g = Guest {
+            conn: c.try_clone().expect("clone"),
+        };
+        if !g.closed_within(Duration::from_millis(10)) {
+            open += 1;
+        }
+    }
+    assert_eq!(
+        open, 0,
+        "idle connections left open past the handshake timeout"
+    );
+    live.send(6..=7, "live")
+        .expect("the live stream is still open");
+    wait_until(Duration::from_secs(5), "the live VM's later events", || {
+        guest_seqs(&d.events(), "vm-live").len() == 7
+    });
+}
+
+#[test]
+fn a_full_speed_guest_flood_does_not_hold_up_another_vms_stream() {
+    if cannot_run_daemon() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(state.path(), FLOOD_QUOTA);
+    let mut b = Guest::open(state.path(), &d.token, "vm-b", BOOT_B);
+    b.send(1..=5, "b-before").expect("send");
+    wait_until(Duration::from_secs(10), "VM B's events", || {
+        guest_seqs(&d.events(), "vm-b").len() == 5
+    });
+    let flooder = {
+        let (state, token) = (state.path().to_owned(), d.token.clone());
+        std::thread::spawn(move || flood(&state, &token, 5, false))
+    };
+    // In the middle of the flood, VM B's next events are recorded within a second.
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    b.send(6..=10, "b-during").expect("send");
+    wait_until(
+        Duration::from_secs(30),
+        "VM B's events during the flood",
+        || guest_seqs(&d.events(), "vm-b").len() == 10,
+    );
+    let waited = t.elapsed();
+    let sent = flooder.join().expect("flooder");
+    assert!(sent > 10_000, "the flood was a flood: {sent}");
+    assert!(
+        waited < Duration::from_secs(1),
+        "VM B waited {waited:?} behind VM A's flood"
+    );
+}
+
+/// The guest's own shipper (`clawos-audit`'s queue and connection loop) on a relayed
+/// connection to the daemon's guest socket, as vm-launcher's relay makes it.
+fn ship_to(state: &Path, token: &str, vm: &str, queue: &std::sync::Arc<clawos_guest_audit::Queue>) {
+    let (state, token, vm, queue) = (
+        state.to_owned(),
+        token.to_owned(),
+        vm.to_owned(),
+        std::sync::Arc::clone(queue),
+    );
+    std::thread::spawn(move || {
+        clawos_guest_audit::ship(
+            &queue,
+            BOOT_B,
+            || {
+                let g = Guest::header_only(&state, &token, &vm);
+                Ok((g.conn.try_clone()?, g.conn))
+            },
+            |_| {},
+        )
+    });
+}
+
+#[test]
+fn the_guests_own_shipper_gets_every_record_in_once_across_a_daemon_kill() {
+    if cannot_run_daemon() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(state.path(), &[]);
+    let queue = std::sync::Arc::new(clawos_guest_audit::Queue::new(1 << 20));
+    for _ in 0..100 {
+        queue.push(&guest_record("shipped", false));
+    }
+    queue.notify();
+    ship_to(state.path(), &d.token, "vm-s", &queue);
+    wait_until(
+        Duration::from_secs(10),
+        "100 records in and acknowledged",
+        || guest_seqs(&d.events(), "vm-s").len() == 100 && queue.is_empty(),
+    );
+    // The daemon is killed; the guest goes on recording; the daemon comes back.
+    drop(d);
+    for _ in 0..50 {
+        queue.push(&guest_record("while-down", true));
+    }
+    queue.notify();
+    let d = Daemon::start(state.path(), &[]);
+    wait_until(
+        Duration::from_secs(20),
+        "150 records in and acknowledged",
+        || guest_seqs(&d.events(), "vm-s").len() == 150 && queue.is_empty(),
+    );
+    let events = d.events();
+    assert_eq!(guest_seqs(&events, "vm-s"), (1..=150).collect::<Vec<_>>());
+    assert!(events.iter().all(|e| e.kind != Kind::GuestDrops));
+}

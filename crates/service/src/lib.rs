@@ -1,9 +1,12 @@
 //! What every ClawOS daemon binary shares: where state lives by default, how logs are
 //! set up ([`LogArgs`]), how it stops ([`shutdown_signal`]), how files are replaced
-//! ([`atomic_write`]), how operators authenticate ([`operator_token`],
-//! [`bearer_matches`]); [`metrics`] is the one Prometheus registry, and [`http`] the
-//! server side of the API conventions in `clawos_api`.
+//! ([`atomic_write`], [`AtomicFile`]), how operators authenticate ([`operator_token`],
+//! [`bearer_matches`]); [`metrics`] is the one Prometheus registry, [`http`] the
+//! server side of the API conventions in `clawos_api`, and [`guard`] the layer that
+//! decides who may call a daemon's API and from where (credential, `Host`, `Origin`,
+//! body type).
 
+pub mod guard;
 pub mod http;
 pub mod metrics;
 
@@ -96,26 +99,69 @@ pub fn init_tracing(format: LogFormat) {
 /// then the directory fsynced so the rename itself is durable. On an error before the
 /// rename, `path` is untouched and the temporary file is removed.
 pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} names no file", path.display()),
-        )
-    })?;
-    let (tmp, mut file) = create_temp(dir, name, mode)?;
-    let written = file
-        .write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+    let f = AtomicFile::create(path, mode)?;
+    f.file().write_all(bytes)?;
+    f.commit()
+}
+
+/// A file that replaces `path` only when [`commit`](AtomicFile::commit)ted, for
+/// writers that stream (a download): it is written as a new temporary file in the
+/// same directory; `commit` fsyncs it, renames it over `path` and fsyncs the
+/// directory. Dropped without a commit (an error, a size cap, a panic), it is removed:
+/// `path` keeps its old content, or stays absent.
+#[derive(Debug)]
+pub struct AtomicFile {
+    tmp: PathBuf,
+    path: PathBuf,
+    dir: PathBuf,
+    file: std::fs::File,
+    committed: bool,
+}
+
+impl AtomicFile {
+    /// Starts replacing `path`; the temporary file is created with `mode` (less the
+    /// umask).
+    pub fn create(path: &Path, mode: u32) -> io::Result<Self> {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let name = path.file_name().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} names no file", path.display()),
+            )
+        })?;
+        let (tmp, file) = create_temp(dir, name, mode)?;
+        Ok(Self {
+            tmp,
+            path: path.to_owned(),
+            dir: dir.to_owned(),
+            file,
+            committed: false,
+        })
     }
-    std::fs::File::open(dir)?.sync_all()
+
+    /// The temporary file, to write to (`&File` implements `Write`).
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
+    /// Makes the written bytes the content of `path`, durably.
+    pub fn commit(mut self) -> io::Result<()> {
+        self.file.sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)?;
+        self.committed = true;
+        std::fs::File::open(&self.dir)?.sync_all()
+    }
+}
+
+impl Drop for AtomicFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 /// A new file `.<name>.<pid>.<n>.tmp` in `dir`, never one that exists, so two writers
@@ -151,34 +197,62 @@ fn create_temp(
 }
 
 /// Reads an operator credential file, or creates it (0600, 32 random bytes as hex).
-/// A file others can read is refused: the error says how to fix it.
+/// Refused, with an error that says how to fix it: a file others can read, a file
+/// another uid owns (someone else chose it), a symlink or other non-regular file, an
+/// empty one (it would open nothing, and look like it opened everything).
 pub fn operator_token(path: &std::path::Path) -> Result<String, String> {
     use std::io::{Read, Write};
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    if let Ok(meta) = std::fs::metadata(path) {
-        if meta.permissions().mode() & 0o077 != 0 {
-            return Err(format!(
-                "{} must be readable by its owner only (chmod 600)",
-                path.display()
-            ));
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let shown = path.display();
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => {
+            if !meta.file_type().is_file() {
+                return Err(format!("{shown} must be a regular file, not a symlink"));
+            }
+            // SAFETY: geteuid has no preconditions.
+            let euid = unsafe { libc::geteuid() };
+            if meta.uid() != euid {
+                return Err(format!(
+                    "{shown} belongs to uid {}, not to this daemon's uid {euid}: remove it (a new one is made) or chown it",
+                    meta.uid()
+                ));
+            }
+            if meta.permissions().mode() & 0o077 != 0 {
+                return Err(format!(
+                    "{shown} must be readable by its owner only (chmod 600)"
+                ));
+            }
+            let mut text = String::new();
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)
+                .and_then(|f| f.take(4096).read_to_string(&mut text))
+                .map_err(|e| format!("{shown}: {e}"))?;
+            let token = text.trim();
+            if token.is_empty() {
+                return Err(format!(
+                    "{shown} is empty: remove it and a new credential is made"
+                ));
+            }
+            return Ok(token.to_owned());
         }
-        return std::fs::read_to_string(path)
-            .map(|s| s.trim().to_owned())
-            .map_err(|e| format!("{}: {e}", path.display()));
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("{shown}: {e}")),
     }
     let mut b = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(|e| format!("no OS randomness: {e}"))?;
+    getrandom::fill(&mut b).map_err(|e| format!("no OS randomness: {e}"))?;
     let token: String = b.iter().map(|x| format!("{x:02x}")).collect();
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(|e| format!("{shown}: {e}"))?;
     f.write_all(token.as_bytes())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("{shown}: {e}"))?;
     Ok(token)
 }
 
@@ -212,6 +286,33 @@ mod tests {
             !bearer_matches(Some("Bearer "), ""),
             "an empty token never matches"
         );
+    }
+
+    #[test]
+    fn operator_tokens_are_made_private_and_refused_when_others_could_have_chosen_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("admin.token");
+        let made = operator_token(&p).expect("created");
+        assert_eq!(made.len(), 64);
+        let mode = std::fs::metadata(&p).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(operator_token(&p).expect("read back"), made);
+
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+        let e = operator_token(&p).expect_err("group-readable");
+        assert!(e.contains("chmod 600"), "{e}");
+
+        let empty = d.path().join("empty.token");
+        std::fs::write(&empty, "\n").expect("write");
+        std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let e = operator_token(&empty).expect_err("empty");
+        assert!(e.contains("empty"), "{e}");
+
+        let link = d.path().join("link.token");
+        std::os::unix::fs::symlink(&empty, &link).expect("symlink");
+        let e = operator_token(&link).expect_err("symlink");
+        assert!(e.contains("regular file"), "{e}");
     }
 
     #[test]

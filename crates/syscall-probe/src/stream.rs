@@ -121,11 +121,15 @@ impl Frame {
                         len: body.len(),
                     });
                 }
+                // One wire form per hello: the id (hex digits and `-`, not empty) padded
+                // with spaces only, as `encode` writes it.
                 let boot_id = std::str::from_utf8(&rest[4..4 + BOOT_ID_LEN])
                     .map_err(|_| StreamError::BootId)?
-                    .trim_end()
+                    .trim_end_matches(' ')
                     .to_owned();
-                if !boot_id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-') {
+                if boot_id.is_empty()
+                    || !boot_id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+                {
                     return Err(StreamError::BootId);
                 }
                 Ok(Frame::Hello {
@@ -266,6 +270,16 @@ mod tests {
             (body(&[3; 3]), "drops frame of the wrong size"),
             (
                 body(&[&[1u8, 1, 0, 0, 0][..], &[b'/'; 36], &[0; 8]].concat()),
+                "boot id",
+            ),
+            // Found by fuzz/fuzz_targets/audit_stream.rs: an id padded with other
+            // whitespace than spaces decoded to the same hello as the canonical form.
+            (
+                body(&[&[1u8, 1, 0, 0, 0][..], b"0f1e2d3c", &[b'\r'; 28], &[0; 8]].concat()),
+                "boot id",
+            ),
+            (
+                body(&[&[1u8, 1, 0, 0, 0][..], &[b' '; 36], &[0; 8]].concat()),
                 "boot id",
             ),
         ];

@@ -27,8 +27,15 @@ impl std::fmt::Display for BackendKind {
 /// Everything the launcher needs, already checked.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// HTTP listen address (loopback by default).
+    /// HTTP listen address: loopback only (the API has no TLS).
     pub addr: SocketAddr,
+    /// The operator credential file (`<state>/launcher/admin.token`, 0600, made at the
+    /// first start); every route but `/healthz` and `/metrics` needs its content as
+    /// `Authorization: Bearer`.
+    pub token_path: PathBuf,
+    /// `Origin`s whose requests are served (`scheme://host[:port]`); none by default,
+    /// so no web page can drive the API.
+    pub allowed_origins: Vec<String>,
     /// State directory; VMs live in `<state>/vms/<name>/`.
     pub state_dir: PathBuf,
     /// Default image bundle directory.
@@ -70,12 +77,23 @@ pub struct Config {
     /// How often a starting VM is asked whether it is ready (its supervisor is woken by
     /// its process's exit and by requests; only readiness needs asking).
     pub ready_probe_interval: Duration,
+    /// Largest a VM's live console log grows before it is cut (the previous part is
+    /// kept as `console.log.1`): a guest writing to its serial port cannot fill the
+    /// host's disk.
+    pub console_max_bytes: u64,
+    /// Most snapshots one VM may keep.
+    pub max_snapshots_per_vm: usize,
 }
 
 /// Raw settings as given (flags or environment), before validation.
 #[derive(Debug, Clone, Default)]
 pub struct RawConfig {
     pub addr: String,
+    /// Operator credential file (`CLAWOS_LAUNCHER_TOKEN_PATH`); default
+    /// `<state>/launcher/admin.token`.
+    pub token_path: Option<PathBuf>,
+    /// Allowed `Origin`s (`CLAWOS_LAUNCHER_ALLOWED_ORIGINS`, comma-separated).
+    pub allowed_origins: Vec<String>,
     pub state_dir: PathBuf,
     pub image_dir: Option<PathBuf>,
     pub kernel_override: Option<PathBuf>,
@@ -125,6 +143,18 @@ impl RawConfig {
             .addr
             .parse()
             .map_err(|e| ConfigError(format!("listen address {:?}: {e}", self.addr)))?;
+        if !addr.ip().is_loopback() {
+            return Err(ConfigError(format!(
+                "listen address {addr} is not loopback: the launcher's API has no TLS, so its operator credential would cross the network in clear text; listen on 127.0.0.1 or [::1] (reach it from elsewhere through an SSH tunnel)"
+            )));
+        }
+        for o in &self.allowed_origins {
+            if !valid_origin(o) {
+                return Err(ConfigError(format!(
+                    "allowed origin {o:?} is not scheme://host[:port] (e.g. https://console.example)"
+                )));
+            }
+        }
         let public_key = match (&self.public_key, self.allow_unsigned) {
             (Some(k), _) => Some(
                 parse_public_key(k)
@@ -269,6 +299,11 @@ impl RawConfig {
         }
         Ok(Config {
             addr,
+            token_path: self
+                .token_path
+                .clone()
+                .unwrap_or_else(|| clawos_vm_launcher_api::token_path(&self.state_dir)),
+            allowed_origins: self.allowed_origins.clone(),
             state_dir: self.state_dir,
             image_dir: self.image_dir,
             kernel_override: self.kernel_override,
@@ -288,8 +323,19 @@ impl RawConfig {
             runtime_disk_mib: 256,
             workspace_disk_mib: 1024,
             ready_probe_interval: Duration::from_millis(200),
+            console_max_bytes: 8 << 20,
+            max_snapshots_per_vm: 16,
         })
     }
+}
+
+/// Whether `o` is an origin as browsers send it: `http(s)://host[:port]`, nothing more.
+fn valid_origin(o: &str) -> bool {
+    o.split_once("://").is_some_and(|(scheme, rest)| {
+        matches!(scheme, "http" | "https")
+            && !rest.is_empty()
+            && !rest.contains(['/', '?', '#', '@', ' ', ','])
+    })
 }
 
 /// `host:port` of an http(s) URL (the scheme's port when none is given); `None` when
@@ -385,6 +431,26 @@ mod tests {
     }
 
     #[test]
+    fn loopback_binds_and_browser_origins_are_accepted() {
+        for addr in ["127.0.0.1:2080", "[::1]:2080", "127.0.0.2:0"] {
+            let cfg = RawConfig {
+                addr: addr.into(),
+                allowed_origins: vec![
+                    "https://console.example".into(),
+                    "http://localhost:8080".into(),
+                ],
+                ..raw()
+            }
+            .validate()
+            .unwrap_or_else(|e| panic!("{addr}: {e}"));
+            assert_eq!(
+                cfg.token_path,
+                std::path::Path::new("/tmp/launcher/admin.token")
+            );
+        }
+    }
+
+    #[test]
     fn bad_settings_are_named() {
         let cases: Vec<(RawConfig, &str)> = vec![
             (
@@ -393,6 +459,41 @@ mod tests {
                     ..raw()
                 },
                 "listen address",
+            ),
+            (
+                RawConfig {
+                    addr: "0.0.0.0:2080".into(),
+                    ..raw()
+                },
+                "not loopback",
+            ),
+            (
+                RawConfig {
+                    addr: "[::]:2080".into(),
+                    ..raw()
+                },
+                "not loopback",
+            ),
+            (
+                RawConfig {
+                    addr: "192.168.1.10:2080".into(),
+                    ..raw()
+                },
+                "no TLS",
+            ),
+            (
+                RawConfig {
+                    allowed_origins: vec!["https://ok.example".into(), "null".into()],
+                    ..raw()
+                },
+                "allowed origin",
+            ),
+            (
+                RawConfig {
+                    allowed_origins: vec!["https://ok.example/path".into()],
+                    ..raw()
+                },
+                "allowed origin",
             ),
             (
                 RawConfig {

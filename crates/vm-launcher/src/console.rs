@@ -27,6 +27,11 @@ impl ReadyWatch {
         let Ok(mut f) = File::open(path) else {
             return false;
         };
+        if f.metadata().is_ok_and(|m| m.len() < self.offset) {
+            // The log was capped (cut to nothing) since the last read: start over.
+            self.offset = 0;
+            self.partial.clear();
+        }
         if f.seek(SeekFrom::Start(self.offset)).is_err() {
             return false;
         }
@@ -42,6 +47,21 @@ impl ReadyWatch {
         self.partial.drain(..keep);
         found
     }
+}
+
+/// Keeps a live console log under `max` bytes: once it is larger, its content
+/// becomes `console.log.1` (replacing the older one) and the live file is cut to
+/// nothing. The hypervisor writes with `O_APPEND`, so it goes on at the new end.
+/// Returns whether it cut.
+pub fn cap(path: &Path, max: u64) -> std::io::Result<bool> {
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    if f.metadata()?.len() <= max {
+        return Ok(false);
+    }
+    let older = path.with_extension("log.1");
+    std::fs::copy(path, &older)?;
+    f.set_len(0)?;
+    Ok(true)
 }
 
 /// The last `max` bytes of a file, lossily decoded.
@@ -91,6 +111,39 @@ pub fn powered_off(console: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_live_log_is_capped_and_the_writer_goes_on_at_the_new_end() {
+        use std::io::Write;
+        let d = tempfile::tempdir().expect("tmp");
+        let path = d.path().join("console.log");
+        // The hypervisor's handle: opened once, appending.
+        let mut hv = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .expect("open");
+        let mut ready = ReadyWatch::new(0);
+        hv.write_all(&vec![b'x'; 5000]).expect("write");
+        assert!(!ready.poll(&path));
+        assert!(!cap(&path, 8192).expect("cap"), "under the cap: untouched");
+        hv.write_all(&vec![b'y'; 5000]).expect("write");
+        assert!(cap(&path, 8192).expect("cap"));
+        assert_eq!(std::fs::metadata(&path).expect("meta").len(), 0);
+        assert_eq!(
+            std::fs::metadata(path.with_extension("log.1"))
+                .expect("older")
+                .len(),
+            10_000
+        );
+        hv.write_all(b"CLAWOS_READY agent=a\n").expect("write");
+        assert_eq!(
+            std::fs::read_to_string(&path).expect("read"),
+            "CLAWOS_READY agent=a\n",
+            "no hole where the old content was"
+        );
+        assert!(ready.poll(&path), "readiness is still seen after a cut");
+    }
 
     #[test]
     fn verity_corruption_wins_over_the_panic_it_causes() {

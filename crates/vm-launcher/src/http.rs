@@ -1,6 +1,8 @@
 //! The REST API: the routes of `clawos_vm_launcher_api::routes`, served by the
-//! [`Launcher`]. Every error leaves through `impl From<LauncherError> for
-//! ErrorResponse`.
+//! [`Launcher`] behind one [`guard`] (operator credential on every route but
+//! `/healthz` and `/metrics`, WebSocket upgrades included; loopback `Host`; no foreign
+//! `Origin`; JSON bodies, octet-stream uploads). Every error leaves through
+//! `impl From<LauncherError> for ErrorResponse`.
 
 use std::sync::Arc;
 
@@ -11,10 +13,11 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use clawos_guest_protocol::frames::{CHUNK, ExecRequest, Kind, Op, Reply};
+use clawos_service::guard::Guard;
 use clawos_service::http::{ErrorResponse, RouterExt};
 use clawos_vm_launcher_api::{
     CONSOLE_OFFSET_HEADER, ConsoleQuery, CreateSnapshot, ExecEvent, ExecStart, FileEntry,
-    FileQuery, RestoreVm, STDERR, STDOUT, Snapshot, StartVm, routes,
+    FileQuery, RestoreVm, STDERR, STDOUT, Snapshot, StartVm, UPLOAD_CONTENT_TYPE, routes,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -111,9 +114,22 @@ async fn fallback() -> LauncherError {
     LauncherError::NotFound("no such route (see GET /v1/vms)".into())
 }
 
-/// The launcher's router.
-pub fn router(launcher: Arc<Launcher>) -> Router {
-    Router::new()
+/// Who may call the launcher's API, and from where: the operator credential `token`
+/// on every route but `/healthz` and `/metrics` (aggregate counts only, as the other
+/// daemons' metrics, so a scraper needs no credential); loopback `Host` names; no
+/// `Origin` but `cfg.allowed_origins`; JSON bodies, and octet-stream uploads.
+pub fn guard(cfg: &crate::Config, token: &str) -> Guard {
+    Guard::new()
+        .bearer(token, &cfg.token_path.display().to_string())
+        .open_path(routes::HEALTHZ.path)
+        .open_path(routes::METRICS.path)
+        .allow_origins(&cfg.allowed_origins)
+        .body_type(axum::http::Method::PUT, UPLOAD_CONTENT_TYPE)
+}
+
+/// The launcher's router: every route, its fallback included, behind `guard`.
+pub fn router(launcher: Arc<Launcher>, guard: &Guard) -> Router {
+    let routes = Router::new()
         .at(routes::START, start)
         .at(routes::LIST, list)
         .at(routes::GET, get_vm)
@@ -133,7 +149,9 @@ pub fn router(launcher: Arc<Launcher>) -> Router {
         .at(routes::HEALTHZ, || async { "ok\n" })
         .at(routes::METRICS, metrics)
         .fallback(fallback)
-        .with_state(launcher)
+        .with_state(launcher);
+    guard
+        .protect(routes)
         .layer(axum::middleware::from_fn(clawos_service::http::request_id))
 }
 
@@ -202,6 +220,12 @@ fn guest_error(e: VsockError) -> LauncherError {
     }
 }
 
+/// How much of a refused upload is still read (and dropped) before the refusal is
+/// answered: a client still sending when the connection closes sees a broken pipe, not
+/// the refusal. Past either bound the connection just closes.
+const DRAIN_MAX_BYTES: u64 = 16 << 30;
+const DRAIN_MAX_TIME: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn put_file(
     State(l): State<AppState>,
     Path(name): Path<String>,
@@ -209,14 +233,68 @@ async fn put_file(
     headers: axum::http::HeaderMap,
     body: axum::body::Body,
 ) -> Result<StatusCode, LauncherError> {
+    let mut body = body.into_data_stream();
+    let result = upload(&l, &name, q, &headers, &mut body).await;
+    if result.is_err() {
+        drain(&mut body).await;
+    }
+    result
+}
+
+/// Reads what is left of a request body, within [`DRAIN_MAX_BYTES`] and
+/// [`DRAIN_MAX_TIME`].
+async fn drain(body: &mut axum::body::BodyDataStream) {
+    let deadline = tokio::time::Instant::now() + DRAIN_MAX_TIME;
+    let mut read = 0u64;
+    while read < DRAIN_MAX_BYTES {
+        match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(Some(Ok(chunk))) => read += chunk.len() as u64,
+            _ => return,
+        }
+    }
+}
+
+/// The guest's answer to an upload as the route's answer.
+fn upload_outcome(
+    frame: std::io::Result<Option<(Kind, Vec<u8>)>>,
+) -> Result<StatusCode, LauncherError> {
+    let (kind, payload) = match frame {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            return Err(guest_error(VsockError::Protocol(
+                "guest closed the connection".into(),
+            )));
+        }
+        Err(e) => return Err(guest_error(e.into())),
+    };
+    match crate::vsock::parse_reply(kind, &payload).map_err(guest_error)? {
+        Reply::Ok => Ok(StatusCode::NO_CONTENT),
+        other => Err(LauncherError::Internal(format!(
+            "unexpected guest reply {other:?}"
+        ))),
+    }
+}
+
+/// Streams the body to the guest. The guest's answer is read while the body is sent,
+/// so a refusal (a path out of `/workspace`, a full disk) ends the upload at once.
+async fn upload(
+    l: &Launcher,
+    name: &str,
+    q: Result<Query<FileQuery>, QueryRejection>,
+    headers: &axum::http::HeaderMap,
+    body: &mut axum::body::BodyDataStream,
+) -> Result<StatusCode, LauncherError> {
     let Query(q) = q.map_err(|e| LauncherError::Invalid(e.body_text()))?;
     let size: u64 = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| LauncherError::Invalid("upload needs a Content-Length".into()))?;
-    let guest = l.guest(&name, "copy files to")?;
-    let mut call = guest
+    let guest = l.guest(name, "copy files to")?;
+    let crate::vsock::Call {
+        mut reader,
+        mut writer,
+    } = guest
         .call(Op::Put {
             path: q.path.clone(),
             size,
@@ -224,36 +302,49 @@ async fn put_file(
         })
         .await
         .map_err(guest_error)?;
-    let mut stream = body.into_data_stream();
+    // Polled until it completes or the upload is abandoned, never cancelled halfway.
+    let reply = crate::vsock::read_frame(&mut reader);
+    tokio::pin!(reply);
     let mut sent = 0u64;
-    let mut send_failed = false;
-    'body: while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| LauncherError::Invalid(format!("upload body: {e}")))?;
-        sent += chunk.len() as u64;
-        for part in chunk.chunks(CHUNK) {
-            if call.send(Kind::Data, part).await.is_err() {
-                // The guest refused (bad path, full disk) and closed; its reply says why.
-                send_failed = true;
-                break 'body;
+    loop {
+        tokio::select! {
+            biased;
+            early = &mut reply => {
+                return match upload_outcome(early) {
+                    Ok(_) => Err(LauncherError::Internal(
+                        "guest answered before the upload ended".into(),
+                    )),
+                    Err(e) => Err(e),
+                };
+            }
+            chunk = body.next() => match chunk {
+                None => break,
+                Some(Err(e)) => {
+                    // Dropping the connection makes the guest discard what it got.
+                    return Err(LauncherError::Invalid(format!("upload body: {e}")));
+                }
+                Some(Ok(chunk)) => {
+                    sent += chunk.len() as u64;
+                    for part in chunk.chunks(CHUNK) {
+                        let frame = clawos_guest_protocol::frames::encode(Kind::Data, part);
+                        if writer.write_all(&frame).await.is_err() {
+                            // The guest refused and closed; its answer says why.
+                            return upload_outcome(reply.await);
+                        }
+                    }
+                }
             }
         }
     }
-    if !send_failed {
-        if sent != size {
-            return Err(LauncherError::Invalid(format!(
-                "upload body had {sent} bytes, Content-Length said {size}"
-            )));
-        }
-        call.send(Kind::End, &[])
-            .await
-            .map_err(|e| guest_error(e.into()))?;
+    if sent != size {
+        return Err(LauncherError::Invalid(format!(
+            "upload body had {sent} bytes, Content-Length said {size}"
+        )));
     }
-    match call.reply().await.map_err(guest_error)? {
-        Reply::Ok => Ok(StatusCode::NO_CONTENT),
-        other => Err(LauncherError::Internal(format!(
-            "unexpected guest reply {other:?}"
-        ))),
-    }
+    // If the guest closed instead, its answer says why.
+    let end = clawos_guest_protocol::frames::encode(Kind::End, &[]);
+    let _ = writer.write_all(&end).await;
+    upload_outcome(reply.await)
 }
 
 async fn get_file(

@@ -124,6 +124,14 @@ pub enum ServeError {
     /// The HTTP server failed.
     #[error("HTTP server: {0}")]
     Http(#[source] io::Error),
+    /// The operator credential could not be read or made.
+    #[error("operator credential: {0}")]
+    Credential(String),
+    /// A listener on another interface than loopback.
+    #[error(
+        "refusing to serve on {0}: the launcher's API has no TLS, so it listens on loopback only"
+    )]
+    NotLoopback(std::net::SocketAddr),
 }
 
 /// Builds the backend the configuration chose.
@@ -143,19 +151,35 @@ pub fn backend_for(cfg: &Config) -> Arc<dyn backend::Hypervisor> {
     }
 }
 
+/// The operator credential of `cfg.token_path`, made at the first start: its
+/// directory 0700, the file 0600 and the daemon's own. A file others could read or
+/// have chosen is refused (see `clawos_service::operator_token`).
+pub fn operator_token(cfg: &Config) -> Result<String, ServeError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if let Some(dir) = cfg.token_path.parent().filter(|d| !d.exists()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| ServeError::Credential(format!("{}: {e}", dir.display())))?;
+    }
+    clawos_service::operator_token(&cfg.token_path).map_err(ServeError::Credential)
+}
+
 /// Runs the launcher until `shutdown` resolves. VMs keep running when it returns; the
-/// next start re-adopts them.
+/// next start re-adopts them. The operator credential exists before the port opens.
 pub async fn run(
     cfg: Config,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let token = operator_token(&cfg)?;
     let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
         .map_err(|source| ServeError::Bind {
             addr: cfg.addr,
             source,
         })?;
-    serve(cfg, listener, shutdown).await
+    serve_with(cfg, listener, &token, shutdown).await
 }
 
 /// Like [`run`], on an already bound listener (tests bind port 0).
@@ -164,9 +188,25 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let token = operator_token(&cfg)?;
+    serve_with(cfg, listener, &token, shutdown).await
+}
+
+async fn serve_with(
+    cfg: Config,
+    listener: tokio::net::TcpListener,
+    token: &str,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr().map_err(ServeError::Http)?;
+    if !addr.ip().is_loopback() {
+        return Err(ServeError::NotLoopback(addr));
+    }
     let backend = backend_for(&cfg);
+    let guard = http::guard(&cfg, token);
     tracing::info!(
-        addr = %listener.local_addr().map_err(ServeError::Http)?,
+        addr = %addr,
+        credential = %cfg.token_path.display(),
         backend = backend.name(),
         state_dir = %cfg.state_dir.display(),
         signatures = if cfg.public_key.is_some() { "required" } else { "NOT CHECKED (--allow-unsigned)" },
@@ -176,7 +216,7 @@ pub async fn serve(
     let launcher: Arc<Launcher> = Launcher::new(cfg, backend)?;
     clawos_service::http::serve(
         listener,
-        http::router(launcher),
+        http::router(launcher, &guard),
         shutdown,
         clawos_service::http::DRAIN_TIMEOUT,
     )

@@ -10,9 +10,22 @@ use clawos_vm_launcher::RawConfig;
 #[derive(Debug, Parser)]
 #[command(name = "vm-launcher", version)]
 struct Args {
-    /// Listen address.
+    /// Listen address: loopback only (the API has no TLS; others are refused).
     #[arg(long, env = "CLAWOS_LAUNCHER_ADDR", default_value = "127.0.0.1:2080")]
     addr: String,
+    /// Operator credential file, made 0600 at the first start; every route but
+    /// /healthz and /metrics needs `Authorization: Bearer <its content>`
+    /// [default: $STATE_DIR/launcher/admin.token].
+    #[arg(long, env = clawos_vm_launcher_api::TOKEN_PATH_ENV)]
+    token_path: Option<PathBuf>,
+    /// Browser origin allowed to call the API (scheme://host[:port]), repeatable or
+    /// comma-separated; none by default, so no web page can.
+    #[arg(
+        long = "allow-origin",
+        env = "CLAWOS_LAUNCHER_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    allowed_origins: Vec<String>,
     /// State directory (VM records, disks, console logs).
     #[arg(long, env = "CLAWOS_STATE_DIR")]
     state_dir: Option<PathBuf>,
@@ -91,6 +104,8 @@ fn main() -> Result<()> {
     });
     let cfg = RawConfig {
         addr: args.addr,
+        token_path: args.token_path,
+        allowed_origins: args.allowed_origins,
         state_dir,
         image_dir: image,
         kernel_override: args.kernel,

@@ -103,16 +103,18 @@ pub fn copy_disks_in(vm: &VmDir, staging: &SnapshotDir) -> Result<u64, LauncherE
     Ok(total)
 }
 
-/// Writes the record and renames the staging directory to its final name.
+/// Writes the record, seals the directory with `key`, and renames it to its final name.
 pub fn commit(
     vm: &VmDir,
     staging: &SnapshotDir,
     record: &Snapshot,
+    key: &[u8],
 ) -> Result<SnapshotDir, LauncherError> {
     let json = serde_json::to_vec_pretty(record)
         .map_err(|e| LauncherError::Internal(format!("snapshot record: {e}")))?;
     clawos_service::atomic_write(&staging.record(), &json, 0o600)
         .map_err(|e| LauncherError::io(&staging.record(), e))?;
+    seal(&staging.root, key).map_err(|e| LauncherError::io(&staging.root, e))?;
     let tag = SnapshotTag::parse(&record.tag)?;
     let done = SnapshotDir::new(vm, &tag);
     fs::rename(&staging.root, &done.root).map_err(|e| LauncherError::io(&done.root, e))?;
@@ -201,6 +203,49 @@ fn sync_dir(dir: &Path) {
     }
 }
 
+/// Reads a file's data ranges only (the file system's `SEEK_DATA`/`SEEK_HOLE`; holes
+/// read as zeros and are skipped), handing each chunk with its offset to `f`. Returns
+/// the data bytes read.
+fn read_data_ranges(
+    from: &mut File,
+    mut f: impl FnMut(u64, &[u8]) -> io::Result<()>,
+) -> io::Result<u64> {
+    let len = from.metadata()?.len();
+    let fd = from.as_raw_fd();
+    let mut pos: i64 = 0;
+    let mut read = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    while (pos as u64) < len {
+        // SAFETY: lseek takes no pointers; `fd` is open for as long as `from` lives.
+        let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data after `pos`, the rest is a hole.
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(e);
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        from.seek(SeekFrom::Start(data as u64))?;
+        let mut at = data as u64;
+        let end = hole as u64;
+        while at < end {
+            let n = (end - at).min(buf.len() as u64) as usize;
+            from.read_exact(&mut buf[..n])?;
+            f(at, &buf[..n])?;
+            at += n as u64;
+        }
+        read += end - data as u64;
+        pos = hole;
+    }
+    Ok(read)
+}
+
 /// Copies `src` to a new file `dst` (0600) keeping holes: only the data ranges the file
 /// system reports are read and written, so a mostly empty 1 GiB disk image copies in a
 /// fraction of its size. Returns the data bytes copied.
@@ -214,38 +259,10 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<u64> {
         .open(dst)?;
     let result = (|| {
         to.set_len(len)?;
-        let fd = from.as_raw_fd();
-        let mut pos: i64 = 0;
-        let mut copied = 0u64;
-        let mut buf = vec![0u8; 1 << 20];
-        while (pos as u64) < len {
-            // SAFETY: lseek takes no pointers; `fd` is open for as long as `from` lives.
-            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-            if data < 0 {
-                let e = io::Error::last_os_error();
-                // ENXIO: no data after `pos`, the rest is a hole.
-                if e.raw_os_error() == Some(libc::ENXIO) {
-                    break;
-                }
-                return Err(e);
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
-            if hole < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            from.seek(SeekFrom::Start(data as u64))?;
-            to.seek(SeekFrom::Start(data as u64))?;
-            let mut left = (hole - data) as u64;
-            while left > 0 {
-                let n = left.min(buf.len() as u64) as usize;
-                from.read_exact(&mut buf[..n])?;
-                to.write_all(&buf[..n])?;
-                left -= n as u64;
-            }
-            copied += (hole - data) as u64;
-            pos = hole;
-        }
+        let copied = read_data_ranges(&mut from, |at, chunk| {
+            to.seek(SeekFrom::Start(at))?;
+            to.write_all(chunk)
+        })?;
         to.sync_all()?;
         Ok(copied)
     })();
@@ -253,6 +270,74 @@ pub fn copy_sparse(src: &Path, dst: &Path) -> io::Result<u64> {
         let _ = fs::remove_file(dst);
     }
     result
+}
+
+/// The file holding a snapshot's seal.
+pub const SEAL: &str = "snapshot.mac";
+
+/// HMAC-SHA256, under the launcher's own key, over every file of a snapshot directory
+/// (name, length, and each data range with its offset), in name order. A snapshot's
+/// files are written by the launcher and the hypervisor only; anything that changes
+/// one afterwards (another process, a restored backup, a swapped disk) breaks the seal.
+fn seal_of(dir: &Path, key: &[u8]) -> io::Result<[u8; 32]> {
+    use hmac::Mac;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let mut names: Vec<String> = Vec::new();
+    for e in fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name == SEAL {
+            continue;
+        }
+        if !e.file_type()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{name} in a snapshot is not a regular file"),
+            ));
+        }
+        names.push(name);
+    }
+    names.sort();
+    for name in names {
+        let mut f = File::open(dir.join(&name))?;
+        mac.update(&(name.len() as u64).to_le_bytes());
+        mac.update(name.as_bytes());
+        mac.update(&f.metadata()?.len().to_le_bytes());
+        read_data_ranges(&mut f, |at, chunk| {
+            mac.update(&at.to_le_bytes());
+            mac.update(&(chunk.len() as u64).to_le_bytes());
+            mac.update(chunk);
+            Ok(())
+        })?;
+    }
+    Ok(mac.finalize().into_bytes().into())
+}
+
+/// Seals a complete snapshot directory (before it is renamed into place).
+pub fn seal(dir: &Path, key: &[u8]) -> io::Result<()> {
+    let tag = seal_of(dir, key)?;
+    clawos_service::atomic_write(&dir.join(SEAL), hex::encode(tag).as_bytes(), 0o600)
+}
+
+/// Whether a snapshot's files are exactly those it was sealed with.
+pub fn check_seal(dir: &Path, key: &[u8]) -> io::Result<bool> {
+    let stored = match fs::read_to_string(dir.join(SEAL)) {
+        Ok(s) => s,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let Ok(stored) = hex::decode(stored.trim()) else {
+        return Ok(false);
+    };
+    let now = seal_of(dir, key)?;
+    // Constant time: the comparison says nothing about how close a forgery came.
+    Ok(stored.len() == now.len()
+        && stored
+            .iter()
+            .zip(now)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0)
 }
 
 #[cfg(test)]
@@ -326,7 +411,7 @@ mod tests {
             disk_bytes: 0,
             save_ms: 0,
         };
-        let done = commit(&vm, &staging, &rec).expect("test file operation");
+        let done = commit(&vm, &staging, &rec, b"test seal key").expect("test file operation");
         assert_eq!(list(&vm), vec![rec]);
         for f in carried_files(&vm) {
             fs::write(&f, "v2").expect("test file operation");

@@ -1,6 +1,7 @@
 //! Per-VM state on disk: `<state>/vms/<name>/` holds `vm.json` (the record),
 //! `hypervisor.pid` (pid + start time), `console.log`, `hypervisor.log`, the VM's own
-//! `runtime.img` and `workspace.img`, and `config.img` (the agent's environment).
+//! `runtime.img` and `workspace.img`, `config.img` (the agent's environment), and
+//! `boot/` (0700): this boot's verified copies of the image's kernel and initramfs.
 
 use std::fs;
 use std::io;
@@ -99,6 +100,12 @@ impl VmDir {
     }
     pub fn config_disk(&self) -> PathBuf {
         self.root.join("config.img")
+    }
+    /// This boot's verified copies of the image's kernel and initramfs (and a link to
+    /// its rootfs for a backend that needs a path), made by the launcher from the
+    /// descriptors it hashed.
+    pub fn boot(&self) -> PathBuf {
+        self.root.join("boot")
     }
     /// The per-boot secret the guest agent checks on every control request.
     pub fn secret(&self) -> PathBuf {
@@ -257,13 +264,31 @@ pub fn remove(vms: &Path, name: &VmName) -> Result<(), LauncherError> {
     fs::remove_dir_all(&doomed).map_err(|e| LauncherError::io(&doomed, e))
 }
 
-/// Creates the state directories (0700).
+/// Creates the state directories (0700): `vms/` and the image store `images/` (which
+/// must then belong to the launcher's user or root and be writable by nobody else, or
+/// images registered there could be swapped).
 pub fn init_state(state: &Path) -> io::Result<PathBuf> {
     let vms = state.join("vms");
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(&vms)?;
+    let images = clawos_image::store::images_dir(state);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&images)?;
+    {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let m = fs::metadata(&images)?;
+        // SAFETY: geteuid has no preconditions.
+        let me = unsafe { libc::geteuid() };
+        // Made by `clawos image build` with the default umask: tighten it.
+        if m.uid() == me && m.mode() & 0o077 != 0 {
+            fs::set_permissions(&images, fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    clawos_image::store::clean_leftovers(&images);
     // Leftovers of a create or delete interrupted by a crash.
     for e in fs::read_dir(&vms)?.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();

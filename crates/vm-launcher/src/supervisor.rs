@@ -88,9 +88,10 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
         dir: sockets.clone(),
         secret: dir.read_secret().unwrap_or_default(),
     });
-    let relays = guest
-        .is_some()
-        .then(|| crate::relays::start(&shared.cfg, &name, sockets.clone()));
+    let relays = guest.is_some().then(|| {
+        let refused = shared.metrics.relay_refused.clone();
+        crate::relays::start(&shared.cfg, &name, sockets.clone(), refused)
+    });
 
     let mut console_ready = console::ReadyWatch::new(console_offset);
     // A health probe is a vsock round trip; the console marker is a file read.
@@ -101,6 +102,10 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
     let mut probe = tokio::time::interval(probe_every.max(Duration::from_millis(1)));
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let boot_deadline = tokio::time::Instant::from_std(started + shared.cfg.boot_timeout);
+    // Rate of a guest's console writes is bounded only by the host's CPU, so the log's
+    // size is looked at often; the cap can be overshot by what is written in between.
+    let mut console_check = tokio::time::interval(Duration::from_millis(250));
+    console_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut timed_out = false;
     let mut killed = false;
 
@@ -130,6 +135,13 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
                     timed_out = true;
                     tracing::warn!(vm = %name, "guest did not report ready in time; killing it");
                     process.signal(libc::SIGKILL);
+                }
+                _ = console_check.tick() => {
+                    match console::cap(&dir.console(), shared.cfg.console_max_bytes) {
+                        Ok(true) => tracing::info!(vm = %name, max_bytes = shared.cfg.console_max_bytes, "console log capped; the earlier part is console.log.1"),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!(vm = %name, error = %e, "cannot cap the console log"),
+                    }
                 }
                 _ = probe.tick(), if starting && !timed_out => {
                     let ready = match &guest {

@@ -115,6 +115,7 @@ fn every_firecracker_call_matches_the_official_schema() {
         vmlinux: Some("/img/vmlinux".into()),
         initramfs: "/img/initramfs.cpio.gz".into(),
         rootfs: "/img/rootfs.img".into(),
+        rootfs_fd: None,
         image_cmdline: "panic=-1".into(),
         snapshots: false,
     };

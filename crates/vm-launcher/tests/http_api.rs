@@ -70,6 +70,9 @@ impl Drop for Cleanup {
     }
 }
 
+/// The operator credential the tests' launchers take.
+const TOKEN: &str = "test-operator-credential";
+
 async fn serve(state: &Path, image: &Path, pubkey: &str) -> String {
     let cfg = RawConfig {
         addr: "127.0.0.1:0".into(),
@@ -87,14 +90,15 @@ async fn serve(state: &Path, image: &Path, pubkey: &str) -> String {
     }
     .validate()
     .expect("config");
+    let guard = clawos_vm_launcher::http::guard(&cfg, TOKEN);
     let launcher = Launcher::new(cfg, Arc::new(FakeHypervisor::default())).expect("launcher");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
-    tokio::spawn(
-        async move { axum::serve(listener, clawos_vm_launcher::http::router(launcher)).await },
-    );
+    tokio::spawn(async move {
+        axum::serve(listener, clawos_vm_launcher::http::router(launcher, &guard)).await
+    });
     url
 }
 
@@ -120,7 +124,7 @@ async fn client_and_router_share_routes_and_refusals_keep_their_code() {
     let _cleanup = Cleanup(state.clone());
     let pubkey = signed_bundle(&image);
     let url = serve(&state, &image, &pubkey).await;
-    let c = LauncherClient::new(&url);
+    let c = LauncherClient::new(&url).with_token(TOKEN);
 
     assert!(c.list().await.expect("list").is_empty());
     c.start(&start_req("a")).await.expect("start");
@@ -185,7 +189,7 @@ async fn client_and_router_share_routes_and_refusals_keep_their_code() {
     assert!(c.list().await.expect("list").is_empty());
 
     // A route no table has: the same body, with the request's id.
-    let raw = HttpClient::new("vm-launcher", &url);
+    let raw = HttpClient::new("vm-launcher", &url).with_token(TOKEN);
     let e = raw
         .send(raw.request(Route::get("/v1/nothing"), &[]))
         .await
@@ -203,4 +207,155 @@ async fn client_and_router_share_routes_and_refusals_keep_their_code() {
         }
         other => panic!("{other}"),
     }
+}
+
+/// Waits until fake VM `name` runs.
+async fn running(c: &LauncherClient, name: &str) {
+    c.start(&start_req(name)).await.expect("start");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.get(name).await.expect("get").state != VmState::Running {
+        assert!(Instant::now() < deadline, "{name} never ran");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_route_but_liveness_and_metrics_needs_the_credential_websockets_included() {
+    use clawos_vm_launcher_api::routes;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (state, image) = (tmp.path().join("state"), tmp.path().join("image"));
+    let _cleanup = Cleanup(state.clone());
+    let pubkey = signed_bundle(&image);
+    let url = serve(&state, &image, &pubkey).await;
+    let operator = LauncherClient::new(&url).with_token(TOKEN);
+    running(&operator, "a").await;
+
+    let anonymous = HttpClient::new("vm-launcher", &url);
+    let wrong = HttpClient::new("vm-launcher", &url).with_token("not-the-credential");
+    let all = [
+        routes::START,
+        routes::LIST,
+        routes::GET,
+        routes::DELETE,
+        routes::STOP,
+        routes::CONSOLE,
+        routes::PAUSE,
+        routes::RESUME,
+        routes::CREATE_SNAPSHOT,
+        routes::LIST_SNAPSHOTS,
+        routes::DELETE_SNAPSHOT,
+        routes::RESTORE,
+        routes::EXEC,
+        routes::GATEWAY,
+        routes::PUT_FILE,
+        routes::GET_FILE,
+        Route::get("/v1/no-such-route"),
+    ];
+    for route in all {
+        for client in [&anonymous, &wrong] {
+            let e = client
+                .send(client.request(route, &["a", "t"]))
+                .await
+                .expect_err("refused");
+            assert_eq!(api(&e), (401, code::UNAUTHORIZED, 9), "{route:?}: {e}");
+        }
+    }
+    for open in [routes::HEALTHZ, routes::METRICS] {
+        anonymous
+            .send(anonymous.request(open, &[]))
+            .await
+            .unwrap_or_else(|e| panic!("{open:?}: {e}"));
+    }
+    // The WebSocket clients without the credential: refused before the upgrade.
+    let e = LauncherClient::new(&url)
+        .exec(
+            "a",
+            &ExecStart {
+                argv: vec!["id".into()],
+                ..Default::default()
+            },
+            None::<tokio::io::Empty>,
+            &mut Vec::new(),
+            &mut Vec::new(),
+        )
+        .await
+        .expect_err("no credential");
+    assert!(matches!(e, ExecError::Refused(_)), "{e}");
+    assert_eq!(e.exit_code(), 9, "{e}");
+    // A browser's WebSocket handshake names its page's origin: refused even with the
+    // credential, and so are rebinding hosts.
+    let op = HttpClient::new("vm-launcher", &url).with_token(TOKEN);
+    for (route, header, value) in [
+        (routes::EXEC, "origin", "http://evil.example"),
+        (routes::GATEWAY, "origin", "null"),
+        (routes::EXEC, "host", "evil.example:2080"),
+        (routes::LIST, "host", "attacker.localhost.evil"),
+    ] {
+        let e = op
+            .send(
+                op.request(route, &["a"])
+                    .header("connection", "Upgrade")
+                    .header("upgrade", "websocket")
+                    .header("sec-websocket-version", "13")
+                    .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                    .header(header, value),
+            )
+            .await
+            .expect_err("refused");
+        assert_eq!(api(&e), (403, code::FORBIDDEN, 9), "{header}: {value}: {e}");
+    }
+    assert!(
+        operator.list().await.expect("list").len() == 1,
+        "nothing was created"
+    );
+    assert_eq!(
+        operator.stop("a").await.expect("stop").state,
+        VmState::Stopped
+    );
+}
+
+#[tokio::test]
+async fn a_refused_upload_is_answered_not_cut_off_mid_body() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (state, image) = (tmp.path().join("state"), tmp.path().join("image"));
+    let _cleanup = Cleanup(state.clone());
+    let pubkey = signed_bundle(&image);
+    let url = serve(&state, &image, &pubkey).await;
+    let c = LauncherClient::new(&url).with_token(TOKEN);
+    running(&c, "a").await;
+    // A sparse file: large to send, nothing to write.
+    let big = tmp.path().join("big.bin");
+    let len = 128u64 << 20;
+    std::fs::File::create(&big)
+        .and_then(|f| f.set_len(len))
+        .expect("big file");
+    // The launcher refuses before it reads the body (no such VM; a VM without a
+    // guest channel). Cut off, the client would see a broken pipe (exit 7) some of the
+    // time; the refusal itself must arrive every time.
+    for (vm, want) in [
+        ("nope", (404, code::NOT_FOUND, 3)),
+        ("a", (409, code::CONFLICT, 4)),
+    ] {
+        for round in 0..6 {
+            let f = tokio::fs::File::open(&big).await.expect("open");
+            let e = c
+                .put_file_from(vm, "x.bin", f, len)
+                .await
+                .expect_err("refused");
+            assert_eq!(api(&e), want, "{vm} round {round}: {e}");
+        }
+    }
+    // The upload's body type is checked too: a raw upload with another type is 415.
+    let raw = HttpClient::new("vm-launcher", &url).with_token(TOKEN);
+    let e = raw
+        .send(
+            raw.request(clawos_vm_launcher_api::routes::PUT_FILE, &["a"])
+                .query(&[("path", "x")])
+                .header("content-type", "text/plain")
+                .body("x"),
+        )
+        .await
+        .expect_err("415");
+    assert_eq!(e.status(), Some(415), "{e}");
+    assert_eq!(c.stop("a").await.expect("stop").state, VmState::Stopped);
 }

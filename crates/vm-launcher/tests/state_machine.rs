@@ -75,8 +75,9 @@ fn config(state: &Path, image: &Path, pubkey: &str) -> Config {
     }
     .validate()
     .expect("config");
-    cfg.stop_timeout = Duration::from_millis(400);
-    cfg.boot_timeout = Duration::from_millis(600);
+    // Generous: the machine may be busy. Tests of the timeouts themselves shorten them.
+    cfg.stop_timeout = Duration::from_secs(3);
+    cfg.boot_timeout = Duration::from_secs(5);
     cfg.ready_probe_interval = Duration::from_millis(16);
     cfg.runtime_disk_mib = 4;
     cfg.workspace_disk_mib = 4;
@@ -107,11 +108,14 @@ impl Host {
 
     /// A launcher over this host's state (a second call is a launcher restart).
     fn launcher(&self) -> Arc<Launcher> {
-        Launcher::new(
-            config(&self.state, &self.image, &self.pubkey),
-            self.fake.clone(),
-        )
-        .expect("launcher")
+        self.launcher_with(|_| {})
+    }
+
+    /// The same, with changed settings.
+    fn launcher_with(&self, change: impl FnOnce(&mut Config)) -> Arc<Launcher> {
+        let mut cfg = config(&self.state, &self.image, &self.pubkey);
+        change(&mut cfg);
+        Launcher::new(cfg, self.fake.clone()).expect("launcher")
     }
 
     fn dir(&self, name: &str) -> VmDir {
@@ -212,7 +216,7 @@ fn a_vm_goes_through_its_whole_life_and_disk_agrees_with_memory() {
         assert_eq!(vm.state, VmState::Stopped);
         assert_eq!(vm.reason, None, "a requested stop is clean");
         assert!(
-            t.elapsed() < Duration::from_millis(400),
+            t.elapsed() < Duration::from_secs(3),
             "a guest that honours the power button is not waited out"
         );
         assert!(!p.is_alive(), "stopped means the process is gone");
@@ -245,7 +249,7 @@ fn failures_are_recorded_with_their_reason() {
     host.fake.set_guest("broken", FakeGuest::FailsToBoot);
     host.fake.set_guest("mute", FakeGuest::NeverReady);
     runtime().block_on(async {
-        let l = host.launcher();
+        let l = host.launcher_with(|c| c.boot_timeout = Duration::from_millis(800));
         l.start(start_req("broken")).await.expect("launch");
         l.start(start_req("mute")).await.expect("launch");
         l.start(start_req("crashy")).await.expect("launch");
@@ -292,7 +296,7 @@ fn a_guest_deaf_to_the_power_button_is_killed_and_a_second_request_is_refused() 
     let host = Host::new();
     host.fake.set_guest("deaf", FakeGuest::IgnoresPowerButton);
     runtime().block_on(async {
-        let l = host.launcher();
+        let l = host.launcher_with(|c| c.stop_timeout = Duration::from_millis(400));
         l.start(start_req("deaf")).await.expect("start");
         settle(&l, "deaf", |s| s == VmState::Running).await;
         let p = host.process("deaf").expect("process");
@@ -430,6 +434,52 @@ fn snapshot_and_restore_return_the_vm_to_its_state() {
         l.stop("s").await.expect("stop");
         let e = l.restore("s", "t2").await.expect_err("deleted");
         assert!(matches!(e, LauncherError::NotFound(_)), "{e}");
+    });
+}
+
+#[test]
+fn a_snapshot_changed_after_it_was_taken_is_not_restored_and_snapshots_are_capped() {
+    let host = Host::new();
+    runtime().block_on(async {
+        let l = host.launcher_with(|c| c.max_snapshots_per_vm = 3);
+        l.start(start_req("s")).await.expect("start");
+        settle(&l, "s", |s| s == VmState::Running).await;
+        for t in ["mem", "disk", "rec"] {
+            l.snapshot("s", Some(t)).await.expect("snapshot");
+        }
+        let e = l.snapshot("s", Some("more")).await.expect_err("over the cap");
+        assert!(matches!(&e, LauncherError::Conflict(m) if m.contains("delete one")), "{e}");
+        l.stop("s").await.expect("stop");
+        let snaps = host.dir("s").root.join("snapshots");
+        // Something other than the launcher edits one file of each snapshot.
+        let append = |p: PathBuf| {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().append(true).open(&p).expect("open");
+            f.write_all(b"x").expect("tamper");
+        };
+        append(snaps.join("mem/state.bin"));
+        append(snaps.join("disk/workspace.img"));
+        let rec = snaps.join("rec/snapshot.json");
+        let text = std::fs::read_to_string(&rec).expect("record");
+        let forged = text.replace("\"mem_mib\": 128", "\"mem_mib\": 4096");
+        assert_ne!(forged, text, "the record names its memory size");
+        std::fs::write(&rec, forged).expect("tamper");
+        for t in ["mem", "disk", "rec"] {
+            let e = l.restore("s", t).await.expect_err("tampered");
+            assert!(
+                matches!(&e, LauncherError::Conflict(m) if m.contains("changed since it was taken")),
+                "{t}: {e}"
+            );
+            assert_eq!(l.get("s").expect("vm").state, VmState::Stopped, "nothing started");
+        }
+        // An untouched snapshot still restores.
+        l.delete_snapshot("s", "mem").expect("delete");
+        l.start(start_req("s")).await.expect("start");
+        settle(&l, "s", |s| s == VmState::Running).await;
+        l.snapshot("s", Some("good")).await.expect("snapshot");
+        l.stop("s").await.expect("stop");
+        l.restore("s", "good").await.expect("restore");
+        settle(&l, "s", |s| s == VmState::Running).await;
     });
 }
 

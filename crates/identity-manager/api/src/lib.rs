@@ -5,7 +5,7 @@
 //! | route | auth | body → answer |
 //! |---|---|---|
 //! | [`routes::ISSUE`] | service | [`IssueRequest`] → 201 [`Issued`] |
-//! | [`routes::RENEW`] | the agent's current token | → [`Issued`] with the same claims |
+//! | [`routes::RENEW`] | the agent's current token | → [`Issued`] with the same claims and lineage (refused once the lineage is older than the issuer's maximum) |
 //! | [`routes::REVOKE`] | service | [`RevokeRequest`] → 204 |
 //! | [`routes::INTROSPECT`] | service | [`IntrospectRequest`] (form or JSON) → [`Introspection`] (RFC 7662) |
 //! | [`routes::REVOCATIONS`] | – | → [`RevocationFeed`], polled by verifiers |
@@ -61,6 +61,21 @@ pub struct Claims {
     pub image_root_hash: String,
     #[serde(default)]
     pub scopes: Vec<String>,
+    /// When the token's lineage started (OIDC `auth_time`): the issue time of the
+    /// token the service issued, carried unchanged through every renewal. A lineage
+    /// older than the issuer's maximum cannot be renewed, and no renewed token
+    /// outlives it. Absent in tokens from before lineages were recorded (their `iat`
+    /// stands in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_time: Option<u64>,
+}
+
+impl Claims {
+    /// When this token's lineage started: `auth_time`, or `iat` for a token that has
+    /// none.
+    pub fn lineage_start(&self) -> u64 {
+        self.auth_time.unwrap_or(self.iat)
+    }
 }
 
 /// What the launcher or control plane asks for.
@@ -156,6 +171,9 @@ pub struct Introspection {
     pub vm_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_root_hash: Option<String>,
+    /// When the token's lineage started (see [`Claims::auth_time`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_time: Option<u64>,
 }
 
 impl Introspection {
@@ -180,6 +198,7 @@ impl Introspection {
             agent: Some(c.agent.clone()),
             vm_id: Some(c.vm_id.clone()),
             image_root_hash: Some(c.image_root_hash.clone()),
+            auth_time: Some(c.lineage_start()),
         }
     }
 }

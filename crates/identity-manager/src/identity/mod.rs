@@ -33,6 +33,9 @@ pub const MAX_TTL_SECS: u64 = 60 * 60;
 /// How long verifiers may cache the JWKS; retired keys stay published this much longer
 /// than the longest token.
 pub const JWKS_CACHE_SECS: u64 = 10 * 60;
+/// Default maximum age of a token lineage: renewals chain for at most a day after the
+/// service issued the first token; then the launcher must issue a new one.
+pub const DEFAULT_MAX_LINEAGE_SECS: u64 = 24 * 60 * 60;
 
 /// Settings of the token issuer.
 #[derive(Debug, Clone)]
@@ -41,6 +44,20 @@ pub struct IssuerConfig {
     pub issuer: String,
     /// SPIFFE trust domain of `sub` (`spiffe://<domain>/agent/<name>`).
     pub trust_domain: String,
+    /// Maximum age of a token lineage (`auth_time`, carried through renewals): older
+    /// lineages are not renewed, and no renewed token outlives its lineage.
+    pub max_lineage_secs: u64,
+}
+
+impl IssuerConfig {
+    /// An issuer with the default maximum lineage age.
+    pub fn new(issuer: &str, trust_domain: &str) -> Self {
+        Self {
+            issuer: issuer.to_owned(),
+            trust_domain: trust_domain.to_owned(),
+            max_lineage_secs: DEFAULT_MAX_LINEAGE_SECS,
+        }
+    }
 }
 
 /// The service's state.
@@ -77,13 +94,28 @@ impl Identity {
                 }
             }
         }
-        let db = Connection::open(path).map_err(db_err)?;
-        // Sealed or not, the key store is nobody else's business.
+        // Sealed or not, the key store is nobody else's business: created 0600 (SQLite
+        // gives its -wal and -shm files the database's mode), and a store found with a
+        // wider mode is narrowed.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|source| IdentityError::Io {
+                    what: format!("create {}", path.display()),
+                    source,
+                })?;
+        }
         std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
             .map_err(|source| IdentityError::Io {
                 what: format!("chmod {}", path.display()),
                 source,
             })?;
+        let db = Connection::open(path).map_err(db_err)?;
         db.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = NORMAL;
@@ -185,13 +217,17 @@ pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn identity(dir: &Path) -> Identity {
+        identity_with(
+            dir,
+            IssuerConfig::new("http://127.0.0.1:2082", "test.local"),
+        )
+    }
+
+    pub(crate) fn identity_with(dir: &Path, config: IssuerConfig) -> Identity {
         Identity::open(
             &dir.join("id.db"),
             MasterKey::generate().expect("key"),
-            IssuerConfig {
-                issuer: "http://127.0.0.1:2082".into(),
-                trust_domain: "test.local".into(),
-            },
+            config,
         )
         .expect("open")
     }

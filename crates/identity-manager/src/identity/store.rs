@@ -15,11 +15,14 @@ pub(super) const CANARY: &[u8] = b"clawos identity-manager store canary";
 /// Takes the store's exclusive lock (`<db>.lock`), or says who holds it.
 pub fn lock_store(path: &Path) -> Result<std::fs::File, IdentityError> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
     let lock_path = path.with_extension("lock");
+    // Like every file of the store: the owner's only (0600), whatever the umask.
     let f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&lock_path)
         .map_err(|source| IdentityError::Io {
             what: format!("open {}", lock_path.display()),

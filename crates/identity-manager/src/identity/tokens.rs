@@ -81,6 +81,8 @@ impl Identity {
             vm_id: req.vm_id.clone(),
             image_root_hash: req.image_root_hash.clone(),
             scopes: req.scopes.clone(),
+            // A token the service issues starts a lineage.
+            auth_time: Some(t),
         };
         self.sign(&claims)
     }
@@ -120,6 +122,7 @@ impl Identity {
         let mut v = Validation::new(Algorithm::EdDSA);
         v.set_issuer(&[self.config.issuer.as_str()]);
         v.leeway = 0;
+        v.validate_nbf = true;
         v.set_required_spec_claims(&["exp", "nbf", "iss", "sub", "aud"]);
         match audience {
             Some(a) => v.set_audience(&[a]),
@@ -151,16 +154,32 @@ impl Identity {
         Ok(c)
     }
 
-    /// A new token with the same claims and lifetime, for an agent holding a valid one.
+    /// A new token with the same claims, lifetime and lineage, for an agent holding a
+    /// valid one. Renewals chain only until the lineage (the issue time of the token
+    /// the service issued, `auth_time`) is [`IssuerConfig::max_lineage_secs`] old, and
+    /// a renewed token expires with its lineage at the latest: an agent cannot keep a
+    /// credential alive forever by renewing it.
+    ///
+    /// [`IssuerConfig::max_lineage_secs`]: super::IssuerConfig::max_lineage_secs
     pub fn renew(&self, token: &str) -> Result<Issued, IdentityError> {
         let old = self.verify(token, None)?;
         let ttl = old.exp.saturating_sub(old.iat).clamp(1, MAX_TTL_SECS);
         let t = now();
+        let start = old.lineage_start();
+        let max = self.config.max_lineage_secs;
+        let end = start.saturating_add(max);
+        if t >= end {
+            return Err(IdentityError::Unauthorized(format!(
+                "token lineage too old to renew: it started at {start} (unix time), {}s ago, and the maximum lineage age is {max}s; a new token must be issued",
+                t.saturating_sub(start)
+            )));
+        }
         let claims = Claims {
             iat: t,
             nbf: t,
-            exp: t + ttl,
+            exp: (t + ttl).min(end),
             jti: random_id()?,
+            auth_time: Some(start),
             ..old
         };
         self.sign(&claims)
@@ -233,8 +252,95 @@ impl Identity {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{identity, req};
+    use super::super::tests::{identity, identity_with, req};
+    use super::super::{IssuerConfig, now};
     use super::*;
+
+    /// A token signed with the service's own active key whose `nbf` lies ahead is not
+    /// valid yet: introspection and renewal refuse it (no leeway, as for `exp`).
+    #[test]
+    fn a_token_whose_nbf_is_in_the_future_does_not_verify() {
+        let d = tempfile::tempdir().expect("tmp");
+        let id = identity(d.path());
+        let issued = id.issue(&req("agent-1")).expect("issue");
+        let c = id.verify(&issued.token, None).expect("valid");
+        for ahead in [2, 3600] {
+            let early = id
+                .sign(&Claims {
+                    nbf: c.iat + ahead,
+                    exp: c.iat + 7200,
+                    jti: format!("early-{ahead}"),
+                    ..c.clone()
+                })
+                .expect("sign");
+            match id.verify(&early.token, None) {
+                Err(IdentityError::Unauthorized(m)) => assert!(m.contains("Immature"), "{m}"),
+                other => panic!("nbf +{ahead}s verified: {other:?}"),
+            }
+            assert!(
+                id.renew(&early.token).is_err(),
+                "renewed a token not valid yet"
+            );
+        }
+    }
+
+    /// Renewals chain only while the lineage (the first token's issue time, carried as
+    /// `auth_time`) is younger than the maximum; no renewed token outlives it; past it
+    /// even a still-valid token is not renewed, and the error says why.
+    #[test]
+    fn renewal_chains_end_when_their_lineage_reaches_the_maximum_age() {
+        let d = tempfile::tempdir().expect("tmp");
+        let max = 3;
+        let id = identity_with(
+            d.path(),
+            IssuerConfig {
+                max_lineage_secs: max,
+                ..IssuerConfig::new("http://127.0.0.1:2082", "test.local")
+            },
+        );
+        let first = id
+            .issue(&IssueRequest {
+                ttl_secs: Some(600),
+                ..req("agent-1")
+            })
+            .expect("issue");
+        let c0 = id.verify(&first.token, None).expect("valid");
+        let start = c0.auth_time.expect("an issued token starts a lineage");
+        assert_eq!(start, c0.iat);
+        let end = start + max;
+        // Renew the newest token of the chain every 200 ms while the lineage is young.
+        let mut current = first.token.clone();
+        let mut renewals = 0;
+        while now() + 1 < end {
+            let r = id.renew(&current).expect("renewal within the lineage");
+            let c = id.verify(&r.token, None).expect("renewed token verifies");
+            assert_eq!(c.auth_time, Some(start), "the lineage start is carried");
+            assert!(c.exp <= end, "a renewed token outlives its lineage: {c:?}");
+            current = r.token;
+            renewals += 1;
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        assert!(renewals >= 3, "only {renewals} renewals");
+        while now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        // The first token is still valid for minutes, but its lineage is over.
+        id.verify(&first.token, None)
+            .expect("the first token itself is still valid");
+        match id.renew(&first.token) {
+            Err(IdentityError::Unauthorized(m)) => {
+                assert!(m.contains("lineage") && m.contains("maximum"), "{m}")
+            }
+            other => panic!("renewed past the lineage's maximum age: {other:?}"),
+        }
+        assert!(
+            id.renew(&current).is_err(),
+            "the newest token of the chain renewed past the lineage's maximum age"
+        );
+        // A token the service issues afresh starts a new lineage.
+        let fresh = id.issue(&req("agent-1")).expect("issue");
+        id.renew(&fresh.token).expect("a new lineage renews");
+    }
 
     #[test]
     fn issue_verify_revoke_and_rotate() {

@@ -52,11 +52,19 @@ pub struct UsageReport {
 pub struct UsageRow {
     pub agent: String,
     pub model: String,
+    /// Model calls (`/v1/messages`, `/v1/chat/completions`).
     pub requests: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cache_creation_input_tokens: u64,
     pub cache_read_input_tokens: u64,
+    /// Server-side tool calls the provider ran (web searches, fetches), where the
+    /// agent's policy allows them.
+    #[serde(default)]
+    pub server_tool_requests: u64,
+    /// `/v1/messages/count_tokens` calls (no tokens charged).
+    #[serde(default)]
+    pub count_tokens_requests: u64,
 }
 
 impl UsageRow {

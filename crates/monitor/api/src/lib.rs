@@ -48,9 +48,10 @@ pub enum Kind {
     Drops,
     /// Events the SIEM forwarder had to skip (its spool was full).
     ForwardDrops,
-    /// Events recorded inside a VM that never reached the host: its ring buffer was
-    /// full, or its queue overflowed or a connection broke while the host was away
-    /// (`detail` says which).
+    /// Events recorded inside a VM that never reached the trail: its ring buffer was
+    /// full, its queue overflowed or a connection broke while the host was away, or
+    /// the VM was over its quota (`detail` says which; an over-quota report carries
+    /// the `guest_seq` of the last event it covers).
     GuestDrops,
 }
 

@@ -16,10 +16,20 @@ pub struct LauncherClient {
 }
 
 impl LauncherClient {
-    /// A client for the launcher at `base` (e.g. `http://127.0.0.1:2080`).
+    /// A client for the launcher at `base` (e.g. `http://127.0.0.1:2080`), without a
+    /// credential: only `/healthz` and `/metrics` answer it.
     pub fn new(base: &str) -> Self {
         Self {
             http: HttpClient::new("vm-launcher", base),
+        }
+    }
+
+    /// Sends the operator credential (the content of [`crate::token_path`]) with every
+    /// request, WebSocket upgrades included.
+    #[must_use]
+    pub fn with_token(self, token: &str) -> Self {
+        Self {
+            http: self.http.with_token(token),
         }
     }
 
@@ -119,6 +129,44 @@ impl LauncherClient {
 
     /// Uploads `data` to `path` in the VM's workspace.
     pub async fn put_file(&self, name: &str, path: &str, data: Vec<u8>) -> Result<(), ClientError> {
+        let len = data.len() as u64;
+        self.upload(name, path, len, reqwest::Body::from(data))
+            .await
+    }
+
+    /// Uploads the `len` bytes `file` holds from its current position to `path` in the
+    /// VM's workspace, streamed: the file is never held in memory. A file that grows
+    /// or shrinks meanwhile fails the upload, and the guest keeps nothing.
+    pub async fn put_file_from(
+        &self,
+        name: &str,
+        path: &str,
+        file: tokio::fs::File,
+        len: u64,
+    ) -> Result<(), ClientError> {
+        use tokio::io::AsyncReadExt;
+        let chunks = futures_util::stream::unfold(file, |mut f| async move {
+            let mut buf = vec![0u8; 256 * 1024];
+            match f.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok::<_, std::io::Error>(buf), f))
+                }
+                Err(e) => Some((Err(e), f)),
+            }
+        });
+        self.upload(name, path, len, reqwest::Body::wrap_stream(chunks))
+            .await
+    }
+
+    async fn upload(
+        &self,
+        name: &str,
+        path: &str,
+        len: u64,
+        body: reqwest::Body,
+    ) -> Result<(), ClientError> {
         let q = FileQuery {
             path: path.to_owned(),
             list: false,
@@ -128,23 +176,42 @@ impl LauncherClient {
                 self.http
                     .request(routes::PUT_FILE, &[name])
                     .query(&q)
-                    .body(data),
+                    .header(reqwest::header::CONTENT_TYPE, crate::UPLOAD_CONTENT_TYPE)
+                    .header(reqwest::header::CONTENT_LENGTH, len)
+                    .body(body),
             )
             .await
             .map(drop)
     }
 
-    /// Downloads `path` from the VM's workspace.
+    /// Downloads `path` from the VM's workspace into memory. For files of any size,
+    /// [`LauncherClient::download`] streams instead.
     pub async fn get_file(&self, name: &str, path: &str) -> Result<Vec<u8>, ClientError> {
+        let mut d = self.download(name, path).await?;
+        let mut out = Vec::new();
+        while let Some(chunk) = d.chunk().await? {
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    /// Starts downloading `path` from the VM's workspace: the launcher has accepted
+    /// (the file exists and may be read), the bytes follow with [`Download::chunk`].
+    pub async fn download(&self, name: &str, path: &str) -> Result<Download, ClientError> {
         let q = FileQuery {
             path: path.to_owned(),
             list: false,
         };
-        self.http
-            .bytes(self.http.request(routes::GET_FILE, &[name]).query(&q))
-            .await
+        let resp = self
+            .http
+            .send(self.http.request(routes::GET_FILE, &[name]).query(&q))
+            .await?;
+        Ok(Download {
+            size: resp.content_length(),
+            resp,
+            base: self.http.base().to_owned(),
+        })
     }
-
     /// Lists a directory in the VM's workspace.
     pub async fn list_files(&self, name: &str, path: &str) -> Result<Vec<FileEntry>, ClientError> {
         let q = FileQuery {
@@ -207,5 +274,34 @@ impl LauncherClient {
             .send(self.http.request(route, args))
             .await
             .map(drop)
+    }
+}
+
+/// A file coming from a VM, read chunk by chunk.
+#[derive(Debug)]
+pub struct Download {
+    resp: reqwest::Response,
+    size: Option<u64>,
+    base: String,
+}
+
+impl Download {
+    /// The size the launcher announced (`Content-Length`), before any byte is read.
+    pub fn size(&self) -> Option<u64> {
+        self.size
+    }
+
+    /// The next bytes, or `None` at the end. A connection that ends before the
+    /// announced size is an error, not an end.
+    pub async fn chunk(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        self.resp
+            .chunk()
+            .await
+            .map(|c| c.map(|b| b.to_vec()))
+            .map_err(|source| ClientError::Transport {
+                service: "vm-launcher",
+                url: self.base.clone(),
+                source,
+            })
     }
 }

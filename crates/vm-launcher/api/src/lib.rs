@@ -17,9 +17,15 @@
 //! | [`routes::RESTORE`] `POST /v1/vms/{name}/restore` | [`RestoreVm`] → 202 [`Vm`] (VM must be stopped; disks return to the snapshot's) |
 //! | [`routes::EXEC`] `GET /v1/vms/{name}/exec` (WebSocket) | [`ExecStart`], stdin, → output frames, [`ExecEvent`] |
 //! | [`routes::GATEWAY`] `GET /v1/vms/{name}/gateway` (WebSocket) | raw TCP to the agent gateway (guest port 18789), binary messages |
-//! | [`routes::PUT_FILE`] `PUT /v1/vms/{name}/files?path=P` | file bytes (Content-Length required) → 204 |
+//! | [`routes::PUT_FILE`] `PUT /v1/vms/{name}/files?path=P` | file bytes (`application/octet-stream`, Content-Length required) → 204 |
 //! | [`routes::GET_FILE`] `GET /v1/vms/{name}/files?path=P` | → file bytes; with `&list=true` → `[FileEntry]` |
 //! | [`routes::HEALTHZ`], [`routes::METRICS`] | liveness; Prometheus text |
+//!
+//! Every route but `/healthz` and `/metrics` needs the operator credential,
+//! `Authorization: Bearer <token>` ([`token_path`], 0600, made by the launcher at its
+//! first start; [`LauncherClient::with_token`]); WebSocket upgrades too. Requests must
+//! name a loopback `Host`, carry no foreign `Origin` (403 otherwise), and send bodies
+//! as `application/json` ([`UPLOAD_CONTENT_TYPE`] for uploads; 415 otherwise).
 //!
 //! Exec over WebSocket: the client's first message is a text [`ExecStart`]; then binary
 //! messages are stdin and a text `{"eof":true}` closes stdin. The server sends binary
@@ -37,7 +43,7 @@ pub mod tunnel;
 use serde::{Deserialize, Serialize};
 
 pub use clawos_api::{ClientError, ErrorBody};
-pub use client::LauncherClient;
+pub use client::{Download, LauncherClient};
 pub use exec::{ExecError, ExecStatus};
 pub use tunnel::TunnelError;
 
@@ -45,6 +51,31 @@ pub use tunnel::TunnelError;
 pub const DEFAULT_URL: &str = "http://127.0.0.1:2080";
 /// Header carrying the next console offset.
 pub const CONSOLE_OFFSET_HEADER: &str = "x-console-offset";
+/// `Content-Type` of a [`routes::PUT_FILE`] body; every other body is
+/// `application/json`. The launcher refuses others (415).
+pub const UPLOAD_CONTENT_TYPE: &str = "application/octet-stream";
+/// Environment variable naming the operator credential file, for the launcher
+/// (`--token-path`) and its clients alike.
+pub const TOKEN_PATH_ENV: &str = "CLAWOS_LAUNCHER_TOKEN_PATH";
+
+/// Where a state directory keeps the launcher's operator credential (0600, made by the
+/// launcher at its first start).
+pub fn token_path(state_dir: &std::path::Path) -> std::path::PathBuf {
+    state_dir.join("launcher/admin.token")
+}
+
+/// The local operator's credential: the file `$CLAWOS_LAUNCHER_TOKEN_PATH` names, else
+/// [`token_path`] of `state_dir`. The error names the file and why it could not be read.
+pub fn local_token(state_dir: &std::path::Path) -> Result<String, String> {
+    let path = std::env::var_os(TOKEN_PATH_ENV)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| token_path(state_dir));
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
+        Ok(_) => Err(format!("{} is empty", path.display())),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
 
 /// The route table, mounted by the daemon and called by [`LauncherClient`]. `{name}` is
 /// a VM's name, `{tag}` a snapshot's.
@@ -88,7 +119,10 @@ pub struct StartVm {
     /// Virtual CPUs.
     #[serde(default = "default_vcpus")]
     pub vcpus: u32,
-    /// Image bundle directory; the launcher's default image when absent.
+    /// Image name — `[a-z0-9-]`, 1–63 characters, like a VM name — of a bundle
+    /// registered in the launcher's image store (`clawos image add NAME DIR`); `default`
+    /// (the launcher's configured image) when absent. Never a path: a path is refused
+    /// with 400.
     #[serde(default)]
     pub image: Option<String>,
     /// Make the VM snapshot-capable. On QEMU this boots the `pc` machine (the vsock

@@ -67,8 +67,10 @@ impl FakeHypervisor {
             FakeGuest::Healthy => {
                 format!("trap 'echo CLAWOS_POWEROFF; exit 0' TERM; echo CLAWOS_READY; {wait}")
             }
+            // A guest's init fails after its kernel booted, never the instant the
+            // hypervisor starts (that is a launch failure, reported as such).
             FakeGuest::FailsToBoot => {
-                "echo 'CLAWOS_FATAL: cannot mount /workspace (fake)'; exit 1".to_owned()
+                "sleep 0.2; echo 'CLAWOS_FATAL: cannot mount /workspace (fake)'; exit 1".to_owned()
             }
             FakeGuest::NeverReady => format!("trap 'exit 0' TERM; {wait}"),
             FakeGuest::IgnoresPowerButton => format!("trap '' TERM; echo CLAWOS_READY; {wait}"),

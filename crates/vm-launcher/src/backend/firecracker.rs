@@ -378,6 +378,10 @@ impl Hypervisor for Firecracker {
                     "firecracker boots an ELF vmlinux and this image has none: rebuild it with `clawos image build --vmlinux`".into(),
                 )
             })?;
+            // Firecracker opens its drives by path: a link to exactly the checked rootfs.
+            let mut spec = spec.clone();
+            spec.rootfs = super::rootfs_path(&spec)?;
+            let spec = &spec;
             let sockets = self.socket_dir(&spec.dir);
             let (mut child, files) = match &self.jailer {
                 Some(j) => {
@@ -493,6 +497,9 @@ impl Hypervisor for Firecracker {
             if let Some(why) = self.snapshot_unsupported(true) {
                 return Err(BackendError::Unsupported(why));
             }
+            let mut spec = spec.clone();
+            spec.rootfs = super::rootfs_path(&spec)?;
+            let spec = &spec;
             // Firecracker binds the saved vsock path again on load.
             let _ = std::fs::remove_file(spec.dir.root.join(VSOCK_SOCKET));
             let mut child = self.spawn_direct(spec).await?;
@@ -544,6 +551,7 @@ mod tests {
             vmlinux: Some("/img/vmlinux".into()),
             initramfs: "/img/initramfs.cpio.gz".into(),
             rootfs: "/img/rootfs.img".into(),
+            rootfs_fd: None,
             image_cmdline: "panic=-1".into(),
             snapshots: false,
         };
@@ -629,6 +637,7 @@ mod jailer_tests {
             vmlinux: Some(img.join("vmlinux")),
             initramfs: img.join("initramfs.cpio.gz"),
             rootfs: img.join("rootfs.img"),
+            rootfs_fd: None,
             image_cmdline: String::new(),
             snapshots: false,
         };

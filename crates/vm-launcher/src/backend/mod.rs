@@ -2,6 +2,7 @@
 //! Firecracker (production hosts with hardware KVM), and a fake for the launcher's
 //! state-machine tests.
 
+pub mod confine;
 pub mod fake;
 pub mod firecracker;
 pub mod qemu;
@@ -26,12 +27,22 @@ pub struct LaunchSpec {
     pub dir: VmDir,
     pub mem_mib: u32,
     pub vcpus: u32,
-    /// The compressed kernel (QEMU boots it).
+    /// The compressed kernel (QEMU boots it): the launcher's verified copy in the VM
+    /// directory, made from the descriptor it hashed.
     pub kernel: PathBuf,
-    /// The verified ELF kernel, when the image has one (Firecracker boots it).
+    /// The verified ELF kernel, when the image has one (Firecracker boots it); a
+    /// verified copy too.
     pub vmlinux: Option<PathBuf>,
+    /// The initramfs: a verified copy in the VM directory.
     pub initramfs: PathBuf,
+    /// Where the rootfs was opened (for messages, and a backend that can only take a
+    /// path when `rootfs_fd` is absent).
     pub rootfs: PathBuf,
+    /// The rootfs as the launcher opened and checked it (regular file, trusted owner,
+    /// the signed size). A backend boots this descriptor — QEMU through `-add-fd`,
+    /// Firecracker through a hard link to its inode — never `rootfs`, whose path may
+    /// name something else by now.
+    pub rootfs_fd: Option<std::sync::Arc<std::fs::File>>,
     /// The image's signed command line; the backend prepends its console/timer
     /// settings.
     pub image_cmdline: String,
@@ -122,6 +133,54 @@ pub trait Hypervisor: Send + Sync + std::fmt::Debug {
     ) -> BoxFuture<'a, Result<Launched, BackendError>>;
 }
 
+/// A path naming exactly the rootfs the launcher checked, for a backend that only takes
+/// paths (Firecracker): a hard link to the checked descriptor's inode in the VM's boot
+/// directory (`linkat` through `/proc/self/fd`), or a copy made from the descriptor
+/// when the image store is on another filesystem. Without a descriptor, `spec.rootfs`.
+pub fn rootfs_path(spec: &LaunchSpec) -> Result<PathBuf, BackendError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let Some(f) = &spec.rootfs_fd else {
+        return Ok(spec.rootfs.clone());
+    };
+    let dest = spec.dir.boot().join(clawos_image::files::ROOTFS);
+    let err = |source| BackendError::Spawn {
+        bin: dest.clone(),
+        source,
+    };
+    let _ = std::fs::remove_file(&dest);
+    let from = std::ffi::CString::new(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .map_err(|_| err(io::ErrorKind::InvalidInput.into()))?;
+    let to = std::ffi::CString::new(dest.as_os_str().as_bytes())
+        .map_err(|_| err(io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: both paths are NUL-terminated strings that outlive the call.
+    let linked = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if linked == 0 {
+        return Ok(dest);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EXDEV) {
+        return Err(err(e));
+    }
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&dest)
+        .map_err(err)?;
+    let mut src = f.as_ref();
+    std::io::Seek::seek(&mut src, std::io::SeekFrom::Start(0)).map_err(err)?;
+    std::io::copy(&mut src, &mut out).map_err(err)?;
+    Ok(dest)
+}
+
 /// Opens the file the hypervisor writes its own diagnostics to.
 fn log_file(path: &Path) -> Result<std::fs::File, BackendError> {
     std::fs::OpenOptions::new()
@@ -162,7 +221,9 @@ pub async fn connect_in_dir(dir: &Path, socket: &str) -> io::Result<tokio::net::
 }
 
 /// Binds a Unix listener in a VM directory (through `/proc/self/fd` when the full path
-/// would exceed `sun_path`), readable by the owner only.
+/// would exceed `sun_path`), usable by the directory's owner only: a socket in the
+/// per-VM vsock directory (owned by the VM's unprivileged uid) belongs to that uid, so
+/// the VM's vsock device can connect to it, and nobody else can.
 pub fn bind_in_dir(dir: &Path, socket: &str) -> io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;
     let full = dir.join(socket);
@@ -175,6 +236,14 @@ pub fn bind_in_dir(dir: &Path, socket: &str) -> io::Result<tokio::net::UnixListe
         std::os::unix::net::UnixListener::bind(format!("/proc/self/fd/{}/{socket}", d.as_raw_fd()))?
     };
     std::fs::set_permissions(&full, std::fs::Permissions::from_mode(0o600))?;
+    let owner = std::fs::metadata(dir)?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions.
+        if owner.uid() != unsafe { libc::geteuid() } {
+            std::os::unix::fs::lchown(&full, Some(owner.uid()), Some(owner.gid()))?;
+        }
+    }
     listener.set_nonblocking(true)?;
     tokio::net::UnixListener::from_std(listener)
 }

@@ -8,8 +8,21 @@
 //! device (ACPI PCI hotplug, ~0.2 s), saves memory and device state with `migrate`,
 //! then plugs a fresh device back in; a restore starts QEMU with `-incoming`, loads the
 //! state and plugs the device in before the guest runs.
+//!
+//! Confinement ([`super::confine`]): QEMU runs `-sandbox on,obsolete=deny,spawn=deny,
+//! resourcecontrol=deny` (seccomp) and, when the launcher is root, drops to the VM's own
+//! uid with `-runas uid:gid` once its devices are set up, so it opens its files as root
+//! first and can open nothing of the launcher's afterwards: whatever it needs later (a
+//! migration stream, the re-plugged vsock device's socket) is handed to it as a
+//! descriptor over QMP (`getfd`). The rootfs is never opened by path: QEMU gets the
+//! descriptor the launcher checked (`-add-fd`, `/dev/fdset/N`); kernel and initramfs
+//! are the launcher's verified copies in the VM directory. The vsock device process
+//! runs as the same uid from exec, in `<vm>/vsock/` (owned by that uid, 0700). Both
+//! join the VM's cgroup before exec.
 
-use std::path::PathBuf;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use serde_json::json;
@@ -17,6 +30,7 @@ use tokio::process::{Child, Command};
 
 use clawos_guest_protocol::disk;
 
+use super::confine::{self, Cgroups, Limits};
 use super::qmp::{Qmp, qmp_err};
 use super::{
     BackendError, BoxFuture, GUEST_CID, Hypervisor, LaunchSpec, Launched, VSOCK_SOCKET, log_file,
@@ -27,8 +41,16 @@ use crate::store::VmDir;
 
 /// QMP socket name inside the VM directory.
 pub const QMP_SOCKET: &str = "qmp.sock";
-/// vhost-user socket between QEMU and the vsock device process.
+/// vhost-user socket between QEMU and the vsock device process (in [`VSOCK_DIR`]).
 pub const VHOST_USER_SOCKET: &str = "vhost-vsock.sock";
+/// The VM directory's subdirectory for the vsock device's sockets, owned by the VM's
+/// uid (0700): the only place the unprivileged device process can create them.
+pub const VSOCK_DIR: &str = "vsock";
+/// The `-add-fd` set the rootfs descriptor is in; the VM's own disks follow.
+const ROOTFS_FDSET: u32 = 1;
+/// seccomp filter: no obsolete system calls, no fork/exec (a migration stream is a
+/// descriptor, not `exec:`), no scheduler or resource changes.
+pub const SANDBOX: &str = "on,obsolete=deny,spawn=deny,resourcecontrol=deny";
 /// QEMU id of the vsock device (the one that is unplugged around a save).
 const VSOCK_DEVICE_ID: &str = "vsock0";
 /// PCI slots on the `pc` machine, fixed so that a restored VM's devices sit exactly
@@ -65,22 +87,90 @@ enum VsockAt {
     Later,
 }
 
+/// The VM's own disks as descriptors the launcher opened, one `-add-fd` set per disk
+/// holding a read-write and a read-only descriptor (the config disk: read-only only).
+/// QEMU re-opens a disk read-only when a migration completes (`bdrv_inactivate`); once
+/// it runs as the VM's uid it could not open the root-owned file again, but it can pick
+/// the read-only descriptor from the set.
+#[derive(Debug, Default)]
+pub struct Disks {
+    sets: Vec<(&'static str, u32, Vec<std::fs::File>)>,
+}
+
+impl Disks {
+    /// Opens the disks of the VM in `dir`.
+    pub fn open(dir: &VmDir) -> std::io::Result<Self> {
+        let open = |p: PathBuf, rw: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(rw)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&p)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", p.display())))
+        };
+        let mut sets = Vec::new();
+        for (i, (serial, path, writable)) in [
+            (disk::RUNTIME, dir.runtime_disk(), true),
+            (disk::WORKSPACE, dir.workspace_disk(), true),
+            (disk::CONFIG, dir.config_disk(), false),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut fds = Vec::new();
+            if writable {
+                fds.push(open(path.clone(), true)?);
+            }
+            fds.push(open(path, false)?);
+            sets.push((serial, ROOTFS_FDSET + 1 + i as u32, fds));
+        }
+        Ok(Self { sets })
+    }
+
+    fn fds(&self, serial: &str) -> Option<(u32, Vec<i32>)> {
+        self.sets
+            .iter()
+            .find(|(s, _, _)| *s == serial)
+            .map(|(_, set, fds)| (*set, fds.iter().map(AsRawFd::as_raw_fd).collect()))
+    }
+
+    /// Every descriptor, for the child to inherit.
+    fn raw(&self) -> Vec<i32> {
+        self.sets
+            .iter()
+            .flat_map(|(_, _, fds)| fds.iter().map(AsRawFd::as_raw_fd))
+            .collect()
+    }
+}
+
 impl Qemu {
     /// The full argument list for one VM (paths of per-VM files are relative to the VM
-    /// directory, which is QEMU's working directory).
-    pub fn args(&self, spec: &LaunchSpec) -> Vec<String> {
-        self.args_with(spec, VsockAt::Boot)
+    /// directory, which is QEMU's working directory), running as `run_as` (uid = gid)
+    /// once set up, when given.
+    pub fn args(&self, spec: &LaunchSpec, run_as: Option<u32>, disks: &Disks) -> Vec<String> {
+        self.args_with(spec, VsockAt::Boot, run_as, disks)
     }
 
     /// The argument list of a restore: no vsock device yet, and waiting for the saved
     /// state (`-incoming defer`).
-    pub fn restore_args(&self, spec: &LaunchSpec) -> Vec<String> {
-        let mut a = self.args_with(spec, VsockAt::Later);
+    pub fn restore_args(
+        &self,
+        spec: &LaunchSpec,
+        run_as: Option<u32>,
+        disks: &Disks,
+    ) -> Vec<String> {
+        let mut a = self.args_with(spec, VsockAt::Later, run_as, disks);
         a.extend(["-incoming".into(), "defer".into()]);
         a
     }
 
-    fn args_with(&self, spec: &LaunchSpec, vsock_at: VsockAt) -> Vec<String> {
+    fn args_with(
+        &self,
+        spec: &LaunchSpec,
+        vsock_at: VsockAt,
+        run_as: Option<u32>,
+        disks: &Disks,
+    ) -> Vec<String> {
         let pc = spec.snapshots;
         let machine = if pc { "pc" } else { "microvm" };
         // PCI devices on `pc` at fixed slots; virtio-mmio ones on microvm.
@@ -103,7 +193,12 @@ impl Qemu {
             "-name".into(),
             format!("clawos-{},process=clawos-{}", spec.name, spec.name),
             "-accel".into(),
-            if self.kvm { "kvm" } else { "tcg" }.into(),
+            if self.kvm {
+                "kvm".into()
+            } else {
+                // A bounded translation cache, so the VM's memory limit can hold it.
+                format!("tcg,tb-size={}", confine::TCG_TB_MIB)
+            },
             "-M".into(),
             if self.vhost_vsock.is_some() {
                 // vhost-user needs guest RAM the device process can map.
@@ -121,7 +216,9 @@ impl Qemu {
             "none".into(),
             "-no-reboot".into(),
             "-chardev".into(),
-            "file,id=console,path=console.log".into(),
+            // Appending: the launcher caps the log by truncating it while QEMU runs,
+            // and QEMU's next write must land at the new end, not leave a hole.
+            "file,id=console,path=console.log,append=on".into(),
             "-serial".into(),
             "chardev:console".into(),
             "-qmp".into(),
@@ -143,6 +240,22 @@ impl Qemu {
         if self.kvm {
             a.extend(["-cpu".into(), "host".into()]);
         }
+        match run_as {
+            // `-runas` drops privileges after the sandbox is installed, so the filter
+            // must let QEMU's own setuid/setgid through (elevateprivileges stays
+            // allowed; once QEMU is the VM's uid without capabilities, set*id cannot
+            // raise it again).
+            Some(uid) => a.extend([
+                "-sandbox".into(),
+                SANDBOX.into(),
+                "-runas".into(),
+                format!("{uid}:{uid}"),
+            ]),
+            None => a.extend([
+                "-sandbox".into(),
+                format!("{SANDBOX},elevateprivileges=deny"),
+            ]),
+        }
         if pc && let Some(rom) = &self.qboot {
             a.extend(["-bios".into(), rom.display().to_string()]);
         }
@@ -157,7 +270,7 @@ impl Qemu {
             if vsock_at == VsockAt::Boot {
                 a.extend([
                     "-chardev".into(),
-                    format!("socket,id=vsock,path={VHOST_USER_SOCKET}"),
+                    format!("socket,id=vsock,path={VSOCK_DIR}/{VHOST_USER_SOCKET}"),
                     "-device".into(),
                     format!(
                         "{},chardev=vsock,id={VSOCK_DEVICE_ID}",
@@ -166,18 +279,58 @@ impl Qemu {
                 ]);
             }
         }
-        let disks = [
-            (disk::ROOTFS, spec.rootfs.display().to_string(), true),
-            (disk::RUNTIME, "runtime.img".to_owned(), false),
-            (disk::WORKSPACE, "workspace.img".to_owned(), false),
-            (disk::CONFIG, "config.img".to_owned(), true),
+        // The rootfs through the descriptor the launcher checked, never by path.
+        let rootfs = match &spec.rootfs_fd {
+            Some(f) => {
+                a.extend([
+                    "-add-fd".into(),
+                    format!("fd={},set={ROOTFS_FDSET},opaque=rootfs", f.as_raw_fd()),
+                ]);
+                format!("/dev/fdset/{ROOTFS_FDSET}")
+            }
+            None => spec.rootfs.display().to_string(),
+        };
+        // The VM's own disks through descriptors too when given (see [`Disks`]).
+        let mut own = |serial: &str, path: &str| match disks.fds(serial) {
+            Some((set, fds)) => {
+                for fd in fds {
+                    a.extend([
+                        "-add-fd".into(),
+                        format!("fd={fd},set={set},opaque={serial}"),
+                    ]);
+                }
+                format!("/dev/fdset/{set}")
+            }
+            None => path.to_owned(),
+        };
+        // Descriptors of one disk are different open file descriptions; QEMU's OFD image
+        // locks would then conflict with each other when it switches between them
+        // around a migration. The launcher already keeps each disk to one VM (per-VM
+        // directory, one operation at a time), which is what the locks guard against.
+        let locking = if disks.sets.is_empty() {
+            ""
+        } else {
+            ",file.locking=off"
+        };
+        let drives = [
+            (disk::ROOTFS, rootfs, true),
+            (disk::RUNTIME, own(disk::RUNTIME, "runtime.img"), false),
+            (
+                disk::WORKSPACE,
+                own(disk::WORKSPACE, "workspace.img"),
+                false,
+            ),
+            (disk::CONFIG, own(disk::CONFIG, "config.img"), true),
         ];
-        for (slot, (serial, file, ro)) in (PCI_SLOT_FIRST_DISK..).zip(disks) {
+        for (slot, (serial, file, ro)) in (PCI_SLOT_FIRST_DISK..).zip(drives) {
             // QEMU's option syntax escapes a comma by doubling it.
             let file = file.replace(',', ",,");
             let ro = if ro { ",readonly=on" } else { "" };
+            let lock = if serial == disk::ROOTFS { "" } else { locking };
             a.push("-drive".into());
-            a.push(format!("id={serial},file={file},format=raw,if=none{ro}"));
+            a.push(format!(
+                "id={serial},file={file},format=raw,if=none{ro}{lock}"
+            ));
             a.push("-device".into());
             a.push(format!(
                 "{},drive={serial},serial={serial}",
@@ -195,21 +348,42 @@ impl Hypervisor for Qemu {
 
     fn launch<'a>(&'a self, spec: &'a LaunchSpec) -> BoxFuture<'a, Result<Launched, BackendError>> {
         Box::pin(async move {
+            let jail = self.confine(spec)?;
             let mut helpers = Vec::new();
             if let Some(bin) = &self.vhost_vsock {
-                helpers.push(start_vsock_device(bin, &spec.dir).await?);
+                match start_vsock_device(bin, &spec.dir, &jail).await {
+                    Ok(h) => helpers.push(h),
+                    Err(e) => {
+                        self.cleanup(&spec.dir);
+                        return Err(e);
+                    }
+                }
             }
-            match self.spawn_qemu(spec, self.args(spec)) {
+            let disks = match Disks::open(&spec.dir) {
+                Ok(d) => d,
+                Err(e) => {
+                    for h in helpers {
+                        h.signal(libc::SIGKILL);
+                    }
+                    self.cleanup(&spec.dir);
+                    return Err(BackendError::Spawn {
+                        bin: self.bin.clone(),
+                        source: e,
+                    });
+                }
+            };
+            match self.spawn_qemu(spec, self.args(spec, jail.uid, &disks), &jail, &disks) {
                 Ok(child) => Ok(Launched {
                     child,
                     vsock: !helpers.is_empty(),
                     helpers,
-                    socket_dir: None,
+                    socket_dir: self.socket_dir(&spec.dir),
                 }),
                 Err(e) => {
                     for h in helpers {
                         h.signal(libc::SIGKILL);
                     }
+                    self.cleanup(&spec.dir);
                     Err(e)
                 }
             }
@@ -266,27 +440,34 @@ impl Hypervisor for Qemu {
                     .await?;
             }
             qmp.execute("stop", None).await?;
-            // The stream goes to a temporary name and is renamed by the same shell once
-            // `cat` has written all of it: the final name appearing means complete.
-            let part = format!("{snap}/{}.part", crate::snapshot::QEMU_STATE);
-            let done = format!("{snap}/{}", crate::snapshot::QEMU_STATE);
-            qmp.execute(
-                "migrate",
-                Some(json!({ "uri": format!("exec:cat > {part} && mv {part} {done}") })),
-            )
-            .await?;
+            // The stream goes to a temporary name through a descriptor the launcher
+            // opened (QEMU may neither spawn `cat` nor open files of the launcher's),
+            // and is renamed once QEMU reports the migration complete: the final name
+            // appearing means complete.
+            let part = dir
+                .root
+                .join(snap)
+                .join(format!("{}.part", crate::snapshot::QEMU_STATE));
+            let done = dir.root.join(snap).join(crate::snapshot::QEMU_STATE);
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&part)
+                .map_err(|e| qmp_err(format!("{}: {e}", part.display())))?;
+            qmp.pass_fd("migration", &file).await?;
+            qmp.execute("migrate", Some(json!({ "uri": "fd:migration" })))
+                .await?;
             qmp.wait_migration().await?;
-            let path = dir.root.join(&done);
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-            loop {
-                if let Ok(m) = std::fs::metadata(&path) {
-                    return Ok(m.len());
-                }
-                if std::time::Instant::now() > deadline {
-                    return Err(qmp_err("the saved state file never appeared"));
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
+            let size = file
+                .sync_all()
+                .and_then(|()| file.metadata())
+                .map(|m| m.len())
+                .map_err(|e| qmp_err(format!("{}: {e}", part.display())))?;
+            drop(file);
+            std::fs::rename(&part, &done)
+                .map_err(|e| qmp_err(format!("{}: {e}", done.display())))?;
+            Ok(size)
         })
     }
 
@@ -305,9 +486,11 @@ impl Hypervisor for Qemu {
                 for h in helpers {
                     end_process(*h).await;
                 }
-                let h = start_vsock_device(bin, dir).await?;
+                // The same uid and cgroup as the rest of the VM.
+                let jail = Jail::existing(dir).map_err(|e| qmp_err(format!("VM cgroup: {e}")))?;
+                let h = start_vsock_device(bin, dir, &jail).await?;
                 new_helpers = vec![h];
-                if let Err(e) = plug_vsock(&mut qmp).await {
+                if let Err(e) = plug_vsock(&mut qmp, dir).await {
                     h.signal(libc::SIGKILL);
                     return Err(e);
                 }
@@ -325,16 +508,37 @@ impl Hypervisor for Qemu {
         snap: &'a str,
     ) -> BoxFuture<'a, Result<Launched, BackendError>> {
         Box::pin(async move {
+            let jail = self.confine(spec)?;
             let mut helpers = Vec::new();
             if let Some(bin) = &self.vhost_vsock {
-                helpers.push(start_vsock_device(bin, &spec.dir).await?);
+                match start_vsock_device(bin, &spec.dir, &jail).await {
+                    Ok(h) => helpers.push(h),
+                    Err(e) => {
+                        self.cleanup(&spec.dir);
+                        return Err(e);
+                    }
+                }
             }
-            let mut child = match self.spawn_qemu(spec, self.restore_args(spec)) {
+            let spawned = Disks::open(&spec.dir)
+                .map_err(|e| BackendError::Spawn {
+                    bin: self.bin.clone(),
+                    source: e,
+                })
+                .and_then(|disks| {
+                    self.spawn_qemu(
+                        spec,
+                        self.restore_args(spec, jail.uid, &disks),
+                        &jail,
+                        &disks,
+                    )
+                });
+            let mut child = match spawned {
                 Ok(c) => c,
                 Err(e) => {
                     for h in &helpers {
                         h.signal(libc::SIGKILL);
                     }
+                    self.cleanup(&spec.dir);
                     return Err(e);
                 }
             };
@@ -348,15 +552,16 @@ impl Hypervisor for Qemu {
                     return Err(qmp_err("QEMU did not open its QMP socket"));
                 }
                 let mut qmp = Qmp::connect(&spec.dir).await?;
-                let state = format!("{snap}/{}", crate::snapshot::QEMU_STATE);
-                qmp.execute(
-                    "migrate-incoming",
-                    Some(json!({ "uri": format!("exec:cat {state}") })),
-                )
-                .await?;
+                let state = spec.dir.root.join(snap).join(crate::snapshot::QEMU_STATE);
+                let file = std::fs::File::open(&state)
+                    .map_err(|e| qmp_err(format!("{}: {e}", state.display())))?;
+                qmp.pass_fd("migration", &file).await?;
+                drop(file);
+                qmp.execute("migrate-incoming", Some(json!({ "uri": "fd:migration" })))
+                    .await?;
                 qmp.wait_migration().await?;
                 if self.vhost_vsock.is_some() {
-                    plug_vsock(&mut qmp).await?;
+                    plug_vsock(&mut qmp, &spec.dir).await?;
                 }
                 qmp.execute("cont", None).await.map(drop)
             }
@@ -366,7 +571,7 @@ impl Hypervisor for Qemu {
                     child,
                     vsock: !helpers.is_empty(),
                     helpers,
-                    socket_dir: None,
+                    socket_dir: self.socket_dir(&spec.dir),
                 }),
                 Err(e) => {
                     let _ = child.start_kill();
@@ -374,25 +579,114 @@ impl Hypervisor for Qemu {
                     for h in &helpers {
                         h.signal(libc::SIGKILL);
                     }
+                    self.cleanup(&spec.dir);
                     Err(e)
                 }
             }
         })
     }
+
+    /// Ends what is left in the VM's cgroup and removes it, gives its uid back, and
+    /// removes its vsock directory and the boot's verified copies.
+    fn cleanup(&self, dir: &VmDir) {
+        Cgroups::host().remove(&confine::cgroup_name(&dir.root));
+        confine::release_uid(&dir.root);
+        let _ = std::fs::remove_dir_all(dir.root.join(VSOCK_DIR));
+        let _ = std::fs::remove_dir_all(dir.boot());
+    }
 }
 
-/// Plugs a vsock device backed by the (new) device process into a `pc` VM.
-async fn plug_vsock(qmp: &mut Qmp) -> Result<(), BackendError> {
+/// How one VM's processes are confined: its uid (when the launcher can drop to one)
+/// and its cgroup (when the host has them).
+#[derive(Debug)]
+pub struct Jail {
+    pub uid: Option<u32>,
+    pub cgroup: Option<confine::VmCgroup>,
+}
+
+impl Jail {
+    /// The running VM's: the uid its vsock directory belongs to, its existing cgroup.
+    fn existing(dir: &VmDir) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let uid = std::fs::metadata(dir.root.join(VSOCK_DIR))
+            .map(|m| m.uid())
+            .ok()
+            .filter(|&u| u != 0 && confine::can_drop_privileges());
+        let cgroup = Cgroups::host().open(&confine::cgroup_name(&dir.root))?;
+        Ok(Self { uid, cgroup })
+    }
+}
+
+impl Qemu {
+    /// Where a VM's vsock sockets are (when it has the device).
+    fn socket_dir(&self, dir: &VmDir) -> Option<PathBuf> {
+        self.vhost_vsock.as_ref().map(|_| dir.root.join(VSOCK_DIR))
+    }
+
+    /// The VM's uid and cgroup for a new boot, and its vsock directory owned by that
+    /// uid. Failing to make the cgroup fails the start when the launcher is root (it
+    /// could, so it must); otherwise the VM runs without one, as the log said once.
+    fn confine(&self, spec: &LaunchSpec) -> Result<Jail, BackendError> {
+        let err = |what: &str, e: std::io::Error| BackendError::Control {
+            backend: "qemu",
+            detail: format!("confining VM {}: {what}: {e}", spec.name),
+        };
+        let root = confine::can_drop_privileges();
+        let uid = if root {
+            Some(confine::allocate_uid(&spec.dir.root).map_err(|e| err("uid", e))?)
+        } else {
+            None
+        };
+        let limits = Limits::for_vm(spec.mem_mib, spec.vcpus, self.kvm, &spec.dir.root);
+        let cgroup = match Cgroups::host().create(&confine::cgroup_name(&spec.dir.root), &limits) {
+            Ok(c) => c,
+            Err(e) if root => {
+                confine::release_uid(&spec.dir.root);
+                return Err(err("cgroup", e));
+            }
+            Err(e) => {
+                tracing::warn!(vm = %spec.name, error = %e, "VM runs without a cgroup of its own");
+                None
+            }
+        };
+        if self.vhost_vsock.is_some() {
+            let d = spec.dir.root.join(VSOCK_DIR);
+            let _ = std::fs::remove_dir_all(&d);
+            let made = std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&d)
+                .and_then(|()| match uid {
+                    Some(u) => std::os::unix::fs::chown(&d, Some(u), Some(u)),
+                    None => Ok(()),
+                });
+            if let Err(e) = made {
+                self.cleanup(&spec.dir);
+                return Err(err("vsock directory", e));
+            }
+        }
+        Ok(Jail { uid, cgroup })
+    }
+}
+
+/// Plugs a vsock device backed by the (new) device process into a `pc` VM. QEMU runs
+/// unprivileged by now and cannot reach the socket itself: the launcher connects and
+/// hands QEMU the connected socket.
+async fn plug_vsock(qmp: &mut Qmp, dir: &VmDir) -> Result<(), BackendError> {
     // The chardev of the unplugged device is still there (it is not in a restored VM).
     let _ = qmp
         .execute("chardev-remove", Some(json!({ "id": "vsock" })))
         .await;
+    let sock = super::connect_in_dir(&dir.root.join(VSOCK_DIR), VHOST_USER_SOCKET)
+        .await
+        .map_err(|e| qmp_err(format!("connecting to the vsock device: {e}")))?;
+    qmp.pass_fd("vsock", &sock).await?;
+    drop(sock);
     qmp.execute(
         "chardev-add",
         Some(json!({
             "id": "vsock",
             "backend": { "type": "socket", "data": {
-                "addr": { "type": "unix", "data": { "path": VHOST_USER_SOCKET } },
+                "addr": { "type": "fd", "data": { "str": "vsock" } },
                 "server": false,
             }},
         })),
@@ -425,85 +719,163 @@ async fn end_process(p: ProcessId) {
     }
 }
 
-/// Starts the per-VM `vhost-device-vsock` and waits for its vhost-user socket.
-async fn start_vsock_device(bin: &std::path::Path, dir: &VmDir) -> Result<ProcessId, BackendError> {
-    {
-        let log = log_file(&dir.root.join("vsock-device.log"))?;
-        let log2 = log.try_clone().map_err(|source| BackendError::Spawn {
-            bin: bin.to_owned(),
-            source,
-        })?;
-        for s in [VHOST_USER_SOCKET, VSOCK_SOCKET] {
-            let _ = std::fs::remove_file(dir.root.join(s));
-        }
-        let child = Command::new(bin)
-            .args([
-                "--guest-cid",
-                &GUEST_CID.to_string(),
-                "--socket",
-                VHOST_USER_SOCKET,
-                "--uds-path",
-                VSOCK_SOCKET,
-            ])
-            .current_dir(&dir.root)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .process_group(0)
-            .spawn()
-            .map_err(|source| BackendError::Spawn {
-                bin: bin.to_owned(),
-                source,
-            })?;
-        let pid = child.id().unwrap_or(0);
-        // The device outlives this handle (and the launcher): it is tracked by pid and
-        // start time like the hypervisor.
-        drop(child);
-        let id = ProcessId::of(pid).ok_or_else(|| BackendError::Control {
-            backend: "qemu",
-            detail: "vhost-device-vsock exited at once (see vsock-device.log)".into(),
-        })?;
-        if !wait_for_socket(
-            &dir.root.join(VHOST_USER_SOCKET),
-            std::time::Duration::from_secs(5),
-        )
-        .await
-        {
-            id.signal(libc::SIGKILL);
-            return Err(BackendError::Control {
-                backend: "qemu",
-                detail: "vhost-device-vsock did not create its socket (see vsock-device.log)"
-                    .into(),
-            });
-        }
-        Ok(id)
+/// Whether anyone may execute `bin` by its path: every directory on the way searchable
+/// by others and the file executable by others.
+fn executable_by_others(bin: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(full) = std::fs::canonicalize(bin) else {
+        return false;
+    };
+    let x = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0);
+    x(&full) && full.ancestors().skip(1).all(x)
+}
+
+/// Starts the per-VM `vhost-device-vsock` in `<vm>/vsock/` — as the VM's uid, without
+/// capabilities, in the VM's cgroup — and waits for its vhost-user socket.
+async fn start_vsock_device(
+    bin: &Path,
+    dir: &VmDir,
+    jail: &Jail,
+) -> Result<ProcessId, BackendError> {
+    let sockets = dir.root.join(VSOCK_DIR);
+    let log = log_file(&dir.root.join("vsock-device.log"))?;
+    let log2 = log.try_clone().map_err(|source| BackendError::Spawn {
+        bin: bin.to_owned(),
+        source,
+    })?;
+    for s in [VHOST_USER_SOCKET, VSOCK_SOCKET] {
+        let _ = std::fs::remove_file(sockets.join(s));
     }
+    // Executed through a descriptor opened as root: after the drop the VM's uid may not
+    // be able to reach the binary's directory (e.g. ~/.cargo/bin under a 0700 home),
+    // only to execute the file itself.
+    let exe = std::fs::File::open(bin).map_err(|source| BackendError::Spawn {
+        bin: bin.to_owned(),
+        source,
+    })?;
+    let mut cmd = match jail.uid {
+        Some(_) if !executable_by_others(bin) => {
+            let mut c = Command::new(format!("/proc/self/fd/{}", exe.as_raw_fd()));
+            c.arg0(bin.file_name().unwrap_or(bin.as_os_str()));
+            c
+        }
+        _ => Command::new(bin),
+    };
+    cmd.args([
+        "--guest-cid",
+        &GUEST_CID.to_string(),
+        "--socket",
+        VHOST_USER_SOCKET,
+        "--uds-path",
+        VSOCK_SOCKET,
+    ])
+    // Entered as root, before the drop: the VM's uid cannot traverse the VM directory,
+    // only work in this one.
+    .current_dir(&sockets)
+    .stdin(Stdio::null())
+    .stdout(log)
+    .stderr(log2)
+    .process_group(0);
+    let cgroup_fds = jail
+        .cgroup
+        .as_ref()
+        .map(confine::VmCgroup::fds)
+        .unwrap_or_default();
+    let uid = jail.uid;
+    // SAFETY: the closure runs between fork and exec and only makes raw system calls
+    // (write, setgroups, setgid, setuid) on descriptors and values prepared before the
+    // fork; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            confine::join_before_exec(&cgroup_fds)?;
+            if let Some(u) = uid {
+                confine::drop_to_before_exec(u, u)?;
+            }
+            // Nothing it executes can gain privileges (no setuid binaries, no file
+            // capabilities).
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| BackendError::Spawn {
+        bin: bin.to_owned(),
+        source,
+    })?;
+    drop(exe);
+    let pid = child.id().unwrap_or(0);
+    // The device outlives this handle (and the launcher): it is tracked by pid and
+    // start time like the hypervisor.
+    drop(child);
+    let id = ProcessId::of(pid).ok_or_else(|| BackendError::Control {
+        backend: "qemu",
+        detail: "vhost-device-vsock exited at once (see vsock-device.log)".into(),
+    })?;
+    if !wait_for_socket(
+        &sockets.join(VHOST_USER_SOCKET),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    {
+        id.signal(libc::SIGKILL);
+        return Err(BackendError::Control {
+            backend: "qemu",
+            detail: "vhost-device-vsock did not create its socket (see vsock-device.log)".into(),
+        });
+    }
+    Ok(id)
 }
 
 impl Qemu {
-    fn spawn_qemu(&self, spec: &LaunchSpec, args: Vec<String>) -> Result<Child, BackendError> {
-        {
-            let log = log_file(&spec.dir.hypervisor_log())?;
-            let log2 = log.try_clone().map_err(|source| BackendError::Spawn {
-                bin: self.bin.clone(),
-                source,
-            })?;
-            let _ = std::fs::remove_file(spec.dir.root.join(QMP_SOCKET));
-            Command::new(&self.bin)
-                .args(args)
-                .current_dir(&spec.dir.root)
-                .stdin(Stdio::null())
-                .stdout(log)
-                .stderr(log2)
-                // Own process group: a Ctrl-C to the launcher's terminal, or the launcher
-                // dying, does not take the VM down.
-                .process_group(0)
-                .spawn()
-                .map_err(|source| BackendError::Spawn {
-                    bin: self.bin.clone(),
-                    source,
-                })
+    fn spawn_qemu(
+        &self,
+        spec: &LaunchSpec,
+        args: Vec<String>,
+        jail: &Jail,
+        disks: &Disks,
+    ) -> Result<Child, BackendError> {
+        let log = log_file(&spec.dir.hypervisor_log())?;
+        let log2 = log.try_clone().map_err(|source| BackendError::Spawn {
+            bin: self.bin.clone(),
+            source,
+        })?;
+        let _ = std::fs::remove_file(spec.dir.root.join(QMP_SOCKET));
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
+            .current_dir(&spec.dir.root)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Own process group: a Ctrl-C to the launcher's terminal, or the launcher
+            // dying, does not take the VM down.
+            .process_group(0);
+        let cgroup_fds = jail
+            .cgroup
+            .as_ref()
+            .map(confine::VmCgroup::fds)
+            .unwrap_or_default();
+        // The descriptors `-add-fd` names: inherited by QEMU alone (they stay
+        // close-on-exec in the launcher, so no other child gets them).
+        let mut keep = disks.raw();
+        keep.extend(spec.rootfs_fd.as_ref().map(|f| f.as_raw_fd()));
+        // SAFETY: the closure runs between fork and exec and only makes raw system calls
+        // (write, fcntl) on descriptors prepared before the fork; it allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                confine::join_before_exec(&cgroup_fds)?;
+                for &fd in &keep {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
         }
+        cmd.spawn().map_err(|source| BackendError::Spawn {
+            bin: self.bin.clone(),
+            source,
+        })
     }
 }
 
@@ -523,6 +895,7 @@ mod tests {
             vmlinux: None,
             initramfs: "/img/initramfs.cpio.gz".into(),
             rootfs: "/img,odd/rootfs.img".into(),
+            rootfs_fd: None,
             image_cmdline: "panic=-1 clawos.root_hash=ab".into(),
             snapshots: false,
         }
@@ -537,7 +910,7 @@ mod tests {
             vhost_vsock: Some("vhost-device-vsock".into()),
             qboot: None,
         };
-        let a = q.args(&spec()).join(" ");
+        let a = q.args(&spec(), None, &Disks::default()).join(" ");
         assert!(a.contains("-accel tcg"), "{a}");
         assert!(a.contains("tsc_early_khz=2596146"), "{a}");
         assert!(
@@ -555,6 +928,16 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("-m 512 -smp 2"), "{a}");
+        assert!(a.contains("-accel tcg,tb-size=256"), "{a}");
+        // Not running as another uid (the launcher is not root): the filter may deny
+        // set*id as well.
+        assert!(
+            a.contains(
+                "-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny,elevateprivileges=deny"
+            ),
+            "{a}"
+        );
+        assert!(!a.contains("-runas"), "{a}");
         assert!(a.contains("-M microvm,memory-backend=ram"), "{a}");
         assert!(
             a.contains("memory-backend-memfd,id=ram,size=512M,share=on"),
@@ -574,7 +957,7 @@ mod tests {
         };
         let mut s = spec();
         s.snapshots = true;
-        let boot = q.args(&s).join(" ");
+        let boot = q.args(&s, Some(1234), &Disks::default()).join(" ");
         assert!(boot.contains("-M pc,memory-backend=ram"), "{boot}");
         assert!(boot.contains(&format!("-bios {QBOOT_ROM}")), "{boot}");
         assert!(boot.contains("virtio-rng-pci,addr=0x3"), "{boot}");
@@ -591,17 +974,75 @@ mod tests {
             "{boot}"
         );
         assert!(!boot.contains("-device virtio-blk-device"), "{boot}");
+        assert!(
+            boot.contains(
+                "-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny -runas 1234:1234"
+            ),
+            "{boot}"
+        );
+        assert!(
+            boot.contains("socket,id=vsock,path=vsock/vhost-vsock.sock"),
+            "{boot}"
+        );
         // A restore starts without the vsock device (it was unplugged when the state
         // was saved) and waits for the state; everything else is identical.
-        let restore = q.restore_args(&s);
-        let mut expected = q.args(&s);
+        let restore = q.restore_args(&s, Some(1234), &Disks::default());
+        let mut expected = q.args(&s, Some(1234), &Disks::default());
         let at = expected
             .iter()
-            .position(|a| a == "socket,id=vsock,path=vhost-vsock.sock");
+            .position(|a| a == "socket,id=vsock,path=vsock/vhost-vsock.sock");
         let at = at.expect("vsock chardev") - 1;
         expected.drain(at..at + 4);
         expected.extend(["-incoming".into(), "defer".into()]);
         assert_eq!(restore, expected);
+    }
+
+    #[test]
+    fn the_rootfs_is_the_checked_descriptor_never_its_path() {
+        let q = Qemu {
+            bin: "qemu-system-x86_64".into(),
+            kvm: false,
+            tsc_khz: Some(1),
+            vhost_vsock: None,
+            qboot: None,
+        };
+        let f = std::fs::File::open("/dev/null").expect("a descriptor");
+        let fd = f.as_raw_fd();
+        let mut s = spec();
+        s.rootfs_fd = Some(std::sync::Arc::new(f));
+        let a = q.args(&s, Some(7), &Disks::default()).join(" ");
+        assert!(
+            a.contains(&format!("-add-fd fd={fd},set=1,opaque=rootfs")),
+            "{a}"
+        );
+        assert!(
+            a.contains("id=rootfs,file=/dev/fdset/1,format=raw,if=none,readonly=on"),
+            "{a}"
+        );
+        assert!(!a.contains("rootfs.img"), "{a}");
+        // The VM's own disks: a set each, read-write and read-only descriptors.
+        let t = tempfile::tempdir().expect("tmp");
+        for f in ["runtime.img", "workspace.img", "config.img"] {
+            std::fs::write(t.path().join(f), b"disk").expect("disk");
+        }
+        let disks = Disks::open(&VmDir {
+            root: t.path().to_owned(),
+        })
+        .expect("disks");
+        let a = q.args(&s, Some(7), &disks);
+        let joined = a.join(" ");
+        for (serial, set, n) in [("runtime", 2, 2), ("workspace", 3, 2), ("config", 4, 1)] {
+            let adds = a
+                .iter()
+                .filter(|x| x.ends_with(&format!(",set={set},opaque={serial}")))
+                .count();
+            assert_eq!(adds, n, "{serial}: {joined}");
+            assert!(
+                joined.contains(&format!("id={serial},file=/dev/fdset/{set},format=raw")),
+                "{joined}"
+            );
+        }
+        assert!(!joined.contains(".img"), "{joined}");
     }
 
     #[test]
@@ -613,7 +1054,7 @@ mod tests {
             vhost_vsock: None,
             qboot: None,
         };
-        let a = q.args(&spec()).join(" ");
+        let a = q.args(&spec(), None, &Disks::default()).join(" ");
         assert!(a.contains("-accel kvm") && a.contains("-cpu host"), "{a}");
         assert!(!a.contains("tsc_early_khz"), "{a}");
     }

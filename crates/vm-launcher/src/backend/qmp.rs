@@ -82,6 +82,49 @@ impl Qmp {
         }
     }
 
+    /// Hands QEMU an open descriptor under `name` (`getfd`, the descriptor travelling
+    /// as `SCM_RIGHTS` with the command). A hypervisor that runs unprivileged cannot
+    /// open the launcher's files or sockets itself; commands then name the descriptor
+    /// (`fd:NAME` for a migration, an `fd` socket address for a chardev).
+    pub async fn pass_fd(
+        &mut self,
+        name: &str,
+        fd: &impl std::os::fd::AsRawFd,
+    ) -> Result<(), BackendError> {
+        let mut line = json!({ "execute": "getfd", "arguments": { "fdname": name } }).to_string();
+        line.push('\n');
+        let stream: &tokio::net::UnixStream = self.writer.as_ref();
+        let raw = fd.as_raw_fd();
+        loop {
+            stream.writable().await.map_err(qmp_err)?;
+            match stream.try_io(tokio::io::Interest::WRITABLE, || {
+                send_with_fd(stream, line.as_bytes(), raw)
+            }) {
+                Ok(n) if n == line.len() => break,
+                Ok(n) => {
+                    return Err(qmp_err(format!(
+                        "getfd: short write ({n} of {} bytes)",
+                        line.len()
+                    )));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(qmp_err(format!("getfd: {e}"))),
+            }
+        }
+        loop {
+            let v = self.read().await?;
+            if v.get("return").is_some() {
+                return Ok(());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(qmp_err(format!("getfd: {e}")));
+            }
+            if v.get("event").is_some() {
+                self.events.push(v);
+            }
+        }
+    }
+
     /// Waits for an event (for `device`, one whose `data.device` is it).
     pub async fn wait_event(
         &mut self,
@@ -132,5 +175,41 @@ impl Qmp {
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
+    }
+}
+
+/// One `sendmsg(2)` of `data` with `fd` attached (`SCM_RIGHTS`).
+fn send_with_fd(
+    stream: &tokio::net::UnixStream,
+    data: &[u8],
+    fd: std::os::fd::RawFd,
+) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid; every pointer set below outlives sendmsg, and
+    // the control buffer is CMSG_SPACE bytes for one descriptor, so CMSG_FIRSTHDR is
+    // non-null and the descriptor fits at CMSG_DATA.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd);
+        let n = libc::sendmsg(stream.as_raw_fd(), &msg, libc::MSG_NOSIGNAL);
+        if n < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n as usize)
     }
 }

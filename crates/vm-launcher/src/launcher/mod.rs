@@ -5,15 +5,16 @@
 //! hypervisor.
 //!
 //! Split by concern: this file (start, stop, pause, resume, delete, console, guest),
+//! `images.rs` (which image a VM boots, verified, and what the hypervisor is handed),
 //! `snapshots.rs` (snapshot, restore), `adopt.rs` (re-adoption after a restart).
 
 mod adopt;
+mod images;
 mod snapshots;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use clawos_image::{ImagePaths, Manifest, VerifyPolicy};
 use clawos_service::metrics::{Counter, GaugeFamily};
 use clawos_vm_launcher_api::{StartVm, Vm, VmState};
 
@@ -37,6 +38,7 @@ pub struct Metrics {
     images_refused: Counter,
     failures: Counter,
     pub(crate) adopted: Counter,
+    pub(crate) relay_refused: Counter,
 }
 
 impl Metrics {
@@ -56,6 +58,10 @@ impl Metrics {
             "clawos_launcher_vms_adopted_total",
             "Running VMs re-adopted after a restart.",
         );
+        let relay_refused = registry.counter(
+            "clawos_launcher_relay_refused_total",
+            "Guest connections closed for being over their VM's relay limit.",
+        );
         Self {
             registry,
             vms,
@@ -63,6 +69,7 @@ impl Metrics {
             images_refused,
             failures,
             adopted,
+            relay_refused,
         }
     }
 
@@ -78,6 +85,8 @@ pub struct Shared {
     pub backend: Arc<dyn Hypervisor>,
     pub registry: Registry,
     pub metrics: Metrics,
+    /// The launcher's own key for sealing snapshots (`<state>/snapshot-seal.key`, 0600).
+    snapshot_key: Vec<u8>,
     host_mem_mib: u64,
     host_cpus: u32,
 }
@@ -122,7 +131,12 @@ impl Launcher {
     pub fn new(cfg: Config, backend: Arc<dyn Hypervisor>) -> Result<Arc<Self>, LauncherError> {
         let vms_dir =
             store::init_state(&cfg.state_dir).map_err(|e| LauncherError::io(&cfg.state_dir, e))?;
+        let key_path = cfg.state_dir.join("snapshot-seal.key");
+        let snapshot_key = clawos_service::operator_token(&key_path)
+            .map_err(LauncherError::Internal)?
+            .into_bytes();
         let shared = Arc::new(Shared {
+            snapshot_key,
             cfg,
             backend,
             registry: Registry::new(vms_dir),
@@ -131,6 +145,15 @@ impl Launcher {
             host_cpus: crate::host::cpus(),
         });
         adopt::adopt_all(&shared)?;
+        // What ended VMs may have left outside their directories (a cgroup whose
+        // removal a crash interrupted).
+        for r in shared.registry.all() {
+            if !r.state.is_active()
+                && let Ok(n) = VmName::parse(&r.name)
+            {
+                shared.backend.cleanup(&shared.registry.dir(&n));
+            }
+        }
         Ok(Arc::new(Self { shared }))
     }
 
@@ -153,61 +176,6 @@ impl Launcher {
     pub fn get(&self, name: &str) -> Result<Vm, LauncherError> {
         let name = VmName::parse(name)?;
         self.record(&name).map(|r| r.view())
-    }
-
-    fn image_paths(
-        &self,
-        image: Option<&str>,
-    ) -> Result<(std::path::PathBuf, ImagePaths), LauncherError> {
-        let cfg = &self.shared.cfg;
-        let dir = match image {
-            Some(d) => {
-                let p = std::path::PathBuf::from(d);
-                if !p.is_absolute() {
-                    return Err(LauncherError::Invalid(format!(
-                        "image path {d:?} must be absolute"
-                    )));
-                }
-                p
-            }
-            None => cfg.image_dir.clone().ok_or_else(|| {
-                LauncherError::Invalid(
-                    "no image given and no default image configured (CLAWOS_IMAGE_DIR)".into(),
-                )
-            })?,
-        };
-        if !dir.is_dir() {
-            return Err(LauncherError::Invalid(format!(
-                "image directory {} does not exist",
-                dir.display()
-            )));
-        }
-        let mut paths = ImagePaths::bundle(&dir);
-        if image.is_none() {
-            if let Some(k) = &cfg.kernel_override {
-                paths.kernel = k.clone();
-            }
-            if let Some(r) = &cfg.rootfs_override {
-                paths.rootfs = r.clone();
-            }
-        }
-        Ok((dir, paths))
-    }
-
-    async fn verify(&self, paths: &ImagePaths) -> Result<Manifest, LauncherError> {
-        let policy = VerifyPolicy {
-            public_key: self.shared.cfg.public_key,
-            pinned_root_hash: self.shared.cfg.pinned_root_hash.clone(),
-        };
-        let p = paths.clone();
-        let result = tokio::task::spawn_blocking(move || clawos_image::verify(&p, &policy))
-            .await
-            .map_err(|e| LauncherError::Internal(format!("verification task: {e}")))?;
-        result.map_err(|e| {
-            self.shared.metrics.images_refused.inc();
-            tracing::warn!(error = %e, "image refused");
-            LauncherError::image_refused(&e)
-        })
     }
 
     /// Creates (if new) and boots a VM. Returns once the hypervisor runs; readiness is
@@ -233,9 +201,9 @@ impl Launcher {
                 r.state
             )));
         }
-        let (image_dir, paths) = self.image_paths(req.image.as_deref())?;
+        let image = images::parse_name(req.image.as_deref())?;
         // Verified before anything is created or started: a refused image leaves no trace.
-        let manifest = self.verify(&paths).await?;
+        let image = self.verify_image(&image).await?;
 
         let cfg = &self.shared.cfg;
         let dir = match &existing {
@@ -252,8 +220,8 @@ impl Launcher {
             model: req.model.clone(),
             mem_mib: req.mem_mib,
             vcpus: req.vcpus,
-            image: image_dir.display().to_string(),
-            root_hash: manifest.verity.root_hash.clone(),
+            image: image.name.clone(),
+            root_hash: image.manifest().verity.root_hash.clone(),
             backend: self.shared.backend.name().to_owned(),
             state: existing.as_ref().map_or(VmState::Stopped, |r| r.state),
             reason: existing.as_ref().and_then(|r| r.reason.clone()),
@@ -265,9 +233,7 @@ impl Launcher {
             socket_dir: None,
             snapshots: req.snapshots,
         };
-        let booted = self
-            .boot(&name, &dir, &req, &paths, &manifest, record)
-            .await;
+        let booted = self.boot(&name, &dir, &req, image, record).await;
         if booted.is_err() && existing.is_none() {
             self.registry().remove(&name);
             let _ = store::remove(self.registry().vms_dir(), &name);
@@ -280,8 +246,7 @@ impl Launcher {
         name: &VmName,
         dir: &VmDir,
         req: &StartVm,
-        paths: &ImagePaths,
-        manifest: &Manifest,
+        image: images::Verified,
         record: VmRecord,
     ) -> Result<Vm, LauncherError> {
         let secret = dir
@@ -295,16 +260,9 @@ impl Launcher {
         );
         store::write_config_disk(dir, &env)?;
         store::rotate_console(dir)?;
-        let spec = launch_spec(
-            name,
-            dir,
-            req.mem_mib,
-            req.vcpus,
-            paths,
-            manifest,
-            req.snapshots,
-        );
         let started = Instant::now();
+        let files = self.stage_boot(dir, image).await?;
+        let spec = launch_spec(name, dir, req.mem_mib, req.vcpus, &files, req.snapshots);
         let launched = self
             .shared
             .backend
@@ -586,14 +544,14 @@ impl Drop for Launcher {
     }
 }
 
-/// What a backend needs to boot (or restore) one VM.
+/// What a backend needs to boot (or restore) one VM: the verified copies and the
+/// rootfs's checked descriptor, never an image path.
 fn launch_spec(
     name: &VmName,
     dir: &VmDir,
     mem_mib: u32,
     vcpus: u32,
-    paths: &ImagePaths,
-    manifest: &Manifest,
+    files: &images::BootFiles,
     snapshots: bool,
 ) -> LaunchSpec {
     LaunchSpec {
@@ -601,14 +559,12 @@ fn launch_spec(
         dir: dir.clone(),
         mem_mib,
         vcpus,
-        kernel: paths.kernel.clone(),
-        vmlinux: manifest
-            .vmlinux_sha256
-            .as_ref()
-            .map(|_| paths.vmlinux.clone()),
-        initramfs: paths.initramfs.clone(),
-        rootfs: paths.rootfs.clone(),
-        image_cmdline: manifest.cmdline.clone(),
+        kernel: files.kernel.clone(),
+        vmlinux: files.vmlinux.clone(),
+        initramfs: files.initramfs.clone(),
+        rootfs: files.rootfs_path.clone(),
+        rootfs_fd: Some(Arc::clone(&files.rootfs)),
+        image_cmdline: files.manifest.cmdline.clone(),
         snapshots,
     }
 }

@@ -38,6 +38,12 @@ impl Launcher {
             )));
         }
         let dir = self.registry().dir(&name);
+        let kept = snapshot::list(&dir).len();
+        if kept >= self.shared.cfg.max_snapshots_per_vm {
+            return Err(LauncherError::Conflict(format!(
+                "VM {name} keeps {kept} snapshots, the most it may; delete one first"
+            )));
+        }
         if snapshot::SnapshotDir::new(&dir, &tag).root.exists() {
             return Err(LauncherError::Conflict(format!(
                 "VM {name} already has a snapshot tagged {tag}"
@@ -109,7 +115,7 @@ impl Launcher {
                     disk_bytes,
                     save_ms,
                 };
-                snapshot::commit(&dir, &staging, &rec).map(|_| rec)
+                snapshot::commit(&dir, &staging, &rec, &self.shared.snapshot_key).map(|_| rec)
             }
             (Err(e), _) => Err(e),
             (Ok(_), Err(e)) => Err(LauncherError::Internal(format!(
@@ -163,6 +169,17 @@ impl Launcher {
             }
             _ => LauncherError::io(&snap.record(), e),
         })?;
+        let (root, key) = (snap.root.clone(), self.shared.snapshot_key.clone());
+        let sealed = tokio::task::spawn_blocking(move || snapshot::check_seal(&root, &key))
+            .await
+            .map_err(|e| LauncherError::Internal(format!("seal check task: {e}")))?
+            .map_err(|e| LauncherError::io(&snap.root, e))?;
+        if !sealed {
+            tracing::warn!(vm = %name, %tag, "snapshot files changed since it was taken; restore refused");
+            return Err(LauncherError::Conflict(format!(
+                "snapshot {tag} of VM {name} was changed since it was taken (its seal does not match); it will not be restored"
+            )));
+        }
         let backend = &self.shared.backend;
         if meta.backend != backend.name() {
             return Err(LauncherError::Conflict(format!(
@@ -171,15 +188,20 @@ impl Launcher {
                 backend.name()
             )));
         }
-        let (image_dir, paths) = self.image_paths(Some(&record.image))?;
-        let manifest = self.verify(&paths).await?;
-        if manifest.verity.root_hash != meta.root_hash {
+        // The image is verified again, by the name the VM was started with.
+        let image_name = super::images::parse_name(Some(&record.image)).map_err(|_| {
+            LauncherError::Conflict(format!(
+                "VM {name} was started from an image given by path, which is no longer \
+                 accepted; images are chosen by name (clawos image add NAME DIR)"
+            ))
+        })?;
+        let image = self.verify_image(&image_name).await?;
+        if image.manifest().verity.root_hash != meta.root_hash {
             return Err(LauncherError::Conflict(format!(
-                "snapshot {tag} was taken on image root hash {}, but {} now holds {}; \
-                 the saved memory only runs on the image it was taken on",
+                "snapshot {tag} was taken on image root hash {}, but image {image_name} now \
+                 has {}; the saved memory only runs on the image it was taken on",
                 meta.root_hash,
-                image_dir.display(),
-                manifest.verity.root_hash
+                image.manifest().verity.root_hash
             )));
         }
         let (d, s) = (dir.clone(), snap.clone());
@@ -187,16 +209,16 @@ impl Launcher {
             .await
             .map_err(|e| LauncherError::Internal(format!("disk copy task: {e}")))??;
         store::rotate_console(&dir)?;
+        let started = Instant::now();
+        let files = self.stage_boot(&dir, image).await?;
         let spec = launch_spec(
             &name,
             &dir,
             meta.mem_mib,
             meta.vcpus,
-            &paths,
-            &manifest,
+            &files,
             record.snapshots,
         );
-        let started = Instant::now();
         let launched = backend
             .restore(&spec, &snap.relative)
             .await
