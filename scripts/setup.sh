@@ -39,9 +39,18 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 # QEMU's side of the hybrid vsock (Firecracker has it built in): a rust-vmm crate.
-if ! command -v vhost-device-vsock >/dev/null && [ ! -x "$HOME/.cargo/bin/vhost-device-vsock" ]; then
-  echo "==> installing vhost-device-vsock (cargo install, about a minute)"
-  cargo install --locked --quiet vhost-device-vsock --version 0.3.0
+# Installed under /usr/local so the unprivileged per-VM user the launcher runs it as can
+# execute it (root's ~/.cargo/bin is not reachable for other uids).
+if [ ! -x /usr/local/bin/vhost-device-vsock ]; then
+  if [ -x "$HOME/.cargo/bin/vhost-device-vsock" ]; then
+    $SUDO install -m 0755 "$HOME/.cargo/bin/vhost-device-vsock" /usr/local/bin/
+  else
+    echo "==> installing vhost-device-vsock (cargo install, about a minute)"
+    vtmp=$(mktemp -d)
+    cargo install --locked --quiet vhost-device-vsock --version 0.3.0 --root "$vtmp"
+    $SUDO install -m 0755 "$vtmp/bin/vhost-device-vsock" /usr/local/bin/
+    rm -rf "$vtmp"
+  fi
 fi
 # `--deps-only`: packages and tools, no build (CI lints before it builds).
 if [ "${1:-}" = --deps-only ]; then

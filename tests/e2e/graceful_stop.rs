@@ -99,6 +99,9 @@ fn inference_proxy_finishes_every_request_in_flight_and_ledgers_each_on_sigterm(
                 ("CLAWOS_PROXY_ANTHROPIC_URL", upstream.url.as_str()),
                 ("CLAWOS_PROXY_STATIC_TOKENS", tokens.to_str().expect("utf8")),
                 ("CLAWOS_PROXY_RATE_LIMIT_RPM", "1000"),
+                // One agent with 40 requests in flight at once: above the default
+                // per-agent cap, which is not what this test is about.
+                ("CLAWOS_PROXY_MAX_IN_FLIGHT", "64"),
             ],
             &log,
             px_port,

@@ -367,12 +367,101 @@ impl Launcher {
 impl Drop for Launcher {
     fn drop(&mut self) {
         self.kill9();
-        // Never leak VMs from a failed test.
+        // Never leak VMs from a failed test: the hypervisors, their helpers (the vsock
+        // device) and the VMs' cgroups, which the launcher would have removed.
+        let mut cgroups = Vec::new();
         for pid in self.hypervisor_pids() {
+            cgroups.extend(clawos_cgroups_of(pid));
             // SAFETY: kill takes plain integers; these pids are the test's own VMs.
             unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         }
+        for pid in self.helper_pids() {
+            cgroups.extend(clawos_cgroups_of(pid));
+            // SAFETY: as above; each was checked to be a vsock device process.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        cgroups.sort();
+        cgroups.dedup();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for d in cgroups {
+            while std::fs::remove_dir(&d).is_err() && d.exists() && Instant::now() < deadline {
+                for pid in std::fs::read_to_string(d.join("cgroup.procs"))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter_map(|p| p.trim().parse::<i32>().ok())
+                {
+                    // SAFETY: kill takes plain integers; these are in the VM's cgroup.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
     }
+}
+
+impl Launcher {
+    /// Helper processes (vsock devices) recorded in this launcher's VM records that
+    /// still run as such.
+    fn helper_pids(&self) -> Vec<u32> {
+        let mut pids = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(self.state_dir.join("vms")) {
+            for e in entries.flatten() {
+                let Ok(r) = std::fs::read(e.path().join("vm.json")) else {
+                    continue;
+                };
+                let r: serde_json::Value = serde_json::from_slice(&r).unwrap_or_default();
+                for h in r["helpers"].as_array().into_iter().flatten() {
+                    if let Some(pid) = h["pid"].as_u64().map(|p| p as u32)
+                        && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                            String::from_utf8_lossy(&c).contains("vhost-device-vsock")
+                        })
+                    {
+                        pids.push(pid);
+                    }
+                }
+            }
+        }
+        pids
+    }
+}
+
+/// The directories of the per-VM cgroups (`clawos-…`) process `pid` is in.
+fn clawos_cgroups_of(pid: u32) -> Vec<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let mut dirs = Vec::new();
+    for l in own.lines() {
+        let mut it = l.splitn(3, ':');
+        let (Some(_), Some(ctrls), Some(path)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        let last = path.rsplit('/').next().unwrap_or("");
+        if !last.starts_with("clawos-") {
+            continue;
+        }
+        let first = ctrls.split(',').next().unwrap_or("");
+        for m in mounts.lines() {
+            let Some((pre, post)) = m.split_once(" - ") else {
+                continue;
+            };
+            let pre: Vec<&str> = pre.split(' ').collect();
+            let post: Vec<&str> = post.split(' ').collect();
+            let fits = match first {
+                "" => post.first() == Some(&"cgroup2"),
+                c => {
+                    post.first() == Some(&"cgroup")
+                        && post.get(2).is_some_and(|o| o.split(',').any(|x| x == c))
+                }
+            };
+            if fits
+                && pre.len() > 4
+                && let Some(rel) = path.strip_prefix(pre[3].trim_end_matches('/'))
+            {
+                dirs.push(PathBuf::from(pre[4]).join(rel.trim_start_matches('/')));
+            }
+        }
+    }
+    dirs
 }
 
 /// A small runtime for the typed client in synchronous tests.
