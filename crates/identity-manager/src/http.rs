@@ -242,7 +242,15 @@ async fn metrics(State(st): S) -> Response {
 }
 
 /// The router.
-pub fn router(identity: Arc<Identity>, service_token: String) -> Router {
+/// The router, behind the `Host`/`Origin`/body-type guard (`clawos_service::guard`)
+/// for a daemon listening on `listen` and named by `issuer` (verifiers reach it at
+/// the issuer URL's host); the credentials are checked per route.
+pub fn router(
+    identity: Arc<Identity>,
+    service_token: String,
+    listen: std::net::SocketAddr,
+    issuer: &str,
+) -> Router {
     let mut registry = clawos_service::Metrics::new();
     let st = Arc::new(AppState {
         identity,
@@ -259,7 +267,7 @@ pub fn router(identity: Arc<Identity>, service_token: String) -> Router {
         ),
         metrics: registry,
     });
-    Router::new()
+    let routes = Router::new()
         .at(routes::ISSUE, issue)
         .at(routes::RENEW, renew)
         .at(routes::REVOKE, revoke)
@@ -271,7 +279,17 @@ pub fn router(identity: Arc<Identity>, service_token: String) -> Router {
         .at(routes::DISCOVERY, discovery)
         .at(routes::HEALTHZ, || async { "ok\n" })
         .at(routes::METRICS, metrics)
-        .fallback(clawos_service::http::no_such_route)
+        .fallback(clawos_service::http::no_such_route);
+    let mut guard = clawos_service::guard::Guard::new().listening_on(listen);
+    if let Some(host) = issuer
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split('/').next())
+        .filter(|h| !h.is_empty())
+    {
+        guard = guard.allow_host(host);
+    }
+    guard
+        .protect(routes)
         .with_state(st)
         .layer(axum::middleware::map_response(www_authenticate))
         .layer(axum::middleware::from_fn(clawos_service::http::request_id))

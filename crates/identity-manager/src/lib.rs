@@ -150,7 +150,12 @@ pub async fn run(
         .await
         .map_err(|e| IdentityError::Internal(format!("cannot listen on {}: {e}", cfg.addr)))?;
     tracing::info!(addr = %cfg.addr, store = %cfg.db_path.display(), issuer = %cfg.issuer.issuer, "identity-manager listening");
-    let app = http::router(std::sync::Arc::new(identity), cfg.service_token);
+    let app = http::router(
+        std::sync::Arc::new(identity),
+        cfg.service_token,
+        cfg.addr,
+        &cfg.issuer.issuer,
+    );
     clawos_service::http::serve(listener, app, shutdown, clawos_service::http::DRAIN_TIMEOUT)
         .await
         .map_err(|e| IdentityError::Internal(format!("HTTP server: {e}")))

@@ -169,3 +169,57 @@ async fn errors_are_one_body_with_a_code_and_a_request_id() {
         .expect_err("nothing listens");
     assert_eq!((e.code(), e.exit_code()), (code::UNAVAILABLE, 7));
 }
+
+/// A web page the operator opens can reach loopback: a rebinding `Host`, a foreign
+/// `Origin` or a `text/plain` body (no preflight) must not get a service answer, even
+/// with the credential (a page cannot read it, but a misconfigured client might).
+#[tokio::test]
+async fn browser_style_requests_are_refused_even_with_the_credential() {
+    let d = tempfile::tempdir().expect("tmp");
+    let (url, svc) = start(d.path()).await;
+    let http = reqwest::Client::new();
+    let issue = format!("{url}{}", routes::ISSUE.path);
+    let body = serde_json::to_string(&req("agent-1")).expect("json");
+    let send = |host: Option<&str>, origin: Option<&str>, ctype: &str| {
+        let mut r = http
+            .post(&issue)
+            .bearer_auth(&svc)
+            .header("content-type", ctype)
+            .body(body.clone());
+        if let Some(h) = host {
+            r = r.header("host", h);
+        }
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        r.send()
+    };
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(
+        status(send(None, None, "application/json").await.expect("send")),
+        201,
+        "the control: a plain local call works"
+    );
+    let port = url.rsplit(':').next().expect("port");
+    let rebound = format!("evil.example:{port}");
+    assert_eq!(
+        status(
+            send(Some(&rebound), None, "application/json")
+                .await
+                .expect("send")
+        ),
+        403
+    );
+    assert_eq!(
+        status(
+            send(None, Some("http://evil.example"), "application/json")
+                .await
+                .expect("send")
+        ),
+        403
+    );
+    assert_eq!(
+        status(send(None, None, "text/plain").await.expect("send")),
+        415
+    );
+}
