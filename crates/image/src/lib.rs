@@ -10,6 +10,7 @@
 pub mod build;
 pub mod bundle;
 pub mod cpio;
+pub mod fixture;
 pub mod kernel;
 pub mod keys;
 pub mod manifest;

@@ -284,41 +284,10 @@ mod tests {
 
     /// A small signed bundle (nothing boots it); returns its public key.
     fn bundle(dir: &Path) -> crate::manifest::VerifyingKey {
-        std::fs::create_dir_all(dir).expect("mkdir");
-        std::fs::write(dir.join(files::KERNEL), b"kernel").expect("kernel");
-        std::fs::write(dir.join(files::INITRAMFS), b"initramfs").expect("initramfs");
-        std::fs::write(dir.join(files::ROOTFS), vec![1u8; 8192]).expect("rootfs");
-        let sha = |p: &str| crate::manifest::sha256_file(&dir.join(p)).expect("hash");
-        let m = Manifest {
-            manifest_version: crate::manifest::MANIFEST_VERSION,
-            version: "t".into(),
-            created: "2026-01-01T00:00:00Z".into(),
-            kernel_release: "t".into(),
-            kernel_sha256: sha(files::KERNEL),
-            initramfs_sha256: sha(files::INITRAMFS),
-            vmlinux_sha256: None,
-            cmdline: "x".into(),
-            rootfs_size: 8192,
-            verity: crate::verity::VerityGeometry {
-                algorithm: "sha256".into(),
-                data_block_size: 4096,
-                hash_block_size: 4096,
-                data_blocks: 1,
-                hash_start_block: 1,
-                salt: "00".into(),
-                root_hash: "ab".repeat(32),
-            },
-        };
-        std::fs::write(
-            dir.join(files::MANIFEST),
-            serde_json::to_vec(&m).expect("json"),
-        )
-        .expect("manifest");
         let key_path = dir.parent().expect("parent").join("k");
-        let _ = std::fs::remove_file(&key_path);
-        let key = crate::keys::generate(&key_path).expect("key");
-        crate::manifest::sign_bundle(dir, &key).expect("sign");
-        key.verifying_key()
+        crate::fixture::small_signed_bundle(dir, &key_path)
+            .expect("fixture bundle")
+            .verifying_key()
     }
 
     fn source(dir: &Path) -> BundleSource {
@@ -366,7 +335,8 @@ mod tests {
         );
         assert_eq!(
             std::fs::read(store.join("agent").join(files::KERNEL)).expect("read"),
-            b"kernel"
+            b"fixture kernel",
+            "the refused copy left the stored bundle as it was"
         );
         let left: Vec<_> = std::fs::read_dir(&store)
             .expect("ls")

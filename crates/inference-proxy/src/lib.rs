@@ -200,38 +200,9 @@ pub async fn run(
     let app = router_on(Arc::clone(&p), cfg.addr)
         .layer(axum::middleware::from_fn(conns::track_busy))
         .into_make_service_with_connect_info::<conns::ConnHandle>();
-    serve(listener, app, shutdown, clawos_service::http::DRAIN_TIMEOUT)
+    clawos_service::http::serve(listener, app, shutdown, clawos_service::http::DRAIN_TIMEOUT)
         .await
         .map_err(ServeError::Http)?;
     drop(p);
     Ok(())
-}
-
-/// Serves until `shutdown` resolves, then lets requests in flight finish for at most
-/// `drain` (as `clawos_service::http::serve`, with the connection info the limits need).
-async fn serve(
-    listener: conns::LimitedListener,
-    app: axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, conns::ConnHandle>,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-    drain: std::time::Duration,
-) -> std::io::Result<()> {
-    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        let _ = stopping_tx.send(());
-    });
-    let server = std::future::IntoFuture::into_future(server);
-    tokio::pin!(server);
-    tokio::select! {
-        served = &mut server => served,
-        () = async {
-            if stopping_rx.await.is_err() {
-                std::future::pending::<()>().await;
-            }
-            tokio::time::sleep(drain).await;
-        } => {
-            tracing::warn!(drain_secs = drain.as_secs(), "requests still in flight after the drain timeout; exiting without them");
-            Ok(())
-        }
-    }
 }

@@ -127,15 +127,30 @@ pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30
 /// Serves `app` until `shutdown` resolves, then stops accepting and lets requests in
 /// flight finish, for at most `drain`: a client that never finishes (a stuck stream)
 /// cannot keep a daemon from stopping.
-pub async fn serve<L>(
+///
+/// `app` is a `Router`, or what `Router::into_make_service_with_connect_info` makes
+/// (the bounds are axum's own for a served make-service).
+pub async fn serve<L, M, S>(
     listener: L,
-    app: axum::Router,
+    app: M,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     drain: std::time::Duration,
 ) -> std::io::Result<()>
 where
     L: axum::serve::Listener,
     L::Addr: std::fmt::Debug,
+    M: for<'a> tower_service::Service<
+            axum::serve::IncomingStream<'a, L>,
+            Error = std::convert::Infallible,
+            Response = S,
+        > + Send
+        + 'static,
+    for<'a> <M as tower_service::Service<axum::serve::IncomingStream<'a, L>>>::Future: Send,
+    S: tower_service::Service<Request, Response = Response, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
 {
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, app).with_graceful_shutdown(async move {

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clawos_api::{ClientError, HttpClient, Route, code};
-use clawos_image::manifest::{Manifest, files, sha256_file, sign_bundle};
-use clawos_image::verity::VerityGeometry;
+use clawos_image::manifest::files;
 use clawos_vm_launcher::backend::fake::FakeHypervisor;
 use clawos_vm_launcher::host::ProcessId;
 use clawos_vm_launcher::store::VmDir;
@@ -18,37 +17,8 @@ use clawos_vm_launcher_api::{ExecError, ExecStart, LauncherClient, StartVm, Tunn
 
 /// A signed bundle of small files: verification is real, nothing boots it.
 fn signed_bundle(dir: &Path) -> String {
-    std::fs::create_dir_all(dir).expect("bundle dir");
-    std::fs::write(dir.join(files::KERNEL), b"fake kernel").expect("kernel");
-    std::fs::write(dir.join(files::INITRAMFS), b"fake initramfs").expect("initramfs");
-    std::fs::write(dir.join(files::ROOTFS), vec![0u8; 8192]).expect("rootfs");
-    let manifest = Manifest {
-        manifest_version: clawos_image::manifest::MANIFEST_VERSION,
-        version: "test".into(),
-        created: "2026-01-01T00:00:00Z".into(),
-        kernel_release: "fake".into(),
-        kernel_sha256: sha256_file(&dir.join(files::KERNEL)).expect("hash"),
-        initramfs_sha256: sha256_file(&dir.join(files::INITRAMFS)).expect("hash"),
-        vmlinux_sha256: None,
-        cmdline: "console=ttyS0".into(),
-        rootfs_size: 8192,
-        verity: VerityGeometry {
-            algorithm: "sha256".into(),
-            data_block_size: 4096,
-            hash_block_size: 4096,
-            data_blocks: 1,
-            hash_start_block: 1,
-            salt: "00".into(),
-            root_hash: "ab".repeat(32),
-        },
-    };
-    std::fs::write(
-        dir.join(files::MANIFEST),
-        serde_json::to_vec(&manifest).expect("manifest json"),
-    )
-    .expect("manifest");
-    let key = clawos_image::keys::generate(&dir.join("signing.key")).expect("key");
-    sign_bundle(dir, &key).expect("sign");
+    let key = clawos_image::fixture::small_signed_bundle(dir, &dir.join("signing.key"))
+        .expect("fixture bundle");
     clawos_image::keys::public_hex(&key)
 }
 
