@@ -118,6 +118,32 @@ fn encode_segment(out: &mut String, s: &str) {
     }
 }
 
+/// Why `name` is not a name a ClawOS API takes (a VM, a snapshot tag, an image), or
+/// `None` when it is one: a DNS label, `[a-z0-9-]`, 1–63 characters, not starting or
+/// ending with `-`. Such a name can name a directory and is never a path.
+pub fn label_problem(name: &str) -> Option<String> {
+    const MAX: usize = 63;
+    if name.is_empty() {
+        return Some("empty".into());
+    }
+    if name.len() > MAX {
+        return Some(format!(
+            "{} characters, at most {MAX}",
+            name.chars().count()
+        ));
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Some("only lowercase a-z, digits and '-' are allowed".into());
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return Some("must not start or end with '-'".into());
+    }
+    None
+}
+
 /// The error body of every ClawOS API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {

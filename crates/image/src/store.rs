@@ -20,9 +20,6 @@ use crate::manifest::{ImageError, Manifest, VerifyPolicy, files};
 /// The image a VM boots when none is named.
 pub const DEFAULT_IMAGE: &str = "default";
 
-/// Longest image name (a DNS label, like a VM name).
-pub const MAX_NAME: usize = 63;
-
 /// The store directory of a state directory.
 pub fn images_dir(state: &Path) -> PathBuf {
     state.join("images")
@@ -32,28 +29,13 @@ pub fn images_dir(state: &Path) -> PathBuf {
 /// starting or ending with `-` — so it names a directory in the store and is never a
 /// path. The error says which rule it breaks.
 pub fn check_name(name: &str) -> Result<(), String> {
-    let shown: String = name.chars().take(80).collect();
-    let bad = |why: &str| {
-        Err(format!(
-            "invalid image name {shown:?}: {why} (images are chosen by name — `clawos image add NAME DIR` registers one — never by path)"
-        ))
-    };
-    if name.is_empty() {
-        return bad("empty");
+    match clawos_api::label_problem(name) {
+        None => Ok(()),
+        Some(why) => Err(format!(
+            "invalid image name {:?}: {why} (images are chosen by name — `clawos image add NAME DIR` registers one — never by path)",
+            name.chars().take(80).collect::<String>()
+        )),
     }
-    if name.len() > MAX_NAME {
-        return bad(&format!("more than {MAX_NAME} characters"));
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return bad("only lowercase a-z, digits and '-' are allowed");
-    }
-    if name.starts_with('-') || name.ends_with('-') {
-        return bad("must not start or end with '-'");
-    }
-    Ok(())
 }
 
 fn werr(path: &Path, source: io::Error) -> ImageError {

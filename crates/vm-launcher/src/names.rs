@@ -6,9 +6,6 @@ use std::fmt;
 
 use crate::LauncherError;
 
-/// Maximum length of a name (a DNS label).
-pub const MAX_NAME: usize = 63;
-
 /// A VM's name: `[a-z0-9-]`, 1–63 characters, not starting or ending with `-`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VmName(String);
@@ -71,31 +68,13 @@ str_like!(VmName);
 str_like!(SnapshotTag);
 
 fn label(what: &str, name: &str) -> Result<(), LauncherError> {
-    let bad = |why: &str| {
-        Err(LauncherError::Invalid(format!(
+    match clawos_api::label_problem(name) {
+        None => Ok(()),
+        Some(why) => Err(LauncherError::Invalid(format!(
             "invalid {what} {:?}: {why}",
             name.chars().take(80).collect::<String>()
-        )))
-    };
-    if name.is_empty() {
-        return bad("empty");
+        ))),
     }
-    if name.len() > MAX_NAME {
-        return bad(&format!(
-            "{} characters, at most {MAX_NAME}",
-            name.chars().count()
-        ));
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return bad("only lowercase a-z, digits and '-' are allowed");
-    }
-    if name.starts_with('-') || name.ends_with('-') {
-        return bad("must not start or end with '-'");
-    }
-    Ok(())
 }
 
 #[cfg(test)]
