@@ -118,6 +118,8 @@ pub struct RawConfig {
     pub jailer_netns: Option<PathBuf>,
     pub stop_timeout_secs: u64,
     pub boot_timeout_secs: u64,
+    /// Console log cap in MiB (0: the default).
+    pub console_max_mib: u64,
 }
 
 /// A configuration problem, named.
@@ -323,7 +325,10 @@ impl RawConfig {
             runtime_disk_mib: 256,
             workspace_disk_mib: 1024,
             ready_probe_interval: Duration::from_millis(200),
-            console_max_bytes: 8 << 20,
+            console_max_bytes: match self.console_max_mib {
+                0 => 8 << 20,
+                mib => mib.saturating_mul(1 << 20),
+            },
             max_snapshots_per_vm: 16,
         })
     }

@@ -88,6 +88,10 @@ struct Args {
     /// Seconds a guest gets to report ready before it is failed.
     #[arg(long, default_value_t = 180)]
     boot_timeout: u64,
+    /// MiB a VM's live console log may grow to before it is cut (the earlier part is
+    /// kept as console.log.1).
+    #[arg(long, env = "CLAWOS_CONSOLE_MAX_MIB", default_value_t = 8)]
+    console_max_mib: u64,
     #[command(flatten)]
     log: clawos_service::LogArgs,
 }
@@ -125,6 +129,7 @@ fn main() -> Result<()> {
         jailer_netns: args.jailer_netns,
         stop_timeout_secs: args.stop_timeout,
         boot_timeout_secs: args.boot_timeout,
+        console_max_mib: args.console_max_mib,
     }
     .validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
