@@ -15,8 +15,8 @@ fn a_guest_flooding_its_console_stays_within_the_cap() {
         return;
     }
     let state = tempfile::tempdir().expect("tempdir");
-    let l = Launcher::start_with(state.path(), &[("CLAWOS_CONSOLE_MAX_MIB", "1")])
-        .expect("launcher");
+    let l =
+        Launcher::start_with(state.path(), &[("CLAWOS_CONSOLE_MAX_MIB", "1")]).expect("launcher");
     runtime()
         .block_on(l.client().start(&StartVm {
             name: "noisy".into(),
@@ -53,7 +53,10 @@ fn a_guest_flooding_its_console_stays_within_the_cap() {
     // The cap, plus what a guest writes between two looks (≈ 0.5 MB/s under TCG).
     let bound = (1 << 20) + (512 << 10);
     assert!(live <= bound, "console.log is {live} bytes, over the cap");
-    assert!(older <= bound, "console.log.1 is {older} bytes, over the cap");
+    assert!(
+        older <= bound,
+        "console.log.1 is {older} bytes, over the cap"
+    );
     assert!(older > 0, "the log was never cut (4 MiB were written)");
     assert!(
         l.log().contains("console log capped"),

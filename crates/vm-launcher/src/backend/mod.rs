@@ -6,6 +6,8 @@ pub mod confine;
 pub mod fake;
 pub mod firecracker;
 pub mod qemu;
+mod qemu_snapshot;
+mod qemu_vsock;
 mod qmp;
 
 use std::future::Future;

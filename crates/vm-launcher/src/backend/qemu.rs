@@ -19,23 +19,23 @@
 //! are the launcher's verified copies in the VM directory. The vsock device process
 //! runs as the same uid from exec, in `<vm>/vsock/` (owned by that uid, 0700). Both
 //! join the VM's cgroup before exec.
+//!
+//! The vsock device process and plugging its device over QMP are in `qemu_vsock`;
+//! saving, resuming after a save and restoring are in `qemu_snapshot`.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 
-use serde_json::json;
 use tokio::process::{Child, Command};
 
 use clawos_guest_protocol::disk;
 
 use super::confine::{self, Cgroups, Limits};
-use super::qmp::{Qmp, qmp_err};
-use super::{
-    BackendError, BoxFuture, GUEST_CID, Hypervisor, LaunchSpec, Launched, VSOCK_SOCKET, log_file,
-    wait_for_socket,
-};
+use super::qemu_vsock::start_vsock_device;
+use super::qmp::Qmp;
+use super::{BackendError, BoxFuture, Hypervisor, LaunchSpec, Launched, log_file};
 use crate::host::ProcessId;
 use crate::store::VmDir;
 
@@ -52,16 +52,16 @@ const ROOTFS_FDSET: u32 = 1;
 /// descriptor, not `exec:`), no scheduler or resource changes.
 pub const SANDBOX: &str = "on,obsolete=deny,spawn=deny,resourcecontrol=deny";
 /// QEMU id of the vsock device (the one that is unplugged around a save).
-const VSOCK_DEVICE_ID: &str = "vsock0";
+pub(super) const VSOCK_DEVICE_ID: &str = "vsock0";
 /// PCI slots on the `pc` machine, fixed so that a restored VM's devices sit exactly
 /// where the saved state expects them whatever was hot-plugged before.
 const PCI_SLOT_RNG: u32 = 3;
 const PCI_SLOT_FIRST_DISK: u32 = 4;
-const PCI_SLOT_VSOCK: u32 = 9;
+pub(super) const PCI_SLOT_VSOCK: u32 = 9;
 /// The fast firmware for `pc` (Debian's qemu-system-x86 ships it); SeaBIOS otherwise.
 pub const QBOOT_ROM: &str = "/usr/share/qemu/qboot.rom";
 /// Longest wait for the guest to release the vsock device on unplug.
-const UNPLUG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(super) const UNPLUG_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The QEMU backend.
 #[derive(Debug, Clone)]
@@ -431,44 +431,7 @@ impl Hypervisor for Qemu {
         dir: &'a VmDir,
         snap: &'a str,
     ) -> BoxFuture<'a, Result<u64, BackendError>> {
-        Box::pin(async move {
-            let mut qmp = Qmp::connect(dir).await?;
-            if self.vhost_vsock.is_some() {
-                qmp.execute("device_del", Some(json!({ "id": VSOCK_DEVICE_ID })))
-                    .await?;
-                qmp.wait_event("DEVICE_DELETED", Some(VSOCK_DEVICE_ID), UNPLUG_TIMEOUT)
-                    .await?;
-            }
-            qmp.execute("stop", None).await?;
-            // The stream goes to a temporary name through a descriptor the launcher
-            // opened (QEMU may neither spawn `cat` nor open files of the launcher's),
-            // and is renamed once QEMU reports the migration complete: the final name
-            // appearing means complete.
-            let part = dir
-                .root
-                .join(snap)
-                .join(format!("{}.part", crate::snapshot::QEMU_STATE));
-            let done = dir.root.join(snap).join(crate::snapshot::QEMU_STATE);
-            let file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&part)
-                .map_err(|e| qmp_err(format!("{}: {e}", part.display())))?;
-            qmp.pass_fd("migration", &file).await?;
-            qmp.execute("migrate", Some(json!({ "uri": "fd:migration" })))
-                .await?;
-            qmp.wait_migration().await?;
-            let size = file
-                .sync_all()
-                .and_then(|()| file.metadata())
-                .map(|m| m.len())
-                .map_err(|e| qmp_err(format!("{}: {e}", part.display())))?;
-            drop(file);
-            std::fs::rename(&part, &done)
-                .map_err(|e| qmp_err(format!("{}: {e}", done.display())))?;
-            Ok(size)
-        })
+        Box::pin(self.save_snapshot(dir, snap))
     }
 
     fn after_save<'a>(
@@ -477,29 +440,7 @@ impl Hypervisor for Qemu {
         helpers: &'a [ProcessId],
         resume: bool,
     ) -> BoxFuture<'a, Result<Vec<ProcessId>, BackendError>> {
-        Box::pin(async move {
-            let mut qmp = Qmp::connect(dir).await?;
-            let mut new_helpers = helpers.to_vec();
-            if let Some(bin) = &self.vhost_vsock {
-                // vhost-device-vsock serves one vhost-user session: the unplugged device
-                // ended it, so a fresh process backs the new device.
-                for h in helpers {
-                    end_process(*h).await;
-                }
-                // The same uid and cgroup as the rest of the VM.
-                let jail = Jail::existing(dir).map_err(|e| qmp_err(format!("VM cgroup: {e}")))?;
-                let h = start_vsock_device(bin, dir, &jail).await?;
-                new_helpers = vec![h];
-                if let Err(e) = plug_vsock(&mut qmp, dir).await {
-                    h.signal(libc::SIGKILL);
-                    return Err(e);
-                }
-            }
-            if resume {
-                qmp.execute("cont", None).await?;
-            }
-            Ok(new_helpers)
-        })
+        Box::pin(self.after_snapshot(dir, helpers, resume))
     }
 
     fn restore<'a>(
@@ -507,83 +448,7 @@ impl Hypervisor for Qemu {
         spec: &'a LaunchSpec,
         snap: &'a str,
     ) -> BoxFuture<'a, Result<Launched, BackendError>> {
-        Box::pin(async move {
-            let jail = self.confine(spec)?;
-            let mut helpers = Vec::new();
-            if let Some(bin) = &self.vhost_vsock {
-                match start_vsock_device(bin, &spec.dir, &jail).await {
-                    Ok(h) => helpers.push(h),
-                    Err(e) => {
-                        self.cleanup(&spec.dir);
-                        return Err(e);
-                    }
-                }
-            }
-            let spawned = Disks::open(&spec.dir)
-                .map_err(|e| BackendError::Spawn {
-                    bin: self.bin.clone(),
-                    source: e,
-                })
-                .and_then(|disks| {
-                    self.spawn_qemu(
-                        spec,
-                        self.restore_args(spec, jail.uid, &disks),
-                        &jail,
-                        &disks,
-                    )
-                });
-            let mut child = match spawned {
-                Ok(c) => c,
-                Err(e) => {
-                    for h in &helpers {
-                        h.signal(libc::SIGKILL);
-                    }
-                    self.cleanup(&spec.dir);
-                    return Err(e);
-                }
-            };
-            let loaded = async {
-                if !wait_for_socket(
-                    &spec.dir.root.join(QMP_SOCKET),
-                    std::time::Duration::from_secs(10),
-                )
-                .await
-                {
-                    return Err(qmp_err("QEMU did not open its QMP socket"));
-                }
-                let mut qmp = Qmp::connect(&spec.dir).await?;
-                let state = spec.dir.root.join(snap).join(crate::snapshot::QEMU_STATE);
-                let file = std::fs::File::open(&state)
-                    .map_err(|e| qmp_err(format!("{}: {e}", state.display())))?;
-                qmp.pass_fd("migration", &file).await?;
-                drop(file);
-                qmp.execute("migrate-incoming", Some(json!({ "uri": "fd:migration" })))
-                    .await?;
-                qmp.wait_migration().await?;
-                if self.vhost_vsock.is_some() {
-                    plug_vsock(&mut qmp, &spec.dir).await?;
-                }
-                qmp.execute("cont", None).await.map(drop)
-            }
-            .await;
-            match loaded {
-                Ok(()) => Ok(Launched {
-                    child,
-                    vsock: !helpers.is_empty(),
-                    helpers,
-                    socket_dir: self.socket_dir(&spec.dir),
-                }),
-                Err(e) => {
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
-                    for h in &helpers {
-                        h.signal(libc::SIGKILL);
-                    }
-                    self.cleanup(&spec.dir);
-                    Err(e)
-                }
-            }
-        })
+        Box::pin(self.restore_snapshot(spec, snap))
     }
 
     /// Ends what is left in the VM's cgroup and removes it, gives its uid back, and
@@ -606,7 +471,7 @@ pub struct Jail {
 
 impl Jail {
     /// The running VM's: the uid its vsock directory belongs to, its existing cgroup.
-    fn existing(dir: &VmDir) -> std::io::Result<Self> {
+    pub(super) fn existing(dir: &VmDir) -> std::io::Result<Self> {
         use std::os::unix::fs::MetadataExt;
         let uid = std::fs::metadata(dir.root.join(VSOCK_DIR))
             .map(|m| m.uid())
@@ -619,14 +484,14 @@ impl Jail {
 
 impl Qemu {
     /// Where a VM's vsock sockets are (when it has the device).
-    fn socket_dir(&self, dir: &VmDir) -> Option<PathBuf> {
+    pub(super) fn socket_dir(&self, dir: &VmDir) -> Option<PathBuf> {
         self.vhost_vsock.as_ref().map(|_| dir.root.join(VSOCK_DIR))
     }
 
     /// The VM's uid and cgroup for a new boot, and its vsock directory owned by that
     /// uid. Failing to make the cgroup fails the start when the launcher is root (it
     /// could, so it must); otherwise the VM runs without one, as the log said once.
-    fn confine(&self, spec: &LaunchSpec) -> Result<Jail, BackendError> {
+    pub(super) fn confine(&self, spec: &LaunchSpec) -> Result<Jail, BackendError> {
         let err = |what: &str, e: std::io::Error| BackendError::Control {
             backend: "qemu",
             detail: format!("confining VM {}: {what}: {e}", spec.name),
@@ -668,167 +533,8 @@ impl Qemu {
     }
 }
 
-/// Plugs a vsock device backed by the (new) device process into a `pc` VM. QEMU runs
-/// unprivileged by now and cannot reach the socket itself: the launcher connects and
-/// hands QEMU the connected socket.
-async fn plug_vsock(qmp: &mut Qmp, dir: &VmDir) -> Result<(), BackendError> {
-    // The chardev of the unplugged device is still there (it is not in a restored VM).
-    let _ = qmp
-        .execute("chardev-remove", Some(json!({ "id": "vsock" })))
-        .await;
-    let sock = super::connect_in_dir(&dir.root.join(VSOCK_DIR), VHOST_USER_SOCKET)
-        .await
-        .map_err(|e| qmp_err(format!("connecting to the vsock device: {e}")))?;
-    qmp.pass_fd("vsock", &sock).await?;
-    drop(sock);
-    qmp.execute(
-        "chardev-add",
-        Some(json!({
-            "id": "vsock",
-            "backend": { "type": "socket", "data": {
-                "addr": { "type": "fd", "data": { "str": "vsock" } },
-                "server": false,
-            }},
-        })),
-    )
-    .await?;
-    qmp.execute(
-        "device_add",
-        Some(json!({
-            "driver": "vhost-user-vsock-pci",
-            "chardev": "vsock",
-            "id": VSOCK_DEVICE_ID,
-            "addr": format!("{PCI_SLOT_VSOCK:#x}"),
-        })),
-    )
-    .await
-    .map(drop)
-}
-
-/// SIGTERM, then SIGKILL after a second; returns once the process is gone.
-async fn end_process(p: ProcessId) {
-    p.signal(libc::SIGTERM);
-    for i in 0..200 {
-        if !p.is_alive() {
-            return;
-        }
-        if i == 100 {
-            p.signal(libc::SIGKILL);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-}
-
-/// Whether anyone may execute `bin` by its path: every directory on the way searchable
-/// by others and the file executable by others.
-fn executable_by_others(bin: &Path) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(full) = std::fs::canonicalize(bin) else {
-        return false;
-    };
-    let x = |p: &Path| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0);
-    x(&full) && full.ancestors().skip(1).all(x)
-}
-
-/// Starts the per-VM `vhost-device-vsock` in `<vm>/vsock/` — as the VM's uid, without
-/// capabilities, in the VM's cgroup — and waits for its vhost-user socket.
-async fn start_vsock_device(
-    bin: &Path,
-    dir: &VmDir,
-    jail: &Jail,
-) -> Result<ProcessId, BackendError> {
-    let sockets = dir.root.join(VSOCK_DIR);
-    let log = log_file(&dir.root.join("vsock-device.log"))?;
-    let log2 = log.try_clone().map_err(|source| BackendError::Spawn {
-        bin: bin.to_owned(),
-        source,
-    })?;
-    for s in [VHOST_USER_SOCKET, VSOCK_SOCKET] {
-        let _ = std::fs::remove_file(sockets.join(s));
-    }
-    // Executed through a descriptor opened as root: after the drop the VM's uid may not
-    // be able to reach the binary's directory (e.g. ~/.cargo/bin under a 0700 home),
-    // only to execute the file itself.
-    let exe = std::fs::File::open(bin).map_err(|source| BackendError::Spawn {
-        bin: bin.to_owned(),
-        source,
-    })?;
-    let mut cmd = match jail.uid {
-        Some(_) if !executable_by_others(bin) => {
-            let mut c = Command::new(format!("/proc/self/fd/{}", exe.as_raw_fd()));
-            c.arg0(bin.file_name().unwrap_or(bin.as_os_str()));
-            c
-        }
-        _ => Command::new(bin),
-    };
-    cmd.args([
-        "--guest-cid",
-        &GUEST_CID.to_string(),
-        "--socket",
-        VHOST_USER_SOCKET,
-        "--uds-path",
-        VSOCK_SOCKET,
-    ])
-    // Entered as root, before the drop: the VM's uid cannot traverse the VM directory,
-    // only work in this one.
-    .current_dir(&sockets)
-    .stdin(Stdio::null())
-    .stdout(log)
-    .stderr(log2)
-    .process_group(0);
-    let cgroup_fds = jail
-        .cgroup
-        .as_ref()
-        .map(confine::VmCgroup::fds)
-        .unwrap_or_default();
-    let uid = jail.uid;
-    // SAFETY: the closure runs between fork and exec and only makes raw system calls
-    // (write, setgroups, setgid, setuid) on descriptors and values prepared before the
-    // fork; it allocates nothing.
-    unsafe {
-        cmd.pre_exec(move || {
-            confine::join_before_exec(&cgroup_fds)?;
-            if let Some(u) = uid {
-                confine::drop_to_before_exec(u, u)?;
-            }
-            // Nothing it executes can gain privileges (no setuid binaries, no file
-            // capabilities).
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let child = cmd.spawn().map_err(|source| BackendError::Spawn {
-        bin: bin.to_owned(),
-        source,
-    })?;
-    drop(exe);
-    let pid = child.id().unwrap_or(0);
-    // The device outlives this handle (and the launcher): it is tracked by pid and
-    // start time like the hypervisor.
-    drop(child);
-    let id = ProcessId::of(pid).ok_or_else(|| BackendError::Control {
-        backend: "qemu",
-        detail: "vhost-device-vsock exited at once (see vsock-device.log)".into(),
-    })?;
-    if !wait_for_socket(
-        &sockets.join(VHOST_USER_SOCKET),
-        std::time::Duration::from_secs(5),
-    )
-    .await
-    {
-        id.signal(libc::SIGKILL);
-        return Err(BackendError::Control {
-            backend: "qemu",
-            detail: "vhost-device-vsock did not create its socket (see vsock-device.log)".into(),
-        });
-    }
-    Ok(id)
-}
-
 impl Qemu {
-    fn spawn_qemu(
+    pub(super) fn spawn_qemu(
         &self,
         spec: &LaunchSpec,
         args: Vec<String>,

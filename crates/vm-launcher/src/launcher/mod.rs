@@ -1,6 +1,6 @@
 //! The launcher's façade: each public method is one operation of the REST API. It
-//! parses names once ([`VmName`], [`SnapshotTag`]), holds the VM for the operation
-//! ([`Registry::claim`]), and drives the backend; state changes go through the
+//! parses names once ([`VmName`], [`crate::names::SnapshotTag`]), holds the VM for the
+//! operation ([`Registry::claim`]), and drives the backend; state changes go through the
 //! registry and the per-VM [`supervisor`](crate::supervisor) follows each running
 //! hypervisor.
 //!
