@@ -101,23 +101,45 @@ async fn audit_relay(dir: PathBuf, vm: VmName, state_dir: PathBuf, refused: Coun
             continue;
         };
         let (vm, socket, token_path) = (vm.clone(), socket.clone(), token_path.clone());
+        tracing::debug!(vm = %vm, "guest audit connection");
         tokio::spawn(async move {
             let _permit = permit;
             let Some(mut guest) = first_byte(guest, AUDIT_LIMITS).await else {
+                tracing::debug!(vm = %vm, "guest audit connection said nothing");
                 return;
             };
-            let token = match tokio::fs::read_to_string(&token_path).await {
-                Ok(t) => t.trim().to_owned(),
-                Err(e) => {
-                    tracing::warn!(vm = %vm, path = %token_path.display(), error = %e, "no monitor-daemon token; guest audit stream waits");
-                    return;
-                }
-            };
-            let mut monitor = match tokio::net::UnixStream::connect(&socket).await {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::debug!(vm = %vm, socket = %socket.display(), error = %e, "monitor-daemon not taking guest streams; the guest queues");
-                    return;
+            // A monitor that is down (restarting) is waited for, with the guest's
+            // connection held: closing a connection the guest has just opened can
+            // leave it stuck on the vsock device's side (seen with vhost-device-vsock:
+            // the guest's next connections never arrived), while a held one simply
+            // carries the queued records once the monitor is back.
+            let waited_since = Instant::now();
+            let mut told = false;
+            let (token, mut monitor) = loop {
+                let token = tokio::fs::read_to_string(&token_path)
+                    .await
+                    .map(|t| t.trim().to_owned());
+                let connected = match &token {
+                    Ok(_) => tokio::net::UnixStream::connect(&socket).await,
+                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                };
+                match (token, connected) {
+                    (Ok(t), Ok(m)) => break (t, m),
+                    (_, Err(e)) => {
+                        if !told {
+                            told = true;
+                            tracing::info!(vm = %vm, socket = %socket.display(), error = %e, "monitor-daemon not taking guest streams; holding the guest's stream until it does");
+                        }
+                        if waited_since.elapsed() > AUDIT_LIMITS.idle {
+                            tracing::warn!(vm = %vm, "monitor-daemon still away; closing the guest's audit stream (it reconnects)");
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    (Err(e), Ok(_)) => {
+                        tracing::warn!(vm = %vm, path = %token_path.display(), error = %e, "no monitor-daemon token; guest audit stream waits");
+                        return;
+                    }
                 }
             };
             let header = clawos_monitor_api::GuestStreamHeader {
@@ -129,7 +151,9 @@ async fn audit_relay(dir: PathBuf, vm: VmName, state_dir: PathBuf, refused: Coun
             line.push(b'\n');
             // Both ways: records to the monitor, its acknowledgements back.
             if monitor.write_all(&line).await.is_ok() {
+                tracing::debug!(vm = %vm, "guest audit stream relayed to monitor-daemon");
                 pump(&mut guest, &mut monitor, AUDIT_LIMITS.idle).await;
+                tracing::debug!(vm = %vm, "guest audit stream ended");
             }
         });
     }
@@ -212,6 +236,7 @@ impl Gate {
             Err(_) => {
                 drop(conn);
                 self.refused.inc();
+                tracing::debug!(vm = %self.vm, relay = self.relay, "guest connection over the limit closed");
                 if self
                     .last_warned
                     .is_none_or(|t| t.elapsed() > Duration::from_secs(60))
