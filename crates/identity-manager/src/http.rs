@@ -271,7 +271,6 @@ pub fn router(
         .at(routes::ISSUE, issue)
         .at(routes::RENEW, renew)
         .at(routes::REVOKE, revoke)
-        .at(routes::INTROSPECT, introspect)
         .at(routes::REVOCATIONS, revocations)
         .at(routes::AGENT_KEY, agent_key)
         .at(routes::ROTATE_KEYS, rotate)
@@ -288,8 +287,19 @@ pub fn router(
     {
         guard = guard.allow_host(host);
     }
+    // RFC 7662 introspection is form-encoded (JSON is taken too); the Host and Origin
+    // checks and the service credential still apply to it.
+    let introspection = guard
+        .clone()
+        .body_type(axum::http::Method::POST, clawos_service::guard::JSON)
+        .body_type(
+            axum::http::Method::POST,
+            "application/x-www-form-urlencoded",
+        )
+        .protect(Router::new().at(routes::INTROSPECT, introspect));
     guard
         .protect(routes)
+        .merge(introspection)
         .with_state(st)
         .layer(axum::middleware::map_response(www_authenticate))
         .layer(axum::middleware::from_fn(clawos_service::http::request_id))

@@ -143,7 +143,8 @@ impl Guard {
         self.edit(|p| p.origins.extend(origins))
     }
 
-    /// Bodies of `method` requests must be `media_type` instead of [`JSON`].
+    /// Bodies of `method` requests must be `media_type` instead of [`JSON`]; given
+    /// more than once for a method, any of the types given is taken.
     #[must_use]
     pub fn body_type(self, method: Method, media_type: &'static str) -> Self {
         self.edit(|p| p.body_types.push((method, media_type)))
@@ -326,11 +327,15 @@ fn check_credential(p: &Policy, uri: &Uri, headers: &HeaderMap) -> Result<(), Re
 }
 
 fn check_body_type(p: &Policy, method: &Method, headers: &HeaderMap) -> Result<(), Refusal> {
-    let want = p
+    let mut allowed: Vec<&str> = p
         .body_types
         .iter()
-        .find(|(m, _)| m == method)
-        .map_or(JSON, |(_, t)| *t);
+        .filter(|(m, _)| m == method)
+        .map(|(_, t)| *t)
+        .collect();
+    if allowed.is_empty() {
+        allowed.push(JSON);
+    }
     let has_body = headers.contains_key(header::TRANSFER_ENCODING)
         || headers
             .get(header::CONTENT_LENGTH)
@@ -343,9 +348,10 @@ fn check_body_type(p: &Policy, method: &Method, headers: &HeaderMap) -> Result<(
         Err(()) => None,
     };
     let essence = given.map(|t| t.split(';').next().unwrap_or("").trim());
-    if essence.is_some_and(|e| e.eq_ignore_ascii_case(want)) {
+    if essence.is_some_and(|e| allowed.iter().any(|w| e.eq_ignore_ascii_case(w))) {
         return Ok(());
     }
+    let want = allowed.join(" or ");
     Err(Refusal(ErrorResponse::new(
         StatusCode::UNSUPPORTED_MEDIA_TYPE,
         clawos_api::code::INVALID_REQUEST,
