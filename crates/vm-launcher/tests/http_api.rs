@@ -3,40 +3,24 @@
 //! client as one error body whose code keeps what failed (an image's hash vs its
 //! signature), which is what the CLI's exit code comes from.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clawos_api::{ClientError, HttpClient, Route, code};
 use clawos_image::manifest::files;
+use clawos_vm_launcher::Launcher;
 use clawos_vm_launcher::backend::fake::FakeHypervisor;
-use clawos_vm_launcher::host::ProcessId;
-use clawos_vm_launcher::store::VmDir;
-use clawos_vm_launcher::{Launcher, RawConfig};
 use clawos_vm_launcher_api::{ExecError, ExecStart, LauncherClient, StartVm, TunnelError, VmState};
-
-/// A signed bundle of small files: verification is real, nothing boots it.
-fn signed_bundle(dir: &Path) -> String {
-    let key = clawos_image::fixture::small_signed_bundle(dir, &dir.join("signing.key"))
-        .expect("fixture bundle");
-    clawos_image::keys::public_hex(&key)
-}
 
 /// Kills the fake VMs a failed test left running.
 struct Cleanup(PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        for e in std::fs::read_dir(self.0.join("vms"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let dir = VmDir { root: e.path() };
-            if let Some(p) = dir.read_pid().filter(ProcessId::is_alive) {
-                p.signal(libc::SIGKILL);
-            }
-        }
+        common::kill_fake_vms(&self.0);
     }
 }
 
@@ -44,22 +28,9 @@ impl Drop for Cleanup {
 const TOKEN: &str = "test-operator-credential";
 
 async fn serve(state: &Path, image: &Path, pubkey: &str) -> String {
-    let cfg = RawConfig {
-        addr: "127.0.0.1:0".into(),
-        state_dir: state.to_owned(),
-        image_dir: Some(image.to_owned()),
-        public_key: Some(pubkey.to_owned()),
-        inference_proxy_url: "http://127.0.0.1:9".into(),
-        backend: "qemu".into(),
-        qemu_bin: "/bin/sh".into(),
-        firecracker_bin: "firecracker-absent".into(),
-        vhost_vsock_bin: "vhost-device-vsock-absent".into(),
-        stop_timeout_secs: 1,
-        boot_timeout_secs: 5,
-        ..RawConfig::default()
-    }
-    .validate()
-    .expect("config");
+    let cfg = common::raw_config(state, image, pubkey, 5)
+        .validate()
+        .expect("config");
     let guard = clawos_vm_launcher::http::guard(&cfg, TOKEN);
     let launcher = Launcher::new(cfg, Arc::new(FakeHypervisor::default())).expect("launcher");
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -92,7 +63,7 @@ async fn client_and_router_share_routes_and_refusals_keep_their_code() {
     let tmp = tempfile::tempdir().expect("tmp");
     let (state, image) = (tmp.path().join("state"), tmp.path().join("image"));
     let _cleanup = Cleanup(state.clone());
-    let pubkey = signed_bundle(&image);
+    let pubkey = common::signed_bundle(&image);
     let url = serve(&state, &image, &pubkey).await;
     let c = LauncherClient::new(&url).with_token(TOKEN);
 
@@ -195,7 +166,7 @@ async fn every_route_but_liveness_and_metrics_needs_the_credential_websockets_in
     let tmp = tempfile::tempdir().expect("tmp");
     let (state, image) = (tmp.path().join("state"), tmp.path().join("image"));
     let _cleanup = Cleanup(state.clone());
-    let pubkey = signed_bundle(&image);
+    let pubkey = common::signed_bundle(&image);
     let url = serve(&state, &image, &pubkey).await;
     let operator = LauncherClient::new(&url).with_token(TOKEN);
     running(&operator, "a").await;
@@ -289,7 +260,7 @@ async fn a_refused_upload_is_answered_not_cut_off_mid_body() {
     let tmp = tempfile::tempdir().expect("tmp");
     let (state, image) = (tmp.path().join("state"), tmp.path().join("image"));
     let _cleanup = Cleanup(state.clone());
-    let pubkey = signed_bundle(&image);
+    let pubkey = common::signed_bundle(&image);
     let url = serve(&state, &image, &pubkey).await;
     let c = LauncherClient::new(&url).with_token(TOKEN);
     running(&c, "a").await;

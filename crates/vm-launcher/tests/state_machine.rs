@@ -6,6 +6,8 @@
 //!
 //! The image each fake VM "boots" is a real signed bundle, verified as usual.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,35 +17,15 @@ use clawos_image::manifest::files;
 use clawos_vm_launcher::backend::fake::{FakeGuest, FakeHypervisor};
 use clawos_vm_launcher::host::ProcessId;
 use clawos_vm_launcher::store::VmDir;
-use clawos_vm_launcher::{Config, Launcher, LauncherError, RawConfig};
+use clawos_vm_launcher::{Config, Launcher, LauncherError};
 use clawos_vm_launcher_api::{StartVm, VmState};
 use proptest::prelude::*;
 
-/// A signed image bundle of small files: verification is real, nothing boots it.
-fn signed_bundle(dir: &Path) -> String {
-    let key = clawos_image::fixture::small_signed_bundle(dir, &dir.join("signing.key"))
-        .expect("fixture bundle");
-    clawos_image::keys::public_hex(&key)
-}
-
 /// A launcher's configuration over `state`, with timeouts short enough for tests.
 fn config(state: &Path, image: &Path, pubkey: &str) -> Config {
-    let mut cfg = RawConfig {
-        addr: "127.0.0.1:0".into(),
-        state_dir: state.to_owned(),
-        image_dir: Some(image.to_owned()),
-        public_key: Some(pubkey.to_owned()),
-        inference_proxy_url: "http://127.0.0.1:9".into(),
-        backend: "qemu".into(),
-        qemu_bin: "/bin/sh".into(),
-        firecracker_bin: "firecracker-absent".into(),
-        vhost_vsock_bin: "vhost-device-vsock-absent".into(),
-        stop_timeout_secs: 1,
-        boot_timeout_secs: 1,
-        ..RawConfig::default()
-    }
-    .validate()
-    .expect("config");
+    let mut cfg = common::raw_config(state, image, pubkey, 1)
+        .validate()
+        .expect("config");
     // Generous: the machine may be busy. Tests of the timeouts themselves shorten them.
     cfg.stop_timeout = Duration::from_secs(3);
     cfg.boot_timeout = Duration::from_secs(5);
@@ -65,7 +47,7 @@ impl Host {
     fn new() -> Self {
         let tmp = tempfile::tempdir().expect("tempdir");
         let image = tmp.path().join("image");
-        let pubkey = signed_bundle(&image);
+        let pubkey = common::signed_bundle(&image);
         Self {
             state: tmp.path().join("state"),
             image,
@@ -100,14 +82,7 @@ impl Host {
 
     /// Kills every fake VM left running (a test's end).
     fn kill_all(&self) {
-        let Ok(entries) = std::fs::read_dir(self.state.join("vms")) else {
-            return;
-        };
-        for e in entries.flatten() {
-            if let Some(p) = self.process(&e.file_name().to_string_lossy()) {
-                p.signal(libc::SIGKILL);
-            }
-        }
+        common::kill_fake_vms(&self.state);
     }
 }
 
@@ -474,7 +449,7 @@ fn a_refused_image_or_bad_name_leaves_nothing_behind() {
     });
     // The name is free again: a re-signed bundle (new key) boots under it.
     let mut host = host;
-    host.pubkey = signed_bundle(&host.image);
+    host.pubkey = common::signed_bundle(&host.image);
     runtime().block_on(async {
         let l = host.launcher();
         l.start(start_req("t")).await.expect("start");
