@@ -10,7 +10,7 @@
 //! initramfs swapped in after it checked the original.
 
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clawos_e2e::{
@@ -69,16 +69,6 @@ fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-fn vms_on_disk(state: &Path) -> Vec<String> {
-    std::fs::read_dir(state.join("vms"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn a_path_as_image_is_refused_images_are_chosen_by_name() {
     if !can_boot_vms() {
@@ -122,9 +112,9 @@ fn a_path_as_image_is_refused_images_are_chosen_by_name() {
     );
     assert!(!hypervisor_running_for("by-link"));
     assert!(
-        vms_on_disk(&state).is_empty(),
+        clawos_e2e::vms_on_disk(&state).is_empty(),
         "refused starts left {:?}",
-        vms_on_disk(&state)
+        clawos_e2e::vms_on_disk(&state)
     );
 }
 

@@ -9,16 +9,6 @@ use clawos_e2e::{
     store_image,
 };
 
-fn vms_on_disk(state: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(state.join("vms"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[test]
 fn one_changed_byte_in_any_part_is_refused_and_named() {
     if !can_boot_vms() {
@@ -137,9 +127,9 @@ fn one_changed_byte_in_any_part_is_refused_and_named() {
     );
 
     assert!(
-        vms_on_disk(&state).is_empty(),
+        clawos_e2e::vms_on_disk(&state).is_empty(),
         "refused starts left {:?}",
-        vms_on_disk(&state)
+        clawos_e2e::vms_on_disk(&state)
     );
     let o = l.clawos(&["--json", "vm", "list"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
@@ -264,8 +254,8 @@ fn bad_names_sizes_and_bodies_get_4xx_and_create_nothing() {
     assert_eq!(o.status.code(), Some(3), "{o:?}");
 
     assert!(
-        vms_on_disk(&state).is_empty(),
+        clawos_e2e::vms_on_disk(&state).is_empty(),
         "bad input left {:?}",
-        vms_on_disk(&state)
+        clawos_e2e::vms_on_disk(&state)
     );
 }

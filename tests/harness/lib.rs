@@ -677,3 +677,14 @@ pub fn vsock_dir(state: &Path, vm: &str) -> PathBuf {
         .and_then(|r| r["socket_dir"].as_str().map(PathBuf::from))
         .unwrap_or(dir)
 }
+
+/// The VM directories a launcher's state holds (a refused start must leave none).
+pub fn vms_on_disk(state: &Path) -> Vec<String> {
+    std::fs::read_dir(state.join("vms"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
