@@ -58,9 +58,9 @@ if [ "${1:-}" = --deps-only ]; then
 fi
 echo "==> building guest binaries (static)"
 scripts/build-guest.sh >/dev/null
-echo "==> building clawos and vm-launcher (${CLAWOS_PROFILE:-release})"
+echo "==> building clawos and the host daemons (${CLAWOS_PROFILE:-release})"
 if [ "${CLAWOS_PROFILE:-release}" = release ]; then
-  cargo build --release --locked -p clawos-cli -p clawos-vm-launcher -p clawos-identity-manager -p clawos-inference-proxy -p clawos-monitor
+  cargo build --release --locked -p clawos-cli -p clawos-vm-launcher -p clawos-identity-manager -p clawos-inference-proxy -p clawos-monitor -p clawos-scripted-model
 else
   cargo build --locked --workspace
 fi

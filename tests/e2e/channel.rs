@@ -218,27 +218,34 @@ fn exec_files_relay_and_secret_on_a_real_vm() {
         );
     }
 
-    // The guest's 127.0.0.1:11435 reaches the host's configured proxy address.
+    // Without identity-manager the VM has no agent identity: the guest's
+    // 127.0.0.1:11435 answers 503 from the launcher's relay, and nothing reaches the
+    // proxy unauthenticated.
     let o = l.clawos(&[
         "vm",
         "exec",
         "ch",
         "--",
-        "wget",
-        "-qO-",
-        "http://127.0.0.1:11435/v1/models",
+        "sh",
+        "-c",
+        "wget -S -O- --header 'x-api-key: guest-made-up' http://127.0.0.1:11435/v1/models 2>&1; echo rc=$?",
     ]);
-    assert!(o.status.success(), "{}", show(&o));
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "proxied-ok");
-    let seen = proxy.join().expect("proxy thread");
-    assert!(seen.starts_with("GET /v1/models"), "{seen}");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("503"), "{}", show(&o));
+    assert!(!out.contains("proxied-ok"), "{}", show(&o));
+    assert!(
+        l.log().contains("no agent token to attach"),
+        "the refusal is logged on the host: {}",
+        l.log()
+    );
+    assert!(
+        !proxy.is_finished(),
+        "the proxy got a connection: {:?}",
+        proxy.join()
+    );
 
-    // Host → guest gateway (port 18789) through `clawos vm port-forward`.
-    let o = l.clawos(&[
-        "vm", "exec", "ch", "--", "sh", "-c",
-        "mkdir -p /workspace/www && echo gateway-ok > /workspace/www/index.html && httpd -p 127.0.0.1:18789 -h /workspace/www",
-    ]);
-    assert!(o.status.success(), "{}", show(&o));
+    // Host → guest agent API (port 18789, the built-in runtime) through
+    // `clawos vm port-forward`.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("port")
@@ -257,11 +264,11 @@ fn exec_files_relay_and_secret_on_a_real_vm() {
         .expect("port-forward");
     let mut answer = String::new();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline && !answer.contains("gateway-ok") {
+    while Instant::now() < deadline && !answer.contains("\"status\":\"ok\"") {
         answer.clear();
         if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
             let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
-            let _ = c.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n");
+            let _ = c.write_all(b"GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n");
             let _ = c.read_to_string(&mut answer);
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -269,8 +276,8 @@ fn exec_files_relay_and_secret_on_a_real_vm() {
     let _ = pf.kill();
     let _ = pf.wait();
     assert!(
-        answer.contains("200") && answer.contains("gateway-ok"),
-        "gateway answer: {answer:?}"
+        answer.contains("200") && answer.contains("\"status\":\"ok\""),
+        "agent API answer: {answer:?}"
     );
 
     // The control port refuses a caller without the VM's secret.

@@ -3,6 +3,7 @@
 //! and drives it with the real `clawos` CLI or the typed client.
 
 pub mod fake_llm;
+pub mod stack;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -159,6 +160,7 @@ fn build_artifacts() -> Result<Artifacts> {
         source_date_epoch: Some(1_700_000_000),
         vmlinux: false,
         busybox: Some(clawos_image::build::DEFAULT_BUSYBOX.into()),
+        agent_runtime: true,
     };
     let manifest = clawos_image::build(&opts, &mut |m| eprintln!("image build: {m}"))?;
     let key_path = root.join("signing.key");
@@ -252,6 +254,7 @@ impl Launcher {
             .env_remove("CLAWOS_AGENT_ROOTHASH")
             .env_remove(clawos_vm_launcher_api::TOKEN_PATH_ENV)
             .env_remove("CLAWOS_LAUNCHER_ALLOWED_ORIGINS")
+            .env_remove("CLAWOS_IDENTITY_URL")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);

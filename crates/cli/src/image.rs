@@ -62,7 +62,7 @@ pub struct BuildArgs {
     /// Use an unpacked kernel tree (boot/vmlinuz-*, lib/modules/*) instead of Debian's.
     #[arg(long)]
     kernel_dir: Option<PathBuf>,
-    /// Directory with the static clawos-init, clawos-agent and clawos-audit [default: next to this binary].
+    /// Directory with the static clawos-init, clawos-agent, clawos-audit and clawos-agentd [default: next to this binary].
     #[arg(long, env = "CLAWOS_GUEST_BIN_DIR")]
     guest_bin_dir: Option<PathBuf>,
     /// Files to merge over the default rootfs tree.
@@ -83,6 +83,10 @@ pub struct BuildArgs {
     /// Build a guest without a shell.
     #[arg(long)]
     no_busybox: bool,
+    /// Leave out the built-in agent runtime (clawos-agentd): the VM boots with no agent,
+    /// for exec and files only.
+    #[arg(long)]
+    without_agent_runtime: bool,
 }
 
 /// `clawos keygen`: writes a new signing key to `out` and prints its public key.
@@ -156,6 +160,7 @@ pub fn run(cmd: ImageCmd, json: bool) -> Result<(), Exit> {
                     .and_then(|s| s.parse().ok()),
                 vmlinux: a.vmlinux,
                 busybox: (!a.no_busybox).then_some(a.busybox),
+                agent_runtime: !a.without_agent_runtime,
             };
             let started = Instant::now();
             let m = clawos_image::build(&opts, &mut |msg| {

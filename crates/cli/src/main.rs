@@ -1,5 +1,6 @@
 //! `clawos`: the operator's command line.
 
+mod agent;
 mod audit;
 mod exec;
 mod exit;
@@ -68,6 +69,9 @@ enum Cmd {
     /// Start, list, stop and inspect agent VMs.
     #[command(subcommand)]
     Vm(vm::VmCmd),
+    /// Give a VM's agent tasks and list its sessions.
+    #[command(subcommand)]
+    Agent(agent::AgentCmd),
     /// Agent tokens from identity-manager.
     #[command(subcommand)]
     Token(token::TokenCmd),
@@ -113,25 +117,35 @@ fn run(cli: Cli) -> Result<u8, Exit> {
         Cmd::Audit(cmd) => audit::run(cmd, cli.json).map(ok),
         Cmd::Usage(args) => usage::run(args, cli.json).map(ok),
         Cmd::Identity(cmd) => identity::run(cmd, &cli.identity_url).map(ok),
-        Cmd::Vm(cmd) => {
-            // The local operator's credential, found as the launcher made it. Without
-            // one the launcher answers 401; the error then says why none was sent.
-            let state = state_dir();
-            let (client, missing) = match clawos_vm_launcher_api::local_token(&state) {
-                Ok(t) => (LauncherClient::new(&cli.launcher_url).with_token(&t), None),
-                Err(why) => (LauncherClient::new(&cli.launcher_url), Some(why)),
-            };
-            block_on(vm::run(cmd, &client, cli.json)).map_err(|Exit(code, e)| match missing {
+        Cmd::Vm(cmd) => with_launcher(&cli.launcher_url, |client| {
+            block_on(vm::run(cmd, client, cli.json))
+        }),
+        Cmd::Agent(cmd) => with_launcher(&cli.launcher_url, |client| {
+            block_on(agent::run(cmd, client, cli.json))
+        }),
+    }
+}
+
+/// Runs a launcher command with the local operator's credential, found as the launcher
+/// made it. Without one the launcher answers 401; the error then says why none was sent.
+fn with_launcher(
+    url: &str,
+    f: impl FnOnce(&LauncherClient) -> Result<u8, Exit>,
+) -> Result<u8, Exit> {
+    let state = state_dir();
+    let (client, missing) = match clawos_vm_launcher_api::local_token(&state) {
+        Ok(t) => (LauncherClient::new(url).with_token(&t), None),
+        Err(why) => (LauncherClient::new(url), Some(why)),
+    };
+    f(&client).map_err(|Exit(code, e)| match missing {
                 Some(why) if code == 9 => Exit(
                     code,
                     e.context(format!(
                         "no operator credential was sent: {why} (run as the launcher's user, or set CLAWOS_STATE_DIR or CLAWOS_LAUNCHER_TOKEN_PATH)"
                     )),
                 ),
-                _ => Exit(code, e),
-            })
-        }
-    }
+        _ => Exit(code, e),
+    })
 }
 
 fn main() -> ExitCode {

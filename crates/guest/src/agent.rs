@@ -41,6 +41,9 @@ pub struct Service {
     /// The cgroup every command is started in ([`crate::AGENT_CGROUP`] in the guest,
     /// watched by `clawos-audit`); `None` runs commands where the agent runs.
     pub audit_cgroup: Option<std::path::PathBuf>,
+    /// uid and gid given to files the host copies in (the agent user's, so the agent
+    /// can work on them); `None` leaves them root's.
+    pub file_owner: Option<(u32, u32)>,
 }
 
 fn reply<W: Write>(w: &mut W, r: &Reply) -> io::Result<()> {
@@ -97,6 +100,12 @@ impl Service {
             Ok(p) => p,
             Err(e) => return error(&mut conn, e.to_string()),
         };
+        if let Some((uid, gid)) = self.file_owner
+            && let Err(e) = std::os::unix::fs::fchown(&pending.file, Some(uid), Some(gid))
+        {
+            pending.abort();
+            return error(&mut conn, format!("chown {path}: {e}"));
+        }
         let mut written = 0u64;
         let outcome = loop {
             match protocol::read_frame(&mut conn) {
@@ -303,6 +312,7 @@ mod tests {
             started: Instant::now(),
             on_shutdown: || {},
             audit_cgroup: None,
+            file_owner: None,
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod cmdline;
 pub mod devmapper;
+pub mod runtime;
 pub mod sys;
 pub mod workspace;
 

@@ -47,6 +47,9 @@ pub struct BuildOptions {
     /// A static busybox to install as `/bin/busybox` with a link per applet, so `exec`
     /// has a shell and coreutils. `None`: no shell in the guest.
     pub busybox: Option<PathBuf>,
+    /// Install the built-in agent runtime ([`AGENTD_BIN`]), which the guest agent starts
+    /// as the `agent` user. Without it the VM boots with no agent (exec and files only).
+    pub agent_runtime: bool,
 }
 
 /// Where Debian's `busybox-static` puts its binary.
@@ -58,8 +61,10 @@ pub const INIT_BIN: &str = "clawos-init";
 pub const AGENT_BIN: &str = "clawos-agent";
 /// The guest's syscall audit, started by the agent (crate `clawos-guest-audit`).
 pub const AUDIT_BIN: &str = "clawos-audit";
+/// The built-in agent runtime (crate `clawos-agentd`), started by the guest agent.
+pub const AGENTD_BIN: &str = "clawos-agentd";
 /// Every static binary an image build takes from the guest binary directory.
-pub const GUEST_BINS: [&str; 3] = [INIT_BIN, AGENT_BIN, AUDIT_BIN];
+pub const GUEST_BINS: [&str; 4] = [INIT_BIN, AGENT_BIN, AUDIT_BIN, AGENTD_BIN];
 
 const PT_INTERP: u32 = 3;
 
@@ -101,7 +106,12 @@ fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), BuildError> {
 }
 
 /// The default rootfs: the guest agent and the few files a static binary expects.
-fn populate_rootfs(tree: &Path, agent: &[u8], audit: &[u8]) -> Result<(), BuildError> {
+fn populate_rootfs(
+    tree: &Path,
+    agent: &[u8],
+    audit: &[u8],
+    agentd: Option<&[u8]>,
+) -> Result<(), BuildError> {
     for d in [
         "dev",
         "proc",
@@ -118,6 +128,9 @@ fn populate_rootfs(tree: &Path, agent: &[u8], audit: &[u8]) -> Result<(), BuildE
     }
     write_file(&tree.join("sbin").join(AGENT_BIN), agent, 0o755)?;
     write_file(&tree.join("sbin").join(AUDIT_BIN), audit, 0o755)?;
+    if let Some(agentd) = agentd {
+        write_file(&tree.join("sbin").join(AGENTD_BIN), agentd, 0o755)?;
+    }
     // glibc's static name lookup reads these.
     write_file(
         &tree.join("etc/hosts"),
@@ -462,6 +475,10 @@ fn build_into(
     let init = check_static(&opts.guest_bin_dir.join(INIT_BIN))?;
     let agent = check_static(&opts.guest_bin_dir.join(AGENT_BIN))?;
     let audit = check_static(&opts.guest_bin_dir.join(AUDIT_BIN))?;
+    let agentd = match opts.agent_runtime {
+        true => Some(check_static(&opts.guest_bin_dir.join(AGENTD_BIN))?),
+        false => None,
+    };
 
     let tree: KernelTree = match &opts.kernel {
         KernelSource::Dir(dir) => {
@@ -480,7 +497,7 @@ fn build_into(
 
     progress("rootfs: assembling tree");
     let rootfs_tree = out.join("rootfs.tree");
-    populate_rootfs(&rootfs_tree, &agent, &audit)?;
+    populate_rootfs(&rootfs_tree, &agent, &audit, agentd.as_deref())?;
     if let Some(bb) = &opts.busybox {
         let n = install_busybox(&rootfs_tree, bb)?;
         progress(&format!("rootfs: busybox with {n} applets"));

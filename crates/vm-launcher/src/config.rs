@@ -55,6 +55,9 @@ pub struct Config {
     pub inference_proxy_authority: String,
     /// monitor-daemon to register each VM's processes with (`CLAWOS_MONITOR_URL`).
     pub monitor_url: Option<String>,
+    /// identity-manager, which mints each running VM's agent token; `None`: guests'
+    /// requests to host services are refused (503), never forwarded unauthenticated.
+    pub identity: Option<IdentitySettings>,
     /// Hypervisor backend.
     pub backend: BackendKind,
     /// QEMU binary.
@@ -85,6 +88,21 @@ pub struct Config {
     pub max_snapshots_per_vm: usize,
 }
 
+/// How the launcher gets each running VM's agent token from identity-manager.
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    /// identity-manager's URL (`CLAWOS_IDENTITY_URL`).
+    pub url: String,
+    /// The service credential file (`CLAWOS_IDENTITY_TOKEN_PATH`; default
+    /// `<state>/identity/service.token`, where identity-manager writes it). Read at each
+    /// issue, so identity-manager may start after the launcher.
+    pub service_token_path: PathBuf,
+    /// Lifetime of each token; it is replaced at two thirds of it.
+    pub token_ttl: Duration,
+    /// Audience of the tokens the LLM relay attaches (inference-proxy's `--audience`).
+    pub llm_audience: String,
+}
+
 /// Raw settings as given (flags or environment), before validation.
 #[derive(Debug, Clone, Default)]
 pub struct RawConfig {
@@ -103,6 +121,14 @@ pub struct RawConfig {
     pub allow_unsigned: bool,
     pub inference_proxy_url: String,
     pub monitor_url: Option<String>,
+    /// identity-manager URL (`CLAWOS_IDENTITY_URL`).
+    pub identity_url: Option<String>,
+    /// Its service credential file (`CLAWOS_IDENTITY_TOKEN_PATH`).
+    pub identity_token_path: Option<PathBuf>,
+    /// Agent token lifetime in seconds (0: 15 minutes).
+    pub agent_token_ttl_secs: u64,
+    /// Audience of LLM tokens (`CLAWOS_PROXY_AUDIENCE`; empty: `inference-proxy`).
+    pub llm_audience: String,
     /// `auto`, `qemu` or `firecracker`.
     pub backend: String,
     pub qemu_bin: PathBuf,
@@ -208,6 +234,37 @@ impl RawConfig {
                 "CLAWOS_MONITOR_URL {u:?} is not an http URL with a host (e.g. http://127.0.0.1:2084)"
             )));
         }
+        let identity = match &self.identity_url {
+            None => None,
+            Some(u) => {
+                if !(u.starts_with("http://") && url_authority(u).is_some()) {
+                    return Err(ConfigError(format!(
+                        "CLAWOS_IDENTITY_URL {u:?} is not an http URL with a host (e.g. http://127.0.0.1:2082)"
+                    )));
+                }
+                let ttl = match self.agent_token_ttl_secs {
+                    0 => 900,
+                    t @ 60..=3600 => t,
+                    t => {
+                        return Err(ConfigError(format!(
+                            "agent token lifetime {t}s: between 60 and 3600 seconds (identity-manager issues at most an hour)"
+                        )));
+                    }
+                };
+                Some(IdentitySettings {
+                    url: u.trim_end_matches('/').to_owned(),
+                    service_token_path: self
+                        .identity_token_path
+                        .clone()
+                        .unwrap_or_else(|| self.state_dir.join("identity/service.token")),
+                    token_ttl: Duration::from_secs(ttl),
+                    llm_audience: match self.llm_audience.trim() {
+                        "" => "inference-proxy".to_owned(),
+                        a => a.to_owned(),
+                    },
+                })
+            }
+        };
         let qemu = find_in_path(&self.qemu_bin);
         let fc = find_in_path(&self.firecracker_bin);
         let kvm = crate::host::has_hardware_kvm();
@@ -315,6 +372,7 @@ impl RawConfig {
             inference_proxy_url: self.inference_proxy_url,
             inference_proxy_authority,
             monitor_url: self.monitor_url,
+            identity,
             backend,
             qemu_bin,
             firecracker_bin,

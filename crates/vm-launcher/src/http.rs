@@ -51,7 +51,7 @@ impl IntoResponse for LauncherError {
     }
 }
 
-type AppState = Arc<Launcher>;
+pub(crate) type AppState = Arc<Launcher>;
 
 async fn start(
     State(l): State<AppState>,
@@ -146,6 +146,8 @@ pub fn router(launcher: Arc<Launcher>, guard: &Guard) -> Router {
         .at(routes::GATEWAY, gateway)
         .at(routes::GET_FILE, get_file)
         .at(routes::PUT_FILE, put_file)
+        .at(routes::AGENT_CHAT, crate::agent::chat)
+        .at(routes::AGENT_SESSIONS, crate::agent::sessions)
         .at(routes::HEALTHZ, || async { "ok\n" })
         .at(routes::METRICS, metrics)
         .fallback(fallback)

@@ -12,11 +12,13 @@
 //! [`backend::fake`] for tests) with [`store`] and [`snapshot`] (files) and [`relays`]
 //! (the VM's links to the host's other services).
 
+pub mod agent;
 pub mod backend;
 pub mod config;
 pub mod console;
 pub mod host;
 pub mod http;
+pub mod identity;
 pub mod launcher;
 pub mod names;
 pub mod registry;

@@ -54,11 +54,25 @@ struct Args {
         default_value = "http://127.0.0.1:11435"
     )]
     inference_proxy_url: String,
-    /// Hypervisor: auto, qemu or firecracker.
     /// monitor-daemon URL: each VM's hypervisor and helper processes are registered there
     /// for syscall auditing (e.g. http://127.0.0.1:2084).
     #[arg(long, env = "CLAWOS_MONITOR_URL")]
     monitor_url: Option<String>,
+    /// identity-manager URL: each running VM gets an agent token from it, which the
+    /// launcher's relays attach to the guest's requests (e.g. http://127.0.0.1:2082).
+    /// Without it, guests' LLM requests are answered 503.
+    #[arg(long, env = "CLAWOS_IDENTITY_URL")]
+    identity_url: Option<String>,
+    /// identity-manager's service credential file [default: $STATE_DIR/identity/service.token].
+    #[arg(long, env = "CLAWOS_IDENTITY_TOKEN_PATH")]
+    identity_token_path: Option<PathBuf>,
+    /// Lifetime of each agent token in seconds (60-3600); replaced at two thirds of it.
+    #[arg(long, env = "CLAWOS_AGENT_TOKEN_TTL_SECS", default_value_t = 900)]
+    agent_token_ttl_secs: u64,
+    /// Audience of the tokens attached to LLM requests (inference-proxy's --audience).
+    #[arg(long, env = "CLAWOS_PROXY_AUDIENCE", default_value = "inference-proxy")]
+    proxy_audience: String,
+    /// Hypervisor: auto, qemu or firecracker.
     #[arg(long, env = "CLAWOS_BACKEND", default_value = "auto")]
     backend: String,
     /// QEMU binary.
@@ -119,6 +133,10 @@ fn main() -> Result<()> {
         allow_unsigned: args.allow_unsigned,
         inference_proxy_url: args.inference_proxy_url,
         monitor_url: args.monitor_url,
+        identity_url: args.identity_url.filter(|s| !s.is_empty()),
+        identity_token_path: args.identity_token_path,
+        agent_token_ttl_secs: args.agent_token_ttl_secs,
+        llm_audience: args.proxy_audience,
         backend: args.backend,
         qemu_bin: args.qemu,
         firecracker_bin: args.firecracker,

@@ -88,9 +88,22 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
         dir: sockets.clone(),
         secret: dir.read_secret().unwrap_or_default(),
     });
+    // The VM's agent identity lives exactly as long as this supervisor's VM.
+    let (identity, identity_holder) = match (&guest, &record) {
+        (Some(_), Some(r)) => crate::identity::hold(
+            shared.cfg.identity.as_ref(),
+            crate::identity::VmIdentityClaims {
+                agent: name.clone(),
+                vm_id: format!("{name}-{}", r.started_at.unwrap_or(0)),
+                image_root_hash: r.root_hash.clone(),
+            },
+            &dir.root,
+        ),
+        _ => (crate::identity::AgentIdentity::unconfigured(), None),
+    };
     let relays = guest.is_some().then(|| {
         let refused = shared.metrics.relay_refused.clone();
-        crate::relays::start(&shared.cfg, &name, sockets.clone(), refused)
+        crate::relays::start(&shared.cfg, &name, sockets.clone(), identity, refused)
     });
 
     let mut console_ready = console::ReadyWatch::new(console_offset);
@@ -169,6 +182,9 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
     dir.remove_pid();
     if let Some(r) = relays {
         r.abort();
+    }
+    if let Some(h) = identity_holder {
+        h.release().await;
     }
     for h in registry.get(&name).map(|r| r.helpers).unwrap_or_default() {
         h.signal(libc::SIGTERM);

@@ -6,7 +6,10 @@
 //!   to the host (vsock port 11435), where the launcher relays it to the inference proxy;
 //! - gateway relay: host → guest vsock port 18789 → `127.0.0.1:18789` in the guest;
 //! - syscall audit: runs `/sbin/clawos-audit` (restarted if it ends) and waits for it
-//!   to attach before serving; every command starts in the audited agent cgroup.
+//!   to attach before serving; every command starts in the audited agent cgroup;
+//! - the agent runtime (`/sbin/clawos-agentd` when the image has it): started as the
+//!   `agent` user in the agent cgroup, restarted if it ends; the control service opens
+//!   (the VM is ready) only once its agent API answers.
 //!
 //! It also records each boot in `/workspace/.clawos/boots` and prints the
 //! `CLAWOS_READY` console marker (a fallback diagnostic; readiness is the health call).
@@ -21,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use clawos_guest::agent::Service;
 use clawos_guest::protocol::{CONTROL_PORT, GATEWAY_PORT, PROXY_PORT};
+use clawos_guest::runtime::{self, AGENT_GID, AGENT_UID, AGENTD_BIN, RuntimeSpec};
 use clawos_guest::workspace::{WORKSPACE, Workspace};
 use clawos_guest::{AGENT_CGROUP, AUDIT_BIN, AUDIT_READY, marker, sys};
 
@@ -162,6 +166,55 @@ fn start_audit() -> bool {
         })
 }
 
+/// How long the agent runtime may take to answer before the VM gives up booting.
+const RUNTIME_READY_LIMIT: Duration = Duration::from_secs(120);
+
+/// Starts the image's agent runtime under supervision and waits until it answers. A
+/// runtime that never does fails the boot with the reason on the console.
+fn start_runtime(audited: bool) -> bool {
+    if !Path::new(AGENTD_BIN).is_file() {
+        log("no agent runtime in this image");
+        return false;
+    }
+    if let Err(e) = runtime::prepare_workspace(Path::new(WORKSPACE), AGENT_UID, AGENT_GID) {
+        log(&format!("cannot give the workspace to the agent user: {e}"));
+    }
+    let mut args = Vec::new();
+    if let Some(m) = runtime::model_from_env_file(Path::new("/workspace/.env")) {
+        args.extend(["--model".to_owned(), m]);
+    }
+    let spec = RuntimeSpec {
+        bin: AGENTD_BIN.into(),
+        args,
+        cgroup: audited.then(|| AGENT_CGROUP.into()),
+        uid: AGENT_UID,
+        gid: AGENT_GID,
+        home: WORKSPACE.into(),
+    };
+    std::thread::spawn(move || runtime::supervise(spec, log));
+    match runtime::wait_healthy(RUNTIME_READY_LIMIT) {
+        Some(took) => {
+            log(&format!("agent runtime ready ({} ms)", took.as_millis()));
+            true
+        }
+        None => {
+            println!(
+                "{} the agent runtime {AGENTD_BIN} did not answer on port {GATEWAY_PORT} within {} s",
+                marker::FATAL,
+                RUNTIME_READY_LIMIT.as_secs()
+            );
+            let _ = io::stdout().flush();
+            // SAFETY: kill(2) with plain integers: ask init (PID 1) to power off.
+            unsafe {
+                libc::kill(1, libc::SIGTERM);
+            }
+            loop {
+                std::thread::park();
+            }
+        }
+    }
+}
+
 fn main() {
     let boot = record_boot();
     let t = Instant::now();
@@ -171,6 +224,7 @@ fn main() {
         if audited { "on" } else { "OFF" },
         t.elapsed().as_millis()
     ));
+    let has_runtime = start_runtime(audited);
     let secret = fs::read_to_string(SECRET_PATH)
         .unwrap_or_default()
         .trim()
@@ -192,6 +246,7 @@ fn main() {
             libc::kill(1, libc::SIGTERM);
         },
         audit_cgroup: audited.then(|| AGENT_CGROUP.into()),
+        file_owner: has_runtime.then_some((AGENT_UID, AGENT_GID)),
     });
     std::thread::spawn(llm_relay);
     std::thread::spawn(gateway_relay);

@@ -19,6 +19,8 @@
 //! | [`routes::GATEWAY`] `GET /v1/vms/{name}/gateway` (WebSocket) | raw TCP to the agent gateway (guest port 18789), binary messages |
 //! | [`routes::PUT_FILE`] `PUT /v1/vms/{name}/files?path=P` | file bytes (`application/octet-stream`, Content-Length required) → 204 |
 //! | [`routes::GET_FILE`] `GET /v1/vms/{name}/files?path=P` | → file bytes; with `&list=true` → `[FileEntry]` |
+//! | [`routes::AGENT_CHAT`] `POST /v1/vms/{name}/agent/chat/completions` | the agent API's chat request (`clawos_agentd_api`) → its answer, JSON or `text/event-stream`, as the VM's runtime gives it |
+//! | [`routes::AGENT_SESSIONS`] `GET /v1/vms/{name}/agent/sessions` | → the runtime's session list |
 //! | [`routes::HEALTHZ`], [`routes::METRICS`] | liveness; Prometheus text |
 //!
 //! Every route but `/healthz` and `/metrics` needs the operator credential,
@@ -36,12 +38,14 @@
 //! boot answers 422 with one of the `image_*` codes of `clawos_api::code`, naming what
 //! failed (signature, hash, size, pinned root hash).
 
+pub mod agent;
 mod client;
 pub mod exec;
 pub mod tunnel;
 
 use serde::{Deserialize, Serialize};
 
+pub use agent::{AgentEvent, AgentStream, AgentStreamError};
 pub use clawos_api::{ClientError, ErrorBody};
 pub use client::{Download, LauncherClient};
 pub use exec::{ExecError, ExecStatus};
@@ -100,6 +104,11 @@ pub mod routes {
     pub const GATEWAY: Route = Route::get("/v1/vms/{name}/gateway");
     pub const PUT_FILE: Route = Route::put("/v1/vms/{name}/files");
     pub const GET_FILE: Route = Route::get("/v1/vms/{name}/files");
+    /// The VM's agent API (OpenAI-compatible chat completions, streamed or not),
+    /// passed through to the runtime on guest port 18789.
+    pub const AGENT_CHAT: Route = Route::post("/v1/vms/{name}/agent/chat/completions");
+    /// The VM's agent sessions.
+    pub const AGENT_SESSIONS: Route = Route::get("/v1/vms/{name}/agent/sessions");
     pub const HEALTHZ: Route = Route::get("/healthz");
     pub const METRICS: Route = Route::get("/metrics");
 }

@@ -97,7 +97,7 @@ pub struct Launcher {
     shared: Arc<Shared>,
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -393,7 +393,12 @@ impl Launcher {
         let name = VmName::parse(name)?;
         let claim = self.registry().claim(&name)?;
         self.inactive_record(&name, "delete")?;
+        // A token a killed launcher could not revoke when the VM ended.
+        let leftover = crate::identity::recorded_jti(&self.registry().dir(&name).root);
         store::remove(self.registry().vms_dir(), &name)?;
+        if let Some(jti) = leftover {
+            crate::identity::revoke_in_background(self.shared.cfg.identity.as_ref(), &name, jti);
+        }
         self.registry().remove(&name);
         drop(claim);
         tracing::info!(vm = %name, "VM deleted");

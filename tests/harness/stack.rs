@@ -1,0 +1,293 @@
+//! The host services an agent VM talks to, as real daemons on loopback: identity-manager,
+//! inference-proxy in front of `clawos-scripted-model` upstreams (the stand-in for the
+//! hosted Anthropic API), and a recording forwarder tests put between the launcher's
+//! relay and the proxy to see exactly what the relay sends.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::{KillOnDrop, bin, port, spawn_daemon};
+
+/// The host's real (here: made-up) upstream API key: only the proxy holds it.
+pub const HOST_KEY: &str = "sk-ant-host-only-3f9c1d2e7a";
+
+/// A running `clawos-scripted-model`.
+#[derive(Debug)]
+pub struct ScriptedModel {
+    pub url: String,
+    /// One JSON line per request it received (`--record`).
+    pub record: PathBuf,
+    _child: KillOnDrop,
+}
+
+impl ScriptedModel {
+    /// Starts one playing `script` (the JSON of a script file), requiring [`HOST_KEY`].
+    pub fn start(dir: &Path, name: &str, script: &Value) -> Result<Self> {
+        let script_path = dir.join(format!("{name}.script.json"));
+        std::fs::write(&script_path, serde_json::to_vec_pretty(script)?)?;
+        let record = dir.join(format!("{name}.requests.jsonl"));
+        let mut child = Command::new(bin("clawos-scripted-model"))
+            .arg("--addr")
+            .arg("127.0.0.1:0")
+            .arg("--script")
+            .arg(&script_path)
+            .arg("--api-key")
+            .arg(HOST_KEY)
+            .arg("--record")
+            .arg(&record)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?)
+            .spawn()
+            .context("spawn clawos-scripted-model")?;
+        let stdout = child.stdout.take().context("stdout")?;
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line)?;
+        let Some(url) = line.trim().strip_prefix("listening on ") else {
+            let _ = child.kill();
+            bail!("clawos-scripted-model said {line:?}");
+        };
+        Ok(Self {
+            url: url.to_owned(),
+            record,
+            _child: KillOnDrop(child),
+        })
+    }
+
+    /// The requests it has received so far.
+    pub fn requests(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.record)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+/// An Anthropic-API upstream of the proxy: name, model patterns, base URL.
+#[derive(Debug, Clone)]
+struct Upstream {
+    name: String,
+    models: Vec<String>,
+    url: String,
+}
+
+/// identity-manager and inference-proxy sharing one state directory (the proxy trusts
+/// identity-manager's JWKS; the launcher finds its service credential there).
+#[derive(Debug)]
+pub struct HostServices {
+    pub identity_url: String,
+    pub proxy_url: String,
+    pub proxy_port: u16,
+    pub state: PathBuf,
+    _identity: Option<KillOnDrop>,
+    proxy: Option<KillOnDrop>,
+    upstreams: Vec<Upstream>,
+    proxy_env: Vec<(String, String)>,
+}
+
+impl HostServices {
+    /// Starts both; `upstreams` are (name, model patterns, base URL) of Anthropic-API
+    /// upstreams, all keyed with [`HOST_KEY`]; `proxy_env` adds proxy settings.
+    pub fn start(
+        state: &Path,
+        upstreams: &[(&str, &[&str], &str)],
+        proxy_env: &[(&str, &str)],
+    ) -> Result<Self> {
+        std::fs::create_dir_all(state)?;
+        let id_port = port();
+        let state_s = state.to_str().context("state dir is not UTF-8")?;
+        let identity = spawn_daemon(
+            "identity-manager",
+            &[
+                "--addr",
+                &format!("127.0.0.1:{id_port}"),
+                "--state-dir",
+                state_s,
+            ],
+            &[],
+            &state.join("identity-manager.log"),
+            id_port,
+        )?;
+        let mut s = Self {
+            identity_url: format!("http://127.0.0.1:{id_port}"),
+            proxy_url: String::new(),
+            proxy_port: port(),
+            state: state.to_owned(),
+            _identity: Some(KillOnDrop(identity)),
+            proxy: None,
+            upstreams: upstreams
+                .iter()
+                .map(|(n, m, u)| Upstream {
+                    name: (*n).to_owned(),
+                    models: m.iter().map(|p| (*p).to_owned()).collect(),
+                    url: (*u).to_owned(),
+                })
+                .collect(),
+            proxy_env: proxy_env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        s.proxy_url = format!("http://127.0.0.1:{}", s.proxy_port);
+        s.start_proxy()?;
+        Ok(s)
+    }
+
+    /// (Re)starts inference-proxy on its port.
+    pub fn start_proxy(&mut self) -> Result<()> {
+        self.proxy = None;
+        let upstreams: Vec<Value> = self
+            .upstreams
+            .iter()
+            .map(|u| {
+                json!({"name": u.name, "api": "anthropic", "base_url": u.url,
+                       "api_key_env": "ANTHROPIC_API_KEY", "models": u.models})
+            })
+            .collect();
+        let file = self.state.join("upstreams.json");
+        std::fs::write(&file, serde_json::to_vec(&upstreams)?)?;
+        let file_s = file.to_str().context("utf8")?.to_owned();
+        let mut env: Vec<(&str, &str)> = vec![
+            ("ANTHROPIC_API_KEY", HOST_KEY),
+            ("CLAWOS_PROXY_UPSTREAMS", &file_s),
+            ("CLAWOS_IDENTITY_ISSUER", &self.identity_url),
+        ];
+        env.extend(self.proxy_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let child = spawn_daemon(
+            "inference-proxy",
+            &[
+                "--addr",
+                &format!("127.0.0.1:{}", self.proxy_port),
+                "--state-dir",
+                self.state.to_str().context("utf8")?,
+            ],
+            &env,
+            &self.state.join("inference-proxy.log"),
+            self.proxy_port,
+        )?;
+        self.proxy = Some(KillOnDrop(child));
+        Ok(())
+    }
+
+    /// identity-manager's service credential.
+    pub fn service_token(&self) -> Result<String> {
+        Ok(
+            std::fs::read_to_string(self.state.join("identity/service.token"))?
+                .trim()
+                .to_owned(),
+        )
+    }
+
+    /// The proxy's ledger: (agent, vm_id, model, status) of every request, oldest first.
+    /// Waits until it holds at least `at_least` rows (the ledger writes in batches).
+    pub fn ledger(&self, at_least: usize) -> Vec<(String, String, String, u16)> {
+        let db = self.state.join("proxy/ledger.db");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let rows: Vec<(String, String, String, u16)> = rusqlite::Connection::open_with_flags(
+                &db,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .and_then(|c| {
+                let mut st =
+                    c.prepare("SELECT agent, vm_id, model, status FROM requests ORDER BY time_ms")?;
+                st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .collect()
+            })
+            .unwrap_or_default();
+            if rows.len() >= at_least || Instant::now() > deadline {
+                return rows;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A TCP forwarder that records the request head of every connection it carries (the
+/// launcher's relay opens one connection per request).
+#[derive(Debug, Clone)]
+pub struct RecordingForwarder {
+    pub port: u16,
+    heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl RecordingForwarder {
+    /// Forwards `127.0.0.1:<port>` to `target` (`host:port`).
+    pub fn start(target: &str) -> Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (target, recorded) = (target.to_owned(), Arc::clone(&heads));
+        std::thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let (target, recorded) = (target.clone(), Arc::clone(&recorded));
+                std::thread::spawn(move || forward(conn, &target, &recorded));
+            }
+        });
+        Ok(Self { port, heads })
+    }
+
+    /// Every request head seen so far.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// The bearer tokens the requests carried, in order.
+    pub fn bearers(&self) -> Vec<String> {
+        self.heads()
+            .iter()
+            .flat_map(|h| {
+                h.lines()
+                    .filter_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        (k.eq_ignore_ascii_case("authorization"))
+                            .then(|| v.trim().strip_prefix("Bearer ").map(str::to_owned))
+                            .flatten()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+fn forward(mut client: TcpStream, target: &str, recorded: &Mutex<Vec<String>>) {
+    let mut head = Vec::new();
+    let mut b = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match client.read(&mut b) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&b[..n]),
+        }
+    }
+    let end = head
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(head.len(), |i| i + 4);
+    if let Ok(mut r) = recorded.lock() {
+        r.push(String::from_utf8_lossy(&head[..end]).into_owned());
+    }
+    let Ok(mut upstream) = TcpStream::connect(target) else {
+        return;
+    };
+    if upstream.write_all(&head).is_err() {
+        return;
+    }
+    let (Ok(mut c2), Ok(mut u2)) = (client.try_clone(), upstream.try_clone()) else {
+        return;
+    };
+    let t = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut c2, &mut u2);
+        let _ = u2.shutdown(std::net::Shutdown::Write);
+    });
+    let _ = std::io::copy(&mut upstream, &mut client);
+    let _ = client.shutdown(std::net::Shutdown::Write);
+    let _ = t.join();
+}
