@@ -187,6 +187,10 @@ fn an_agent_does_a_task_with_a_host_held_identity_and_cannot_break_out() {
     }
     let seen = writer.requests();
     assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        seen[1]["turn"], 1,
+        "the second call carried the first's answer: {seen:?}"
+    );
     for r in &seen {
         assert_eq!(r["x_api_key"], HOST_KEY, "{r}");
         assert!(r["authorization"].is_null(), "{r}");
@@ -203,6 +207,42 @@ fn an_agent_does_a_task_with_a_host_held_identity_and_cannot_break_out() {
         .block_on(identity.introspect(&jwt))
         .expect("introspect");
     assert_eq!(claims.agent.as_deref(), Some("worker"), "{claims:?}");
+
+    // The same through `agent chat`: each line a task, one session; the second task
+    // continues the first's transcript (the model is past its script's two turns).
+    let mut chat = l
+        .clawos_command(&["agent", "chat", "worker"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("agent chat");
+    {
+        use std::io::Write;
+        let mut stdin = chat.stdin.take().expect("stdin");
+        stdin
+            .write_all(b"Write the greeting\nAnything else?\n")
+            .expect("type");
+    }
+    let o = chat.wait_with_output().expect("agent chat");
+    assert!(o.status.success(), "{}", show(&o));
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert!(said.contains(FINAL_TEXT), "{}", show(&o));
+    assert!(
+        said.contains("(the script has no more turns)"),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stderr)
+            .matches("→ write_file")
+            .count(),
+        1,
+        "{}",
+        show(&o)
+    );
+    let rows_before_forgery = host.ledger(5).len();
+    assert_eq!(rows_before_forgery, 5);
 
     // 2. A guest that forges credentials is still billed as itself.
     let body = r#"{"model":"claude-sonnet-4-5","max_tokens":16,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -225,9 +265,9 @@ fn an_agent_does_a_task_with_a_host_held_identity_and_cannot_break_out() {
         "http://127.0.0.1:11435/v1/messages",
     ]);
     assert!(o.status.success(), "{}", show(&o));
-    let rows = host.ledger(3);
-    assert_eq!(rows.len(), 3, "{rows:?}");
-    assert_eq!(rows[2].0, "worker", "{rows:?}");
+    let rows = host.ledger(rows_before_forgery + 1);
+    assert_eq!(rows.len(), rows_before_forgery + 1, "{rows:?}");
+    assert_eq!(rows[rows_before_forgery].0, "worker", "{rows:?}");
     for h in wire.heads() {
         assert!(
             !h.contains("forged"),

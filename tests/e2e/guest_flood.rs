@@ -105,8 +105,33 @@ fn a_guest_holding_2000_relay_connections_starves_no_one_else() {
     )
     .expect("inference-proxy");
     let proxy_url = format!("http://127.0.0.1:{px_port}");
-    let l = Launcher::start_with(&state, &[("CLAWOS_INFERENCE_PROXY_URL", &proxy_url)])
-        .expect("launcher");
+    // The relays attach each VM's token from identity-manager (without one they answer
+    // 503 themselves, and the proxy would not be in the path).
+    let id_port = port();
+    let _identity = clawos_e2e::KillOnDrop(
+        spawn_daemon(
+            "identity-manager",
+            &[
+                "--addr",
+                &format!("127.0.0.1:{id_port}"),
+                "--state-dir",
+                state.to_str().expect("utf8"),
+            ],
+            &[],
+            &work.path().join("identity.log"),
+            id_port,
+        )
+        .expect("identity-manager"),
+    );
+    let identity_url = format!("http://127.0.0.1:{id_port}");
+    let l = Launcher::start_with(
+        &state,
+        &[
+            ("CLAWOS_INFERENCE_PROXY_URL", &proxy_url),
+            ("CLAWOS_IDENTITY_URL", &identity_url),
+        ],
+    )
+    .expect("launcher");
     for n in ["hostile", "bystander"] {
         start(&l, n);
     }
