@@ -161,7 +161,11 @@ async fn task(
             }
             AgentEvent::ToolCall(ToolCallEvent { id, name, input }) => {
                 if show {
-                    eprintln!("\n→ {name} {}", one_line(&input, 160));
+                    // Tool lines start on a line of their own, after any answer text.
+                    if !out.answer.is_empty() && !out.answer.ends_with('\n') {
+                        println!();
+                    }
+                    eprintln!("→ {name} {}", one_line(&input, 160));
                 }
                 out.tool_calls.push(ToolCallOutcome {
                     id,
