@@ -129,6 +129,8 @@ fn main() {
                 vcpus: 1,
                 image: image.map(str::to_owned),
                 snapshots: false,
+                idempotency_key: None,
+                token_budget: None,
             };
             rt.block_on(client.start(&req)).expect("start");
             let vm = l

@@ -127,6 +127,8 @@ fn start_req(name: &str) -> StartVm {
         vcpus: 1,
         image: None,
         snapshots: false,
+        idempotency_key: None,
+        token_budget: None,
     }
 }
 

@@ -111,6 +111,8 @@ fn snapshots(l: &Launcher) {
             vcpus: 1,
             image: None,
             snapshots,
+            idempotency_key: None,
+            token_budget: None,
         }))
         .expect("start");
         l.wait_for(name, Duration::from_secs(180), is(VmState::Running))

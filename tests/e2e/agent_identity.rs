@@ -144,6 +144,7 @@ fn claims(vm_id: &str) -> VmIdentityClaims {
         agent: VmName::parse("agent-a").expect("a VM name"),
         vm_id: vm_id.into(),
         image_root_hash: root_hash(),
+        token_budget: None,
     }
 }
 

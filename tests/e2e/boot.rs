@@ -163,6 +163,8 @@ fn rootfs_block_flipped_after_signing_fails_the_vm_with_a_verity_reason() {
             vcpus: 1,
             image: Some(image_ref(&state, "tampered")),
             snapshots: false,
+            idempotency_key: None,
+            token_budget: None,
         }))
         .expect("the host accepts it: signature and kernel/initramfs hashes match");
     assert_eq!(vm.state, VmState::Starting);

@@ -25,6 +25,8 @@ fn a_guest_flooding_its_console_stays_within_the_cap() {
             vcpus: 1,
             image: None,
             snapshots: false,
+            idempotency_key: None,
+            token_budget: None,
         }))
         .expect("start");
     l.wait_for("noisy", Duration::from_secs(240), is(VmState::Running))

@@ -108,6 +108,8 @@ fn boot_and_stop(extra_env: &[(&str, &str)]) {
             vcpus: 1,
             image: Some("fc".into()),
             snapshots: false,
+            idempotency_key: None,
+            token_budget: None,
         }))
         .expect("start");
     assert_eq!(vm.backend, "firecracker");

@@ -47,6 +47,8 @@ fn start(l: &Launcher, name: &str) {
             vcpus: 1,
             image: None,
             snapshots: false,
+            idempotency_key: None,
+            token_budget: None,
         }))
         .expect("start");
 }

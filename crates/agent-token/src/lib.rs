@@ -9,6 +9,8 @@
 //! - the JWKS and the revocation feed come from the issuer URL itself: the HTTP client
 //!   (`clawos_api::HttpClient`) never follows a redirect, so a 3xx is a fetch error;
 //! - the revocation feed is polled at most every [`VerifierConfig::revocation_poll`].
+//!
+//! [`scopes`] defines the scopes ClawOS gives a meaning to (a VM's token budget).
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -16,6 +18,8 @@ use std::time::{Duration, Instant};
 use clawos_identity_manager_api::{IdentityClient, RevocationFeed, routes};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use tokio::sync::RwLock;
+
+pub mod scopes;
 
 /// How many poll intervals a stale revocation feed may be used while the issuer is
 /// unreachable.

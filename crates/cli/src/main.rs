@@ -11,6 +11,7 @@ mod terminal;
 mod token;
 mod usage;
 mod vm;
+mod workflow;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +49,14 @@ struct Cli {
         default_value = clawos_identity_manager_api::DEFAULT_URL
     )]
     identity_url: String,
+    /// orchestrator URL.
+    #[arg(
+        long,
+        global = true,
+        env = "CLAWOS_ORCHESTRATOR_URL",
+        default_value = clawos_orchestrator_api::DEFAULT_URL
+    )]
+    orchestrator_url: String,
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
@@ -72,6 +81,9 @@ enum Cmd {
     /// Give a VM's agent tasks and list its sessions.
     #[command(subcommand)]
     Agent(agent::AgentCmd),
+    /// Multi-agent workflows on the orchestrator: each step in its own agent VM.
+    #[command(subcommand)]
+    Workflow(workflow::WorkflowCmd),
     /// Agent tokens from identity-manager.
     #[command(subcommand)]
     Token(token::TokenCmd),
@@ -123,6 +135,19 @@ fn run(cli: Cli) -> Result<u8, Exit> {
         Cmd::Agent(cmd) => with_launcher(&cli.launcher_url, |client| {
             block_on(agent::run(cmd, client, cli.json))
         }),
+        Cmd::Workflow(cmd) => {
+            let token = clawos_orchestrator_api::local_token(&state_dir()).map_err(|why| {
+                Exit(
+                    9,
+                    anyhow::anyhow!(
+                        "no orchestrator operator credential: {why} (run as the orchestrator's user, or set CLAWOS_STATE_DIR or CLAWOS_ORCHESTRATOR_TOKEN_PATH)"
+                    ),
+                )
+            })?;
+            let client =
+                clawos_orchestrator_api::OrchestratorClient::new(&cli.orchestrator_url, &token);
+            block_on(workflow::run(cmd, &client, cli.json))
+        }
     }
 }
 

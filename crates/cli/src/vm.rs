@@ -42,6 +42,15 @@ pub enum VmCmd {
         /// `microvm`: a little slower to boot).
         #[arg(long)]
         snapshots: bool,
+        /// Make the start idempotent: if the VM was last started with this key, answer
+        /// the VM as it is (starting, running, stopped or failed) instead of booting it
+        /// again or refusing because it runs. 1-128 characters of A-Z a-z 0-9 . _ : / -.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
+        /// Total LLM tokens the VM's agent may spend (1 to 10^12), enforced by
+        /// inference-proxy through the VM's agent token.
+        #[arg(long, value_name = "TOKENS")]
+        token_budget: Option<u64>,
     },
     /// List VMs.
     #[command(alias = "ls")]
@@ -153,6 +162,8 @@ pub async fn run(cmd: VmCmd, client: &LauncherClient, json: bool) -> Result<u8, 
             no_wait,
             timeout,
             snapshots,
+            idempotency_key,
+            token_budget,
         } => {
             let req = StartVm {
                 name: name.clone(),
@@ -161,6 +172,8 @@ pub async fn run(cmd: VmCmd, client: &LauncherClient, json: bool) -> Result<u8, 
                 vcpus,
                 image,
                 snapshots,
+                idempotency_key,
+                token_budget,
             };
             let mut vm = client.start(&req).await.map_err(api_exit)?;
             if !no_wait {

@@ -96,6 +96,13 @@ impl Service {
     }
 
     fn put<C: Duplex>(&self, mut conn: C, path: &str, size: u64, mode: u32) -> io::Result<()> {
+        // Missing parent directories are made (confined like the file itself).
+        if let Some((parent, _)) = path.rsplit_once('/')
+            && !parent.is_empty()
+            && let Err(e) = self.workspace.create_dirs(parent, 0o755)
+        {
+            return error(&mut conn, e.to_string());
+        }
         let mut pending = match self.workspace.create(path, mode) {
             Ok(p) => p,
             Err(e) => return error(&mut conn, e.to_string()),

@@ -106,6 +106,44 @@ impl Workspace {
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
 
+    /// Creates the directory `path` and any missing parents (`mkdir -p`), each level
+    /// created with `mkdirat` in the confined descriptor of its parent, so `..` and
+    /// symlinks cannot lead out; an existing directory is fine, anything else in the
+    /// way is an error naming it.
+    pub fn create_dirs(&self, path: &str, mode: u32) -> io::Result<()> {
+        let rel = self.relative(path)?;
+        let mut dir = self.openat2(
+            self.root.as_raw_fd(),
+            ".",
+            libc::O_PATH | libc::O_DIRECTORY,
+            0,
+            path,
+        )?;
+        for part in rel.split('/').filter(|p| !p.is_empty() && *p != ".") {
+            if part == ".." {
+                return Err(refused(format!("{path:?} escapes {}", self.root_path)));
+            }
+            let c = CString::new(part)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+            // SAFETY: a valid C string relative to an open directory descriptor.
+            let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode & 0o7777) };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    return Err(io::Error::new(e.kind(), format!("{path}: {part}: {e}")));
+                }
+            }
+            dir = self.openat2(
+                dir.as_raw_fd(),
+                part,
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+                path,
+            )?;
+        }
+        Ok(())
+    }
+
     /// Opens an existing file for reading.
     pub fn open_read(&self, path: &str) -> io::Result<File> {
         let rel = self.relative(path)?;
@@ -271,6 +309,25 @@ mod tests {
             "a sibling dir sharing the prefix is outside"
         );
         assert!(w.list("sub/up").is_err());
+    }
+
+    #[test]
+    fn missing_directories_are_made_inside_and_never_through_a_symlink() {
+        let (d, w) = ws();
+        w.create_dirs("in/research/deep", 0o755).expect("mkdir -p");
+        assert!(d.path().join("in/research/deep").is_dir());
+        w.create_dirs("in/research", 0o755)
+            .expect("an existing directory is fine");
+        // Through a symlink pointing out, or with `..`, nothing is made outside.
+        for bad in ["sub/up/escaped", "../escaped", "sub/../../escaped"] {
+            assert!(w.create_dirs(bad, 0o755).is_err(), "{bad}");
+        }
+        assert!(!d.path().parent().expect("parent").join("escaped").exists());
+        // A file in the way is named.
+        let e = w
+            .create_dirs("sub/f/x", 0o755)
+            .expect_err("a file in the way");
+        assert!(e.to_string().contains('f'), "{e}");
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! metrics) answers the one ClawOS error body.
 //!
 //! What a hostile agent cannot do through it (`docs/security.md`): overrun its token
-//! budgets (costs are reserved before forwarding, [`limits::TokenBudgets`]), hold more
+//! budgets (costs are reserved before forwarding, [`limits::TokenBudgets`]; a VM's
+//! agent token may carry a total budget of its own, the scope `clawos.budget.total:<N>`
+//! the launcher asked for, which the guest never sees), hold more
 //! than its in-flight cap of requests, call anything unlimited or unrecorded, smuggle
 //! a cost-deciding field past the checks ([`request`]), reach the internet through the
 //! provider's server-side tools unless allowed ([`policy`]), or exhaust the proxy's
@@ -152,11 +154,9 @@ pub async fn run(
     };
     let now = ledger::now_ms();
     let today = ledger::tokens_since(&cfg.ledger_path, now - now % 86_400_000)?;
-    let all = if cfg.tokens_total > 0 {
-        ledger::tokens_since(&cfg.ledger_path, 0)?
-    } else {
-        Default::default()
-    };
+    // Always: a VM's token may carry a total budget (`clawos.budget.total`), which
+    // counts what its agent spent before this start like the configured total does.
+    let all = ledger::tokens_since(&cfg.ledger_path, 0)?;
     let metrics = proxy::Metrics::default();
     let conn_metrics = metrics.conns.clone();
     let p = Arc::new(proxy::Proxy {

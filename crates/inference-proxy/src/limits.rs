@@ -111,6 +111,13 @@ impl InFlight {
 /// when the request ends ([`TokenBudgets::settle`]). So concurrent requests can never
 /// spend more than a budget together, as long as the upstream reports no more than
 /// the reservation.
+///
+/// A caller's credential may carry a total budget of its own (a VM's agent token with
+/// the scope `clawos.budget.total:<N>`, [`TokenBudgets::reserve_within`]): the agent's
+/// total is then the smaller of the configured one and `N`, counted and reserved the
+/// same way, and a refusal names [`VM_TOTAL`] when `N` is the one that binds. Every
+/// agent's all-time spend is kept (seeded from the ledger), whether budgets are
+/// configured or not, so such a budget counts what was spent before it was seen.
 #[derive(Debug)]
 pub struct TokenBudgets {
     per_minute: Option<u64>,
@@ -143,15 +150,21 @@ pub struct Ticket {
 /// Why a reservation was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BudgetRefusal {
-    /// Not now: the window has `left` tokens free (after reservations in flight).
+    /// Not now: the window of `limit` tokens has `left` free (after reservations in
+    /// flight).
     Wait {
         window: &'static str,
+        limit: u64,
         left: u64,
         retry_after: Duration,
     },
     /// Never: the request alone may cost more than the whole budget.
     TooLarge { window: &'static str, limit: u64 },
 }
+
+/// The window of a total budget the caller's credential carries (a VM's
+/// `clawos.budget.total` scope), when it is smaller than the configured total.
+pub const VM_TOTAL: &str = "VM total";
 
 const DAY_MS: u64 = 86_400_000;
 /// Retry hint when only other requests' reservations are in the way.
@@ -215,14 +228,33 @@ impl TokenBudgets {
         now: Instant,
         now_ms: u64,
     ) -> Result<Ticket, BudgetRefusal> {
+        self.reserve_within(agent, tokens, None, now, now_ms)
+    }
+
+    /// [`TokenBudgets::reserve`] for a caller whose credential carries a total budget
+    /// of `vm_total` tokens: the agent's total is the smaller of it and the configured
+    /// one.
+    pub fn reserve_within(
+        &self,
+        agent: &str,
+        tokens: u64,
+        vm_total: Option<u64>,
+        now: Instant,
+        now_ms: u64,
+    ) -> Result<Ticket, BudgetRefusal> {
         let day = now_ms / DAY_MS;
-        if !self.enabled() {
+        if !self.enabled() && vm_total.is_none() {
             return Ok(Ticket { tokens: 0, day });
         }
+        let (total, total_window) = match (self.total, vm_total) {
+            (Some(t), Some(v)) if t < v => (Some(t), "total"),
+            (_, Some(v)) => (Some(v), VM_TOTAL),
+            (t, None) => (t, "total"),
+        };
         for (limit, window) in [
             (self.per_minute, "per-minute"),
             (self.per_day, "per-day"),
-            (self.total, "total"),
+            (total, total_window),
         ] {
             if let Some(limit) = limit
                 && tokens > limit
@@ -243,18 +275,20 @@ impl TokenBudgets {
             };
             BudgetRefusal::Wait {
                 window,
+                limit,
                 left,
                 retry_after,
             }
         };
-        if let Some(limit) = self.total
+        if let Some(limit) = total
             && s.all_tokens + s.reserved + tokens > limit
         {
-            // A total budget does not come back by itself: an operator raises it.
+            // A total budget does not come back by itself: an operator raises it (or,
+            // for a VM's, starts the VM with a new one).
             return Err(wait(
                 s.all_tokens,
                 limit,
-                "total",
+                total_window,
                 Duration::from_secs(86_400),
             ));
         }
@@ -290,7 +324,7 @@ impl TokenBudgets {
     /// Ends a request: its reservation is released and `charged` tokens (what the
     /// upstream reported) are spent.
     pub fn settle(&self, agent: &str, ticket: Ticket, charged: u64, now: Instant, now_ms: u64) {
-        if !self.enabled() {
+        if ticket.tokens == 0 && charged == 0 {
             return;
         }
         let mut map = self.spend.lock().unwrap_or_else(|p| p.into_inner());
@@ -299,11 +333,15 @@ impl TokenBudgets {
         if charged == 0 {
             return;
         }
+        // Kept for every agent: a credential carrying a budget may come at any time.
+        s.all_tokens += charged;
+        if !self.enabled() {
+            return;
+        }
         s.roll(now, now_ms);
         if ticket.day == s.day {
             s.day_tokens += charged;
         }
-        s.all_tokens += charged;
         s.minute.push_back((now, charged));
     }
 }
@@ -363,6 +401,7 @@ mod budget_tests {
         match b.reserve("a", 20, t0, 0) {
             Err(BudgetRefusal::Wait {
                 window: "per-minute",
+                limit: 100,
                 left: 10,
                 retry_after,
             }) => assert_eq!(retry_after, Duration::from_secs(60)),
@@ -471,6 +510,121 @@ mod budget_tests {
             b.reserve("a", 1, t + Duration::from_secs(3 * 86_400), 3 * DAY_MS)
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_vm_budget_is_a_total_for_its_agent_alone_with_the_same_reservations() {
+        // No configured budget at all: only the token's.
+        let b = TokenBudgets::new(0, 0, 0, HashMap::new(), HashMap::new(), 0);
+        assert!(!b.enabled());
+        let t = Instant::now();
+        let vm = Some(300);
+        // Concurrent reservations never sum past it.
+        let tickets: Vec<Ticket> = (0..10)
+            .filter_map(|_| b.reserve_within("a", 100, vm, t, 0).ok())
+            .collect();
+        assert_eq!(tickets.len(), 3);
+        match b.reserve_within("a", 100, vm, t, 0) {
+            Err(BudgetRefusal::Wait {
+                window: VM_TOTAL,
+                limit: 300,
+                left: 0,
+                retry_after,
+            }) => assert_eq!(retry_after, IN_FLIGHT_RETRY, "only reservations in the way"),
+            r => panic!("{r:?}"),
+        }
+        // The same agent without the budget, and another agent, are not held by it.
+        assert_eq!(b.reserve("a", 10_000, t, 0).map(|t| t.tokens), Ok(0));
+        assert!(b.reserve_within("b", 300, vm, t, 0).is_ok());
+        // Settled at what was used; then spent is spent.
+        for tk in tickets {
+            b.settle("a", tk, 90, t, 0);
+        }
+        let r = ok(b.reserve_within("a", 30, vm, t, 0));
+        b.settle("a", r, 30, t, 0);
+        match b.reserve_within("a", 1, vm, t + Duration::from_secs(3 * 86_400), 3 * DAY_MS) {
+            Err(BudgetRefusal::Wait {
+                window: VM_TOTAL,
+                limit: 300,
+                left: 0,
+                retry_after,
+            }) => assert_eq!(retry_after, Duration::from_secs(86_400)),
+            r => panic!("it does not come back: {r:?}"),
+        }
+        // A request that can never fit is told so.
+        assert_eq!(
+            b.reserve_within("c", 301, vm, t, 0),
+            Err(BudgetRefusal::TooLarge {
+                window: VM_TOTAL,
+                limit: 300
+            })
+        );
+    }
+
+    #[test]
+    fn the_smaller_of_the_configured_and_the_vm_total_applies_and_is_named() {
+        let b = TokenBudgets::new(
+            0,
+            0,
+            1000,
+            HashMap::new(),
+            HashMap::from([("a".to_owned(), 900)]),
+            0,
+        );
+        let t = Instant::now();
+        // The VM's 5,000 is above the configured 1,000: the configured one binds.
+        match b.reserve_within("a", 200, Some(5000), t, 0) {
+            Err(BudgetRefusal::Wait {
+                window: "total",
+                limit: 1000,
+                left: 100,
+                ..
+            }) => {}
+            r => panic!("{r:?}"),
+        }
+        // The VM's 950 is below: it binds, counting what was spent before it was seen.
+        match b.reserve_within("a", 60, Some(950), t, 0) {
+            Err(BudgetRefusal::Wait {
+                window: VM_TOTAL,
+                limit: 950,
+                left: 50,
+                ..
+            }) => {}
+            r => panic!("{r:?}"),
+        }
+        assert!(b.reserve_within("a", 50, Some(950), t, 0).is_ok());
+        assert_eq!(
+            b.reserve_within("z", 1001, Some(2000), t, 0),
+            Err(BudgetRefusal::TooLarge {
+                window: "total",
+                limit: 1000
+            })
+        );
+    }
+
+    #[test]
+    fn spend_without_budgets_is_still_counted_for_a_budget_seen_later() {
+        // Seeded from the ledger, and spent since without any budget on.
+        let b = TokenBudgets::new(
+            0,
+            0,
+            0,
+            HashMap::new(),
+            HashMap::from([("a".to_owned(), 100)]),
+            0,
+        );
+        let t = Instant::now();
+        let r = ok(b.reserve("a", 50, t, 0));
+        assert_eq!(r.tokens, 0, "no budget: nothing reserved");
+        b.settle("a", r, 150, t, 0);
+        match b.reserve_within("a", 60, Some(300), t, 0) {
+            Err(BudgetRefusal::Wait {
+                window: VM_TOTAL,
+                left: 50,
+                ..
+            }) => {}
+            r => panic!("{r:?}"),
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! The agent-facing LLM APIs, proxied: authenticate the agent, hold one of its
-//! in-flight slots, check the request (strict types, the agent's policy), apply its
-//! rate limit, reserve its largest possible cost in its token budgets, swap in the
+//! The agent-facing LLM APIs, proxied: authenticate the agent (and read the budget its
+//! token may carry, `clawos.budget.total:<N>`), hold one of its in-flight slots, check
+//! the request (strict types, the agent's policy), apply its rate limit, reserve its
+//! largest possible cost in its token budgets, swap in the
 //! host's key, pass the answer (or the stream) through, settle the budget with the
 //! usage the upstream reported and record it.
 //!
@@ -187,10 +188,27 @@ pub fn upstream_client() -> reqwest::Result<reqwest::Client> {
 }
 
 /// Who is calling.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Caller {
     agent: String,
     vm_id: String,
+    /// The total token budget the caller's token carries (`clawos.budget.total:<N>`,
+    /// put there by the launcher for a VM started with one).
+    budget: Option<u64>,
+}
+
+impl Caller {
+    /// The caller a verified token names; a budget scope that cannot be honoured is an
+    /// error, never skipped.
+    fn from_claims(c: clawos_agent_token::Claims) -> Result<Self, String> {
+        let budget =
+            clawos_agent_token::scopes::parse_budget_total(&c.scopes).map_err(|e| e.to_string())?;
+        Ok(Self {
+            agent: c.agent,
+            vm_id: c.vm_id,
+            budget,
+        })
+    }
 }
 
 /// Largest request body accepted (the limit the proxy has always had).
@@ -223,19 +241,21 @@ impl Proxy {
             unauthorized("missing agent credential (x-api-key or Authorization: Bearer)")
         })?;
         match &self.auth {
-            AgentAuth::Jwt(v) => v
-                .verify(&token)
-                .await
-                .map(|c| Caller {
-                    agent: c.agent,
-                    vm_id: c.vm_id,
-                })
-                .map_err(|e| unauthorized(&e.to_string())),
+            AgentAuth::Jwt(v) => {
+                let claims = v
+                    .verify(&token)
+                    .await
+                    .map_err(|e| unauthorized(&e.to_string()))?;
+                // Authentic, but carrying a budget this proxy cannot apply: refused.
+                Caller::from_claims(claims)
+                    .map_err(|m| error_for(api, StatusCode::FORBIDDEN, "permission_error", &m))
+            }
             AgentAuth::Static(map) => map
                 .get(&token)
                 .map(|a| Caller {
                     agent: a.clone(),
                     vm_id: String::new(),
+                    budget: None,
                 })
                 .ok_or_else(|| unauthorized("unknown agent credential")),
         }
@@ -371,3 +391,65 @@ fn too_many(api: ApiKind, retry_after: Duration, message: &str) -> Response {
 
 /// Default upstream timeout for the whole answer of a non-streaming call.
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(scopes: &[&str]) -> clawos_agent_token::Claims {
+        clawos_agent_token::Claims {
+            iss: "http://127.0.0.1:2082".into(),
+            sub: "spiffe://clawos.local/agent/step-1".into(),
+            aud: "inference-proxy".into(),
+            iat: 1,
+            nbf: 1,
+            exp: 2,
+            jti: "j".into(),
+            agent: "step-1".into(),
+            vm_id: "step-1-1700000000".into(),
+            image_root_hash: String::new(),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            auth_time: None,
+        }
+    }
+
+    #[test]
+    fn a_verified_token_names_its_agent_and_the_budget_it_carries() {
+        let c = Caller::from_claims(claims(&[])).expect("no scope");
+        assert_eq!(
+            c,
+            Caller {
+                agent: "step-1".into(),
+                vm_id: "step-1-1700000000".into(),
+                budget: None
+            }
+        );
+        let c = Caller::from_claims(claims(&["llm:invoke", "clawos.budget.total:300"]))
+            .expect("budget");
+        assert_eq!(c.budget, Some(300));
+        assert_eq!(c.agent, "step-1");
+    }
+
+    #[test]
+    fn a_malformed_budget_scope_is_refused_with_the_scope_named() {
+        for bad in [
+            "clawos.budget.total:0",
+            "clawos.budget.total:abc",
+            "clawos.budget.total:-1",
+            "clawos.budget.total:1000000000001",
+            "clawos.budget.daily:5",
+        ] {
+            let e = Caller::from_claims(claims(&[bad])).expect_err(bad);
+            assert!(
+                e.contains(bad) && e.contains("clawos.budget.total:<N>"),
+                "{e}"
+            );
+        }
+        let e = Caller::from_claims(claims(&[
+            "clawos.budget.total:300",
+            "clawos.budget.total:900",
+        ]))
+        .expect_err("two");
+        assert!(e.contains("more than one"), "{e}");
+    }
+}

@@ -20,6 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::IdentitySettings;
 use crate::names::VmName;
+use crate::store::VmRecord;
 
 /// The file in a VM's directory naming the token the launcher holds for it.
 const JTI_FILE: &str = "identity.jti";
@@ -135,6 +136,30 @@ pub struct VmIdentityClaims {
     /// This boot of the VM: `<name>-<start time>`.
     pub vm_id: String,
     pub image_root_hash: String,
+    /// Total LLM tokens the agent may spend: the scope `clawos.budget.total:<N>`
+    /// (enforced by inference-proxy). The token never enters the VM, so the guest
+    /// cannot ask for another.
+    pub token_budget: Option<u64>,
+}
+
+impl VmIdentityClaims {
+    /// The claims of the current boot of the VM `record` describes.
+    pub fn of(name: &VmName, record: &VmRecord) -> Self {
+        Self {
+            agent: name.clone(),
+            vm_id: format!("{name}-{}", record.started_at.unwrap_or(0)),
+            image_root_hash: record.root_hash.clone(),
+            token_budget: record.token_budget,
+        }
+    }
+
+    /// The scopes its tokens carry.
+    pub fn scopes(&self) -> Vec<String> {
+        self.token_budget
+            .map(clawos_agent_token::scopes::budget_total)
+            .into_iter()
+            .collect()
+    }
 }
 
 /// Starts holding a token for a VM (`vm_dir` keeps its `jti`). Without identity-manager
@@ -175,17 +200,21 @@ fn client(settings: &IdentitySettings) -> Result<IdentityClient, String> {
     Ok(IdentityClient::with_service_token(&settings.url, token.trim()).with_timeout(CALL_TIMEOUT))
 }
 
-async fn issue(settings: &IdentitySettings, claims: &VmIdentityClaims) -> Result<Issued, String> {
-    let req = IssueRequest {
+/// What the launcher asks identity-manager for, for one of a VM's tokens.
+fn issue_request(settings: &IdentitySettings, claims: &VmIdentityClaims) -> IssueRequest {
+    IssueRequest {
         agent: claims.agent.to_string(),
         vm_id: claims.vm_id.clone(),
         image_root_hash: claims.image_root_hash.clone(),
         audience: settings.llm_audience.clone(),
         ttl_secs: Some(settings.token_ttl.as_secs()),
-        scopes: Vec::new(),
-    };
+        scopes: claims.scopes(),
+    }
+}
+
+async fn issue(settings: &IdentitySettings, claims: &VmIdentityClaims) -> Result<Issued, String> {
     client(settings)?
-        .issue(&req)
+        .issue(&issue_request(settings, claims))
         .await
         .map_err(|e| e.to_string())
 }
@@ -349,7 +378,50 @@ mod tests {
             agent: VmName::parse("agent-a").expect("name"),
             vm_id: "agent-a-1700000000".into(),
             image_root_hash: "ab".repeat(32),
+            token_budget: None,
         }
+    }
+
+    /// The record of a VM started with `token_budget`.
+    fn record(token_budget: Option<u64>) -> VmRecord {
+        serde_json::from_value(serde_json::json!({
+            "name": "agent-a", "model": null, "mem_mib": 128, "vcpus": 1,
+            "image": "default", "root_hash": "ab".repeat(32), "backend": "qemu",
+            "state": "starting", "reason": null, "boot_ms": null,
+            "started_at": 1_700_000_000u64, "process": null,
+            "token_budget": token_budget,
+        }))
+        .expect("record")
+    }
+
+    #[test]
+    fn a_vm_started_with_a_token_budget_asks_for_its_scope_in_every_token() {
+        let settings = unreachable(PathBuf::from("/nonexistent"));
+        let name = VmName::parse("agent-a").expect("name");
+        let req = issue_request(&settings, &VmIdentityClaims::of(&name, &record(Some(300))));
+        assert_eq!(req.scopes, vec!["clawos.budget.total:300".to_owned()]);
+        assert_eq!(req.agent, "agent-a");
+        assert_eq!(req.vm_id, "agent-a-1700000000");
+        assert_eq!(req.image_root_hash, "ab".repeat(32));
+        assert_eq!(req.audience, "inference-proxy");
+        // What the proxy reads back from it.
+        assert_eq!(
+            clawos_agent_token::scopes::parse_budget_total(&req.scopes),
+            Ok(Some(300))
+        );
+        // Without a budget: no scope, as before budgets existed.
+        let req = issue_request(&settings, &VmIdentityClaims::of(&name, &record(None)));
+        assert!(req.scopes.is_empty(), "{:?}", req.scopes);
+        // A record from before budgets (no field) has none.
+        let mut old = serde_json::to_value(record(Some(5))).expect("json");
+        old.as_object_mut().expect("object").remove("token_budget");
+        let old: VmRecord = serde_json::from_value(old).expect("old record");
+        assert_eq!(old.token_budget, None);
+        assert!(
+            issue_request(&settings, &VmIdentityClaims::of(&name, &old))
+                .scopes
+                .is_empty()
+        );
     }
 
     /// Settings naming an identity-manager that is not there (a closed loopback port).

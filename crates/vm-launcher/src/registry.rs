@@ -21,6 +21,8 @@ struct Entry {
     record: VmRecord,
     /// An operation (start, stop, snapshot, …) holds the VM.
     busy: bool,
+    /// The idempotency key of the start holding the VM, while one does.
+    starting_key: Option<String>,
     /// Every state the VM takes, for [`Registry::wait_until`].
     state: watch::Sender<VmState>,
     /// The task following the VM's hypervisor while it is active.
@@ -32,6 +34,21 @@ struct Entry {
 pub struct Registry {
     vms_dir: PathBuf,
     inner: Mutex<HashMap<VmName, Entry>>,
+    /// Counts released claims, so a start waiting for another with its idempotency key
+    /// wakes when that one ends.
+    released: watch::Sender<u64>,
+}
+
+/// What [`Registry::claim_start`] found.
+#[derive(Debug)]
+pub enum StartClaim<'a> {
+    /// The VM is held for this start.
+    Claimed(Claim<'a>),
+    /// The VM was booted by a start with the same idempotency key: its record now.
+    Done(Box<VmRecord>),
+    /// A start with the same idempotency key holds the VM: wait for a change, then ask
+    /// again.
+    Wait(watch::Receiver<u64>),
 }
 
 /// Holds a VM for one operation; released when dropped, however the operation ends.
@@ -43,19 +60,25 @@ pub struct Claim<'a> {
 
 impl Drop for Claim<'_> {
     fn drop(&mut self) {
-        let mut inner = self.registry.lock();
-        match inner.get(&self.name) {
-            // A name claimed for a create that failed has no record: forget it.
-            Some(e) if e.record.name.is_empty() => {
-                inner.remove(&self.name);
-            }
-            Some(_) => {
-                if let Some(e) = inner.get_mut(&self.name) {
-                    e.busy = false;
+        {
+            let mut inner = self.registry.lock();
+            match inner.get(&self.name) {
+                // A name claimed for a create that failed has no record: forget it.
+                Some(e) if e.record.name.is_empty() => {
+                    inner.remove(&self.name);
                 }
+                Some(_) => {
+                    if let Some(e) = inner.get_mut(&self.name) {
+                        e.busy = false;
+                        e.starting_key = None;
+                    }
+                }
+                None => {}
             }
-            None => {}
         }
+        self.registry
+            .released
+            .send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -64,6 +87,7 @@ impl Registry {
         Self {
             vms_dir,
             inner: Mutex::new(HashMap::new()),
+            released: watch::Sender::new(0),
         }
     }
 
@@ -86,23 +110,48 @@ impl Registry {
     /// Marks `name` busy for one operation (creating a placeholder for a new VM); a
     /// second operation on the same VM is a conflict.
     pub fn claim(&self, name: &VmName) -> Result<Claim<'_>, LauncherError> {
+        match self.claim_start(name, None)? {
+            StartClaim::Claimed(c) => Ok(c),
+            // Only a start with a key is answered otherwise.
+            StartClaim::Done(_) | StartClaim::Wait(_) => Err(busy(name)),
+        }
+    }
+
+    /// [`Registry::claim`] for a start with idempotency key `key`, in one step with
+    /// looking at the key: the VM's record if a start with the same key booted it; a
+    /// receiver to wait on if such a start holds it now; else a claim (remembering the
+    /// key, so starts with the same key that come meanwhile wait for this one).
+    pub fn claim_start(
+        &self,
+        name: &VmName,
+        key: Option<&str>,
+    ) -> Result<StartClaim<'_>, LauncherError> {
         let mut inner = self.lock();
+        if let (Some(key), Some(e)) = (key, inner.get(name)) {
+            if !e.record.name.is_empty() && e.record.idempotency_key.as_deref() == Some(key) {
+                return Ok(StartClaim::Done(Box::new(e.record.clone())));
+            }
+            if e.busy && e.starting_key.as_deref() == Some(key) {
+                // Subscribed under the lock: the holder's release comes after.
+                return Ok(StartClaim::Wait(self.released.subscribe()));
+            }
+        }
         let entry = inner.entry(name.clone()).or_insert_with(|| Entry {
             record: placeholder(),
             busy: false,
+            starting_key: None,
             state: watch::Sender::new(VmState::Stopped),
             supervisor: None,
         });
         if entry.busy {
-            return Err(LauncherError::Conflict(format!(
-                "VM {name} has another operation in progress"
-            )));
+            return Err(busy(name));
         }
         entry.busy = true;
-        Ok(Claim {
+        entry.starting_key = key.map(str::to_owned);
+        Ok(StartClaim::Claimed(Claim {
             registry: self,
             name: name.clone(),
-        })
+        }))
     }
 
     /// Adds or replaces a VM's whole record (a new VM, a launch, an adoption) and
@@ -125,6 +174,7 @@ impl Registry {
                     Entry {
                         record,
                         busy: false,
+                        starting_key: None,
                         state: watch::Sender::new(state),
                         supervisor: None,
                     },
@@ -256,6 +306,10 @@ impl Registry {
     }
 }
 
+fn busy(name: &VmName) -> LauncherError {
+    LauncherError::Conflict(format!("VM {name} has another operation in progress"))
+}
+
 /// The record of a name claimed for its first start, before it has one.
 fn placeholder() -> VmRecord {
     VmRecord {
@@ -275,5 +329,7 @@ fn placeholder() -> VmRecord {
         vsock: false,
         socket_dir: None,
         snapshots: false,
+        idempotency_key: None,
+        token_budget: None,
     }
 }

@@ -42,6 +42,14 @@ pub struct VmRecord {
     /// Started snapshot-capable (QEMU: `pc` machine with a hot-pluggable vsock).
     #[serde(default)]
     pub snapshots: bool,
+    /// The idempotency key of the start that booted it last (a start with the same key
+    /// answers the VM as it is instead of booting it again).
+    #[serde(default)]
+    pub idempotency_key: Option<String>,
+    /// Total LLM tokens its agent may spend: the `clawos.budget.total` scope of every
+    /// agent token the launcher holds for it.
+    #[serde(default)]
+    pub token_budget: Option<u64>,
 }
 
 impl VmRecord {
@@ -64,6 +72,8 @@ impl VmRecord {
             boot_ms: self.boot_ms,
             started_at: self.started_at,
             snapshots: self.snapshots,
+            idempotency_key: self.idempotency_key.clone(),
+            token_budget: self.token_budget,
         }
     }
 }

@@ -92,11 +92,7 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
     let (identity, identity_holder) = match (&guest, &record) {
         (Some(_), Some(r)) => crate::identity::hold(
             shared.cfg.identity.as_ref(),
-            crate::identity::VmIdentityClaims {
-                agent: name.clone(),
-                vm_id: format!("{name}-{}", r.started_at.unwrap_or(0)),
-                image_root_hash: r.root_hash.clone(),
-            },
+            crate::identity::VmIdentityClaims::of(&name, r),
             &dir.root,
         ),
         _ => (crate::identity::AgentIdentity::unconfigured(), None),

@@ -24,6 +24,31 @@ pub fn model(model: &str) -> Result<(), LauncherError> {
     }
 }
 
+/// An idempotency key is recorded in the VM's record and compared byte for byte.
+pub fn idempotency_key(key: &str) -> Result<(), LauncherError> {
+    if clawos_vm_launcher_api::valid_idempotency_key(key) {
+        Ok(())
+    } else {
+        Err(LauncherError::Invalid(format!(
+            "invalid idempotency_key {:?}: 1-{} characters of A-Z a-z 0-9 . _ : / -",
+            key.chars().take(80).collect::<String>(),
+            clawos_vm_launcher_api::MAX_IDEMPOTENCY_KEY
+        )))
+    }
+}
+
+/// A token budget goes into the VM's agent token as `clawos.budget.total:<N>`.
+pub fn token_budget(tokens: u64) -> Result<(), LauncherError> {
+    use clawos_vm_launcher_api::MAX_TOKEN_BUDGET;
+    if (1..=MAX_TOKEN_BUDGET).contains(&tokens) {
+        Ok(())
+    } else {
+        Err(LauncherError::Invalid(format!(
+            "invalid token_budget {tokens}: 1 to {MAX_TOKEN_BUDGET} tokens"
+        )))
+    }
+}
+
 /// Memory and vCPUs within what this host has.
 pub fn resources(
     mem_mib: u32,
@@ -55,6 +80,39 @@ mod tests {
         assert!(model("x\nANTHROPIC_API_KEY=y").is_err());
         assert!(model("").is_err());
         assert!(model("a b").is_err());
+    }
+
+    #[test]
+    fn idempotency_keys_are_short_printable_labels() {
+        for ok in ["a", "wf-1/step:2.attempt_3", &"k".repeat(128)] {
+            assert!(idempotency_key(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", &"k".repeat(129), "a b", "a\nb", "é", "a;b", "a\"b"] {
+            let e = idempotency_key(bad).expect_err(bad);
+            assert!(matches!(e, LauncherError::Invalid(_)), "{e}");
+            assert!(e.to_string().contains("idempotency_key"), "{e}");
+        }
+    }
+
+    #[test]
+    fn token_budgets_fit_the_scope_the_proxy_reads() {
+        use clawos_agent_token::scopes;
+        assert!(token_budget(0).is_err());
+        assert!(token_budget(1).is_ok());
+        assert!(token_budget(clawos_vm_launcher_api::MAX_TOKEN_BUDGET).is_ok());
+        assert!(token_budget(clawos_vm_launcher_api::MAX_TOKEN_BUDGET + 1).is_err());
+        assert!(token_budget(u64::MAX).is_err());
+        // Every budget the launcher accepts is one the proxy accepts back.
+        assert_eq!(
+            clawos_vm_launcher_api::MAX_TOKEN_BUDGET,
+            scopes::MAX_BUDGET_TOTAL
+        );
+        for n in [1, 300, scopes::MAX_BUDGET_TOTAL] {
+            assert_eq!(
+                scopes::parse_budget_total(&[scopes::budget_total(n)]),
+                Ok(Some(n))
+            );
+        }
     }
 
     #[test]

@@ -51,6 +51,8 @@ fn start_req(name: &str) -> StartVm {
         vcpus: 1,
         image: None,
         snapshots: false,
+        idempotency_key: None,
+        token_budget: None,
     }
 }
 
@@ -299,4 +301,80 @@ async fn a_refused_upload_is_answered_not_cut_off_mid_body() {
         .expect_err("415");
     assert_eq!(e.status(), Some(415), "{e}");
     assert_eq!(c.stop("a").await.expect("stop").state, VmState::Stopped);
+}
+
+#[tokio::test]
+async fn an_idempotent_start_over_http_is_202_with_the_vm_and_a_bad_key_is_400() {
+    use clawos_vm_launcher_api::routes;
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (state, image) = (tmp.path().join("state"), tmp.path().join("image"));
+    let _cleanup = Cleanup(state.clone());
+    let pubkey = common::signed_bundle(&image);
+    let url = serve(&state, &image, &pubkey).await;
+    let raw = HttpClient::new("vm-launcher", &url).with_token(TOKEN);
+    let start = |body: serde_json::Value| {
+        let raw = raw.clone();
+        async move {
+            let r = raw
+                .send(raw.request(routes::START, &[]).json(&body))
+                .await?;
+            let status = r.status().as_u16();
+            let vm: serde_json::Value = r.json().await.expect("body");
+            Ok::<_, ClientError>((status, vm))
+        }
+    };
+    // The wire shape: two optional fields of the start request, echoed in the VM.
+    let body = serde_json::json!({
+        "name": "s1", "mem_mib": 128, "vcpus": 1,
+        "idempotency_key": "wf-1/step-1:try.0", "token_budget": 300
+    });
+    let (status, first) = start(body.clone()).await.expect("start");
+    assert_eq!(status, 202);
+    assert_eq!(first["idempotency_key"], "wf-1/step-1:try.0");
+    assert_eq!(first["token_budget"], 300);
+    let (status, again) = start(body.clone()).await.expect("the same start again");
+    assert_eq!(status, 202);
+    assert_eq!(again["pid"], first["pid"], "the same VM process");
+    assert_eq!(again["name"], "s1");
+
+    let e = start(serde_json::json!({
+        "name": "s1", "mem_mib": 128, "vcpus": 1, "idempotency_key": "wf-1/step-2"
+    }))
+    .await
+    .expect_err("another key while it runs");
+    assert_eq!(api(&e), (409, code::CONFLICT, 4), "{e}");
+    for bad in [
+        serde_json::json!({"name": "s2", "idempotency_key": ""}),
+        serde_json::json!({"name": "s2", "idempotency_key": "a b"}),
+        serde_json::json!({"name": "s2", "idempotency_key": "k".repeat(129)}),
+        serde_json::json!({"name": "s2", "idempotency_key": 7}),
+        serde_json::json!({"name": "s2", "token_budget": 0}),
+        serde_json::json!({"name": "s2", "token_budget": -1}),
+        serde_json::json!({"name": "s2", "token_budget": 1_000_000_000_001u64}),
+    ] {
+        let e = start(bad.clone()).await.expect_err("refused");
+        assert_eq!(api(&e), (400, code::INVALID_REQUEST, 1), "{bad}: {e}");
+    }
+    // Through the typed client, and a VM without either field shows neither.
+    let c = LauncherClient::new(&url).with_token(TOKEN);
+    let vm = c
+        .start(&StartVm {
+            idempotency_key: Some("wf-1/step-1:try.0".into()),
+            ..start_req("s1")
+        })
+        .await
+        .expect("typed client, same key");
+    assert_eq!(vm.token_budget, Some(300));
+    let plain = c.start(&start_req("s3")).await.expect("plain start");
+    assert_eq!((plain.idempotency_key, plain.token_budget), (None, None));
+    let listed = c.list().await.expect("list");
+    assert_eq!(listed.len(), 2, "nothing else was created: {listed:?}");
+    for n in ["s1", "s3"] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while c.get(n).await.expect("get").state == VmState::Starting {
+            assert!(Instant::now() < deadline, "{n} never ran");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        c.stop(n).await.expect("stop");
+    }
 }

@@ -1,8 +1,9 @@
 //! The launcher's VM state machine on the fake hypervisor: every transition (start,
 //! ready, pause, resume, stop, kill after the stop timeout, crash, failed boot, boot
 //! timeout, snapshot, restore, delete, re-adoption after a launcher restart) and
-//! concurrent requests on one VM, in milliseconds and without QEMU; then property
-//! tests over random request sequences.
+//! concurrent requests on one VM, idempotent starts (a key recorded per VM: a retry
+//! answers the VM, concurrent retries boot once, the key outlives a launcher restart),
+//! in milliseconds and without QEMU; then property tests over random request sequences.
 //!
 //! The image each fake VM "boots" is a real signed bundle, verified as usual.
 
@@ -100,6 +101,16 @@ fn start_req(name: &str) -> StartVm {
         vcpus: 1,
         image: None,
         snapshots: false,
+        idempotency_key: None,
+        token_budget: None,
+    }
+}
+
+/// A start of `name` with idempotency key `key`.
+fn keyed(name: &str, key: &str) -> StartVm {
+    StartVm {
+        idempotency_key: Some(key.into()),
+        ..start_req(name)
     }
 }
 
@@ -330,6 +341,225 @@ fn a_restarted_launcher_re_adopts_running_vms_and_records_the_ones_that_ended() 
             settle(&l, "keeps", |s| !s.is_active()).await,
             VmState::Failed
         );
+    });
+}
+
+#[test]
+fn a_start_with_the_recorded_idempotency_key_answers_the_vm_and_never_boots_it_again() {
+    let host = Host::new();
+    host.fake.set_guest("broken", FakeGuest::FailsToBoot);
+    runtime().block_on(async {
+        let l = host.launcher();
+        let first = l.start(keyed("a", "step-1")).await.expect("start");
+        assert_eq!(first.state, VmState::Starting);
+        assert_eq!(first.idempotency_key.as_deref(), Some("step-1"));
+        // Still starting, or running by now: the same VM, the same process.
+        let again = l.start(keyed("a", "step-1")).await.expect("same key");
+        assert_eq!(again.pid, first.pid);
+        assert!(again.state.is_active(), "{again:?}");
+        settle(&l, "a", |s| s == VmState::Running).await;
+        let again = l.start(keyed("a", "step-1")).await.expect("same key");
+        assert_eq!((again.state, again.pid), (VmState::Running, first.pid));
+        assert_eq!(host.fake.launches("a"), 1, "one boot");
+
+        // Another key, or none: as without keys.
+        for other in [keyed("a", "step-2"), start_req("a")] {
+            let e = l.start(other).await.expect_err("running");
+            assert!(
+                matches!(&e, LauncherError::Conflict(m) if m.contains("already running")),
+                "{e}"
+            );
+        }
+
+        // The attempt is over once the VM stopped: answered as it is, not booted again.
+        let p = host.process("a").expect("process");
+        l.stop("a").await.expect("stop");
+        let again = l.start(keyed("a", "step-1")).await.expect("same key");
+        assert_eq!((again.state, again.pid), (VmState::Stopped, None));
+        assert!(!p.is_alive());
+        assert_eq!(host.fake.launches("a"), 1, "not booted again");
+        assert!(host.process("a").is_none());
+
+        // A new key boots it, and becomes the one recorded.
+        let next = l.start(keyed("a", "step-2")).await.expect("new key");
+        assert_eq!(next.idempotency_key.as_deref(), Some("step-2"));
+        assert_eq!(host.fake.launches("a"), 2);
+        let again = l.start(keyed("a", "step-2")).await.expect("same key");
+        assert_eq!(again.pid, next.pid);
+        let e = l
+            .start(keyed("a", "step-1"))
+            .await
+            .expect_err("old key, running");
+        assert!(matches!(e, LauncherError::Conflict(_)), "{e}");
+        assert_eq!(host.fake.launches("a"), 2);
+        settle(&l, "a", |s| s == VmState::Running).await;
+        l.stop("a").await.expect("stop");
+        // A start without a key boots it and clears the key: no retry matches it.
+        l.start(start_req("a")).await.expect("start without a key");
+        assert_eq!(host.fake.launches("a"), 3);
+        assert_eq!(l.get("a").expect("a").idempotency_key, None);
+        let e = l.start(keyed("a", "step-2")).await.expect_err("running");
+        assert!(matches!(e, LauncherError::Conflict(_)), "{e}");
+
+        // A keyed start whose VM failed: the failure is the answer.
+        l.start(keyed("broken", "step-9")).await.expect("launch");
+        assert_eq!(
+            settle(&l, "broken", |s| !s.is_active()).await,
+            VmState::Failed
+        );
+        let again = l.start(keyed("broken", "step-9")).await.expect("same key");
+        assert_eq!(again.state, VmState::Failed);
+        assert!(again.reason.is_some(), "{again:?}");
+        assert_eq!(
+            host.fake.launches("broken"),
+            1,
+            "a failed attempt is not retried"
+        );
+
+        // Bad keys and budgets: 400, nothing created or booted.
+        for (bad, what) in [
+            (keyed("c", ""), "idempotency_key"),
+            (keyed("c", &"k".repeat(129)), "idempotency_key"),
+            (keyed("c", "with space"), "idempotency_key"),
+            (keyed("c", "new\nline"), "idempotency_key"),
+            (keyed("c", "semi;colon"), "idempotency_key"),
+            (
+                StartVm {
+                    token_budget: Some(0),
+                    ..start_req("c")
+                },
+                "token_budget",
+            ),
+            (
+                StartVm {
+                    token_budget: Some(1_000_000_000_001),
+                    ..start_req("c")
+                },
+                "token_budget",
+            ),
+        ] {
+            let e = l.start(bad).await.expect_err(what);
+            assert!(
+                matches!(&e, LauncherError::Invalid(m) if m.contains(what)),
+                "{e}"
+            );
+        }
+        assert!(l.get("c").is_err());
+        assert!(!host.dir("c").root.exists());
+        assert_eq!(host.fake.launches("c"), 0);
+        l.stop("a").await.expect("stop");
+    });
+}
+
+#[test]
+fn twenty_concurrent_starts_with_one_key_boot_once() {
+    let host = Host::new();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let l = host.launcher();
+        // A new VM: its disks are made while the others wait.
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let l = Arc::clone(&l);
+                tokio::spawn(async move { l.start(keyed("c", "wf-7/step-3")).await })
+            })
+            .collect();
+        let mut pids = std::collections::HashSet::new();
+        for t in tasks {
+            let vm = t.await.expect("task").expect("every retry is answered 202");
+            assert_eq!(vm.idempotency_key.as_deref(), Some("wf-7/step-3"));
+            pids.insert(vm.pid.expect("a running process"));
+        }
+        assert_eq!(pids.len(), 1, "one VM process: {pids:?}");
+        assert_eq!(host.fake.launches("c"), 1, "one boot");
+        assert_eq!(host.process("c").map(|p| p.pid), pids.into_iter().next());
+        settle(&l, "c", |s| s == VmState::Running).await;
+        l.stop("c").await.expect("stop");
+
+        // Stopped, two keys racing: one boots; its retries are answered, the other
+        // key's are refused as without keys (409).
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let l = Arc::clone(&l);
+                let key = if i % 2 == 0 { "even" } else { "odd" };
+                tokio::spawn(async move { (key, l.start(keyed("c", key)).await) })
+            })
+            .collect();
+        let mut won = std::collections::HashMap::<&str, usize>::new();
+        for t in tasks {
+            let (key, r) = t.await.expect("task");
+            match r {
+                Ok(vm) => {
+                    assert_eq!(vm.idempotency_key.as_deref(), Some(key));
+                    *won.entry(key).or_default() += 1;
+                }
+                Err(e) => assert!(matches!(e, LauncherError::Conflict(_)), "{e}"),
+            }
+        }
+        assert_eq!(host.fake.launches("c"), 2, "one more boot: {won:?}");
+        assert_eq!(won.len(), 1, "only one key's starts succeed: {won:?}");
+        assert_eq!(
+            won.values().sum::<usize>(),
+            10,
+            "all of that key's: {won:?}"
+        );
+        settle(&l, "c", |s| s == VmState::Running).await;
+        l.stop("c").await.expect("stop");
+    });
+}
+
+#[test]
+fn an_idempotency_key_and_a_token_budget_survive_a_launcher_restart() {
+    let host = Host::new();
+    let first = runtime().block_on(async {
+        let l = host.launcher();
+        let vm = l
+            .start(StartVm {
+                token_budget: Some(5_000),
+                ..keyed("kept", "run-1")
+            })
+            .await
+            .expect("start");
+        assert_eq!(vm.token_budget, Some(5_000));
+        l.start(keyed("ended", "run-1")).await.expect("start");
+        for n in ["kept", "ended"] {
+            settle(&l, n, |s| s == VmState::Running).await;
+        }
+        l.stop("ended").await.expect("stop");
+        host.process("kept").expect("kept")
+    });
+    let on_disk = host.dir("kept").load().expect("record");
+    assert_eq!(on_disk.idempotency_key.as_deref(), Some("run-1"));
+    assert_eq!(on_disk.token_budget, Some(5_000));
+    // A record written before keys and budgets existed still loads, without either.
+    let mut old = serde_json::to_value(&on_disk).expect("json");
+    let fields = old.as_object_mut().expect("object");
+    fields.remove("idempotency_key");
+    fields.remove("token_budget");
+    let old: clawos_vm_launcher::store::VmRecord = serde_json::from_value(old).expect("old");
+    assert_eq!((old.idempotency_key, old.token_budget), (None, None));
+
+    runtime().block_on(async {
+        let l = host.launcher();
+        let vm = l.start(keyed("kept", "run-1")).await.expect("re-adopted");
+        assert_eq!(vm.state, VmState::Running);
+        assert_eq!(
+            vm.pid,
+            Some(first.pid),
+            "the re-adopted process, no new boot"
+        );
+        assert_eq!(vm.token_budget, Some(5_000));
+        let ended = l.start(keyed("ended", "run-1")).await.expect("ended");
+        assert_eq!(ended.state, VmState::Stopped);
+        assert_eq!(host.fake.launches("kept"), 1);
+        assert_eq!(host.fake.launches("ended"), 1);
+        let e = l.start(keyed("kept", "run-2")).await.expect_err("running");
+        assert!(matches!(e, LauncherError::Conflict(_)), "{e}");
+        l.stop("kept").await.expect("stop");
     });
 }
 

@@ -17,9 +17,10 @@ use super::exchange::Exchange;
 use super::{MAX_REQUEST_BYTES, Metrics, Proxy, Slot, error_for, request_id, too_many};
 use crate::config::ApiKind;
 use crate::ledger::{Record, now_ms};
-use crate::limits::{BudgetRefusal, Decision};
+use crate::limits::{BudgetRefusal, Decision, VM_TOTAL};
 use crate::request::Endpoint;
 use crate::usage::Usage;
+use clawos_agent_token::scopes::BUDGET_TOTAL;
 
 /// `POST /v1/messages` (Anthropic).
 pub async fn messages(State(p): State<Arc<Proxy>>, headers: HeaderMap, body: Body) -> Response {
@@ -185,7 +186,8 @@ async fn handle(p: Arc<Proxy>, ep: Endpoint, headers: HeaderMap, body: Body) -> 
     // The body goes upstream as the agent sent it, unless the proxy must set a field.
     let mut rewrite = false;
     let mut max_output = shape.max_output;
-    if ep == Endpoint::ChatCompletions && max_output.is_none() && p.budgets.enabled() {
+    let budgeted = p.budgets.enabled() || caller.budget.is_some();
+    if ep == Endpoint::ChatCompletions && max_output.is_none() && budgeted {
         // Without a maximum the answer is unbounded, and so would be its cost.
         parsed["max_tokens"] = json!(p.default_max_tokens);
         max_output = Some(p.default_max_tokens.saturating_mul(shape.choices));
@@ -195,13 +197,22 @@ async fn handle(p: Arc<Proxy>, ep: Endpoint, headers: HeaderMap, body: Body) -> 
         Endpoint::CountTokens => 0,
         _ => shape.input_estimate + max_output.unwrap_or(0),
     };
-    match p
-        .budgets
-        .reserve(&caller.agent, reserve, Instant::now(), now_ms())
-    {
+    let cost = format!(
+        "{reserve} tokens (input estimate {} + maximum output {})",
+        shape.input_estimate,
+        max_output.unwrap_or(0)
+    );
+    match p.budgets.reserve_within(
+        &caller.agent,
+        reserve,
+        caller.budget,
+        Instant::now(),
+        now_ms(),
+    ) {
         Ok(t) => slot.ticket = Some(t),
         Err(BudgetRefusal::Wait {
-            window,
+            window: VM_TOTAL,
+            limit,
             left,
             retry_after,
         }) => {
@@ -210,10 +221,36 @@ async fn handle(p: Arc<Proxy>, ep: Endpoint, headers: HeaderMap, body: Body) -> 
                 api,
                 retry_after,
                 &format!(
-                    "agent {} has used its token budget: this request may cost up to {reserve} tokens (input estimate {} + maximum output {}) and its {window} budget has {left} left; retry in {{secs}}s",
-                    caller.agent,
-                    shape.input_estimate,
-                    max_output.unwrap_or(0)
+                    "token budget of this VM ({BUDGET_TOTAL} {limit}) exhausted: agent {} has {left} of its {limit} tokens left and this request may cost up to {cost}; it does not come back by itself (a new start of the VM sets a new one); retry in {{secs}}s",
+                    caller.agent
+                ),
+            );
+        }
+        Err(BudgetRefusal::Wait {
+            window,
+            left,
+            retry_after,
+            ..
+        }) => {
+            Metrics::add(&p.metrics.budget_refused, 1);
+            return too_many(
+                api,
+                retry_after,
+                &format!(
+                    "agent {} has used its token budget: this request may cost up to {cost} and its {window} budget has {left} left; retry in {{secs}}s",
+                    caller.agent
+                ),
+            );
+        }
+        Err(BudgetRefusal::TooLarge {
+            window: VM_TOTAL,
+            limit,
+        }) => {
+            Metrics::add(&p.metrics.budget_refused, 1);
+            return invalid(
+                StatusCode::BAD_REQUEST,
+                &format!(
+                    "this request may cost up to {cost}, more than the whole token budget of this VM ({BUDGET_TOTAL} {limit}); lower max_tokens or the prompt"
                 ),
             );
         }
@@ -222,9 +259,7 @@ async fn handle(p: Arc<Proxy>, ep: Endpoint, headers: HeaderMap, body: Body) -> 
             return invalid(
                 StatusCode::BAD_REQUEST,
                 &format!(
-                    "this request may cost up to {reserve} tokens (input estimate {} + maximum output {}), more than agent {}'s whole {window} token budget of {limit}; lower max_tokens or the prompt",
-                    shape.input_estimate,
-                    max_output.unwrap_or(0),
+                    "this request may cost up to {cost}, more than agent {}'s whole {window} token budget of {limit}; lower max_tokens or the prompt",
                     caller.agent
                 ),
             );

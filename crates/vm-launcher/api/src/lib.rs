@@ -4,7 +4,7 @@
 //!
 //! | route | body → answer |
 //! |---|---|
-//! | [`routes::START`] `POST /v1/vms` | [`StartVm`] → 202 [`Vm`] (create if new, start if stopped; 409 if running) |
+//! | [`routes::START`] `POST /v1/vms` | [`StartVm`] → 202 [`Vm`] (create if new, start if stopped; 409 if running; with an `idempotency_key` equal to the VM's recorded one: 202 with the VM as it is now, never a second boot) |
 //! | [`routes::LIST`] `GET /v1/vms` | → `[Vm]` |
 //! | [`routes::GET`] `GET /v1/vms/{name}` | → [`Vm`] |
 //! | [`routes::STOP`] `POST /v1/vms/{name}/stop` | → [`Vm`] once stopped |
@@ -34,6 +34,25 @@
 //! messages whose first byte is [`STDOUT`] or [`STDERR`] followed by the bytes, and ends
 //! with one text [`ExecEvent`].
 //!
+//! **Idempotent starts.** A [`StartVm`] may carry an `idempotency_key` (1–128 characters
+//! of `A-Z a-z 0-9 . _ : / -`; 400 otherwise). The launcher records the key of the start
+//! that booted a VM ([`Vm::idempotency_key`], kept across launcher restarts). A start
+//! whose key equals it answers 202 with the VM as it is now — starting, running,
+//! stopped or failed: that attempt is over and is not booted again — instead of 409.
+//! Concurrent starts with the same key boot once: the others wait for the first (at
+//! most [`IDEMPOTENT_WAIT_SECS`], then 409) and answer what it made; the key is
+//! recorded only once a hypervisor was launched, so if the first start answered an
+//! error (an image refused, say), the next one tries again. A start with another key,
+//! or none, behaves as without keys (409 while the VM is active, a new boot
+//! otherwise) and replaces the recorded key with its own.
+//!
+//! **Token budget.** A [`StartVm`] may carry a `token_budget` (1 to
+//! [`MAX_TOKEN_BUDGET`] LLM tokens; 400 otherwise). The launcher records it
+//! ([`Vm::token_budget`]) and puts it in every agent token it holds for the VM as the
+//! scope `clawos.budget.total:<N>`; inference-proxy then lets the VM's agent spend at
+//! most `N` tokens in total (less if the proxy's own total budget is lower). The token
+//! never enters the VM, so the guest cannot raise its budget.
+//!
 //! Errors are [`ErrorBody`] with a 4xx/5xx status; an image the launcher refuses to
 //! boot answers 422 with one of the `image_*` codes of `clawos_api::code`, naming what
 //! failed (signature, hash, size, pinned root hash).
@@ -58,6 +77,24 @@ pub const CONSOLE_OFFSET_HEADER: &str = "x-console-offset";
 /// `Content-Type` of a [`routes::PUT_FILE`] body; every other body is
 /// `application/json`. The launcher refuses others (415).
 pub const UPLOAD_CONTENT_TYPE: &str = "application/octet-stream";
+/// Longest an idempotent start waits for a start with the same key still in progress
+/// before it answers 409.
+pub const IDEMPOTENT_WAIT_SECS: u64 = 120;
+/// Largest [`StartVm::token_budget`]: 10^12 tokens.
+pub const MAX_TOKEN_BUDGET: u64 = 1_000_000_000_000;
+/// Longest [`StartVm::idempotency_key`].
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// Whether `key` is a valid [`StartVm::idempotency_key`]: 1–128 characters of
+/// `A-Z a-z 0-9 . _ : / -`.
+pub fn valid_idempotency_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_IDEMPOTENCY_KEY
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:/-".contains(&b))
+}
+
 /// Environment variable naming the operator credential file, for the launcher
 /// (`--token-path`) and its clients alike.
 pub const TOKEN_PATH_ENV: &str = "CLAWOS_LAUNCHER_TOKEN_PATH";
@@ -140,6 +177,16 @@ pub struct StartVm {
     /// snapshotted.
     #[serde(default)]
     pub snapshots: bool,
+    /// Makes the start idempotent (see the crate documentation): 1–128 characters of
+    /// `A-Z a-z 0-9 . _ : / -`. A start whose key equals the one recorded for the VM
+    /// answers the VM as it is now instead of booting it or answering 409.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Total LLM tokens the VM's agent may spend (1 to [`MAX_TOKEN_BUDGET`]), carried
+    /// in the VM's agent token as the scope `clawos.budget.total:<N>` and enforced by
+    /// inference-proxy. None: only the proxy's own budgets apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_budget: Option<u64>,
 }
 
 fn default_mem() -> u32 {
@@ -219,6 +266,13 @@ pub struct Vm {
     /// Whether the VM was started snapshot-capable.
     #[serde(default)]
     pub snapshots: bool,
+    /// The idempotency key of the start that booted it last, if it had one (a
+    /// restore from a snapshot keeps it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// The total token budget its agent token carries, if it was started with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_budget: Option<u64>,
 }
 
 /// Request to snapshot a running or paused VM.

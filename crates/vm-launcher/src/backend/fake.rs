@@ -36,6 +36,8 @@ pub enum FakeGuest {
 #[derive(Debug, Default)]
 pub struct FakeHypervisor {
     guests: Mutex<HashMap<String, FakeGuest>>,
+    /// Fake VMs launched, per VM name.
+    launches: Mutex<HashMap<String, usize>>,
 }
 
 /// The state file a fake snapshot writes.
@@ -48,6 +50,16 @@ impl FakeHypervisor {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(vm.to_owned(), guest);
+    }
+
+    /// How many times the VM named `vm` was launched (booted or restored).
+    pub fn launches(&self, vm: &str) -> usize {
+        self.launches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(vm)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn guest(&self, vm: &str) -> FakeGuest {
@@ -88,6 +100,12 @@ impl FakeHypervisor {
                 bin: "/bin/sh".into(),
                 source,
             })?;
+        *self
+            .launches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(spec.name.clone())
+            .or_default() += 1;
         Ok(Launched {
             child,
             helpers: Vec::new(),

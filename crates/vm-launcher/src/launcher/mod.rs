@@ -22,7 +22,7 @@ use crate::backend::{BackendError, Hypervisor, LaunchSpec, Launched};
 use crate::config::Config;
 use crate::host::ProcessId;
 use crate::names::VmName;
-use crate::registry::Registry;
+use crate::registry::{Registry, StartClaim};
 use crate::state::Event;
 use crate::store::{self, VmDir, VmRecord};
 use crate::supervisor::{self, Boot};
@@ -77,6 +77,11 @@ impl Metrics {
         self.failures.inc();
     }
 }
+
+/// Longest a start waits for another start of the same VM with the same idempotency
+/// key to end.
+pub const IDEMPOTENT_WAIT: Duration =
+    Duration::from_secs(clawos_vm_launcher_api::IDEMPOTENT_WAIT_SECS);
 
 /// What the façade, the supervisors and the relays share.
 #[derive(Debug)]
@@ -180,10 +185,21 @@ impl Launcher {
 
     /// Creates (if new) and boots a VM. Returns once the hypervisor runs; readiness is
     /// reported by its supervisor (`starting` → `running`).
+    ///
+    /// With an idempotency key equal to the one recorded for the VM, nothing is booted:
+    /// the answer is the VM as it is now (that start's attempt, whatever became of it).
+    /// Starts with the same key arriving while one holds the VM wait for it (at most
+    /// [`IDEMPOTENT_WAIT`]), so concurrent retries boot once.
     pub async fn start(&self, req: StartVm) -> Result<Vm, LauncherError> {
         let name = VmName::parse(&req.name)?;
         if let Some(m) = &req.model {
             validate::model(m)?;
+        }
+        if let Some(k) = &req.idempotency_key {
+            validate::idempotency_key(k)?;
+        }
+        if let Some(n) = req.token_budget {
+            validate::token_budget(n)?;
         }
         validate::resources(
             req.mem_mib,
@@ -191,7 +207,28 @@ impl Launcher {
             self.shared.host_mem_mib,
             self.shared.host_cpus,
         )?;
-        let _claim = self.registry().claim(&name)?;
+        let key = req.idempotency_key.as_deref();
+        let deadline = tokio::time::Instant::now() + IDEMPOTENT_WAIT;
+        let _claim = loop {
+            match self.registry().claim_start(&name, key)? {
+                StartClaim::Claimed(c) => break c,
+                StartClaim::Done(r) => {
+                    tracing::info!(vm = %name, state = %r.state, "start with a known idempotency key: nothing booted");
+                    return Ok(r.view());
+                }
+                StartClaim::Wait(mut released) => {
+                    if tokio::time::timeout_at(deadline, released.changed())
+                        .await
+                        .is_err()
+                    {
+                        return Err(LauncherError::Conflict(format!(
+                            "a start of VM {name} with the same idempotency key is still in progress after {} s",
+                            IDEMPOTENT_WAIT.as_secs()
+                        )));
+                    }
+                }
+            }
+        };
         let existing = self.registry().get(&name);
         if let Some(r) = &existing
             && r.state.is_active()
@@ -232,6 +269,8 @@ impl Launcher {
             vsock: false,
             socket_dir: None,
             snapshots: req.snapshots,
+            idempotency_key: req.idempotency_key.clone(),
+            token_budget: req.token_budget,
         };
         let booted = self.boot(&name, &dir, &req, image, record).await;
         if booted.is_err() && existing.is_none() {
