@@ -4,10 +4,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use clawos_e2e::stack::{HostServices, ScriptedModel};
-use clawos_e2e::{KillOnDrop, Launcher, can_boot_vms, can_use_vsock, port, spawn_daemon};
+use clawos_e2e::stack::{Orchestrator, WorkflowStack};
+use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock};
 use serde_json::Value;
 
 fn show(o: &Output) -> String {
@@ -21,105 +21,6 @@ fn show(o: &Output) -> String {
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The orchestrator daemon on its own port, sharing the launcher's state directory (it
-/// reads the launcher's credential there, and keeps its journal in `orchestrator/`).
-struct Orchestrator {
-    port: u16,
-    state: PathBuf,
-    launcher_url: String,
-    child: Option<KillOnDrop>,
-}
-
-impl Orchestrator {
-    fn start(state: &Path, launcher_url: &str) -> Self {
-        let mut o = Self {
-            port: port(),
-            state: state.to_owned(),
-            launcher_url: launcher_url.to_owned(),
-            child: None,
-        };
-        o.spawn();
-        o
-    }
-
-    fn spawn(&mut self) {
-        let log = self.state.join(format!(
-            "orchestrator-{}.log",
-            Instant::now().elapsed().as_nanos()
-        ));
-        let child = spawn_daemon(
-            "orchestrator",
-            &[
-                "--addr",
-                &format!("127.0.0.1:{}", self.port),
-                "--state-dir",
-                self.state.to_str().expect("utf8"),
-                "--launcher-url",
-                &self.launcher_url,
-            ],
-            &[],
-            &log,
-            self.port,
-        )
-        .expect("orchestrator");
-        self.child = Some(KillOnDrop(child));
-    }
-
-    /// SIGKILL, then a new process on the same journal.
-    fn kill9_and_restart(&mut self) {
-        self.child = None;
-        self.spawn();
-    }
-
-    fn clawos(&self, l: &Launcher, args: &[&str]) -> Output {
-        l.clawos_command(args)
-            .env(
-                "CLAWOS_ORCHESTRATOR_URL",
-                format!("http://127.0.0.1:{}", self.port),
-            )
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("clawos")
-    }
-
-    fn status(&self, l: &Launcher, run: &str) -> Value {
-        let o = self.clawos(l, &["workflow", "status", run, "--json"]);
-        assert!(o.status.success(), "{}", show(&o));
-        serde_json::from_slice(&o.stdout).expect("status json")
-    }
-
-    fn events(&self, l: &Launcher, run: &str) -> Vec<Value> {
-        let o = self.clawos(l, &["workflow", "logs", run, "--json"]);
-        assert!(o.status.success(), "{}", show(&o));
-        String::from_utf8_lossy(&o.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
-    }
-
-    /// Polls the run until `done` holds, or panics with its status after `limit`.
-    fn wait_for(
-        &self,
-        l: &Launcher,
-        run: &str,
-        limit: Duration,
-        done: impl Fn(&Value) -> bool,
-    ) -> Value {
-        let deadline = Instant::now() + limit;
-        loop {
-            let s = self.status(l, run);
-            if done(&s) {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "run {run} after {limit:?}: {s:#}"
-            );
-            std::thread::sleep(Duration::from_millis(300));
-        }
-    }
 }
 
 fn step<'a>(status: &'a Value, id: &str) -> &'a Value {
@@ -171,43 +72,12 @@ fn sha256_hex(data: &[u8]) -> String {
     s
 }
 
-struct Stack {
-    _work: tempfile::TempDir,
-    state: PathBuf,
-    host: HostServices,
-    _model: ScriptedModel,
-    launcher: Launcher,
-    orchestrator: Orchestrator,
-}
-
-fn stack() -> Stack {
-    let work = tempfile::tempdir().expect("tmp");
-    let state = work.path().join("state");
-    std::fs::create_dir_all(&state).expect("state");
+fn stack() -> WorkflowStack {
     let script: Value = serde_json::from_slice(
         &std::fs::read(repo().join("examples/workflows/scripted-model.json")).expect("script"),
     )
     .expect("script json");
-    let model = ScriptedModel::start(work.path(), "model", &script).expect("model");
-    let host = HostServices::start(&state, &[("anthropic", &["claude-*"], &model.url)], &[])
-        .expect("host services");
-    let launcher = Launcher::start_with(
-        &state,
-        &[
-            ("CLAWOS_INFERENCE_PROXY_URL", host.proxy_url.as_str()),
-            ("CLAWOS_IDENTITY_URL", host.identity_url.as_str()),
-        ],
-    )
-    .expect("launcher");
-    let orchestrator = Orchestrator::start(&state, &launcher.url);
-    Stack {
-        _work: work,
-        state,
-        host,
-        _model: model,
-        launcher,
-        orchestrator,
-    }
+    WorkflowStack::start(&script).expect("workflow stack")
 }
 
 #[test]
@@ -319,7 +189,6 @@ fn research_write_review_with_an_approval_survives_kill_9_and_bills_each_step_to
     assert_eq!(st["state"], "rejected", "{st:#}");
     assert_eq!(step(&st, "review")["attempts"], 0, "{st:#}");
     assert!(step(&st, "review")["vm"].is_null(), "{st:#}");
-    let _ = &s.state;
 }
 
 #[test]
@@ -330,7 +199,7 @@ fn budgets_timeouts_and_a_kill_9_mid_step() {
     }
     let mut s = stack();
     let l = &s.launcher;
-    let dir = s.state.join("specs");
+    let dir = s.dir().join("specs");
     std::fs::create_dir_all(&dir).expect("specs");
 
     // A step whose agent's budget cannot cover one model call fails with the budget
@@ -417,4 +286,53 @@ fn budgets_timeouts_and_a_kill_9_mid_step() {
         .count();
     assert_eq!(succeeded_first, 1, "{events:#?}");
     assert_eq!(step(&st, "second")["attempts"], 2, "{st:#}");
+}
+
+#[test]
+fn a_map_over_files_runs_each_item_in_its_own_vm_at_most_two_at_once() {
+    let name = "a_map_over_files_runs_each_item_in_its_own_vm_at_most_two_at_once";
+    if !can_boot_vms() || !can_use_vsock(name) {
+        return;
+    }
+    let s = stack();
+    let l = &s.launcher;
+    let spec = repo().join("examples/workflows/review-files.yaml");
+    let run = submit(&s.orchestrator, l, &spec, &[]);
+    let st = s
+        .orchestrator
+        .wait_for(l, &run, Duration::from_secs(600), |st| st["state"] != "running");
+    assert_eq!(st["state"], "succeeded", "{st:#}");
+    let items: Vec<&Value> = st["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter(|x| x["kind"] == "item")
+        .collect();
+    assert_eq!(items.len(), 3, "{st:#}");
+    let mut vms: Vec<&str> = items.iter().filter_map(|i| i["vm"].as_str()).collect();
+    vms.sort_unstable();
+    vms.dedup();
+    assert_eq!(vms.len(), 3, "each item in its own VM: {st:#}");
+    // Never more than max_parallel (2) items at once, from the journal's own order.
+    let events = s.orchestrator.events(l, &run);
+    let (mut running, mut peak) = (0i32, 0i32);
+    for e in &events {
+        if e["step"] != "review" || e["detail"]["item"].is_null() {
+            continue;
+        }
+        match e["kind"].as_str() {
+            Some("attempt_started") => {
+                running += 1;
+                peak = peak.max(running);
+            }
+            Some("attempt_succeeded" | "attempt_failed" | "attempt_cancelled") => running -= 1,
+            _ => {}
+        }
+    }
+    assert_eq!(peak, 2, "{events:#?}");
+    // The summary step's VM received every item's file.
+    let o = s.orchestrator.clawos(l, &["workflow", "artifacts", &run, "--json"]);
+    let arts: Vec<Value> = serde_json::from_slice(&o.stdout).expect("artifacts");
+    assert_eq!(arts.iter().filter(|a| a["step"] == "review").count(), 3, "{arts:?}");
+    assert_eq!(step(&st, "summary")["state"], "succeeded", "{st:#}");
 }

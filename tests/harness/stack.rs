@@ -6,14 +6,14 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use crate::{KillOnDrop, bin, port, spawn_daemon};
+use crate::{KillOnDrop, Launcher, bin, port, spawn_daemon};
 
 /// The host's real (here: made-up) upstream API key: only the proxy holds it.
 pub const HOST_KEY: &str = "sk-ant-host-only-3f9c1d2e7a";
@@ -290,4 +290,149 @@ fn forward(mut client: TcpStream, target: &str, recorded: &Mutex<Vec<String>>) {
     let _ = std::io::copy(&mut upstream, &mut client);
     let _ = client.shutdown(std::net::Shutdown::Write);
     let _ = t.join();
+}
+
+/// The orchestrator daemon on its own port, sharing the launcher's state directory (it
+/// reads the launcher's credential there, and keeps its journal in `orchestrator/`).
+#[derive(Debug)]
+pub struct Orchestrator {
+    pub port: u16,
+    state: PathBuf,
+    launcher_url: String,
+    child: Option<KillOnDrop>,
+    /// Processes started so far (each logs to its own file).
+    starts: u32,
+}
+
+impl Orchestrator {
+    pub fn start(state: &Path, launcher_url: &str) -> Self {
+        let mut o = Self {
+            port: port(),
+            state: state.to_owned(),
+            launcher_url: launcher_url.to_owned(),
+            child: None,
+            starts: 0,
+        };
+        o.spawn();
+        o
+    }
+
+    fn spawn(&mut self) {
+        self.starts += 1;
+        let log = self.state.join(format!("orchestrator-{}.log", self.starts));
+        let child = spawn_daemon(
+            "orchestrator",
+            &[
+                "--addr",
+                &format!("127.0.0.1:{}", self.port),
+                "--state-dir",
+                self.state.to_str().expect("utf8"),
+                "--launcher-url",
+                &self.launcher_url,
+            ],
+            &[],
+            &log,
+            self.port,
+        )
+        .expect("orchestrator");
+        self.child = Some(KillOnDrop(child));
+    }
+
+    /// SIGKILL, then a new process on the same journal.
+    pub fn kill9_and_restart(&mut self) {
+        self.child = None;
+        self.spawn();
+    }
+
+    pub fn clawos(&self, l: &Launcher, args: &[&str]) -> Output {
+        l.clawos_command(args)
+            .env(
+                "CLAWOS_ORCHESTRATOR_URL",
+                format!("http://127.0.0.1:{}", self.port),
+            )
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("clawos")
+    }
+
+    pub fn status(&self, l: &Launcher, run: &str) -> Value {
+        let o = self.clawos(l, &["workflow", "status", run, "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).expect("status json")
+    }
+
+    pub fn events(&self, l: &Launcher, run: &str) -> Vec<Value> {
+        let o = self.clawos(l, &["workflow", "logs", run, "--json"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Polls the run until `done` holds, or panics with its status after `limit`.
+    pub fn wait_for(
+        &self,
+        l: &Launcher,
+        run: &str,
+        limit: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let s = self.status(l, run);
+            if done(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "run {run} after {limit:?}: {s:#}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+}
+
+
+/// Everything a workflow needs, on loopback: a scripted model, identity-manager,
+/// inference-proxy, vm-launcher (with the identity) and the orchestrator, sharing one
+/// state directory.
+#[derive(Debug)]
+pub struct WorkflowStack {
+    pub host: HostServices,
+    pub launcher: Launcher,
+    pub orchestrator: Orchestrator,
+    _model: ScriptedModel,
+    work: tempfile::TempDir,
+}
+
+impl WorkflowStack {
+    /// Starts the stack with the model playing `script`.
+    pub fn start(script: &Value) -> Result<Self> {
+        let work = tempfile::tempdir()?;
+        let state = work.path().join("state");
+        std::fs::create_dir_all(&state)?;
+        let model = ScriptedModel::start(work.path(), "model", script)?;
+        let host = HostServices::start(&state, &[("anthropic", &["claude-*"], &model.url)], &[])?;
+        let launcher = Launcher::start_with(
+            &state,
+            &[
+                ("CLAWOS_INFERENCE_PROXY_URL", host.proxy_url.as_str()),
+                ("CLAWOS_IDENTITY_URL", host.identity_url.as_str()),
+            ],
+        )?;
+        let orchestrator = Orchestrator::start(&state, &launcher.url);
+        Ok(Self {
+            host,
+            launcher,
+            orchestrator,
+            _model: model,
+            work,
+        })
+    }
+
+    /// A scratch directory of the test's own.
+    pub fn dir(&self) -> &Path {
+        self.work.path()
+    }
 }

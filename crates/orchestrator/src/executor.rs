@@ -84,6 +84,21 @@ pub fn vm_name(task: &AgentTask) -> String {
     format!("wf-{short}-{tail}{suffix}")
 }
 
+/// The attempt's idempotency key in the launcher's alphabet (`[A-Za-z0-9._:/-]`): a map
+/// item's `step[3]` becomes `step.3`.
+fn launcher_key(key: &str) -> String {
+    key.chars()
+        .filter(|c| *c != ']')
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._:/-".contains(c) {
+                c
+            } else {
+                '.'
+            }
+        })
+        .collect()
+}
+
 /// How a launcher or agent error counts for retries: a spent token budget is never
 /// retried (another attempt would spend it again); an image the launcher refuses, or
 /// an agent that gave up on its own limits, will not pass either; the rest may.
@@ -136,7 +151,7 @@ impl LauncherExecutor {
             vcpus: 1,
             image: Some(task.agent.image.clone()),
             snapshots: false,
-            idempotency_key: (!reuse).then(|| task.idempotency_key.clone()),
+            idempotency_key: (!reuse).then(|| launcher_key(&task.idempotency_key)),
             token_budget: task.budget_tokens,
         };
         match self.launcher.start(&req).await {
@@ -393,6 +408,13 @@ mod tests {
         assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
         assert_ne!(a, b);
         assert!(a.ends_with("-a2"));
+    }
+
+    #[test]
+    fn idempotency_keys_fit_the_launchers_alphabet() {
+        let k = launcher_key("01a233f25268ca7457e3a9804948/review[0]/1");
+        assert_eq!(k, "01a233f25268ca7457e3a9804948/review.0/1");
+        assert!(clawos_vm_launcher_api::valid_idempotency_key(&k));
     }
 
     #[test]

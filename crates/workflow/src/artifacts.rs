@@ -307,6 +307,7 @@ fn new_temp(dir: &Path) -> Result<(PathBuf, File), ArtifactError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;

@@ -32,16 +32,14 @@ impl Clock for SystemClock {
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
     }
 
-    fn sleep_until(&self, ms: u64) -> impl Future<Output = ()> + Send {
-        async move {
-            // Loop: the wall clock can be stepped while tokio's monotonic timer runs.
-            loop {
-                let now = self.now_ms();
-                if now >= ms {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(ms - now)).await;
+    async fn sleep_until(&self, ms: u64) {
+        // Loop: the wall clock can be stepped while tokio's monotonic timer runs.
+        loop {
+            let now = self.now_ms();
+            if now >= ms {
+                return;
             }
+            tokio::time::sleep(Duration::from_millis(ms - now)).await;
         }
     }
 }
@@ -199,6 +197,7 @@ impl Drop for FakeSleep {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -22,7 +22,7 @@
 //! [`Engine::approve`] and [`Engine::cancel`] answer only once their decision is on
 //! disk.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,6 +57,9 @@ pub struct EngineConfig {
     pub event_buffer: usize,
     /// Longest approval reason accepted (16 KiB).
     pub max_reason_bytes: usize,
+    /// Finished runs kept in memory (256, most recent); older ones are read back from
+    /// the journal when asked about, so a long-lived daemon does not grow forever.
+    pub max_finished_in_memory: usize,
 }
 
 impl EngineConfig {
@@ -69,6 +72,7 @@ impl EngineConfig {
             output_preview_bytes: 2048,
             event_buffer: 4096,
             max_reason_bytes: 16 << 10,
+            max_finished_in_memory: 256,
         }
     }
 }
@@ -165,6 +169,9 @@ struct Inner<E: Executor, C: Clock> {
     runs: RwLock<BTreeMap<RunId, Entry>>,
     events: broadcast::Sender<JournalEvent>,
     stopped: AtomicBool,
+    /// Runs finished while in memory, oldest first (see
+    /// [`EngineConfig::max_finished_in_memory`]).
+    finished: Mutex<VecDeque<RunId>>,
     /// Tasks hold this, not a strong reference: dropping every [`Engine`] handle
     /// drops the engine.
     me: Weak<Inner<E, C>>,
@@ -245,6 +252,7 @@ impl<E: Executor, C: Clock> Engine<E, C> {
             runs: RwLock::new(BTreeMap::new()),
             events,
             stopped: AtomicBool::new(false),
+            finished: Mutex::new(VecDeque::new()),
             me: me.clone(),
         });
         let mut live = Vec::new();
@@ -262,7 +270,21 @@ impl<E: Executor, C: Clock> Engine<E, C> {
                         live.push(slot);
                     }
                     Err(e) => {
-                        tracing::error!(run = %summary.run, error = %e, "cannot recover run; leaving it as journaled");
+                        // A run that cannot be rebuilt would stay "running" forever:
+                        // end it, in the journal, saying why.
+                        tracing::error!(run = %summary.run, error = %e, "cannot recover run; failing it");
+                        let mut summary = summary;
+                        let reason = format!("cannot be recovered: {e}");
+                        match inner.fail_unrecoverable(&summary.run, &reason) {
+                            Ok(at) => {
+                                summary.state = RunState::Failed;
+                                summary.reason = Some(reason);
+                                summary.finished_ms = Some(at);
+                            }
+                            Err(e) => {
+                                tracing::error!(run = %summary.run, error = %e, "cannot journal the failure either");
+                            }
+                        }
                         runs.insert(summary.run.clone(), Entry::Archived(summary));
                     }
                 }
@@ -307,7 +329,7 @@ impl<E: Executor, C: Clock> Engine<E, C> {
         }
         let slot = self.inner.live(run)?;
         let step = step.to_owned();
-        self.inner.drive(
+        let result = self.inner.drive(
             &slot,
             Some(&move |r: &Run| {
                 if r.state.is_final() {
@@ -343,14 +365,16 @@ impl<E: Executor, C: Clock> Engine<E, C> {
                     reason: reason.clone(),
                 })
             }),
-        )
+        );
+        self.inner.trim();
+        result
     }
 
     /// Cancels a running run: running attempts get [`Executor::cancel`], nothing
     /// starts after, the run ends `cancelled`. Returns once that is on disk.
     pub fn cancel(&self, run: &RunId) -> Result<(), EngineError> {
         let slot = self.inner.live(run)?;
-        self.inner.drive(
+        let result = self.inner.drive(
             &slot,
             Some(&|r: &Run| {
                 if r.state.is_final() {
@@ -361,7 +385,9 @@ impl<E: Executor, C: Clock> Engine<E, C> {
                 }
                 Ok(Input::Cancel)
             }),
-        )
+        );
+        self.inner.trim();
+        result
     }
 
     /// The run's state and every step's.
@@ -397,20 +423,9 @@ impl<E: Executor, C: Clock> Engine<E, C> {
         };
         entries
             .into_iter()
-            .filter_map(|(_, slot, summary)| match (slot, summary) {
-                (Some(slot), _) => {
-                    let core = lock(&slot.core);
-                    let r = &core.run;
-                    Some(RunSummary {
-                        run: r.id.clone(),
-                        name: r.wf.name.clone(),
-                        state: r.state,
-                        reason: r.reason.clone(),
-                        created_ms: r.created_ms,
-                        finished_ms: r.finished_ms,
-                    })
-                }
-                (None, summary) => summary,
+            .filter_map(|(_, slot, archived)| match (slot, archived) {
+                (Some(slot), _) => Some(summary(&lock(&slot.core).run)),
+                (None, archived) => archived,
             })
             .collect()
     }
@@ -520,6 +535,17 @@ impl<E: Executor, C: Clock> Engine<E, C> {
     }
 }
 
+fn summary(r: &Run) -> RunSummary {
+    RunSummary {
+        run: r.id.clone(),
+        name: r.wf.name.clone(),
+        state: r.state,
+        reason: r.reason.clone(),
+        created_ms: r.created_ms,
+        finished_ms: r.finished_ms,
+    }
+}
+
 fn phase_name(p: Phase) -> &'static str {
     match p {
         Phase::Pending => "it has not started",
@@ -592,12 +618,40 @@ impl<E: Executor, C: Clock> Inner<E, C> {
     /// Runs `f` on the run's state: the live one, or one rebuilt from the journal.
     fn with_run<T>(&self, run: &RunId, f: impl FnOnce(&Run) -> T) -> Result<T, EngineError> {
         match self.entry(run)? {
-            Entry::Live(slot) => Ok(f(&lock(&slot.core).run)),
+            Entry::Live(slot) => {
+                let core = lock(&slot.core);
+                if core.stalled.is_none() {
+                    return Ok(f(&core.run));
+                }
+                // After a failed journal write the memory may be ahead of the
+                // journal: answer from the journal.
+                drop(core);
+                let (r, _) = self.load(run)?;
+                Ok(f(&r))
+            }
             Entry::Archived(_) => {
                 let (r, _) = self.load(run)?;
                 Ok(f(&r))
             }
         }
+    }
+
+    /// Journals the end of a run that cannot be rebuilt; returns when.
+    fn fail_unrecoverable(&self, id: &RunId, reason: &str) -> Result<u64, EngineError> {
+        let now = self.clock.now_ms();
+        let seq = self.journal.last_seq(id)? + 1;
+        let event = JournalEvent {
+            run: id.clone(),
+            seq,
+            time_ms: now,
+            event: Event::RunFinished {
+                state: RunState::Failed,
+                reason: Some(reason.to_owned()),
+            },
+        };
+        self.journal
+            .append(id, std::slice::from_ref(&event), None)?;
+        Ok(now)
     }
 
     /// Rebuilds a run from its journaled spec and events.
@@ -674,9 +728,6 @@ impl<E: Executor, C: Clock> Inner<E, C> {
                 }
             }
         }
-        if self.stopped.load(Ordering::SeqCst) {
-            return Err(EngineError::ShutDown);
-        }
         let now = self.clock.now_ms();
         let id = RunId::generate(now);
         let spec_sha256 = hex::encode(Sha256::digest(spec_yaml.as_bytes()));
@@ -695,24 +746,38 @@ impl<E: Executor, C: Clock> Inner<E, C> {
         events.extend(run.plan(now, Vec::new(), &mut random_u64));
         let slot = Arc::new(Slot::new(run, 1));
         let mut core = lock(&slot.core);
-        let batch = stamp(&mut core, &id, now, events);
-        self.journal.append(
-            &id,
-            &batch,
-            Some(NewRun {
-                name: &name,
-                spec: spec_yaml,
-                spec_sha256: &spec_sha256,
-                created_ms: now,
-            }),
-        )?;
-        // Registered before the effects: the tasks they spawn look the slot up.
+        // Registered (locked) before anything is journaled: the tasks the effects
+        // spawn look the slot up, and a concurrent shutdown either sees the slot (and
+        // waits for this lock) or has set `stopped` before the check below.
         self.runs
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.clone(), Entry::Live(slot.clone()));
+        let unregister = || {
+            self.runs
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
+        };
+        if self.stopped.load(Ordering::SeqCst) {
+            unregister();
+            return Err(EngineError::ShutDown);
+        }
+        let batch = stamp(&mut core, &id, now, events);
+        let new_run = NewRun {
+            name: &name,
+            spec: spec_yaml,
+            spec_sha256: &spec_sha256,
+            created_ms: now,
+        };
+        if let Err(e) = self.journal.append(&id, &batch, Some(new_run)) {
+            unregister();
+            return Err(e.into());
+        }
         tracing::info!(run = %id, workflow = %name, "run submitted");
         self.effects(&mut core, &slot, &batch);
+        drop(core);
+        self.trim();
         Ok(id)
     }
 
@@ -722,6 +787,33 @@ impl<E: Executor, C: Clock> Inner<E, C> {
         lock(&slot.inbox).push(input);
         if let Err(e) = self.drive(&slot, None) {
             tracing::debug!(run = %run, error = %e, "input not applied");
+        }
+        self.trim();
+    }
+
+    /// Moves the oldest finished runs out of memory, beyond the configured number.
+    /// Called with no lock held: it takes a run's lock, releases it, then takes the
+    /// run table's.
+    fn trim(&self) {
+        loop {
+            let id = {
+                let mut q = lock(&self.finished);
+                if q.len() <= self.cfg.max_finished_in_memory {
+                    return;
+                }
+                match q.pop_front() {
+                    Some(id) => id,
+                    None => return,
+                }
+            };
+            let Ok(Entry::Live(slot)) = self.entry(&id) else {
+                continue;
+            };
+            let s = summary(&lock(&slot.core).run);
+            self.runs
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, Entry::Archived(s));
         }
     }
 
@@ -743,10 +835,14 @@ impl<E: Executor, C: Clock> Inner<E, C> {
                 reason: reason.clone(),
             });
         }
-        let mut inputs = std::mem::take(&mut *lock(&slot.inbox));
+        // A direct input (approve, cancel) goes first: it was checked against the
+        // current state, and once acknowledged it must not be overtaken by, say, an
+        // approval timeout waiting in the inbox.
+        let mut inputs = Vec::new();
         if let Some(f) = direct {
             inputs.push(f(&core.run)?);
         }
+        inputs.append(&mut lock(&slot.inbox));
         if inputs.is_empty() {
             return Ok(());
         }
@@ -770,6 +866,7 @@ impl<E: Executor, C: Clock> Inner<E, C> {
             for (_, t) in core.tasks.drain() {
                 t.handle.abort();
             }
+            // Best effort: `status` reads the journal while the run is stalled anyway.
             if let Ok((run, _)) = self.load(&slot.id) {
                 core.run = run;
             }
@@ -817,16 +914,12 @@ impl<E: Executor, C: Clock> Inner<E, C> {
                     core.tasks.remove(&TaskKey::Attempt(s, *item));
                     tracing::info!(run = %slot.id, step = %unit_name(id, *item), attempt, error = %error, retry_at_ms, "attempt failed");
                     if let Some(at) = retry_at_ms {
-                        let input = RetryInput {
-                            step: s,
-                            item: *item,
-                            attempt: attempt + 1,
-                        };
-                        self.spawn_timer(core, TaskKey::Timer(s, *item), *at, move || {
+                        let (item, attempt) = (*item, attempt.saturating_add(1));
+                        self.spawn_timer(core, TaskKey::Timer(s, item), *at, move || {
                             Input::Retry {
-                                step: input.step,
-                                item: input.item,
-                                attempt: input.attempt,
+                                step: s,
+                                item,
+                                attempt,
                             }
                         });
                     }
@@ -861,6 +954,7 @@ impl<E: Executor, C: Clock> Inner<E, C> {
                         }
                     }
                     slot.phase.send_replace(SlotPhase::Finished);
+                    lock(&self.finished).push_back(slot.id.clone());
                     let exec = self.exec.clone();
                     let run = slot.id.clone();
                     let state = *state;
@@ -963,13 +1057,6 @@ impl<E: Executor, C: Clock> Inner<E, C> {
             old.handle.abort();
         }
     }
-}
-
-#[derive(Clone, Copy)]
-struct RetryInput {
-    step: usize,
-    item: Option<u32>,
-    attempt: u32,
 }
 
 /// Numbers events and stamps them with the run and time.

@@ -2,7 +2,7 @@
 //!
 //! A run's state is nothing but the fold of its events: every change is an [`Event`]
 //! journaled before it takes effect, and replaying a run's events rebuilds exactly
-//! the state the engine had (see [`crate::machine`]).
+//! the state the engine had (the engine's `machine` module).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::artifacts::ArtifactRef;
 use crate::executor::StepError;
 
-/// A run's id: 12 hex digits of its creation time in milliseconds then 16 random hex
-/// digits, so ids sort by creation and are never guessable.
+/// A run's id, 28 lowercase hex digits: 12 of its creation time in milliseconds, 4 of
+/// a per-process sequence, 12 random — so ids sort by creation and are not guessable.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct RunId(String);
@@ -26,16 +26,18 @@ pub struct BadRunId(pub String);
 
 impl RunId {
     pub(crate) fn generate(now_ms: u64) -> Self {
-        let mut r = [0u8; 8];
+        use std::sync::atomic::{AtomicU16, Ordering};
+        // Orders ids made within one millisecond by this process.
+        static SEQ: AtomicU16 = AtomicU16::new(0);
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let mut r = [0u8; 6];
         if getrandom::fill(&mut r).is_err() {
-            // No entropy source: fall back to a process-wide counter mixed with the
-            // time; ids stay unique within the process, which is what matters.
-            static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-            let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            r = (n ^ now_ms.rotate_left(17)).to_le_bytes();
+            // No entropy source: the time and the sequence still make ids unique
+            // within the process, which is what matters.
+            r = [0; 6];
         }
         Self(format!(
-            "{:012x}{}",
+            "{:012x}{seq:04x}{}",
             now_ms & 0xffff_ffff_ffff,
             hex::encode(r)
         ))
@@ -256,6 +258,7 @@ pub struct JournalEvent {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

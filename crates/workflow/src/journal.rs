@@ -304,6 +304,17 @@ impl Journal {
         Ok(out)
     }
 
+    /// The run's highest `seq` (0 without events).
+    pub fn last_seq(&self, run: &RunId) -> Result<u64, JournalError> {
+        self.conn()
+            .query_row(
+                "SELECT COALESCE(MAX(seq), 0) FROM events WHERE run_id = ?1",
+                params![run.as_str()],
+                |r| r.get(0),
+            )
+            .map_err(sql(&self.path, "read the last seq"))
+    }
+
     /// A run's spec source.
     pub fn spec(&self, run: &RunId) -> Result<Option<String>, JournalError> {
         self.conn()
@@ -387,6 +398,7 @@ fn private_file(path: &Path) -> io::Result<File> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;

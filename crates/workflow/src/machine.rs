@@ -360,7 +360,7 @@ impl Run {
                 match retry_at_ms {
                     Some(at) => {
                         u.phase = UnitPhase::Backoff {
-                            next_attempt: attempt + 1,
+                            next_attempt: attempt.saturating_add(1),
                             at_ms: *at,
                         }
                     }
@@ -548,7 +548,7 @@ impl Run {
                                 let max = u64::try_from(retry.backoff(attempt).as_millis())
                                     .unwrap_or(u64::MAX);
                                 let wait = if retry.jitter && max > 0 {
-                                    rand() % (max + 1)
+                                    max.checked_add(1).map_or(max, |m| rand() % m)
                                 } else {
                                     max
                                 };

@@ -738,3 +738,47 @@ async fn shutdown_stops_driving_and_wait_says_so() {
         .set_reattach(clawos_workflow::testing::Reattach::Resume);
     assert_eq!(h.run_to_end(&run, 5).await, RunState::Succeeded);
 }
+
+#[tokio::test]
+async fn map_items_over_the_limit_at_run_time_fail_the_step() {
+    let h = Harness::with(|c| c.limits.max_map_items = 3).await;
+    h.exec.script("list", vec![Scripted::ok("a\nb\nc\nd")]);
+    let run = h
+        .submit(&spec(
+            AGENTS,
+            "  - { id: list, agent: a, prompt: p }\n  - { id: m, kind: map, needs: [list], over: \"{{ steps.list.output_lines }}\", agent: a, prompt: \"{{ item }}\" }\n",
+        ))
+        .await;
+    let st = h.engine().wait(&run).await.unwrap();
+    assert_eq!(st.state, RunState::Failed);
+    assert_eq!(
+        st.steps[1].error.as_deref(),
+        Some("4 items, more than the limit of 3")
+    );
+    assert!(h.exec.runs_of("m").is_empty());
+}
+
+#[tokio::test]
+async fn finished_runs_leave_memory_but_stay_readable() {
+    let h = Harness::with(|c| c.max_finished_in_memory = 1).await;
+    let mut runs = Vec::new();
+    for _ in 0..3 {
+        let run = h
+            .submit(&spec(AGENTS, "  - { id: s, agent: a, prompt: p }\n"))
+            .await;
+        h.engine().wait(&run).await.unwrap();
+        runs.push(run);
+    }
+    h.settle().await;
+    let list = h.engine().list();
+    assert_eq!(list.iter().map(|r| r.run.clone()).collect::<Vec<_>>(), runs);
+    for run in &runs {
+        let st = h.engine().status(run).unwrap();
+        assert_eq!(st.state, RunState::Succeeded);
+        assert_eq!(st.steps[0].output, "s done");
+        assert_eq!(
+            h.engine().wait(run).await.unwrap().state,
+            RunState::Succeeded
+        );
+    }
+}

@@ -214,6 +214,7 @@ impl<'de> Visitor<'de> for InSeq<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -4,7 +4,7 @@
 //! line and the field (`line 14, steps[2].needs[0]: unknown step "reserch" (steps are:
 //! research, write)`), because the people writing specs fix them from the message.
 //! Syntax and type errors come from `serde_yaml` with its location; for semantic
-//! errors the offending node is found again in the source ([`locate`]).
+//! errors the offending node is found again in the source (the `locate` module).
 //!
 //! ```yaml
 //! apiVersion: clawos.dev/v1

@@ -17,6 +17,7 @@ pub struct Harness {
     pub dir: tempfile::TempDir,
     pub clock: FakeClock,
     pub exec: ScriptedExecutor,
+    pub cfg: EngineConfig,
     engine: Option<TestEngine>,
 }
 
@@ -26,17 +27,25 @@ pub fn config(dir: &std::path::Path) -> EngineConfig {
 
 impl Harness {
     pub async fn new() -> Self {
+        Self::with(|_| {}).await
+    }
+
+    /// With a tweaked configuration (kept for reopens).
+    pub async fn with(tweak: impl FnOnce(&mut EngineConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path());
+        tweak(&mut cfg);
         let clock = FakeClock::new(T0);
         let store = ArtifactStore::new(dir.path().join("artifacts")).unwrap();
         let exec = ScriptedExecutor::new(clock.clone()).with_store(store);
-        let engine = Engine::open(config(dir.path()), exec.clone(), clock.clone())
+        let engine = Engine::open(cfg.clone(), exec.clone(), clock.clone())
             .await
             .unwrap();
         Self {
             dir,
             clock,
             exec,
+            cfg,
             engine: Some(engine),
         }
     }
