@@ -50,8 +50,11 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(3);
     let script: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/workflows/scripted-model.json"))
-            .expect("script"),
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../examples/workflows/scripted-model.json"
+        ))
+        .expect("script"),
     )
     .expect("json");
     let s = WorkflowStack::start(&script).expect("stack");
@@ -89,7 +92,8 @@ fn main() {
                 session: None,
                 tool_events: None,
             };
-            rt.block_on(client.agent_chat(&name, &chat)).expect("agent turn");
+            rt.block_on(client.agent_chat(&name, &chat))
+                .expect("agent turn");
             let files = rt
                 .block_on(client.list_files(&name, "/workspace/out"))
                 .expect("list out");
@@ -109,9 +113,15 @@ fn main() {
         let hand = by_hand(r);
         let t = Instant::now();
         let out = o.clawos(l, &["workflow", "run", spec.to_str().expect("utf8")]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let run = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let st = o.wait_for(l, &run, Duration::from_secs(600), |st| st["state"] != "running");
+        let st = o.wait_for(l, &run, Duration::from_secs(600), |st| {
+            st["state"] != "running"
+        });
         let wall = t.elapsed();
         assert_eq!(st["state"], "succeeded", "{st:#}");
         let ratio = wall.as_secs_f64() / hand.as_secs_f64();

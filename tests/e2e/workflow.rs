@@ -300,7 +300,9 @@ fn a_map_over_files_runs_each_item_in_its_own_vm_at_most_two_at_once() {
     let run = submit(&s.orchestrator, l, &spec, &[]);
     let st = s
         .orchestrator
-        .wait_for(l, &run, Duration::from_secs(600), |st| st["state"] != "running");
+        .wait_for(l, &run, Duration::from_secs(600), |st| {
+            st["state"] != "running"
+        });
     assert_eq!(st["state"], "succeeded", "{st:#}");
     let items: Vec<&Value> = st["steps"]
         .as_array()
@@ -331,8 +333,14 @@ fn a_map_over_files_runs_each_item_in_its_own_vm_at_most_two_at_once() {
     }
     assert_eq!(peak, 2, "{events:#?}");
     // The summary step's VM received every item's file.
-    let o = s.orchestrator.clawos(l, &["workflow", "artifacts", &run, "--json"]);
+    let o = s
+        .orchestrator
+        .clawos(l, &["workflow", "artifacts", &run, "--json"]);
     let arts: Vec<Value> = serde_json::from_slice(&o.stdout).expect("artifacts");
-    assert_eq!(arts.iter().filter(|a| a["step"] == "review").count(), 3, "{arts:?}");
+    assert_eq!(
+        arts.iter().filter(|a| a["step"] == "review").count(),
+        3,
+        "{arts:?}"
+    );
     assert_eq!(step(&st, "summary")["state"], "succeeded", "{st:#}");
 }

@@ -393,7 +393,6 @@ impl Orchestrator {
     }
 }
 
-
 /// Everything a workflow needs, on loopback: a scripted model, identity-manager,
 /// inference-proxy, vm-launcher (with the identity) and the orchestrator, sharing one
 /// state directory.

@@ -32,7 +32,12 @@ fn free_port() -> u16 {
 
 fn spawn(state: &std::path::Path, port: u16) -> Child {
     let child = Command::new(env!("CARGO_BIN_EXE_orchestrator"))
-        .args(["--addr", &format!("127.0.0.1:{port}"), "--launcher-url", "http://127.0.0.1:9"])
+        .args([
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--launcher-url",
+            "http://127.0.0.1:9",
+        ])
         .arg("--state-dir")
         .arg(state)
         .stdin(Stdio::null())
@@ -57,9 +62,19 @@ fn start() -> Daemon {
     let port = free_port();
     let child = spawn(state, port);
     let token_path = clawos_orchestrator_api::token_path(state);
-    let mode = std::fs::metadata(&token_path).expect("token").permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "the operator credential must be the owner's only");
-    let token = std::fs::read_to_string(&token_path).expect("token").trim().to_owned();
+    let mode = std::fs::metadata(&token_path)
+        .expect("token")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(
+        mode, 0o600,
+        "the operator credential must be the owner's only"
+    );
+    let token = std::fs::read_to_string(&token_path)
+        .expect("token")
+        .trim()
+        .to_owned();
     Daemon {
         child,
         url: format!("http://127.0.0.1:{port}"),
@@ -91,7 +106,11 @@ fn every_route_but_liveness_needs_the_credential_and_browsers_are_refused() {
     let rt = rt();
     let http = reqwest::Client::new();
     let (status, _) = rt.block_on(async {
-        let r = http.get(format!("{}/healthz", d.url)).send().await.expect("healthz");
+        let r = http
+            .get(format!("{}/healthz", d.url))
+            .send()
+            .await
+            .expect("healthz");
         (r.status().as_u16(), r.text().await.unwrap_or_default())
     });
     assert_eq!(status, 200);
@@ -101,12 +120,16 @@ fn every_route_but_liveness_needs_the_credential_and_browsers_are_refused() {
         ("GET", "/v1/runs/0123456789ab0011223344556677"),
         ("GET", "/v1/runs/0123456789ab0011223344556677/events"),
         ("POST", "/v1/runs/0123456789ab0011223344556677/cancel"),
-        ("POST", "/v1/runs/0123456789ab0011223344556677/steps/x/approval"),
+        (
+            "POST",
+            "/v1/runs/0123456789ab0011223344556677/steps/x/approval",
+        ),
         ("GET", "/v1/artifacts/00"),
     ] {
         for auth in [None, Some("Bearer wrong")] {
             let code = rt.block_on(async {
-                let mut r = http.request(method.parse().expect("method"), format!("{}{path}", d.url));
+                let mut r =
+                    http.request(method.parse().expect("method"), format!("{}{path}", d.url));
                 if let Some(a) = auth {
                     r = r.header("authorization", a);
                 }
@@ -149,7 +172,9 @@ fn spec_with_steps(n: usize, prompt: &str) -> String {
         "apiVersion: clawos.dev/v1\nkind: Workflow\nmetadata: {name: big}\nagents:\n  a: {model: m}\nsteps:\n",
     );
     for i in 0..n {
-        s.push_str(&format!("  - id: s{i}\n    agent: a\n    prompt: {prompt:?}\n"));
+        s.push_str(&format!(
+            "  - id: s{i}\n    agent: a\n    prompt: {prompt:?}\n"
+        ));
     }
     s
 }
@@ -168,21 +193,38 @@ fn bad_specs_are_refused_naming_line_and_field_and_nothing_starts() {
     let head = "apiVersion: clawos.dev/v1\nkind: Workflow\nmetadata: {name: bad}\nagents:\n  a: {model: m}\nsteps:\n";
     let cases: Vec<(String, &[&str])> = vec![
         (
-            format!("{head}  - id: x\n    agent: a\n    prompt: p\n    needs: [y]\n  - id: y\n    agent: a\n    prompt: p\n    needs: [x]\n"),
+            format!(
+                "{head}  - id: x\n    agent: a\n    prompt: p\n    needs: [y]\n  - id: y\n    agent: a\n    prompt: p\n    needs: [x]\n"
+            ),
             &["cycle", "line"],
         ),
         (
             format!("{head}  - id: x\n    agent: a\n    prompt: p\n    needs: [reserch]\n"),
             &["reserch", "line 10"],
         ),
-        (format!("{head}  - id: x\n    agent: nobody\n    prompt: p\n"), &["nobody", "line 8"]),
-        (format!("{head}  - id: x\n    agent: a\n"), &["prompt", "line"]),
-        (format!("{head}  - id: x\n    agent: a\n    prompt: p\n    timeout: soon\n"), &["timeout", "line 10"]),
+        (
+            format!("{head}  - id: x\n    agent: nobody\n    prompt: p\n"),
+            &["nobody", "line 8"],
+        ),
+        (
+            format!("{head}  - id: x\n    agent: a\n"),
+            &["prompt", "line"],
+        ),
+        (
+            format!("{head}  - id: x\n    agent: a\n    prompt: p\n    timeout: soon\n"),
+            &["timeout", "line 10"],
+        ),
         (spec_with_steps(10_000, "p"), &["10000", "steps"]),
         // A 1 MiB prompt makes the document itself too large; a 300 KiB one is a
         // prompt over its own limit, named with its line.
-        (spec_with_steps(1, &"x".repeat(1 << 20)), &["bytes", "limit"]),
-        (spec_with_steps(1, &"x".repeat(300 << 10)), &["prompt", "line 9"]),
+        (
+            spec_with_steps(1, &"x".repeat(1 << 20)),
+            &["bytes", "limit"],
+        ),
+        (
+            spec_with_steps(1, &"x".repeat(300 << 10)),
+            &["prompt", "line 9"],
+        ),
     ];
     for (spec, wants) in cases {
         let e = submit(spec).expect_err("a bad spec was accepted");
@@ -199,7 +241,9 @@ fn bad_specs_are_refused_naming_line_and_field_and_nothing_starts() {
         .block_on(c.get("0123456789ab0011223344556677"))
         .expect_err("unknown run");
     assert_eq!(e.status(), Some(404));
-    let e = rt.block_on(c.get("..%2f..%2fetc")).expect_err("not a run id");
+    let e = rt
+        .block_on(c.get("..%2f..%2fetc"))
+        .expect_err("not a run id");
     assert_eq!(e.status(), Some(404));
     let _ = json!({});
     let _: Option<Value> = None;
@@ -241,7 +285,11 @@ fn a_waiting_approval_and_an_acknowledged_decision_survive_kill_9() {
     let wait_state = |c: &clawos_orchestrator_api::OrchestratorClient, id: &str, want: &str| {
         let deadline = Instant::now() + Duration::from_secs(20);
         while step_state(c, id) != want {
-            assert!(Instant::now() < deadline, "{id} never {want}: {}", step_state(c, id));
+            assert!(
+                Instant::now() < deadline,
+                "{id} never {want}: {}",
+                step_state(c, id)
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     };
@@ -274,10 +322,19 @@ fn a_waiting_approval_and_an_acknowledged_decision_survive_kill_9() {
         },
     ))
     .expect("reject");
-    let st = rt.block_on(c.wait(&run, Duration::from_secs(20))).expect("wait");
-    assert_eq!(st.run.state, clawos_orchestrator_api::RunState::Rejected, "{st:?}");
+    let st = rt
+        .block_on(c.wait(&run, Duration::from_secs(20)))
+        .expect("wait");
+    assert_eq!(
+        st.run.state,
+        clawos_orchestrator_api::RunState::Rejected,
+        "{st:?}"
+    );
     let events = rt.block_on(c.events(&run, 0)).expect("events");
-    let decided: Vec<_> = events.iter().filter(|e| e.kind == "approval_decided").collect();
+    let decided: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == "approval_decided")
+        .collect();
     assert_eq!(decided.len(), 2, "each decision journaled once: {events:?}");
     // A decision on a step that no longer waits is a conflict, not a second decision.
     let e = rt

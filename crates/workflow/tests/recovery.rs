@@ -265,7 +265,6 @@ async fn a_second_engine_on_the_same_journal_is_refused() {
     );
 }
 
-
 #[tokio::test]
 async fn a_failed_journal_write_stalls_the_run_until_reopen() {
     let mut h = Harness::new().await;
