@@ -286,6 +286,44 @@ fn budgets_timeouts_and_a_kill_9_mid_step() {
         .count();
     assert_eq!(succeeded_first, 1, "{events:#?}");
     assert_eq!(step(&st, "second")["attempts"], 2, "{st:#}");
+
+    // Cancel while a step runs: its VM is removed, the run ends `cancelled`, the next
+    // step never starts.
+    let run = submit(&s.orchestrator, l, &spec, &[]);
+    s.orchestrator
+        .wait_for(l, &run, Duration::from_secs(300), |st| {
+            step(st, "first")["state"] == "running"
+        });
+    // The attempt's VM, named by the executor's rule, once the launcher has it.
+    let vm = format!("wf-{}-first-a1", &run[12..20]);
+    let mut listed = false;
+    for _ in 0..100 {
+        let o = l.clawos(&["vm", "list", "--json"]);
+        if String::from_utf8_lossy(&o.stdout).contains(&vm) {
+            listed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(listed, "{vm} never appeared");
+    let o = s.orchestrator.clawos(l, &["workflow", "cancel", &run]);
+    assert!(o.status.success(), "{}", show(&o));
+    let st = s
+        .orchestrator
+        .wait_for(l, &run, Duration::from_secs(120), |st| {
+            st["state"] != "running"
+        });
+    assert_eq!(st["state"], "cancelled", "{st:#}");
+    assert_eq!(step(&st, "second")["attempts"], 0, "{st:#}");
+    let gone = (0..100).any(|_| {
+        let o = l.clawos(&["vm", "list", "--json"]);
+        let listed = String::from_utf8_lossy(&o.stdout).contains(&vm);
+        if listed {
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        !listed
+    });
+    assert!(gone, "the cancelled step's VM {vm} is still there");
 }
 
 #[test]

@@ -201,6 +201,11 @@ async fn events(
     let live = a.engine.subscribe();
     let backlog = a.engine.events(&run, q.after).map_err(engine_error)?;
     let last = backlog.last().map_or(q.after, |e| e.seq);
+    // A finished run's stream is its journal, then the end.
+    let finished = backlog.iter().any(|e| e.event.kind() == "run_finished")
+        || a.engine
+            .status(&run)
+            .is_ok_and(|s| s.state.is_final() && backlog.is_empty());
     let to_sse = |e: &JournalEvent| {
         SseEvent::default()
             .event(e.event.kind())
@@ -211,7 +216,7 @@ async fn events(
     let first: Vec<Result<SseEvent, Infallible>> = backlog.iter().map(|e| Ok(to_sse(e))).collect();
     let engine = a.engine.clone();
     let rest = futures_util::stream::unfold(
-        (live, last, run, engine, false),
+        (live, last, run, engine, finished),
         move |(mut live, mut last, run, engine, done)| async move {
             if done {
                 return None;

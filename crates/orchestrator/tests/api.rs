@@ -336,6 +336,28 @@ fn a_waiting_approval_and_an_acknowledged_decision_survive_kill_9() {
         .filter(|e| e.kind == "approval_decided")
         .collect();
     assert_eq!(decided.len(), 2, "each decision journaled once: {events:?}");
+    // The journal as server-sent events (what `clawos workflow logs -f` and browsers
+    // read): every event once, in order, ending after `run_finished`.
+    let sse = rt.block_on(async {
+        reqwest::Client::new()
+            .get(format!("{}/v1/runs/{run}/events", d.url))
+            .header("authorization", format!("Bearer {}", d.token))
+            .header("accept", "text/event-stream")
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await
+            .expect("sse")
+            .text()
+            .await
+            .expect("the stream ends with the run")
+    });
+    let kinds: Vec<&str> = sse
+        .lines()
+        .filter_map(|l| l.strip_prefix("event: "))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"run_submitted"), "{sse}");
+    assert_eq!(kinds.last(), Some(&"run_finished"), "{sse}");
+    assert_eq!(kinds.len(), events.len(), "{sse}");
     // A decision on a step that no longer waits is a conflict, not a second decision.
     let e = rt
         .block_on(c.approve(
