@@ -118,6 +118,20 @@ fn encode_segment(out: &mut String, s: &str) {
     }
 }
 
+/// The local operator's credential for a daemon: the file the environment variable
+/// `path_env` names, else `default_path` (the daemon's `<state>/<daemon>/admin.token`).
+/// The error names the file and why it could not be read.
+pub fn local_token(path_env: &str, default_path: &std::path::Path) -> Result<String, String> {
+    let path = std::env::var_os(path_env)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| default_path.to_owned());
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
+        Ok(_) => Err(format!("{} is empty", path.display())),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
 /// Why `name` is not a name a ClawOS API takes (a VM, a snapshot tag, an image), or
 /// `None` when it is one: a DNS label, `[a-z0-9-]`, 1–63 characters, not starting or
 /// ending with `-`. Such a name can name a directory and is never a path.

@@ -108,14 +108,7 @@ pub fn token_path(state_dir: &std::path::Path) -> std::path::PathBuf {
 /// The local operator's credential: the file `$CLAWOS_LAUNCHER_TOKEN_PATH` names, else
 /// [`token_path`] of `state_dir`. The error names the file and why it could not be read.
 pub fn local_token(state_dir: &std::path::Path) -> Result<String, String> {
-    let path = std::env::var_os(TOKEN_PATH_ENV)
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| token_path(state_dir));
-    match std::fs::read_to_string(&path) {
-        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
-        Ok(_) => Err(format!("{} is empty", path.display())),
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    }
+    clawos_api::local_token(TOKEN_PATH_ENV, &token_path(state_dir))
 }
 
 /// The route table, mounted by the daemon and called by [`LauncherClient`]. `{name}` is
