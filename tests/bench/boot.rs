@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clawos_e2e::{Launcher, artifacts, can_boot_vms, is, runtime};
+use clawos_e2e::{Launcher, artifacts, can_boot_vms_unrecorded, is, runtime};
 use clawos_vm_launcher_api::{StartVm, VmState};
 
 fn tsc_khz() -> u64 {
@@ -168,7 +168,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn main() {
-    if !can_boot_vms() {
+    if !can_boot_vms_unrecorded("bench boot") {
         return;
     }
     let rounds: usize = std::env::args()

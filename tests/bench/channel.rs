@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, is, runtime};
+use clawos_e2e::{Launcher, can_boot_vms_unrecorded, can_use_vsock, is, runtime};
 use clawos_vm_launcher_api::{CreateSnapshot, RestoreVm, StartVm, VmState};
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -20,7 +20,7 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 }
 
 fn main() {
-    if !can_boot_vms() || !can_use_vsock("bench channel") {
+    if !can_boot_vms_unrecorded("bench channel") || !can_use_vsock("bench channel") {
         return;
     }
     let runs: usize = std::env::args()

@@ -1,9 +1,11 @@
 //! inference-proxy vs direct to the same local upstream, same run: added latency p50/p99
 //! at 1, 16 and 64 connections, peak throughput, proxy CPU time per request, and added
-//! time to first token on streams. Ledger and audit are on.
+//! time to first token on streams. Ledger and audit are on, and every request is
+//! authenticated as in production: an identity-manager JWT, verified by the proxy
+//! (EdDSA signature, iss/aud/exp/nbf, revocation feed) on each request.
 //!
 //! ```sh
-//! cargo build --release -p clawos-inference-proxy
+//! cargo build --release -p clawos-inference-proxy -p clawos-identity-manager
 //! cargo bench -p clawos-e2e --bench proxy [-- SECONDS_PER_RUN]
 //! ```
 
@@ -11,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use clawos_e2e::fake_llm::FakeAnthropic;
 use clawos_e2e::{port, spawn_daemon};
+use clawos_identity_manager_api::{IdentityClient, IssueRequest};
 
 const KEY: &str = "sk-bench-host";
 
@@ -59,6 +62,7 @@ async fn run(
                     .send()
                     .await
                     .expect("send");
+                assert!(r.status().is_success(), "{url}: {}", r.status());
                 let _ = r.bytes().await.expect("body");
                 lat.push(t.elapsed().as_secs_f64() * 1e3);
             }
@@ -88,6 +92,7 @@ async fn ttft(url: &str, token: &str, n: usize) -> Vec<f64> {
             .send()
             .await
             .expect("send");
+        assert!(r.status().is_success(), "{url}: {}", r.status());
         let mut s = r.bytes_stream();
         let _ = s.next().await;
         v.push(t.elapsed().as_secs_f64() * 1e3);
@@ -102,24 +107,37 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(3.0);
     let work = tempfile::tempdir().expect("tmp");
+    let state = work.path().to_str().expect("utf8");
     let upstream = FakeAnthropic::start(KEY);
-    let tokens = work.path().join("tokens.json");
-    std::fs::write(&tokens, r#"{"bench-token": "bench-agent"}"#).expect("tokens");
-    let px_port = port();
+    let (id_port, px_port) = (port(), port());
+    let identity = spawn_daemon(
+        "identity-manager",
+        &[
+            "--addr",
+            &format!("127.0.0.1:{id_port}"),
+            "--state-dir",
+            state,
+        ],
+        &[("RUST_LOG", "warn")],
+        &work.path().join("identity.log"),
+        id_port,
+    )
+    .expect("identity-manager (cargo build --release -p clawos-identity-manager first)");
+    let issuer = format!("http://127.0.0.1:{id_port}");
     let proxy = spawn_daemon(
         "inference-proxy",
         &[
             "--addr",
             &format!("127.0.0.1:{px_port}"),
             "--state-dir",
-            work.path().to_str().expect("utf8"),
+            state,
             "--rpm",
             "100000000",
         ],
         &[
             ("ANTHROPIC_API_KEY", KEY),
             ("CLAWOS_PROXY_ANTHROPIC_URL", upstream.url.as_str()),
-            ("CLAWOS_PROXY_STATIC_TOKENS", tokens.to_str().expect("utf8")),
+            ("CLAWOS_IDENTITY_ISSUER", issuer.as_str()),
             // The bench is one agent with 64 connections: lift its in-flight cap so
             // it measures the proxy's overhead, not its refusals.
             ("CLAWOS_PROXY_MAX_IN_FLIGHT", "64"),
@@ -129,6 +147,36 @@ fn main() {
         px_port,
     )
     .expect("proxy (cargo build --release -p clawos-inference-proxy first)");
+    // For scale only, the development path that skips verification: the same proxy
+    // with a static token (`--insecure-dev-tokens`), its own state, compared at 64
+    // connections at the end.
+    let unverified_state = work.path().join("unverified");
+    let tokens = work.path().join("tokens.json");
+    std::fs::write(&tokens, r#"{"bench-static-token": "bench-agent"}"#).expect("tokens");
+    let uv_port = port();
+    let unverified = spawn_daemon(
+        "inference-proxy",
+        &[
+            "--addr",
+            &format!("127.0.0.1:{uv_port}"),
+            "--state-dir",
+            unverified_state.to_str().expect("utf8"),
+            "--rpm",
+            "100000000",
+            "--insecure-dev-tokens",
+        ],
+        &[
+            ("ANTHROPIC_API_KEY", KEY),
+            ("CLAWOS_PROXY_ANTHROPIC_URL", upstream.url.as_str()),
+            ("CLAWOS_PROXY_STATIC_TOKENS", tokens.to_str().expect("utf8")),
+            ("CLAWOS_PROXY_MAX_IN_FLIGHT", "64"),
+            ("RUST_LOG", "error"),
+        ],
+        &work.path().join("unverified.log"),
+        uv_port,
+    )
+    .expect("inference-proxy with static tokens");
+    let via_unverified = format!("http://127.0.0.1:{uv_port}/v1/messages");
     let direct = format!("{}/v1/messages", upstream.url);
     let via = format!("http://127.0.0.1:{px_port}/v1/messages");
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -136,17 +184,46 @@ fn main() {
         .enable_all()
         .build()
         .expect("rt");
+    // One agent's token, as the launcher would hold it for a VM (an hour: the longest
+    // identity-manager issues, so long runs stay inside it).
+    let svc = std::fs::read_to_string(work.path().join("identity/service.token"))
+        .expect("identity-manager's service credential");
+    let token = rt
+        .block_on(
+            IdentityClient::with_service_token(&issuer, svc.trim()).issue(&IssueRequest {
+                agent: "bench-agent".into(),
+                vm_id: "vm-bench".into(),
+                image_root_hash: String::new(),
+                audience: "inference-proxy".into(),
+                ttl_secs: Some(3600),
+                scopes: vec![],
+            }),
+        )
+        .expect("issue")
+        .token;
+    let token = token.as_str();
     rt.block_on(async {
-        // Warm both paths.
+        // The proxy verifies: a token it cannot verify is refused.
+        let forged = format!("{}x", &token[..token.len() - 1]);
+        let st = reqwest::Client::new()
+            .post(&via)
+            .header("x-api-key", forged)
+            .body(r#"{"model":"claude-bench","max_tokens":8,"messages":[]}"#)
+            .send()
+            .await
+            .expect("send")
+            .status();
+        assert_eq!(st.as_u16(), 401, "a forged JWT");
+        // Warm both paths (the proxy fetches identity-manager's JWKS on the first).
         run(&direct, None, 4, 0.5, false).await;
-        run(&via, Some("bench-token"), 4, 0.5, false).await;
+        run(&via, Some(token), 4, 0.5, false).await;
         println!("| connections | direct p50 | direct p99 | proxy p50 | proxy p99 | added p50 | added p99 | direct req/s | proxy req/s |");
         println!("|---|---|---|---|---|---|---|---|---|");
         let mut cpu_line = String::new();
         for conns in [1usize, 16, 64] {
             let (mut d, drps) = run(&direct, None, conns, secs, false).await;
             let before = cpu_ticks(proxy.id());
-            let (mut p, prps) = run(&via, Some("bench-token"), conns, secs, false).await;
+            let (mut p, prps) = run(&via, Some(token), conns, secs, false).await;
             let ticks = cpu_ticks(proxy.id()) - before;
             let (d50, d99, p50, p99) = (pct(&mut d, 0.5), pct(&mut d, 0.99), pct(&mut p, 0.5), pct(&mut p, 0.99));
             println!(
@@ -162,15 +239,43 @@ fn main() {
         }
         println!("{cpu_line}");
         let mut td = ttft(&direct, KEY, 300).await;
-        let mut tp = ttft(&via, "bench-token", 300).await;
+        let mut tp = ttft(&via, token, 300).await;
         println!(
             "time to first byte of a stream, p50 over 300: direct {:.3} ms, proxy {:.3} ms, added {:.3} ms",
             pct(&mut td, 0.5),
             pct(&mut tp, 0.5),
             pct(&mut tp, 0.5) - pct(&mut td, 0.5)
         );
+        // What verification costs: 64 connections, alternating, JWT-verified vs the
+        // static token, twice each.
+        run(&via_unverified, Some("bench-static-token"), 4, 0.5, false).await;
+        let mut cmp = [(0u64, 0usize, 0f64); 2];
+        for _ in 0..2 {
+            for (i, (pid, url, key)) in [
+                (proxy.id(), &via, token),
+                (unverified.id(), &via_unverified, "bench-static-token"),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let before = cpu_ticks(pid);
+                let (lat, rps) = run(url, Some(key), 64, secs, false).await;
+                cmp[i].0 += cpu_ticks(pid) - before;
+                cmp[i].1 += lat.len();
+                cmp[i].2 += rps / 2.0;
+            }
+        }
+        let us = |(ticks, n, _): (u64, usize, f64)| ticks as f64 * 10_000.0 / n as f64;
+        println!(
+            "64 connections, alternating: JWT-verified {:.0} req/s, {:.0} µs CPU per request; static token (unverified, --insecure-dev-tokens) {:.0} req/s, {:.0} µs",
+            cmp[0].2,
+            us(cmp[0]),
+            cmp[1].2,
+            us(cmp[1])
+        );
     });
-    let mut proxy = proxy;
-    let _ = proxy.kill();
-    let _ = proxy.wait();
+    for mut child in [proxy, unverified, identity] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

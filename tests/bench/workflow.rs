@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use clawos_agentd_api::{ChatMessage, ChatRequest};
 use clawos_e2e::stack::WorkflowStack;
-use clawos_e2e::{can_boot_vms, is, runtime};
+use clawos_e2e::{can_boot_vms_unrecorded, is, runtime};
 use clawos_vm_launcher_api::{StartVm, VmState};
 
 const SPEC: &str = "apiVersion: clawos.dev/v1
@@ -42,7 +42,7 @@ steps:
 ";
 
 fn main() {
-    if !can_boot_vms() {
+    if !can_boot_vms_unrecorded("bench workflow") {
         return;
     }
     let rounds: usize = std::env::args()

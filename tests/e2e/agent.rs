@@ -78,7 +78,7 @@ fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
 #[test]
 fn an_agent_does_a_task_with_a_host_held_identity_and_cannot_break_out() {
     let name = "an_agent_does_a_task_with_a_host_held_identity_and_cannot_break_out";
-    if !can_boot_vms() || !can_use_vsock(name) {
+    if !can_boot_vms(name) || !can_use_vsock(name) {
         return;
     }
     let work = tempfile::tempdir().expect("tmp");

@@ -21,7 +21,7 @@ fn text(o: &std::process::Output) -> String {
 
 #[test]
 fn start_list_conflict_stop_restart_keeps_workspace_and_env_has_no_key() {
-    if !can_boot_vms() {
+    if !can_boot_vms("start_list_conflict_stop_restart_keeps_workspace_and_env_has_no_key") {
         return;
     }
     let state = tempfile::tempdir().expect("tempdir");
@@ -142,7 +142,7 @@ fn start_list_conflict_stop_restart_keeps_workspace_and_env_has_no_key() {
 
 #[test]
 fn rootfs_block_flipped_after_signing_fails_the_vm_with_a_verity_reason() {
-    if !can_boot_vms() {
+    if !can_boot_vms("rootfs_block_flipped_after_signing_fails_the_vm_with_a_verity_reason") {
         return;
     }
     let work = tempfile::tempdir().expect("tempdir");

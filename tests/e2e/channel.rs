@@ -81,7 +81,7 @@ fn fake_proxy() -> (u16, std::thread::JoinHandle<String>) {
 #[test]
 fn exec_files_relay_and_secret_on_a_real_vm() {
     let name = "exec_files_relay_and_secret_on_a_real_vm";
-    if !can_boot_vms() || !can_use_vsock(name) {
+    if !can_boot_vms(name) || !can_use_vsock(name) {
         return;
     }
     let (proxy_port, proxy) = fake_proxy();
@@ -331,7 +331,7 @@ fn exec_files_relay_and_secret_on_a_real_vm() {
 #[test]
 fn pause_resume_and_exec_after_a_launcher_sigkill() {
     let name = "pause_resume_and_exec_after_a_launcher_sigkill";
-    if !can_boot_vms() || !can_use_vsock(name) {
+    if !can_boot_vms(name) || !can_use_vsock(name) {
         return;
     }
     let state = tempfile::tempdir().expect("tempdir");
@@ -385,7 +385,13 @@ fn pause_resume_and_exec_after_a_launcher_sigkill() {
     // The vsock device process ended with the VM.
     let helpers = std::fs::read_to_string(state.path().join("vms/pr/vm.json")).expect("record");
     let rec: serde_json::Value = serde_json::from_str(&helpers).expect("json");
-    for h in rec["helpers"].as_array().cloned().unwrap_or_default() {
+    // No recorded helper would make the loop below check nothing.
+    let helpers = rec["helpers"].as_array().cloned().unwrap_or_default();
+    assert!(
+        !helpers.is_empty(),
+        "the VM record lists no vsock helper: {rec}"
+    );
+    for h in helpers {
         let pid = h["pid"].as_u64().expect("pid");
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline

@@ -121,7 +121,7 @@ fn limits(pid: u32) -> (u64, String, String, Vec<PathBuf>) {
 
 #[test]
 fn the_hypervisor_and_its_vsock_device_run_unprivileged_in_a_limited_cgroup() {
-    if !can_boot_vms() || !can_use_vsock(TEST) {
+    if !can_boot_vms(TEST) || !can_use_vsock(TEST) {
         return;
     }
     // SAFETY: geteuid has no preconditions.

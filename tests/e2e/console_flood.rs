@@ -11,7 +11,7 @@ use clawos_vm_launcher_api::{StartVm, VmState};
 #[test]
 fn a_guest_flooding_its_console_stays_within_the_cap() {
     let name = "a_guest_flooding_its_console_stays_within_the_cap";
-    if !can_boot_vms() || !can_use_vsock(name) {
+    if !can_boot_vms(name) || !can_use_vsock(name) {
         return;
     }
     let state = tempfile::tempdir().expect("tempdir");

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use clawos_e2e::{Launcher, can_boot_vms, is, runtime};
+use clawos_e2e::{Launcher, can_build_images, is, runtime};
 use clawos_vm_launcher_api::{StartVm, VmState};
 
 fn firecracker_usable(test: &str) -> bool {
@@ -35,7 +35,8 @@ fn firecracker_usable(test: &str) -> bool {
 
 #[test]
 fn firecracker_backend_boots_and_stops_a_vm() {
-    if !can_boot_vms() || !firecracker_usable("firecracker_backend_boots_and_stops_a_vm") {
+    let test = "firecracker_backend_boots_and_stops_a_vm";
+    if !can_build_images(test) || !firecracker_usable(test) {
         return;
     }
     boot_and_stop(&[]);
@@ -43,17 +44,15 @@ fn firecracker_backend_boots_and_stops_a_vm() {
 
 #[test]
 fn jailed_firecracker_boots_and_stops_a_vm() {
-    if !can_boot_vms() || !firecracker_usable("jailed_firecracker_boots_and_stops_a_vm") {
+    let test = "jailed_firecracker_boots_and_stops_a_vm";
+    if !can_build_images(test) || !firecracker_usable(test) {
         return;
     }
     let jailer = Command::new("sh")
         .args(["-c", "command -v jailer"])
         .output();
     if !jailer.is_ok_and(|o| o.status.success()) {
-        clawos_e2e::skip(
-            "jailed_firecracker_boots_and_stops_a_vm",
-            "no jailer binary on PATH",
-        );
+        clawos_e2e::skip(test, "no jailer binary on PATH");
         return;
     }
     boot_and_stop(&[

@@ -98,6 +98,7 @@ fn inference_proxy_finishes_every_request_in_flight_and_ledgers_each_on_sigterm(
                 ("ANTHROPIC_API_KEY", HOST_KEY),
                 ("CLAWOS_PROXY_ANTHROPIC_URL", upstream.url.as_str()),
                 ("CLAWOS_PROXY_STATIC_TOKENS", tokens.to_str().expect("utf8")),
+                ("CLAWOS_PROXY_INSECURE_DEV_TOKENS", "1"),
                 ("CLAWOS_PROXY_RATE_LIMIT_RPM", "1000"),
                 // One agent with 40 requests in flight at once: above the default
                 // per-agent cap, which is not what this test is about.

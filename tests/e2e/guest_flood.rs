@@ -77,7 +77,7 @@ fn open_fds(pid: u32) -> usize {
 #[test]
 fn a_guest_holding_2000_relay_connections_starves_no_one_else() {
     let name = "a_guest_holding_2000_relay_connections_starves_no_one_else";
-    if !can_boot_vms() || !can_use_vsock(name) {
+    if !can_boot_vms(name) || !can_use_vsock(name) {
         return;
     }
     let work = tempfile::tempdir().expect("tempdir");
@@ -101,6 +101,7 @@ fn a_guest_holding_2000_relay_connections_starves_no_one_else() {
             ("ANTHROPIC_API_KEY", "sk-host"),
             ("CLAWOS_PROXY_ANTHROPIC_URL", "http://127.0.0.1:9"),
             ("CLAWOS_PROXY_STATIC_TOKENS", tokens.to_str().expect("utf8")),
+            ("CLAWOS_PROXY_INSECURE_DEV_TOKENS", "1"),
         ],
         &work.path().join("proxy.log"),
         px_port,

@@ -71,7 +71,7 @@ fn is_root() -> bool {
 
 #[test]
 fn a_path_as_image_is_refused_images_are_chosen_by_name() {
-    if !can_boot_vms() {
+    if !can_boot_vms("a_path_as_image_is_refused_images_are_chosen_by_name") {
         return;
     }
     let work = tempfile::tempdir().expect("tempdir");
@@ -120,7 +120,9 @@ fn a_path_as_image_is_refused_images_are_chosen_by_name() {
 
 #[test]
 fn a_fifo_or_dev_zero_as_initramfs_is_refused_at_once_and_sigterm_still_stops_the_launcher() {
-    if !can_boot_vms() {
+    if !can_boot_vms(
+        "a_fifo_or_dev_zero_as_initramfs_is_refused_at_once_and_sigterm_still_stops_the_launcher",
+    ) {
         return;
     }
     let work = tempfile::tempdir().expect("tempdir");
@@ -204,7 +206,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 #[test]
 fn a_bundle_pointing_at_root_only_files_is_refused_without_their_size_or_hash() {
-    if !can_boot_vms() {
+    if !can_boot_vms("a_bundle_pointing_at_root_only_files_is_refused_without_their_size_or_hash") {
         return;
     }
     if !is_root() {
@@ -360,7 +362,7 @@ fn swap_on_open(files: Vec<(PathBuf, PathBuf)>) -> std::thread::JoinHandle<Vec<P
 
 #[test]
 fn an_initramfs_and_rootfs_swapped_after_they_were_checked_are_never_booted() {
-    if !can_boot_vms() {
+    if !can_boot_vms("an_initramfs_and_rootfs_swapped_after_they_were_checked_are_never_booted") {
         return;
     }
     let work = tempfile::tempdir().expect("tempdir");

@@ -5,13 +5,13 @@
 //! A refusal names the part and keeps its code, but never says a file's hash or size.
 
 use clawos_e2e::{
-    Launcher, artifacts, can_boot_vms, copy_image, flip_byte, hypervisor_running_for, image_ref,
-    store_image,
+    Launcher, artifacts, can_start_launcher, copy_image, flip_byte, hypervisor_running_for,
+    image_ref, store_image,
 };
 
 #[test]
 fn one_changed_byte_in_any_part_is_refused_and_named() {
-    if !can_boot_vms() {
+    if !can_start_launcher("one_changed_byte_in_any_part_is_refused_and_named") {
         return;
     }
     let work = tempfile::tempdir().expect("tempdir");
@@ -157,7 +157,7 @@ fn one_changed_byte_in_any_part_is_refused_and_named() {
 
 #[test]
 fn bad_names_sizes_and_bodies_get_4xx_and_create_nothing() {
-    if !can_boot_vms() {
+    if !can_start_launcher("bad_names_sizes_and_bodies_get_4xx_and_create_nothing") {
         return;
     }
     let work = tempfile::tempdir().expect("tempdir");

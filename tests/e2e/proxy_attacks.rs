@@ -74,6 +74,7 @@ impl Proxy {
             ("OPENAI_API_KEY", OPENAI_HOST_KEY),
             ("CLAWOS_PROXY_UPSTREAMS", ups.to_str().expect("utf8")),
             ("CLAWOS_PROXY_STATIC_TOKENS", tokens.to_str().expect("utf8")),
+            ("CLAWOS_PROXY_INSECURE_DEV_TOKENS", "1"),
         ];
         envs.extend_from_slice(env);
         let child = spawn_daemon(
@@ -959,6 +960,7 @@ fn an_idle_connection_flood_does_not_starve_a_real_request() {
     .env("ANTHROPIC_API_KEY", HOST_KEY)
     .env("CLAWOS_PROXY_ANTHROPIC_URL", &upstream.url)
     .env("CLAWOS_PROXY_STATIC_TOKENS", &tokens)
+    .env("CLAWOS_PROXY_INSECURE_DEV_TOKENS", "1")
     .env("CLAWOS_PROXY_HEADER_TIMEOUT_SECS", "2")
     .stdin(Stdio::null())
     .stdout(std::fs::File::create(&log).expect("log"))

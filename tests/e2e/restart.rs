@@ -23,7 +23,7 @@ fn start(l: &Launcher, name: &str) {
 
 #[test]
 fn sigkill_restart_readopts_live_vms_and_drops_dead_ones() {
-    if !can_boot_vms() {
+    if !can_boot_vms("sigkill_restart_readopts_live_vms_and_drops_dead_ones") {
         return;
     }
     let state = tempfile::tempdir().expect("tempdir");

@@ -33,7 +33,7 @@ fn sh(l: &Launcher, vm: &str, script: &str) -> String {
 #[test]
 fn snapshot_stop_restore_brings_back_processes_memory_and_disks() {
     let name = "snapshot_stop_restore_brings_back_processes_memory_and_disks";
-    if !can_boot_vms() || !can_use_vsock(name) {
+    if !can_boot_vms(name) || !can_use_vsock(name) {
         return;
     }
     let state = tempfile::tempdir().expect("tempdir");

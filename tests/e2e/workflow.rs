@@ -83,7 +83,7 @@ fn stack() -> WorkflowStack {
 #[test]
 fn research_write_review_with_an_approval_survives_kill_9_and_bills_each_step_to_its_own_agent() {
     let name = "research_write_review_with_an_approval_survives_kill_9_and_bills_each_step_to_its_own_agent";
-    if !can_boot_vms() || !can_use_vsock(name) {
+    if !can_boot_vms(name) || !can_use_vsock(name) {
         return;
     }
     let mut s = stack();
@@ -194,7 +194,7 @@ fn research_write_review_with_an_approval_survives_kill_9_and_bills_each_step_to
 #[test]
 fn budgets_timeouts_and_a_kill_9_mid_step() {
     let name = "budgets_timeouts_and_a_kill_9_mid_step";
-    if !can_boot_vms() || !can_use_vsock(name) {
+    if !can_boot_vms(name) || !can_use_vsock(name) {
         return;
     }
     let mut s = stack();
@@ -329,7 +329,7 @@ fn budgets_timeouts_and_a_kill_9_mid_step() {
 #[test]
 fn a_map_over_files_runs_each_item_in_its_own_vm_at_most_two_at_once() {
     let name = "a_map_over_files_runs_each_item_in_its_own_vm_at_most_two_at_once";
-    if !can_boot_vms() || !can_use_vsock(name) {
+    if !can_boot_vms(name) || !can_use_vsock(name) {
         return;
     }
     let s = stack();

@@ -50,8 +50,10 @@ pub fn guest_bin_dir() -> PathBuf {
     d
 }
 
-/// Records and prints why a test did not run. `scripts/test.sh` lists every skip after
-/// the run, since the test runner hides the output of tests that return normally.
+/// Records and prints why a test did not run: every test that returns early goes through
+/// here. `scripts/test.sh` lists every skip after the run (the test runner hides the
+/// output of tests that return normally) and fails on one not on its allow-list. Tests
+/// outside this crate write the same line to the same file (`<target>/e2e/SKIPPED`).
 pub fn skip(test: &str, why: &str) {
     use std::io::Write;
     eprintln!("SKIP {test}: {why}");
@@ -67,31 +69,107 @@ pub fn skip(test: &str, why: &str) {
     }
 }
 
-/// Whether this machine can boot VMs; if not, says so loudly (the caller returns).
-pub fn can_boot_vms() -> bool {
-    let tools = [
-        "qemu-system-x86_64",
-        "mkfs.erofs",
-        "mkfs.ext4",
-        "apt-get",
-        "dpkg",
-    ];
-    for t in tools {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {t}"))
-            .stdout(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !found {
-            eprintln!(
-                "SKIP: {t} is not installed; this test boots real VMs (run scripts/setup.sh)"
-            );
-            return false;
-        }
+/// Whether `tool` is an executable file, by path or on `PATH`.
+fn have_tool(tool: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if tool.contains('/') {
+        return executable(Path::new(tool));
     }
-    true
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|d| executable(&d.join(tool))))
+}
+
+/// Tools an image build runs: the Debian kernel package (apt-get, dpkg) and the erofs
+/// and ext4 file systems.
+const IMAGE_TOOLS: [&str; 4] = ["mkfs.erofs", "mkfs.ext4", "apt-get", "dpkg"];
+
+/// The hypervisor vm-launcher runs: `CLAWOS_QEMU` (which the launchers the tests start
+/// inherit), else `qemu-system-x86_64` on `PATH`.
+fn qemu_bin() -> String {
+    std::env::var("CLAWOS_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())
+}
+
+/// Which of `tools` are missing here, as a sentence, or `None` when all are there.
+fn missing(tools: &[String]) -> Option<String> {
+    let gone: Vec<&str> = tools
+        .iter()
+        .map(String::as_str)
+        .filter(|t| !have_tool(t))
+        .collect();
+    (!gone.is_empty()).then(|| format!("{} not installed", gone.join(", ")))
+}
+
+/// Whether this machine can build images; if not, records a skip naming what is missing
+/// (the caller returns).
+pub fn can_build_images(test: &str) -> bool {
+    match missing(&IMAGE_TOOLS.map(String::from)) {
+        Some(m) => {
+            skip(
+                test,
+                &format!("{m}; this test builds an image (run scripts/setup.sh)"),
+            );
+            false
+        }
+        None => true,
+    }
+}
+
+/// Which of the image tools and the hypervisor are missing here, if any.
+fn missing_for_vms() -> Option<String> {
+    let mut tools = vec![qemu_bin()];
+    tools.extend(IMAGE_TOOLS.map(String::from));
+    missing(&tools)
+}
+
+/// Why this machine cannot boot VMs (build an image and run the hypervisor), if it
+/// cannot.
+fn why_vms_cannot_boot() -> Option<String> {
+    missing_for_vms().map(|m| format!("{m}; this test boots real VMs (run scripts/setup.sh)"))
+}
+
+/// Whether this machine can boot VMs; if not, records a skip naming what is missing
+/// (the caller returns).
+pub fn can_boot_vms(test: &str) -> bool {
+    match why_vms_cannot_boot() {
+        Some(why) => {
+            skip(test, &why);
+            false
+        }
+        None => true,
+    }
+}
+
+/// Whether vm-launcher can start here for a test that boots nothing: it needs an image,
+/// and it refuses to start without its hypervisor binary. If not, records a skip naming
+/// what is missing (the caller returns).
+pub fn can_start_launcher(test: &str) -> bool {
+    match missing_for_vms() {
+        Some(m) => {
+            skip(
+                test,
+                &format!(
+                    "{m}; this test starts vm-launcher, which needs an image and its hypervisor binary (run scripts/setup.sh)"
+                ),
+            );
+            false
+        }
+        None => true,
+    }
+}
+
+/// [`can_boot_vms`] for the benchmarks (not part of the test suite): says why not,
+/// records nothing.
+pub fn can_boot_vms_unrecorded(bench: &str) -> bool {
+    match why_vms_cannot_boot() {
+        Some(why) => {
+            eprintln!("SKIP {bench}: {why}");
+            false
+        }
+        None => true,
+    }
 }
 
 /// Whether QEMU VMs get the vsock channel here (`vhost-device-vsock` installed).
@@ -563,7 +641,7 @@ pub fn monitor_unwatch_all(state_dir: &Path, url: &str) -> Result<usize> {
 /// Whether the monitor's VM tests can run here: real VMs with vsock, and root with a
 /// BTF kernel for the eBPF program. Says why not (loudly) when they cannot.
 pub fn can_audit_vms(test: &str) -> bool {
-    if !can_boot_vms() || !can_use_vsock(test) {
+    if !can_boot_vms(test) || !can_use_vsock(test) {
         return false;
     }
     // SAFETY: geteuid has no preconditions.

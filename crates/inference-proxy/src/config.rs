@@ -175,6 +175,39 @@ impl ProxyConfig {
 /// The fewest client connections the proxy runs with.
 pub const MIN_CONNECTIONS: usize = 16;
 
+/// The flag without which [`check_dev_tokens`] refuses static tokens.
+pub const INSECURE_DEV_TOKENS_FLAG: &str =
+    "--insecure-dev-tokens (CLAWOS_PROXY_INSECURE_DEV_TOKENS=1)";
+
+/// The gate in front of the development-only static tokens
+/// (`--static-tokens`, `CLAWOS_PROXY_STATIC_TOKENS`): they replace identity-manager's
+/// JWTs with a fixed token → agent map, so nothing about a request is verified (no
+/// signature, expiry, audience or revocation). Refused unless `insecure_dev_tokens`
+/// ([`INSECURE_DEV_TOKENS_FLAG`]) says so, and never next to an issuer (which one
+/// authenticates would be a guess).
+pub fn check_dev_tokens(
+    static_tokens: Option<&std::path::Path>,
+    insecure_dev_tokens: bool,
+    issuer: Option<&str>,
+) -> Result<(), ConfigError> {
+    let Some(file) = static_tokens else {
+        return Ok(());
+    };
+    if let Some(iss) = issuer {
+        return Err(ConfigError(format!(
+            "both CLAWOS_IDENTITY_ISSUER ({iss}) and CLAWOS_PROXY_STATIC_TOKENS ({}) are set: set one (static tokens skip JWT verification)",
+            file.display()
+        )));
+    }
+    if !insecure_dev_tokens {
+        return Err(ConfigError(format!(
+            "CLAWOS_PROXY_STATIC_TOKENS (--static-tokens {}) skips JWT verification: agents' requests would not be verified. Refusing to start without {INSECURE_DEV_TOKENS_FLAG}, for development only; in production set CLAWOS_IDENTITY_ISSUER instead",
+            file.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Reads the operator credential file, or creates it (0600, random).
 pub fn admin_token(path: &std::path::Path) -> Result<String, ConfigError> {
     clawos_service::operator_token(path).map_err(ConfigError)
@@ -262,6 +295,27 @@ mod tests {
         let mut bad = ok;
         bad.connections.max_connections = 3;
         assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn static_tokens_need_the_insecure_flag_and_no_issuer() {
+        let f = std::path::Path::new("/etc/tokens.json");
+        check_dev_tokens(None, false, None).expect("no static tokens");
+        check_dev_tokens(None, false, Some("http://127.0.0.1:2082")).expect("JWTs");
+        let e = check_dev_tokens(Some(f), false, None).expect_err("without the flag");
+        let m = e.to_string();
+        for s in [
+            "--insecure-dev-tokens",
+            "CLAWOS_PROXY_INSECURE_DEV_TOKENS=1",
+            "CLAWOS_PROXY_STATIC_TOKENS",
+            "/etc/tokens.json",
+            "not be verified",
+        ] {
+            assert!(m.contains(s), "{s:?} missing from {m}");
+        }
+        check_dev_tokens(Some(f), true, None).expect("with the flag");
+        let e = check_dev_tokens(Some(f), true, Some("http://127.0.0.1:2082")).expect_err("both");
+        assert!(e.to_string().contains("CLAWOS_IDENTITY_ISSUER"), "{e}");
     }
 
     #[test]

@@ -379,6 +379,40 @@ mod tests {
             60
         );
     }
+
+    /// Why the end-to-end test runs at RPM 2 and not 60: at 60, 61 requests spread
+    /// over a little more than one interval (a busy machine) all pass.
+    #[test]
+    fn at_sixty_per_minute_one_slow_second_lets_a_sixty_first_through() {
+        let l = RateLimiter::per_minute(60);
+        let t0 = Instant::now();
+        let step = Duration::from_millis(1100) / 60;
+        let allowed = (0..61u32)
+            .filter(|i| l.check_at("a", t0 + step * *i) == Decision::Allow)
+            .count();
+        assert_eq!(allowed, 61);
+    }
+
+    /// What the end-to-end test sees at RPM 2, whatever the machine's speed within
+    /// 30 s: a burst of two, then one request per 30 s.
+    #[test]
+    fn two_per_minute_allows_two_then_one_per_thirty_seconds() {
+        let l = RateLimiter::per_minute(2);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(l.check_at("a", at(0)), Decision::Allow);
+        assert_eq!(l.check_at("a", at(5_000)), Decision::Allow);
+        assert_eq!(
+            l.check_at("a", at(10_000)),
+            Decision::Deny {
+                retry_after: Duration::from_secs(20)
+            }
+        );
+        assert!(matches!(l.check_at("a", at(29_999)), Decision::Deny { .. }));
+        assert_eq!(l.check_at("b", at(29_999)), Decision::Allow);
+        assert_eq!(l.check_at("a", at(30_000)), Decision::Allow);
+        assert!(matches!(l.check_at("a", at(30_000)), Decision::Deny { .. }));
+    }
 }
 
 #[cfg(test)]

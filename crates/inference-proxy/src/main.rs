@@ -1,5 +1,6 @@
 //! `inference-proxy`: parse config → init tracing → run.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -43,9 +44,20 @@ struct Args {
     /// Audience agent tokens must carry.
     #[arg(long, env = "CLAWOS_PROXY_AUDIENCE", default_value = "inference-proxy")]
     audience: String,
-    /// Development only: JSON file `{"<token>": "<agent>"}` instead of JWTs.
+    /// DEVELOPMENT ONLY, INSECURE: JSON file `{"<token>": "<agent>"}` accepted instead of
+    /// identity-manager JWTs, so agents' requests are NOT verified (no signature, expiry
+    /// or revocation check). Refused unless --insecure-dev-tokens is also given, and
+    /// next to --issuer.
     #[arg(long, env = "CLAWOS_PROXY_STATIC_TOKENS")]
     static_tokens: Option<PathBuf>,
+    /// Allow --static-tokens (development and tests only): requests are then not
+    /// verified, and every start logs a warning saying so.
+    #[arg(
+        long,
+        env = "CLAWOS_PROXY_INSECURE_DEV_TOKENS",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    insecure_dev_tokens: bool,
     /// Upstreams JSON file; default: one Anthropic upstream keyed by ANTHROPIC_API_KEY.
     #[arg(long, env = "CLAWOS_PROXY_UPSTREAMS")]
     upstreams: Option<PathBuf>,
@@ -93,6 +105,12 @@ struct Args {
 fn main() -> Result<()> {
     let a = Args::parse();
     clawos_service::init_tracing(a.log.format());
+    // Before anything is created: unverified agents are refused unless asked for.
+    config::check_dev_tokens(
+        a.static_tokens.as_deref(),
+        a.insecure_dev_tokens,
+        a.issuer.as_deref(),
+    )?;
     let state = a
         .state_dir
         .unwrap_or_else(clawos_service::default_state_dir);
@@ -103,15 +121,25 @@ fn main() -> Result<()> {
     // are sized under whatever is in force.
     let nofile = clawos_inference_proxy::conns::raise_fd_limit();
     let static_tokens = match &a.static_tokens {
-        Some(p) => Some(
-            serde_json::from_str(&std::fs::read_to_string(p)?)
-                .with_context(|| format!("{}", p.display()))?,
-        ),
+        Some(p) => {
+            let map: HashMap<String, String> = serde_json::from_str(
+                &std::fs::read_to_string(p).with_context(|| format!("{}", p.display()))?,
+            )
+            .with_context(|| format!("{}", p.display()))?;
+            tracing::warn!(
+                static_tokens = %p.display(),
+                agents = map.len(),
+                "INSECURE development mode (--insecure-dev-tokens): agents authenticate with the static tokens in {}, and their requests are NOT verified (no JWT signature, expiry, audience or revocation check); never run this in production",
+                p.display()
+            );
+            Some(map)
+        }
         None => None,
     };
     if a.issuer.is_none() && static_tokens.is_none() {
         bail!(
-            "no agent authentication: set CLAWOS_IDENTITY_ISSUER (identity-manager URL) or, for development, CLAWOS_PROXY_STATIC_TOKENS"
+            "no agent authentication: set CLAWOS_IDENTITY_ISSUER (identity-manager URL) or, for development only, CLAWOS_PROXY_STATIC_TOKENS with {}",
+            config::INSECURE_DEV_TOKENS_FLAG
         );
     }
     let cfg = ProxyConfig {

@@ -78,6 +78,7 @@ struct Daemon {
     url: String,
     token: String,
     jsonl: PathBuf,
+    log: PathBuf,
 }
 
 impl Drop for Daemon {
@@ -89,14 +90,21 @@ impl Drop for Daemon {
 
 impl Daemon {
     fn start(state: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(state, extra, &[])
+    }
+
+    fn start_with_env(state: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
+        // Log lines and panics both go to stderr; stdout too, should anything print there.
+        let log = std::fs::File::create(state.join("daemon.log")).expect("log");
         let child = Command::new(env!("CARGO_BIN_EXE_monitor-daemon"))
             .args(["--state-dir"])
             .arg(state)
             .args(["--addr", &format!("127.0.0.1:{port}")])
             .args(extra)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(state.join("daemon.log")).expect("log"))
+            .envs(env.iter().copied())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
             .spawn()
             .expect("monitor-daemon");
         let url = format!("http://127.0.0.1:{port}");
@@ -115,6 +123,27 @@ impl Daemon {
             url,
             token,
             jsonl: state.join("monitor/audit.jsonl"),
+            log: state.join("daemon.log"),
+        }
+    }
+
+    /// Waits until `n` of the daemon's lines on stderr contain every one of `parts`.
+    fn wait_for_log(&self, parts: &[&str], n: usize, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let found = log
+                .lines()
+                .filter(|l| parts.iter().all(|p| l.contains(p)))
+                .count();
+            if found >= n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {found} of {n} lines with {parts:?} in\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -133,12 +162,31 @@ impl Daemon {
         complete_events(&self.jsonl)
     }
 
-    fn metric(&self, name: &str) -> u64 {
-        let (_, text) = http("GET", &format!("{}/metrics", self.url), None, None);
+    /// The value of the unlabelled metric `name` in `/metrics`, as text. A failed
+    /// scrape (a dead daemon) or a missing metric fails the test: read as 0, they would
+    /// make every `== 0` check pass without looking at anything.
+    fn scrape(&self, name: &str) -> String {
+        let (status, text) = http("GET", &format!("{}/metrics", self.url), None, None);
+        assert_eq!(status, 200, "GET {}/metrics failed: {text:?}", self.url);
         text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+            .trim()
+            .to_owned()
+    }
+
+    /// A counter (or a gauge that cannot go below 0) from `/metrics`.
+    fn metric(&self, name: &str) -> u64 {
+        let v = self.scrape(name);
+        v.parse()
+            .unwrap_or_else(|e| panic!("{name}: {v:?} is not a count ({e})"))
+    }
+
+    /// A gauge from `/metrics`.
+    fn gauge(&self, name: &str) -> i64 {
+        let v = self.scrape(name);
+        v.parse()
+            .unwrap_or_else(|e| panic!("{name}: {v:?} is not a number ({e})"))
     }
 }
 
@@ -220,19 +268,20 @@ fn marked(events: &[AuditEvent], pid: u32) -> Vec<AuditEvent> {
     mine[start..=end].iter().map(|e| (*e).clone()).collect()
 }
 
+/// Whether `e` is `pid`'s end-marker open (its workload's last traced syscall).
+fn is_end_marker(e: &AuditEvent, pid: u32) -> bool {
+    e.pid == Some(pid)
+        && e.path
+            .as_deref()
+            .is_some_and(|p| p.ends_with("/end-marker"))
+}
+
 /// Waits until the trail holds `pid`'s end-marker open (its workload is recorded).
 fn wait_for_end_marker(d: &Daemon, pid: u32) {
     wait_until(
         Duration::from_secs(10),
         "the end marker in the JSONL",
-        || {
-            d.events().iter().any(|e| {
-                e.pid == Some(pid)
-                    && e.path
-                        .as_deref()
-                        .is_some_and(|p| p.ends_with("/end-marker"))
-            })
-        },
+        || d.events().iter().any(|e| is_end_marker(e, pid)),
     );
 }
 
@@ -515,7 +564,14 @@ fn cef_reaches_rsyslog_over_tcp_and_udp_and_a_siem_outage_loses_nothing() {
         "a backlog while the SIEM is down",
         || d.metric("clawos_monitor_siem_backlog_bytes") > 0,
     );
-    std::thread::sleep(Duration::from_millis(500));
+    // The TCP forwarder has noticed the SIEM is gone (its own line says so), so what
+    // follows is a reconnect, not a connection that never broke.
+    let tcp_target = format!("target=tcp://127.0.0.1:{tcp}");
+    d.wait_for_log(
+        &["SIEM connection lost", &tcp_target],
+        1,
+        "the TCP forwarder to lose the SIEM",
+    );
     rs.resume(tcp);
     let all = d.events();
     let gap: Vec<u64> = all
@@ -558,16 +614,16 @@ fn a_burst_beyond_the_ring_buffer_is_counted_and_reported_and_the_daemon_lives_o
     wait_until(Duration::from_secs(10), "a drops report", || {
         d.events().iter().any(|e| e.kind == Kind::Drops)
     });
-    // The workload has exited: wait until the recorder has drained the ring and
-    // reported every drop (the trail stops growing).
-    let mut last_len = 0;
-    wait_until(Duration::from_secs(20), "the trail to settle", || {
-        std::thread::sleep(Duration::from_millis(200));
-        let len = d.events().len();
-        let settled = len == last_len;
-        last_len = len;
-        settled
-    });
+    // The workload has exited, so the kernel's drop count is final. A second watched
+    // workload runs after it: once its end marker is in the trail the recorder has
+    // drained everything the ring held before it (the ring is first in, first out), and
+    // the drop report it writes after each drain, before the flush that made the marker
+    // visible, carries every drop.
+    let mut end = Workload::spawn(0, work.path(), "after-burst");
+    d.watch(end.pid(), "agent-burst", "vm-b");
+    end.go();
+    wait_for_end_marker(&d, end.pid());
+    end.finish();
     let events = d.events();
     let reported: u64 = events
         .iter()
@@ -888,7 +944,8 @@ input(type="imtcp" address="127.0.0.1" port="{port}" ruleset="tls")
     let state = tempfile::tempdir().expect("tempdir");
     let target = format!("tls://127.0.0.1:{port}");
     let other = siem.path().join("other.pem");
-    let bad = Daemon::start(
+    // The forwarder's failed connects are debug lines: on for this daemon.
+    let bad = Daemon::start_with_env(
         state.path(),
         &[
             "--syslog",
@@ -896,16 +953,24 @@ input(type="imtcp" address="127.0.0.1" port="{port}" ruleset="tls")
             "--syslog-ca",
             other.to_str().expect("utf8"),
         ],
+        &[("RUST_LOG", "info,clawos_monitor::forward=debug")],
     );
     let work = tempfile::tempdir().expect("tempdir");
     let mut w = Workload::spawn(3, work.path(), "tls-bad");
     bad.watch(w.pid(), "agent-tls", "vm-t");
     w.go();
     w.finish();
-    wait_until(Duration::from_secs(10), "failed handshakes", || {
+    wait_until(Duration::from_secs(10), "a backlog", || {
         bad.metric("clawos_monitor_siem_backlog_bytes") > 0
     });
-    std::thread::sleep(Duration::from_secs(1));
+    // Two handshakes were tried and refused the server's certificate (the second one
+    // after a back-off), and nothing went out.
+    let target_field = format!("target={target}");
+    bad.wait_for_log(
+        &["SIEM unreachable", &target_field, "certificate"],
+        2,
+        "two failed handshakes",
+    );
     assert_eq!(bad.metric("clawos_monitor_siem_sent_total"), 0);
     assert!(rs.received("tls").is_empty());
     drop(bad);
@@ -1018,15 +1083,19 @@ fn the_trail_rotates_without_losing_the_siems_place_or_the_numbering() {
     // The SIEM is away while the trail rotates many times.
     rs.stop();
     let work = tempfile::tempdir().expect("tempdir");
-    // Bursts apart in time: the recorder rotates after a flush.
+    // Bursts apart in time: the recorder rotates after a flush, and each burst starts
+    // once the one before is flushed (its end marker is in the trail).
     let mut pids = Vec::new();
     for _ in 0..8 {
         let mut w = Workload::spawn(400, work.path(), "rot");
         d.watch(w.pid(), "agent-rot", "vm-rot");
         w.go();
-        pids.push(w.pid());
+        let pid = w.pid();
+        pids.push(pid);
         w.finish();
-        std::thread::sleep(Duration::from_millis(50));
+        wait_until(Duration::from_secs(10), "the burst's end marker", || {
+            whole_trail(&d.jsonl).iter().any(|e| is_end_marker(e, pid))
+        });
     }
     wait_until(Duration::from_secs(20), "the workloads' events", || {
         let trail = whole_trail(&d.jsonl);
@@ -1455,14 +1524,18 @@ fn a_second_stream_for_a_vm_replaces_the_first_and_each_event_is_recorded_once_i
             "extra stream {i} is still open"
         );
     }
-    // What the replaced connections send now goes nowhere.
-    let _ = first.send(31..=40, "stale");
-    let _ = extra[0].send(31..=40, "stale");
+    // What the replaced connections send now goes nowhere: the daemon closed them, so
+    // the socket refuses it (EPIPE) and there is nothing to wait for.
+    for (which, g) in [("first", &mut first), ("extra", &mut extra[0])] {
+        let e = g
+            .send(31..=40, "stale")
+            .expect_err("a replaced stream's socket still takes events");
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{which}: {e}");
+    }
     last.send(31..=35, "last").expect("send");
     wait_until(Duration::from_secs(10), "the newest stream goes on", || {
         guest_seqs(&d.events(), vm).len() == 35
     });
-    std::thread::sleep(Duration::from_millis(500));
     let events = d.events();
     assert_eq!(
         guest_seqs(&events, vm),
@@ -1477,14 +1550,16 @@ fn a_second_stream_for_a_vm_replaces_the_first_and_each_event_is_recorded_once_i
     );
 }
 
-/// Threads of process `pid` (`/proc/PID/status`).
+/// Threads of process `pid` (`/proc/PID/status`); a process that is gone fails the
+/// test rather than counting 0 threads.
 fn threads(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e} (the daemon is gone?)"));
+    status
         .lines()
         .find_map(|l| l.strip_prefix("Threads:"))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("no thread count in /proc/{pid}/status:\n{status}"))
 }
 
 /// Raises this process's open-file limit to its hard limit (the daemon inherits it).
@@ -1528,7 +1603,17 @@ fn two_thousand_idle_guest_connections_cost_no_threads_and_keep_no_vm_out() {
             idle.push(Guest::header_only(state.path(), &d.token, "vm-idle").conn);
         }
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // All 2,000 accepted: each is in its handshake or already closed (the pending cap
+    // and the one-per-VM rule close some at once).
+    let idle_seen = || {
+        i64::try_from(d.metric("clawos_monitor_guest_refused_total")).expect("count")
+            + d.gauge("clawos_monitor_guest_pending_connections")
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "2,000 connections accepted",
+        || idle_seen() == 2000,
+    );
     let during = threads(pid);
     assert!(
         during <= before + 4,
@@ -1548,15 +1633,23 @@ fn two_thousand_idle_guest_connections_cost_no_threads_and_keep_no_vm_out() {
         t.elapsed()
     );
     assert!(threads(pid) <= before + 4);
-    // Connections that never finish their handshake are closed after its timeout;
-    // the live stream stays.
-    std::thread::sleep(Duration::from_secs(4));
+    // Connections that never finish their handshake are closed after its timeout (3 s):
+    // the daemon counts all 2,000 closed, and each one reads as closed here; the live
+    // stream stays.
+    wait_until(
+        Duration::from_secs(20),
+        "every idle connection closed",
+        || {
+            d.metric("clawos_monitor_guest_refused_total") == 2000
+                && d.gauge("clawos_monitor_guest_pending_connections") == 0
+        },
+    );
     let mut open = 0;
     for c in &mut idle {
         let mut g = Guest {
             conn: c.try_clone().expect("clone"),
         };
-        if !g.closed_within(Duration::from_millis(10)) {
+        if !g.closed_within(Duration::from_millis(100)) {
             open += 1;
         }
     }
@@ -1587,8 +1680,11 @@ fn a_full_speed_guest_flood_does_not_hold_up_another_vms_stream() {
         let (state, token) = (state.path().to_owned(), d.token.clone());
         std::thread::spawn(move || flood(&state, &token, 5, false))
     };
-    // In the middle of the flood, VM B's next events are recorded within a second.
-    std::thread::sleep(Duration::from_secs(2));
+    // In the middle of the flood (VM A's forged records are being recorded), VM B's next
+    // events are recorded within a second.
+    wait_until(Duration::from_secs(10), "VM A's flood in the trail", || {
+        !guest_seqs(&d.events(), "vm-a").is_empty()
+    });
     let t = Instant::now();
     b.send(6..=10, "b-during").expect("send");
     wait_until(

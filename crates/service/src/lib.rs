@@ -84,10 +84,12 @@ pub fn init_tracing(format: LogFormat) {
     match format {
         LogFormat::Json => tracing_subscriber::fmt()
             .json()
+            .with_writer(std::io::stderr)
             .with_env_filter(filter)
             .init(),
         LogFormat::Text => tracing_subscriber::fmt()
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
             .with_env_filter(filter)
             .init(),
     }
