@@ -431,7 +431,13 @@ fn an_agent_does_a_task_with_a_host_held_identity_and_cannot_break_out() {
 
     // 8. Restart: a new token, live, and the old one stays dead.
     let o = l.clawos(&["vm", "start", "worker"]);
-    assert!(o.status.success(), "{}", show(&o));
+    assert!(
+        o.status.success(),
+        "{}\nconsole:\n{}\nlauncher:\n{}",
+        show(&o),
+        String::from_utf8_lossy(&l.clawos(&["vm", "logs", "worker"]).stdout),
+        l.log()
+    );
     l.wait_for("worker", Duration::from_secs(120), is(VmState::Running))
         .expect("running");
     let before = wire.bearers().len();

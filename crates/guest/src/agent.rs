@@ -99,7 +99,9 @@ impl Service {
         // Missing parent directories are made (confined like the file itself).
         if let Some((parent, _)) = path.rsplit_once('/')
             && !parent.is_empty()
-            && let Err(e) = self.workspace.create_dirs(parent, 0o755)
+            && let Err(e) = self
+                .workspace
+                .create_dirs_owned(parent, 0o755, self.file_owner)
         {
             return error(&mut conn, e.to_string());
         }

@@ -16,6 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::protocol::GATEWAY_PORT;
+use crate::workspace::Workspace;
 
 /// The built-in agent runtime's binary in the image.
 pub const AGENTD_BIN: &str = "/sbin/clawos-agentd";
@@ -54,16 +55,14 @@ pub fn model_from_env_file(path: &Path) -> Option<String> {
 }
 
 /// Makes the agent's writable places its own: the workspace directory itself (files the
-/// operator copies in are handed over one by one) and the sessions directory.
-pub fn prepare_workspace(workspace: &Path, uid: u32, gid: u32) -> io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, chown};
-    chown(workspace, Some(uid), Some(gid))?;
-    let sessions = workspace.join(".clawos/sessions");
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&sessions)?;
-    chown(&sessions, Some(uid), Some(gid))
+/// operator copies in are handed over one by one) and the sessions directory. Every step
+/// goes through the confined [`Workspace`] (no symlink followed, nothing outside it):
+/// the agent owns the workspace, so it could have put a symlink anywhere in it for root
+/// to follow at the next boot.
+pub fn prepare_workspace(ws: &Workspace, uid: u32, gid: u32) -> io::Result<()> {
+    ws.chown(".", uid, gid)?;
+    ws.create_dirs(".clawos/sessions", 0o700)?;
+    ws.chown(".clawos/sessions", uid, gid)
 }
 
 /// Starts the runtime once: dropped to `spec.uid`, no new privileges, in its cgroup (it

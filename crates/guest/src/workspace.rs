@@ -30,6 +30,18 @@ pub struct Workspace {
     root_path: String,
 }
 
+/// `fchownat(fd, "", uid, gid, AT_EMPTY_PATH)`: changes what the descriptor names (an
+/// `O_PATH` descriptor included), never what a path would resolve to.
+fn fchown_fd(fd: &OwnedFd, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: an open descriptor and an empty C string; AT_EMPTY_PATH makes the call act
+    // on the descriptor itself.
+    let rc = unsafe { libc::fchownat(fd.as_raw_fd(), c"".as_ptr(), uid, gid, libc::AT_EMPTY_PATH) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn refused(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, msg)
 }
@@ -111,6 +123,16 @@ impl Workspace {
     /// symlinks cannot lead out; an existing directory is fine, anything else in the
     /// way is an error naming it.
     pub fn create_dirs(&self, path: &str, mode: u32) -> io::Result<()> {
+        self.create_dirs_owned(path, mode, None)
+    }
+
+    /// [`Workspace::create_dirs`], giving each directory it makes to `owner` (uid, gid).
+    pub fn create_dirs_owned(
+        &self,
+        path: &str,
+        mode: u32,
+        owner: Option<(u32, u32)>,
+    ) -> io::Result<()> {
         let rel = self.relative(path)?;
         let mut dir = self.openat2(
             self.root.as_raw_fd(),
@@ -127,6 +149,7 @@ impl Workspace {
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
             // SAFETY: a valid C string relative to an open directory descriptor.
             let rc = unsafe { libc::mkdirat(dir.as_raw_fd(), c.as_ptr(), mode & 0o7777) };
+            let made = rc == 0;
             if rc < 0 {
                 let e = io::Error::last_os_error();
                 if e.raw_os_error() != Some(libc::EEXIST) {
@@ -140,8 +163,57 @@ impl Workspace {
                 0,
                 path,
             )?;
+            if made && let Some((uid, gid)) = owner {
+                fchown_fd(&dir, uid, gid)
+                    .map_err(|e| io::Error::new(e.kind(), format!("{path}: chown {part}: {e}")))?;
+            }
         }
         Ok(())
+    }
+
+    /// Gives `path` (a directory or file in the workspace, or `.` for the root) to
+    /// `uid`/`gid`, through a confined descriptor: never through a symlink (a symlink at
+    /// `path` is refused), never outside the root.
+    pub fn chown(&self, path: &str, uid: u32, gid: u32) -> io::Result<()> {
+        let rel = self.relative(path)?;
+        let fd = self.openat2(
+            self.root.as_raw_fd(),
+            &rel,
+            libc::O_PATH | libc::O_NOFOLLOW,
+            0,
+            path,
+        )?;
+        if File::from(fd.try_clone()?)
+            .metadata()?
+            .file_type()
+            .is_symlink()
+        {
+            return Err(refused(format!("{path:?} is a symbolic link")));
+        }
+        fchown_fd(&fd, uid, gid).map_err(|e| io::Error::new(e.kind(), format!("chown {path}: {e}")))
+    }
+
+    /// Opens a regular file for appending (created with `mode` if missing) and reading,
+    /// confined like every other path, never through a symlink at its last component,
+    /// never blocking on a FIFO: anything but a regular file is refused. For files root
+    /// keeps in a workspace the agent can write to.
+    pub fn open_append(&self, path: &str, mode: u32) -> io::Result<File> {
+        let rel = self.relative(path)?;
+        let fd = self.openat2(
+            self.root.as_raw_fd(),
+            &rel,
+            libc::O_RDWR | libc::O_APPEND | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_NONBLOCK,
+            mode & 0o7777,
+            path,
+        )?;
+        let f = File::from(fd);
+        if !f.metadata()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{path} is not a regular file"),
+            ));
+        }
+        Ok(f)
     }
 
     /// Opens an existing file for reading.
@@ -328,6 +400,27 @@ mod tests {
             .create_dirs("sub/f/x", 0o755)
             .expect_err("a file in the way");
         assert!(e.to_string().contains('f'), "{e}");
+    }
+
+    #[test]
+    fn roots_own_files_are_never_reached_through_what_the_agent_left() {
+        let (d, w) = ws();
+        // A symlink out, a symlink inside, and a FIFO where root keeps a file: each
+        // refused at once (no blocking), nothing outside touched.
+        std::os::unix::fs::symlink("/etc/hostname", d.path().join("boots-out")).expect("symlink");
+        std::os::unix::fs::symlink("sub/f", d.path().join("boots-in")).expect("symlink");
+        let fifo = std::ffi::CString::new(d.path().join("boots-fifo").to_string_lossy().as_bytes())
+            .expect("path");
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        for bad in ["boots-out", "boots-in", "boots-fifo"] {
+            assert!(w.open_append(bad, 0o644).is_err(), "{bad}");
+        }
+        let mut f = w.open_append("boots", 0o644).expect("a new regular file");
+        writeln!(f, "boot 1").expect("append");
+        assert!(w.chown("out", 0, 0).is_err(), "chown through a symlink");
+        assert!(w.chown("../x", 0, 0).is_err());
+        w.chown(".", 0, 0).expect("the root itself");
     }
 
     #[test]

@@ -215,28 +215,37 @@ async fn events(
     };
     let first: Vec<Result<SseEvent, Infallible>> = backlog.iter().map(|e| Ok(to_sse(e))).collect();
     let engine = a.engine.clone();
+    // Live events after the backlog; a receiver that fell behind catches up from the
+    // journal (every missed event, in order) before it goes on live.
     let rest = futures_util::stream::unfold(
-        (live, last, run, engine, finished),
-        move |(mut live, mut last, run, engine, done)| async move {
-            if done {
-                return None;
-            }
+        (
+            live,
+            last,
+            run,
+            engine,
+            finished,
+            std::collections::VecDeque::new(),
+        ),
+        move |(mut live, mut last, run, engine, mut done, mut pending)| async move {
             loop {
-                match live.recv().await {
-                    Ok(e) if e.run == run && e.seq > last => {
+                if let Some(e) = pending.pop_front() {
+                    let e: JournalEvent = e;
+                    if e.seq > last {
                         last = e.seq;
-                        let finished = e.event.kind() == "run_finished";
-                        return Some((Ok(to_sse(&e)), (live, last, run, engine, finished)));
+                        done = e.event.kind() == "run_finished";
+                        return Some((Ok(to_sse(&e)), (live, last, run, engine, done, pending)));
                     }
+                    continue;
+                }
+                if done {
+                    return None;
+                }
+                match live.recv().await {
+                    Ok(e) if e.run == run && e.seq > last => pending.push_back(e),
                     Ok(_) => {}
-                    // Fell behind: catch up from the journal, then go on live.
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                        if let Ok(missed) = engine.events(&run, last)
-                            && let Some(e) = missed.first()
-                        {
-                            last = e.seq;
-                            let finished = e.event.kind() == "run_finished";
-                            return Some((Ok(to_sse(e)), (live, last, run, engine, finished)));
+                        if let Ok(missed) = engine.events(&run, last) {
+                            pending.extend(missed);
                         }
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,

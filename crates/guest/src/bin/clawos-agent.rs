@@ -36,27 +36,25 @@ fn log(msg: &str) {
     let _ = io::stdout().flush();
 }
 
+/// Appends this boot to `/workspace/.clawos/boots` and returns its number. Through the
+/// confined workspace, never following a symlink, never blocking on a FIFO, reading at
+/// most 1 MiB: the agent user owns the workspace and may have left anything there.
 fn record_boot() -> u64 {
-    let dir = Path::new("/workspace/.clawos");
-    let boots = dir.join("boots");
-    fs::create_dir_all(dir)
-        .and_then(|()| {
-            let n = fs::read_to_string(&boots)
-                .map(|s| s.lines().count())
-                .unwrap_or(0) as u64
-                + 1;
-            let mut f = fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&boots)?;
-            writeln!(f, "boot {n}")?;
-            f.sync_all()?;
-            Ok(n)
-        })
-        .unwrap_or_else(|e| {
-            log(&format!("cannot record boot in {}: {e}", boots.display()));
-            0
-        })
+    let path = ".clawos/boots";
+    let recorded = Workspace::open(Path::new(WORKSPACE)).and_then(|ws| {
+        ws.create_dirs(".clawos", 0o755)?;
+        let mut f = ws.open_append(path, 0o644)?;
+        let mut text = String::new();
+        io::Read::read_to_string(&mut io::Read::take(&f, 1 << 20), &mut text)?;
+        let n = text.lines().count() as u64 + 1;
+        writeln!(f, "boot {n}")?;
+        f.sync_all()?;
+        Ok(n)
+    });
+    recorded.unwrap_or_else(|e| {
+        log(&format!("cannot record boot in {WORKSPACE}/{path}: {e}"));
+        0
+    })
 }
 
 /// Copies bytes both ways between two connections until either side closes.
@@ -176,7 +174,9 @@ fn start_runtime(audited: bool) -> bool {
         log("no agent runtime in this image");
         return false;
     }
-    if let Err(e) = runtime::prepare_workspace(Path::new(WORKSPACE), AGENT_UID, AGENT_GID) {
+    let prepared = Workspace::open(Path::new(WORKSPACE))
+        .and_then(|ws| runtime::prepare_workspace(&ws, AGENT_UID, AGENT_GID));
+    if let Err(e) = prepared {
         log(&format!("cannot give the workspace to the agent user: {e}"));
     }
     let mut args = Vec::new();
