@@ -17,6 +17,9 @@ cd "$(dirname "$0")/.."
 PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 busybox-static curl ca-certificates
   clang libbpf-dev libelf-dev zlib1g-dev pkg-config rsyslog rsyslog-gnutls openssl python3
   gcc libc6-dev)
+# npm: `clawos image build --agent openclaw` installs the pinned OpenClaw packages with
+# it (on the pinned Node it downloads; the host's own node only runs npm).
+command -v npm >/dev/null || PACKAGES+=(npm)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

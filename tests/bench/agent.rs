@@ -78,7 +78,7 @@ fn main() {
     let bare = work.path().join("image-without-runtime");
     let opts = clawos_image::BuildOptions {
         kernel: clawos_image::KernelSource::Debian { package: None },
-        cache_dir: a.root.parent().expect("e2e dir").join("kernel-cache"),
+        cache_dir: a.root.parent().expect("e2e dir").join("cache"),
         guest_bin_dir: clawos_e2e::guest_bin_dir(),
         rootfs_overlay: None,
         out: bare.clone(),
@@ -87,7 +87,7 @@ fn main() {
         source_date_epoch: Some(1_700_000_000),
         vmlinux: false,
         busybox: Some(clawos_image::build::DEFAULT_BUSYBOX.into()),
-        agent_runtime: false,
+        agent: clawos_image::AgentChoice::None,
     };
     clawos_image::build(&opts, &mut |_| {}).expect("build the image without a runtime");
     let key = clawos_image::keys::load(&a.root.join("signing.key")).expect("key");

@@ -55,18 +55,7 @@ pub fn guest_bin_dir() -> PathBuf {
 /// output of tests that return normally) and fails on one not on its allow-list. Tests
 /// outside this crate write the same line to the same file (`<target>/e2e/SKIPPED`).
 pub fn skip(test: &str, why: &str) {
-    use std::io::Write;
-    eprintln!("SKIP {test}: {why}");
-    let dir = target_profile_dir().join("../e2e");
-    let _ = std::fs::create_dir_all(&dir);
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("SKIPPED"))
-    {
-        // One write per line: O_APPEND keeps concurrent tests' lines whole.
-        let _ = f.write_all(format!("SKIP {test}: {why}\n").as_bytes());
-    }
+    clawos_test_skip::record(test, why);
 }
 
 /// Whether `tool` is an executable file, by path or on `PATH`.
@@ -229,7 +218,7 @@ fn build_artifacts() -> Result<Artifacts> {
     let image_dir = root.join("image");
     let opts = clawos_image::BuildOptions {
         kernel: clawos_image::KernelSource::Debian { package: None },
-        cache_dir: e2e.join("kernel-cache"),
+        cache_dir: e2e.join("cache"),
         guest_bin_dir: guest_bin_dir(),
         rootfs_overlay: None,
         out: image_dir.clone(),
@@ -238,7 +227,7 @@ fn build_artifacts() -> Result<Artifacts> {
         source_date_epoch: Some(1_700_000_000),
         vmlinux: false,
         busybox: Some(clawos_image::build::DEFAULT_BUSYBOX.into()),
-        agent_runtime: true,
+        agent: clawos_image::AgentChoice::Builtin,
     };
     let manifest = clawos_image::build(&opts, &mut |m| eprintln!("image build: {m}"))?;
     let key_path = root.join("signing.key");
@@ -249,6 +238,39 @@ fn build_artifacts() -> Result<Artifacts> {
         image_dir,
         public_key: clawos_image::keys::public_hex(&key),
         manifest,
+    })
+}
+
+/// Builds (once per test process, downloads cached in `<target>/e2e/cache/openclaw`)
+/// the OpenClaw image, signed with the test key. Needs npm and apt-get: a machine
+/// without npm fails here, naming it.
+pub fn openclaw_image() -> &'static Path {
+    static CELL: OnceLock<PathBuf> = OnceLock::new();
+    CELL.get_or_init(|| {
+        assert!(
+            have_tool("npm"),
+            "npm is not installed: the OpenClaw image is built with it (scripts/setup.sh installs it)"
+        );
+        let a = artifacts();
+        let dir = a.root.join("image-openclaw");
+        let opts = clawos_image::BuildOptions {
+            kernel: clawos_image::KernelSource::Debian { package: None },
+            cache_dir: target_profile_dir().join("../e2e/cache"),
+            guest_bin_dir: guest_bin_dir(),
+            rootfs_overlay: None,
+            out: dir.clone(),
+            force: true,
+            version: Some("e2e-openclaw".into()),
+            source_date_epoch: Some(1_700_000_000),
+            vmlinux: false,
+            busybox: Some(clawos_image::build::DEFAULT_BUSYBOX.into()),
+            agent: clawos_image::AgentChoice::OpenClaw,
+        };
+        clawos_image::build(&opts, &mut |m| eprintln!("openclaw image build: {m}"))
+            .expect("build the OpenClaw image");
+        let key = clawos_image::keys::load(&a.root.join("signing.key")).expect("test key");
+        clawos_image::manifest::sign_bundle(&dir, &key).expect("sign the OpenClaw image");
+        dir
     })
 }
 

@@ -53,7 +53,8 @@ pub enum ImageCmd {
 
 #[derive(Debug, Args)]
 pub struct BuildArgs {
-    /// Output bundle directory [default: $CLAWOS_STATE_DIR/images/default].
+    /// Output bundle directory [default: $CLAWOS_STATE_DIR/images/default, or
+    /// images/openclaw with --agent openclaw].
     #[arg(long)]
     out: Option<PathBuf>,
     /// Debian kernel package to fetch [default: what linux-image-cloud-amd64 depends on].
@@ -83,10 +84,19 @@ pub struct BuildArgs {
     /// Build a guest without a shell.
     #[arg(long)]
     no_busybox: bool,
-    /// Leave out the built-in agent runtime (clawos-agentd): the VM boots with no agent,
-    /// for exec and files only.
-    #[arg(long)]
+    /// The agent runtime the VM runs: `builtin` (clawos-agentd), `openclaw` (OpenClaw's
+    /// gateway 2026.9.6 on Node 24: downloads about 250 MB once through npm and apt-get,
+    /// cached under $CLAWOS_STATE_DIR/cache/openclaw; its VMs need --mem 2048 or more) or
+    /// `none` (exec and files only).
+    #[arg(long, default_value = "builtin", value_parser = parse_agent)]
+    agent: clawos_image::AgentChoice,
+    /// The same as --agent none.
+    #[arg(long, conflicts_with = "agent")]
     without_agent_runtime: bool,
+}
+
+fn parse_agent(s: &str) -> Result<clawos_image::AgentChoice, String> {
+    s.parse()
 }
 
 /// `clawos keygen`: writes a new signing key to `out` and prints its public key.
@@ -147,12 +157,20 @@ pub fn run(cmd: ImageCmd, json: bool) -> Result<(), Exit> {
                 Some(d) => d,
                 None => find_guest_bin_dir().map_err(err)?,
             };
+            let agent = match a.without_agent_runtime {
+                true => clawos_image::AgentChoice::None,
+                false => a.agent,
+            };
+            let default_out = match agent {
+                clawos_image::AgentChoice::OpenClaw => "images/openclaw",
+                _ => "images/default",
+            };
             let opts = clawos_image::BuildOptions {
                 kernel,
-                cache_dir: state_dir().join("cache/kernel"),
+                cache_dir: state_dir().join("cache"),
                 guest_bin_dir,
                 rootfs_overlay: a.rootfs_overlay,
-                out: a.out.unwrap_or_else(|| state_dir().join("images/default")),
+                out: a.out.unwrap_or_else(|| state_dir().join(default_out)),
                 force: a.force,
                 version: a.version,
                 source_date_epoch: std::env::var("SOURCE_DATE_EPOCH")
@@ -160,7 +178,7 @@ pub fn run(cmd: ImageCmd, json: bool) -> Result<(), Exit> {
                     .and_then(|s| s.parse().ok()),
                 vmlinux: a.vmlinux,
                 busybox: (!a.no_busybox).then_some(a.busybox),
-                agent_runtime: !a.without_agent_runtime,
+                agent,
             };
             let started = Instant::now();
             let m = clawos_image::build(&opts, &mut |msg| {

@@ -35,9 +35,10 @@ pub enum VmCmd {
         /// Return once the VM process started, without waiting for ready.
         #[arg(long)]
         no_wait: bool,
-        /// Seconds to wait for ready.
-        #[arg(long, default_value_t = 180)]
-        timeout: u64,
+        /// Seconds to wait for ready [default: as long as the launcher waits for this
+        /// image: its boot timeout, longer for a runtime that starts slowly (OpenClaw)].
+        #[arg(long)]
+        timeout: Option<u64>,
         /// Make the VM snapshot-capable (QEMU boots the `pc` machine instead of
         /// `microvm`: a little slower to boot).
         #[arg(long)]
@@ -142,9 +143,10 @@ pub enum VmCmd {
         /// Return once the VM process started, without waiting for ready.
         #[arg(long)]
         no_wait: bool,
-        /// Seconds to wait for ready.
-        #[arg(long, default_value_t = 180)]
-        timeout: u64,
+        /// Seconds to wait for ready [default: as long as the launcher waits for this
+        /// image: its boot timeout, longer for a runtime that starts slowly (OpenClaw)].
+        #[arg(long)]
+        timeout: Option<u64>,
     },
     /// Delete one of a VM's snapshots.
     SnapshotRm { name: String, tag: String },
@@ -495,9 +497,12 @@ async fn wait_ready(
     client: &LauncherClient,
     mut vm: clawos_vm_launcher_api::Vm,
     what: &str,
-    timeout: u64,
+    timeout: Option<u64>,
     json: bool,
 ) -> Result<clawos_vm_launcher_api::Vm, Exit> {
+    // Without a timeout of its own the CLI waits for the launcher, which fails a VM
+    // that is not ready by its deadline; an hour caps a launcher that never answers.
+    let timeout = timeout.unwrap_or(3600);
     let name = vm.name.clone();
     let started = Instant::now();
     if !json {

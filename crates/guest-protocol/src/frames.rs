@@ -12,6 +12,8 @@
 //! - `get` → `size`, `data` frames, `end`
 //! - `list` → `entries`
 //! - `shutdown` → `ok`, then the guest powers off
+//! - `runtime` → `runtime` (which agent runtime runs, whether it answers, and its
+//!   per-boot gateway token when it has one)
 //!
 //! Any failure is an `error` reply, after which the guest closes the connection.
 
@@ -85,6 +87,8 @@ pub enum Op {
         path: String,
     },
     Shutdown,
+    /// Which agent runtime the guest runs, and what the host needs to drive it.
+    Runtime,
 }
 
 /// What to run.
@@ -138,6 +142,25 @@ pub enum Reply {
     Error {
         message: String,
     },
+    /// The answer to [`Op::Runtime`].
+    Runtime(RuntimeInfo),
+}
+
+/// The agent runtime a guest runs, as its guest agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeInfo {
+    /// `clawos-agentd` (the built-in runtime), `openclaw`, ...; `none` when the image
+    /// has no agent runtime.
+    pub name: String,
+    /// Its version, as the image records it.
+    pub version: String,
+    /// Whether its agent API answers `GET /healthz` on guest port [`GATEWAY_PORT`] now.
+    pub healthy: bool,
+    /// The token its gateway requires (`Authorization: Bearer`), made fresh at each
+    /// boot in the guest's tmpfs; `None` for a runtime without one. It opens only the
+    /// gateway on guest loopback: no credential for anything outside the VM.
+    #[serde(default)]
+    pub gateway_token: Option<String>,
 }
 
 /// Encodes one frame.

@@ -1,9 +1,11 @@
 //! The host ↔ guest wire, and nothing else: the control protocol's frames
 //! ([`frames`]), the vsock ports, the console markers the host reads, and the disk
-//! serials the host gives. `clawos-guest` (PID 1, the guest agent) and vm-launcher both
+//! serials the host gives, and the image's description of its agent runtime
+//! ([`runtime`]). `clawos-guest` (PID 1, the guest agent) and vm-launcher both
 //! depend on this crate and on nothing of each other.
 
 pub mod frames;
+pub mod runtime;
 
 pub use frames::{AUDIT_PORT, CONTROL_PORT, GATEWAY_PORT, PROXY_PORT};
 

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::protocol::{self, CHUNK, ExecRequest, Kind, Op, Reply, Request};
+use crate::runtime::RuntimeStatus;
 use crate::workspace::Workspace;
 
 /// A connection that can be split into a reader and a writer.
@@ -44,6 +45,9 @@ pub struct Service {
     /// uid and gid given to files the host copies in (the agent user's, so the agent
     /// can work on them); `None` leaves them root's.
     pub file_owner: Option<(u32, u32)>,
+    /// The agent runtime of this boot, reported by `runtime` (its gateway token
+    /// included); `None`: the image has none.
+    pub runtime: Option<RuntimeStatus>,
 }
 
 fn reply<W: Write>(w: &mut W, r: &Reply) -> io::Result<()> {
@@ -92,6 +96,10 @@ impl Service {
                 (self.on_shutdown)();
                 Ok(())
             }
+            Op::Runtime => reply(
+                &mut conn,
+                &Reply::Runtime(RuntimeStatus::report(self.runtime.as_ref())),
+            ),
         }
     }
 
@@ -322,6 +330,7 @@ mod tests {
             on_shutdown: || {},
             audit_cgroup: None,
             file_owner: None,
+            runtime: None,
         }
     }
 
@@ -380,29 +389,6 @@ mod tests {
         }
     }
 
-    /// Records why (part of) `test` did not run where `scripts/test.sh` reads every skip
-    /// (`<target>/e2e/SKIPPED`, one `SKIP <test>: <why>` line, as the e2e harness's
-    /// `skip` writes; the script fails on a skip not on its allow-list), and says so.
-    fn record_skip(test: &str, why: &str) {
-        use std::io::Write;
-        eprintln!("SKIP {test}: {why}");
-        // The test runs as target/<profile>/deps/<test>-<hash>.
-        let exe = std::env::current_exe().expect("test exe path");
-        let dir = exe
-            .ancestors()
-            .nth(2)
-            .expect("target/<profile>")
-            .join("../e2e");
-        let _ = std::fs::create_dir_all(&dir);
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("SKIPPED"))
-        {
-            let _ = f.write_all(format!("SKIP {test}: {why}\n").as_bytes());
-        }
-    }
-
     #[test]
     fn commands_start_inside_the_audit_cgroup_or_not_at_all() {
         let d = tempfile::tempdir().expect("tmp");
@@ -426,7 +412,7 @@ mod tests {
             0,
             None,
         ) {
-            record_skip(
+            clawos_test_skip::record(
                 "commands_start_inside_the_audit_cgroup_or_not_at_all",
                 &format!("its real-cgroup half: cannot mount cgroup2 (needs root): {e}"),
             );
@@ -478,6 +464,57 @@ mod tests {
             Reply::Error { message } => assert!(message.contains("unauthorized")),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn runtime_reports_the_runtime_and_its_token_only_with_the_secret() {
+        let d = tempfile::tempdir().expect("tmp");
+        let token = "5e".repeat(32);
+        let svc: &'static Service = Box::leak(Box::new(Service {
+            runtime: Some(RuntimeStatus {
+                name: "openclaw".into(),
+                version: "2026.9.6".into(),
+                gateway_token: Some(token.clone()),
+                healthy: || true,
+            }),
+            ..service(d.path())
+        }));
+        let ask = |secret: &str| Request {
+            secret: secret.into(),
+            op: Op::Runtime,
+        };
+        assert_eq!(
+            last_reply(&call(svc, &ask("s3cret"), &[])),
+            Reply::Runtime(protocol::RuntimeInfo {
+                name: "openclaw".into(),
+                version: "2026.9.6".into(),
+                healthy: true,
+                gateway_token: Some(token.clone()),
+            })
+        );
+        for wrong in ["nope", ""] {
+            let frames = call(svc, &ask(wrong), &[]);
+            match last_reply(&frames) {
+                Reply::Error { message } => assert!(message.contains("unauthorized")),
+                other => panic!("{other:?}"),
+            }
+            assert!(
+                !frames
+                    .iter()
+                    .any(|f| String::from_utf8_lossy(&f.1).contains(&token)),
+                "the token leaked"
+            );
+        }
+        // An image without a runtime.
+        assert_eq!(
+            last_reply(&call(leak(d.path()), &ask("s3cret"), &[])),
+            Reply::Runtime(protocol::RuntimeInfo {
+                name: "none".into(),
+                version: String::new(),
+                healthy: false,
+                gateway_token: None,
+            })
+        );
     }
 
     #[test]

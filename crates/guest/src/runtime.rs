@@ -1,25 +1,39 @@
-//! The agent runtime's supervision: the guest agent starts the image's agent runtime
-//! (`clawos-agentd` by default) as the unprivileged `agent` user inside the audited agent
-//! cgroup, restarts it whenever it ends, and reports it ready once its agent API answers
-//! on guest port 18789.
+//! The agent runtime's supervision: the guest agent starts the image's agent runtime as
+//! the unprivileged `agent` user inside the audited agent cgroup, restarts it whenever
+//! it ends, and reports it ready once its agent API answers on guest port 18789.
+//!
+//! Which runtime: the image's [`RuntimeDescriptor`] at [`DESCRIPTOR_PATH`] when it has
+//! one, else the built-in `clawos-agentd` when the image has it ([`choose`]). The
+//! runtime's output reaches the console line by line, each line prefixed with its name
+//! ([`prefix_lines`]).
 //!
 //! Running as uid 1000 with no capabilities and `no_new_privs` is what keeps the agent
 //! from the guest's control secret (`/run/clawos`, root 0600), from the audit process
 //! (root) and from leaving its cgroup (`cgroup.procs` files are root's).
 
+use std::fmt;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::TcpStream;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::protocol::GATEWAY_PORT;
-use crate::workspace::Workspace;
+pub use clawos_guest_protocol::runtime::{DESCRIPTOR_PATH, RuntimeDescriptor};
+
+use crate::protocol::{GATEWAY_PORT, RuntimeInfo};
+use crate::workspace::{WORKSPACE, Workspace};
 
 /// The built-in agent runtime's binary in the image.
 pub const AGENTD_BIN: &str = "/sbin/clawos-agentd";
+
+/// The built-in runtime's name (reported to the host, prefix of its console lines).
+pub const AGENTD_NAME: &str = "clawos-agentd";
+
+/// How long the built-in runtime may take to answer before the boot fails.
+pub const AGENTD_READY_TIMEOUT_SECS: u64 = 120;
 
 /// The `agent` user and group of the image's `/etc/passwd`.
 pub const AGENT_UID: u32 = 1000;
@@ -29,23 +43,154 @@ pub const AGENT_GID: u32 = 1000;
 /// Where sessions live (the runtime's, owned by the agent user).
 pub const SESSIONS_DIR: &str = "/workspace/.clawos/sessions";
 
+/// The VM's environment file, written by `clawos-init` (root's, 0600).
+pub const ENV_FILE: &str = "/workspace/.env";
+
+/// Where the per-boot gateway token is kept for diagnosis (tmpfs, root, 0600).
+pub const TOKEN_PATH: &str = "/run/clawos/gateway.token";
+
+/// `PATH` of the runtime.
+const RUNTIME_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// The longest console line taken from the runtime; the rest of a longer line is cut.
+pub const MAX_LINE: usize = 4096;
+
+/// The largest descriptor read.
+const MAX_DESCRIPTOR: u64 = 1 << 20;
+
+/// The runtime this image runs: its descriptor at `descriptor` when there is one
+/// (parsed and validated: a bad one is an error naming the problem), else the built-in
+/// runtime when `agentd` exists, else none. `model` is the VM's (`CLAWOS_MODEL` of the
+/// environment file), given to the built-in runtime on its command line.
+pub fn choose(
+    descriptor: &Path,
+    agentd: &Path,
+    model: Option<&str>,
+) -> Result<Option<RuntimeDescriptor>, String> {
+    let shown = descriptor.display();
+    let mut bytes = Vec::new();
+    match fs::File::open(descriptor) {
+        Ok(f) => {
+            f.take(MAX_DESCRIPTOR)
+                .read_to_end(&mut bytes)
+                .map_err(|e| format!("{shown}: {e}"))?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Ok(agentd.is_file().then(|| builtin(agentd, model)));
+        }
+        Err(e) => return Err(format!("{shown}: {e}")),
+    }
+    let d: RuntimeDescriptor =
+        serde_json::from_slice(&bytes).map_err(|e| format!("{shown}: {e}"))?;
+    d.validate().map_err(|e| format!("{shown}: {e}"))?;
+    Ok(Some(d))
+}
+
+/// The built-in runtime (`clawos-agentd`, this crate's version) as a descriptor: the
+/// model on its command line, `HOME` the workspace, no gateway token.
+pub fn builtin(bin: &Path, model: Option<&str>) -> RuntimeDescriptor {
+    let mut argv = vec![bin.to_string_lossy().into_owned()];
+    if let Some(m) = model {
+        argv.extend(["--model".to_owned(), m.to_owned()]);
+    }
+    RuntimeDescriptor {
+        name: AGENTD_NAME.into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        argv,
+        env: Default::default(),
+        model_env: None,
+        default_model: None,
+        gateway_token_env: None,
+        home: WORKSPACE.into(),
+        workspace_dirs: Vec::new(),
+        ready_timeout_secs: AGENTD_READY_TIMEOUT_SECS,
+    }
+}
+
 /// How the runtime is started.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RuntimeSpec {
+    /// Its name: in the log lines and the prefix of its console lines.
+    pub name: String,
+    /// Its version, for the log lines.
+    pub version: String,
     pub bin: PathBuf,
     /// Arguments after the binary.
     pub args: Vec<String>,
+    /// Its whole environment (`PATH`, `HOME`, `USER` first); nothing else is inherited.
+    pub env: Vec<(String, String)>,
     /// The cgroup it runs in (the audited agent cgroup); `None` where there is none.
     pub cgroup: Option<PathBuf>,
     /// Its uid and gid.
     pub uid: u32,
     pub gid: u32,
-    /// Its working directory and `HOME`.
-    pub home: PathBuf,
+    /// Its working directory.
+    pub workdir: PathBuf,
+}
+
+/// Names the environment's variables, never their values (one carries the token).
+impl fmt::Debug for RuntimeSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeSpec")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("bin", &self.bin)
+            .field("args", &self.args)
+            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .field("cgroup", &self.cgroup)
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .field("workdir", &self.workdir)
+            .finish()
+    }
+}
+
+impl RuntimeSpec {
+    /// The start of the runtime `d` describes, as the `agent` user in `/workspace`: its
+    /// environment is `PATH`, `HOME` (`d.home`), `USER`, `d.env`, then the model
+    /// (`model`, else `d.default_model`) in `d.model_env` and `token` in
+    /// `d.gateway_token_env`.
+    pub fn from_descriptor(
+        d: &RuntimeDescriptor,
+        model: Option<&str>,
+        token: Option<&str>,
+        cgroup: Option<PathBuf>,
+    ) -> Self {
+        let (bin, args) = d
+            .argv
+            .split_first()
+            .map(|(b, a)| (PathBuf::from(b), a.to_vec()))
+            .unwrap_or_default();
+        let mut env: Vec<(String, String)> = vec![
+            ("PATH".into(), RUNTIME_PATH.into()),
+            ("HOME".into(), d.home.clone()),
+            ("USER".into(), "agent".into()),
+        ];
+        env.extend(d.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if let Some(var) = &d.model_env
+            && let Some(m) = model.or(d.default_model.as_deref())
+        {
+            env.push((var.clone(), m.to_owned()));
+        }
+        if let (Some(var), Some(t)) = (&d.gateway_token_env, token) {
+            env.push((var.clone(), t.to_owned()));
+        }
+        Self {
+            name: d.name.clone(),
+            version: d.version.clone(),
+            bin,
+            args,
+            env,
+            cgroup,
+            uid: AGENT_UID,
+            gid: AGENT_GID,
+            workdir: WORKSPACE.into(),
+        }
+    }
 }
 
 /// The model named in the VM's environment file (`CLAWOS_MODEL=...`), if any. The file
-/// is root's; the runtime gets the model on its command line.
+/// is root's; the runtime gets the model on its command line or in its environment.
 pub fn model_from_env_file(path: &Path) -> Option<String> {
     let text = fs::read_to_string(path).ok()?;
     text.lines()
@@ -65,17 +210,172 @@ pub fn prepare_workspace(ws: &Workspace, uid: u32, gid: u32) -> io::Result<()> {
     ws.chown(".clawos/sessions", uid, gid)
 }
 
+/// [`prepare_workspace`], then the runtime's own places: each of `d.workspace_dirs` and
+/// its `HOME`, made if missing and given to `uid`/`gid` (every level of each). Never
+/// through a symlink: a level is made with `mkdirat` in its parent's descriptor, opened
+/// without following, and given away only once it is known not to be a symlink; a
+/// symlink or a file in the way is an error naming it.
+pub fn prepare_runtime_dirs(
+    ws: &Workspace,
+    d: &RuntimeDescriptor,
+    uid: u32,
+    gid: u32,
+) -> io::Result<()> {
+    prepare_workspace(ws, uid, gid)?;
+    let home = d
+        .home
+        .strip_prefix(WORKSPACE)
+        .filter(|r| r.is_empty() || r.starts_with('/'))
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("home {:?} is outside {WORKSPACE}", d.home),
+            )
+        })?
+        .trim_start_matches('/');
+    for dir in d.workspace_dirs.iter().map(String::as_str).chain([home]) {
+        if dir.is_empty() || dir == "." {
+            continue;
+        }
+        ws.create_dirs_owned(dir, 0o700, Some((uid, gid)))?;
+        // Existing levels too (made by root through `exec`, say), outermost first: the
+        // last component of each is opened without following, so a level already
+        // checked is a directory when the next one is resolved through it.
+        let mut level = String::new();
+        for part in dir.split('/') {
+            if !level.is_empty() {
+                level.push('/');
+            }
+            level.push_str(part);
+            ws.chown(&level, uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// Fills `buf` from the kernel's random source: getrandom(2), which waits until it is
+/// seeded; `/dev/urandom` on a kernel without it.
+fn fill_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: getrandom(2) writes at most `rest.len()` bytes into `rest`, memory we
+        // hold mutably for the call.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ENOSYS) => return fs::File::open("/dev/urandom")?.read_exact(rest),
+                _ => return Err(e),
+            }
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+/// A fresh gateway token: 32 random bytes, hex (64 characters). Made once per boot;
+/// every start of the runtime in that boot gets the same one.
+pub fn new_gateway_token() -> io::Result<String> {
+    let mut bytes = [0u8; 32];
+    fill_random(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Keeps the token at `path` for diagnosis: root's, 0600 (also when the file was there
+/// before), its directory made 0700 if missing, never through a symlink.
+pub fn write_gateway_token(path: &Path, token: &str) -> io::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))?;
+    f.write_all(token.as_bytes())?;
+    f.write_all(b"\n")
+}
+
+/// What the control service reports about the runtime of this boot.
+#[derive(Clone)]
+pub struct RuntimeStatus {
+    pub name: String,
+    pub version: String,
+    /// The per-boot gateway token, when the runtime has one.
+    pub gateway_token: Option<String>,
+    /// Whether its agent API answers now ([`healthy`] in the guest).
+    pub healthy: fn() -> bool,
+}
+
+/// Never shows the token.
+impl fmt::Debug for RuntimeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeStatus")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field(
+                "gateway_token",
+                &self.gateway_token.as_ref().map(|_| "<hidden>"),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl RuntimeStatus {
+    /// The status of the runtime `d` describes, started with `gateway_token`.
+    pub fn new(d: &RuntimeDescriptor, gateway_token: Option<String>) -> Self {
+        Self {
+            name: d.name.clone(),
+            version: d.version.clone(),
+            gateway_token,
+            healthy,
+        }
+    }
+
+    /// The answer to `Op::Runtime`, its health checked now.
+    pub fn info(&self) -> RuntimeInfo {
+        RuntimeInfo {
+            name: self.name.clone(),
+            version: self.version.clone(),
+            healthy: (self.healthy)(),
+            gateway_token: self.gateway_token.clone(),
+        }
+    }
+
+    /// The answer to `Op::Runtime` for `status`, or for no runtime at all (`none`).
+    pub fn report(status: Option<&Self>) -> RuntimeInfo {
+        status.map_or_else(
+            || RuntimeInfo {
+                name: "none".into(),
+                version: String::new(),
+                healthy: false,
+                gateway_token: None,
+            },
+            Self::info,
+        )
+    }
+}
+
 /// Starts the runtime once: dropped to `spec.uid`, no new privileges, in its cgroup (it
-/// does not start outside it), its own process group, output to ours (the console).
+/// does not start outside it), its own process group, only `spec.env` in its
+/// environment, stdin `/dev/null`, stdout and stderr piped (see [`prefix_lines`]).
 pub fn spawn(spec: &RuntimeSpec) -> io::Result<std::process::Child> {
     let mut cmd = Command::new(&spec.bin);
     cmd.args(&spec.args)
         .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .env("HOME", &spec.home)
-        .env("USER", "agent")
-        .current_dir(&spec.home)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.workdir)
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .uid(spec.uid)
         .gid(spec.gid)
         .process_group(0);
@@ -111,25 +411,106 @@ pub fn spawn(spec: &RuntimeSpec) -> io::Result<std::process::Child> {
     child
 }
 
-/// Runs the runtime for the life of the VM: restarted whenever it ends, with a backoff
-/// that grows while it keeps failing fast. `log` gets one line per event.
-pub fn supervise(spec: RuntimeSpec, log: fn(&str)) -> ! {
-    let mut backoff = Duration::from_millis(500);
+/// Copies `from` to `to` line by line, each line as `<prefix>: <line>` (lossy UTF-8; a
+/// line longer than [`MAX_LINE`] bytes is cut there and marked ` [cut]`), until `from`
+/// ends. Each line is one `write_all`, so lines from several streams do not mix. Keeps
+/// reading when `to` fails, so the writer on the other end never waits on a full pipe
+/// because of us.
+pub fn prefix_lines<R: Read, W: Write>(from: R, prefix: &str, mut to: W) {
+    let mut emit = |line: &[u8], cut: bool| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let mut out = Vec::with_capacity(prefix.len() + line.len() + 10);
+        out.extend_from_slice(prefix.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(String::from_utf8_lossy(line).as_bytes());
+        if cut {
+            out.extend_from_slice(b" [cut]");
+        }
+        out.push(b'\n');
+        let _ = to.write_all(&out).and_then(|()| to.flush());
+    };
+    let mut r = io::BufReader::with_capacity(16 * 1024, from);
+    let mut line: Vec<u8> = Vec::new();
+    let mut cut = false;
     loop {
+        let buf = match r.fill_buf() {
+            Ok([]) => break,
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let (chunk, used, ends) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], i + 1, true),
+            None => (buf, buf.len(), false),
+        };
+        let room = MAX_LINE - line.len();
+        if chunk.len() > room {
+            line.extend_from_slice(&chunk[..room]);
+            cut = true;
+        } else {
+            line.extend_from_slice(chunk);
+        }
+        r.consume(used);
+        if ends {
+            emit(&line, cut);
+            line.clear();
+            cut = false;
+        }
+    }
+    if !line.is_empty() || cut {
+        emit(&line, cut);
+    }
+}
+
+/// Runs the runtime for the life of the VM: `before_start` (a failure is logged), then
+/// the runtime, restarted whenever it ends with a backoff that grows while it keeps
+/// failing fast. Its stdout and stderr go to ours (the console), each line prefixed with
+/// its name. `log` gets one line per event.
+pub fn supervise(
+    spec: RuntimeSpec,
+    mut before_start: impl FnMut() -> io::Result<()>,
+    log: fn(&str),
+) -> ! {
+    let mut backoff = Duration::from_millis(500);
+    let what = format!("agent runtime {} {}", spec.name, spec.version);
+    loop {
+        if let Err(e) = before_start() {
+            log(&format!(
+                "cannot give the workspace to the agent user for {}: {e}",
+                spec.name
+            ));
+        }
         let started = Instant::now();
         match spawn(&spec) {
             Ok(mut child) => {
                 log(&format!(
-                    "agent runtime {} started (pid {}, uid {})",
+                    "{what} started ({}, pid {}, uid {})",
                     spec.bin.display(),
                     child.id(),
                     spec.uid
                 ));
+                let out = child
+                    .stdout
+                    .take()
+                    .map(|o| Box::new(o) as Box<dyn Read + Send>);
+                let err = child
+                    .stderr
+                    .take()
+                    .map(|e| Box::new(e) as Box<dyn Read + Send>);
+                for pipe in [out, err].into_iter().flatten() {
+                    let name = spec.name.clone();
+                    let copied = std::thread::Builder::new()
+                        .name(format!("{name}-output"))
+                        .spawn(move || prefix_lines(pipe, &name, io::stdout()));
+                    if let Err(e) = copied {
+                        log(&format!("cannot copy the output of {}: {e}", spec.name));
+                    }
+                }
                 let status = child.wait();
-                log(&format!("agent runtime ended ({status:?}); restarting"));
+                log(&format!("{what} ended ({status:?}); restarting"));
             }
             Err(e) => log(&format!(
-                "cannot start the agent runtime {}: {e}",
+                "cannot start the {what} ({}): {e}",
                 spec.bin.display()
             )),
         }
@@ -171,6 +552,65 @@ pub fn wait_healthy(limit: Duration) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    fn uid() -> u32 {
+        // SAFETY: getuid/getgid have no preconditions.
+        unsafe { libc::getuid() }
+    }
+
+    fn gid() -> u32 {
+        // SAFETY: as above.
+        unsafe { libc::getgid() }
+    }
+
+    fn openclaw() -> RuntimeDescriptor {
+        RuntimeDescriptor {
+            name: "openclaw".into(),
+            version: "2026.9.6".into(),
+            argv: vec![
+                "/opt/node/bin/node".into(),
+                "/opt/openclaw/node_modules/openclaw/openclaw.mjs".into(),
+                "gateway".into(),
+                "run".into(),
+            ],
+            env: BTreeMap::from([
+                ("OPENCLAW_STATE_DIR".into(), "/workspace/.openclaw".into()),
+                (
+                    "OPENCLAW_CONFIG_PATH".into(),
+                    "/etc/openclaw/openclaw.json".into(),
+                ),
+            ]),
+            model_env: Some("CLAWOS_MODEL".into()),
+            default_model: Some("claude-sonnet-4-5".into()),
+            gateway_token_env: Some("OPENCLAW_GATEWAY_TOKEN".into()),
+            home: "/workspace/.openclaw/home".into(),
+            workspace_dirs: vec![".openclaw".into()],
+            ready_timeout_secs: 600,
+        }
+    }
+
+    /// Runs `spec` with its program replaced by `sh -c 'env > <file>'` as the current
+    /// user; the environment it saw, as (name, value) pairs.
+    fn environment_of(spec: &RuntimeSpec, dir: &Path, file: &str) -> BTreeMap<String, String> {
+        let out = dir.join(file);
+        let spec = RuntimeSpec {
+            bin: "/bin/sh".into(),
+            args: vec!["-c".into(), format!("env > {}", out.display())],
+            uid: uid(),
+            gid: gid(),
+            workdir: dir.to_owned(),
+            ..spec.clone()
+        };
+        let status = spawn(&spec).expect("spawn").wait().expect("wait");
+        assert!(status.success());
+        fs::read_to_string(&out)
+            .expect("env")
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
 
     #[test]
     fn model_comes_from_the_env_file() {
@@ -184,17 +624,331 @@ mod tests {
     }
 
     #[test]
+    fn the_image_chooses_its_runtime() {
+        let d = tempfile::tempdir().expect("tmp");
+        let desc = d.path().join("runtime.json");
+        let agentd = d.path().join("clawos-agentd");
+        // Neither: no runtime.
+        assert_eq!(choose(&desc, &agentd, Some("m")), Ok(None));
+        // The built-in one, as before descriptors existed.
+        fs::write(&agentd, "").expect("agentd");
+        let b = choose(&desc, &agentd, Some("claude-x"))
+            .expect("ok")
+            .expect("built-in");
+        assert_eq!(b.name, "clawos-agentd");
+        assert_eq!(b.version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(
+            b.argv,
+            [agentd.to_string_lossy().as_ref(), "--model", "claude-x"]
+        );
+        assert_eq!(b.home, "/workspace");
+        assert_eq!(b.gateway_token_env, None);
+        assert_eq!(b.ready_timeout_secs, 120);
+        let b = choose(&desc, &agentd, None).expect("ok").expect("built-in");
+        assert_eq!(b.argv, [agentd.to_string_lossy().as_ref()]);
+        // A descriptor wins over the built-in runtime.
+        fs::write(&desc, serde_json::to_vec(&openclaw()).expect("json")).expect("write");
+        assert_eq!(choose(&desc, &agentd, None), Ok(Some(openclaw())));
+    }
+
+    #[test]
+    fn a_bad_descriptor_is_refused_with_the_problem_named() {
+        let d = tempfile::tempdir().expect("tmp");
+        let desc = d.path().join("runtime.json");
+        let agentd = d.path().join("clawos-agentd");
+        fs::write(&agentd, "").expect("agentd");
+        let mut bad = openclaw();
+        bad.home = "/root".into();
+        fs::write(&desc, serde_json::to_vec(&bad).expect("json")).expect("write");
+        let e = choose(&desc, &agentd, None).expect_err("refused");
+        assert!(e.contains("home") && e.contains("runtime.json"), "{e}");
+        let mut bad = openclaw();
+        bad.ready_timeout_secs = 0;
+        fs::write(&desc, serde_json::to_vec(&bad).expect("json")).expect("write");
+        let e = choose(&desc, &agentd, None).expect_err("refused");
+        assert!(e.contains("ready_timeout_secs"), "{e}");
+        // Not JSON, and an unknown field: refused too, never the built-in instead.
+        fs::write(&desc, "{").expect("write");
+        assert!(choose(&desc, &agentd, None).is_err());
+        let mut v = serde_json::to_value(openclaw()).expect("json");
+        v["run_as_root"] = true.into();
+        fs::write(&desc, v.to_string()).expect("write");
+        let e = choose(&desc, &agentd, None).expect_err("refused");
+        assert!(e.contains("run_as_root"), "{e}");
+    }
+
+    #[test]
+    fn the_runtime_gets_exactly_the_environment_its_descriptor_gives() {
+        let d = tempfile::tempdir().expect("tmp");
+        let token = new_gateway_token().expect("token");
+        let spec = RuntimeSpec::from_descriptor(&openclaw(), Some("claude-x"), Some(&token), None);
+        assert_eq!(spec.bin, Path::new("/opt/node/bin/node"));
+        assert_eq!(
+            spec.args[0],
+            "/opt/openclaw/node_modules/openclaw/openclaw.mjs"
+        );
+        assert_eq!((spec.uid, spec.gid), (AGENT_UID, AGENT_GID));
+        assert_eq!(spec.workdir, Path::new("/workspace"));
+        assert!(
+            !format!("{spec:?}").contains(&token),
+            "Debug never shows the token"
+        );
+        let env = environment_of(&spec, d.path(), "env1");
+        let get = |k: &str| env.get(k).map(String::as_str);
+        assert_eq!(get("OPENCLAW_GATEWAY_TOKEN"), Some(token.as_str()));
+        assert_eq!(get("CLAWOS_MODEL"), Some("claude-x"));
+        assert_eq!(get("HOME"), Some("/workspace/.openclaw/home"));
+        assert_eq!(get("USER"), Some("agent"));
+        assert_eq!(get("PATH"), Some(RUNTIME_PATH));
+        assert_eq!(get("OPENCLAW_STATE_DIR"), Some("/workspace/.openclaw"));
+        assert_eq!(
+            get("OPENCLAW_CONFIG_PATH"),
+            Some("/etc/openclaw/openclaw.json")
+        );
+        // Nothing else, but what the shell sets itself: none of ours (cargo's, say).
+        let ours = [
+            "OPENCLAW_GATEWAY_TOKEN",
+            "CLAWOS_MODEL",
+            "HOME",
+            "USER",
+            "PATH",
+            "OPENCLAW_STATE_DIR",
+            "OPENCLAW_CONFIG_PATH",
+        ];
+        let shells = ["PWD", "OLDPWD", "SHLVL", "_"];
+        let extra: Vec<&String> = env
+            .keys()
+            .filter(|k| !ours.contains(&k.as_str()) && !shells.contains(&k.as_str()))
+            .collect();
+        assert!(extra.is_empty(), "inherited: {extra:?}");
+        // Without the VM's model, the descriptor's default; without a model variable,
+        // no model at all.
+        let spec = RuntimeSpec::from_descriptor(&openclaw(), None, Some(&token), None);
+        let env = environment_of(&spec, d.path(), "env2");
+        assert_eq!(
+            env.get("CLAWOS_MODEL").map(String::as_str),
+            Some("claude-sonnet-4-5")
+        );
+        let mut quiet = openclaw();
+        quiet.model_env = None;
+        quiet.gateway_token_env = None;
+        let spec = RuntimeSpec::from_descriptor(&quiet, Some("claude-x"), Some(&token), None);
+        let env = environment_of(&spec, d.path(), "env3");
+        assert!(!env.contains_key("CLAWOS_MODEL"), "{env:?}");
+        assert!(!env.values().any(|v| v == &token), "{env:?}");
+    }
+
+    #[test]
+    fn one_token_per_boot_the_same_at_every_start() {
+        let d = tempfile::tempdir().expect("tmp");
+        let token = new_gateway_token().expect("token");
+        assert_eq!(token.len(), 64);
+        assert!(
+            token
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            "{token}"
+        );
+        assert_ne!(token, new_gateway_token().expect("token"), "random");
+        // The supervisor starts every run from the one spec made at boot.
+        let spec = RuntimeSpec::from_descriptor(&openclaw(), None, Some(&token), None);
+        let first = environment_of(&spec, d.path(), "start1");
+        let second = environment_of(&spec, d.path(), "start2");
+        assert_eq!(
+            first.get("OPENCLAW_GATEWAY_TOKEN"),
+            Some(&token),
+            "first start"
+        );
+        assert_eq!(
+            second.get("OPENCLAW_GATEWAY_TOKEN"),
+            Some(&token),
+            "a restart"
+        );
+        // Kept root-only for diagnosis, also over a file that was there before.
+        let path = d.path().join("run/clawos/gateway.token");
+        fs::create_dir_all(path.parent().expect("dir")).expect("mkdir");
+        fs::write(&path, "old token, too long to stay\n").expect("old");
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        write_gateway_token(&path, &token).expect("write");
+        assert_eq!(
+            fs::read_to_string(&path).expect("read"),
+            format!("{token}\n")
+        );
+        let mode = fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // Never through a symlink.
+        let link = d.path().join("link.token");
+        std::os::unix::fs::symlink(d.path().join("elsewhere"), &link).expect("symlink");
+        assert!(write_gateway_token(&link, &token).is_err());
+        assert!(!d.path().join("elsewhere").exists());
+    }
+
+    #[test]
+    fn both_output_streams_reach_the_console_prefixed() {
+        let d = tempfile::tempdir().expect("tmp");
+        let spec = RuntimeSpec {
+            name: "openclaw".into(),
+            version: "1".into(),
+            bin: "/bin/sh".into(),
+            args: vec![
+                "-c".into(),
+                "echo out; echo err >&2; printf 'no newline \\377'".into(),
+            ],
+            env: vec![],
+            cgroup: None,
+            uid: uid(),
+            gid: gid(),
+            workdir: d.path().to_owned(),
+        };
+        let mut child = spawn(&spec).expect("spawn");
+        let console = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.lock().expect("lock").extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let threads: Vec<_> = [
+            child
+                .stdout
+                .take()
+                .map(|o| Box::new(o) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|e| Box::new(e) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|pipe| {
+            let to = Shared(std::sync::Arc::clone(&console));
+            std::thread::spawn(move || prefix_lines(pipe, "openclaw", to))
+        })
+        .collect();
+        assert_eq!(threads.len(), 2);
+        assert!(child.wait().expect("wait").success());
+        for t in threads {
+            t.join().expect("join");
+        }
+        let text = String::from_utf8(console.lock().expect("lock").clone()).expect("utf-8");
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines.sort_unstable();
+        assert_eq!(
+            lines,
+            [
+                "openclaw: err",
+                "openclaw: no newline \u{fffd}",
+                "openclaw: out"
+            ]
+        );
+    }
+
+    #[test]
+    fn long_lines_are_cut_and_a_dead_console_does_not_stop_the_reading() {
+        let mut input = vec![b'x'; MAX_LINE * 3];
+        input.extend_from_slice(b"\r\nnext\n");
+        let mut out = Vec::new();
+        prefix_lines(&input[..], "rt", &mut out);
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{}", text.len());
+        assert_eq!(lines[0], format!("rt: {} [cut]", "x".repeat(MAX_LINE)));
+        assert_eq!(lines[1], "rt: next");
+        // A writer that always fails: the whole input is still read.
+        struct Broken;
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::other("console gone"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut r = &input[..];
+        prefix_lines(&mut r, "rt", Broken);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn the_runtimes_directories_are_made_and_given_to_the_agent_never_through_a_symlink() {
+        // As root (the guest agent) they go to uid 1000; otherwise to ourselves.
+        let (u, g) = if uid() == 0 {
+            (AGENT_UID, AGENT_GID)
+        } else {
+            (uid(), gid())
+        };
+        let d = tempfile::tempdir().expect("tmp");
+        let ws = Workspace::open(d.path()).expect("ws");
+        let mut desc = openclaw();
+        desc.workspace_dirs = vec![".openclaw".into(), "state/deep".into()];
+        // One level made earlier by root (an `exec`, say): given away too.
+        fs::create_dir(d.path().join("state")).expect("mkdir");
+        prepare_runtime_dirs(&ws, &desc, u, g).expect("prepare");
+        use std::os::unix::fs::MetadataExt;
+        for p in [
+            ".",
+            ".clawos/sessions",
+            ".openclaw",
+            ".openclaw/home",
+            "state",
+            "state/deep",
+        ] {
+            let m = fs::symlink_metadata(d.path().join(p)).expect(p);
+            assert!(m.is_dir(), "{p}");
+            assert_eq!((m.uid(), m.gid()), (u, g), "{p}");
+        }
+        // The built-in runtime: HOME is the workspace itself.
+        prepare_runtime_dirs(&ws, &builtin(Path::new(AGENTD_BIN), None), u, g).expect("built-in");
+        // The agent replaced its state directory with a symlink out: refused, nothing
+        // made or given away outside.
+        let outside = tempfile::tempdir().expect("tmp");
+        fs::remove_dir_all(d.path().join(".openclaw")).expect("rm");
+        std::os::unix::fs::symlink(outside.path(), d.path().join(".openclaw")).expect("symlink");
+        let before = fs::metadata(outside.path()).expect("meta");
+        assert!(prepare_runtime_dirs(&ws, &desc, u, g).is_err());
+        assert!(!outside.path().join("home").exists());
+        let after = fs::metadata(outside.path()).expect("meta");
+        assert_eq!((before.uid(), before.gid()), (after.uid(), after.gid()));
+        // A symlink inside the workspace is not followed either.
+        fs::remove_file(d.path().join(".openclaw")).expect("rm");
+        fs::create_dir(d.path().join("root-owned")).expect("mkdir");
+        std::os::unix::fs::symlink("root-owned", d.path().join(".openclaw")).expect("symlink");
+        assert!(prepare_runtime_dirs(&ws, &desc, u, g).is_err());
+        assert!(!d.path().join("root-owned/home").exists());
+    }
+
+    #[test]
+    fn the_status_reports_the_runtime_or_none() {
+        let mut s = RuntimeStatus::new(&openclaw(), Some("ab".repeat(32)));
+        s.healthy = || true;
+        assert!(!format!("{s:?}").contains(&"ab".repeat(32)));
+        let info = RuntimeStatus::report(Some(&s));
+        assert_eq!(info.name, "openclaw");
+        assert_eq!(info.version, "2026.9.6");
+        assert!(info.healthy);
+        assert_eq!(info.gateway_token, Some("ab".repeat(32)));
+        let none = RuntimeStatus::report(None);
+        assert_eq!(
+            (none.name.as_str(), none.version.as_str(), none.healthy),
+            ("none", "", false)
+        );
+        assert_eq!(none.gateway_token, None);
+    }
+
+    #[test]
     fn a_runtime_that_cannot_join_its_cgroup_does_not_start() {
         let d = tempfile::tempdir().expect("tmp");
         let spec = RuntimeSpec {
             bin: "/bin/true".into(),
-            args: vec![],
             cgroup: Some(d.path().join("no-such-cgroup")),
-            // SAFETY: getuid/getgid have no preconditions.
-            uid: unsafe { libc::getuid() },
-            // SAFETY: as above.
-            gid: unsafe { libc::getgid() },
-            home: d.path().to_owned(),
+            uid: uid(),
+            gid: gid(),
+            workdir: d.path().to_owned(),
+            ..RuntimeSpec::from_descriptor(&openclaw(), None, None, None)
         };
         assert!(spawn(&spec).is_err());
     }
@@ -209,12 +963,10 @@ mod tests {
                 "-c".into(),
                 format!("grep NoNewPrivs /proc/self/status > {}", out.display()),
             ],
-            cgroup: None,
-            // SAFETY: getuid/getgid have no preconditions.
-            uid: unsafe { libc::getuid() },
-            // SAFETY: as above.
-            gid: unsafe { libc::getgid() },
-            home: d.path().to_owned(),
+            uid: uid(),
+            gid: gid(),
+            workdir: d.path().to_owned(),
+            ..RuntimeSpec::from_descriptor(&openclaw(), None, None, None)
         };
         let status = spawn(&spec).expect("spawn").wait().expect("wait");
         assert!(status.success());

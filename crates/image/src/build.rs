@@ -28,7 +28,8 @@ pub enum KernelSource {
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
     pub kernel: KernelSource,
-    /// Download cache for kernel packages.
+    /// Download cache: kernel packages in `kernel/`, the OpenClaw runtime's downloads in
+    /// `openclaw/`.
     pub cache_dir: PathBuf,
     /// Directory holding the static guest binaries ([`GUEST_BINS`]).
     pub guest_bin_dir: PathBuf,
@@ -47,9 +48,34 @@ pub struct BuildOptions {
     /// A static busybox to install as `/bin/busybox` with a link per applet, so `exec`
     /// has a shell and coreutils. `None`: no shell in the guest.
     pub busybox: Option<PathBuf>,
-    /// Install the built-in agent runtime ([`AGENTD_BIN`]), which the guest agent starts
-    /// as the `agent` user. Without it the VM boots with no agent (exec and files only).
-    pub agent_runtime: bool,
+    /// Which agent runtime the guest agent starts as the `agent` user.
+    pub agent: AgentChoice,
+}
+
+/// The agent runtime an image carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentChoice {
+    /// The built-in runtime ([`AGENTD_BIN`]).
+    Builtin,
+    /// OpenClaw's gateway on Node.js (see [`crate::openclaw`]); needs npm and apt-get at
+    /// build time and 2 GiB of guest memory at run time.
+    OpenClaw,
+    /// None: the VM boots with no agent (exec and files only).
+    None,
+}
+
+impl std::str::FromStr for AgentChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "builtin" | "clawos-agentd" => Ok(Self::Builtin),
+            "openclaw" => Ok(Self::OpenClaw),
+            "none" => Ok(Self::None),
+            other => Err(format!(
+                "unknown agent runtime {other:?} (builtin, openclaw or none)"
+            )),
+        }
+    }
 }
 
 /// Where Debian's `busybox-static` puts its binary.
@@ -205,9 +231,13 @@ fn copy_overlay(overlay: &Path, tree: &Path) -> Result<(), BuildError> {
     Ok(())
 }
 
-fn mkfs_erofs(tree: &Path, out: &Path, epoch: i64) -> Result<(), BuildError> {
+fn mkfs_erofs(tree: &Path, out: &Path, epoch: i64, compress: bool) -> Result<(), BuildError> {
     // A fixed filesystem UUID and timestamp: the same tree gives the same bytes.
-    let output = Command::new("mkfs.erofs")
+    let mut cmd = Command::new("mkfs.erofs");
+    if compress {
+        cmd.arg("-zlz4hc");
+    }
+    let output = cmd
         .arg(format!("-T{epoch}"))
         .arg("-U")
         .arg("c1a0c1a0-0000-4000-8000-000000000001")
@@ -475,9 +505,9 @@ fn build_into(
     let init = check_static(&opts.guest_bin_dir.join(INIT_BIN))?;
     let agent = check_static(&opts.guest_bin_dir.join(AGENT_BIN))?;
     let audit = check_static(&opts.guest_bin_dir.join(AUDIT_BIN))?;
-    let agentd = match opts.agent_runtime {
-        true => Some(check_static(&opts.guest_bin_dir.join(AGENTD_BIN))?),
-        false => None,
+    let agentd = match opts.agent {
+        AgentChoice::Builtin => Some(check_static(&opts.guest_bin_dir.join(AGENTD_BIN))?),
+        AgentChoice::OpenClaw | AgentChoice::None => None,
     };
 
     let tree: KernelTree = match &opts.kernel {
@@ -491,7 +521,7 @@ fn build_into(
                 None => kernel::resolve_debian_package(kernel::DEBIAN_CLOUD_META)?,
             };
             progress(&format!("kernel: fetching Debian package {package}"));
-            kernel::fetch_debian(&package, &opts.cache_dir)?
+            kernel::fetch_debian(&package, &opts.cache_dir.join("kernel"))?
         }
     };
 
@@ -502,12 +532,26 @@ fn build_into(
         let n = install_busybox(&rootfs_tree, bb)?;
         progress(&format!("rootfs: busybox with {n} applets"));
     }
+    let agent_runtime = match opts.agent {
+        AgentChoice::OpenClaw => {
+            crate::openclaw::install(&rootfs_tree, &opts.cache_dir.join("openclaw"), progress)?;
+            Some(crate::openclaw::manifest_runtime())
+        }
+        AgentChoice::Builtin | AgentChoice::None => None,
+    };
     if let Some(overlay) = &opts.rootfs_overlay {
         copy_overlay(overlay, &rootfs_tree)?;
     }
     let rootfs = out.join(files::ROOTFS);
-    progress("rootfs: mkfs.erofs");
-    mkfs_erofs(&rootfs_tree, &rootfs, epoch)?;
+    // A large tree (OpenClaw's 650 MiB of JavaScript) is compressed: lz4hc, which the
+    // guest kernel reads fast. The small default tree is left as it is.
+    let compress = agent_runtime.is_some();
+    progress(if compress {
+        "rootfs: mkfs.erofs (lz4hc; about a minute for OpenClaw)"
+    } else {
+        "rootfs: mkfs.erofs"
+    });
+    mkfs_erofs(&rootfs_tree, &rootfs, epoch, compress)?;
     fs::remove_dir_all(&rootfs_tree).map_err(|e| BuildError::io(&rootfs_tree, e))?;
 
     progress("rootfs: computing dm-verity hash tree");
@@ -553,6 +597,7 @@ fn build_into(
         cmdline: image_cmdline(&geometry),
         rootfs_size,
         verity: geometry,
+        agent_runtime,
     };
     let mut json = serde_json::to_vec_pretty(&manifest).map_err(|e| BuildError::Output {
         path: out.to_owned(),

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use ed25519_dalek::SigningKey;
 
-use crate::manifest::{MANIFEST_VERSION, Manifest, files, sha256_file, sign_bundle};
+use crate::manifest::{AgentRuntime, MANIFEST_VERSION, Manifest, files, sha256_file, sign_bundle};
 use crate::verity::VerityGeometry;
 use crate::{ImageError, keys};
 
@@ -16,6 +16,16 @@ pub const ROOTFS_BYTES: u64 = 8192;
 /// Writes a small bundle into `dir` (created if needed) and signs it with a new key
 /// kept at `key_path` (replacing one there); returns that key.
 pub fn small_signed_bundle(dir: &Path, key_path: &Path) -> Result<SigningKey, ImageError> {
+    small_signed_bundle_with(dir, key_path, None)
+}
+
+/// [`small_signed_bundle`] whose manifest names an agent runtime (its minimum memory,
+/// its readiness timeout).
+pub fn small_signed_bundle_with(
+    dir: &Path,
+    key_path: &Path,
+    agent_runtime: Option<AgentRuntime>,
+) -> Result<SigningKey, ImageError> {
     let write = |name: &str, data: &[u8]| {
         std::fs::write(dir.join(name), data).map_err(|source| ImageError::Write {
             path: dir.join(name),
@@ -55,6 +65,7 @@ pub fn small_signed_bundle(dir: &Path, key_path: &Path) -> Result<SigningKey, Im
             salt: "00".into(),
             root_hash: "ab".repeat(32),
         },
+        agent_runtime,
     };
     let json = serde_json::to_vec(&manifest).map_err(|e| ImageError::Key {
         reason: format!("fixture manifest: {e}"),

@@ -14,15 +14,16 @@ pub mod fixture;
 pub mod kernel;
 pub mod keys;
 pub mod manifest;
+pub mod openclaw;
 pub mod store;
 pub mod verity;
 
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub use build::{BuildOptions, KernelSource, build};
+pub use build::{AgentChoice, BuildOptions, KernelSource, build};
 pub use bundle::{BundleDir, BundleSource, Part, Trust, VerifiedBundle, verify_bundle};
-pub use manifest::{ImageError, ImagePaths, Manifest, VerifyPolicy, files, verify};
+pub use manifest::{AgentRuntime, ImageError, ImagePaths, Manifest, VerifyPolicy, files, verify};
 
 /// Errors building an image.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,10 @@ pub enum BuildError {
     /// Building the verity tree failed.
     #[error(transparent)]
     Verity(#[from] verity::VerityError),
+    /// The agent runtime could not be put into the image (OpenClaw: a download, an
+    /// integrity or version check).
+    #[error("image build: agent runtime: {reason}")]
+    Runtime { reason: String },
     /// The output directory is not usable.
     #[error("image build: output {path}: {reason}")]
     Output { path: PathBuf, reason: String },

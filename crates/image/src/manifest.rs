@@ -57,6 +57,25 @@ pub struct Manifest {
     pub rootfs_size: u64,
     /// dm-verity parameters and root hash of the rootfs.
     pub verity: VerityGeometry,
+    /// The agent runtime the image starts, when it is not the built-in one (signed with
+    /// the rest: the launcher refuses a VM too small for it before booting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_runtime: Option<AgentRuntime>,
+}
+
+/// What the launcher must know of an image's agent runtime before it boots one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRuntime {
+    /// `openclaw`, ... (as the guest reports it).
+    pub name: String,
+    /// Its pinned version.
+    pub version: String,
+    /// The least guest memory it runs in; a smaller VM is refused.
+    pub min_mem_mib: u32,
+    /// How long the guest may take from boot to the runtime answering: the launcher
+    /// waits this long (or its own boot timeout, if longer) before failing the boot.
+    pub ready_timeout_secs: u64,
 }
 
 /// Which part of an image failed a check. Each names the file, so an operator knows what

@@ -6,29 +6,6 @@ use std::process::Command;
 
 use clawos_image::verity;
 
-/// Records why `test` did not run where `scripts/test.sh` reads every skip
-/// (`<target>/e2e/SKIPPED`, one `SKIP <test>: <why>` line, as the e2e harness's `skip`
-/// writes; the script fails on a skip not on its allow-list), and says so.
-fn record_skip(test: &str, why: &str) {
-    use std::io::Write;
-    eprintln!("SKIP {test}: {why}");
-    // The test runs as target/<profile>/deps/<test>-<hash>.
-    let exe = std::env::current_exe().expect("test exe path");
-    let dir = exe
-        .ancestors()
-        .nth(2)
-        .expect("target/<profile>")
-        .join("../e2e");
-    let _ = std::fs::create_dir_all(&dir);
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("SKIPPED"))
-    {
-        let _ = f.write_all(format!("SKIP {test}: {why}\n").as_bytes());
-    }
-}
-
 /// Whether `veritysetup` runs here; if not, records a skip (the caller returns).
 fn have_veritysetup(test: &str) -> bool {
     let ok = Command::new("veritysetup")
@@ -36,7 +13,7 @@ fn have_veritysetup(test: &str) -> bool {
         .output()
         .is_ok();
     if !ok {
-        record_skip(
+        clawos_test_skip::record(
             test,
             "veritysetup not installed (apt-get install cryptsetup-bin); cannot cross-check",
         );

@@ -34,21 +34,10 @@ sys.stdout.write("done\n"); sys.stdout.flush()
 sys.stdin.readline()
 "#;
 
+/// Records the skip (as `clawos-monitor`) and returns `true`, so a caller can
+/// `return skip(...)` from a check.
 fn skip(why: &str) -> bool {
-    eprintln!("SKIP: {why}");
-    if let Some(dir) = option_env!("CARGO_TARGET_TMPDIR") {
-        let f = Path::new(&dir).join("../e2e/SKIPPED");
-        if let Some(p) = f.parent() {
-            let _ = std::fs::create_dir_all(p);
-        }
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(f)
-        {
-            let _ = writeln!(f, "SKIP clawos-monitor: {why}");
-        }
-    }
+    clawos_test_skip::record("clawos-monitor", why);
     true
 }
 

@@ -27,7 +27,7 @@
 //! `{"name": ..., "input": {...}}`; `input` defaults to `{}`), or both: the text block
 //! comes first; with tool calls the answer's `stop_reason` is `tool_use`, otherwise
 //! `end_turn`. Optional per turn: `"expect_tool_result": true` answers 400 to a request
-//! whose last user message has no `tool_result` block (a broken tool loop fails loudly
+//! whose user turn (the user messages since the last assistant message) has no `tool_result` block (a broken tool loop fails loudly
 //! instead of being answered), and `"delay_ms": N` waits before answering. Unknown
 //! fields are errors, so a typo is not silently ignored. Mistakes are reported at load
 //! with their place, turns counted from 1: `turn 2: tool_use without a name (call 1)`.

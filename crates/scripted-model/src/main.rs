@@ -21,8 +21,8 @@ it, so every conversation plays the script from its start. On start, one line \
 Script format (see --print-default-script):\n  \
 {\"turns\": [{\"tool_use\": [{\"name\": \"write_file\", \"input\": {...}}]}, {\"text\": \"Done.\", \"expect_tool_result\": true}],\n   \
 \"repeat_last\": false}\n\
-A turn has `text`, `tool_use` or both; optional `expect_tool_result` (400 unless the last user \
-message carries a tool_result) and `delay_ms`."
+A turn has `text`, `tool_use` or both; optional `expect_tool_result` (400 unless the user turn \
+since the last assistant message carries a tool_result) and `delay_ms`."
 )]
 struct Args {
     /// Address to listen on; port 0 picks a free one (the bound address is printed).

@@ -67,7 +67,8 @@ pub struct Turn {
     /// `tool_use` blocks, sent after the text; when there are any the answer's
     /// `stop_reason` is `tool_use`, otherwise `end_turn`.
     pub tool_use: Vec<ToolCall>,
-    /// Refuse (400) a request whose last user message carries no `tool_result` block:
+    /// Refuse (400) a request whose user turn (the user messages since the last assistant
+    /// message) carries no `tool_result` block:
     /// a client whose tool loop is broken fails loudly instead of being answered.
     pub expect_tool_result: bool,
     /// Wait this long before answering (a slow model, a timeout test).

@@ -353,16 +353,18 @@ fn check_request(req: &Value, needs_max_tokens: bool) -> Result<(), ApiError> {
 }
 
 /// Whether the last user message carries a `tool_result` block.
+/// Whether the user's turn since the last assistant message carries a `tool_result`.
+/// The API joins consecutive user messages into one turn, and clients use that: OpenClaw
+/// sends the tool results, then a user message of its own context.
 fn last_user_has_tool_result(req: &Value) -> bool {
-    req["messages"]
-        .as_array()
-        .and_then(|ms| ms.iter().rev().find(|m| m["role"].as_str() == Some("user")))
-        .and_then(|m| m["content"].as_array())
-        .is_some_and(|blocks| {
-            blocks
-                .iter()
-                .any(|b| b["type"].as_str() == Some("tool_result"))
-        })
+    req["messages"].as_array().is_some_and(|ms| {
+        ms.iter()
+            .rev()
+            .take_while(|m| m["role"].as_str() == Some("user"))
+            .filter_map(|m| m["content"].as_array())
+            .flatten()
+            .any(|b| b["type"].as_str() == Some("tool_result"))
+    })
 }
 
 async fn messages(
@@ -473,4 +475,32 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
         "invalid_request_error",
         format!("Method {method} not allowed on {}", uri.path()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::last_user_has_tool_result;
+
+    #[test]
+    fn a_tool_result_counts_anywhere_in_the_user_turn() {
+        let result = json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}]});
+        let context = json!({"role": "user", "content": [{"type": "text", "text": "context"}]});
+        let call = json!({"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "write", "input": {}}]});
+        let task = json!({"role": "user", "content": "do it"});
+        // OpenClaw's shape: results, then its own context message, in one user turn.
+        assert!(last_user_has_tool_result(
+            &json!({"messages": [task, call, result, context]})
+        ));
+        assert!(last_user_has_tool_result(
+            &json!({"messages": [task, call, result]})
+        ));
+        // A result from an earlier turn does not answer this one.
+        let answer = json!({"role": "assistant", "content": [{"type": "text", "text": "done"}]});
+        assert!(!last_user_has_tool_result(
+            &json!({"messages": [task, call, result, answer, context]})
+        ));
+        assert!(!last_user_has_tool_result(&json!({"messages": [task]})));
+    }
 }

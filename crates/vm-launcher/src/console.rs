@@ -91,7 +91,10 @@ pub fn failure_reason(console: &str) -> Option<String> {
     }
     if let Some(l) = lines
         .iter()
-        .find_map(|l| l.split_once(FATAL).map(|(_, r)| r.trim()))
+        // At the start of a line only: the agent runtime's own output reaches the
+        // console too (each line prefixed with the runtime's name), and must not be
+        // able to pose as init.
+        .find_map(|l| l.trim_start().strip_prefix(FATAL).map(str::trim))
     {
         return Some(format!("guest init failed: {l}"));
     }
@@ -159,6 +162,10 @@ mod tests {
         let r = failure_reason("x\nCLAWOS_FATAL: no disk with serial 'rootfs'\n").expect("reason");
         assert_eq!(r, "guest init failed: no disk with serial 'rootfs'");
         assert!(failure_reason("CLAWOS_READY agent=a\nCLAWOS_POWEROFF\n").is_none());
+        assert!(
+            failure_reason("openclaw: CLAWOS_FATAL: forged by the runtime\n").is_none(),
+            "a runtime's prefixed line is not init's"
+        );
         assert!(powered_off("CLAWOS_POWEROFF\n[ 3.0] reboot: Power down\n"));
         assert!(!powered_off("CLAWOS_READY\n"));
     }

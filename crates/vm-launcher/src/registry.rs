@@ -331,5 +331,7 @@ fn placeholder() -> VmRecord {
         snapshots: false,
         idempotency_key: None,
         token_budget: None,
+        agent_runtime: None,
+        ready_timeout_secs: None,
     }
 }

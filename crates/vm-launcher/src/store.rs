@@ -50,6 +50,15 @@ pub struct VmRecord {
     /// agent token the launcher holds for it.
     #[serde(default)]
     pub token_budget: Option<u64>,
+    /// The agent runtime its image names (`openclaw`), when the image's manifest names
+    /// one; `None`: the built-in runtime.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_runtime: Option<String>,
+    /// How long that runtime may take to answer after boot (the image's
+    /// `ready_timeout_secs`): the boot deadline grows to fit it
+    /// ([`crate::supervisor::boot_deadline`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_timeout_secs: Option<u64>,
 }
 
 impl VmRecord {
@@ -74,7 +83,15 @@ impl VmRecord {
             snapshots: self.snapshots,
             idempotency_key: self.idempotency_key.clone(),
             token_budget: self.token_budget,
+            agent_runtime: self.agent_runtime.clone(),
         }
+    }
+
+    /// Records what the launcher needs of the image's agent runtime (its name for the
+    /// view, its readiness timeout for the boot deadline).
+    pub fn set_agent_runtime(&mut self, runtime: Option<&clawos_image::manifest::AgentRuntime>) {
+        self.agent_runtime = runtime.map(|r| r.name.clone());
+        self.ready_timeout_secs = runtime.map(|r| r.ready_timeout_secs);
     }
 }
 
@@ -307,4 +324,46 @@ pub fn init_state(state: &Path) -> io::Result<PathBuf> {
         }
     }
     Ok(vms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record written before the agent-runtime fields existed.
+    fn old_record() -> serde_json::Value {
+        serde_json::json!({
+            "name": "a1", "model": null, "mem_mib": 512, "vcpus": 1,
+            "image": "default", "root_hash": "ab".repeat(32), "backend": "qemu",
+            "state": "running", "reason": null, "boot_ms": 900,
+            "started_at": 1_700_000_000u64, "process": null,
+        })
+    }
+
+    #[test]
+    fn old_records_load_and_the_runtime_reaches_the_view() {
+        let mut r: VmRecord = serde_json::from_value(old_record()).expect("old record");
+        assert_eq!(
+            (r.agent_runtime.as_deref(), r.ready_timeout_secs),
+            (None, None)
+        );
+        assert_eq!(r.view().agent_runtime, None);
+        // Nothing new is written for a VM of the built-in runtime.
+        let json = serde_json::to_value(&r).expect("json");
+        assert!(json.get("agent_runtime").is_none(), "{json}");
+
+        r.set_agent_runtime(Some(&clawos_image::manifest::AgentRuntime {
+            name: "openclaw".into(),
+            version: "2026.9.6".into(),
+            min_mem_mib: 2048,
+            ready_timeout_secs: 600,
+        }));
+        assert_eq!(r.view().agent_runtime.as_deref(), Some("openclaw"));
+        let back: VmRecord =
+            serde_json::from_value(serde_json::to_value(&r).expect("json")).expect("parse");
+        assert_eq!(back, r);
+        assert_eq!(back.ready_timeout_secs, Some(600));
+        r.set_agent_runtime(None);
+        assert_eq!((r.agent_runtime, r.ready_timeout_secs), (None, None));
+    }
 }

@@ -110,7 +110,11 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
     };
     let mut probe = tokio::time::interval(probe_every.max(Duration::from_millis(1)));
     probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let boot_deadline = tokio::time::Instant::from_std(started + shared.cfg.boot_timeout);
+    let boot_timeout = boot_deadline(
+        shared.cfg.boot_timeout,
+        record.as_ref().and_then(|r| r.ready_timeout_secs),
+    );
+    let boot_deadline = tokio::time::Instant::from_std(started + boot_timeout);
     // Rate of a guest's console writes is bounded only by the host's CPU, so the log's
     // size is looked at often; the cap can be overshot by what is written in between.
     let mut console_check = tokio::time::interval(Duration::from_millis(250));
@@ -188,7 +192,7 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
     crate::relays::remove_sockets(&dir.root);
     shared.backend.cleanup(&dir);
     let before = registry.get(&name).map_or(VmState::Stopping, |r| r.state);
-    let timeout = timed_out.then_some(shared.cfg.boot_timeout);
+    let timeout = timed_out.then_some(boot_timeout);
     let (state, reason) = outcome(before, exit_code, &console_text, timeout, &dir);
     let failed = state == VmState::Failed;
     if let Err(e) = registry.apply(&name, Event::Exited { failed }, |r| {
@@ -201,6 +205,24 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
         tracing::warn!(vm = %name, reason = reason.as_deref().unwrap_or(""), "VM failed");
     } else {
         tracing::info!(vm = %name, "VM stopped");
+    }
+}
+
+/// What a VM's image runtime gets on top of its own readiness timeout: the boot of the
+/// guest itself before the runtime starts.
+pub const RUNTIME_BOOT_MARGIN: Duration = Duration::from_secs(60);
+
+/// How long a VM may take from its start to the guest's ready report: the launcher's
+/// boot timeout, or — for an image whose agent runtime states a readiness timeout
+/// (`ready_timeout_secs`, OpenClaw takes minutes under software emulation) — that
+/// timeout plus [`RUNTIME_BOOT_MARGIN`] when it is longer. A runtime's timeout counts
+/// up to the most the guest accepts (`MAX_READY_TIMEOUT_SECS`).
+pub fn boot_deadline(boot_timeout: Duration, ready_timeout_secs: Option<u64>) -> Duration {
+    use clawos_guest_protocol::runtime::MAX_READY_TIMEOUT_SECS;
+    match ready_timeout_secs {
+        Some(s) => boot_timeout
+            .max(Duration::from_secs(s.min(MAX_READY_TIMEOUT_SECS)) + RUNTIME_BOOT_MARGIN),
+        None => boot_timeout,
     }
 }
 
@@ -266,6 +288,21 @@ pub fn outcome(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runtimes_readiness_timeout_stretches_the_boot_deadline() {
+        let s = Duration::from_secs;
+        // The built-in runtime: the launcher's own timeout.
+        assert_eq!(boot_deadline(s(60), None), s(60));
+        // A slow runtime: its timeout plus the guest's boot.
+        assert_eq!(boot_deadline(s(60), Some(180)), s(240));
+        assert_eq!(boot_deadline(s(60), Some(600)), s(660));
+        // The launcher's timeout when that is longer.
+        assert_eq!(boot_deadline(s(900), Some(180)), s(900));
+        assert_eq!(boot_deadline(s(5), Some(1)), s(61));
+        // Bounded by what the guest accepts: no overflow, no VM starting forever.
+        assert_eq!(boot_deadline(s(60), Some(u64::MAX)), s(3660));
+    }
 
     #[test]
     fn outcomes() {

@@ -69,9 +69,46 @@ pub fn resources(
     Ok(())
 }
 
+/// Guest memory enough for the agent runtime image `image` names in its manifest (none:
+/// the built-in runtime, which needs no more than [`MIN_MEM_MIB`]).
+pub fn runtime_memory(
+    image: &str,
+    runtime: Option<&clawos_image::manifest::AgentRuntime>,
+    mem_mib: u32,
+) -> Result<(), LauncherError> {
+    match runtime {
+        Some(rt) if rt.min_mem_mib > mem_mib => Err(LauncherError::Invalid(format!(
+            "image {image} runs {} {}, which needs at least {} MiB of guest memory; \
+             {mem_mib} MiB asked (start it with --mem {} or more)",
+            rt.name, rt.version, rt.min_mem_mib, rt.min_mem_mib
+        ))),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_runtime_gets_the_memory_its_image_asks_for() {
+        let rt = clawos_image::manifest::AgentRuntime {
+            name: "openclaw".into(),
+            version: "2026.9.6".into(),
+            min_mem_mib: 2048,
+            ready_timeout_secs: 600,
+        };
+        assert!(runtime_memory("openclaw", None, 128).is_ok());
+        assert!(runtime_memory("openclaw", Some(&rt), 2048).is_ok());
+        assert!(runtime_memory("openclaw", Some(&rt), 4096).is_ok());
+        let e = runtime_memory("openclaw", Some(&rt), 512).expect_err("too small");
+        assert!(matches!(e, LauncherError::Invalid(_)), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "image openclaw runs openclaw 2026.9.6, which needs at least 2048 MiB of guest \
+             memory; 512 MiB asked (start it with --mem 2048 or more)"
+        );
+    }
 
     #[test]
     fn models_cannot_inject_lines() {

@@ -6,7 +6,9 @@ use std::io;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clawos_guest_protocol::frames::{self as protocol, CONTROL_PORT, Kind, Op, Reply, Request};
+use clawos_guest_protocol::frames::{
+    self as protocol, CONTROL_PORT, Kind, Op, Reply, Request, RuntimeInfo,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -14,6 +16,9 @@ use crate::backend::{VSOCK_SOCKET, connect_in_dir};
 
 /// How long a connection attempt (socket + CONNECT handshake) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the guest may take to say which agent runtime it runs (it asks the
+/// runtime's `/healthz` for `healthy`, which has a timeout of its own).
+const RUNTIME_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Errors talking to a guest.
 #[derive(Debug, thiserror::Error)]
@@ -142,5 +147,37 @@ impl GuestClient {
         tokio::time::timeout(Duration::from_secs(2), c.reply())
             .await
             .map_err(|_| VsockError::Protocol("health timed out".into()))?
+    }
+
+    /// Which agent runtime the guest runs, with its per-boot gateway token if it has
+    /// one (never logged: [`RuntimeInfo`]'s `Debug` shows it, so callers keep it in a
+    /// type of their own). A guest that does not know the operation answers an error
+    /// ([`VsockError::Guest`]).
+    pub async fn runtime(&self) -> Result<RuntimeInfo, VsockError> {
+        let mut c = self.call(Op::Runtime).await?;
+        let reply = tokio::time::timeout(RUNTIME_TIMEOUT, c.reply())
+            .await
+            .map_err(|_| VsockError::Protocol("runtime query timed out".into()))??;
+        match reply {
+            Reply::Runtime(info) => Ok(info),
+            other => Err(VsockError::Protocol(format!(
+                "expected a runtime reply, got {}",
+                reply_kind(&other)
+            ))),
+        }
+    }
+}
+
+/// A reply's kind, for messages (a reply's fields are not for the log).
+fn reply_kind(r: &Reply) -> &'static str {
+    match r {
+        Reply::Ok => "ok",
+        Reply::Health { .. } => "health",
+        Reply::Started { .. } => "started",
+        Reply::Exit { .. } => "exit",
+        Reply::Size { .. } => "size",
+        Reply::Entries { .. } => "entries",
+        Reply::Error { .. } => "error",
+        Reply::Runtime(_) => "runtime",
     }
 }

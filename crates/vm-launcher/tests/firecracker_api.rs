@@ -19,29 +19,6 @@ fn spec_path() -> PathBuf {
         })
 }
 
-/// Records why `test` did not run where `scripts/test.sh` reads every skip
-/// (`<target>/e2e/SKIPPED`, one `SKIP <test>: <why>` line, as the e2e harness's `skip`
-/// writes; the script fails on a skip not on its allow-list), and says so.
-fn record_skip(test: &str, why: &str) {
-    use std::io::Write;
-    eprintln!("SKIP {test}: {why}");
-    // The test runs as target/<profile>/deps/<test>-<hash>.
-    let exe = std::env::current_exe().expect("test exe path");
-    let dir = exe
-        .ancestors()
-        .nth(2)
-        .expect("target/<profile>")
-        .join("../e2e");
-    let _ = std::fs::create_dir_all(&dir);
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("SKIPPED"))
-    {
-        let _ = f.write_all(format!("SKIP {test}: {why}\n").as_bytes());
-    }
-}
-
 /// Checks `v` against a Swagger 2.0 schema: types, required fields, no unknown
 /// fields, enums, minimums, `$ref`s. Returns the problems found.
 fn check(v: &Value, schema: &Value, defs: &Value, at: &str, problems: &mut Vec<String>) {
@@ -119,7 +96,7 @@ fn every_firecracker_call_matches_the_official_schema() {
     let text = match std::fs::read_to_string(&path) {
         Ok(text) => text,
         Err(e) => {
-            record_skip(
+            clawos_test_skip::record(
                 "every_firecracker_call_matches_the_official_schema",
                 &format!(
                     "Firecracker API spec not readable at {}: {e} (set CLAWOS_FIRECRACKER_SPEC)",

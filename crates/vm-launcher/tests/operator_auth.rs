@@ -13,27 +13,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Records and prints why a test did not run (`scripts/test.sh` lists
-/// `target/e2e/SKIPPED` after the run).
-fn skip(test: &str, why: &str) {
-    use std::io::Write;
-    eprintln!("SKIP {test}: {why}");
-    let Some(target) = std::env::current_exe()
-        .ok()
-        .and_then(|e| Some(e.parent()?.parent()?.join("../e2e")))
-    else {
-        return;
-    };
-    let _ = std::fs::create_dir_all(&target);
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(target.join("SKIPPED"))
-    {
-        let _ = f.write_all(format!("SKIP {test}: {why}\n").as_bytes());
-    }
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -159,10 +138,10 @@ fn is_root() -> bool {
 fn a_second_uid_gets_401_everywhere_and_cannot_read_the_credential() {
     let name = "a_second_uid_gets_401_everywhere_and_cannot_read_the_credential";
     if !is_root() {
-        return skip(name, "needs root to run curl as another uid (nobody)");
+        return clawos_test_skip::record(name, "needs root to run curl as another uid (nobody)");
     }
     if Command::new("setpriv").arg("--version").output().is_err() {
-        return skip(name, "setpriv (util-linux) is not installed");
+        return clawos_test_skip::record(name, "setpriv (util-linux) is not installed");
     }
     let tmp = tempfile::tempdir().expect("tmp");
     // Another uid may walk into the state directory: only the credential's own mode

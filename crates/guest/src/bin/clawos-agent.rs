@@ -7,9 +7,17 @@
 //! - gateway relay: host → guest vsock port 18789 → `127.0.0.1:18789` in the guest;
 //! - syscall audit: runs `/sbin/clawos-audit` (restarted if it ends) and waits for it
 //!   to attach before serving; every command starts in the audited agent cgroup;
-//! - the agent runtime (`/sbin/clawos-agentd` when the image has it): started as the
-//!   `agent` user in the agent cgroup, restarted if it ends; the control service opens
-//!   (the VM is ready) only once its agent API answers.
+//! - the agent runtime: the one the image describes in `/etc/clawos/runtime.json` (a
+//!   descriptor that does not parse or validate fails the boot), else the built-in
+//!   `/sbin/clawos-agentd` when the image has it, else none. Its workspace directories
+//!   and `HOME` are made and given to the `agent` user before each start; it runs as
+//!   that user in the agent cgroup with only the environment its descriptor gives (the
+//!   VM's model, and a gateway token made once per boot, kept in memory and in
+//!   `/run/clawos/gateway.token`, root 0600); its output reaches the console line by
+//!   line prefixed with its name; it is restarted if it ends; the control service opens
+//!   (the VM is ready) only once its agent API answers within the descriptor's
+//!   `ready_timeout_secs`, and its `runtime` operation reports the runtime, its health
+//!   and its token.
 //!
 //! It also records each boot in `/workspace/.clawos/boots` and prints the
 //! `CLAWOS_READY` console marker (a fallback diagnostic; readiness is the health call).
@@ -24,7 +32,10 @@ use std::time::{Duration, Instant};
 
 use clawos_guest::agent::Service;
 use clawos_guest::protocol::{CONTROL_PORT, GATEWAY_PORT, PROXY_PORT};
-use clawos_guest::runtime::{self, AGENT_GID, AGENT_UID, AGENTD_BIN, RuntimeSpec};
+use clawos_guest::runtime::{
+    self, AGENT_GID, AGENT_UID, AGENTD_BIN, DESCRIPTOR_PATH, ENV_FILE, RuntimeSpec, RuntimeStatus,
+    TOKEN_PATH,
+};
 use clawos_guest::workspace::{WORKSPACE, Workspace};
 use clawos_guest::{AGENT_CGROUP, AUDIT_BIN, AUDIT_READY, marker, sys};
 
@@ -164,54 +175,74 @@ fn start_audit() -> bool {
         })
 }
 
-/// How long the agent runtime may take to answer before the VM gives up booting.
-const RUNTIME_READY_LIMIT: Duration = Duration::from_secs(120);
+/// Prints the `CLAWOS_FATAL` line and asks init to power off; never returns.
+fn fatal(msg: &str) -> ! {
+    println!("{} {msg}", marker::FATAL);
+    let _ = io::stdout().flush();
+    // SAFETY: kill(2) with plain integers: ask init (PID 1) to power off.
+    unsafe {
+        libc::kill(1, libc::SIGTERM);
+    }
+    loop {
+        std::thread::park();
+    }
+}
 
-/// Starts the image's agent runtime under supervision and waits until it answers. A
-/// runtime that never does fails the boot with the reason on the console.
-fn start_runtime(audited: bool) -> bool {
-    if !Path::new(AGENTD_BIN).is_file() {
-        log("no agent runtime in this image");
-        return false;
-    }
-    let prepared = Workspace::open(Path::new(WORKSPACE))
-        .and_then(|ws| runtime::prepare_workspace(&ws, AGENT_UID, AGENT_GID));
-    if let Err(e) = prepared {
-        log(&format!("cannot give the workspace to the agent user: {e}"));
-    }
-    let mut args = Vec::new();
-    if let Some(m) = runtime::model_from_env_file(Path::new("/workspace/.env")) {
-        args.extend(["--model".to_owned(), m]);
-    }
-    let spec = RuntimeSpec {
-        bin: AGENTD_BIN.into(),
-        args,
-        cgroup: audited.then(|| AGENT_CGROUP.into()),
-        uid: AGENT_UID,
-        gid: AGENT_GID,
-        home: WORKSPACE.into(),
+/// Starts the image's agent runtime under supervision and waits until it answers; what
+/// the control service reports about it, `None` when the image has none. A bad
+/// descriptor, or a runtime that never answers, fails the boot with the reason on the
+/// console.
+fn start_runtime(audited: bool) -> Option<RuntimeStatus> {
+    let model = runtime::model_from_env_file(Path::new(ENV_FILE));
+    let descriptor = match runtime::choose(
+        Path::new(DESCRIPTOR_PATH),
+        Path::new(AGENTD_BIN),
+        model.as_deref(),
+    ) {
+        Ok(Some(d)) => d,
+        Ok(None) => {
+            log("no agent runtime in this image");
+            return None;
+        }
+        Err(e) => fatal(&format!("bad agent runtime descriptor: {e}")),
     };
-    std::thread::spawn(move || runtime::supervise(spec, log));
-    match runtime::wait_healthy(RUNTIME_READY_LIMIT) {
+    // One token per boot: every restart of the runtime gets the same one.
+    let token = descriptor.gateway_token_env.as_ref().map(|_| {
+        let token = runtime::new_gateway_token()
+            .unwrap_or_else(|e| fatal(&format!("cannot make the gateway token: {e}")));
+        if let Err(e) = runtime::write_gateway_token(Path::new(TOKEN_PATH), &token) {
+            log(&format!(
+                "cannot keep the gateway token in {TOKEN_PATH}: {e}"
+            ));
+        }
+        token
+    });
+    let spec = RuntimeSpec::from_descriptor(
+        &descriptor,
+        model.as_deref(),
+        token.as_deref(),
+        audited.then(|| AGENT_CGROUP.into()),
+    );
+    let status = RuntimeStatus::new(&descriptor, token);
+    let limit = Duration::from_secs(descriptor.ready_timeout_secs);
+    let name = descriptor.name.clone();
+    let prepare = move || {
+        Workspace::open(Path::new(WORKSPACE))
+            .and_then(|ws| runtime::prepare_runtime_dirs(&ws, &descriptor, AGENT_UID, AGENT_GID))
+    };
+    std::thread::spawn(move || runtime::supervise(spec, prepare, log));
+    match runtime::wait_healthy(limit) {
         Some(took) => {
-            log(&format!("agent runtime ready ({} ms)", took.as_millis()));
-            true
+            log(&format!(
+                "agent runtime {name} ready ({} ms)",
+                took.as_millis()
+            ));
+            Some(status)
         }
-        None => {
-            println!(
-                "{} the agent runtime {AGENTD_BIN} did not answer on port {GATEWAY_PORT} within {} s",
-                marker::FATAL,
-                RUNTIME_READY_LIMIT.as_secs()
-            );
-            let _ = io::stdout().flush();
-            // SAFETY: kill(2) with plain integers: ask init (PID 1) to power off.
-            unsafe {
-                libc::kill(1, libc::SIGTERM);
-            }
-            loop {
-                std::thread::park();
-            }
-        }
+        None => fatal(&format!(
+            "the agent runtime {name} did not answer on port {GATEWAY_PORT} within {} s",
+            limit.as_secs()
+        )),
     }
 }
 
@@ -224,7 +255,7 @@ fn main() {
         if audited { "on" } else { "OFF" },
         t.elapsed().as_millis()
     ));
-    let has_runtime = start_runtime(audited);
+    let runtime = start_runtime(audited);
     let secret = fs::read_to_string(SECRET_PATH)
         .unwrap_or_default()
         .trim()
@@ -246,7 +277,8 @@ fn main() {
             libc::kill(1, libc::SIGTERM);
         },
         audit_cgroup: audited.then(|| AGENT_CGROUP.into()),
-        file_owner: has_runtime.then_some((AGENT_UID, AGENT_GID)),
+        file_owner: runtime.is_some().then_some((AGENT_UID, AGENT_GID)),
+        runtime,
     });
     std::thread::spawn(llm_relay);
     std::thread::spawn(gateway_relay);

@@ -19,8 +19,8 @@
 //! | [`routes::GATEWAY`] `GET /v1/vms/{name}/gateway` (WebSocket) | raw TCP to the agent gateway (guest port 18789), binary messages |
 //! | [`routes::PUT_FILE`] `PUT /v1/vms/{name}/files?path=P` | file bytes (`application/octet-stream`, Content-Length required) → 204 |
 //! | [`routes::GET_FILE`] `GET /v1/vms/{name}/files?path=P` | → file bytes; with `&list=true` → `[FileEntry]` |
-//! | [`routes::AGENT_CHAT`] `POST /v1/vms/{name}/agent/chat/completions` | the agent API's chat request (`clawos_agentd_api`) → its answer, JSON or `text/event-stream`, as the VM's runtime gives it |
-//! | [`routes::AGENT_SESSIONS`] `GET /v1/vms/{name}/agent/sessions` | → the runtime's session list |
+//! | [`routes::AGENT_CHAT`] `POST /v1/vms/{name}/agent/chat/completions` | the agent API's chat request (`clawos_agentd_api`) → its answer, JSON or `text/event-stream`, as the VM's runtime gives it (for an `openclaw` VM the task may not name a model: 400) |
+//! | [`routes::AGENT_SESSIONS`] `GET /v1/vms/{name}/agent/sessions` | → the runtime's session list (409 for an `openclaw` VM, which keeps its sessions in its own state) |
 //! | [`routes::HEALTHZ`], [`routes::METRICS`] | liveness; Prometheus text |
 //!
 //! Every route but `/healthz` and `/metrics` needs the operator credential,
@@ -266,6 +266,10 @@ pub struct Vm {
     /// The total token budget its agent token carries, if it was started with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_budget: Option<u64>,
+    /// The agent runtime its image runs when not the built-in `clawos-agentd`
+    /// (`openclaw`), as the image's signed manifest names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_runtime: Option<String>,
 }
 
 /// Request to snapshot a running or paused VM.

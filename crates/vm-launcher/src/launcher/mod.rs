@@ -241,6 +241,9 @@ impl Launcher {
         let image = images::parse_name(req.image.as_deref())?;
         // Verified before anything is created or started: a refused image leaves no trace.
         let image = self.verify_image(&image).await?;
+        // Its runtime's needs, as its signed manifest states them: still nothing made.
+        let runtime = image.manifest().agent_runtime.clone();
+        validate::runtime_memory(&image.name, runtime.as_ref(), req.mem_mib)?;
 
         let cfg = &self.shared.cfg;
         let dir = match &existing {
@@ -252,7 +255,7 @@ impl Launcher {
                 cfg.workspace_disk_mib,
             )?,
         };
-        let record = VmRecord {
+        let mut record = VmRecord {
             name: name.to_string(),
             model: req.model.clone(),
             mem_mib: req.mem_mib,
@@ -271,7 +274,13 @@ impl Launcher {
             snapshots: req.snapshots,
             idempotency_key: req.idempotency_key.clone(),
             token_budget: req.token_budget,
+            agent_runtime: None,
+            ready_timeout_secs: None,
         };
+        record.set_agent_runtime(runtime.as_ref());
+        if let Some(rt) = &runtime {
+            tracing::info!(vm = %name, image = %image.name, runtime = %rt.name, version = %rt.version, ready_timeout_secs = rt.ready_timeout_secs, "image runs its own agent runtime");
+        }
         let booted = self.boot(&name, &dir, &req, image, record).await;
         if booted.is_err() && existing.is_none() {
             self.registry().remove(&name);

@@ -204,6 +204,7 @@ impl Launcher {
                 image.manifest().verity.root_hash
             )));
         }
+        let runtime = image.manifest().agent_runtime.clone();
         let (d, s) = (dir.clone(), snap.clone());
         tokio::task::spawn_blocking(move || snapshot::copy_disks_out(&d, &s))
             .await
@@ -228,6 +229,7 @@ impl Launcher {
         rec.mem_mib = meta.mem_mib;
         rec.vcpus = meta.vcpus;
         rec.process = None;
+        rec.set_agent_runtime(runtime.as_ref());
         self.track(&name, rec, launched, started)
     }
 }

@@ -9,8 +9,21 @@ use clawos_vm_launcher::store::VmDir;
 /// A signed image bundle of small files: verification is real, nothing boots it.
 /// Returns its public key (hex).
 pub fn signed_bundle(dir: &Path) -> String {
-    let key = clawos_image::fixture::small_signed_bundle(dir, &dir.join("signing.key"))
-        .expect("fixture bundle");
+    signed_bundle_with(dir, None)
+}
+
+/// [`signed_bundle`] whose manifest names `agent_runtime` (its memory and readiness
+/// needs).
+pub fn signed_bundle_with(
+    dir: &Path,
+    agent_runtime: Option<clawos_image::manifest::AgentRuntime>,
+) -> String {
+    let key = clawos_image::fixture::small_signed_bundle_with(
+        dir,
+        &dir.join("signing.key"),
+        agent_runtime,
+    )
+    .expect("fixture bundle");
     clawos_image::keys::public_hex(&key)
 }
 

@@ -1,0 +1,288 @@
+//! OpenClaw in a real VM, driven exactly like the built-in runtime: the image built with
+//! `--agent openclaw` (pinned Node and OpenClaw, downloads cached), registered under a
+//! name, refused in a VM too small for it, booted in 2 GiB, given a task through
+//! `clawos agent run` — OpenClaw calls the (scripted) model through the guest relay, the
+//! launcher's relay (the VM's own JWT) and inference-proxy (the only API key), runs its
+//! own write tool in the workspace, and answers through the launcher, which adds the
+//! gateway's per-boot token. Then: no credential in the guest, the gateway killed and
+//! restarted by the guest agent, its console lines prefixed.
+//!
+//! Under software emulation this is the slowest test: about 3 minutes to the gateway's
+//! first readiness and 1-2 minutes for its first turn. It prints what it measured.
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use clawos_e2e::stack::{HOST_KEY, HostServices, RecordingForwarder, ScriptedModel};
+use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, openclaw_image, runtime, vms_on_disk};
+use clawos_identity_manager_api::IdentityClient;
+use serde_json::{Value, json};
+
+fn show(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+const HELLO: &str = "Hello from OpenClaw in a ClawOS VM.\n";
+const FINAL_TEXT: &str = "I wrote hello.txt in the workspace.";
+
+#[test]
+fn openclaw_runs_a_task_like_the_builtin_runtime() {
+    let name = "openclaw_runs_a_task_like_the_builtin_runtime";
+    if !can_boot_vms(name) || !can_use_vsock(name) {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tmp");
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).expect("state");
+
+    let t = Instant::now();
+    let image = openclaw_image();
+    let build_s = t.elapsed().as_secs_f64();
+
+    // OpenClaw's own write tool (`write`, path and content), then the answer.
+    let model = ScriptedModel::start(
+        work.path(),
+        "writer",
+        &json!({"turns": [
+            {"text": "Writing it.", "tool_use": [{"name": "write", "input": {"path": "hello.txt", "content": HELLO}}]},
+            {"text": FINAL_TEXT, "expect_tool_result": true}
+        ]}),
+    )
+    .expect("scripted model");
+    let host = HostServices::start(&state, &[("anthropic", &["claude-*"], &model.url)], &[])
+        .expect("identity-manager and inference-proxy");
+    let wire =
+        RecordingForwarder::start(&format!("127.0.0.1:{}", host.proxy_port)).expect("forwarder");
+    let proxy_via_wire = format!("http://127.0.0.1:{}", wire.port);
+    let l = Launcher::start_with(
+        &state,
+        &[
+            ("CLAWOS_INFERENCE_PROXY_URL", proxy_via_wire.as_str()),
+            ("CLAWOS_IDENTITY_URL", host.identity_url.as_str()),
+        ],
+    )
+    .expect("launcher");
+    let o = l.add_image("openclaw", image);
+    assert!(o.status.success(), "{}", show(&o));
+
+    // 1. Too little memory: refused before anything boots, naming the minimum.
+    let o = l.clawos(&["vm", "start", "oc", "--image", "openclaw", "--mem", "512"]);
+    assert!(!o.status.success(), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("2048"), "{}", show(&o));
+    assert!(
+        !vms_on_disk(&state).contains(&"oc".to_owned()),
+        "a refused start left a VM behind"
+    );
+    assert!(
+        !clawos_e2e::hypervisor_running_for("oc"),
+        "a refused start booted something"
+    );
+
+    // 2. Boot in 2 GiB: ready only once the gateway answers.
+    let t = Instant::now();
+    let o = l.clawos(&[
+        "vm",
+        "start",
+        "oc",
+        "--image",
+        "openclaw",
+        "--mem",
+        "2048",
+        // Its worker threads need both of this machine's cores under emulation.
+        "--vcpus",
+        "2",
+        "--model",
+        "claude-sonnet-4-5",
+    ]);
+    let boot_s = t.elapsed().as_secs_f64();
+    assert!(
+        o.status.success(),
+        "{}\nconsole:\n{}\nlauncher:\n{}",
+        show(&o),
+        String::from_utf8_lossy(&l.clawos(&["vm", "logs", "oc"]).stdout),
+        l.log()
+    );
+    let o = l.clawos(&["vm", "ls", "--json"]);
+    let vms: Value = serde_json::from_slice(&o.stdout).expect("vm ls --json");
+    let vm = vms
+        .as_array()
+        .and_then(|v| v.iter().find(|v| v["name"] == "oc"))
+        .cloned()
+        .unwrap_or_else(|| panic!("oc not listed: {vms}"));
+    assert_eq!(vm["agent_runtime"], "openclaw", "{vm}");
+
+    // 3. The task, through the same CLI and launcher route as the built-in runtime.
+    let t = Instant::now();
+    let o = l.clawos(&[
+        "agent",
+        "run",
+        "oc",
+        "--message",
+        "Write a greeting to hello.txt",
+        "--json",
+    ]);
+    let first_turn_s = t.elapsed().as_secs_f64();
+    assert!(
+        o.status.success(),
+        "{}\nconsole:\n{}\nlauncher:\n{}",
+        show(&o),
+        String::from_utf8_lossy(&l.clawos(&["vm", "logs", "oc"]).stdout),
+        l.log()
+    );
+    let outcome: Value = serde_json::from_slice(&o.stdout).expect("agent run --json");
+    assert_eq!(outcome["answer"], FINAL_TEXT, "{outcome}");
+    let session = outcome["session"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no session in {outcome}"))
+        .to_owned();
+    let got = work.path().join("hello.txt");
+    let o = l.clawos(&[
+        "vm",
+        "cp",
+        "oc:/workspace/hello.txt",
+        got.to_str().expect("utf8"),
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    assert_eq!(std::fs::read_to_string(&got).expect("copied out"), HELLO);
+
+    // The calls were billed to the VM's agent; the upstream saw only the host key; the
+    // relay sent the VM's own JWT.
+    let rows = host.ledger(2);
+    assert!(rows.len() >= 2, "{rows:?}");
+    for (agent, vm_id, model_name, status) in &rows {
+        assert_eq!(agent, "oc", "{rows:?}");
+        assert!(vm_id.starts_with("oc-"), "{vm_id}");
+        assert_eq!((model_name.as_str(), *status), ("claude-sonnet-4-5", 200));
+    }
+    let seen = model.requests();
+    assert!(seen.len() >= 2, "{seen:?}");
+    for r in &seen {
+        assert_eq!(r["x_api_key"], HOST_KEY, "{r}");
+        assert!(r["authorization"].is_null(), "{r}");
+    }
+    let jwt = wire
+        .bearers()
+        .first()
+        .cloned()
+        .expect("the relay sent a JWT");
+    let identity = IdentityClient::with_service_token(
+        &host.identity_url,
+        &host.service_token().expect("service token"),
+    );
+    let claims = runtime()
+        .block_on(identity.introspect(&jwt))
+        .expect("introspect");
+    assert!(claims.active, "{claims:?}");
+    assert_eq!(claims.agent.as_deref(), Some("oc"), "{claims:?}");
+
+    // 4. A later turn in the same session (the model is past its script: OpenClaw sent
+    // the whole transcript).
+    let t = Instant::now();
+    let o = l.clawos(&[
+        "agent",
+        "run",
+        "oc",
+        "--session",
+        &session,
+        "--message",
+        "Anything else?",
+        "--json",
+    ]);
+    let steady_turn_s = t.elapsed().as_secs_f64();
+    assert!(o.status.success(), "{}", show(&o));
+    let again: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(again["session"], session.as_str(), "{again}");
+    assert_ne!(
+        again["answer"], FINAL_TEXT,
+        "the session was not continued: {again}"
+    );
+
+    // 5. No credential in the guest: not in any process's environment, /run or the
+    // workspace (OpenClaw's state included). The gateway token is there (it is the
+    // gateway's own, guest-local), which shows the search saw the gateway's environment.
+    let o = l.clawos(&[
+        "vm",
+        "exec",
+        "oc",
+        "--",
+        "sh",
+        "-c",
+        "cat /proc/[0-9]*/environ | tr '\\0' '\\n' | grep -c OPENCLAW_GATEWAY_TOKEN=; \
+         for f in /proc/[0-9]*/environ; do cat $f; done > /tmp/environ.dump; \
+         grep -r -l -a -F -e \"$1\" -e \"$2\" /tmp/environ.dump /run /workspace; echo searched",
+        "search",
+        &jwt,
+        HOST_KEY,
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("searched"), "{}", show(&o));
+    let found: Vec<&str> = out.lines().filter(|l| l.starts_with('/')).collect();
+    assert!(found.is_empty(), "a credential is in the guest: {found:?}");
+    assert_ne!(
+        out.lines().next().map(str::trim),
+        Some("0"),
+        "the search did not see the gateway's environment: {out}"
+    );
+
+    // 6. Its console lines carry its name.
+    let logs = String::from_utf8_lossy(&l.clawos(&["vm", "logs", "oc"]).stdout).into_owned();
+    assert!(
+        logs.contains("openclaw: "),
+        "no prefixed gateway lines:\n{logs}"
+    );
+
+    // 7. The gateway killed inside the VM is restarted by the guest agent and answers.
+    let o = l.clawos(&[
+        "vm",
+        "exec",
+        "oc",
+        "--",
+        "sh",
+        "-c",
+        "kill -9 $(pidof node)",
+    ]);
+    assert!(o.status.success(), "{}", show(&o));
+    let t = Instant::now();
+    let answered = loop {
+        let o = l.clawos(&["agent", "run", "oc", "--message", "Are you back?", "--json"]);
+        if o.status.success() {
+            break Some(o);
+        }
+        if t.elapsed() > Duration::from_secs(480) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    };
+    let restart_s = t.elapsed().as_secs_f64();
+    assert!(
+        answered.is_some(),
+        "the gateway did not come back\nconsole:\n{}",
+        String::from_utf8_lossy(&l.clawos(&["vm", "logs", "oc"]).stdout)
+    );
+
+    // 8. Sessions are OpenClaw's own: the listing says so instead of lying.
+    let o = l.clawos(&["agent", "sessions", "oc"]);
+    assert!(!o.status.success(), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("openclaw"),
+        "{}",
+        show(&o)
+    );
+
+    let mem = l.clawos(&["vm", "exec", "oc", "--", "free", "-m"]);
+    let o = l.clawos(&["vm", "stop", "oc"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let rootfs_mb = std::fs::metadata(image.join("rootfs.img"))
+        .map(|m| m.len() as f64 / 1e6)
+        .unwrap_or(0.0);
+    eprintln!(
+        "MEASURED openclaw: image build {build_s:.0} s, rootfs {rootfs_mb:.0} MB, boot to gateway ready {boot_s:.0} s, first turn {first_turn_s:.0} s, next turn {steady_turn_s:.1} s, gateway restart to answer {restart_s:.0} s\nguest memory after the turns:\n{}",
+        String::from_utf8_lossy(&mem.stdout)
+    );
+}
