@@ -63,9 +63,15 @@ if ! python3 -c "import jwt, cryptography, anthropic, openai" 2>/dev/null; then
     || python3 -m pip install --quiet --break-system-packages pyjwt cryptography anthropic openai
 fi
 skipped=${CARGO_TARGET_DIR:-target}/e2e/SKIPPED
-mkdir -p "$(dirname "$skipped")" && rm -f "$skipped"
+measured=${CARGO_TARGET_DIR:-target}/e2e/MEASURED
+mkdir -p "$(dirname "$skipped")" && rm -f "$skipped" "$measured"
 # Two cores: VM tests are CPU bound under software emulation.
 status=0
 cargo test --locked --workspace -- --test-threads=2 || status=$?
+# What the end-to-end tests measured on the way (docs/benchmarks.md quotes them).
+if [ -s "$measured" ]; then
+  echo "==> measured in this run:"
+  sed 's/^/    /' "$measured"
+fi
 check_skips "$skipped" || [ "$status" -ne 0 ] || status=1
 exit $status
