@@ -76,19 +76,12 @@ fn main() {
     // The same image without the runtime (same kernel, same binaries otherwise).
     let a = artifacts();
     let bare = work.path().join("image-without-runtime");
-    let opts = clawos_image::BuildOptions {
-        kernel: clawos_image::KernelSource::Debian { package: None },
-        cache_dir: a.root.parent().expect("e2e dir").join("cache"),
-        guest_bin_dir: clawos_e2e::guest_bin_dir(),
-        rootfs_overlay: None,
-        out: bare.clone(),
-        force: true,
-        version: Some("bench-bare".into()),
-        source_date_epoch: Some(1_700_000_000),
-        vmlinux: false,
-        busybox: Some(clawos_image::build::DEFAULT_BUSYBOX.into()),
-        agent: clawos_image::AgentChoice::None,
-    };
+    let opts = clawos_e2e::image_options(
+        &bare,
+        &a.root.parent().expect("e2e dir").join("cache"),
+        "bench-bare",
+        clawos_image::AgentChoice::None,
+    );
     clawos_image::build(&opts, &mut |_| {}).expect("build the image without a runtime");
     let key = clawos_image::keys::load(&a.root.join("signing.key")).expect("key");
     clawos_image::manifest::sign_bundle(&bare, &key).expect("sign");

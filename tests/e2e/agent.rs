@@ -7,23 +7,13 @@
 //! credentials searched for everywhere in the guest, and the token's revocation on stop.
 
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use clawos_e2e::stack::{HOST_KEY, HostServices, RecordingForwarder, ScriptedModel};
-use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, is, runtime};
+use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, is, runtime, show};
 use clawos_identity_manager_api::IdentityClient;
 use clawos_vm_launcher_api::VmState;
 use serde_json::{Value, json};
-
-fn show(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 const HELLO: &str = "Hello from your ClawOS agent.\n";
 const FINAL_TEXT: &str = "I wrote hello.txt in the workspace.";

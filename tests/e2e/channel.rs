@@ -5,22 +5,10 @@ use std::io::{Read, Write};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, is, runtime};
+use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, is, runtime, show};
 use clawos_vm_launcher_api::VmState;
 
 const BOOT: Duration = Duration::from_secs(180);
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout)
-            .chars()
-            .take(2000)
-            .collect::<String>(),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn sha256(data: &[u8]) -> String {
     let mut child = Command::new("sha256sum")

@@ -15,25 +15,15 @@
 //!   0600) and nowhere in the workspace: not in `/workspace/.env`, not on the
 //!   workspace disk.
 
-use std::process::Output;
 use std::time::Duration;
 
 use clawos_e2e::{
     Launcher, artifacts, can_boot_vms, can_use_vsock, copy_image, hypervisor_running_for,
-    image_ref, is, runtime, store_image, vms_on_disk,
+    image_ref, is, runtime, show, store_image, vms_on_disk,
 };
 use clawos_vm_launcher_api::{ClientError, StartVm, VmState};
 
 const BOOT: Duration = Duration::from_secs(180);
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn start_req(name: &str, image: Option<String>) -> StartVm {
     StartVm {

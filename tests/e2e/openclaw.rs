@@ -11,22 +11,14 @@
 //! first readiness and 1-2 minutes for its first turn. It prints what it measured.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::{Duration, Instant};
 
 use clawos_e2e::stack::{HOST_KEY, HostServices, RecordingForwarder, ScriptedModel};
-use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, openclaw_image, runtime, vms_on_disk};
+use clawos_e2e::{
+    Launcher, can_boot_vms, can_use_vsock, openclaw_image, runtime, show, vms_on_disk,
+};
 use clawos_identity_manager_api::IdentityClient;
 use serde_json::{Value, json};
-
-fn show(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// Builds the OpenClaw image again into `dir`, from a download cache of its own but for
 /// the registry's tarballs (npm's cache) and the kernel package, linked from the
@@ -42,19 +34,12 @@ fn rebuild_with_own_cache(dir: &Path) -> PathBuf {
     )
     .expect("link");
     let out = dir.join("image-openclaw-again");
-    let opts = clawos_image::BuildOptions {
-        kernel: clawos_image::KernelSource::Debian { package: None },
-        cache_dir: own,
-        guest_bin_dir: clawos_e2e::guest_bin_dir(),
-        rootfs_overlay: None,
-        out: out.clone(),
-        force: true,
-        version: Some("e2e-openclaw".into()),
-        source_date_epoch: Some(1_700_000_000),
-        vmlinux: false,
-        busybox: Some(clawos_image::build::DEFAULT_BUSYBOX.into()),
-        agent: clawos_image::AgentChoice::OpenClaw,
-    };
+    let opts = clawos_e2e::image_options(
+        &out,
+        &own,
+        "e2e-openclaw",
+        clawos_image::AgentChoice::OpenClaw,
+    );
     clawos_image::build(&opts, &mut |m| eprintln!("openclaw rebuild: {m}"))
         .expect("build the OpenClaw image again");
     out
@@ -232,6 +217,8 @@ fn openclaw_runs_a_task_like_the_builtin_runtime() {
     assert_eq!(vm["agent_runtime"], "openclaw", "{vm}");
 
     // 3. The task, through the same CLI and launcher route as the built-in runtime.
+    let rows_before = host.ledger(2).len();
+    let bearers_before = wire.bearers().len();
     let t = Instant::now();
     let o = l.clawos(&[
         "agent",
@@ -267,9 +254,10 @@ fn openclaw_runs_a_task_like_the_builtin_runtime() {
 
     // The calls were billed to the VM's agent; the upstream saw only the host key; the
     // relay sent the VM's own JWT.
-    let rows = host.ledger(2);
+    let rows = host.ledger(rows_before + 2);
+    let rows = &rows[rows_before..];
     assert!(rows.len() >= 2, "{rows:?}");
-    for (agent, vm_id, model_name, status) in &rows {
+    for (agent, vm_id, model_name, status) in rows {
         assert_eq!(agent, "oc", "{rows:?}");
         assert!(vm_id.starts_with("oc-"), "{vm_id}");
         assert_eq!((model_name.as_str(), *status), ("claude-sonnet-4-5", 200));
@@ -282,9 +270,9 @@ fn openclaw_runs_a_task_like_the_builtin_runtime() {
     }
     let jwt = wire
         .bearers()
-        .first()
+        .get(bearers_before)
         .cloned()
-        .expect("the relay sent a JWT");
+        .expect("the relay sent a JWT for OpenClaw's calls");
     let identity = IdentityClient::with_service_token(
         &host.identity_url,
         &host.service_token().expect("service token"),

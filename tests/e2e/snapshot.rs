@@ -5,19 +5,10 @@
 use std::process::Output;
 use std::time::Duration;
 
-use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, is};
+use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, is, show};
 use clawos_vm_launcher_api::{Snapshot, Vm, VmState};
 
 const BOOT: Duration = Duration::from_secs(180);
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()

@@ -3,21 +3,11 @@
 //! `clawos workflow`. Each step runs in its own agent VM with its own identity.
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 use std::time::Duration;
 
 use clawos_e2e::stack::{Orchestrator, WorkflowStack};
-use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock};
+use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, show};
 use serde_json::Value;
-
-fn show(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -194,6 +194,43 @@ pub struct Artifacts {
     pub manifest: clawos_image::Manifest,
 }
 
+/// A command's exit status and both outputs, for an assertion's message (stdout cut at
+/// 20,000 characters).
+pub fn show(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout)
+            .chars()
+            .take(20_000)
+            .collect::<String>(),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// How the tests build images: Debian's current cloud kernel, the static guest binaries
+/// of this checkout, busybox, a fixed timestamp (reproducible), into `out` (replaced).
+pub fn image_options(
+    out: &Path,
+    cache: &Path,
+    version: &str,
+    agent: clawos_image::AgentChoice,
+) -> clawos_image::BuildOptions {
+    clawos_image::BuildOptions {
+        kernel: clawos_image::KernelSource::Debian { package: None },
+        cache_dir: cache.to_owned(),
+        guest_bin_dir: guest_bin_dir(),
+        rootfs_overlay: None,
+        out: out.to_owned(),
+        force: true,
+        version: Some(version.to_owned()),
+        source_date_epoch: Some(1_700_000_000),
+        vmlinux: false,
+        busybox: Some(clawos_image::build::DEFAULT_BUSYBOX.into()),
+        agent,
+    }
+}
+
 /// Builds (once per test process) and signs the default image.
 pub fn artifacts() -> &'static Artifacts {
     static CELL: OnceLock<Artifacts> = OnceLock::new();
@@ -216,19 +253,12 @@ fn build_artifacts() -> Result<Artifacts> {
     }
     std::fs::create_dir_all(&root)?;
     let image_dir = root.join("image");
-    let opts = clawos_image::BuildOptions {
-        kernel: clawos_image::KernelSource::Debian { package: None },
-        cache_dir: e2e.join("cache"),
-        guest_bin_dir: guest_bin_dir(),
-        rootfs_overlay: None,
-        out: image_dir.clone(),
-        force: true,
-        version: Some("e2e".into()),
-        source_date_epoch: Some(1_700_000_000),
-        vmlinux: false,
-        busybox: Some(clawos_image::build::DEFAULT_BUSYBOX.into()),
-        agent: clawos_image::AgentChoice::Builtin,
-    };
+    let opts = image_options(
+        &image_dir,
+        &e2e.join("cache"),
+        "e2e",
+        clawos_image::AgentChoice::Builtin,
+    );
     let manifest = clawos_image::build(&opts, &mut |m| eprintln!("image build: {m}"))?;
     let key_path = root.join("signing.key");
     let key = clawos_image::keys::generate(&key_path)?;
@@ -253,19 +283,12 @@ pub fn openclaw_image() -> &'static Path {
         );
         let a = artifacts();
         let dir = a.root.join("image-openclaw");
-        let opts = clawos_image::BuildOptions {
-            kernel: clawos_image::KernelSource::Debian { package: None },
-            cache_dir: target_profile_dir().join("../e2e/cache"),
-            guest_bin_dir: guest_bin_dir(),
-            rootfs_overlay: None,
-            out: dir.clone(),
-            force: true,
-            version: Some("e2e-openclaw".into()),
-            source_date_epoch: Some(1_700_000_000),
-            vmlinux: false,
-            busybox: Some(clawos_image::build::DEFAULT_BUSYBOX.into()),
-            agent: clawos_image::AgentChoice::OpenClaw,
-        };
+        let opts = image_options(
+            &dir,
+            &target_profile_dir().join("../e2e/cache"),
+            "e2e-openclaw",
+            clawos_image::AgentChoice::OpenClaw,
+        );
         clawos_image::build(&opts, &mut |m| eprintln!("openclaw image build: {m}"))
             .expect("build the OpenClaw image");
         let key = clawos_image::keys::load(&a.root.join("signing.key")).expect("test key");

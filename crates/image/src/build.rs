@@ -123,7 +123,8 @@ fn check_static(path: &Path) -> Result<Vec<u8>, BuildError> {
     Ok(bytes)
 }
 
-fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), BuildError> {
+/// Writes a file of the rootfs tree with its mode, making its directories.
+pub(crate) fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), BuildError> {
     if let Some(parent) = path.parent() {
         fs::create_dir_all(parent).map_err(|e| BuildError::io(parent, e))?;
     }

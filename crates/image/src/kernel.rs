@@ -39,28 +39,9 @@ pub struct KernelTree {
     pub release: String,
 }
 
-fn run(cmd: &mut Command) -> Result<String, BuildError> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.output().map_err(|source| BuildError::Tool {
-        command: shown.clone(),
-        detail: source.to_string(),
-    })?;
-    if !out.status.success() {
-        return Err(BuildError::Tool {
-            command: shown,
-            detail: format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Which package the meta package currently points at.
 pub fn resolve_debian_package(meta: &str) -> Result<String, BuildError> {
-    let out = run(Command::new("apt-cache").args(["depends", meta]))?;
+    let out = crate::run_tool(Command::new("apt-cache").args(["depends", meta]))?;
     out.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
         .map(|s| s.trim().to_owned())
@@ -91,9 +72,11 @@ pub fn fetch_debian(package: &str, cache: &Path) -> Result<KernelTree, BuildErro
         let tmp = cache.join(format!("{package}.unpack-{pid}"));
         let result = (|| {
             fs::create_dir_all(&dl).map_err(|e| BuildError::io(&dl, e))?;
-            run(Command::new("apt-get")
-                .args(["download", "-q", package])
-                .current_dir(&dl))?;
+            crate::run_tool(
+                Command::new("apt-get")
+                    .args(["download", "-q", package])
+                    .current_dir(&dl),
+            )?;
             let deb = fs::read_dir(&dl)
                 .map_err(|e| BuildError::io(&dl, e))?
                 .filter_map(Result::ok)
@@ -102,7 +85,7 @@ pub fn fetch_debian(package: &str, cache: &Path) -> Result<KernelTree, BuildErro
                 .ok_or_else(|| BuildError::Kernel {
                     reason: format!("apt-get download {package} produced no .deb"),
                 })?;
-            run(Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp))?;
+            crate::run_tool(Command::new("dpkg").arg("-x").arg(&deb).arg(&tmp))?;
             match fs::rename(&tmp, &unpacked) {
                 Ok(()) => Ok(()),
                 // Another build unpacked it first.

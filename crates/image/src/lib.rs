@@ -64,3 +64,24 @@ impl BuildError {
         }
     }
 }
+
+/// Runs a build tool (apt-get, dpkg, npm, tar, ...) and returns its stdout; a failure
+/// names the command and ends with the last lines of its stderr (where npm and apt put
+/// their reason).
+pub(crate) fn run_tool(cmd: &mut std::process::Command) -> Result<String, BuildError> {
+    let shown = format!("{cmd:?}");
+    let out = cmd.output().map_err(|source| BuildError::Tool {
+        command: shown.clone(),
+        detail: source.to_string(),
+    })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        return Err(BuildError::Tool {
+            command: shown,
+            detail: format!("{}: {}", out.status, tail.trim()),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

