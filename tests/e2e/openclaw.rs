@@ -7,8 +7,9 @@
 //! gateway's per-boot token. Then: no credential in the guest, the gateway killed and
 //! restarted by the guest agent, its console lines prefixed.
 //!
-//! Under software emulation this is the slowest test: about 3 minutes to the gateway's
-//! first readiness and 1-2 minutes for its first turn. It prints what it measured.
+//! Under software emulation this is the slowest test (about 14 minutes): some 4.5 minutes
+//! to the gateway's first readiness, 2.5 for its first turn, 5 for a restart. It prints
+//! what it measured (and `scripts/test.sh` shows it after the run).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -146,8 +146,9 @@ pub enum Reply {
     Runtime(RuntimeInfo),
 }
 
-/// The agent runtime a guest runs, as its guest agent reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The agent runtime a guest runs, as its guest agent reports it. Its `Debug` leaves
+/// the token out, so no log or error message that prints a reply carries it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RuntimeInfo {
     /// `clawos-agentd` (the built-in runtime), `openclaw`, ...; `none` when the image
     /// has no agent runtime.
@@ -161,6 +162,20 @@ pub struct RuntimeInfo {
     /// gateway on guest loopback: no credential for anything outside the VM.
     #[serde(default)]
     pub gateway_token: Option<String>,
+}
+
+impl std::fmt::Debug for RuntimeInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuntimeInfo")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("healthy", &self.healthy)
+            .field(
+                "gateway_token",
+                &self.gateway_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
 }
 
 /// Encodes one frame.
@@ -225,6 +240,23 @@ pub fn secrets_match(a: &str, b: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_runtime_reply_never_prints_its_token() {
+        let info = RuntimeInfo {
+            name: "openclaw".into(),
+            version: "1".into(),
+            healthy: true,
+            gateway_token: Some("tok-0123456789abcdef".into()),
+        };
+        let shown = format!("{:?}", Reply::Runtime(info.clone()));
+        assert!(!shown.contains("tok-0123456789abcdef"), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
+        // The wire still carries it.
+        let json = serde_json::to_string(&Reply::Runtime(info)).expect("json");
+        assert!(json.contains("tok-0123456789abcdef"));
+    }
+
     use super::*;
 
     #[test]

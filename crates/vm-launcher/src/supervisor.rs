@@ -249,6 +249,11 @@ pub fn outcome(
     boot_timeout: Option<Duration>,
     dir: &VmDir,
 ) -> (VmState, Option<String>) {
+    // A VM being stopped ends stopped, whatever its console says: a line the guest
+    // printed cannot turn the operator's stop into a failure.
+    if state_before == VmState::Stopping {
+        return (VmState::Stopped, None);
+    }
     if let Some(reason) = console::failure_reason(console_text) {
         return (VmState::Failed, Some(reason));
     }
@@ -260,9 +265,6 @@ pub fn outcome(
                 t.as_secs()
             )),
         );
-    }
-    if state_before == VmState::Stopping {
-        return (VmState::Stopped, None);
     }
     if console::powered_off(console_text) && exit_code.is_none_or(|c| c == 0) {
         return (VmState::Stopped, Some("guest powered off".into()));
@@ -325,6 +327,17 @@ mod tests {
         assert_eq!(
             outcome(VmState::Stopping, None, "", None, &dir).0,
             VmState::Stopped
+        );
+        // A stop stays a stop, whatever the console says.
+        assert_eq!(
+            outcome(
+                VmState::Stopping,
+                Some(0),
+                "[ 9.0] Kernel panic - not syncing: Attempted to kill init!\n",
+                None,
+                &dir
+            ),
+            (VmState::Stopped, None)
         );
         assert_eq!(
             outcome(VmState::Running, Some(0), "CLAWOS_POWEROFF\n", None, &dir).0,

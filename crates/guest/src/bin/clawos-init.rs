@@ -106,7 +106,8 @@ fn mount_root() -> String {
         VERITY_NODE,
         "/newroot",
         Some("erofs"),
-        libc::MS_RDONLY,
+        // No set-id program of the image can raise a process of the agent's.
+        libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
         None,
     )
     .or_fatal("mount rootfs");
@@ -194,6 +195,20 @@ fn switch_root() {
     sys::mount(".", "/", None, libc::MS_MOVE, None).or_fatal("move root");
     sys::chroot(".").or_fatal("chroot");
     std::env::set_current_dir("/").or_fatal("chdir /");
+}
+
+/// The agent user owns `/workspace`, where root also works (boot record, runtime
+/// directories, uploads): with these on, it can neither link a file it does not own
+/// (to have root change it through the link) nor have root follow its symlinks in a
+/// sticky directory. A kernel without them is logged, not fatal: root's own work in the
+/// workspace is confined by other means (`Workspace`).
+fn harden_links() {
+    for knob in ["protected_hardlinks", "protected_symlinks"] {
+        let path = format!("/proc/sys/fs/{knob}");
+        if let Err(e) = fs::write(&path, "1") {
+            log(&format!("cannot set {path}: {e}"));
+        }
+    }
 }
 
 /// Signals init handles synchronously through a signalfd.
@@ -386,6 +401,7 @@ fn main() {
     switch_root();
     let _ = sys::sethostname(&name);
     mount_cgroups();
+    harden_links();
     if let Err(e) = sys::loopback_up() {
         log(&format!("{e}"));
     }
