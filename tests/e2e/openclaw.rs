@@ -341,6 +341,15 @@ fn openclaw_runs_a_task_like_the_builtin_runtime() {
     );
 
     // 7. The gateway killed inside the VM is restarted by the guest agent and answers.
+    let pids = |l: &Launcher| {
+        let o = l.clawos(&["vm", "exec", "oc", "--", "pidof", "node"]);
+        String::from_utf8_lossy(&o.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    let before = pids(&l);
+    assert!(!before.is_empty(), "no gateway process to kill");
     let o = l.clawos(&[
         "vm",
         "exec",
@@ -352,19 +361,48 @@ fn openclaw_runs_a_task_like_the_builtin_runtime() {
     ]);
     assert!(o.status.success(), "{}", show(&o));
     let t = Instant::now();
-    let answered = loop {
-        let o = l.clawos(&["agent", "run", "oc", "--message", "Are you back?", "--json"]);
-        if o.status.success() {
-            break Some(o);
+    // Tasks go to the new gateway only: one sent while the killed one is still being
+    // torn down (a 1 GiB process takes a while under emulation) was once left waiting
+    // forever (see the note in docs/benchmarks.md).
+    while t.elapsed() < Duration::from_secs(120) {
+        let now = pids(&l);
+        if !now.is_empty() && now.iter().all(|p| !before.contains(p)) {
+            break;
         }
-        if t.elapsed() > Duration::from_secs(480) {
-            break None;
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let answered = loop {
+        // Each attempt bounded: a client must not wait on a gateway forever.
+        let mut child = l
+            .clawos_command(&["agent", "run", "oc", "--message", "Are you back?", "--json"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("agent run");
+        let started = Instant::now();
+        let ok = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status.success();
+            }
+            if started.elapsed() > Duration::from_secs(300) {
+                let _ = child.kill();
+                let _ = child.wait();
+                eprintln!("an agent run after the restart took over 300 s; retrying");
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        if ok {
+            break true;
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            break false;
         }
         std::thread::sleep(Duration::from_secs(5));
     };
     let restart_s = t.elapsed().as_secs_f64();
     assert!(
-        answered.is_some(),
+        answered,
         "the gateway did not come back\nconsole:\n{}",
         String::from_utf8_lossy(&l.clawos(&["vm", "logs", "oc"]).stdout)
     );
