@@ -435,3 +435,158 @@ impl WorkflowStack {
         self.work.path()
     }
 }
+
+/// A running `control-plane` over TLS on a loopback port, sharing the launcher's state
+/// directory (it reads the launcher's credential there and keeps its own in
+/// `control-plane/`), driven with the real `curl`.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub port: u16,
+    pub url: String,
+    pub state: PathBuf,
+    pub log: PathBuf,
+    _child: KillOnDrop,
+}
+
+/// One answer as `curl` saw it.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    /// Header lines, lower-cased names.
+    pub headers: String,
+    pub body: String,
+}
+
+impl Answer {
+    /// The JSON body.
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<String> {
+        let prefix = format!("{}:", name.to_ascii_lowercase());
+        self.headers.lines().find_map(|l| {
+            l.to_ascii_lowercase()
+                .starts_with(&prefix)
+                .then(|| l[prefix.len()..].trim().to_owned())
+        })
+    }
+}
+
+impl ControlPlane {
+    /// Starts one with `args` after the common ones (state dir, loopback address,
+    /// launcher URL); without a `--tls` among them it serves a self-signed certificate
+    /// for `localhost` and `127.0.0.1`.
+    pub fn start(state: &Path, launcher_url: &str, args: &[&str]) -> Result<Self> {
+        let port = port();
+        let log = state.join("control-plane.log");
+        let addr = format!("127.0.0.1:{port}");
+        let mut all = vec![
+            "--addr",
+            &addr,
+            "--state-dir",
+            state.to_str().context("utf8 state dir")?,
+            "--launcher-url",
+            launcher_url,
+        ];
+        if !args.contains(&"--tls") {
+            all.extend(["--tls", "self-signed", "--tls-name", "localhost,127.0.0.1"]);
+        }
+        all.extend_from_slice(args);
+        let child = spawn_daemon(
+            "control-plane",
+            &all,
+            &[("RUST_LOG", "info,clawos_control_plane=debug")],
+            &log,
+            port,
+        )?;
+        Ok(Self {
+            port,
+            url: format!("https://127.0.0.1:{port}"),
+            state: state.to_owned(),
+            log,
+            _child: KillOnDrop(child),
+        })
+    }
+
+    /// The local admin's credential, made at the first start.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.state.join("control-plane/admin.token"))
+            .expect("control-plane/admin.token")
+            .trim()
+            .to_owned()
+    }
+
+    /// The self-signed certificate it serves, for clients to trust.
+    pub fn ca(&self) -> PathBuf {
+        self.state.join("control-plane/tls/self-signed.crt")
+    }
+
+    /// Its diagnostic log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The operator audit trail so far, one value per record.
+    pub fn audit(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.state.join("control-plane/audit.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit records are JSON lines"))
+            .collect()
+    }
+
+    /// `curl` with `extra` arguments against `path`, trusting [`Self::ca`], sending
+    /// `token` as the bearer credential when given.
+    pub fn curl_with(&self, token: Option<&str>, extra: &[&str], path: &str) -> Answer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let head = dir.path().join("head");
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "120", "--cacert"])
+            .arg(self.ca())
+            .arg("-D")
+            .arg(&head)
+            .args(["-o", "-", "-w", "\n%{http_code}"]);
+        if let Some(t) = token {
+            // From a file, so the secret is on no command line (`ps` shows those).
+            let hdr = dir.path().join("auth");
+            std::fs::write(&hdr, format!("Authorization: Bearer {t}\n")).expect("write");
+            cmd.arg("-H").arg(format!("@{}", hdr.display()));
+        }
+        let out = cmd
+            .args(extra)
+            .arg(format!("{}{path}", self.url))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run curl");
+        assert!(
+            out.status.success(),
+            "curl {path} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').expect("status line");
+        Answer {
+            status: status.trim().parse().expect("status"),
+            headers: std::fs::read_to_string(&head).unwrap_or_default(),
+            body: body.to_owned(),
+        }
+    }
+
+    /// `curl` `method` `path` with an optional JSON body.
+    pub fn call(
+        &self,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Answer {
+        let mut extra = vec!["-X", method];
+        let body = body.map(|b| b.to_string());
+        if let Some(b) = &body {
+            extra.extend(["-H", "Content-Type: application/json", "--data-binary", b]);
+        }
+        self.curl_with(token, &extra, path)
+    }
+}

@@ -160,12 +160,14 @@ pub fn label_problem(name: &str) -> Option<String> {
 
 /// The error body of every ClawOS API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
 /// What went wrong.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     /// Machine-readable kind, one of [`code`].
     pub code: String,
@@ -315,6 +317,17 @@ impl HttpClient {
     }
 
     /// Sends `Authorization: Bearer <token>` with every request.
+    /// A client of `base` over `http`, a client the caller built (e.g. one that trusts
+    /// a given certificate authority or pins a server certificate).
+    pub fn with_http(service: &'static str, base: &str, http: reqwest::Client) -> Self {
+        Self {
+            service,
+            base: base.trim_end_matches('/').to_owned(),
+            token: None,
+            http,
+        }
+    }
+
     pub fn with_token(mut self, token: &str) -> Self {
         self.token = Some(token.to_owned());
         self

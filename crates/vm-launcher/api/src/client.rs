@@ -24,6 +24,15 @@ impl LauncherClient {
         }
     }
 
+    /// A client of the launcher's routes wherever they are served: the local launcher,
+    /// or a control plane (`https://host:8080/api`) over `http`, a client that trusts
+    /// that server's certificate. `service` names it in errors.
+    pub fn with_http(service: &'static str, base: &str, http: reqwest::Client) -> Self {
+        Self {
+            http: HttpClient::with_http(service, base, http),
+        }
+    }
+
     /// Sends the operator credential (the content of [`crate::token_path`]) with every
     /// request, WebSocket upgrades included.
     #[must_use]

@@ -146,6 +146,7 @@ pub mod routes {
 /// Request to start an agent VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StartVm {
     /// VM name: `[a-z0-9-]`, 1–63 characters, not starting or ending with `-`.
     pub name: String,
@@ -192,6 +193,7 @@ fn default_vcpus() -> u32 {
 /// Life cycle of a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum VmState {
     /// The hypervisor runs; the guest has not reported ready yet.
     Starting,
@@ -232,6 +234,7 @@ impl std::fmt::Display for VmState {
 
 /// A VM as the launcher reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Vm {
     pub name: String,
     pub state: VmState,
@@ -275,6 +278,7 @@ pub struct Vm {
 /// Request to snapshot a running or paused VM.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CreateSnapshot {
     /// Snapshot name, same rules as a VM name; a time stamp when absent.
     #[serde(default)]
@@ -284,6 +288,7 @@ pub struct CreateSnapshot {
 /// Request to restore a stopped VM from one of its snapshots.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RestoreVm {
     /// The snapshot's tag.
     pub snapshot: String,
@@ -291,6 +296,7 @@ pub struct RestoreVm {
 
 /// A saved VM: guest memory and device state plus copies of its writable disks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Snapshot {
     pub tag: String,
     pub vm: String,
@@ -357,6 +363,7 @@ pub struct FileEntry {
 
 /// The query of [`routes::CONSOLE`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ConsoleQuery {
     /// Byte offset in the console log to read from.
     #[serde(default)]

@@ -1,0 +1,894 @@
+//! The public API: one table of endpoints ([`endpoints`]) — method, path, the role it
+//! needs, the action name the audit trail records — from which the router is mounted,
+//! every request authorized and the OpenAPI document generated, so the three cannot
+//! disagree. In front of every route, [`gate`] does, in order:
+//!
+//! 1. the Host/Origin/body-type checks every ClawOS API makes (`clawos_service::guard`);
+//! 2. **authenticate**: `Authorization: Bearer <operator token>` (401 otherwise);
+//! 3. **authorize**: the token's role against the endpoint's (403 otherwise; a mounted
+//!    route missing from the table is refused too: deny by default);
+//! 4. read the body within [`BODY_TIMEOUT`] and [`MAX_BODY`] (408, 413);
+//! 5. **act** (the handler), then
+//! 6. **audit**: one [`AuditRecord`] per request, whatever happened above.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::MethodFilter;
+use clawos_api::{RouteMethod, code};
+use clawos_control_plane_api::{CreateToken, PREFIX, Role, WhoAmI, routes};
+use clawos_service::guard::Guard;
+use clawos_service::http::ErrorResponse;
+use clawos_vm_launcher_api::{
+    CONSOLE_OFFSET_HEADER, ClientError, ConsoleQuery, CreateSnapshot, LauncherClient, RestoreVm,
+    StartVm, routes as vm,
+};
+
+use crate::audit::{AuditRecord, AuditTrail, timestamp};
+use crate::operators::{Operator, OperatorError, OperatorStore};
+
+/// Largest request body (JSON): 1 MiB.
+pub const MAX_BODY: usize = 1 << 20;
+/// Longest a client may take to send a request body once its headers are in.
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a request or answer body is, for the OpenAPI document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// No body (204 answers; requests without one).
+    Empty,
+    /// One JSON value of the named schema.
+    Json(&'static str),
+    /// A JSON array of the named schema.
+    JsonArray(&'static str),
+    /// Plain text.
+    Text,
+}
+
+/// One route of the public API.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    pub method: RouteMethod,
+    /// The full path template (`/api/v1/vms/{name}`).
+    pub path: String,
+    /// The least role that may call it; `None`: open (health, the OpenAPI document).
+    pub role: Option<Role>,
+    /// The audit trail's name for it, e.g. `vm.stop`.
+    pub action: &'static str,
+    pub summary: &'static str,
+    pub request: Shape,
+    /// Success status and body.
+    pub answer: (u16, Shape),
+}
+
+fn ep(
+    route: clawos_api::Route,
+    prefix: &str,
+    role: Option<Role>,
+    action: &'static str,
+    summary: &'static str,
+    request: Shape,
+    answer: (u16, Shape),
+) -> Endpoint {
+    Endpoint {
+        method: route.method,
+        path: format!("{prefix}{}", route.path),
+        role,
+        action,
+        summary,
+        request,
+        answer,
+    }
+}
+
+/// The public API, every route of it.
+pub fn endpoints() -> Vec<Endpoint> {
+    use Role::{Admin, Operator, Viewer};
+    use Shape::{Empty, Json as J, JsonArray as A, Text};
+    let p = PREFIX;
+    vec![
+        ep(
+            routes::HEALTHZ,
+            "",
+            None,
+            "health",
+            "Liveness.",
+            Empty,
+            (200, Text),
+        ),
+        ep(
+            routes::OPENAPI,
+            "",
+            None,
+            "openapi",
+            "This document.",
+            Empty,
+            (200, Text),
+        ),
+        ep(
+            routes::WHOAMI,
+            "",
+            Some(Viewer),
+            "whoami",
+            "Who the caller is and their role.",
+            Empty,
+            (200, J("WhoAmI")),
+        ),
+        ep(
+            routes::CREATE_TOKEN,
+            "",
+            Some(Admin),
+            "operator.token.create",
+            "Create an operator API token; its secret is in this answer only.",
+            J("CreateToken"),
+            (201, J("CreatedToken")),
+        ),
+        ep(
+            routes::LIST_TOKENS,
+            "",
+            Some(Admin),
+            "operator.token.list",
+            "List operator tokens (never their secrets).",
+            Empty,
+            (200, A("TokenInfo")),
+        ),
+        ep(
+            routes::REVOKE_TOKEN,
+            "",
+            Some(Admin),
+            "operator.token.revoke",
+            "Revoke an operator token.",
+            Empty,
+            (204, Empty),
+        ),
+        ep(
+            vm::LIST,
+            p,
+            Some(Viewer),
+            "vm.list",
+            "List VMs.",
+            Empty,
+            (200, A("Vm")),
+        ),
+        ep(
+            vm::START,
+            p,
+            Some(Operator),
+            "vm.start",
+            "Create (if new) and start a VM from a registered, signed image.",
+            J("StartVm"),
+            (202, J("Vm")),
+        ),
+        ep(
+            vm::GET,
+            p,
+            Some(Viewer),
+            "vm.get",
+            "One VM.",
+            Empty,
+            (200, J("Vm")),
+        ),
+        ep(
+            vm::STOP,
+            p,
+            Some(Operator),
+            "vm.stop",
+            "Stop a VM (answers once it is stopped).",
+            Empty,
+            (200, J("Vm")),
+        ),
+        ep(
+            vm::DELETE,
+            p,
+            Some(Operator),
+            "vm.delete",
+            "Delete a stopped VM and its disks.",
+            Empty,
+            (204, Empty),
+        ),
+        ep(
+            vm::CONSOLE,
+            p,
+            Some(Viewer),
+            "vm.console",
+            "The VM's console log from byte `offset`; `x-console-offset` is the next offset.",
+            Empty,
+            (200, Text),
+        ),
+        ep(
+            vm::PAUSE,
+            p,
+            Some(Operator),
+            "vm.pause",
+            "Freeze a VM's vCPUs.",
+            Empty,
+            (200, J("Vm")),
+        ),
+        ep(
+            vm::RESUME,
+            p,
+            Some(Operator),
+            "vm.resume",
+            "Resume a paused VM.",
+            Empty,
+            (200, J("Vm")),
+        ),
+        ep(
+            vm::LIST_SNAPSHOTS,
+            p,
+            Some(Viewer),
+            "vm.snapshot.list",
+            "A VM's snapshots.",
+            Empty,
+            (200, A("Snapshot")),
+        ),
+        ep(
+            vm::CREATE_SNAPSHOT,
+            p,
+            Some(Operator),
+            "vm.snapshot.create",
+            "Snapshot a running VM.",
+            J("CreateSnapshot"),
+            (201, J("Snapshot")),
+        ),
+        ep(
+            vm::DELETE_SNAPSHOT,
+            p,
+            Some(Operator),
+            "vm.snapshot.delete",
+            "Delete a snapshot.",
+            Empty,
+            (204, Empty),
+        ),
+        ep(
+            vm::RESTORE,
+            p,
+            Some(Operator),
+            "vm.restore",
+            "Restore a stopped VM from one of its snapshots.",
+            J("RestoreVm"),
+            (202, J("Vm")),
+        ),
+    ]
+}
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct App {
+    pub launcher: LauncherClient,
+    pub operators: OperatorStore,
+    pub audit: AuditTrail,
+    pub guard: Guard,
+    /// The served OpenAPI document (JSON).
+    pub openapi: String,
+    /// Whether answers go over TLS (and so carry HSTS).
+    pub tls: bool,
+    /// (method, path template) → endpoint.
+    table: HashMap<(Method, String), Endpoint>,
+}
+
+impl App {
+    pub fn new(
+        launcher: LauncherClient,
+        operators: OperatorStore,
+        audit: AuditTrail,
+        guard: Guard,
+        tls: bool,
+    ) -> Self {
+        let table = endpoints()
+            .into_iter()
+            .map(|e| ((e.method.method(), e.path.clone()), e))
+            .collect();
+        Self {
+            launcher,
+            operators,
+            audit,
+            guard,
+            openapi: crate::openapi::document_json(),
+            tls,
+            table,
+        }
+    }
+}
+
+type Shared = State<Arc<App>>;
+
+/// The router: every endpoint of [`endpoints`] mounted, [`gate`] in front of all.
+pub fn router(app: Arc<App>) -> Router {
+    let mut r: Router<Arc<App>> = Router::new();
+    for e in endpoints() {
+        let filter = match e.method {
+            RouteMethod::Get => MethodFilter::GET,
+            RouteMethod::Post => MethodFilter::POST,
+            RouteMethod::Put => MethodFilter::PUT,
+            RouteMethod::Delete => MethodFilter::DELETE,
+        };
+        let h = match e.action {
+            "health" => axum::routing::on(filter, health),
+            "openapi" => axum::routing::on(filter, openapi),
+            "whoami" => axum::routing::on(filter, whoami),
+            "operator.token.create" => axum::routing::on(filter, create_token),
+            "operator.token.list" => axum::routing::on(filter, list_tokens),
+            "operator.token.revoke" => axum::routing::on(filter, revoke_token),
+            "vm.list" => axum::routing::on(filter, vm_list),
+            "vm.start" => axum::routing::on(filter, vm_start),
+            "vm.get" => axum::routing::on(filter, vm_get),
+            "vm.stop" => axum::routing::on(filter, vm_stop),
+            "vm.delete" => axum::routing::on(filter, vm_delete),
+            "vm.console" => axum::routing::on(filter, vm_console),
+            "vm.pause" => axum::routing::on(filter, vm_pause),
+            "vm.resume" => axum::routing::on(filter, vm_resume),
+            "vm.snapshot.list" => axum::routing::on(filter, snapshot_list),
+            "vm.snapshot.create" => axum::routing::on(filter, snapshot_create),
+            "vm.snapshot.delete" => axum::routing::on(filter, snapshot_delete),
+            "vm.restore" => axum::routing::on(filter, vm_restore),
+            other => {
+                // An endpoint without a handler is a programming error every test
+                // catches; serve it as 501 rather than panic at start.
+                tracing::error!(action = other, "endpoint has no handler");
+                axum::routing::on(filter, not_implemented)
+            }
+        };
+        r = r.route(&e.path, h);
+    }
+    r.fallback(clawos_service::http::no_such_route)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), gate))
+        .layer(axum::middleware::from_fn(clawos_service::http::request_id))
+        .with_state(app)
+}
+
+/// The audit target a handler found in the body (a started VM's name), for [`gate`].
+#[derive(Debug, Clone)]
+struct AuditTarget(String);
+
+/// Authenticate → authorize → read the body → act → audit (see the module docs).
+async fn gate(State(app): Shared, req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let template = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
+    let remote = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map_or_else(|| "-".to_owned(), |c| c.0.to_string());
+    let endpoint = template
+        .as_ref()
+        .and_then(|t| app.table.get(&(method.clone(), t.clone())));
+    let action = match (&template, endpoint) {
+        (_, Some(e)) => e.action.to_owned(),
+        (None, None) => "unknown_route".to_owned(),
+        (Some(_), None) => "unlisted_route".to_owned(),
+    };
+    let target = template
+        .as_deref()
+        .and_then(|t| first_param(t, req.uri().path()));
+    let mut rec = AuditRecord {
+        ts: timestamp(),
+        request_id: clawos_service::http::current_request_id(),
+        operator: "-".into(),
+        role: None,
+        via: "-".into(),
+        action,
+        target,
+        result: String::new(),
+        status: 0,
+        remote,
+    };
+    let resp = match admit(&app, endpoint, template.is_some(), req).await {
+        Ok((op, req)) => {
+            if let Some(op) = &op {
+                rec.operator = op.name.clone();
+                rec.role = Some(op.role.to_string());
+                rec.via = op.via.to_owned();
+            }
+            next.run(req).await
+        }
+        Err((op, refusal)) => {
+            if let Some(op) = op {
+                rec.operator = op.name;
+                rec.role = Some(op.role.to_string());
+                rec.via = op.via.to_owned();
+            }
+            refusal
+        }
+    };
+    let mut resp = resp;
+    if let Some(AuditTarget(t)) = resp.extensions_mut().remove::<AuditTarget>() {
+        rec.target = Some(t);
+    }
+    rec.status = resp.status().as_u16();
+    rec.result = AuditRecord::result_of(rec.status).to_owned();
+    app.audit.record(&rec);
+    secure_headers(&app, &mut resp);
+    resp
+}
+
+type Refused = (Option<Operator>, Response);
+
+/// Steps 1–4 of [`gate`]: the request, ready for its handler, and who sent it.
+async fn admit(
+    app: &App,
+    endpoint: Option<&Endpoint>,
+    matched: bool,
+    req: Request,
+) -> Result<(Option<Operator>, Request), Refused> {
+    if let Err(refusal) = app.guard.check(req.method(), req.uri(), req.headers()) {
+        return Err((None, refusal.into_response()));
+    }
+    let open = endpoint.is_some_and(|e| e.role.is_none());
+    if open {
+        return Ok((None, req));
+    }
+    let op = match authenticate(app, &req) {
+        Ok(op) => op,
+        Err(failure) => return Err((None, failure.into_response())),
+    };
+    let Some(endpoint) = endpoint else {
+        if matched {
+            // Mounted but not in the table: nobody may call it.
+            tracing::error!(path = %req.uri().path(), "route has no access policy; refused");
+            return Err((
+                Some(op),
+                ErrorResponse::new(
+                    StatusCode::FORBIDDEN,
+                    code::FORBIDDEN,
+                    "this route has no access policy",
+                )
+                .into_response(),
+            ));
+        }
+        // Unknown routes: the fallback's 404, to authenticated callers only.
+        return Ok((Some(op), req));
+    };
+    let needed = endpoint.role.unwrap_or(Role::Admin);
+    if op.role < needed {
+        let msg = format!(
+            "{} needs the {needed} role; {} has {}",
+            endpoint.action, op.name, op.role
+        );
+        return Err((
+            Some(op),
+            ErrorResponse::new(StatusCode::FORBIDDEN, code::FORBIDDEN, msg).into_response(),
+        ));
+    }
+    match read_body(req).await {
+        Ok(mut req) => {
+            req.extensions_mut().insert(op.clone());
+            Ok((Some(op), req))
+        }
+        Err(resp) => Err((Some(op), resp)),
+    }
+}
+
+/// Why a caller was not authenticated.
+enum AuthFailure {
+    /// 401 with this message.
+    Unauthorized(&'static str),
+    /// The store failed: 500.
+    Store(String),
+}
+
+impl IntoResponse for AuthFailure {
+    fn into_response(self) -> Response {
+        match self {
+            Self::Unauthorized(msg) => {
+                let mut resp = ErrorResponse::unauthorized(msg).into_response();
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"clawos\""),
+                );
+                resp
+            }
+            Self::Store(e) => {
+                ErrorResponse::internal(format!("operator store: {e}")).into_response()
+            }
+        }
+    }
+}
+
+fn authenticate(app: &App, req: &Request) -> Result<Operator, AuthFailure> {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return Err(AuthFailure::Unauthorized(
+            "no operator credential: send Authorization: Bearer <token> (`clawos operator token create`, or the local admin's control-plane/admin.token)",
+        ));
+    };
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    match app.operators.authenticate(token) {
+        Ok(Some(op)) => Ok(op),
+        Ok(None) => Err(AuthFailure::Unauthorized(
+            "operator credential refused: unknown, revoked or expired",
+        )),
+        Err(e) => Err(AuthFailure::Store(e.to_string())),
+    }
+}
+
+/// Reads a request's body within [`BODY_TIMEOUT`] and [`MAX_BODY`], so a slow or
+/// endless sender costs one connection for ten seconds, not a handler forever.
+async fn read_body(req: Request) -> Result<Request, Response> {
+    let (parts, body) = req.into_parts();
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            let too_large = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            return Err(if too_large {
+                ErrorResponse::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    code::INVALID_REQUEST,
+                    format!("request body over {MAX_BODY} bytes"),
+                )
+            } else {
+                ErrorResponse::invalid(format!("request body: {e}"))
+            }
+            .into_response());
+        }
+        Err(_) => {
+            return Err(ErrorResponse::new(
+                StatusCode::REQUEST_TIMEOUT,
+                code::INVALID_REQUEST,
+                format!(
+                    "request body not received within {}s",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            )
+            .into_response());
+        }
+    };
+    Ok(Request::from_parts(parts, Body::from(bytes)))
+}
+
+/// The actual value of the first `{…}` segment of `template` in `path`.
+fn first_param(template: &str, path: &str) -> Option<String> {
+    template
+        .split('/')
+        .zip(path.split('/'))
+        .find(|(t, _)| t.starts_with('{'))
+        .map(|(_, v)| percent_decode(v))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(hi), Some(lo)) = (hex_digit(b[i + 1]), hex_digit(b[i + 2]))
+        {
+            out.push(hi << 4 | lo);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn hex_digit(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+fn secure_headers(app: &App, resp: &mut Response) {
+    let h = resp.headers_mut();
+    if app.tls {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+    );
+}
+
+/// A launcher error as the control plane answers it: the launcher's own status, code
+/// and message for what the operator asked wrong; 502 when the launcher refused the
+/// control plane's own credential (the operator's is fine); 503 when it is down.
+fn upstream(e: ClientError) -> ErrorResponse {
+    match e {
+        ClientError::Api {
+            status: 401 | 403, ..
+        } => ErrorResponse::new(
+            StatusCode::BAD_GATEWAY,
+            code::UNAVAILABLE,
+            "vm-launcher refused the control plane's credential (is --launcher-token the launcher's admin.token?)",
+        ),
+        ClientError::Api {
+            status,
+            code,
+            message,
+            ..
+        } => ErrorResponse::new(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+            known_code(&code),
+            message,
+        ),
+        ClientError::Transport { url, .. } => ErrorResponse::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            code::UNAVAILABLE,
+            format!("vm-launcher at {url} cannot be reached"),
+        ),
+    }
+}
+
+fn known_code(c: &str) -> &'static str {
+    [
+        code::INVALID_REQUEST,
+        code::NOT_FOUND,
+        code::CONFLICT,
+        code::RATE_LIMITED,
+        code::UNAVAILABLE,
+        code::IMAGE_UNSIGNED,
+        code::IMAGE_BAD_SIGNATURE,
+        code::IMAGE_HASH_MISMATCH,
+        code::IMAGE_SIZE_MISMATCH,
+        code::IMAGE_ROOT_HASH_MISMATCH,
+        code::IMAGE_INVALID,
+    ]
+    .into_iter()
+    .find(|k| *k == c)
+    .unwrap_or(code::INTERNAL)
+}
+
+impl From<OperatorError> for ErrorResponse {
+    fn from(e: OperatorError) -> Self {
+        match e {
+            OperatorError::Invalid(m) => ErrorResponse::invalid(m),
+            OperatorError::NotFound(_) => ErrorResponse::not_found(e.to_string()),
+            other => ErrorResponse::internal(other.to_string()),
+        }
+    }
+}
+
+/// A VM name or snapshot tag from the path, checked before it goes anywhere.
+fn label(kind: &str, name: &str) -> Result<(), ErrorResponse> {
+    match clawos_api::label_problem(name) {
+        None => Ok(()),
+        Some(why) => Err(ErrorResponse::invalid(format!(
+            "{kind} name {name:?}: {why}"
+        ))),
+    }
+}
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ErrorResponse> {
+    b.map(|Json(t)| t)
+        .map_err(|e| ErrorResponse::invalid(e.body_text()))
+}
+
+type ApiResult<T> = Result<T, ErrorResponse>;
+
+async fn health() -> &'static str {
+    "ok\n"
+}
+
+async fn openapi(State(app): Shared) -> Response {
+    let mut resp = app.openapi.clone().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+async fn not_implemented() -> ErrorResponse {
+    ErrorResponse::new(
+        StatusCode::NOT_IMPLEMENTED,
+        code::INTERNAL,
+        "not implemented",
+    )
+}
+
+fn operator(req_op: Option<axum::Extension<Operator>>) -> ApiResult<Operator> {
+    req_op
+        .map(|axum::Extension(op)| op)
+        .ok_or_else(|| ErrorResponse::internal("no authenticated operator on an authorized route"))
+}
+
+async fn whoami(op: Option<axum::Extension<Operator>>) -> ApiResult<Json<WhoAmI>> {
+    let op = operator(op)?;
+    Ok(Json(WhoAmI {
+        operator: op.name,
+        role: op.role,
+        via: op.via.to_owned(),
+    }))
+}
+
+async fn create_token(
+    State(app): Shared,
+    op: Option<axum::Extension<Operator>>,
+    b: Result<Json<CreateToken>, JsonRejection>,
+) -> ApiResult<Response> {
+    let op = operator(op)?;
+    let req = body(b)?;
+    let created = app.operators.create(&req, &op.name)?;
+    let id = created.info.id.clone();
+    let mut resp = (StatusCode::CREATED, Json(created)).into_response();
+    resp.extensions_mut().insert(AuditTarget(id));
+    Ok(resp)
+}
+
+async fn list_tokens(State(app): Shared) -> ApiResult<Response> {
+    Ok(Json(app.operators.list()?).into_response())
+}
+
+async fn revoke_token(State(app): Shared, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    app.operators.revoke(&id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn vm_list(State(app): Shared) -> ApiResult<Response> {
+    Ok(Json(app.launcher.list().await.map_err(upstream)?).into_response())
+}
+
+async fn vm_start(
+    State(app): Shared,
+    b: Result<Json<StartVm>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = body(b)?;
+    label("VM", &req.name)?;
+    let name = req.name.clone();
+    let vm = app.launcher.start(&req).await.map_err(upstream)?;
+    let mut resp = (StatusCode::ACCEPTED, Json(vm)).into_response();
+    resp.extensions_mut().insert(AuditTarget(name));
+    Ok(resp)
+}
+
+async fn vm_get(State(app): Shared, Path(name): Path<String>) -> ApiResult<Response> {
+    label("VM", &name)?;
+    Ok(Json(app.launcher.get(&name).await.map_err(upstream)?).into_response())
+}
+
+async fn vm_stop(State(app): Shared, Path(name): Path<String>) -> ApiResult<Response> {
+    label("VM", &name)?;
+    Ok(Json(app.launcher.stop(&name).await.map_err(upstream)?).into_response())
+}
+
+async fn vm_delete(State(app): Shared, Path(name): Path<String>) -> ApiResult<StatusCode> {
+    label("VM", &name)?;
+    app.launcher.delete(&name).await.map_err(upstream)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn vm_console(
+    State(app): Shared,
+    Path(name): Path<String>,
+    q: Result<Query<ConsoleQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    label("VM", &name)?;
+    let Query(q) = q.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
+    let (bytes, next) = app
+        .launcher
+        .console(&name, q.offset)
+        .await
+        .map_err(upstream)?;
+    let mut resp = bytes.into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp.headers_mut()
+        .insert(CONSOLE_OFFSET_HEADER, HeaderValue::from(next));
+    Ok(resp)
+}
+
+async fn vm_pause(State(app): Shared, Path(name): Path<String>) -> ApiResult<Response> {
+    label("VM", &name)?;
+    Ok(Json(app.launcher.pause(&name).await.map_err(upstream)?).into_response())
+}
+
+async fn vm_resume(State(app): Shared, Path(name): Path<String>) -> ApiResult<Response> {
+    label("VM", &name)?;
+    Ok(Json(app.launcher.resume(&name).await.map_err(upstream)?).into_response())
+}
+
+async fn snapshot_list(State(app): Shared, Path(name): Path<String>) -> ApiResult<Response> {
+    label("VM", &name)?;
+    Ok(Json(app.launcher.snapshots(&name).await.map_err(upstream)?).into_response())
+}
+
+async fn snapshot_create(
+    State(app): Shared,
+    Path(name): Path<String>,
+    b: Result<Json<CreateSnapshot>, JsonRejection>,
+) -> ApiResult<Response> {
+    label("VM", &name)?;
+    let req = body(b)?;
+    let snap = app.launcher.snapshot(&name, &req).await.map_err(upstream)?;
+    Ok((StatusCode::CREATED, Json(snap)).into_response())
+}
+
+async fn snapshot_delete(
+    State(app): Shared,
+    Path((name, tag)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    label("VM", &name)?;
+    label("snapshot", &tag)?;
+    app.launcher
+        .delete_snapshot(&name, &tag)
+        .await
+        .map_err(upstream)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn vm_restore(
+    State(app): Shared,
+    Path(name): Path<String>,
+    b: Result<Json<RestoreVm>, JsonRejection>,
+) -> ApiResult<Response> {
+    label("VM", &name)?;
+    let req = body(b)?;
+    let vm = app.launcher.restore(&name, &req).await.map_err(upstream)?;
+    Ok((StatusCode::ACCEPTED, Json(vm)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_endpoint_is_unique_and_every_closed_one_names_a_role() {
+        let eps = endpoints();
+        let mut seen = std::collections::HashSet::new();
+        for e in &eps {
+            assert!(
+                seen.insert((e.method.method(), e.path.clone())),
+                "{} twice",
+                e.path
+            );
+            assert!(
+                e.path == "/healthz" || e.path.starts_with("/api/v1/"),
+                "{} is outside /api/v1",
+                e.path
+            );
+            if e.role.is_none() {
+                assert!(
+                    matches!(e.action, "health" | "openapi"),
+                    "{} is open",
+                    e.action
+                );
+            }
+            // Whatever changes state needs at least the operator role.
+            if e.method != RouteMethod::Get {
+                assert!(e.role >= Some(Role::Operator), "{} is too open", e.action);
+            }
+        }
+    }
+
+    #[test]
+    fn the_audit_target_is_the_first_path_parameter_decoded() {
+        assert_eq!(
+            first_param("/api/v1/vms/{name}/stop", "/api/v1/vms/my-agent/stop").as_deref(),
+            Some("my-agent")
+        );
+        assert_eq!(
+            first_param("/api/v1/vms/{name}", "/api/v1/vms/a%2Fb").as_deref(),
+            Some("a/b")
+        );
+        assert_eq!(first_param("/api/v1/vms", "/api/v1/vms"), None);
+    }
+}

@@ -1,0 +1,117 @@
+//! `control-plane`: see the `clawos_control_plane` crate docs.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use clawos_control_plane::{Config, DEFAULT_ADDR, TlsMode};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Tls {
+    /// A certificate made and kept by the daemon (names from --tls-name).
+    SelfSigned,
+    /// --tls-cert and --tls-key, re-read when they change.
+    Files,
+    /// No TLS: refused off loopback unless --insecure-plain-http.
+    Off,
+}
+
+/// The one HTTPS front door of a ClawOS host: operator login, roles, audit, /api/v1.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Listen address.
+    #[arg(long, env = "CLAWOS_CONTROL_PLANE_ADDR", default_value = DEFAULT_ADDR)]
+    addr: SocketAddr,
+    /// State directory; operators, the audit trail and TLS material live in its
+    /// control-plane/.
+    #[arg(long, env = "CLAWOS_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Where the certificate comes from.
+    #[arg(
+        long,
+        env = "CLAWOS_CONTROL_PLANE_TLS",
+        value_enum,
+        default_value = "self-signed"
+    )]
+    tls: Tls,
+    /// A DNS name or IP address the self-signed certificate covers (repeatable)
+    /// [default: localhost, 127.0.0.1, ::1 and this host's name].
+    #[arg(long = "tls-name", value_delimiter = ',')]
+    tls_names: Vec<String>,
+    /// PEM certificate chain (--tls files).
+    #[arg(long, env = "CLAWOS_CONTROL_PLANE_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key (--tls files).
+    #[arg(long, env = "CLAWOS_CONTROL_PLANE_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Seconds between checks of --tls-cert/--tls-key for a change.
+    #[arg(long, default_value_t = 2)]
+    tls_reload_secs: u64,
+    /// Serve plain HTTP on a non-loopback address (only behind something that
+    /// terminates TLS).
+    #[arg(long)]
+    insecure_plain_http: bool,
+    /// vm-launcher.
+    #[arg(long, env = "CLAWOS_LAUNCHER_URL", default_value = clawos_vm_launcher_api::DEFAULT_URL)]
+    launcher_url: String,
+    /// vm-launcher's operator credential file [default: $STATE_DIR/launcher/admin.token].
+    #[arg(long, env = "CLAWOS_LAUNCHER_TOKEN_PATH")]
+    launcher_token: Option<PathBuf>,
+    /// An Origin allowed to call the API (repeatable; none by default).
+    #[arg(
+        long = "allow-origin",
+        env = "CLAWOS_CONTROL_PLANE_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    allowed_origins: Vec<String>,
+    #[command(flatten)]
+    log: clawos_service::LogArgs,
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    clawos_service::init_tracing(a.log.format());
+    let state_dir = a
+        .state_dir
+        .unwrap_or_else(clawos_service::default_state_dir);
+    let tls = match a.tls {
+        Tls::SelfSigned => TlsMode::SelfSigned {
+            names: if a.tls_names.is_empty() {
+                clawos_control_plane::default_names()
+            } else {
+                a.tls_names
+            },
+        },
+        Tls::Files => TlsMode::Files {
+            cert: a.tls_cert.context("--tls files needs --tls-cert")?,
+            key: a.tls_key.context("--tls files needs --tls-key")?,
+        },
+        Tls::Off => TlsMode::PlainHttp,
+    };
+    let cfg = Config {
+        addr: a.addr,
+        launcher_token_path: a
+            .launcher_token
+            .unwrap_or_else(|| clawos_vm_launcher_api::token_path(&state_dir)),
+        state_dir,
+        tls,
+        insecure_plain_http: a.insecure_plain_http,
+        launcher_url: a.launcher_url,
+        allowed_origins: a.allowed_origins,
+        reload_every: Duration::from_secs(a.tls_reload_secs),
+    };
+    cfg.validate()?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(clawos_control_plane::run(
+            cfg,
+            clawos_service::shutdown_signal(),
+        ))
+        .context("control-plane")
+}

@@ -1,0 +1,739 @@
+//! control-plane end to end: the real daemon over TLS in front of a real vm-launcher,
+//! driven with the real `curl` (and Python's `ssl`/`http.client` and `openssl` where a
+//! test needs a connection held open or a certificate made by another tool).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clawos_e2e::stack::ControlPlane;
+use clawos_e2e::{Launcher, can_boot_vms, show};
+use serde_json::{Value, json};
+
+/// Creates an operator token with `role` as the admin; returns its secret and id.
+fn token(cp: &ControlPlane, admin: &str, name: &str, role: &str) -> (String, String) {
+    let a = cp.call(
+        Some(admin),
+        "POST",
+        "/api/v1/operators/tokens",
+        Some(&json!({"name": name, "role": role, "ttl_secs": 3600})),
+    );
+    assert_eq!(a.status, 201, "{}", a.body);
+    let v = a.json();
+    (
+        v["token"].as_str().expect("token").to_owned(),
+        v["info"]["id"].as_str().expect("id").to_owned(),
+    )
+}
+
+/// The audit record of the request with this id.
+fn record(cp: &ControlPlane, request_id: &str) -> Value {
+    cp.audit()
+        .into_iter()
+        .find(|r| r["request_id"] == request_id)
+        .unwrap_or_else(|| {
+            panic!(
+                "no audit record for request {request_id}:\n{:#?}",
+                cp.audit()
+            )
+        })
+}
+
+fn request_id(a: &clawos_e2e::stack::Answer) -> String {
+    a.header("x-request-id")
+        .expect("every answer carries its request id")
+}
+
+/// Every byte under `dir`, file by file, except the files meant to hold credentials.
+fn files_without_credentials(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            let ft = e.file_type().expect("file type");
+            if ft.is_dir() {
+                stack.push(p);
+            } else if ft.is_file() {
+                let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if name.ends_with(".token") || name.ends_with(".key") || name == "self-signed.names"
+                {
+                    continue;
+                }
+                if let Ok(bytes) = std::fs::read(&p) {
+                    out.push((p.display().to_string(), bytes));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn operators_roles_bad_input_and_the_audit_trail_over_tls() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path();
+    let launcher = Launcher::start(state)?;
+    let cp = ControlPlane::start(state, &launcher.url, &[])?;
+    let admin = cp.admin_token();
+    assert!(
+        admin.starts_with("clawos-op-"),
+        "the bootstrap credential is an operator token"
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(state.join("control-plane/admin.token"))?.permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let fp = cp
+        .log()
+        .lines()
+        .find_map(|l| {
+            l.split("fingerprint ")
+                .nth(1)?
+                .split_whitespace()
+                .next()
+                .map(str::to_owned)
+        })
+        .context("the certificate's fingerprint is logged at start")?;
+    let openssl_fp = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(cp.ca())
+        .output()?;
+    assert!(
+        String::from_utf8_lossy(&openssl_fp.stdout).contains(fp.trim()),
+        "logged fingerprint {fp} is not openssl's {}",
+        show(&openssl_fp)
+    );
+
+    // TLS: the certificate is checked, TLS 1.1 is refused, plain HTTP gets no answer.
+    let untrusted = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null"])
+        .arg(format!("{}/healthz", cp.url))
+        .output()?;
+    assert_eq!(
+        untrusted.status.code(),
+        Some(60),
+        "an unknown CA: {}",
+        show(&untrusted)
+    );
+    let old_tls = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "--tlsv1.0",
+            "--tls-max",
+            "1.1",
+            "--cacert",
+        ])
+        .arg(cp.ca())
+        .arg(format!("{}/healthz", cp.url))
+        .output()?;
+    assert!(
+        !old_tls.status.success(),
+        "TLS 1.1 was accepted: {}",
+        show(&old_tls)
+    );
+    let plain = Command::new("curl")
+        .args(["-sS", "-o", "/dev/null", "--max-time", "20"])
+        .arg(format!("http://127.0.0.1:{}/healthz", cp.port))
+        .output()?;
+    assert!(
+        !plain.status.success(),
+        "plain HTTP was answered: {}",
+        show(&plain)
+    );
+
+    // Open routes.
+    let health = cp.call(None, "GET", "/healthz", None);
+    assert_eq!(health.status, 200);
+    assert_eq!(
+        health.header("strict-transport-security").as_deref(),
+        Some("max-age=31536000"),
+        "HSTS on every answer"
+    );
+    let doc = cp.call(None, "GET", "/api/v1/openapi.json", None);
+    assert_eq!(doc.status, 200);
+    let kept = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/openapi.json"),
+    )?;
+    assert_eq!(
+        doc.body, kept,
+        "the served OpenAPI document is docs/openapi.json"
+    );
+
+    // Authentication.
+    let none = cp.call(None, "GET", "/api/v1/vms", None);
+    assert_eq!(none.status, 401, "{}", none.body);
+    assert!(none.header("www-authenticate").is_some());
+    assert_eq!(record(&cp, &request_id(&none))["result"], "refused");
+    let forged = cp.call(
+        Some("clawos-op-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"),
+        "GET",
+        "/api/v1/vms",
+        None,
+    );
+    assert_eq!(forged.status, 401);
+    let me = cp.call(Some(&admin), "GET", "/api/v1/whoami", None);
+    assert_eq!(me.status, 200, "{}", me.body);
+    assert_eq!(me.json()["role"], "admin");
+
+    // Roles.
+    let (viewer, viewer_id) = token(&cp, &admin, "vera", "viewer");
+    let (operator, _) = token(&cp, &admin, "otto", "operator");
+    let listed = cp.call(Some(&viewer), "GET", "/api/v1/vms", None);
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    assert_eq!(listed.json(), json!([]));
+    for (method, path, body) in [
+        ("POST", "/api/v1/vms", Some(json!({"name": "x"}))),
+        ("POST", "/api/v1/vms/x/stop", None),
+        ("DELETE", "/api/v1/vms/x", None),
+    ] {
+        let a = cp.call(Some(&viewer), method, path, body.as_ref());
+        assert_eq!(a.status, 403, "viewer {method} {path}: {}", a.body);
+        assert!(a.body.contains("needs the operator role"), "{}", a.body);
+        let r = record(&cp, &request_id(&a));
+        assert_eq!(
+            (
+                r["operator"].as_str(),
+                r["role"].as_str(),
+                r["result"].as_str()
+            ),
+            (Some("vera"), Some("viewer"), Some("refused")),
+            "{r}"
+        );
+    }
+    let escalate = cp.call(
+        Some(&operator),
+        "POST",
+        "/api/v1/operators/tokens",
+        Some(&json!({"name": "mallory", "role": "admin", "ttl_secs": 3600})),
+    );
+    assert_eq!(
+        escalate.status, 403,
+        "an operator cannot create operators: {}",
+        escalate.body
+    );
+    let r = record(&cp, &request_id(&escalate));
+    assert_eq!(r["action"], "operator.token.create");
+    assert_eq!(r["result"], "refused");
+    let stop_missing = cp.call(Some(&operator), "POST", "/api/v1/vms/nope/stop", None);
+    assert_eq!(
+        stop_missing.status, 404,
+        "the launcher's own answer: {}",
+        stop_missing.body
+    );
+    let r = record(&cp, &request_id(&stop_missing));
+    assert_eq!(
+        (
+            r["action"].as_str(),
+            r["target"].as_str(),
+            r["result"].as_str()
+        ),
+        (Some("vm.stop"), Some("nope"), Some("failed"))
+    );
+
+    // Bad input: named, 4xx, nothing created.
+    let unknown_field = cp.call(
+        Some(&operator),
+        "POST",
+        "/api/v1/vms",
+        Some(&json!({"name": "a", "memory": 5})),
+    );
+    assert_eq!(unknown_field.status, 400, "{}", unknown_field.body);
+    assert!(
+        unknown_field.body.contains("memory"),
+        "{}",
+        unknown_field.body
+    );
+    let bad_name = cp.call(
+        Some(&operator),
+        "POST",
+        "/api/v1/vms",
+        Some(&json!({"name": "../etc"})),
+    );
+    assert_eq!(bad_name.status, 400, "{}", bad_name.body);
+    assert!(
+        bad_name.body.contains("\\\"../etc\\\"") || bad_name.body.contains("../etc"),
+        "{}",
+        bad_name.body
+    );
+    let path_name = cp.call(Some(&operator), "GET", "/api/v1/vms/..%2Fetc", None);
+    assert_eq!(path_name.status, 400, "{}", path_name.body);
+    let big = format!("{{\"name\": \"{}\"}}", "a".repeat(2 << 20));
+    let big_path = dir.path().join("big.json");
+    std::fs::write(&big_path, big)?;
+    let too_big = cp.curl_with(
+        Some(&operator),
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &format!("@{}", big_path.display()),
+        ],
+        "/api/v1/vms",
+    );
+    assert_eq!(too_big.status, 413, "{}", too_big.body);
+    let not_json = cp.curl_with(
+        Some(&operator),
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: text/plain",
+            "--data",
+            "{}",
+        ],
+        "/api/v1/vms",
+    );
+    assert_eq!(
+        not_json.status, 415,
+        "a page's simple form post: {}",
+        not_json.body
+    );
+    let cross_site = cp.curl_with(
+        Some(&operator),
+        &["-H", "Origin: https://evil.example"],
+        "/api/v1/vms",
+    );
+    assert_eq!(
+        cross_site.status, 403,
+        "a foreign Origin: {}",
+        cross_site.body
+    );
+    let nowhere = cp.call(Some(&admin), "GET", "/api/v1/nothing", None);
+    assert_eq!(nowhere.status, 404);
+    assert_eq!(
+        cp.call(Some(&viewer), "GET", "/api/v1/vms", None).json(),
+        json!([]),
+        "nothing was created"
+    );
+
+    // A slow client holds only its own connection: headers dribbled one line a second
+    // are cut off, and others are served meanwhile.
+    let slow = Command::new("python3")
+        .arg("-c")
+        .arg(SLOW_CLIENT)
+        .arg(cp.ca())
+        .arg(cp.port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    assert_eq!(
+        cp.call(Some(&viewer), "GET", "/api/v1/vms", None).status,
+        200
+    );
+    let others_served_in = t.elapsed();
+    let slow_out = slow.wait_with_output()?;
+    let slow_said = String::from_utf8_lossy(&slow_out.stdout).into_owned();
+    assert!(
+        slow_said.starts_with("closed after"),
+        "the slow client was not cut off: {}",
+        show(&slow_out)
+    );
+    println!(
+        "MEASURED control-plane: a request beside a slowloris client answered in {others_served_in:?}; {slow_said}"
+    );
+
+    // Revocation takes effect at once.
+    let revoked = cp.call(
+        Some(&admin),
+        "DELETE",
+        &format!("/api/v1/operators/tokens/{viewer_id}"),
+        None,
+    );
+    assert_eq!(revoked.status, 204, "{}", revoked.body);
+    assert_eq!(
+        cp.call(Some(&viewer), "GET", "/api/v1/vms", None).status,
+        401
+    );
+    let listed = cp
+        .call(Some(&admin), "GET", "/api/v1/operators/tokens", None)
+        .json();
+    assert!(
+        listed
+            .as_array()
+            .expect("list")
+            .iter()
+            .all(|t| t.get("token").is_none()),
+        "secrets are never listed"
+    );
+
+    // Every request that reached HTTP left exactly one record, with its request id.
+    let audit = cp.audit();
+    let ids: std::collections::HashSet<&str> = audit
+        .iter()
+        .filter_map(|r| r["request_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), audit.len(), "one record per request id");
+    assert!(audit.iter().all(|r| {
+        r["remote"]
+            .as_str()
+            .is_some_and(|a| a.starts_with("127.0.0.1:"))
+    }));
+
+    // No credential in any answer, log or state file but its own.
+    let launcher_token = launcher.token();
+    let secrets = [
+        admin.as_str(),
+        viewer.as_str(),
+        operator.as_str(),
+        launcher_token.as_str(),
+    ];
+    let key_pem = std::fs::read_to_string(state.join("control-plane/tls/self-signed.key"))?;
+    let key_body: String = key_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    for (file, bytes) in files_without_credentials(state) {
+        let text = String::from_utf8_lossy(&bytes);
+        for s in secrets {
+            assert!(!text.contains(s), "a credential is in {file}");
+        }
+        assert!(!text.contains(&key_body[..40]), "the TLS key is in {file}");
+    }
+    for a in [&me, &listed_answer(&cp, &admin)] {
+        for s in secrets {
+            assert!(!a.body.contains(s), "a credential in an answer");
+        }
+    }
+
+    // Plain HTTP off loopback is refused before anything listens.
+    let refused = Command::new(clawos_e2e::bin("control-plane"))
+        .args(["--tls", "off", "--addr", "0.0.0.0:0", "--state-dir"])
+        .arg(dir.path().join("other"))
+        .output()?;
+    assert!(!refused.status.success());
+    assert!(
+        show(&refused).contains("--insecure-plain-http"),
+        "{}",
+        show(&refused)
+    );
+    assert!(
+        !dir.path().join("other/control-plane").exists(),
+        "nothing was made"
+    );
+    Ok(())
+}
+
+fn listed_answer(cp: &ControlPlane, admin: &str) -> clawos_e2e::stack::Answer {
+    cp.call(Some(admin), "GET", "/api/v1/operators/tokens", None)
+}
+
+/// Opens a TLS connection and sends a request's headers one line a second; prints how
+/// long until the server closed it.
+const SLOW_CLIENT: &str = r#"
+import socket, ssl, sys, time
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[2]))), server_hostname="127.0.0.1")
+t = time.monotonic()
+s.sendall(b"GET /api/v1/vms HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+s.settimeout(1)
+while time.monotonic() - t < 90:
+    try:
+        if s.recv(4096) == b"":
+            break
+    except socket.timeout:
+        pass
+    except (ConnectionError, ssl.SSLError):
+        break
+    try:
+        s.sendall(b"X-Slow: 1\r\n")
+    except (ConnectionError, ssl.SSLError):
+        break
+else:
+    print("still open after 90s"); sys.exit(1)
+print(f"closed after {time.monotonic() - t:.1f}s")
+"#;
+
+#[test]
+fn a_vm_started_stopped_and_watched_through_the_control_plane() -> Result<()> {
+    if !can_boot_vms("a_vm_started_stopped_and_watched_through_the_control_plane") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let state = dir.path();
+    let mut launcher = Launcher::start(state)?;
+    let cp = ControlPlane::start(state, &launcher.url, &[])?;
+    let admin = cp.admin_token();
+    let (viewer, _) = token(&cp, &admin, "vera", "viewer");
+    let (operator, _) = token(&cp, &admin, "otto", "operator");
+
+    let started = cp.call(
+        Some(&operator),
+        "POST",
+        "/api/v1/vms",
+        Some(&json!({"name": "cp-agent", "mem_mib": 256})),
+    );
+    assert_eq!(started.status, 202, "{}", started.body);
+    let r = record(&cp, &request_id(&started));
+    assert_eq!(
+        (
+            r["action"].as_str(),
+            r["target"].as_str(),
+            r["operator"].as_str(),
+            r["result"].as_str()
+        ),
+        (Some("vm.start"), Some("cp-agent"), Some("otto"), Some("ok")),
+        "{r}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let vm = loop {
+        let a = cp.call(Some(&viewer), "GET", "/api/v1/vms/cp-agent", None);
+        assert_eq!(a.status, 200, "{}", a.body);
+        let vm = a.json();
+        if vm["state"] == "running" {
+            break vm;
+        }
+        if vm["state"] == "failed" || Instant::now() > deadline {
+            bail!("cp-agent did not come up: {vm}\n{}", launcher.log());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    println!(
+        "MEASURED control-plane: VM booted through the control plane in {} ms",
+        vm["boot_ms"]
+    );
+    let console = cp.call(
+        Some(&viewer),
+        "GET",
+        "/api/v1/vms/cp-agent/console?offset=0",
+        None,
+    );
+    assert_eq!(console.status, 200);
+    assert!(console.header("x-console-offset").is_some());
+    assert!(!console.body.is_empty(), "the viewer reads the console");
+
+    let denied = cp.call(Some(&viewer), "POST", "/api/v1/vms/cp-agent/stop", None);
+    assert_eq!(denied.status, 403);
+    let still = cp
+        .call(Some(&viewer), "GET", "/api/v1/vms/cp-agent", None)
+        .json();
+    assert_eq!(still["state"], "running", "a refused stop did nothing");
+    let stopped = cp.call(Some(&operator), "POST", "/api/v1/vms/cp-agent/stop", None);
+    assert_eq!(stopped.status, 200, "{}", stopped.body);
+    assert_eq!(stopped.json()["state"], "stopped");
+    let listed = cp.call(Some(&viewer), "GET", "/api/v1/vms", None).json();
+    assert_eq!(listed[0]["state"], "stopped");
+    let deleted = cp.call(Some(&operator), "DELETE", "/api/v1/vms/cp-agent", None);
+    assert_eq!(deleted.status, 204, "{}", deleted.body);
+
+    let actions: Vec<(String, String)> = cp
+        .audit()
+        .iter()
+        .filter(|r| r["target"] == "cp-agent" && r["action"] != "vm.get")
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap_or("").to_owned(),
+                r["result"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("vm.start", "ok"),
+        ("vm.console", "ok"),
+        ("vm.stop", "refused"),
+        ("vm.stop", "ok"),
+        ("vm.delete", "ok"),
+    ]
+    .iter()
+    .map(|(a, b)| ((*a).to_owned(), (*b).to_owned()))
+    .collect();
+    assert_eq!(actions, want);
+
+    // The launcher gone: the control plane says so (503), and still authenticates.
+    launcher.kill9();
+    let down = cp.call(Some(&viewer), "GET", "/api/v1/vms", None);
+    assert_eq!(down.status, 503, "{}", down.body);
+    assert!(down.body.contains("cannot be reached"), "{}", down.body);
+    assert_eq!(cp.call(None, "GET", "/api/v1/vms", None).status, 401);
+    Ok(())
+}
+
+/// Makes a CA and a certificate for 127.0.0.1 signed by it with `openssl`, into
+/// `cert`/`key`; `serial` tells the certificates apart.
+fn openssl_cert(dir: &Path, ca: &str, cert: &Path, key: &Path, serial: u32) -> Result<()> {
+    let run = |args: &[&str]| -> Result<()> {
+        let o = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()?;
+        if !o.status.success() {
+            bail!("openssl {args:?}: {}", show(&o));
+        }
+        Ok(())
+    };
+    if !dir.join(format!("{ca}.crt")).exists() {
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &format!("{ca}.key"),
+            "-out",
+            &format!("{ca}.crt"),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ClawOS test CA",
+        ])?;
+    }
+    let tmp_key = dir.join(format!("leaf{serial}.key"));
+    let tmp_csr = dir.join(format!("leaf{serial}.csr"));
+    let tmp_crt = dir.join(format!("leaf{serial}.crt"));
+    let ext = dir.join("san.ext");
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n")?;
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        tmp_key.to_str().context("utf8")?,
+        "-out",
+        tmp_csr.to_str().context("utf8")?,
+        "-subj",
+        "/CN=127.0.0.1",
+    ])?;
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        tmp_csr.to_str().context("utf8")?,
+        "-CA",
+        &format!("{ca}.crt"),
+        "-CAkey",
+        &format!("{ca}.key"),
+        "-set_serial",
+        &serial.to_string(),
+        "-days",
+        "1",
+        "-extfile",
+        ext.to_str().context("utf8")?,
+        "-out",
+        tmp_crt.to_str().context("utf8")?,
+    ])?;
+    // Replace as a renewal tool would: key first, then the certificate, each by rename.
+    std::fs::copy(&tmp_key, dir.join("key.tmp"))?;
+    std::fs::rename(dir.join("key.tmp"), key)?;
+    std::fs::copy(&tmp_crt, dir.join("crt.tmp"))?;
+    std::fs::rename(dir.join("crt.tmp"), cert)?;
+    Ok(())
+}
+
+/// Holds one HTTPS connection open and answers commands on stdin: `get` sends a
+/// request on it and prints `<status> <serial of the certificate it was opened with>`.
+const HOLDING_CLIENT: &str = r#"
+import http.client, ssl, sys
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+conn = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[2]), context=ctx)
+conn.connect()
+for line in sys.stdin:
+    conn.request("GET", "/healthz")
+    r = conn.getresponse(); r.read()
+    print(r.status, int(conn.sock.getpeercert()["serialNumber"], 16), flush=True)
+"#;
+
+fn serial_served(port: u16, ca: &Path) -> Result<u32> {
+    let o = Command::new("python3")
+        .arg("-c")
+        .arg("import socket, ssl, sys\nctx = ssl.create_default_context(cafile=sys.argv[1])\ns = ctx.wrap_socket(socket.create_connection(('127.0.0.1', int(sys.argv[2]))), server_hostname='127.0.0.1')\nprint(int(s.getpeercert()['serialNumber'], 16))")
+        .arg(ca)
+        .arg(port.to_string())
+        .output()?;
+    if !o.status.success() {
+        bail!("TLS client: {}", show(&o));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).trim().parse()?)
+}
+
+#[test]
+fn certificate_files_are_reloaded_while_a_client_holds_its_connection() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("state");
+    let pki = dir.path().join("pki");
+    std::fs::create_dir_all(state.join("launcher"))?;
+    std::fs::create_dir_all(&pki)?;
+    // No launcher needed for this: a credential file for one that is not there.
+    std::fs::write(state.join("launcher/admin.token"), "unused\n")?;
+    let (cert, key) = (pki.join("served.crt"), pki.join("served.key"));
+    openssl_cert(&pki, "ca", &cert, &key, 1001)?;
+    let cp = ControlPlane::start(
+        &state,
+        "http://127.0.0.1:9",
+        &[
+            "--tls",
+            "files",
+            "--tls-cert",
+            cert.to_str().context("utf8")?,
+            "--tls-key",
+            key.to_str().context("utf8")?,
+            "--tls-reload-secs",
+            "1",
+        ],
+    )?;
+    let ca = pki.join("ca.crt");
+    assert_eq!(serial_served(cp.port, &ca)?, 1001);
+
+    let mut holder = Command::new("python3")
+        .arg("-c")
+        .arg(HOLDING_CLIENT)
+        .arg(&ca)
+        .arg(cp.port.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut to_holder = holder.stdin.take().context("stdin")?;
+    let mut from_holder = BufReader::new(holder.stdout.take().context("stdout")?);
+    let mut ask = |w: &mut std::process::ChildStdin| -> Result<String> {
+        writeln!(w, "get")?;
+        let mut line = String::new();
+        from_holder.read_line(&mut line)?;
+        Ok(line.trim().to_owned())
+    };
+    assert_eq!(ask(&mut to_holder)?, "200 1001");
+
+    openssl_cert(&pki, "ca", &cert, &key, 1002)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while serial_served(cp.port, &ca)? != 1002 {
+        if Instant::now() > deadline {
+            bail!("the new certificate is not served: {}", cp.log());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        ask(&mut to_holder)?,
+        "200 1001",
+        "the held connection keeps working, on its own certificate"
+    );
+
+    // A renewal that writes a broken key: logged, and the last good certificate serves.
+    std::fs::write(
+        &key,
+        "-----BEGIN PRIVATE KEY-----\nbroken\n-----END PRIVATE KEY-----\n",
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cp.log().contains("do not load") {
+        if Instant::now() > deadline {
+            bail!("the failed reload was not logged: {}", cp.log());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(serial_served(cp.port, &ca)?, 1002);
+    assert_eq!(ask(&mut to_holder)?, "200 1001");
+    drop(to_holder);
+    let _ = holder.wait();
+    Ok(())
+}
