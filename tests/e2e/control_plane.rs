@@ -737,3 +737,109 @@ fn certificate_files_are_reloaded_while_a_client_holds_its_connection() -> Resul
     let _ = holder.wait();
     Ok(())
 }
+
+/// The web console in Debian's Chromium, driven through the DevTools protocol by
+/// `playwright-core` (tests/e2e/console/console_check.mjs): log in with an operator
+/// token, see the running VM and its console, a cross-site form post that tries to
+/// stop it is refused, stop it from the page, log out. Screenshots are kept in
+/// `target/e2e/console-shots/`.
+#[test]
+fn the_web_console_in_chromium() -> Result<()> {
+    if !can_boot_vms("the_web_console_in_chromium") {
+        return Ok(());
+    }
+    let script_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/console");
+    assert!(
+        script_dir.join("node_modules/playwright-core").is_dir(),
+        "playwright-core is not installed: run `npm ci` in {} (scripts/test.sh does)",
+        script_dir.display()
+    );
+    let chromium = std::env::var("CLAWOS_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    assert!(
+        Path::new(&chromium).is_file(),
+        "{chromium} is missing: scripts/setup.sh installs Debian's chromium"
+    );
+    let dir = tempfile::tempdir()?;
+    let state = dir.path();
+    let launcher = Launcher::start(state)?;
+    let cp = ControlPlane::start(state, &launcher.url, &[])?;
+    let admin = cp.admin_token();
+    let (operator, _) = token(&cp, &admin, "olga", "operator");
+    let token_file = state.join("olga.token");
+    std::fs::write(&token_file, &operator)?;
+    let started = cp.call(
+        Some(&operator),
+        "POST",
+        "/api/v1/vms",
+        Some(&json!({"name": "web-agent", "mem_mib": 256})),
+    );
+    assert_eq!(started.status, 202, "{}", started.body);
+    launcher.wait_for(
+        "web-agent",
+        Duration::from_secs(180),
+        clawos_e2e::is(clawos_vm_launcher_api::VmState::Running),
+    )?;
+
+    let shots = clawos_e2e::target_profile_dir().join("../e2e/console-shots");
+    std::fs::create_dir_all(&shots)?;
+    let out = Command::new("node")
+        .arg(script_dir.join("console_check.mjs"))
+        .args(["--url", &cp.url, "--vm", "web-agent"])
+        .arg("--token-file")
+        .arg(&token_file)
+        .arg("--shots")
+        .arg(&shots)
+        .arg("--ca")
+        .arg(cp.ca())
+        .env("CLAWOS_CHROMIUM", &chromium)
+        .stdin(Stdio::null())
+        .output()?;
+    println!("{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "the console check failed: {}\ncontrol-plane log:\n{}",
+        show(&out),
+        cp.log()
+    );
+
+    // What the browser did is in the audit trail: a session login, the page's stop
+    // (through the session, with its CSRF token), and the cross-site post refused.
+    let audit = cp.audit();
+    let by_olga: Vec<(&str, &str, &str)> = audit
+        .iter()
+        .filter(|r| {
+            r["operator"] == "olga"
+                && r["action"] != "vm.list"
+                && r["action"] != "vm.get"
+                && r["action"] != "vm.console"
+        })
+        .filter_map(|r| {
+            Some((
+                r["action"].as_str()?,
+                r["via"].as_str()?,
+                r["result"].as_str()?,
+            ))
+        })
+        .collect();
+    assert!(
+        by_olga.contains(&("session.create", "token", "ok")),
+        "{by_olga:?}"
+    );
+    assert!(
+        by_olga.contains(&("vm.stop", "session", "ok")),
+        "{by_olga:?}"
+    );
+    let cross_site: Vec<&Value> = audit
+        .iter()
+        .filter(|r| r["action"] == "vm.stop" && r["result"] != "ok")
+        .collect();
+    assert!(
+        !cross_site.is_empty(),
+        "the cross-site post left no refused record"
+    );
+    let vm = cp
+        .call(Some(&operator), "GET", "/api/v1/vms/web-agent", None)
+        .json();
+    assert_eq!(vm["state"], "stopped");
+    Ok(())
+}

@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 /// One request as the trail records it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     /// RFC 3339, UTC, milliseconds.
     pub ts: String,
@@ -92,6 +92,40 @@ impl AuditTrail {
     }
 }
 
+impl AuditTrail {
+    /// The newest `n` records, oldest first. Reads the file from its end, so the cost
+    /// does not grow with the trail; a line that does not parse (one cut by a crash) is
+    /// skipped.
+    pub fn tail(&self, n: usize) -> std::io::Result<Vec<AuditRecord>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = std::fs::File::open(&self.path)?;
+        let len = f.metadata()?.len();
+        // Records are a few hundred bytes; read back until n lines are in or the start.
+        let mut want = (n as u64 + 1) * 512;
+        loop {
+            let start = len.saturating_sub(want);
+            f.seek(SeekFrom::Start(start))?;
+            let mut buf = Vec::new();
+            Read::by_ref(&mut f)
+                .take(len - start)
+                .read_to_end(&mut buf)?;
+            let text = String::from_utf8_lossy(&buf);
+            let mut lines: Vec<&str> = text.lines().collect();
+            if start > 0 && !lines.is_empty() {
+                lines.remove(0); // maybe cut in the middle
+            }
+            if lines.len() >= n || start == 0 {
+                let from = lines.len().saturating_sub(n);
+                return Ok(lines[from..]
+                    .iter()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect());
+            }
+            want *= 4;
+        }
+    }
+}
+
 /// Now as RFC 3339 UTC with milliseconds.
 pub fn timestamp() -> String {
     let now = time::OffsetDateTime::now_utc();
@@ -140,5 +174,13 @@ mod tests {
             &std::fs::metadata(&path).expect("meta").permissions(),
         );
         assert_eq!(mode & 0o777, 0o600);
+        let last: Vec<String> = t
+            .tail(2)
+            .expect("tail")
+            .into_iter()
+            .map(|r| r.request_id)
+            .collect();
+        assert_eq!(last, ["r1", "r2"]);
+        assert_eq!(t.tail(10).expect("tail").len(), 3);
     }
 }

@@ -26,7 +26,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodFilter;
 use clawos_api::{RouteMethod, code};
-use clawos_control_plane_api::{CreateToken, PREFIX, Role, WhoAmI, routes};
+use clawos_control_plane_api::{CreateToken, Login, PREFIX, Role, SessionInfo, WhoAmI, routes};
 use clawos_service::guard::Guard;
 use clawos_service::http::ErrorResponse;
 use clawos_vm_launcher_api::{
@@ -36,6 +36,7 @@ use clawos_vm_launcher_api::{
 
 use crate::audit::{AuditRecord, AuditTrail, timestamp};
 use crate::operators::{Operator, OperatorError, OperatorStore};
+use crate::upstreams as up;
 
 /// Largest request body (JSON): 1 MiB.
 pub const MAX_BODY: usize = 1 << 20;
@@ -53,6 +54,8 @@ pub enum Shape {
     JsonArray(&'static str),
     /// Plain text.
     Text,
+    /// A page of the web console (HTML, its script or style sheet).
+    Page(&'static str),
 }
 
 /// One route of the public API.
@@ -91,174 +94,45 @@ fn ep(
     }
 }
 
-/// The public API, every route of it.
+/// The public API, every route of it: one line each, a table to read down.
+#[rustfmt::skip]
 pub fn endpoints() -> Vec<Endpoint> {
     use Role::{Admin, Operator, Viewer};
     use Shape::{Empty, Json as J, JsonArray as A, Text};
     let p = PREFIX;
     vec![
-        ep(
-            routes::HEALTHZ,
-            "",
-            None,
-            "health",
-            "Liveness.",
-            Empty,
-            (200, Text),
-        ),
-        ep(
-            routes::OPENAPI,
-            "",
-            None,
-            "openapi",
-            "This document.",
-            Empty,
-            (200, Text),
-        ),
-        ep(
-            routes::WHOAMI,
-            "",
-            Some(Viewer),
-            "whoami",
-            "Who the caller is and their role.",
-            Empty,
-            (200, J("WhoAmI")),
-        ),
-        ep(
-            routes::CREATE_TOKEN,
-            "",
-            Some(Admin),
-            "operator.token.create",
-            "Create an operator API token; its secret is in this answer only.",
-            J("CreateToken"),
-            (201, J("CreatedToken")),
-        ),
-        ep(
-            routes::LIST_TOKENS,
-            "",
-            Some(Admin),
-            "operator.token.list",
-            "List operator tokens (never their secrets).",
-            Empty,
-            (200, A("TokenInfo")),
-        ),
-        ep(
-            routes::REVOKE_TOKEN,
-            "",
-            Some(Admin),
-            "operator.token.revoke",
-            "Revoke an operator token.",
-            Empty,
-            (204, Empty),
-        ),
-        ep(
-            vm::LIST,
-            p,
-            Some(Viewer),
-            "vm.list",
-            "List VMs.",
-            Empty,
-            (200, A("Vm")),
-        ),
-        ep(
-            vm::START,
-            p,
-            Some(Operator),
-            "vm.start",
-            "Create (if new) and start a VM from a registered, signed image.",
-            J("StartVm"),
-            (202, J("Vm")),
-        ),
-        ep(
-            vm::GET,
-            p,
-            Some(Viewer),
-            "vm.get",
-            "One VM.",
-            Empty,
-            (200, J("Vm")),
-        ),
-        ep(
-            vm::STOP,
-            p,
-            Some(Operator),
-            "vm.stop",
-            "Stop a VM (answers once it is stopped).",
-            Empty,
-            (200, J("Vm")),
-        ),
-        ep(
-            vm::DELETE,
-            p,
-            Some(Operator),
-            "vm.delete",
-            "Delete a stopped VM and its disks.",
-            Empty,
-            (204, Empty),
-        ),
-        ep(
-            vm::CONSOLE,
-            p,
-            Some(Viewer),
-            "vm.console",
-            "The VM's console log from byte `offset`; `x-console-offset` is the next offset.",
-            Empty,
-            (200, Text),
-        ),
-        ep(
-            vm::PAUSE,
-            p,
-            Some(Operator),
-            "vm.pause",
-            "Freeze a VM's vCPUs.",
-            Empty,
-            (200, J("Vm")),
-        ),
-        ep(
-            vm::RESUME,
-            p,
-            Some(Operator),
-            "vm.resume",
-            "Resume a paused VM.",
-            Empty,
-            (200, J("Vm")),
-        ),
-        ep(
-            vm::LIST_SNAPSHOTS,
-            p,
-            Some(Viewer),
-            "vm.snapshot.list",
-            "A VM's snapshots.",
-            Empty,
-            (200, A("Snapshot")),
-        ),
-        ep(
-            vm::CREATE_SNAPSHOT,
-            p,
-            Some(Operator),
-            "vm.snapshot.create",
-            "Snapshot a running VM.",
-            J("CreateSnapshot"),
-            (201, J("Snapshot")),
-        ),
-        ep(
-            vm::DELETE_SNAPSHOT,
-            p,
-            Some(Operator),
-            "vm.snapshot.delete",
-            "Delete a snapshot.",
-            Empty,
-            (204, Empty),
-        ),
-        ep(
-            vm::RESTORE,
-            p,
-            Some(Operator),
-            "vm.restore",
-            "Restore a stopped VM from one of its snapshots.",
-            J("RestoreVm"),
-            (202, J("Vm")),
-        ),
+        ep(routes::HEALTHZ, "", None, "health", "Liveness.", Empty, (200, Text)),
+        ep(routes::OPENAPI, "", None, "openapi", "This document.", Empty, (200, Text)),
+        ep(routes::CONSOLE, "", None, "console.page", "The web console.", Empty, (200, Shape::Page("text/html"))),
+        ep(routes::CONSOLE_SCRIPT, "", None, "console.script", "The web console's script.", Empty, (200, Shape::Page("text/javascript"))),
+        ep(routes::CONSOLE_STYLE, "", None, "console.style", "The web console's style sheet.", Empty, (200, Shape::Page("text/css"))),
+        ep(routes::LOGIN, "", None, "session.create", "Browser login with an operator API token: sets the session cookie (Secure, HttpOnly, SameSite=Strict) and answers the CSRF token.", J("Login"), (201, J("SessionInfo"))),
+        ep(routes::SESSION, "", Some(Viewer), "session.get", "The caller's browser session and its CSRF token.", Empty, (200, J("SessionInfo"))),
+        ep(routes::LOGOUT, "", Some(Viewer), "session.delete", "Log out: ends the session and clears its cookie.", Empty, (204, Empty)),
+        ep(routes::WHOAMI, "", Some(Viewer), "whoami", "Who the caller is and their role.", Empty, (200, J("WhoAmI"))),
+        ep(routes::CREATE_TOKEN, "", Some(Admin), "operator.token.create", "Create an operator API token; its secret is in this answer only.", J("CreateToken"), (201, J("CreatedToken"))),
+        ep(routes::LIST_TOKENS, "", Some(Admin), "operator.token.list", "List operator tokens (never their secrets).", Empty, (200, A("TokenInfo"))),
+        ep(routes::REVOKE_TOKEN, "", Some(Admin), "operator.token.revoke", "Revoke an operator token.", Empty, (204, Empty)),
+        ep(routes::OPERATOR_AUDIT, "", Some(Admin), "operator.audit", "The newest records of the operator audit trail.", Empty, (200, A("AuditRecord"))),
+        ep(routes::USAGE, "", Some(Viewer), "usage.get", "LLM usage per agent and model, from inference-proxy's ledger.", Empty, (200, J("UsageReport"))),
+        ep(routes::AUDIT_EVENTS, "", Some(Viewer), "audit.events", "The syscall audit trail (alerts included) from monitor-daemon.", Empty, (200, A("AuditEvent"))),
+        ep(routes::RUNS, "", Some(Viewer), "workflow.list", "Workflow runs, newest first.", Empty, (200, A("RunSummary"))),
+        ep(routes::SUBMIT_RUN, "", Some(Operator), "workflow.submit", "Submit a workflow run (the YAML spec and its inputs).", J("SubmitRun"), (201, J("RunSummary"))),
+        ep(routes::RUN, "", Some(Viewer), "workflow.get", "A run and its steps.", Empty, (200, J("RunStatus"))),
+        ep(routes::APPROVE, "", Some(Operator), "workflow.approve", "Approve or reject a waiting approval step.", J("Approval"), (204, Empty)),
+        ep(routes::CANCEL_RUN, "", Some(Operator), "workflow.cancel", "Cancel a run.", Empty, (200, J("RunStatus"))),
+        ep(vm::LIST, p, Some(Viewer), "vm.list", "List VMs.", Empty, (200, A("Vm"))),
+        ep(vm::START, p, Some(Operator), "vm.start", "Create (if new) and start a VM from a registered, signed image.", J("StartVm"), (202, J("Vm"))),
+        ep(vm::GET, p, Some(Viewer), "vm.get", "One VM.", Empty, (200, J("Vm"))),
+        ep(vm::STOP, p, Some(Operator), "vm.stop", "Stop a VM (answers once it is stopped).", Empty, (200, J("Vm"))),
+        ep(vm::DELETE, p, Some(Operator), "vm.delete", "Delete a stopped VM and its disks.", Empty, (204, Empty)),
+        ep(vm::CONSOLE, p, Some(Viewer), "vm.console", "The VM's console log from byte `offset`; `x-console-offset` is the next offset.", Empty, (200, Text)),
+        ep(vm::PAUSE, p, Some(Operator), "vm.pause", "Freeze a VM's vCPUs.", Empty, (200, J("Vm"))),
+        ep(vm::RESUME, p, Some(Operator), "vm.resume", "Resume a paused VM.", Empty, (200, J("Vm"))),
+        ep(vm::LIST_SNAPSHOTS, p, Some(Viewer), "vm.snapshot.list", "A VM's snapshots.", Empty, (200, A("Snapshot"))),
+        ep(vm::CREATE_SNAPSHOT, p, Some(Operator), "vm.snapshot.create", "Snapshot a running VM.", J("CreateSnapshot"), (201, J("Snapshot"))),
+        ep(vm::DELETE_SNAPSHOT, p, Some(Operator), "vm.snapshot.delete", "Delete a snapshot.", Empty, (204, Empty)),
+        ep(vm::RESTORE, p, Some(Operator), "vm.restore", "Restore a stopped VM from one of its snapshots.", J("RestoreVm"), (202, J("Vm"))),
     ]
 }
 
@@ -269,6 +143,10 @@ pub struct App {
     pub operators: OperatorStore,
     pub audit: AuditTrail,
     pub guard: Guard,
+    pub upstreams: crate::upstreams::Upstreams,
+    pub sessions: crate::sessions::Sessions,
+    /// The session cookie's name: `__Host-` prefixed over TLS.
+    pub cookie: &'static str,
     /// The served OpenAPI document (JSON).
     pub openapi: String,
     /// Whether answers go over TLS (and so carry HSTS).
@@ -283,6 +161,7 @@ impl App {
         operators: OperatorStore,
         audit: AuditTrail,
         guard: Guard,
+        upstreams: crate::upstreams::Upstreams,
         tls: bool,
     ) -> Self {
         let table = endpoints()
@@ -294,6 +173,13 @@ impl App {
             operators,
             audit,
             guard,
+            upstreams,
+            sessions: crate::sessions::Sessions::default(),
+            cookie: if tls {
+                crate::sessions::COOKIE
+            } else {
+                crate::sessions::COOKIE_PLAIN
+            },
             openapi: crate::openapi::document_json(),
             tls,
             table,
@@ -301,7 +187,7 @@ impl App {
     }
 }
 
-type Shared = State<Arc<App>>;
+pub(crate) type Shared = State<Arc<App>>;
 
 /// The router: every endpoint of [`endpoints`] mounted, [`gate`] in front of all.
 pub fn router(app: Arc<App>) -> Router {
@@ -317,9 +203,23 @@ pub fn router(app: Arc<App>) -> Router {
             "health" => axum::routing::on(filter, health),
             "openapi" => axum::routing::on(filter, openapi),
             "whoami" => axum::routing::on(filter, whoami),
+            "console.page" => axum::routing::on(filter, console_page),
+            "console.script" => axum::routing::on(filter, console_script),
+            "console.style" => axum::routing::on(filter, console_style),
+            "session.create" => axum::routing::on(filter, login),
+            "session.get" => axum::routing::on(filter, session_get),
+            "session.delete" => axum::routing::on(filter, logout),
             "operator.token.create" => axum::routing::on(filter, create_token),
             "operator.token.list" => axum::routing::on(filter, list_tokens),
             "operator.token.revoke" => axum::routing::on(filter, revoke_token),
+            "operator.audit" => axum::routing::on(filter, up::operator_audit),
+            "usage.get" => axum::routing::on(filter, up::usage),
+            "audit.events" => axum::routing::on(filter, up::audit_events),
+            "workflow.list" => axum::routing::on(filter, up::runs),
+            "workflow.submit" => axum::routing::on(filter, up::submit_run),
+            "workflow.get" => axum::routing::on(filter, up::run),
+            "workflow.approve" => axum::routing::on(filter, up::approve),
+            "workflow.cancel" => axum::routing::on(filter, up::cancel_run),
             "vm.list" => axum::routing::on(filter, vm_list),
             "vm.start" => axum::routing::on(filter, vm_start),
             "vm.get" => axum::routing::on(filter, vm_get),
@@ -349,7 +249,7 @@ pub fn router(app: Arc<App>) -> Router {
 
 /// The audit target a handler found in the body (a started VM's name), for [`gate`].
 #[derive(Debug, Clone)]
-struct AuditTarget(String);
+pub(crate) struct AuditTarget(pub(crate) String);
 
 /// Authenticate → authorize → read the body → act → audit (see the module docs).
 async fn gate(State(app): Shared, req: Request, next: Next) -> Response {
@@ -385,6 +285,7 @@ async fn gate(State(app): Shared, req: Request, next: Next) -> Response {
         status: 0,
         remote,
     };
+    let page = endpoint.is_some_and(|e| e.action.starts_with("console."));
     let resp = match admit(&app, endpoint, template.is_some(), req).await {
         Ok((op, req)) => {
             if let Some(op) = &op {
@@ -407,10 +308,16 @@ async fn gate(State(app): Shared, req: Request, next: Next) -> Response {
     if let Some(AuditTarget(t)) = resp.extensions_mut().remove::<AuditTarget>() {
         rec.target = Some(t);
     }
+    // A login names its operator only in its answer.
+    if let Some(op) = resp.extensions_mut().remove::<Operator>() {
+        rec.operator = op.name;
+        rec.role = Some(op.role.to_string());
+        rec.via = op.via.to_owned();
+    }
     rec.status = resp.status().as_u16();
     rec.result = AuditRecord::result_of(rec.status).to_owned();
     app.audit.record(&rec);
-    secure_headers(&app, &mut resp);
+    secure_headers(&app, &mut resp, page);
     resp
 }
 
@@ -423,7 +330,16 @@ async fn admit(
     matched: bool,
     req: Request,
 ) -> Result<(Option<Operator>, Request), Refused> {
-    if let Err(refusal) = app.guard.check(req.method(), req.uri(), req.headers()) {
+    // The console's own requests carry our own origin; any other is checked (and
+    // refused unless configured) by the guard.
+    let checked = if same_origin(req.headers()) {
+        let mut h = req.headers().clone();
+        h.remove(header::ORIGIN);
+        app.guard.check(req.method(), req.uri(), &h)
+    } else {
+        app.guard.check(req.method(), req.uri(), req.headers())
+    };
+    if let Err(refusal) = checked {
         return Err((None, refusal.into_response()));
     }
     let open = endpoint.is_some_and(|e| e.role.is_none());
@@ -477,6 +393,8 @@ enum AuthFailure {
     Unauthorized(&'static str),
     /// The store failed: 500.
     Store(String),
+    /// A session's state-changing request without its CSRF token: 403.
+    Csrf,
 }
 
 impl IntoResponse for AuthFailure {
@@ -493,15 +411,42 @@ impl IntoResponse for AuthFailure {
             Self::Store(e) => {
                 ErrorResponse::internal(format!("operator store: {e}")).into_response()
             }
+            Self::Csrf => ErrorResponse::new(
+                StatusCode::FORBIDDEN,
+                code::FORBIDDEN,
+                "missing or wrong x-csrf-token for this session (a cross-site request?)",
+            )
+            .into_response(),
         }
     }
 }
 
+/// Whether the request's `Origin` is this server itself (`https://` + its `Host`).
+fn same_origin(h: &axum::http::HeaderMap) -> bool {
+    let (Some(origin), Some(host)) = (
+        h.get(header::ORIGIN).and_then(|v| v.to_str().ok()),
+        h.get(header::HOST).and_then(|v| v.to_str().ok()),
+    ) else {
+        return false;
+    };
+    origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .is_some_and(|o| o.eq_ignore_ascii_case(host))
+}
+
+/// The session cookie's value in `headers`, if there is one.
+fn session_cookie<'a>(app: &App, headers: &'a axum::http::HeaderMap) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|h| crate::sessions::cookie(h, app.cookie))
+}
+
 fn authenticate(app: &App, req: &Request) -> Result<Operator, AuthFailure> {
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-        return Err(AuthFailure::Unauthorized(
-            "no operator credential: send Authorization: Bearer <token> (`clawos operator token create`, or the local admin's control-plane/admin.token)",
-        ));
+        return from_session(app, req);
     };
     let token = value
         .to_str()
@@ -516,6 +461,44 @@ fn authenticate(app: &App, req: &Request) -> Result<Operator, AuthFailure> {
         )),
         Err(e) => Err(AuthFailure::Store(e.to_string())),
     }
+}
+
+/// The operator of the browser session the request's cookie names; for any method but
+/// GET/HEAD the session's CSRF token must come in `x-csrf-token` too.
+fn from_session(app: &App, req: &Request) -> Result<Operator, AuthFailure> {
+    let Some(id) = session_cookie(app, req.headers()) else {
+        return Err(AuthFailure::Unauthorized(
+            "no operator credential: send Authorization: Bearer <token> (`clawos operator token create`, or the local admin's control-plane/admin.token), or log in to the console",
+        ));
+    };
+    let Some(found) = app.sessions.find(id) else {
+        return Err(AuthFailure::Unauthorized(
+            "session expired or logged out: log in again",
+        ));
+    };
+    match app.operators.is_active(&found.operator.token_id) {
+        Ok(true) => {}
+        Ok(false) => {
+            app.sessions.end(id);
+            return Err(AuthFailure::Unauthorized(
+                "the token this session was opened with was revoked or expired: log in again",
+            ));
+        }
+        Err(e) => return Err(AuthFailure::Store(e.to_string())),
+    }
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        let sent = req
+            .headers()
+            .get(crate::sessions::CSRF_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if !crate::sessions::same(sent, &found.csrf) {
+            return Err(AuthFailure::Csrf);
+        }
+    }
+    let mut op = found.operator;
+    op.via = "session";
+    Ok(op)
 }
 
 /// Reads a request's body within [`BODY_TIMEOUT`] and [`MAX_BODY`], so a slow or
@@ -586,7 +569,7 @@ fn hex_digit(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 
-fn secure_headers(app: &App, resp: &mut Response) {
+fn secure_headers(app: &App, resp: &mut Response, page: bool) {
     let h = resp.headers_mut();
     if app.tls {
         h.insert(
@@ -600,9 +583,14 @@ fn secure_headers(app: &App, resp: &mut Response) {
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // The console loads only its own script, style and API; everything else nothing.
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'"),
+        HeaderValue::from_static(if page {
+            "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+        } else {
+            "default-src 'none'; frame-ancestors 'none'"
+        }),
     );
 }
 
@@ -610,13 +598,21 @@ fn secure_headers(app: &App, resp: &mut Response) {
 /// and message for what the operator asked wrong; 502 when the launcher refused the
 /// control plane's own credential (the operator's is fine); 503 when it is down.
 fn upstream(e: ClientError) -> ErrorResponse {
+    upstream_error("vm-launcher", e)
+}
+
+/// An error of `daemon`'s typed client as the control plane answers it (see
+/// [`upstream`]).
+pub(crate) fn upstream_error(daemon: &str, e: ClientError) -> ErrorResponse {
     match e {
         ClientError::Api {
             status: 401 | 403, ..
         } => ErrorResponse::new(
             StatusCode::BAD_GATEWAY,
             code::UNAVAILABLE,
-            "vm-launcher refused the control plane's credential (is --launcher-token the launcher's admin.token?)",
+            format!(
+                "{daemon} refused the control plane's credential for it (is the control plane pointed at {daemon}'s admin.token?)"
+            ),
         ),
         ClientError::Api {
             status,
@@ -631,7 +627,7 @@ fn upstream(e: ClientError) -> ErrorResponse {
         ClientError::Transport { url, .. } => ErrorResponse::new(
             StatusCode::SERVICE_UNAVAILABLE,
             code::UNAVAILABLE,
-            format!("vm-launcher at {url} cannot be reached"),
+            format!("{daemon} at {url} cannot be reached"),
         ),
     }
 }
@@ -738,7 +734,97 @@ async fn list_tokens(State(app): Shared) -> ApiResult<Response> {
 
 async fn revoke_token(State(app): Shared, Path(id): Path<String>) -> ApiResult<StatusCode> {
     app.operators.revoke(&id)?;
+    app.sessions.end_for_token(&id);
     Ok(StatusCode::NO_CONTENT)
+}
+
+const CONSOLE_HTML: &str = include_str!("../console/index.html");
+const CONSOLE_JS: &str = include_str!("../console/app.js");
+const CONSOLE_CSS: &str = include_str!("../console/style.css");
+
+fn page(content_type: &'static str, body: &'static str) -> Response {
+    let mut resp = body.into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+async fn console_page() -> Response {
+    page("text/html; charset=utf-8", CONSOLE_HTML)
+}
+
+async fn console_script() -> Response {
+    page("text/javascript; charset=utf-8", CONSOLE_JS)
+}
+
+async fn console_style() -> Response {
+    page("text/css; charset=utf-8", CONSOLE_CSS)
+}
+
+fn session_info(op: &Operator, csrf: String) -> SessionInfo {
+    SessionInfo {
+        operator: op.name.clone(),
+        role: op.role,
+        via: op.via.to_owned(),
+        csrf_token: csrf,
+        idle_timeout_secs: crate::sessions::IDLE.as_secs(),
+    }
+}
+
+fn cookie_header(app: &App, value: &str, max_age: u64) -> Option<HeaderValue> {
+    let secure = if app.tls { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}",
+        app.cookie
+    ))
+    .ok()
+}
+
+async fn login(State(app): Shared, b: Result<Json<Login>, JsonRejection>) -> ApiResult<Response> {
+    let req = body(b)?;
+    let Some(op) = app.operators.authenticate(req.token.trim())? else {
+        return Err(ErrorResponse::unauthorized(
+            "operator credential refused: unknown, revoked or expired",
+        ));
+    };
+    let new = app
+        .sessions
+        .create(op.clone())
+        .map_err(|e| ErrorResponse::internal(format!("no randomness: {e}")))?;
+    let mut resp = (StatusCode::CREATED, Json(session_info(&op, new.csrf))).into_response();
+    if let Some(v) = cookie_header(&app, &new.id, crate::sessions::ABSOLUTE.as_secs()) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp.extensions_mut().insert(AuditTarget(op.name.clone()));
+    resp.extensions_mut().insert(op);
+    Ok(resp)
+}
+
+async fn session_get(
+    State(app): Shared,
+    op: Option<axum::Extension<Operator>>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<Json<SessionInfo>> {
+    let op = operator(op)?;
+    let id = session_cookie(&app, &headers).ok_or_else(|| {
+        ErrorResponse::invalid("no browser session: this request used a bearer token")
+    })?;
+    let found = app
+        .sessions
+        .find(id)
+        .ok_or_else(|| ErrorResponse::unauthorized("session expired"))?;
+    Ok(Json(session_info(&op, found.csrf)))
+}
+
+async fn logout(State(app): Shared, headers: axum::http::HeaderMap) -> Response {
+    if let Some(id) = session_cookie(&app, &headers) {
+        app.sessions.end(id);
+    }
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    if let Some(v) = cookie_header(&app, "", 0) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
 }
 
 async fn vm_list(State(app): Shared) -> ApiResult<Response> {
@@ -861,19 +947,23 @@ mod tests {
                 e.path
             );
             assert!(
-                e.path == "/healthz" || e.path.starts_with("/api/v1/"),
+                e.path == "/healthz"
+                    || e.path.starts_with("/api/v1/")
+                    || e.action.starts_with("console."),
                 "{} is outside /api/v1",
                 e.path
             );
             if e.role.is_none() {
                 assert!(
-                    matches!(e.action, "health" | "openapi"),
+                    matches!(e.action, "health" | "openapi" | "session.create")
+                        || (e.action.starts_with("console.") && e.method == RouteMethod::Get),
                     "{} is open",
                     e.action
                 );
             }
-            // Whatever changes state needs at least the operator role.
-            if e.method != RouteMethod::Get {
+            // Whatever changes state needs at least the operator role (logging in and
+            // out change only the caller's own session).
+            if e.method != RouteMethod::Get && !e.action.starts_with("session.") {
                 assert!(e.role >= Some(Role::Operator), "{} is too open", e.action);
             }
         }

@@ -13,7 +13,9 @@ pub mod http;
 pub mod openapi;
 pub mod operators;
 pub mod server;
+pub mod sessions;
 pub mod tls;
+pub mod upstreams;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,6 +51,8 @@ pub struct Config {
     pub launcher_token_path: PathBuf,
     /// `Origin`s allowed to call the API (none by default).
     pub allowed_origins: Vec<String>,
+    /// inference-proxy, monitor-daemon, orchestrator.
+    pub upstreams: upstreams::Upstreams,
     /// How often [`TlsMode::Files`] are checked for a change.
     pub reload_every: Duration,
 }
@@ -144,6 +148,15 @@ impl Config {
                 self.launcher_url
             ));
         }
+        for (daemon, u) in [
+            ("inference-proxy", &self.upstreams.proxy),
+            ("monitor", &self.upstreams.monitor),
+            ("orchestrator", &self.upstreams.orchestrator),
+        ] {
+            if !(u.url.starts_with("http://") || u.url.starts_with("https://")) {
+                return bad(format!("{daemon} URL {:?} is not an http(s) URL", u.url));
+            }
+        }
         if self.reload_every.is_zero() {
             return bad("the certificate reload interval must be above zero".into());
         }
@@ -212,6 +225,7 @@ pub async fn run(
         operators,
         audit,
         guard,
+        cfg.upstreams.clone(),
         server_tls.is_some(),
     ));
     let listener = tokio::net::TcpListener::bind(cfg.addr)
@@ -262,6 +276,7 @@ mod tests {
             launcher_url: "http://127.0.0.1:2080".into(),
             launcher_token_path: "/nonexistent".into(),
             allowed_origins: vec![],
+            upstreams: upstreams::Upstreams::defaults(std::path::Path::new("/nonexistent")),
             reload_every: Duration::from_secs(2),
         }
     }

@@ -60,6 +60,16 @@ struct Args {
     /// vm-launcher's operator credential file [default: $STATE_DIR/launcher/admin.token].
     #[arg(long, env = "CLAWOS_LAUNCHER_TOKEN_PATH")]
     launcher_token: Option<PathBuf>,
+    /// inference-proxy (usage) [default: its loopback URL; credential
+    /// $STATE_DIR/proxy/admin.token].
+    #[arg(long, env = "CLAWOS_PROXY_URL")]
+    proxy_url: Option<String>,
+    /// monitor-daemon (the syscall audit trail) [credential $STATE_DIR/monitor/admin.token].
+    #[arg(long, env = "CLAWOS_MONITOR_URL")]
+    monitor_url: Option<String>,
+    /// orchestrator (workflows) [credential $STATE_DIR/orchestrator/admin.token].
+    #[arg(long, env = "CLAWOS_ORCHESTRATOR_URL")]
+    orchestrator_url: Option<String>,
     /// An Origin allowed to call the API (repeatable; none by default).
     #[arg(
         long = "allow-origin",
@@ -91,7 +101,18 @@ fn main() -> anyhow::Result<()> {
         },
         Tls::Off => TlsMode::PlainHttp,
     };
+    let mut upstreams = clawos_control_plane::upstreams::Upstreams::defaults(&state_dir);
+    if let Some(u) = a.proxy_url {
+        upstreams.proxy.url = u;
+    }
+    if let Some(u) = a.monitor_url {
+        upstreams.monitor.url = u;
+    }
+    if let Some(u) = a.orchestrator_url {
+        upstreams.orchestrator.url = u;
+    }
     let cfg = Config {
+        upstreams,
         addr: a.addr,
         launcher_token_path: a
             .launcher_token

@@ -32,12 +32,25 @@ fn schemas() -> Vec<(String, RefOr<Schema>)> {
     add::<clawos_control_plane_api::CreatedToken>(&mut out);
     add::<clawos_control_plane_api::TokenInfo>(&mut out);
     add::<clawos_control_plane_api::Role>(&mut out);
+    add::<clawos_control_plane_api::Login>(&mut out);
+    add::<clawos_control_plane_api::SessionInfo>(&mut out);
     add::<clawos_vm_launcher_api::Vm>(&mut out);
     add::<clawos_vm_launcher_api::VmState>(&mut out);
     add::<clawos_vm_launcher_api::StartVm>(&mut out);
     add::<clawos_vm_launcher_api::Snapshot>(&mut out);
     add::<clawos_vm_launcher_api::CreateSnapshot>(&mut out);
     add::<clawos_vm_launcher_api::RestoreVm>(&mut out);
+    add::<crate::audit::AuditRecord>(&mut out);
+    add::<clawos_inference_proxy_api::UsageReport>(&mut out);
+    add::<clawos_inference_proxy_api::UsageRow>(&mut out);
+    add::<clawos_monitor_api::AuditEvent>(&mut out);
+    add::<clawos_monitor_api::Kind>(&mut out);
+    add::<clawos_orchestrator_api::SubmitRun>(&mut out);
+    add::<clawos_orchestrator_api::RunSummary>(&mut out);
+    add::<clawos_orchestrator_api::RunStatus>(&mut out);
+    add::<clawos_orchestrator_api::RunState>(&mut out);
+    add::<clawos_orchestrator_api::StepStatus>(&mut out);
+    add::<clawos_orchestrator_api::Approval>(&mut out);
     add::<clawos_api::ErrorBody>(&mut out);
     add::<clawos_api::ErrorDetail>(&mut out);
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -55,6 +68,7 @@ fn content(shape: Shape) -> Option<(&'static str, RefOr<Schema>)> {
             ArrayBuilder::new().items(r(n)).build().into(),
         )),
         Shape::Text => Some(("text/plain", String::schema())),
+        Shape::Page(mime) => Some((mime, String::schema())),
     }
 }
 

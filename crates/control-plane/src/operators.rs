@@ -226,6 +226,20 @@ impl OperatorStore {
         rows.collect::<Result<_, _>>().map_err(|e| self.db_err(e))
     }
 
+    /// Whether token `id` is still valid (not revoked, not expired): a browser session
+    /// opened with it lives only as long as it does.
+    pub fn is_active(&self, id: &str) -> Result<bool, OperatorError> {
+        self.lock()
+            .query_row(
+                "SELECT 1 FROM tokens WHERE id = ?1 AND revoked_at IS NULL AND expires_at > ?2",
+                params![id, unix_now() as i64],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|r| r.is_some())
+            .map_err(|e| self.db_err(e))
+    }
+
     /// Revokes token `id` from now on (revoking twice is not an error).
     pub fn revoke(&self, id: &str) -> Result<(), OperatorError> {
         if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {

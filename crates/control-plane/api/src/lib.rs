@@ -14,11 +14,22 @@
 //! | [`routes::REVOKE_TOKEN`] `DELETE /api/v1/operators/tokens/{id}` | admin | → 204 |
 //! | `GET /api/v1/vms`, `GET /api/v1/vms/{name}`, `…/console`, `…/snapshots` | viewer | as vm-launcher |
 //! | `POST /api/v1/vms`, `…/stop`, `…/pause`, `…/resume`, `DELETE …` , snapshots, restore | operator | as vm-launcher |
+//! | [`routes::LOGIN`] `POST /api/v1/sessions` | none | [`Login`] (an API token) → 201 [`SessionInfo`] + the session cookie |
+//! | [`routes::SESSION`] `GET /api/v1/sessions/current` | viewer | → [`SessionInfo`] |
+//! | [`routes::LOGOUT`] `DELETE /api/v1/sessions/current` | viewer | → 204, cookie cleared |
+//! | [`routes::CONSOLE`] `GET /`, `/console/app.js`, `/console/style.css` | none | the web console |
+//! | [`routes::USAGE`] `GET /api/v1/usage?since_ms=&agent=` | viewer | → inference-proxy's usage report |
+//! | [`routes::AUDIT_EVENTS`] `GET /api/v1/audit/events?after=&limit=&agent=` | viewer | → monitor-daemon's audit events |
+//! | [`routes::OPERATOR_AUDIT`] `GET /api/v1/operators/audit?limit=` | admin | → the newest operator audit records |
+//! | [`routes::RUNS`], [`routes::RUN`] `GET /api/v1/workflows/runs[/{run}]` | viewer | → the orchestrator's runs |
+//! | [`routes::SUBMIT_RUN`], [`routes::APPROVE`], [`routes::CANCEL_RUN`] | operator | submit, approve or reject a step, cancel |
 //! | [`routes::OPENAPI`] `GET /api/v1/openapi.json` | none | the OpenAPI 3.1 document of all of this |
 //! | [`routes::HEALTHZ`] `GET /healthz` | none | liveness |
 //!
-//! Every other request needs `Authorization: Bearer <operator token>`: 401 without a
-//! valid one, 403 when the token's role is below the route's. Every request, refused or
+//! Every other request needs `Authorization: Bearer <operator token>`, or the session
+//! cookie of a browser login plus, on every method but `GET`, the session's CSRF token
+//! in `x-csrf-token`: 401 without a valid credential, 403 when its role is below the
+//! route's (or the CSRF token is missing or wrong). Every request, refused or
 //! not, leaves one record in the operator audit trail (`<state>/control-plane/audit.jsonl`).
 //! Errors are `clawos_api::ErrorBody`.
 
@@ -67,6 +78,26 @@ pub mod routes {
     pub const LIST_TOKENS: Route = Route::get("/api/v1/operators/tokens");
     pub const REVOKE_TOKEN: Route = Route::delete("/api/v1/operators/tokens/{id}");
     pub const OPENAPI: Route = Route::get("/api/v1/openapi.json");
+    /// LLM usage per agent and model (inference-proxy's ledger).
+    pub const USAGE: Route = Route::get("/api/v1/usage");
+    /// The syscall audit trail (monitor-daemon).
+    pub const AUDIT_EVENTS: Route = Route::get("/api/v1/audit/events");
+    /// The operator audit trail's newest records.
+    pub const OPERATOR_AUDIT: Route = Route::get("/api/v1/operators/audit");
+    /// Workflow runs (orchestrator).
+    pub const RUNS: Route = Route::get("/api/v1/workflows/runs");
+    pub const SUBMIT_RUN: Route = Route::post("/api/v1/workflows/runs");
+    pub const RUN: Route = Route::get("/api/v1/workflows/runs/{run}");
+    pub const APPROVE: Route = Route::post("/api/v1/workflows/runs/{run}/steps/{step}/approval");
+    pub const CANCEL_RUN: Route = Route::post("/api/v1/workflows/runs/{run}/cancel");
+    /// Browser login with an API token: sets the session cookie.
+    pub const LOGIN: Route = Route::post("/api/v1/sessions");
+    pub const SESSION: Route = Route::get("/api/v1/sessions/current");
+    pub const LOGOUT: Route = Route::delete("/api/v1/sessions/current");
+    /// The web console (HTML), and its script and style sheet.
+    pub const CONSOLE: Route = Route::get("/");
+    pub const CONSOLE_SCRIPT: Route = Route::get("/console/app.js");
+    pub const CONSOLE_STYLE: Route = Route::get("/console/style.css");
     pub const HEALTHZ: Route = Route::get("/healthz");
 }
 
@@ -171,8 +202,52 @@ pub struct CreatedToken {
 pub struct WhoAmI {
     pub operator: String,
     pub role: Role,
-    /// How the caller authenticated: `token`.
+    /// How the caller authenticated: `token` (a bearer API token) or `session` (a
+    /// browser session's cookie).
     pub via: String,
+}
+
+/// `POST /api/v1/sessions`: a browser login with an operator API token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Login {
+    pub token: String,
+}
+
+/// A browser session: who, and the CSRF token to echo in `x-csrf-token`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SessionInfo {
+    pub operator: String,
+    pub role: Role,
+    /// How the session was opened: `token`.
+    pub via: String,
+    pub csrf_token: String,
+    /// Seconds without a request after which the session ends.
+    pub idle_timeout_secs: u64,
+}
+
+/// `?limit=` of [`routes::OPERATOR_AUDIT`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    /// How many of the newest records (default 100, at most 1000).
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+/// `?after=&limit=&agent=` of [`routes::AUDIT_EVENTS`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Events after this sequence number.
+    #[serde(default)]
+    pub after: u64,
+    /// At most this many (default 200, at most 1000).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// Only this agent's.
+    #[serde(default)]
+    pub agent: Option<String>,
 }
 
 /// Typed client of the control plane's own routes. For the VM routes use

@@ -31,6 +31,7 @@ pub mod routes {
 
 /// The query of [`routes::USAGE`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageQuery {
     /// Only requests at or after this Unix time in milliseconds (0: all).
     #[serde(default)]
@@ -42,6 +43,7 @@ pub struct UsageQuery {
 
 /// Usage per agent and model, from the ledger.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageReport {
     /// Ordered by agent, then model.
     pub usage: Vec<UsageRow>,
@@ -49,6 +51,7 @@ pub struct UsageReport {
 
 /// The sums of one agent's requests to one model, as the upstream reported them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UsageRow {
     pub agent: String,
     pub model: String,

@@ -39,6 +39,7 @@ pub mod routes {
 /// What an audit line records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Kind {
     /// One system call of a watched process, at its exit.
     Syscall,
@@ -57,6 +58,7 @@ pub enum Kind {
 
 /// One JSONL line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AuditEvent {
     /// Per-host sequence number: consecutive, so a gap shows a loss.
     pub seq: u64,

@@ -60,6 +60,7 @@ pub mod routes {
 /// `POST /v1/runs`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SubmitRun {
     /// The workflow spec, YAML (`apiVersion: clawos.dev/v1`, `kind: Workflow`).
     pub spec: String,
@@ -71,6 +72,7 @@ pub struct SubmitRun {
 /// Where a run is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum RunState {
     Running,
     Succeeded,
@@ -101,6 +103,7 @@ impl std::fmt::Display for RunState {
 
 /// A run in a list.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunSummary {
     pub id: String,
     /// The spec's `metadata.name`.
@@ -117,6 +120,7 @@ pub struct RunSummary {
 
 /// A run and its steps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunStatus {
     #[serde(flatten)]
     pub run: RunSummary,
@@ -125,6 +129,7 @@ pub struct RunStatus {
 
 /// One step of a run (a map step's items are rows of their own, `step[i]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepStatus {
     pub id: String,
     /// `agent`, `approval` or `map`.
@@ -176,6 +181,7 @@ pub struct EventsQuery {
 /// `POST …/approval`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Approval {
     pub approved: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,0 +1,212 @@
+//! The daemons behind the control plane other than vm-launcher — inference-proxy
+//! (usage), monitor-daemon (the syscall audit trail), orchestrator (workflows) — and
+//! the routes that front them. Each is reached through its own typed client with the
+//! operator credential its daemon made in the shared state directory; the credential
+//! is read at each request, so a daemon started after the control plane (or one that
+//! made a new credential) is picked up without a restart. One that is not there
+//! answers 503 naming what is missing; the rest of the API keeps working.
+
+use std::path::PathBuf;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use clawos_api::{ClientError, code};
+use clawos_control_plane_api::{AuditQuery, EventsQuery};
+use clawos_inference_proxy_api::{ProxyAdminClient, UsageQuery};
+use clawos_monitor_api::MonitorClient;
+use clawos_orchestrator_api::{Approval, OrchestratorClient, SubmitRun};
+use clawos_service::http::ErrorResponse;
+
+use crate::http::Shared;
+
+/// Where one daemon is and where its operator credential lives.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub url: String,
+    pub token_path: PathBuf,
+}
+
+/// The daemons the control plane fronts besides vm-launcher.
+#[derive(Debug, Clone)]
+pub struct Upstreams {
+    pub proxy: Upstream,
+    pub monitor: Upstream,
+    pub orchestrator: Upstream,
+}
+
+impl Upstreams {
+    /// Each daemon at its default loopback URL, with the credential it makes under
+    /// `state_dir`.
+    pub fn defaults(state_dir: &std::path::Path) -> Self {
+        Self {
+            proxy: Upstream {
+                url: clawos_inference_proxy_api::DEFAULT_URL.to_owned(),
+                token_path: state_dir.join("proxy/admin.token"),
+            },
+            monitor: Upstream {
+                url: clawos_monitor_api::DEFAULT_URL.to_owned(),
+                token_path: clawos_monitor_api::token_path(state_dir),
+            },
+            orchestrator: Upstream {
+                url: clawos_orchestrator_api::DEFAULT_URL.to_owned(),
+                token_path: clawos_orchestrator_api::token_path(state_dir),
+            },
+        }
+    }
+}
+
+impl Upstream {
+    fn token(&self, daemon: &str) -> Result<String, ErrorResponse> {
+        match std::fs::read_to_string(&self.token_path) {
+            Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
+            Ok(_) | Err(_) => Err(ErrorResponse::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                code::UNAVAILABLE,
+                format!(
+                    "{daemon} is not set up on this host: no operator credential at {} (start {daemon}, or point the control plane at it)",
+                    self.token_path.display()
+                ),
+            )),
+        }
+    }
+}
+
+/// An upstream error as the control plane answers it (see `http::upstream`).
+fn failed(daemon: &'static str) -> impl Fn(ClientError) -> ErrorResponse {
+    move |e| crate::http::upstream_error(daemon, e)
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ErrorResponse> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ErrorResponse::invalid(e.body_text()))
+}
+
+fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ErrorResponse> {
+    b.map(|Json(t)| t)
+        .map_err(|e| ErrorResponse::invalid(e.body_text()))
+}
+
+fn id(kind: &str, s: &str) -> Result<(), ErrorResponse> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-[]".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ErrorResponse::invalid(format!(
+            "{kind} id {s:?}: 1-128 characters of A-Z a-z 0-9 . _ - [ ]"
+        )))
+    }
+}
+
+type ApiResult = Result<Response, ErrorResponse>;
+
+pub(crate) async fn usage(
+    State(app): Shared,
+    q: Result<Query<UsageQuery>, QueryRejection>,
+) -> ApiResult {
+    let q = query(q)?;
+    let up = &app.upstreams.proxy;
+    let client = ProxyAdminClient::new(&up.url, &up.token("inference-proxy")?);
+    let report = client.usage(&q).await.map_err(failed("inference-proxy"))?;
+    Ok(Json(report).into_response())
+}
+
+pub(crate) async fn audit_events(
+    State(app): Shared,
+    q: Result<Query<EventsQuery>, QueryRejection>,
+) -> ApiResult {
+    let q = query(q)?;
+    if let Some(agent) = &q.agent
+        && let Some(why) = clawos_api::label_problem(agent)
+    {
+        return Err(ErrorResponse::invalid(format!("agent {agent:?}: {why}")));
+    }
+    let up = &app.upstreams.monitor;
+    let client = MonitorClient::new(&up.url, &up.token("monitor-daemon")?);
+    let limit = q.limit.unwrap_or(200).clamp(1, 1000);
+    let events = client
+        .events(q.agent.as_deref(), q.after, limit)
+        .await
+        .map_err(failed("monitor-daemon"))?;
+    Ok(Json(events).into_response())
+}
+
+pub(crate) async fn operator_audit(
+    State(app): Shared,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> ApiResult {
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let records = app
+        .audit
+        .tail(limit)
+        .map_err(|e| ErrorResponse::internal(format!("operator audit trail: {e}")))?;
+    Ok(Json(records).into_response())
+}
+
+fn orchestrator(app: &crate::http::App) -> Result<OrchestratorClient, ErrorResponse> {
+    let up = &app.upstreams.orchestrator;
+    Ok(OrchestratorClient::new(&up.url, &up.token("orchestrator")?))
+}
+
+pub(crate) async fn runs(State(app): Shared) -> ApiResult {
+    let runs = orchestrator(&app)?
+        .list()
+        .await
+        .map_err(failed("orchestrator"))?;
+    Ok(Json(runs).into_response())
+}
+
+pub(crate) async fn submit_run(
+    State(app): Shared,
+    b: Result<Json<SubmitRun>, JsonRejection>,
+) -> ApiResult {
+    let req = body(b)?;
+    let run = orchestrator(&app)?
+        .submit(&req)
+        .await
+        .map_err(failed("orchestrator"))?;
+    let target = run.id.clone();
+    let mut resp = (StatusCode::CREATED, Json(run)).into_response();
+    resp.extensions_mut()
+        .insert(crate::http::AuditTarget(target));
+    Ok(resp)
+}
+
+pub(crate) async fn run(State(app): Shared, Path(run): Path<String>) -> ApiResult {
+    id("run", &run)?;
+    let status = orchestrator(&app)?
+        .get(&run)
+        .await
+        .map_err(failed("orchestrator"))?;
+    Ok(Json(status).into_response())
+}
+
+pub(crate) async fn approve(
+    State(app): Shared,
+    Path((run, step)): Path<(String, String)>,
+    b: Result<Json<Approval>, JsonRejection>,
+) -> ApiResult {
+    id("run", &run)?;
+    id("step", &step)?;
+    let a = body(b)?;
+    orchestrator(&app)?
+        .approve(&run, &step, &a)
+        .await
+        .map_err(failed("orchestrator"))?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+pub(crate) async fn cancel_run(State(app): Shared, Path(run): Path<String>) -> ApiResult {
+    id("run", &run)?;
+    let status = orchestrator(&app)?
+        .cancel(&run)
+        .await
+        .map_err(failed("orchestrator"))?;
+    Ok(Json(status).into_response())
+}
