@@ -62,6 +62,25 @@ if ! python3 -c "import jwt, cryptography, anthropic, openai" 2>/dev/null; then
   python3 -m pip install --quiet pyjwt cryptography anthropic openai 2>/dev/null \
     || python3 -m pip install --quiet --break-system-packages pyjwt cryptography anthropic openai
 fi
+# Test-only tools, not the host's: pebble (+ pebble-challtestsrv), the ACME CA the
+# control plane's certificate tests get certificates from; chromium, the browser its
+# web-console test drives.
+test_missing=()
+for p in pebble chromium; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || test_missing+=("$p")
+done
+if [ ${#test_missing[@]} -gt 0 ]; then
+  echo "==> installing ${test_missing[*]} for the tests"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${test_missing[@]}" >/dev/null
+fi
+# playwright-core (pinned in its package-lock.json; it drives Debian's chromium, it
+# downloads no browser) for the web console's browser test.
+if [ ! -d tests/e2e/console/node_modules/playwright-core ]; then
+  echo "==> installing playwright-core for the web console test"
+  (cd tests/e2e/console && npm ci --no-audit --no-fund --silent)
+fi
 skipped=${CARGO_TARGET_DIR:-target}/e2e/SKIPPED
 measured=${CARGO_TARGET_DIR:-target}/e2e/MEASURED
 mkdir -p "$(dirname "$skipped")" && rm -f "$skipped" "$measured"

@@ -2,13 +2,13 @@
 //! driven with the real `curl` (and Python's `ssl`/`http.client` and `openssl` where a
 //! test needs a connection held open or a certificate made by another tool).
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clawos_e2e::stack::ControlPlane;
+use clawos_e2e::tls::{HeldConnection, openssl_cert, serial_served, wait_for_serial};
 use clawos_e2e::{Launcher, can_boot_vms, show};
 use serde_json::{Value, json};
 
@@ -337,9 +337,9 @@ fn operators_roles_bad_input_and_the_audit_trail_over_tls() -> Result<()> {
         "the slow client was not cut off: {}",
         show(&slow_out)
     );
-    println!(
-        "MEASURED control-plane: a request beside a slowloris client answered in {others_served_in:?}; {slow_said}"
-    );
+    clawos_e2e::measured(&format!(
+        "control-plane: a request beside a slowloris client answered in {others_served_in:?}; {slow_said}"
+    ));
 
     // Revocation takes effect at once.
     let revoked = cp.call(
@@ -496,10 +496,10 @@ fn a_vm_started_stopped_and_watched_through_the_control_plane() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    println!(
-        "MEASURED control-plane: VM booted through the control plane in {} ms",
+    clawos_e2e::measured(&format!(
+        "control-plane: VM booted through the control plane in {} ms",
         vm["boot_ms"]
-    );
+    ));
     let console = cp.call(
         Some(&viewer),
         "GET",
@@ -556,109 +556,6 @@ fn a_vm_started_stopped_and_watched_through_the_control_plane() -> Result<()> {
     Ok(())
 }
 
-/// Makes a CA and a certificate for 127.0.0.1 signed by it with `openssl`, into
-/// `cert`/`key`; `serial` tells the certificates apart.
-fn openssl_cert(dir: &Path, ca: &str, cert: &Path, key: &Path, serial: u32) -> Result<()> {
-    let run = |args: &[&str]| -> Result<()> {
-        let o = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()?;
-        if !o.status.success() {
-            bail!("openssl {args:?}: {}", show(&o));
-        }
-        Ok(())
-    };
-    if !dir.join(format!("{ca}.crt")).exists() {
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &format!("{ca}.key"),
-            "-out",
-            &format!("{ca}.crt"),
-            "-days",
-            "2",
-            "-subj",
-            "/CN=ClawOS test CA",
-        ])?;
-    }
-    let tmp_key = dir.join(format!("leaf{serial}.key"));
-    let tmp_csr = dir.join(format!("leaf{serial}.csr"));
-    let tmp_crt = dir.join(format!("leaf{serial}.crt"));
-    let ext = dir.join("san.ext");
-    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n")?;
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        tmp_key.to_str().context("utf8")?,
-        "-out",
-        tmp_csr.to_str().context("utf8")?,
-        "-subj",
-        "/CN=127.0.0.1",
-    ])?;
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        tmp_csr.to_str().context("utf8")?,
-        "-CA",
-        &format!("{ca}.crt"),
-        "-CAkey",
-        &format!("{ca}.key"),
-        "-set_serial",
-        &serial.to_string(),
-        "-days",
-        "1",
-        "-extfile",
-        ext.to_str().context("utf8")?,
-        "-out",
-        tmp_crt.to_str().context("utf8")?,
-    ])?;
-    // Replace as a renewal tool would: key first, then the certificate, each by rename.
-    std::fs::copy(&tmp_key, dir.join("key.tmp"))?;
-    std::fs::rename(dir.join("key.tmp"), key)?;
-    std::fs::copy(&tmp_crt, dir.join("crt.tmp"))?;
-    std::fs::rename(dir.join("crt.tmp"), cert)?;
-    Ok(())
-}
-
-/// Holds one HTTPS connection open and answers commands on stdin: `get` sends a
-/// request on it and prints `<status> <serial of the certificate it was opened with>`.
-const HOLDING_CLIENT: &str = r#"
-import http.client, ssl, sys
-ctx = ssl.create_default_context(cafile=sys.argv[1])
-conn = http.client.HTTPSConnection("127.0.0.1", int(sys.argv[2]), context=ctx)
-conn.connect()
-for line in sys.stdin:
-    conn.request("GET", "/healthz")
-    r = conn.getresponse(); r.read()
-    print(r.status, int(conn.sock.getpeercert()["serialNumber"], 16), flush=True)
-"#;
-
-fn serial_served(port: u16, ca: &Path) -> Result<u32> {
-    let o = Command::new("python3")
-        .arg("-c")
-        .arg("import socket, ssl, sys\nctx = ssl.create_default_context(cafile=sys.argv[1])\ns = ctx.wrap_socket(socket.create_connection(('127.0.0.1', int(sys.argv[2]))), server_hostname='127.0.0.1')\nprint(int(s.getpeercert()['serialNumber'], 16))")
-        .arg(ca)
-        .arg(port.to_string())
-        .output()?;
-    if !o.status.success() {
-        bail!("TLS client: {}", show(&o));
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).trim().parse()?)
-}
-
 #[test]
 fn certificate_files_are_reloaded_while_a_client_holds_its_connection() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -685,37 +582,23 @@ fn certificate_files_are_reloaded_while_a_client_holds_its_connection() -> Resul
         ],
     )?;
     let ca = pki.join("ca.crt");
-    assert_eq!(serial_served(cp.port, &ca)?, 1001);
-
-    let mut holder = Command::new("python3")
-        .arg("-c")
-        .arg(HOLDING_CLIENT)
-        .arg(&ca)
-        .arg(cp.port.to_string())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut to_holder = holder.stdin.take().context("stdin")?;
-    let mut from_holder = BufReader::new(holder.stdout.take().context("stdout")?);
-    let mut ask = |w: &mut std::process::ChildStdin| -> Result<String> {
-        writeln!(w, "get")?;
-        let mut line = String::new();
-        from_holder.read_line(&mut line)?;
-        Ok(line.trim().to_owned())
-    };
-    assert_eq!(ask(&mut to_holder)?, "200 1001");
+    // 1001 = 0x3E9, 1002 = 0x3EA.
+    assert_eq!(serial_served(cp.port, &ca, "127.0.0.1")?, "03E9");
+    let mut held = HeldConnection::open(cp.port, &ca, "127.0.0.1")?;
+    assert_eq!(held.ask()?, "200 03E9");
 
     openssl_cert(&pki, "ca", &cert, &key, 1002)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while serial_served(cp.port, &ca)? != 1002 {
-        if Instant::now() > deadline {
-            bail!("the new certificate is not served: {}", cp.log());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for_serial(
+        cp.port,
+        &ca,
+        "127.0.0.1",
+        Duration::from_secs(30),
+        |s| s == "03EA",
+        || cp.log(),
+    )?;
     assert_eq!(
-        ask(&mut to_holder)?,
-        "200 1001",
+        held.ask()?,
+        "200 03E9",
         "the held connection keeps working, on its own certificate"
     );
 
@@ -731,10 +614,8 @@ fn certificate_files_are_reloaded_while_a_client_holds_its_connection() -> Resul
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(serial_served(cp.port, &ca)?, 1002);
-    assert_eq!(ask(&mut to_holder)?, "200 1001");
-    drop(to_holder);
-    let _ = holder.wait();
+    assert_eq!(serial_served(cp.port, &ca, "127.0.0.1")?, "03EA");
+    assert_eq!(held.ask()?, "200 03E9");
     Ok(())
 }
 

@@ -46,21 +46,6 @@ fn rebuild_with_own_cache(dir: &Path) -> PathBuf {
     out
 }
 
-/// Prints a measurement and appends it to `<target>/e2e/MEASURED`, which
-/// `scripts/test.sh` shows after the run (a passing test's output is hidden).
-fn measured(text: &str) {
-    use std::io::Write;
-    eprintln!("MEASURED {text}");
-    let file = clawos_e2e::target_profile_dir().join("../e2e/MEASURED");
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(file)
-    {
-        let _ = writeln!(f, "MEASURED {text}");
-    }
-}
-
 const HELLO: &str = "Hello from OpenClaw in a ClawOS VM.\n";
 const FINAL_TEXT: &str = "I wrote hello.txt in the workspace.";
 
@@ -165,7 +150,7 @@ fn openclaw_runs_a_task_like_the_builtin_runtime() {
     let builtin_mem = l.clawos(&["vm", "exec", "builtin", "--", "free", "-m"]);
     let o = l.clawos(&["vm", "stop", "builtin"]);
     assert!(o.status.success(), "{}", show(&o));
-    measured(&format!(
+    clawos_e2e::measured(&format!(
         "built-in runtime, same task: boot to ready {builtin_boot_s:.1} s, first turn {builtin_turn_s:.2} s\nguest memory after the turn:\n{}",
         String::from_utf8_lossy(&builtin_mem.stdout)
     ));
@@ -422,7 +407,7 @@ fn openclaw_runs_a_task_like_the_builtin_runtime() {
     let rootfs_mb = std::fs::metadata(image.join("rootfs.img"))
         .map(|m| m.len() as f64 / 1e6)
         .unwrap_or(0.0);
-    measured(&format!(
+    clawos_e2e::measured(&format!(
         "openclaw: image build {build_s:.0} s (again with a cache of its own: {rebuild_s:.0} s), rootfs {rootfs_mb:.0} MB, boot to gateway ready {boot_s:.0} s, first turn {first_turn_s:.0} s, next turn {steady_turn_s:.1} s, gateway restart to answer {restart_s:.0} s\nguest memory after the turns:\n{}",
         String::from_utf8_lossy(&mem.stdout)
     ));

@@ -4,6 +4,7 @@
 
 pub mod fake_llm;
 pub mod stack;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -48,6 +49,21 @@ pub fn guest_bin_dir() -> PathBuf {
         d.display()
     );
     d
+}
+
+/// Prints a measurement and appends it to `<target>/e2e/MEASURED`, which
+/// `scripts/test.sh` shows after the run (a passing test's output is hidden).
+pub fn measured(text: &str) {
+    use std::io::Write;
+    eprintln!("MEASURED {text}");
+    let file = target_profile_dir().join("../e2e/MEASURED");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+    {
+        let _ = writeln!(f, "MEASURED {text}");
+    }
 }
 
 /// Records and prints why a test did not run: every test that returns early goes through

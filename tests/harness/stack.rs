@@ -479,17 +479,29 @@ impl ControlPlane {
     /// launcher URL); without a `--tls` among them it serves a self-signed certificate
     /// for `localhost` and `127.0.0.1`.
     pub fn start(state: &Path, launcher_url: &str, args: &[&str]) -> Result<Self> {
-        let port = port();
+        // An `--addr` among `args` is the one used (a test that must know the port
+        // before the daemon starts); else a free loopback port.
+        let given = args.iter().position(|a| *a == "--addr");
+        let port = match given {
+            Some(i) => args
+                .get(i + 1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .context("--addr needs host:port")?,
+            None => port(),
+        };
         let log = state.join("control-plane.log");
         let addr = format!("127.0.0.1:{port}");
-        let mut all = vec![
-            "--addr",
-            &addr,
+        let mut all = vec![];
+        if given.is_none() {
+            all.extend(["--addr", addr.as_str()]);
+        }
+        all.extend([
             "--state-dir",
             state.to_str().context("utf8 state dir")?,
             "--launcher-url",
             launcher_url,
-        ];
+        ]);
         if !args.contains(&"--tls") {
             all.extend(["--tls", "self-signed", "--tls-name", "localhost,127.0.0.1"]);
         }

@@ -8,6 +8,7 @@
 //! State in `<state>/control-plane/` (0700): `operators.db` (token hashes),
 //! `admin.token` (the local admin's credential, 0600), `audit.jsonl`, `tls/`.
 
+pub mod acme;
 pub mod audit;
 pub mod http;
 pub mod openapi;
@@ -33,6 +34,8 @@ pub enum TlsMode {
     SelfSigned { names: Vec<String> },
     /// The operator's PEM files, re-read when they change.
     Files { cert: PathBuf, key: PathBuf },
+    /// Issued and renewed by an ACME CA.
+    Acme(acme::AcmeSettings),
     /// No TLS: loopback only, unless `insecure_plain_http`.
     PlainHttp,
 }
@@ -139,6 +142,27 @@ impl Config {
                     }
                 }
             }
+            TlsMode::Acme(a) => {
+                if !a.directory.starts_with("https://") {
+                    return bad(format!(
+                        "--acme-directory {:?} is not an https:// URL",
+                        a.directory
+                    ));
+                }
+                if a.domains.is_empty() {
+                    return bad("--tls acme needs at least one --acme-domain".into());
+                }
+                for d in &a.domains {
+                    if !valid_dns_name(d) {
+                        return bad(format!("--acme-domain {d:?} is not a DNS name"));
+                    }
+                }
+                if let Some(ca) = &a.ca_cert
+                    && !ca.is_file()
+                {
+                    return bad(format!("--acme-ca-cert {}: no such file", ca.display()));
+                }
+            }
             TlsMode::PlainHttp => {}
         }
         if !(self.launcher_url.starts_with("http://") || self.launcher_url.starts_with("https://"))
@@ -170,6 +194,9 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControlPlaneError> {
     cfg.validate()?;
+    // One crypto provider for every rustls user in the process (the ACME client builds
+    // its TLS configuration from the default).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = cfg.dir();
     let io = |path: PathBuf| move |source| ControlPlaneError::Io { path, source };
     {
@@ -195,11 +222,48 @@ pub async fn run(
     let launcher = LauncherClient::new(&cfg.launcher_url).with_token(&launcher_token);
 
     let tls_dir = dir.join("tls");
+    let mut background: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> =
+        Vec::new();
     let (tls_config, reload) = match &cfg.tls {
         TlsMode::PlainHttp => (None, None),
         TlsMode::SelfSigned { names } => {
             let key = tls::self_signed(&tls_dir, names)?;
             (Some(tls::CertStore::new(key)), None)
+        }
+        TlsMode::Acme(settings) => {
+            let challenges = Arc::new(acme::Challenges::default());
+            let acme_dir = tls_dir.join("acme");
+            std::fs::create_dir_all(&acme_dir).map_err(io(acme_dir.clone()))?;
+            // Until the CA's certificate arrives: a self-signed one for the same names.
+            let placeholder = tls::self_signed(&tls_dir, &settings.domains)?;
+            let store = tls::CertStore::with_acme(placeholder, Arc::clone(&challenges));
+            let a = acme::Acme::new(
+                settings.clone(),
+                acme_dir,
+                Arc::clone(&store),
+                Arc::clone(&challenges),
+            );
+            let kept = a.kept();
+            if let Some((key, validity)) = &kept {
+                store.replace(Arc::clone(key));
+                tracing::info!(not_after = ?validity.not_after, "serving the kept ACME certificate");
+            } else {
+                tracing::warn!(directory = %settings.directory, "no ACME certificate yet: serving a self-signed placeholder until the CA issues one");
+            }
+            if let Some(addr) = settings.http01_addr {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(io(PathBuf::from(addr.to_string())))?;
+                tracing::info!(%addr, "answering ACME HTTP-01 challenges");
+                let router = acme::http01_router(Arc::clone(&challenges));
+                background.push(Box::pin(async move {
+                    if let Err(e) = axum::serve(l, router).await {
+                        tracing::error!(error = %e, "HTTP-01 responder stopped");
+                    }
+                }));
+            }
+            background.push(Box::pin(a.run(kept.map(|(_, v)| v))));
+            (Some(store), None)
         }
         TlsMode::Files { cert, key } => {
             let k = tls::load_pem(cert, key)?;
@@ -249,6 +313,7 @@ pub async fn run(
         }
     }
     let reloader = reload.map(tokio::spawn);
+    let background: Vec<_> = background.into_iter().map(tokio::spawn).collect();
     let served = server::serve(
         listener,
         server_tls,
@@ -259,6 +324,9 @@ pub async fn run(
     .await;
     if let Some(r) = reloader {
         r.abort();
+    }
+    for b in background {
+        b.abort();
     }
     served.map_err(io("HTTP server".into()))
 }

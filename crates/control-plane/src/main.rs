@@ -14,6 +14,8 @@ enum Tls {
     SelfSigned,
     /// --tls-cert and --tls-key, re-read when they change.
     Files,
+    /// Issued and renewed by an ACME CA (--acme-directory, --acme-domain).
+    Acme,
     /// No TLS: refused off loopback unless --insecure-plain-http.
     Off,
 }
@@ -47,6 +49,22 @@ struct Args {
     /// PEM private key (--tls files).
     #[arg(long, env = "CLAWOS_CONTROL_PLANE_TLS_KEY")]
     tls_key: Option<PathBuf>,
+    /// ACME directory URL (--tls acme), e.g. Let's Encrypt's.
+    #[arg(long, env = "CLAWOS_ACME_DIRECTORY")]
+    acme_directory: Option<String>,
+    /// A DNS name the ACME certificate is for (repeatable).
+    #[arg(long = "acme-domain", value_delimiter = ',')]
+    acme_domains: Vec<String>,
+    /// Contact for the ACME account, e.g. mailto:ops@example.com.
+    #[arg(long)]
+    acme_contact: Option<String>,
+    /// PEM root certificate to trust for the ACME directory's own HTTPS (a private CA).
+    #[arg(long)]
+    acme_ca_cert: Option<PathBuf>,
+    /// Answer HTTP-01 challenges on this address (e.g. 0.0.0.0:80); without it the
+    /// CA validates with TLS-ALPN-01 on --addr.
+    #[arg(long)]
+    acme_http01_addr: Option<SocketAddr>,
     /// Seconds between checks of --tls-cert/--tls-key for a change.
     #[arg(long, default_value_t = 2)]
     tls_reload_secs: u64,
@@ -99,6 +117,15 @@ fn main() -> anyhow::Result<()> {
             cert: a.tls_cert.context("--tls files needs --tls-cert")?,
             key: a.tls_key.context("--tls files needs --tls-key")?,
         },
+        Tls::Acme => TlsMode::Acme(clawos_control_plane::acme::AcmeSettings {
+            directory: a
+                .acme_directory
+                .context("--tls acme needs --acme-directory")?,
+            domains: a.acme_domains,
+            contact: a.acme_contact,
+            ca_cert: a.acme_ca_cert,
+            http01_addr: a.acme_http01_addr,
+        }),
         Tls::Off => TlsMode::PlainHttp,
     };
     let mut upstreams = clawos_control_plane::upstreams::Upstreams::defaults(&state_dir);

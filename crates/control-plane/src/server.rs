@@ -69,7 +69,14 @@ pub async fn serve(
                 None => serve_connection(tcp, peer, app, stop).await,
                 Some(acceptor) => {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => serve_connection(tls, peer, app, stop).await,
+                        Ok(Ok(tls)) => {
+                            // A TLS-ALPN-01 validation ends with the handshake.
+                            if tls.get_ref().1.alpn_protocol() == Some(crate::acme::ACME_TLS_ALPN) {
+                                tracing::info!(%peer, "answered a TLS-ALPN-01 validation");
+                                return;
+                            }
+                            serve_connection(tls, peer, app, stop).await
+                        }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }

@@ -52,13 +52,32 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
 #[derive(Debug)]
 pub struct CertStore {
     current: RwLock<Arc<CertifiedKey>>,
+    /// TLS-ALPN-01 answers, when certificates come from ACME.
+    acme: Option<Arc<crate::acme::Challenges>>,
 }
 
 impl CertStore {
     pub fn new(key: Arc<CertifiedKey>) -> Arc<Self> {
         Arc::new(Self {
             current: RwLock::new(key),
+            acme: None,
         })
+    }
+
+    /// A store that also answers TLS-ALPN-01 handshakes from `challenges`.
+    pub fn with_acme(
+        key: Arc<CertifiedKey>,
+        challenges: Arc<crate::acme::Challenges>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            current: RwLock::new(key),
+            acme: Some(challenges),
+        })
+    }
+
+    /// Whether it answers TLS-ALPN-01.
+    pub fn answers_acme(&self) -> bool {
+        self.acme.is_some()
     }
 
     /// Serves `key` from the next handshake on.
@@ -88,7 +107,16 @@ impl CertStore {
 }
 
 impl ResolvesServerCert for CertStore {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme_alpn = hello
+            .alpn()
+            .is_some_and(|mut p| p.any(|p| p == crate::acme::ACME_TLS_ALPN));
+        if acme_alpn {
+            // A CA validating TLS-ALPN-01: its challenge certificate or nothing (RFC 8737
+            // forbids answering acme-tls/1 with the ordinary certificate).
+            let challenges = self.acme.as_ref()?;
+            return challenges.alpn(hello.server_name()?);
+        }
         Some(self.current())
     }
 }
@@ -106,6 +134,7 @@ pub fn fingerprint(der: &[u8]) -> String {
 /// The rustls server configuration: TLS 1.2 and 1.3 only (rustls has nothing older),
 /// HTTP/1.1, certificates from `store`.
 pub fn server_config(store: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let store_answers_acme = store.answers_acme();
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
@@ -114,6 +143,9 @@ pub fn server_config(store: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>,
     .with_no_client_auth()
     .with_cert_resolver(store);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if store_answers_acme {
+        cfg.alpn_protocols.push(crate::acme::ACME_TLS_ALPN.to_vec());
+    }
     Ok(Arc::new(cfg))
 }
 
