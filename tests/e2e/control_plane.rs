@@ -724,3 +724,227 @@ fn the_web_console_in_chromium() -> Result<()> {
     assert_eq!(vm["state"], "stopped");
     Ok(())
 }
+
+/// The `clawos` CLI against a remote host: the local admin creates an operator token
+/// (`clawos operator token create`, locally), `clawos login --server … --ca …` keeps it
+/// (0600), and `vm start`, `vm list`, `vm exec` (a WebSocket relayed by the control
+/// plane), `vm logs` and `vm stop` run through the control plane; a wrong pinned
+/// fingerprint is refused, the right one works, and a viewer's stop exits 9.
+#[test]
+fn the_cli_drives_a_remote_host_through_the_control_plane() -> Result<()> {
+    if !can_boot_vms("the_cli_drives_a_remote_host_through_the_control_plane") {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let state = dir.path().join("host");
+    let home = dir.path().join("operator-home");
+    std::fs::create_dir_all(&home)?;
+    let launcher = Launcher::start(&state)?;
+    let cp = ControlPlane::start(&state, &launcher.url, &[])?;
+    // On the host, as its admin: make tokens.
+    let host_cli = |args: &[&str]| {
+        Command::new(clawos_e2e::bin("clawos"))
+            .args(args)
+            .env("CLAWOS_STATE_DIR", &state)
+            .env("CLAWOS_CONTROL_PLANE_URL", &cp.url)
+            .env_remove("CLAWOS_SERVER")
+            .stdin(Stdio::null())
+            .output()
+            .expect("clawos")
+    };
+    let made = host_cli(&[
+        "operator",
+        "token",
+        "create",
+        "--name",
+        "remote-ops",
+        "--role",
+        "operator",
+        "--ttl",
+        "1h",
+    ]);
+    assert!(made.status.success(), "{}", show(&made));
+    let op_token = String::from_utf8_lossy(&made.stdout).trim().to_owned();
+    let made = host_cli(&[
+        "operator",
+        "token",
+        "create",
+        "--name",
+        "remote-view",
+        "--role",
+        "viewer",
+        "--ttl",
+        "1h",
+    ]);
+    assert!(made.status.success(), "{}", show(&made));
+    let viewer_token = String::from_utf8_lossy(&made.stdout).trim().to_owned();
+    let listed = host_cli(&["operator", "token", "list"]);
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("remote-ops"),
+        "{}",
+        show(&listed)
+    );
+
+    // Elsewhere (another HOME, no state dir): log in, then drive the host.
+    let ca = cp.ca();
+    let remote = |args: &[&str], stdin: Option<&str>| {
+        let mut cmd = Command::new(clawos_e2e::bin("clawos"));
+        cmd.arg("--server")
+            .arg(&cp.url)
+            .args(args)
+            .env("HOME", &home)
+            .env_remove("XDG_CONFIG_HOME")
+            .env("CLAWOS_STATE_DIR", dir.path().join("nothing-here"))
+            .env_remove("CLAWOS_OPERATOR_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("clawos");
+        if let Some(input) = stdin {
+            let _ = child
+                .stdin
+                .take()
+                .map(|mut s| std::io::Write::write_all(&mut s, input.as_bytes()));
+        } else {
+            drop(child.stdin.take());
+        }
+        child.wait_with_output().expect("clawos")
+    };
+    let wrong_fp = remote(
+        &["--fingerprint", &"AB".repeat(32), "login"],
+        Some(&format!("{op_token}\n")),
+    );
+    assert!(
+        !wrong_fp.status.success(),
+        "a wrong pinned fingerprint was accepted"
+    );
+    assert!(
+        show(&wrong_fp).contains("fingerprint"),
+        "{}",
+        show(&wrong_fp)
+    );
+    let fp = cp
+        .log()
+        .lines()
+        .find_map(|l| {
+            l.split("fingerprint ")
+                .nth(1)?
+                .split_whitespace()
+                .next()
+                .map(str::to_owned)
+        })
+        .context("fingerprint logged")?;
+    let pinned = remote(&["--fingerprint", &fp, "operator", "whoami"], None);
+    assert_eq!(
+        pinned.status.code(),
+        Some(9),
+        "not logged in yet: {}",
+        show(&pinned)
+    );
+    let login = remote(
+        &["--ca", ca.to_str().context("utf8")?, "login"],
+        Some(&format!("{op_token}\n")),
+    );
+    assert!(login.status.success(), "{}", show(&login));
+    assert!(
+        String::from_utf8_lossy(&login.stdout).contains("as remote-ops (operator)"),
+        "{}",
+        show(&login)
+    );
+    let creds = home.join(".config/clawos/credentials.json");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&creds)?.permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let whoami = remote(&["--fingerprint", &fp, "operator", "whoami"], None);
+    assert!(
+        whoami.status.success(),
+        "the right pinned fingerprint: {}",
+        show(&whoami)
+    );
+
+    let t = Instant::now();
+    let started = remote(&["vm", "start", "far-agent", "--mem", "256"], None);
+    assert!(started.status.success(), "{}", show(&started));
+    clawos_e2e::measured(&format!(
+        "control-plane: `clawos --server … vm start` (remote, waits for ready) {:?}",
+        t.elapsed()
+    ));
+    let listed = remote(&["--json", "vm", "list"], None);
+    assert!(listed.status.success(), "{}", show(&listed));
+    let vms: Value = serde_json::from_slice(&listed.stdout)?;
+    assert_eq!(vms[0]["name"], "far-agent");
+    assert_eq!(vms[0]["state"], "running");
+    let exec = remote(
+        &[
+            "vm",
+            "exec",
+            "far-agent",
+            "--",
+            "sh",
+            "-c",
+            "echo remote-exec-$((6*7)); exit 3",
+        ],
+        None,
+    );
+    assert_eq!(
+        exec.status.code(),
+        Some(3),
+        "the command's own exit code: {}",
+        show(&exec)
+    );
+    assert!(
+        String::from_utf8_lossy(&exec.stdout).contains("remote-exec-42"),
+        "{}",
+        show(&exec)
+    );
+    let logs = remote(&["vm", "logs", "far-agent"], None);
+    assert!(
+        String::from_utf8_lossy(&logs.stdout).contains("CLAWOS_READY"),
+        "{}",
+        show(&logs)
+    );
+
+    // The viewer may look but not stop.
+    std::fs::remove_file(&creds)?;
+    let login = remote(
+        &["--ca", ca.to_str().context("utf8")?, "login"],
+        Some(&format!("{viewer_token}\n")),
+    );
+    assert!(login.status.success(), "{}", show(&login));
+    let denied = remote(&["vm", "stop", "far-agent"], None);
+    assert_eq!(denied.status.code(), Some(9), "{}", show(&denied));
+    assert!(
+        show(&denied).contains("needs the operator role"),
+        "{}",
+        show(&denied)
+    );
+    let denied_exec = remote(&["vm", "exec", "far-agent", "--", "true"], None);
+    assert_ne!(
+        denied_exec.status.code(),
+        Some(0),
+        "a viewer's exec: {}",
+        show(&denied_exec)
+    );
+    let logout = remote(&["logout"], None);
+    assert!(logout.status.success(), "{}", show(&logout));
+    let after = remote(&["vm", "list"], None);
+    assert_eq!(after.status.code(), Some(9), "logged out: {}", show(&after));
+
+    let stopped = host_cli(&["operator", "whoami"]);
+    assert!(stopped.status.success(), "{}", show(&stopped));
+    let vm = cp.call(Some(&op_token), "POST", "/api/v1/vms/far-agent/stop", None);
+    assert_eq!(vm.status, 200, "{}", vm.body);
+    let audit = cp.audit();
+    assert!(
+        audit.iter().any(|r| r["action"] == "vm.exec"
+            && r["operator"] == "remote-ops"
+            && r["result"] == "ok"),
+        "exec audited"
+    );
+    assert!(
+        audit.iter().any(|r| r["action"] == "vm.exec"
+            && r["operator"] == "remote-view"
+            && r["result"] == "refused"),
+        "the viewer's exec audited as refused"
+    );
+    Ok(())
+}

@@ -7,6 +7,7 @@ mod exit;
 mod identity;
 mod image;
 mod output;
+mod remote;
 mod terminal;
 mod token;
 mod usage;
@@ -60,6 +61,17 @@ struct Cli {
     /// Machine-readable JSON output.
     #[arg(long, global = true)]
     json: bool,
+    /// Drive a remote ClawOS host through its control plane (https://host:8080)
+    /// instead of the daemons on this host; `clawos login` first.
+    #[arg(long, global = true, env = "CLAWOS_SERVER")]
+    server: Option<String>,
+    /// Trust the control plane's certificate through this PEM CA (or the self-signed
+    /// certificate itself).
+    #[arg(long, global = true, env = "CLAWOS_SERVER_CA")]
+    ca: Option<PathBuf>,
+    /// Trust exactly the control-plane certificate with this SHA-256 fingerprint.
+    #[arg(long, global = true, env = "CLAWOS_SERVER_FINGERPRINT")]
+    fingerprint: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -95,6 +107,15 @@ enum Cmd {
     /// The syscall audit trail from monitor-daemon.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Log in to a control plane (--server, with --ca or --fingerprint): the operator
+    /// token is read from standard input and kept 0600 in ~/.config/clawos.
+    Login(remote::LoginArgs),
+    /// Forget the login for --server.
+    Logout,
+    /// Operators of the control plane: who am I, API tokens (locally as the host's
+    /// admin, or with --server).
+    #[command(subcommand)]
+    Operator(remote::OperatorCmd),
 }
 
 /// The state directory: `$CLAWOS_STATE_DIR`, else the default (~/.clawos).
@@ -122,7 +143,41 @@ fn block_on<T>(fut: impl Future<Output = Result<T, Exit>>) -> Result<T, Exit> {
 /// Runs the command. `Ok` carries the exit status: 0, or a `vm exec` command's own.
 fn run(cli: Cli) -> Result<u8, Exit> {
     let ok = |()| 0;
+    let server = remote::ServerArgs {
+        server: cli.server.clone(),
+        ca: cli.ca.clone(),
+        fingerprint: cli.fingerprint.clone(),
+    };
     match cli.cmd {
+        Cmd::Login(args) => return block_on(remote::login(&server, args, cli.json)).map(ok),
+        Cmd::Logout => return remote::logout(&server).map(ok),
+        Cmd::Operator(cmd) => {
+            let client = if server.server.is_some() {
+                remote::client(&server)?
+            } else {
+                remote::local_client(&server)?
+            };
+            return block_on(remote::operator(&client, cmd, cli.json)).map(ok);
+        }
+        _ => {}
+    }
+    if server.server.is_some() {
+        let client = remote::client(&server)?.vms();
+        return match cli.cmd {
+            Cmd::Vm(cmd) => block_on(vm::run(cmd, &client, cli.json)),
+            Cmd::Agent(cmd) => block_on(agent::run(cmd, &client, cli.json)),
+            Cmd::Keygen { .. } => Err(remote::not_remote("keygen")),
+            Cmd::Image(_) => Err(remote::not_remote("image")),
+            Cmd::Workflow(_) => Err(remote::not_remote("workflow")),
+            Cmd::Token(_) => Err(remote::not_remote("token")),
+            Cmd::Identity(_) => Err(remote::not_remote("identity")),
+            Cmd::Usage(_) => Err(remote::not_remote("usage")),
+            Cmd::Audit(_) => Err(remote::not_remote("audit")),
+            Cmd::Login(_) | Cmd::Logout | Cmd::Operator(_) => Ok(0),
+        };
+    }
+    match cli.cmd {
+        Cmd::Login(_) | Cmd::Logout | Cmd::Operator(_) => Ok(0),
         Cmd::Keygen { out } => image::keygen(out, cli.json).map(ok),
         Cmd::Image(cmd) => image::run(cmd, cli.json).map(ok),
         Cmd::Token(cmd) => block_on(token::run(cmd, &cli.identity_url, cli.json)).map(ok),

@@ -132,6 +132,10 @@ pub fn endpoints() -> Vec<Endpoint> {
         ep(vm::LIST_SNAPSHOTS, p, Some(Viewer), "vm.snapshot.list", "A VM's snapshots.", Empty, (200, A("Snapshot"))),
         ep(vm::CREATE_SNAPSHOT, p, Some(Operator), "vm.snapshot.create", "Snapshot a running VM.", J("CreateSnapshot"), (201, J("Snapshot"))),
         ep(vm::DELETE_SNAPSHOT, p, Some(Operator), "vm.snapshot.delete", "Delete a snapshot.", Empty, (204, Empty)),
+        ep(vm::EXEC, p, Some(Operator), "vm.exec", "Run a command in the VM (WebSocket: vm-launcher's exec protocol, relayed).", Empty, (101, Empty)),
+        ep(vm::GATEWAY, p, Some(Operator), "vm.gateway", "A TCP tunnel to the VM's agent gateway (WebSocket, binary frames, relayed).", Empty, (101, Empty)),
+        ep(vm::AGENT_CHAT, p, Some(Operator), "vm.agent.chat", "Give the VM's agent a task (OpenAI-compatible chat completions; JSON, or server-sent events when `stream` is true).", J("ChatRequest"), (200, J("ChatCompletion"))),
+        ep(vm::AGENT_SESSIONS, p, Some(Viewer), "vm.agent.sessions", "The VM's agent sessions.", Empty, (200, J("SessionList"))),
         ep(vm::RESTORE, p, Some(Operator), "vm.restore", "Restore a stopped VM from one of its snapshots.", J("RestoreVm"), (202, J("Vm"))),
     ]
 }
@@ -220,6 +224,10 @@ pub fn router(app: Arc<App>) -> Router {
             "workflow.get" => axum::routing::on(filter, up::run),
             "workflow.approve" => axum::routing::on(filter, up::approve),
             "workflow.cancel" => axum::routing::on(filter, up::cancel_run),
+            "vm.exec" => axum::routing::on(filter, crate::vm_streams::exec),
+            "vm.gateway" => axum::routing::on(filter, crate::vm_streams::gateway),
+            "vm.agent.chat" => axum::routing::on(filter, crate::vm_streams::agent_chat),
+            "vm.agent.sessions" => axum::routing::on(filter, crate::vm_streams::agent_sessions),
             "vm.list" => axum::routing::on(filter, vm_list),
             "vm.start" => axum::routing::on(filter, vm_start),
             "vm.get" => axum::routing::on(filter, vm_get),
@@ -597,7 +605,7 @@ fn secure_headers(app: &App, resp: &mut Response, page: bool) {
 /// A launcher error as the control plane answers it: the launcher's own status, code
 /// and message for what the operator asked wrong; 502 when the launcher refused the
 /// control plane's own credential (the operator's is fine); 503 when it is down.
-fn upstream(e: ClientError) -> ErrorResponse {
+pub(crate) fn upstream(e: ClientError) -> ErrorResponse {
     upstream_error("vm-launcher", e)
 }
 
@@ -662,7 +670,7 @@ impl From<OperatorError> for ErrorResponse {
 }
 
 /// A VM name or snapshot tag from the path, checked before it goes anywhere.
-fn label(kind: &str, name: &str) -> Result<(), ErrorResponse> {
+pub(crate) fn label(kind: &str, name: &str) -> Result<(), ErrorResponse> {
     match clawos_api::label_problem(name) {
         None => Ok(()),
         Some(why) => Err(ErrorResponse::invalid(format!(

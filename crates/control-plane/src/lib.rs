@@ -17,6 +17,7 @@ pub mod server;
 pub mod sessions;
 pub mod tls;
 pub mod upstreams;
+pub mod vm_streams;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -51,6 +51,9 @@ fn schemas() -> Vec<(String, RefOr<Schema>)> {
     add::<clawos_orchestrator_api::RunState>(&mut out);
     add::<clawos_orchestrator_api::StepStatus>(&mut out);
     add::<clawos_orchestrator_api::Approval>(&mut out);
+    add::<clawos_agentd_api::ChatRequest>(&mut out);
+    add::<clawos_agentd_api::ChatCompletion>(&mut out);
+    add::<clawos_agentd_api::SessionList>(&mut out);
     add::<clawos_api::ErrorBody>(&mut out);
     add::<clawos_api::ErrorDetail>(&mut out);
     out.sort_by(|a, b| a.0.cmp(&b.0));

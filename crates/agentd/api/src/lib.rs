@@ -87,6 +87,7 @@ pub struct Health {
 /// `POST /v1/chat/completions`: OpenAI's request, of which the runtime reads these
 /// fields (others, such as `temperature`, are accepted and ignored).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatRequest {
     /// The model for this task; absent, empty or `default`: the runtime's own. (The
     /// OpenAI SDKs require a value, hence `default`.)
@@ -110,6 +111,7 @@ pub struct ChatRequest {
 
 /// One message of a [`ChatRequest`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatMessage {
     /// `system`, `developer`, `user`, `assistant` (or `tool`, ignored).
     pub role: String,
@@ -144,6 +146,7 @@ impl ChatMessage {
 /// A message's content, as OpenAI allows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ChatContent {
     Text(String),
     Parts(Vec<ContentPart>),
@@ -151,6 +154,7 @@ pub enum ChatContent {
 
 /// One part of a list content; only `text` parts carry text the runtime reads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ContentPart {
     #[serde(rename = "type")]
     pub kind: String,
@@ -161,6 +165,7 @@ pub struct ContentPart {
 /// Token counts of a task, summed over its model calls (`prompt_tokens` includes the
 /// prompt-cache reads and writes).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
@@ -169,6 +174,7 @@ pub struct Usage {
 
 /// The non-stream answer of a finished task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ChatCompletion {
     /// `chatcmpl-…`, the task's id (the same in its stream's chunks).
     pub id: String,
@@ -188,6 +194,7 @@ pub struct ChatCompletion {
 
 /// The one choice of a [`ChatCompletion`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Choice {
     pub index: u32,
     pub message: AssistantMessage,
@@ -198,6 +205,7 @@ pub struct Choice {
 
 /// The assistant's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AssistantMessage {
     /// Always `assistant`.
     pub role: String,
@@ -206,6 +214,7 @@ pub struct AssistantMessage {
 
 /// ClawOS's account of a task.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskReport {
     /// Model calls made.
     pub steps: u32,
@@ -215,6 +224,7 @@ pub struct TaskReport {
 
 /// One tool call of a task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ToolCallSummary {
     pub name: String,
     pub input: Value,
@@ -281,6 +291,7 @@ pub struct ToolResultEvent {
 
 /// `GET /v1/sessions`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SessionList {
     /// Most recently updated first.
     pub sessions: Vec<SessionInfo>,
@@ -288,6 +299,7 @@ pub struct SessionList {
 
 /// One session of a [`SessionList`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = AgentSessionInfo))]
 pub struct SessionInfo {
     pub id: String,
     /// Unix seconds.

@@ -33,9 +33,12 @@
 //! not, leaves one record in the operator audit trail (`<state>/control-plane/audit.jsonl`).
 //! Errors are `clawos_api::ErrorBody`.
 
+pub mod trust;
+
 use clawos_api::HttpClient;
 pub use clawos_api::{ClientError, ErrorBody};
 use serde::{Deserialize, Serialize};
+pub use trust::ServerTrust;
 
 /// Default listen address: every interface, the one ClawOS listener meant for other
 /// machines.
@@ -250,18 +253,51 @@ pub struct EventsQuery {
     pub agent: Option<String>,
 }
 
-/// Typed client of the control plane's own routes. For the VM routes use
-/// `clawos_vm_launcher_api::LauncherClient` with base `<server>/api`.
+/// Typed client of the control plane's own routes; [`ControlPlaneClient::vms`] is a
+/// client of its VM routes.
 #[derive(Debug, Clone)]
 pub struct ControlPlaneClient {
     http: HttpClient,
+    raw: reqwest::Client,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    server: String,
+    token: String,
 }
 
 impl ControlPlaneClient {
-    /// A client of `base` (`https://host:8080`) sending `token`, over `http` (which
-    /// carries the TLS trust: a CA file or a pinned fingerprint).
-    pub fn new(http: HttpClient) -> Self {
-        Self { http }
+    /// A client of the control plane at `server` (`https://host:8080`) that trusts
+    /// `trust` and sends `token`.
+    pub fn connect(server: &str, trust: &ServerTrust, token: &str) -> Result<Self, String> {
+        if !server.starts_with("https://") && !server.starts_with("http://") {
+            return Err(format!("server {server:?} is not an https:// URL"));
+        }
+        let raw = trust.http_client()?;
+        let tls = std::sync::Arc::new(trust.rustls_config()?);
+        let server = server.trim_end_matches('/').to_owned();
+        Ok(Self {
+            http: HttpClient::with_http("control-plane", &server, raw.clone()).with_token(token),
+            raw,
+            tls,
+            server,
+            token: token.to_owned(),
+        })
+    }
+
+    /// The server's URL.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// A client of the VM routes (vm-launcher's API under [`PREFIX`]) with the same
+    /// trust and credential.
+    pub fn vms(&self) -> clawos_vm_launcher_api::LauncherClient {
+        clawos_vm_launcher_api::LauncherClient::with_http(
+            "control-plane",
+            &format!("{}{PREFIX}", self.server),
+            self.raw.clone(),
+        )
+        .with_ws_tls(std::sync::Arc::clone(&self.tls))
+        .with_token(&self.token)
     }
 
     pub async fn whoami(&self) -> Result<WhoAmI, ClientError> {

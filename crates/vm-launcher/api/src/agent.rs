@@ -210,6 +210,24 @@ impl LauncherClient {
         })
     }
 
+    /// Sends a chat request body as is and answers the launcher's response unread
+    /// (status, headers, a JSON or event-stream body): for a proxy in front of the
+    /// launcher that passes answers through.
+    pub async fn agent_chat_raw(
+        &self,
+        vm: &str,
+        body: bytes::Bytes,
+    ) -> Result<reqwest::Response, ClientError> {
+        self.http
+            .send(
+                self.http
+                    .request(routes::AGENT_CHAT, &[vm])
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
+                    .body(body),
+            )
+            .await
+    }
+
     /// The sessions of the VM's agent.
     pub async fn agent_sessions(&self, vm: &str) -> Result<SessionList, ClientError> {
         self.http

@@ -13,6 +13,8 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct LauncherClient {
     pub(crate) http: HttpClient,
+    /// TLS for `wss://` (exec, gateway) when the routes are served over HTTPS.
+    pub(crate) ws_tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
 impl LauncherClient {
@@ -21,6 +23,7 @@ impl LauncherClient {
     pub fn new(base: &str) -> Self {
         Self {
             http: HttpClient::new("vm-launcher", base),
+            ws_tls: None,
         }
     }
 
@@ -30,6 +33,17 @@ impl LauncherClient {
     pub fn with_http(service: &'static str, base: &str, http: reqwest::Client) -> Self {
         Self {
             http: HttpClient::with_http(service, base, http),
+            ws_tls: None,
+        }
+    }
+
+    /// Uses `tls` for the WebSocket routes (exec, gateway) over `wss://`: the same
+    /// trust as the HTTPS client given to [`LauncherClient::with_http`].
+    #[must_use]
+    pub fn with_ws_tls(self, tls: std::sync::Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            ws_tls: Some(tls),
+            ..self
         }
     }
 
@@ -39,6 +53,7 @@ impl LauncherClient {
     pub fn with_token(self, token: &str) -> Self {
         Self {
             http: self.http.with_token(token),
+            ws_tls: self.ws_tls,
         }
     }
 

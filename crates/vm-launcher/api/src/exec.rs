@@ -130,7 +130,29 @@ pub(crate) fn refused_upgrade(resp: &tungstenite::http::Response<Option<Vec<u8>>
     )
 }
 
+/// A WebSocket to the launcher's routes (or a control plane's, over TLS).
+pub type WebSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 impl LauncherClient {
+    /// Opens the WebSocket of `route` (exec, gateway) for VM `name` with the client's
+    /// credential, over TLS when the client has [`LauncherClient::with_ws_tls`]. A
+    /// refused upgrade is `tungstenite::Error::Http` with the server's answer.
+    pub async fn ws_connect(
+        &self,
+        route: clawos_api::Route,
+        name: &str,
+    ) -> Result<WebSocket, tungstenite::Error> {
+        let req = self.ws_request(route, name)?;
+        let connector = self
+            .ws_tls
+            .clone()
+            .map(tokio_tungstenite::Connector::Rustls);
+        tokio_tungstenite::connect_async_tls_with_config(req, None, false, connector)
+            .await
+            .map(|(ws, _)| ws)
+    }
+
     /// A WebSocket request for `route`, with the client's credential if it has one.
     pub(crate) fn ws_request(
         &self,
@@ -188,9 +210,8 @@ impl LauncherClient {
             url: self.exec_url(name),
             source,
         };
-        let req = self.ws_request(routes::EXEC, name).map_err(connect)?;
-        let mut ws = match tokio_tungstenite::connect_async(req).await {
-            Ok((ws, _)) => ws,
+        let mut ws = match self.ws_connect(routes::EXEC, name).await {
+            Ok(ws) => ws,
             Err(tungstenite::Error::Http(resp)) => {
                 return Err(ExecError::Refused(refused_upgrade(&resp)));
             }

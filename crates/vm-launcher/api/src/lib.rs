@@ -67,7 +67,7 @@ use serde::{Deserialize, Serialize};
 pub use agent::{AgentEvent, AgentStream, AgentStreamError};
 pub use clawos_api::{ClientError, ErrorBody};
 pub use client::{Download, LauncherClient};
-pub use exec::{ExecError, ExecStatus};
+pub use exec::{ExecError, ExecStatus, WebSocket};
 pub use tunnel::TunnelError;
 
 /// Default address of the launcher.

@@ -54,9 +54,8 @@ impl LauncherClient {
             url: self.gateway_url(name),
             source,
         };
-        let req = self.ws_request(routes::GATEWAY, name).map_err(connect)?;
-        let ws = match tokio_tungstenite::connect_async(req).await {
-            Ok((ws, _)) => ws,
+        let ws = match self.ws_connect(routes::GATEWAY, name).await {
+            Ok(ws) => ws,
             Err(tungstenite::Error::Http(resp)) => {
                 return Err(TunnelError::Refused(refused_upgrade(&resp)));
             }
