@@ -81,6 +81,11 @@ if [ ! -d tests/e2e/console/node_modules/playwright-core ]; then
   echo "==> installing playwright-core for the web console test"
   (cd tests/e2e/console && npm ci --no-audit --no-fund --silent)
 fi
+# oidc-provider (the certified OpenID provider library, pinned) for the login tests.
+if [ ! -d tests/e2e/oidc/node_modules/oidc-provider ]; then
+  echo "==> installing oidc-provider for the OIDC login test"
+  (cd tests/e2e/oidc && npm ci --no-audit --no-fund --silent)
+fi
 skipped=${CARGO_TARGET_DIR:-target}/e2e/SKIPPED
 measured=${CARGO_TARGET_DIR:-target}/e2e/MEASURED
 mkdir -p "$(dirname "$skipped")" && rm -f "$skipped" "$measured"

@@ -107,6 +107,8 @@ pub fn endpoints() -> Vec<Endpoint> {
         ep(routes::CONSOLE_SCRIPT, "", None, "console.script", "The web console's script.", Empty, (200, Shape::Page("text/javascript"))),
         ep(routes::CONSOLE_STYLE, "", None, "console.style", "The web console's style sheet.", Empty, (200, Shape::Page("text/css"))),
         ep(routes::LOGIN, "", None, "session.create", "Browser login with an operator API token: sets the session cookie (Secure, HttpOnly, SameSite=Strict) and answers the CSRF token.", J("Login"), (201, J("SessionInfo"))),
+        ep(routes::LOGIN_OIDC, "", None, "session.oidc.start", "Browser login through the OpenID provider: redirects there with state, nonce and a PKCE challenge.", Empty, (303, Empty)),
+        ep(routes::OIDC_CALLBACK, "", None, "session.oidc", "The provider's answer: the code is exchanged, the ID token checked, the groups claim mapped to a role; sets the session cookie and redirects to the console.", Empty, (303, Empty)),
         ep(routes::SESSION, "", Some(Viewer), "session.get", "The caller's browser session and its CSRF token.", Empty, (200, J("SessionInfo"))),
         ep(routes::LOGOUT, "", Some(Viewer), "session.delete", "Log out: ends the session and clears its cookie.", Empty, (204, Empty)),
         ep(routes::WHOAMI, "", Some(Viewer), "whoami", "Who the caller is and their role.", Empty, (200, J("WhoAmI"))),
@@ -148,6 +150,8 @@ pub struct App {
     pub audit: AuditTrail,
     pub guard: Guard,
     pub upstreams: crate::upstreams::Upstreams,
+    /// OIDC login, when configured.
+    pub oidc: Option<Arc<crate::oidc::Oidc>>,
     pub sessions: crate::sessions::Sessions,
     /// The session cookie's name: `__Host-` prefixed over TLS.
     pub cookie: &'static str,
@@ -166,6 +170,7 @@ impl App {
         audit: AuditTrail,
         guard: Guard,
         upstreams: crate::upstreams::Upstreams,
+        oidc: Option<Arc<crate::oidc::Oidc>>,
         tls: bool,
     ) -> Self {
         let table = endpoints()
@@ -178,6 +183,7 @@ impl App {
             audit,
             guard,
             upstreams,
+            oidc,
             sessions: crate::sessions::Sessions::default(),
             cookie: if tls {
                 crate::sessions::COOKIE
@@ -211,6 +217,8 @@ pub fn router(app: Arc<App>) -> Router {
             "console.script" => axum::routing::on(filter, console_script),
             "console.style" => axum::routing::on(filter, console_style),
             "session.create" => axum::routing::on(filter, login),
+            "session.oidc.start" => axum::routing::on(filter, oidc_start),
+            "session.oidc" => axum::routing::on(filter, oidc_callback),
             "session.get" => axum::routing::on(filter, session_get),
             "session.delete" => axum::routing::on(filter, logout),
             "operator.token.create" => axum::routing::on(filter, create_token),
@@ -484,7 +492,14 @@ fn from_session(app: &App, req: &Request) -> Result<Operator, AuthFailure> {
             "session expired or logged out: log in again",
         ));
     };
-    match app.operators.is_active(&found.operator.token_id) {
+    // A session opened with an API token lives only as long as the token; one opened
+    // through the identity provider (no token) until its own expiry or logout.
+    let token_active = if found.operator.token_id.is_empty() {
+        Ok(true)
+    } else {
+        app.operators.is_active(&found.operator.token_id)
+    };
+    match token_active {
         Ok(true) => {}
         Ok(false) => {
             app.sessions.end(id);
@@ -505,7 +520,9 @@ fn from_session(app: &App, req: &Request) -> Result<Operator, AuthFailure> {
         }
     }
     let mut op = found.operator;
-    op.via = "session";
+    if op.via == "token" {
+        op.via = "session";
+    }
     Ok(op)
 }
 
@@ -808,6 +825,123 @@ async fn login(State(app): Shared, b: Result<Json<Login>, JsonRejection>) -> Api
     Ok(resp)
 }
 
+/// The OIDC login state cookie: `SameSite=Lax` (the provider's redirect back is a
+/// cross-site navigation), `__Host-`, ten minutes.
+fn state_cookie(app: &App, value: &str, max_age: u64) -> Option<HeaderValue> {
+    let secure = if app.tls { "; Secure" } else { "" };
+    let name = if app.tls {
+        crate::oidc::STATE_COOKIE
+    } else {
+        "clawos_oidc"
+    };
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}"
+    ))
+    .ok()
+}
+
+fn oidc_of(app: &App) -> ApiResult<&Arc<crate::oidc::Oidc>> {
+    app.oidc.as_ref().ok_or_else(|| {
+        ErrorResponse::not_found(
+            "OIDC login is not configured on this control plane (--oidc-issuer)",
+        )
+    })
+}
+
+fn oidc_error(e: &crate::oidc::OidcError) -> ErrorResponse {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
+    let code = match e.status() {
+        403 => code::FORBIDDEN,
+        502 => code::UNAVAILABLE,
+        _ => code::UNAUTHORIZED,
+    };
+    ErrorResponse::new(status, code, e.to_string())
+}
+
+async fn oidc_start(State(app): Shared) -> ApiResult<Response> {
+    let oidc = oidc_of(&app)?;
+    let (url, state) = oidc.start().await.map_err(|e| oidc_error(&e))?;
+    let mut resp = StatusCode::SEE_OTHER.into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&url) {
+        h.insert(header::LOCATION, v);
+    }
+    if let Some(v) = state_cookie(&app, &state, crate::oidc::LOGIN_TTL.as_secs()) {
+        h.insert(header::SET_COOKIE, v);
+    }
+    Ok(resp)
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Callback {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+async fn oidc_callback(
+    State(app): Shared,
+    headers: axum::http::HeaderMap,
+    q: Result<Query<Callback>, QueryRejection>,
+) -> ApiResult<Response> {
+    let oidc = oidc_of(&app)?;
+    let Query(q) = q.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
+    let clear = state_cookie(&app, "", 0);
+    let with_clear = |mut resp: Response| {
+        if let Some(v) = clear.clone() {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+        resp
+    };
+    if let Some(err) = q.error {
+        let e = crate::oidc::OidcError::Provider(format!(
+            "{err}: {}",
+            q.error_description.unwrap_or_default()
+        ));
+        return Ok(with_clear(oidc_error(&e).into_response()));
+    }
+    let (Some(code), Some(state)) = (q.code, q.state) else {
+        return Err(ErrorResponse::invalid("the callback needs code and state"));
+    };
+    let cookie_name = if app.tls {
+        crate::oidc::STATE_COOKIE
+    } else {
+        "clawos_oidc"
+    };
+    let cookie_state = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|h| crate::sessions::cookie(h, cookie_name));
+    let user = match oidc.finish(&code, &state, cookie_state).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(error = %e, "OIDC login refused");
+            return Ok(with_clear(oidc_error(&e).into_response()));
+        }
+    };
+    let op = Operator {
+        name: user.name,
+        role: user.role,
+        via: "oidc",
+        token_id: String::new(),
+    };
+    let new = app
+        .sessions
+        .create(op.clone())
+        .map_err(|e| ErrorResponse::internal(format!("no randomness: {e}")))?;
+    let mut resp = StatusCode::SEE_OTHER.into_response();
+    resp.headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static("/"));
+    if let Some(v) = cookie_header(&app, &new.id, crate::sessions::ABSOLUTE.as_secs()) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp.extensions_mut().insert(AuditTarget(op.name.clone()));
+    resp.extensions_mut().insert(op);
+    Ok(with_clear(resp))
+}
+
 async fn session_get(
     State(app): Shared,
     op: Option<axum::Extension<Operator>>,
@@ -963,8 +1097,14 @@ mod tests {
             );
             if e.role.is_none() {
                 assert!(
-                    matches!(e.action, "health" | "openapi" | "session.create")
-                        || (e.action.starts_with("console.") && e.method == RouteMethod::Get),
+                    matches!(
+                        e.action,
+                        "health"
+                            | "openapi"
+                            | "session.create"
+                            | "session.oidc.start"
+                            | "session.oidc"
+                    ) || (e.action.starts_with("console.") && e.method == RouteMethod::Get),
                     "{} is open",
                     e.action
                 );

@@ -11,6 +11,7 @@
 pub mod acme;
 pub mod audit;
 pub mod http;
+pub mod oidc;
 pub mod openapi;
 pub mod operators;
 pub mod server;
@@ -57,6 +58,8 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// inference-proxy, monitor-daemon, orchestrator.
     pub upstreams: upstreams::Upstreams,
+    /// Operator login through an OpenID provider.
+    pub oidc: Option<oidc::OidcSettings>,
     /// How often [`TlsMode::Files`] are checked for a change.
     pub reload_every: Duration,
 }
@@ -182,6 +185,37 @@ impl Config {
                 return bad(format!("{daemon} URL {:?} is not an http(s) URL", u.url));
             }
         }
+        if let Some(o) = &self.oidc {
+            if !o.issuer.starts_with("https://") {
+                return bad(format!(
+                    "--oidc-issuer {:?} is not an https:// URL",
+                    o.issuer
+                ));
+            }
+            if !o.redirect_url.starts_with("https://")
+                && !o.redirect_url.starts_with("http://127.0.0.1")
+            {
+                return bad(format!(
+                    "--oidc-redirect-url {:?} is not an https:// URL (the session cookie is Secure)",
+                    o.redirect_url
+                ));
+            }
+            if !o
+                .redirect_url
+                .ends_with(clawos_control_plane_api::routes::OIDC_CALLBACK.path)
+            {
+                return bad(format!(
+                    "--oidc-redirect-url {:?} must end with {}",
+                    o.redirect_url,
+                    clawos_control_plane_api::routes::OIDC_CALLBACK.path
+                ));
+            }
+            if o.role_map.is_empty() {
+                return bad(
+                    "--oidc-role-map is empty: no identity-provider user would get a role".into(),
+                );
+            }
+        }
         if self.reload_every.is_zero() {
             return bad("the certificate reload interval must be above zero".into());
         }
@@ -285,12 +319,19 @@ pub async fn run(
     let guard = clawos_service::guard::Guard::new()
         .listening_on(cfg.addr)
         .allow_origins(&cfg.allowed_origins);
+    let oidc = match &cfg.oidc {
+        Some(o) => Some(Arc::new(
+            oidc::Oidc::new(o.clone()).map_err(ControlPlaneError::Config)?,
+        )),
+        None => None,
+    };
     let app = Arc::new(http::App::new(
         launcher,
         operators,
         audit,
         guard,
         cfg.upstreams.clone(),
+        oidc,
         server_tls.is_some(),
     ));
     let listener = tokio::net::TcpListener::bind(cfg.addr)
@@ -346,6 +387,7 @@ mod tests {
             launcher_token_path: "/nonexistent".into(),
             allowed_origins: vec![],
             upstreams: upstreams::Upstreams::defaults(std::path::Path::new("/nonexistent")),
+            oidc: None,
             reload_every: Duration::from_secs(2),
         }
     }

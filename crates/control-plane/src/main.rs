@@ -88,6 +88,29 @@ struct Args {
     /// orchestrator (workflows) [credential $STATE_DIR/orchestrator/admin.token].
     #[arg(long, env = "CLAWOS_ORCHESTRATOR_URL")]
     orchestrator_url: Option<String>,
+    /// OpenID provider for operator login (issuer URL; discovery at
+    /// <issuer>/.well-known/openid-configuration).
+    #[arg(long, env = "CLAWOS_OIDC_ISSUER")]
+    oidc_issuer: Option<String>,
+    /// This control plane's client id at the provider.
+    #[arg(long, env = "CLAWOS_OIDC_CLIENT_ID")]
+    oidc_client_id: Option<String>,
+    /// File holding the client secret (0600).
+    #[arg(long, env = "CLAWOS_OIDC_CLIENT_SECRET_FILE")]
+    oidc_client_secret_file: Option<PathBuf>,
+    /// The callback URL registered at the provider:
+    /// https://<this host>:8080/api/v1/login/oidc/callback.
+    #[arg(long, env = "CLAWOS_OIDC_REDIRECT_URL")]
+    oidc_redirect_url: Option<String>,
+    /// The ID-token claim listing the user's groups.
+    #[arg(long, default_value = "groups")]
+    oidc_groups_claim: String,
+    /// Group to role: group=viewer|operator|admin, comma-separated.
+    #[arg(long, env = "CLAWOS_OIDC_ROLE_MAP")]
+    oidc_role_map: Option<String>,
+    /// PEM root certificate for the provider's HTTPS (a private CA).
+    #[arg(long)]
+    oidc_ca_cert: Option<PathBuf>,
     /// An Origin allowed to call the API (repeatable; none by default).
     #[arg(
         long = "allow-origin",
@@ -138,7 +161,30 @@ fn main() -> anyhow::Result<()> {
     if let Some(u) = a.orchestrator_url {
         upstreams.orchestrator.url = u;
     }
+    let oidc = match a.oidc_issuer {
+        None => None,
+        Some(issuer) => Some(clawos_control_plane::oidc::OidcSettings {
+            issuer,
+            client_id: a
+                .oidc_client_id
+                .context("--oidc-issuer needs --oidc-client-id")?,
+            client_secret_file: a
+                .oidc_client_secret_file
+                .context("--oidc-issuer needs --oidc-client-secret-file")?,
+            redirect_url: a
+                .oidc_redirect_url
+                .context("--oidc-issuer needs --oidc-redirect-url")?,
+            groups_claim: a.oidc_groups_claim,
+            role_map: clawos_control_plane::oidc::parse_role_map(
+                &a.oidc_role_map
+                    .context("--oidc-issuer needs --oidc-role-map group=role,...")?,
+            )
+            .map_err(anyhow::Error::msg)?,
+            ca_cert: a.oidc_ca_cert,
+        }),
+    };
     let cfg = Config {
+        oidc,
         upstreams,
         addr: a.addr,
         launcher_token_path: a

@@ -234,6 +234,13 @@ def login_flow(args):
         result["final_url"] = strip_query(final)
         result["final_status"] = fstatus
 
+    if args.then:
+        # A request with whatever session the login left in the jar (e.g. whoami).
+        then = urllib.parse.urljoin(callback_url, args.then)
+        tstatus, _, tbody = b.request("GET", then)
+        result["then_status"] = tstatus
+        result["then_body"] = tbody[:BODY_CHARS]
+
     if args.replay:
         rstatus, _, rbody = b.request(callback_method, callback_url, callback_form)
         result["replay_status"] = rstatus
@@ -254,6 +261,9 @@ def main():
                     help="send the same callback request a second time")
     ap.add_argument("--no-follow-final", action="store_true",
                     help="do not follow the callback's own redirect")
+    ap.add_argument("--then", metavar="PATH",
+                    help="after the callback, GET this path on the relying party and record "
+                         "then_status/then_body (e.g. /api/v1/whoami)")
     args = ap.parse_args()
     try:
         result = login_flow(args)

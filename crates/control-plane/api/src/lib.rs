@@ -15,6 +15,8 @@
 //! | `GET /api/v1/vms`, `GET /api/v1/vms/{name}`, `…/console`, `…/snapshots` | viewer | as vm-launcher |
 //! | `POST /api/v1/vms`, `…/stop`, `…/pause`, `…/resume`, `DELETE …` , snapshots, restore | operator | as vm-launcher |
 //! | [`routes::LOGIN`] `POST /api/v1/sessions` | none | [`Login`] (an API token) → 201 [`SessionInfo`] + the session cookie |
+//! | [`routes::LOGIN_OIDC`] `GET /api/v1/login/oidc` | none | → 303 to the OpenID provider (authorization code + PKCE) |
+//! | [`routes::OIDC_CALLBACK`] `GET /api/v1/login/oidc/callback` | none | the provider's answer → 303 to `/` with the session cookie |
 //! | [`routes::SESSION`] `GET /api/v1/sessions/current` | viewer | → [`SessionInfo`] |
 //! | [`routes::LOGOUT`] `DELETE /api/v1/sessions/current` | viewer | → 204, cookie cleared |
 //! | [`routes::CONSOLE`] `GET /`, `/console/app.js`, `/console/style.css` | none | the web console |
@@ -93,6 +95,10 @@ pub mod routes {
     pub const RUN: Route = Route::get("/api/v1/workflows/runs/{run}");
     pub const APPROVE: Route = Route::post("/api/v1/workflows/runs/{run}/steps/{step}/approval");
     pub const CANCEL_RUN: Route = Route::post("/api/v1/workflows/runs/{run}/cancel");
+    /// Browser login through the OpenID provider: redirects there.
+    pub const LOGIN_OIDC: Route = Route::get("/api/v1/login/oidc");
+    /// Where the provider sends the browser back.
+    pub const OIDC_CALLBACK: Route = Route::get("/api/v1/login/oidc/callback");
     /// Browser login with an API token: sets the session cookie.
     pub const LOGIN: Route = Route::post("/api/v1/sessions");
     pub const SESSION: Route = Route::get("/api/v1/sessions/current");

@@ -1,0 +1,364 @@
+//! Operator login through an OpenID Connect provider (authorization code + PKCE, with
+//! the `openidconnect` crate): `GET /api/v1/login/oidc` sends the browser to the
+//! provider with a fresh `state`, `nonce` and PKCE challenge; the provider sends it
+//! back to `GET /api/v1/login/oidc/callback`, where the code is exchanged (client
+//! secret, PKCE verifier) and the ID token checked — signature against the provider's
+//! published keys, issuer, audience, expiry, nonce — before the groups claim is mapped
+//! to a role and a browser session opened.
+//!
+//! Each login's `state` is bound to the browser that started it (a `SameSite=Lax`
+//! cookie, so another site cannot complete a login in someone else's browser) and is
+//! good once and for ten minutes: a replayed callback is refused before any code is
+//! exchanged. A user whose groups map to no role is refused (403), not given the
+//! lowest role.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clawos_control_plane_api::Role;
+use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
+use openidconnect::{
+    AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce, PkceCodeChallenge,
+    PkceCodeVerifier, RedirectUrl, Scope, TokenResponse,
+};
+use tokio::sync::OnceCell;
+
+/// How long a started login may take to come back.
+pub const LOGIN_TTL: Duration = Duration::from_secs(600);
+/// Most logins in flight at once (oldest dropped past it).
+const MAX_PENDING: usize = 1000;
+/// The cookie that binds a login's `state` to the browser that started it.
+pub const STATE_COOKIE: &str = "__Host-clawos_oidc";
+
+/// What the operator configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcSettings {
+    /// The provider's issuer URL (discovery at `<issuer>/.well-known/openid-configuration`).
+    pub issuer: String,
+    pub client_id: String,
+    /// Read from a file (0600) at start; never logged.
+    pub client_secret_file: PathBuf,
+    /// This control plane's callback, as registered with the provider:
+    /// `https://<host>:8080/api/v1/login/oidc/callback`.
+    pub redirect_url: String,
+    /// The ID-token claim holding the user's groups.
+    pub groups_claim: String,
+    /// Group → role. A user gets the highest role among their groups.
+    pub role_map: Vec<(String, Role)>,
+    /// PEM roots for the provider's HTTPS (a private CA); public roots otherwise.
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// Why a login failed; the message is what the browser is shown (never a secret).
+#[derive(Debug, thiserror::Error)]
+pub enum OidcError {
+    #[error("OIDC provider discovery failed: {0}")]
+    Discovery(String),
+    #[error("the login could not be started: {0}")]
+    Start(String),
+    #[error("unknown, expired or already used login state: start the login again")]
+    BadState,
+    #[error("the identity provider refused: {0}")]
+    Provider(String),
+    #[error("the code exchange failed: {0}")]
+    Exchange(String),
+    #[error("the ID token was refused: {0}")]
+    IdToken(String),
+    #[error("no ClawOS role for {user}: none of the groups {groups:?} is mapped to a role")]
+    NoRole { user: String, groups: Vec<String> },
+}
+
+impl OidcError {
+    /// 403 for a user without a role, 502 when the provider cannot be used, else 401.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NoRole { .. } => 403,
+            Self::Discovery(_) | Self::Start(_) => 502,
+            _ => 401,
+        }
+    }
+}
+
+struct Pending {
+    nonce: Nonce,
+    verifier: PkceCodeVerifier,
+    created: Instant,
+}
+
+/// A user the provider vouched for, with the role their groups give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcUser {
+    pub name: String,
+    pub role: Role,
+}
+
+/// The relying party.
+pub struct Oidc {
+    settings: OidcSettings,
+    secret: ClientSecret,
+    http: reqwest::Client,
+    metadata: OnceCell<CoreProviderMetadata>,
+    pending: Mutex<HashMap<String, Pending>>,
+}
+
+impl std::fmt::Debug for Oidc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Oidc")
+            .field("issuer", &self.settings.issuer)
+            .field("client_id", &self.settings.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Oidc {
+    /// Reads the client secret and builds the HTTPS client for the provider. Nothing
+    /// is fetched yet: discovery happens at the first login, so the control plane
+    /// starts even while the provider is down.
+    pub fn new(settings: OidcSettings) -> Result<Self, String> {
+        let secret = std::fs::read_to_string(&settings.client_secret_file)
+            .map_err(|e| {
+                format!(
+                    "--oidc-client-secret-file {}: {e}",
+                    settings.client_secret_file.display()
+                )
+            })?
+            .trim()
+            .to_owned();
+        if secret.is_empty() {
+            return Err(format!(
+                "--oidc-client-secret-file {} is empty",
+                settings.client_secret_file.display()
+            ));
+        }
+        let tls = match &settings.ca_cert {
+            Some(p) => {
+                let pem =
+                    std::fs::read(p).map_err(|e| format!("--oidc-ca-cert {}: {e}", p.display()))?;
+                clawos_control_plane_api::ServerTrust::Ca(pem).rustls_config()?
+            }
+            None => {
+                let roots = rustls::RootCertStore {
+                    roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+                };
+                rustls::ClientConfig::builder_with_provider(Arc::new(
+                    rustls::crypto::ring::default_provider(),
+                ))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| e.to_string())?
+                .with_root_certificates(roots)
+                .with_no_client_auth()
+            }
+        };
+        // No redirects: a provider's endpoints answer directly, and following
+        // redirects from the token endpoint would be an SSRF.
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(15))
+            .no_proxy()
+            .build()
+            .map_err(|e| format!("HTTPS client for the OIDC provider: {e}"))?;
+        Ok(Self {
+            settings,
+            secret: ClientSecret::new(secret),
+            http,
+            metadata: OnceCell::new(),
+            pending: Mutex::new(HashMap::new()),
+        })
+    }
+
+    async fn metadata(&self) -> Result<&CoreProviderMetadata, OidcError> {
+        self.metadata
+            .get_or_try_init(|| async {
+                let issuer = IssuerUrl::new(self.settings.issuer.clone())
+                    .map_err(|e| OidcError::Discovery(format!("issuer URL: {e}")))?;
+                CoreProviderMetadata::discover_async(issuer, &self.http)
+                    .await
+                    .map_err(|e| OidcError::Discovery(chain(&e)))
+            })
+            .await
+    }
+
+    /// Starts a login: the provider URL to send the browser to, and the `state` to
+    /// bind to it (the [`STATE_COOKIE`]).
+    pub async fn start(&self) -> Result<(String, String), OidcError> {
+        let metadata = self.metadata().await?.clone();
+        let redirect = RedirectUrl::new(self.settings.redirect_url.clone())
+            .map_err(|e| OidcError::Start(format!("redirect URL: {e}")))?;
+        let client = CoreClient::from_provider_metadata(
+            metadata,
+            ClientId::new(self.settings.client_id.clone()),
+            Some(self.secret.clone()),
+        )
+        .set_redirect_uri(redirect);
+        let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
+        let (url, state, nonce) = client
+            .authorize_url(
+                CoreAuthenticationFlow::AuthorizationCode,
+                CsrfToken::new_random,
+                Nonce::new_random,
+            )
+            .add_scope(Scope::new("profile".into()))
+            .set_pkce_challenge(challenge)
+            .url();
+        let now = Instant::now();
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.retain(|_, p| now.duration_since(p.created) < LOGIN_TTL);
+        if pending.len() >= MAX_PENDING
+            && let Some(oldest) = pending
+                .iter()
+                .min_by_key(|(_, p)| p.created)
+                .map(|(k, _)| k.clone())
+        {
+            pending.remove(&oldest);
+        }
+        pending.insert(
+            state.secret().clone(),
+            Pending {
+                nonce,
+                verifier,
+                created: now,
+            },
+        );
+        Ok((url.to_string(), state.secret().clone()))
+    }
+
+    /// Finishes a login: `state` from the callback must equal the browser's
+    /// `cookie_state` and be a pending login (it is consumed either way).
+    pub async fn finish(
+        &self,
+        code: &str,
+        state: &str,
+        cookie_state: Option<&str>,
+    ) -> Result<OidcUser, OidcError> {
+        if !cookie_state.is_some_and(|c| crate::sessions::same(c, state)) {
+            return Err(OidcError::BadState);
+        }
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(state)
+            .filter(|p| p.created.elapsed() < LOGIN_TTL)
+            .ok_or(OidcError::BadState)?;
+        let metadata = self.metadata().await?.clone();
+        let redirect = RedirectUrl::new(self.settings.redirect_url.clone())
+            .map_err(|e| OidcError::Start(format!("redirect URL: {e}")))?;
+        let client = CoreClient::from_provider_metadata(
+            metadata,
+            ClientId::new(self.settings.client_id.clone()),
+            Some(self.secret.clone()),
+        )
+        .set_redirect_uri(redirect);
+        let token = client
+            .exchange_code(AuthorizationCode::new(code.to_owned()))
+            .map_err(|e| OidcError::Exchange(e.to_string()))?
+            .set_pkce_verifier(pending.verifier)
+            .request_async(&self.http)
+            .await
+            .map_err(|e| OidcError::Exchange(chain(&e)))?;
+        let id_token = token
+            .id_token()
+            .ok_or_else(|| OidcError::IdToken("the provider sent no ID token".into()))?;
+        let verifier = client.id_token_verifier();
+        let claims = id_token
+            .claims(&verifier, &pending.nonce)
+            .map_err(|e| OidcError::IdToken(chain(&e)))?;
+        // The signature, issuer, audience, expiry and nonce are checked above; the
+        // groups claim (its name is configured) is read from the same, verified token.
+        let payload = verified_payload(&id_token.to_string())?;
+        let groups: Vec<String> = match payload.get(&self.settings.groups_claim) {
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|g| g.as_str().map(str::to_owned))
+                .collect(),
+            Some(serde_json::Value::String(g)) => vec![g.clone()],
+            _ => Vec::new(),
+        };
+        let name = claims
+            .preferred_username()
+            .map(|u| u.as_str().to_owned())
+            .unwrap_or_else(|| claims.subject().as_str().to_owned());
+        let role = self
+            .settings
+            .role_map
+            .iter()
+            .filter(|(g, _)| groups.iter().any(|x| x == g))
+            .map(|(_, r)| *r)
+            .max()
+            .ok_or(OidcError::NoRole {
+                user: name.clone(),
+                groups: groups.clone(),
+            })?;
+        Ok(OidcUser { name, role })
+    }
+}
+
+/// The JSON payload of a compact JWS whose signature was already verified.
+fn verified_payload(jwt: &str) -> Result<serde_json::Map<String, serde_json::Value>, OidcError> {
+    use base64::Engine as _;
+    let part = jwt
+        .split('.')
+        .nth(1)
+        .ok_or_else(|| OidcError::IdToken("not a compact JWT".into()))?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part.trim_end_matches('='))
+        .map_err(|e| OidcError::IdToken(format!("payload: {e}")))?;
+    serde_json::from_slice(&bytes).map_err(|e| OidcError::IdToken(format!("payload: {e}")))
+}
+
+/// An error and its causes, one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+/// Parses `group=role,group=role`.
+pub fn parse_role_map(s: &str) -> Result<Vec<(String, Role)>, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            let (g, r) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("--oidc-role-map entry {pair:?}: group=role"))?;
+            let role = r.trim().parse::<Role>()?;
+            Ok((g.trim().to_owned(), role))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_maps_parse_and_bad_entries_are_named() {
+        let m = parse_role_map("ops=operator, admins=admin").expect("ok");
+        assert_eq!(
+            m,
+            vec![
+                ("ops".into(), Role::Operator),
+                ("admins".into(), Role::Admin)
+            ]
+        );
+        assert!(
+            parse_role_map("ops")
+                .expect_err("no =")
+                .contains("group=role")
+        );
+        assert!(
+            parse_role_map("ops=root")
+                .expect_err("role")
+                .contains("unknown role")
+        );
+    }
+}

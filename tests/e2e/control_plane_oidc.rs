@@ -1,0 +1,329 @@
+//! Operator login through a real OpenID provider: the certified `oidc-provider`
+//! library (tests/e2e/oidc/provider.mjs) over HTTPS, driven like a browser by
+//! tests/e2e/oidc/login.py. The groups claim maps to roles; a tampered ID token (bad
+//! signature), a wrong audience, a wrong nonce, a wrong issuer, an expired token and
+//! a replayed callback are each refused; a user whose groups map to no role gets no
+//! session.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clawos_e2e::stack::ControlPlane;
+use clawos_e2e::tls::openssl_cert;
+use clawos_e2e::{KillOnDrop, port, show};
+use serde_json::{Value, json};
+
+const CLIENT_ID: &str = "clawos-control-plane";
+const CLIENT_SECRET: &str = "cp-secret-4b1d0c9e7f2a";
+
+struct Provider {
+    issuer: String,
+    ca: PathBuf,
+    admin: u16,
+    _child: KillOnDrop,
+    log: PathBuf,
+}
+
+impl Provider {
+    fn start(dir: &Path, redirect_uri: &str) -> Result<Self> {
+        let oidc_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/oidc");
+        assert!(
+            oidc_dir.join("node_modules/oidc-provider").is_dir(),
+            "oidc-provider is not installed: run `npm ci` in {} (scripts/test.sh does)",
+            oidc_dir.display()
+        );
+        std::fs::create_dir_all(dir)?;
+        let (cert, key) = (dir.join("op.crt"), dir.join("op.key"));
+        openssl_cert(dir, "op-ca", &cert, &key, 11)?;
+        // The signing key: made here, so the provider's tamper switch can re-sign
+        // tokens with it (valid signatures, wrong claims).
+        let rsa = dir.join("signing.pem");
+        let o = Command::new("openssl")
+            .args([
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+                "-out",
+            ])
+            .arg(&rsa)
+            .output()?;
+        if !o.status.success() {
+            bail!("openssl genpkey: {}", show(&o));
+        }
+        let jwks = dir.join("jwks.json");
+        let o = Command::new("node")
+            .arg("-e")
+            .arg("const c=require('crypto'),fs=require('fs');const k=c.createPrivateKey(fs.readFileSync(process.argv[1])).export({format:'jwk'});k.kid='test-key-1';k.alg='RS256';k.use='sig';fs.writeFileSync(process.argv[2],JSON.stringify({keys:[k]}));")
+            .arg(&rsa)
+            .arg(&jwks)
+            .output()?;
+        if !o.status.success() {
+            bail!("JWK export: {}", show(&o));
+        }
+        let users = dir.join("users.json");
+        std::fs::write(
+            &users,
+            json!({
+                "alice": {"password": "pw-alice", "groups": ["clawos-admins", "staff"]},
+                "otto": {"password": "pw-otto", "groups": ["clawos-ops"]},
+                "vera": {"password": "pw-vera", "groups": ["clawos-viewers"]},
+                "mallory": {"password": "pw-mallory", "groups": ["marketing"]},
+            })
+            .to_string(),
+        )?;
+        let (p, admin) = (port(), port());
+        let issuer = format!("https://127.0.0.1:{p}");
+        let log = dir.join("provider.log");
+        let child = Command::new("node")
+            .arg(oidc_dir.join("provider.mjs"))
+            .args(["--port", &p.to_string(), "--issuer", &issuer])
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg("--jwks")
+            .arg(&jwks)
+            .args(["--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET])
+            .args(["--redirect-uri", redirect_uri])
+            .arg("--users")
+            .arg(&users)
+            .args(["--admin-port", &admin.to_string()])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(Stdio::null())
+            .spawn()
+            .context("node provider.mjs")?;
+        let child = KillOnDrop(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("oidc-provider listening")
+        {
+            if Instant::now() > deadline {
+                bail!(
+                    "the OpenID provider did not start: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Self {
+            issuer,
+            ca: dir.join("op-ca.crt"),
+            admin,
+            _child: child,
+            log,
+        })
+    }
+
+    fn tamper(&self, mode: &str) -> Result<()> {
+        let o = Command::new("curl")
+            .args([
+                "-sS",
+                "--fail",
+                "-X",
+                "POST",
+                "-H",
+                "Content-Type: application/json",
+                "--data",
+            ])
+            .arg(json!({"mode": mode}).to_string())
+            .arg(format!("http://127.0.0.1:{}/tamper", self.admin))
+            .output()?;
+        if !o.status.success() {
+            bail!("tamper {mode}: {}", show(&o));
+        }
+        Ok(())
+    }
+}
+
+/// One browser login as `user`: login.py's JSON.
+fn login(
+    cp: &ControlPlane,
+    op: &Provider,
+    user: &str,
+    password: &str,
+    extra: &[&str],
+) -> Result<Value> {
+    let o = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/oidc/login.py"))
+        .args(["--start", &format!("{}/api/v1/login/oidc", cp.url)])
+        .arg("--ca")
+        .arg(cp.ca())
+        .arg("--ca2")
+        .arg(&op.ca)
+        .args([
+            "--user",
+            user,
+            "--password",
+            password,
+            "--then",
+            "/api/v1/whoami",
+        ])
+        .args(extra)
+        .output()?;
+    if !o.status.success() {
+        bail!(
+            "login.py as {user}: {}\nprovider log:\n{}\ncontrol-plane log:\n{}",
+            show(&o),
+            std::fs::read_to_string(&op.log).unwrap_or_default(),
+            cp.log()
+        );
+    }
+    Ok(serde_json::from_slice(&o.stdout)?)
+}
+
+#[test]
+fn oidc_login_maps_groups_to_roles_and_refuses_every_bad_token() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cp_port = port();
+    let redirect = format!("https://127.0.0.1:{cp_port}/api/v1/login/oidc/callback");
+    let op = Provider::start(&dir.path().join("op"), &redirect)?;
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(state.join("launcher"))?;
+    std::fs::write(state.join("launcher/admin.token"), "unused\n")?;
+    let secret = dir.path().join("client.secret");
+    std::fs::write(&secret, CLIENT_SECRET)?;
+    let addr = format!("127.0.0.1:{cp_port}");
+    let cp = ControlPlane::start(
+        &state,
+        "http://127.0.0.1:9",
+        &[
+            "--addr",
+            &addr,
+            "--oidc-issuer",
+            &op.issuer,
+            "--oidc-client-id",
+            CLIENT_ID,
+            "--oidc-client-secret-file",
+            secret.to_str().context("utf8")?,
+            "--oidc-redirect-url",
+            &redirect,
+            "--oidc-role-map",
+            "clawos-admins=admin,clawos-ops=operator,clawos-viewers=viewer",
+            "--oidc-ca-cert",
+            op.ca.to_str().context("utf8")?,
+        ],
+    )?;
+
+    // Each group gets its role, and the session works for the API.
+    for (user, pw, role) in [
+        ("alice", "pw-alice", "admin"),
+        ("otto", "pw-otto", "operator"),
+        ("vera", "pw-vera", "viewer"),
+    ] {
+        let t = Instant::now();
+        let r = login(&cp, &op, user, pw, &[])?;
+        assert_eq!(r["callback_status"], 303, "{user}: {r}");
+        assert_eq!(r["callback_location"], "/");
+        assert!(
+            r["cookies_set"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|n| n == "__Host-clawos_session")),
+            "{r}"
+        );
+        assert_eq!(r["then_status"], 200, "{user}'s session: {r}");
+        let me: Value = serde_json::from_str(r["then_body"].as_str().unwrap_or("{}"))?;
+        assert_eq!(
+            (
+                me["operator"].as_str(),
+                me["role"].as_str(),
+                me["via"].as_str()
+            ),
+            (Some(user), Some(role), Some("oidc")),
+            "{me}"
+        );
+        if user == "alice" {
+            clawos_e2e::measured(&format!(
+                "control-plane OIDC: a whole browser login (discovery, code, token, checks) {:?}",
+                t.elapsed()
+            ));
+        }
+    }
+    // No mapped group: no session.
+    let r = login(&cp, &op, "mallory", "pw-mallory", &[])?;
+    assert_eq!(r["callback_status"], 403, "{r}");
+    assert!(
+        r["body"].as_str().unwrap_or("").contains("no ClawOS role"),
+        "{r}"
+    );
+    assert_eq!(r["then_status"], 401, "mallory has no session: {r}");
+
+    // Every altered ID token is refused; the provider's own is accepted again after.
+    for (mode, why) in [
+        ("signature", "signature"),
+        ("audience", "audience"),
+        ("nonce", "nonce"),
+        ("expired", "expired"),
+        ("issuer", "issuer"),
+    ] {
+        op.tamper(mode)?;
+        let r = login(&cp, &op, "alice", "pw-alice", &[])?;
+        assert_eq!(
+            r["callback_status"], 401,
+            "tampered ({mode}) token accepted: {r}"
+        );
+        let body = r["body"].as_str().unwrap_or("").to_ascii_lowercase();
+        assert!(
+            body.contains("id token was refused") && body.contains(why),
+            "{mode}: {body}"
+        );
+        assert_eq!(r["then_status"], 401, "{mode}: no session");
+    }
+    op.tamper("none")?;
+
+    // A replayed callback (same code, same state) is refused.
+    let r = login(&cp, &op, "otto", "pw-otto", &["--replay"])?;
+    assert_eq!(r["callback_status"], 303, "{r}");
+    assert_eq!(r["replay_status"], 401, "{r}");
+    assert!(
+        r["replay_body"]
+            .as_str()
+            .unwrap_or("")
+            .contains("already used"),
+        "{r}"
+    );
+
+    // A callback this browser did not start (no state cookie): login CSRF, refused.
+    let forged = cp.call(
+        None,
+        "GET",
+        "/api/v1/login/oidc/callback?code=abc&state=def",
+        None,
+    );
+    assert_eq!(forged.status, 401, "{}", forged.body);
+
+    // The trail: who logged in with which role, and each refusal.
+    let audit = cp.audit();
+    let logins: Vec<(String, String, String)> = audit
+        .iter()
+        .filter(|r| r["action"] == "session.oidc")
+        .map(|r| {
+            (
+                r["operator"].as_str().unwrap_or("").to_owned(),
+                r["role"].as_str().unwrap_or("").to_owned(),
+                r["result"].as_str().unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        logins.contains(&("alice".into(), "admin".into(), "ok".into())),
+        "{logins:?}"
+    );
+    assert!(
+        logins.iter().filter(|l| l.2 == "refused").count() >= 7,
+        "refusals audited: {logins:?}"
+    );
+    // The client secret is in no log or record.
+    for f in [
+        cp.log(),
+        std::fs::read_to_string(state.join("control-plane/audit.jsonl"))?,
+    ] {
+        assert!(!f.contains(CLIENT_SECRET), "the client secret leaked");
+    }
+    Ok(())
+}
