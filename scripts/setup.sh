@@ -13,10 +13,12 @@ cd "$(dirname "$0")/.."
 # the SIEM receiver its tests send CEF to, also over TLS; python3: the monitor tests'
 # workload. libelf-dev and zlib1g-dev also carry the static libelf.a and libz.a the
 # guest's static clawos-audit links; gcc + libc6-dev: the static workload the guest
-# audit test runs inside a VM.
+# audit test runs inside a VM. libxmlsec1-dev + libxml2-dev + libssl-dev: xmlsec, which
+# checks the XML signatures of SAML logins in the control plane (clang's libclang
+# generates its bindings at build time).
 PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 busybox-static curl ca-certificates
   clang libbpf-dev libelf-dev zlib1g-dev pkg-config rsyslog rsyslog-gnutls openssl python3
-  gcc libc6-dev)
+  gcc libc6-dev libxmlsec1-dev libxml2-dev libssl-dev)
 # npm: `clawos image build --agent openclaw` installs the pinned OpenClaw packages with
 # it (on the pinned Node it downloads; the host's own node only runs npm).
 command -v npm >/dev/null || PACKAGES+=(npm)

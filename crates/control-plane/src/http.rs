@@ -109,6 +109,9 @@ pub fn endpoints() -> Vec<Endpoint> {
         ep(routes::LOGIN, "", None, "session.create", "Browser login with an operator API token: sets the session cookie (Secure, HttpOnly, SameSite=Strict) and answers the CSRF token.", J("Login"), (201, J("SessionInfo"))),
         ep(routes::LOGIN_OIDC, "", None, "session.oidc.start", "Browser login through the OpenID provider: redirects there with state, nonce and a PKCE challenge.", Empty, (303, Empty)),
         ep(routes::OIDC_CALLBACK, "", None, "session.oidc", "The provider's answer: the code is exchanged, the ID token checked, the groups claim mapped to a role; sets the session cookie and redirects to the console.", Empty, (303, Empty)),
+        ep(routes::LOGIN_SAML, "", None, "session.saml.start", "Browser login through the SAML identity provider: redirects there with an AuthnRequest.", Empty, (303, Empty)),
+        ep(routes::SAML_ACS, "", None, "session.saml", "The IdP's signed Response (HTTP-POST binding): checked, the groups attribute mapped to a role; sets the session cookie and redirects to the console.", Shape::Page("application/x-www-form-urlencoded"), (303, Empty)),
+        ep(routes::SAML_METADATA, "", None, "saml.metadata", "This service provider's SAML metadata.", Empty, (200, Shape::Page("application/samlmetadata+xml"))),
         ep(routes::SESSION, "", Some(Viewer), "session.get", "The caller's browser session and its CSRF token.", Empty, (200, J("SessionInfo"))),
         ep(routes::LOGOUT, "", Some(Viewer), "session.delete", "Log out: ends the session and clears its cookie.", Empty, (204, Empty)),
         ep(routes::WHOAMI, "", Some(Viewer), "whoami", "Who the caller is and their role.", Empty, (200, J("WhoAmI"))),
@@ -142,6 +145,13 @@ pub fn endpoints() -> Vec<Endpoint> {
     ]
 }
 
+/// The identity providers operators may log in through (besides API tokens).
+#[derive(Debug, Default)]
+pub struct Logins {
+    pub oidc: Option<Arc<crate::oidc::Oidc>>,
+    pub saml: Option<Arc<crate::saml::Saml>>,
+}
+
 /// What the handlers share.
 #[derive(Debug)]
 pub struct App {
@@ -152,6 +162,8 @@ pub struct App {
     pub upstreams: crate::upstreams::Upstreams,
     /// OIDC login, when configured.
     pub oidc: Option<Arc<crate::oidc::Oidc>>,
+    /// SAML login, when configured.
+    pub saml: Option<Arc<crate::saml::Saml>>,
     pub sessions: crate::sessions::Sessions,
     /// The session cookie's name: `__Host-` prefixed over TLS.
     pub cookie: &'static str,
@@ -170,9 +182,10 @@ impl App {
         audit: AuditTrail,
         guard: Guard,
         upstreams: crate::upstreams::Upstreams,
-        oidc: Option<Arc<crate::oidc::Oidc>>,
+        logins: Logins,
         tls: bool,
     ) -> Self {
+        let Logins { oidc, saml } = logins;
         let table = endpoints()
             .into_iter()
             .map(|e| ((e.method.method(), e.path.clone()), e))
@@ -184,6 +197,7 @@ impl App {
             guard,
             upstreams,
             oidc,
+            saml,
             sessions: crate::sessions::Sessions::default(),
             cookie: if tls {
                 crate::sessions::COOKIE
@@ -219,6 +233,9 @@ pub fn router(app: Arc<App>) -> Router {
             "session.create" => axum::routing::on(filter, login),
             "session.oidc.start" => axum::routing::on(filter, oidc_start),
             "session.oidc" => axum::routing::on(filter, oidc_callback),
+            "session.saml.start" => axum::routing::on(filter, crate::saml_routes::start),
+            "session.saml" => axum::routing::on(filter, crate::saml_routes::acs),
+            "saml.metadata" => axum::routing::on(filter, crate::saml_routes::metadata),
             "session.get" => axum::routing::on(filter, session_get),
             "session.delete" => axum::routing::on(filter, logout),
             "operator.token.create" => axum::routing::on(filter, create_token),
@@ -348,7 +365,15 @@ async fn admit(
 ) -> Result<(Option<Operator>, Request), Refused> {
     // The console's own requests carry our own origin; any other is checked (and
     // refused unless configured) by the guard.
-    let checked = if same_origin(req.headers()) {
+    // The SAML ACS takes a cross-site form post by design (the IdP's page posts it):
+    // Origin and body type are not checked there; the signed, browser-bound Response is.
+    let saml_acs = endpoint.is_some_and(|e| e.action == "session.saml");
+    let checked = if saml_acs {
+        let mut h = req.headers().clone();
+        h.remove(header::ORIGIN);
+        h.remove(header::CONTENT_TYPE);
+        app.guard.check(req.method(), req.uri(), &h)
+    } else if same_origin(req.headers()) {
         let mut h = req.headers().clone();
         h.remove(header::ORIGIN);
         app.guard.check(req.method(), req.uri(), &h)
@@ -796,7 +821,7 @@ fn session_info(op: &Operator, csrf: String) -> SessionInfo {
     }
 }
 
-fn cookie_header(app: &App, value: &str, max_age: u64) -> Option<HeaderValue> {
+pub(crate) fn cookie_header(app: &App, value: &str, max_age: u64) -> Option<HeaderValue> {
     let secure = if app.tls { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
         "{}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}",
@@ -1104,6 +1129,9 @@ mod tests {
                             | "session.create"
                             | "session.oidc.start"
                             | "session.oidc"
+                            | "session.saml.start"
+                            | "session.saml"
+                            | "saml.metadata"
                     ) || (e.action.starts_with("console.") && e.method == RouteMethod::Get),
                     "{} is open",
                     e.action

@@ -14,6 +14,8 @@ pub mod http;
 pub mod oidc;
 pub mod openapi;
 pub mod operators;
+pub mod saml;
+pub mod saml_routes;
 pub mod server;
 pub mod sessions;
 pub mod tls;
@@ -60,6 +62,8 @@ pub struct Config {
     pub upstreams: upstreams::Upstreams,
     /// Operator login through an OpenID provider.
     pub oidc: Option<oidc::OidcSettings>,
+    /// Operator login through a SAML 2.0 identity provider.
+    pub saml: Option<saml::SamlSettings>,
     /// How often [`TlsMode::Files`] are checked for a change.
     pub reload_every: Duration,
 }
@@ -216,6 +220,29 @@ impl Config {
                 );
             }
         }
+        if let Some(sm) = &self.saml {
+            if !sm
+                .acs_url
+                .ends_with(clawos_control_plane_api::routes::SAML_ACS.path)
+            {
+                return bad(format!(
+                    "--saml-acs-url {:?} must end with {}",
+                    sm.acs_url,
+                    clawos_control_plane_api::routes::SAML_ACS.path
+                ));
+            }
+            if sm.role_map.is_empty() {
+                return bad(
+                    "--saml-role-map is empty: no identity-provider user would get a role".into(),
+                );
+            }
+            if !sm.idp_metadata.is_file() {
+                return bad(format!(
+                    "--saml-idp-metadata {}: no such file",
+                    sm.idp_metadata.display()
+                ));
+            }
+        }
         if self.reload_every.is_zero() {
             return bad("the certificate reload interval must be above zero".into());
         }
@@ -325,13 +352,19 @@ pub async fn run(
         )),
         None => None,
     };
+    let saml = match &cfg.saml {
+        Some(sm) => Some(Arc::new(
+            saml::Saml::new(sm.clone()).map_err(ControlPlaneError::Config)?,
+        )),
+        None => None,
+    };
     let app = Arc::new(http::App::new(
         launcher,
         operators,
         audit,
         guard,
         cfg.upstreams.clone(),
-        oidc,
+        http::Logins { oidc, saml },
         server_tls.is_some(),
     ));
     let listener = tokio::net::TcpListener::bind(cfg.addr)
@@ -388,6 +421,7 @@ mod tests {
             allowed_origins: vec![],
             upstreams: upstreams::Upstreams::defaults(std::path::Path::new("/nonexistent")),
             oidc: None,
+            saml: None,
             reload_every: Duration::from_secs(2),
         }
     }

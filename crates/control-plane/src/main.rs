@@ -111,6 +111,22 @@ struct Args {
     /// PEM root certificate for the provider's HTTPS (a private CA).
     #[arg(long)]
     oidc_ca_cert: Option<PathBuf>,
+    /// SAML identity provider's metadata (XML file) for operator login.
+    #[arg(long, env = "CLAWOS_SAML_IDP_METADATA")]
+    saml_idp_metadata: Option<PathBuf>,
+    /// This service provider's entity id [default: <--saml-acs-url's origin>/api/v1/saml/metadata].
+    #[arg(long)]
+    saml_entity_id: Option<String>,
+    /// The assertion consumer service URL the IdP posts to:
+    /// https://<this host>:8080/api/v1/login/saml/acs.
+    #[arg(long, env = "CLAWOS_SAML_ACS_URL")]
+    saml_acs_url: Option<String>,
+    /// The attribute listing the user's groups.
+    #[arg(long, default_value = "groups")]
+    saml_groups_attribute: String,
+    /// Group to role: group=viewer|operator|admin, comma-separated.
+    #[arg(long, env = "CLAWOS_SAML_ROLE_MAP")]
+    saml_role_map: Option<String>,
     /// An Origin allowed to call the API (repeatable; none by default).
     #[arg(
         long = "allow-origin",
@@ -183,7 +199,36 @@ fn main() -> anyhow::Result<()> {
             ca_cert: a.oidc_ca_cert,
         }),
     };
+    let saml = match a.saml_idp_metadata {
+        None => None,
+        Some(idp_metadata) => {
+            let acs_url = a
+                .saml_acs_url
+                .context("--saml-idp-metadata needs --saml-acs-url")?;
+            let origin = acs_url
+                .strip_suffix(clawos_control_plane_api::routes::SAML_ACS.path)
+                .unwrap_or(&acs_url)
+                .to_owned();
+            Some(clawos_control_plane::saml::SamlSettings {
+                idp_metadata,
+                entity_id: a.saml_entity_id.unwrap_or_else(|| {
+                    format!(
+                        "{origin}{}",
+                        clawos_control_plane_api::routes::SAML_METADATA.path
+                    )
+                }),
+                acs_url,
+                groups_attribute: a.saml_groups_attribute,
+                role_map: clawos_control_plane::oidc::parse_role_map(
+                    &a.saml_role_map
+                        .context("--saml-idp-metadata needs --saml-role-map group=role,...")?,
+                )
+                .map_err(anyhow::Error::msg)?,
+            })
+        }
+    };
     let cfg = Config {
+        saml,
         oidc,
         upstreams,
         addr: a.addr,

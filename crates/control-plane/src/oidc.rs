@@ -329,7 +329,7 @@ pub fn parse_role_map(s: &str) -> Result<Vec<(String, Role)>, String> {
         .map(|pair| {
             let (g, r) = pair
                 .split_once('=')
-                .ok_or_else(|| format!("--oidc-role-map entry {pair:?}: group=role"))?;
+                .ok_or_else(|| format!("role map entry {pair:?}: group=role"))?;
             let role = r.trim().parse::<Role>()?;
             Ok((g.trim().to_owned(), role))
         })

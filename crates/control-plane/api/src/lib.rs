@@ -17,6 +17,9 @@
 //! | [`routes::LOGIN`] `POST /api/v1/sessions` | none | [`Login`] (an API token) → 201 [`SessionInfo`] + the session cookie |
 //! | [`routes::LOGIN_OIDC`] `GET /api/v1/login/oidc` | none | → 303 to the OpenID provider (authorization code + PKCE) |
 //! | [`routes::OIDC_CALLBACK`] `GET /api/v1/login/oidc/callback` | none | the provider's answer → 303 to `/` with the session cookie |
+//! | [`routes::LOGIN_SAML`] `GET /api/v1/login/saml` | none | → 303 to the SAML IdP (AuthnRequest, HTTP-Redirect) |
+//! | [`routes::SAML_ACS`] `POST /api/v1/login/saml/acs` | none | the IdP's signed Response (HTTP-POST form) → 303 to `/` with the session cookie |
+//! | [`routes::SAML_METADATA`] `GET /api/v1/saml/metadata` | none | this SP's metadata |
 //! | [`routes::SESSION`] `GET /api/v1/sessions/current` | viewer | → [`SessionInfo`] |
 //! | [`routes::LOGOUT`] `DELETE /api/v1/sessions/current` | viewer | → 204, cookie cleared |
 //! | [`routes::CONSOLE`] `GET /`, `/console/app.js`, `/console/style.css` | none | the web console |
@@ -99,6 +102,12 @@ pub mod routes {
     pub const LOGIN_OIDC: Route = Route::get("/api/v1/login/oidc");
     /// Where the provider sends the browser back.
     pub const OIDC_CALLBACK: Route = Route::get("/api/v1/login/oidc/callback");
+    /// Browser login through the SAML identity provider: redirects there.
+    pub const LOGIN_SAML: Route = Route::get("/api/v1/login/saml");
+    /// The assertion consumer service the IdP posts its Response to.
+    pub const SAML_ACS: Route = Route::post("/api/v1/login/saml/acs");
+    /// This service provider's SAML metadata.
+    pub const SAML_METADATA: Route = Route::get("/api/v1/saml/metadata");
     /// Browser login with an API token: sets the session cookie.
     pub const LOGIN: Route = Route::post("/api/v1/sessions");
     pub const SESSION: Route = Route::get("/api/v1/sessions/current");

@@ -1,0 +1,276 @@
+//! Operator login through a SAML 2.0 identity provider, as a service provider built on
+//! `samael` (its XML signature checks are xmlsec's; nothing here touches XML
+//! signatures): `GET /api/v1/login/saml` sends the browser to the IdP's single sign-on
+//! URL with an AuthnRequest (HTTP-Redirect binding); the IdP posts a Response back to
+//! `POST /api/v1/login/saml/acs` (HTTP-POST binding).
+//!
+//! A response is accepted only when:
+//! - its assertion is signed by a certificate in the IdP's metadata, with an allowed
+//!   algorithm (RSA/ECDSA with SHA-256 or stronger); samael reduces the document to the
+//!   signed elements before reading it, so an unsigned assertion placed beside a signed
+//!   one (XML signature wrapping) is never what is read;
+//! - its audience is this SP's entity id, its recipient/destination this ACS URL, it
+//!   is within NotBefore/NotOnOrAfter (with samael's clock-skew allowance), and it
+//!   answers the AuthnRequest this browser started (InResponseTo, bound to the browser
+//!   by a cookie; each request id is good once, for ten minutes);
+//! - its assertion id was not seen before (replay), and the user's groups map to a
+//!   role.
+//!
+//! IdP metadata without a signing certificate is refused at start: samael would then
+//! check no signature at all.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clawos_control_plane_api::Role;
+use samael::metadata::EntityDescriptor;
+use samael::service_provider::{ServiceProvider, ServiceProviderBuilder};
+use samael::traits::ToXml;
+
+/// How long a started login may take to come back.
+pub const LOGIN_TTL: Duration = Duration::from_secs(600);
+const MAX_PENDING: usize = 1000;
+/// The cookie binding a login's AuthnRequest id to the browser that started it. The
+/// IdP's POST back is cross-site, so it is `SameSite=None` (and `Secure`).
+pub const REQUEST_COOKIE: &str = "__Host-clawos_saml";
+const HTTP_REDIRECT: &str = "urn:oasis:names:tc:SAML:2.0:bindings:HTTP-Redirect";
+
+/// What the operator configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SamlSettings {
+    /// The IdP's metadata (XML file): its entity id, SSO URL and signing certificate.
+    pub idp_metadata: PathBuf,
+    /// This SP's entity id (also its metadata URL): `https://<host>:8080/api/v1/saml/metadata`.
+    pub entity_id: String,
+    /// This SP's assertion consumer service: `https://<host>:8080/api/v1/login/saml/acs`.
+    pub acs_url: String,
+    /// The attribute listing the user's groups.
+    pub groups_attribute: String,
+    /// Group → role; the highest wins.
+    pub role_map: Vec<(String, Role)>,
+}
+
+/// Why a SAML login failed; the message is what the browser is shown.
+#[derive(Debug, thiserror::Error)]
+pub enum SamlError {
+    #[error("the login could not be started: {0}")]
+    Start(String),
+    #[error(
+        "this browser started no such login, or it expired or was already used: start the login again"
+    )]
+    BadState,
+    #[error("the SAML response was refused: {0}")]
+    Refused(String),
+    #[error("the SAML response was refused: assertion {0} was already used (replay)")]
+    Replay(String),
+    #[error("the SAML response names no user")]
+    NoSubject,
+    #[error("no ClawOS role for {user}: none of the groups {groups:?} is mapped to a role")]
+    NoRole { user: String, groups: Vec<String> },
+}
+
+impl SamlError {
+    /// 403 for a user without a role, 502 when the login cannot start, else 401.
+    pub fn status(&self) -> u16 {
+        match self {
+            Self::NoRole { .. } => 403,
+            Self::Start(_) => 502,
+            _ => 401,
+        }
+    }
+}
+
+/// A user the IdP vouched for, with the role their groups give.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SamlUser {
+    pub name: String,
+    pub role: Role,
+}
+
+/// The service provider.
+pub struct Saml {
+    settings: SamlSettings,
+    sp: Arc<ServiceProvider>,
+    sso_url: String,
+    /// AuthnRequest id → when it was made.
+    pending: Mutex<HashMap<String, Instant>>,
+    /// Assertion ids accepted, until they can no longer be used anyway.
+    seen: Mutex<HashMap<String, Instant>>,
+}
+
+impl std::fmt::Debug for Saml {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Saml")
+            .field("entity_id", &self.settings.entity_id)
+            .field("sso_url", &self.sso_url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Saml {
+    /// Reads and checks the IdP's metadata.
+    pub fn new(settings: SamlSettings) -> Result<Self, String> {
+        use samael::crypto::AllowedSignatureAlgorithm as Alg;
+        let path = &settings.idp_metadata;
+        let xml = std::fs::read_to_string(path)
+            .map_err(|e| format!("--saml-idp-metadata {}: {e}", path.display()))?;
+        let idp: EntityDescriptor = xml.parse().map_err(|e| {
+            format!(
+                "--saml-idp-metadata {}: not SAML metadata: {e}",
+                path.display()
+            )
+        })?;
+        let sp = ServiceProviderBuilder::default()
+            .entity_id(settings.entity_id.clone())
+            .metadata_url(settings.entity_id.clone())
+            .acs_url(settings.acs_url.clone())
+            .slo_url(None)
+            .idp_metadata(idp)
+            .allowed_signature_algorithms(vec![
+                Alg::RsaSha256,
+                Alg::RsaSha384,
+                Alg::RsaSha512,
+                Alg::EcdsaSha256,
+                Alg::EcdsaSha384,
+                Alg::EcdsaSha512,
+            ])
+            .build()
+            .map_err(|e| format!("SAML service provider: {e}"))?;
+        match sp.idp_signing_certs() {
+            Ok(Some(certs)) if !certs.is_empty() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "--saml-idp-metadata {}: no signing certificate in it; without one no assertion could be checked, so none is accepted",
+                    path.display()
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "--saml-idp-metadata {}: its signing certificate does not parse: {e}",
+                    path.display()
+                ));
+            }
+        }
+        let sso_url = sp.sso_binding_location(HTTP_REDIRECT).ok_or_else(|| {
+            format!(
+                "--saml-idp-metadata {}: no SingleSignOnService with the HTTP-Redirect binding",
+                path.display()
+            )
+        })?;
+        Ok(Self {
+            settings,
+            sp: Arc::new(sp),
+            sso_url,
+            pending: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// This SP's metadata, for the IdP.
+    pub fn metadata_xml(&self) -> Result<String, String> {
+        let md = self.sp.metadata().map_err(|e| e.to_string())?;
+        md.to_string().map_err(|e| format!("{e:?}"))
+    }
+
+    /// Starts a login: the IdP URL to send the browser to, and the request id to bind
+    /// to it ([`REQUEST_COOKIE`]).
+    pub fn start(&self) -> Result<(String, String), SamlError> {
+        let mut req = self
+            .sp
+            .make_authentication_request(&self.sso_url)
+            .map_err(|e| SamlError::Start(e.to_string()))?;
+        // samael's own ids carry 32 random bits; this one is the browser's binding.
+        let mut b = [0u8; 16];
+        getrandom::fill(&mut b).map_err(|e| SamlError::Start(e.to_string()))?;
+        req.id = format!("_{}", hex::encode(b));
+        let url = req
+            .redirect("")
+            .map_err(|e| SamlError::Start(e.to_string()))?
+            .ok_or_else(|| SamlError::Start("the AuthnRequest has no destination".into()))?;
+        let now = Instant::now();
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.retain(|_, t| now.duration_since(*t) < LOGIN_TTL);
+        if pending.len() >= MAX_PENDING
+            && let Some(oldest) = pending
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(k, _)| k.clone())
+        {
+            pending.remove(&oldest);
+        }
+        pending.insert(req.id.clone(), now);
+        Ok((url.to_string(), req.id))
+    }
+
+    /// Checks a posted `SAMLResponse` for the login this browser started (its
+    /// `cookie_request`, consumed either way).
+    pub async fn finish(
+        &self,
+        saml_response: String,
+        cookie_request: Option<&str>,
+    ) -> Result<SamlUser, SamlError> {
+        let request_id = cookie_request.ok_or(SamlError::BadState)?.to_owned();
+        let fresh = self
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&request_id)
+            .is_some_and(|t| t.elapsed() < LOGIN_TTL);
+        if !fresh {
+            return Err(SamlError::BadState);
+        }
+        // xmlsec and libxml are blocking C code: off the async workers.
+        let sp = Arc::clone(&self.sp);
+        let assertion = tokio::task::spawn_blocking(move || {
+            sp.parse_base64_response(saml_response.trim(), Some(&[request_id.as_str()]))
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| SamlError::Refused(format!("checker stopped: {e}")))?
+        .map_err(SamlError::Refused)?;
+        {
+            let now = Instant::now();
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.retain(|_, until| *until > now);
+            if seen.contains_key(&assertion.id) {
+                return Err(SamlError::Replay(assertion.id.clone()));
+            }
+            // An assertion is at most valid for its issue delay plus skew; keep ids
+            // well past that.
+            seen.insert(assertion.id.clone(), now + LOGIN_TTL);
+        }
+        let name = assertion
+            .subject
+            .as_ref()
+            .and_then(|s| s.name_id.as_ref())
+            .map(|n| n.value.trim().to_owned())
+            .filter(|n| !n.is_empty())
+            .ok_or(SamlError::NoSubject)?;
+        let wanted = self.settings.groups_attribute.as_str();
+        let groups: Vec<String> = assertion
+            .attribute_statements
+            .iter()
+            .flatten()
+            .flat_map(|s| s.attributes.iter())
+            .filter(|a| {
+                a.name.as_deref() == Some(wanted) || a.friendly_name.as_deref() == Some(wanted)
+            })
+            .flat_map(|a| a.values.iter())
+            .filter_map(|v| v.value.clone())
+            .collect();
+        let role = self
+            .settings
+            .role_map
+            .iter()
+            .filter(|(g, _)| groups.iter().any(|x| x == g))
+            .map(|(_, r)| *r)
+            .max()
+            .ok_or(SamlError::NoRole {
+                user: name.clone(),
+                groups,
+            })?;
+        Ok(SamlUser { name, role })
+    }
+}
