@@ -66,7 +66,9 @@ fi
 # control plane's certificate tests get certificates from; chromium, the browser its
 # web-console test drives.
 test_missing=()
-for p in pebble chromium; do
+# python3-pysaml2 (+ python3-lxml, xmlsec1): the SAML identity provider the SAML login
+# test logs in through (it runs on Debian's /usr/bin/python3).
+for p in pebble chromium python3-pysaml2 python3-lxml xmlsec1; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || test_missing+=("$p")
 done
 if [ ${#test_missing[@]} -gt 0 ]; then

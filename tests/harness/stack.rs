@@ -522,6 +522,11 @@ impl ControlPlane {
         })
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self._child.0.id()
+    }
+
     /// The local admin's credential, made at the first start.
     pub fn admin_token(&self) -> String {
         std::fs::read_to_string(self.state.join("control-plane/admin.token"))

@@ -369,10 +369,7 @@ async fn admit(
     // Origin and body type are not checked there; the signed, browser-bound Response is.
     let saml_acs = endpoint.is_some_and(|e| e.action == "session.saml");
     let checked = if saml_acs {
-        let mut h = req.headers().clone();
-        h.remove(header::ORIGIN);
-        h.remove(header::CONTENT_TYPE);
-        app.guard.check(req.method(), req.uri(), &h)
+        app.guard.check_host(req.uri(), req.headers())
     } else if same_origin(req.headers()) {
         let mut h = req.headers().clone();
         h.remove(header::ORIGIN);

@@ -124,6 +124,10 @@ struct Args {
     /// The attribute listing the user's groups.
     #[arg(long, default_value = "groups")]
     saml_groups_attribute: String,
+    /// Print this service provider's SAML metadata (from --saml-acs-url and
+    /// --saml-entity-id; no IdP needed) for registering it at the IdP, and exit.
+    #[arg(long)]
+    print_saml_sp_metadata: bool,
     /// Group to role: group=viewer|operator|admin, comma-separated.
     #[arg(long, env = "CLAWOS_SAML_ROLE_MAP")]
     saml_role_map: Option<String>,
@@ -199,6 +203,25 @@ fn main() -> anyhow::Result<()> {
             ca_cert: a.oidc_ca_cert,
         }),
     };
+    if a.print_saml_sp_metadata {
+        let acs_url = a
+            .saml_acs_url
+            .as_deref()
+            .context("--print-saml-sp-metadata needs --saml-acs-url")?;
+        let origin = acs_url
+            .strip_suffix(clawos_control_plane_api::routes::SAML_ACS.path)
+            .unwrap_or(acs_url);
+        let entity_id = a.saml_entity_id.clone().unwrap_or_else(|| {
+            format!(
+                "{origin}{}",
+                clawos_control_plane_api::routes::SAML_METADATA.path
+            )
+        });
+        let xml = clawos_control_plane::saml::sp_metadata(&entity_id, acs_url)
+            .map_err(anyhow::Error::msg)?;
+        println!("{xml}");
+        return Ok(());
+    }
     let saml = match a.saml_idp_metadata {
         None => None,
         Some(idp_metadata) => {

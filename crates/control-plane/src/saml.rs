@@ -13,6 +13,10 @@
 //!   is within NotBefore/NotOnOrAfter (with samael's clock-skew allowance), and it
 //!   answers the AuthnRequest this browser started (InResponseTo, bound to the browser
 //!   by a cookie; each request id is good once, for ten minutes);
+//! - it carries exactly one assertion (signed or encrypted): a response with a second
+//!   one — the shape of XML signature wrapping, where a forged assertion sits beside or
+//!   around the signed one — is refused outright, whichever of the two samael would
+//!   have read;
 //! - its assertion id was not seen before (replay), and the user's groups map to a
 //!   role.
 //!
@@ -170,10 +174,62 @@ impl Saml {
 
     /// This SP's metadata, for the IdP.
     pub fn metadata_xml(&self) -> Result<String, String> {
-        let md = self.sp.metadata().map_err(|e| e.to_string())?;
-        md.to_string().map_err(|e| format!("{e:?}"))
+        sp_metadata(&self.settings.entity_id, &self.settings.acs_url)
     }
+}
 
+/// How many `Assertion`/`EncryptedAssertion` elements the document holds, at any
+/// depth and whatever their prefix (stricter than namespace-exact on purpose).
+fn count_assertions(xml: &[u8]) -> Result<usize, String> {
+    use quick_xml::events::Event;
+    let mut reader = quick_xml::Reader::from_reader(xml);
+    let mut buf = Vec::new();
+    let mut n = 0;
+    loop {
+        match reader.read_event_into(&mut buf) {
+            Ok(Event::Start(e) | Event::Empty(e)) => {
+                let local = e.local_name();
+                if matches!(local.as_ref(), b"Assertion" | b"EncryptedAssertion") {
+                    n += 1;
+                }
+            }
+            Ok(Event::Eof) => return Ok(n),
+            Ok(_) => {}
+            Err(e) => return Err(format!("SAMLResponse is not well-formed XML: {e}")),
+        }
+        buf.clear();
+    }
+}
+
+/// The metadata of an SP with this entity id and ACS URL, without an IdP yet: what an
+/// operator registers at the IdP before it hands out its own metadata
+/// (`control-plane --print-saml-sp-metadata`). Built here rather than with
+/// `ServiceProvider::metadata`, which insists on advertising a single-logout
+/// endpoint this SP does not have; it states that assertions must be signed.
+pub fn sp_metadata(entity_id: &str, acs_url: &str) -> Result<String, String> {
+    use samael::metadata::{HTTP_POST_BINDING, IndexedEndpoint, SpSsoDescriptor};
+    let descriptor = SpSsoDescriptor {
+        protocol_support_enumeration: Some("urn:oasis:names:tc:SAML:2.0:protocol".to_owned()),
+        authn_requests_signed: Some(false),
+        want_assertions_signed: Some(true),
+        assertion_consumer_services: vec![IndexedEndpoint {
+            binding: HTTP_POST_BINDING.to_owned(),
+            location: acs_url.to_owned(),
+            index: 0,
+            is_default: Some(true),
+            ..IndexedEndpoint::default()
+        }],
+        ..SpSsoDescriptor::default()
+    };
+    let md = EntityDescriptor {
+        entity_id: Some(entity_id.to_owned()),
+        sp_sso_descriptors: Some(vec![descriptor]),
+        ..EntityDescriptor::default()
+    };
+    md.to_string().map_err(|e| format!("{e:?}"))
+}
+
+impl Saml {
     /// Starts a login: the IdP URL to send the browser to, and the request id to bind
     /// to it ([`REQUEST_COOKIE`]).
     pub fn start(&self) -> Result<(String, String), SamlError> {
@@ -224,6 +280,16 @@ impl Saml {
         // xmlsec and libxml are blocking C code: off the async workers.
         let sp = Arc::clone(&self.sp);
         let assertion = tokio::task::spawn_blocking(move || {
+            use base64::Engine as _;
+            let xml = base64::engine::general_purpose::STANDARD
+                .decode(saml_response.trim())
+                .map_err(|e| format!("SAMLResponse is not base64: {e}"))?;
+            let assertions = count_assertions(&xml)?;
+            if assertions != 1 {
+                return Err(format!(
+                    "a response must carry exactly one assertion, this one has {assertions} (XML signature wrapping?)"
+                ));
+            }
             sp.parse_base64_response(saml_response.trim(), Some(&[request_id.as_str()]))
                 .map_err(|e| e.to_string())
         })
@@ -272,5 +338,20 @@ impl Saml {
                 groups,
             })?;
         Ok(SamlUser { name, role })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assertions_are_counted_at_any_depth_and_prefix() {
+        let one = br#"<samlp:Response xmlns:samlp="p" xmlns:saml="a"><saml:Assertion ID="x"/></samlp:Response>"#;
+        assert_eq!(count_assertions(one), Ok(1));
+        let wrapped = br#"<ns0:Response xmlns:ns0="p" xmlns:ns1="a"><ns0:Extensions><ns1:Assertion ID="orig"><ns1:Issuer>i</ns1:Issuer></ns1:Assertion></ns0:Extensions><ns1:Assertion ID="forged"></ns1:Assertion></ns0:Response>"#;
+        assert_eq!(count_assertions(wrapped), Ok(2));
+        assert_eq!(count_assertions(b"<Response></Response>"), Ok(0));
+        assert!(count_assertions(b"<Response><Assertion></Response>").is_err());
     }
 }

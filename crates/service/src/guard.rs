@@ -155,6 +155,13 @@ impl Guard {
         router.layer(axum::middleware::from_fn_with_state(self.clone(), guard))
     }
 
+    /// Only the `Host` check of [`Guard::check`]: for a route that takes cross-site
+    /// form posts by design (a SAML assertion consumer service), whose requests carry
+    /// their own proof and no credential a page could ride on.
+    pub fn check_host(&self, uri: &Uri, headers: &HeaderMap) -> Result<(), Refusal> {
+        check_host(&self.0, uri, headers)
+    }
+
     /// Whether a request with this method, URI and headers may pass, and if not, the
     /// refusal.
     pub fn check(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Result<(), Refusal> {
