@@ -475,11 +475,7 @@ fn same_origin(h: &axum::http::HeaderMap) -> bool {
 
 /// The session cookie's value in `headers`, if there is one.
 fn session_cookie<'a>(app: &App, headers: &'a axum::http::HeaderMap) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|h| crate::sessions::cookie(h, app.cookie))
+    cookie_value(headers, app.cookie)
 }
 
 fn authenticate(app: &App, req: &Request) -> Result<Operator, AuthFailure> {
@@ -871,13 +867,7 @@ fn oidc_of(app: &App) -> ApiResult<&Arc<crate::oidc::Oidc>> {
 }
 
 fn oidc_error(e: &crate::oidc::OidcError) -> ErrorResponse {
-    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
-    let code = match e.status() {
-        403 => code::FORBIDDEN,
-        502 => code::UNAVAILABLE,
-        _ => code::UNAUTHORIZED,
-    };
-    ErrorResponse::new(status, code, e.to_string())
+    login_refusal(e.status(), e.to_string())
 }
 
 async fn oidc_start(State(app): Shared) -> ApiResult<Response> {
@@ -931,11 +921,7 @@ async fn oidc_callback(
     } else {
         "clawos_oidc"
     };
-    let cookie_state = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|h| crate::sessions::cookie(h, cookie_name));
+    let cookie_state = cookie_value(&headers, cookie_name);
     let user = match oidc.finish(&code, &state, cookie_state).await {
         Ok(u) => u,
         Err(e) => {
@@ -943,10 +929,22 @@ async fn oidc_callback(
             return Ok(with_clear(oidc_error(&e).into_response()));
         }
     };
+    let resp = session_redirect(&app, user.name, user.role, "oidc")?;
+    Ok(with_clear(resp))
+}
+
+/// A browser login that an identity provider vouched for: a new session for `name`
+/// with `role`, its cookie, and a redirect to the console; the audit record names them.
+pub(crate) fn session_redirect(
+    app: &App,
+    name: String,
+    role: Role,
+    via: &'static str,
+) -> ApiResult<Response> {
     let op = Operator {
-        name: user.name,
-        role: user.role,
-        via: "oidc",
+        name,
+        role,
+        via,
         token_id: String::new(),
     };
     let new = app
@@ -956,12 +954,32 @@ async fn oidc_callback(
     let mut resp = StatusCode::SEE_OTHER.into_response();
     resp.headers_mut()
         .insert(header::LOCATION, HeaderValue::from_static("/"));
-    if let Some(v) = cookie_header(&app, &new.id, crate::sessions::ABSOLUTE.as_secs()) {
+    if let Some(v) = cookie_header(app, &new.id, crate::sessions::ABSOLUTE.as_secs()) {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
     resp.extensions_mut().insert(AuditTarget(op.name.clone()));
     resp.extensions_mut().insert(op);
-    Ok(with_clear(resp))
+    Ok(resp)
+}
+
+/// A refused browser login as its answer: 403 (no role), 502 (the provider cannot be
+/// used) or 401.
+pub(crate) fn login_refusal(status: u16, message: String) -> ErrorResponse {
+    let (status, code) = match status {
+        403 => (StatusCode::FORBIDDEN, code::FORBIDDEN),
+        502 => (StatusCode::BAD_GATEWAY, code::UNAVAILABLE),
+        _ => (StatusCode::UNAUTHORIZED, code::UNAUTHORIZED),
+    };
+    ErrorResponse::new(status, code, message)
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub(crate) fn cookie_value<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|h| crate::sessions::cookie(h, name))
 }
 
 async fn session_get(

@@ -14,6 +14,7 @@ pub mod http;
 pub mod oidc;
 pub mod openapi;
 pub mod operators;
+pub mod roles;
 pub mod saml;
 pub mod saml_routes;
 pub mod server;

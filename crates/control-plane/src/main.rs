@@ -195,7 +195,7 @@ fn main() -> anyhow::Result<()> {
                 .oidc_redirect_url
                 .context("--oidc-issuer needs --oidc-redirect-url")?,
             groups_claim: a.oidc_groups_claim,
-            role_map: clawos_control_plane::oidc::parse_role_map(
+            role_map: clawos_control_plane::roles::parse_role_map(
                 &a.oidc_role_map
                     .context("--oidc-issuer needs --oidc-role-map group=role,...")?,
             )
@@ -242,7 +242,7 @@ fn main() -> anyhow::Result<()> {
                 }),
                 acs_url,
                 groups_attribute: a.saml_groups_attribute,
-                role_map: clawos_control_plane::oidc::parse_role_map(
+                role_map: clawos_control_plane::roles::parse_role_map(
                     &a.saml_role_map
                         .context("--saml-idp-metadata needs --saml-role-map group=role,...")?,
                 )

@@ -94,6 +94,17 @@ pub struct OidcUser {
     pub role: Role,
 }
 
+/// A client made from discovery: authorization endpoint set, token and userinfo
+/// endpoints as the provider published them.
+type ProviderClient = CoreClient<
+    openidconnect::EndpointSet,
+    openidconnect::EndpointNotSet,
+    openidconnect::EndpointNotSet,
+    openidconnect::EndpointNotSet,
+    openidconnect::EndpointMaybeSet,
+    openidconnect::EndpointMaybeSet,
+>;
+
 /// The relying party.
 pub struct Oidc {
     settings: OidcSettings,
@@ -182,18 +193,23 @@ impl Oidc {
             .await
     }
 
-    /// Starts a login: the provider URL to send the browser to, and the `state` to
-    /// bind to it (the [`STATE_COOKIE`]).
-    pub async fn start(&self) -> Result<(String, String), OidcError> {
+    /// The client for the discovered provider.
+    async fn client(&self) -> Result<ProviderClient, OidcError> {
         let metadata = self.metadata().await?.clone();
         let redirect = RedirectUrl::new(self.settings.redirect_url.clone())
             .map_err(|e| OidcError::Start(format!("redirect URL: {e}")))?;
-        let client = CoreClient::from_provider_metadata(
+        Ok(CoreClient::from_provider_metadata(
             metadata,
             ClientId::new(self.settings.client_id.clone()),
             Some(self.secret.clone()),
         )
-        .set_redirect_uri(redirect);
+        .set_redirect_uri(redirect))
+    }
+
+    /// Starts a login: the provider URL to send the browser to, and the `state` to
+    /// bind to it (the [`STATE_COOKIE`]).
+    pub async fn start(&self) -> Result<(String, String), OidcError> {
+        let client = self.client().await?;
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let (url, state, nonce) = client
             .authorize_url(
@@ -244,15 +260,7 @@ impl Oidc {
             .remove(state)
             .filter(|p| p.created.elapsed() < LOGIN_TTL)
             .ok_or(OidcError::BadState)?;
-        let metadata = self.metadata().await?.clone();
-        let redirect = RedirectUrl::new(self.settings.redirect_url.clone())
-            .map_err(|e| OidcError::Start(format!("redirect URL: {e}")))?;
-        let client = CoreClient::from_provider_metadata(
-            metadata,
-            ClientId::new(self.settings.client_id.clone()),
-            Some(self.secret.clone()),
-        )
-        .set_redirect_uri(redirect);
+        let client = self.client().await?;
         let token = client
             .exchange_code(AuthorizationCode::new(code.to_owned()))
             .map_err(|e| OidcError::Exchange(e.to_string()))?
@@ -282,14 +290,8 @@ impl Oidc {
             .preferred_username()
             .map(|u| u.as_str().to_owned())
             .unwrap_or_else(|| claims.subject().as_str().to_owned());
-        let role = self
-            .settings
-            .role_map
-            .iter()
-            .filter(|(g, _)| groups.iter().any(|x| x == g))
-            .map(|(_, r)| *r)
-            .max()
-            .ok_or(OidcError::NoRole {
+        let role =
+            crate::roles::role_for(&groups, &self.settings.role_map).ok_or(OidcError::NoRole {
                 user: name.clone(),
                 groups: groups.clone(),
             })?;
@@ -320,45 +322,4 @@ fn chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
-}
-
-/// Parses `group=role,group=role`.
-pub fn parse_role_map(s: &str) -> Result<Vec<(String, Role)>, String> {
-    s.split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(|pair| {
-            let (g, r) = pair
-                .split_once('=')
-                .ok_or_else(|| format!("role map entry {pair:?}: group=role"))?;
-            let role = r.trim().parse::<Role>()?;
-            Ok((g.trim().to_owned(), role))
-        })
-        .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn role_maps_parse_and_bad_entries_are_named() {
-        let m = parse_role_map("ops=operator, admins=admin").expect("ok");
-        assert_eq!(
-            m,
-            vec![
-                ("ops".into(), Role::Operator),
-                ("admins".into(), Role::Admin)
-            ]
-        );
-        assert!(
-            parse_role_map("ops")
-                .expect_err("no =")
-                .contains("group=role")
-        );
-        assert!(
-            parse_role_map("ops=root")
-                .expect_err("role")
-                .contains("unknown role")
-        );
-    }
 }

@@ -61,7 +61,14 @@ pub struct Operator {
 pub struct OperatorStore {
     path: PathBuf,
     db: Mutex<Connection>,
+    /// Tokens seen valid, by hash, with their expiry: every request authenticates, and
+    /// a read lock is cheaper than a query. Revocations go through [`Self::revoke`],
+    /// which drops the entry before it returns, so a revoked token is refused at once.
+    valid: std::sync::RwLock<std::collections::HashMap<[u8; 32], (Operator, u64)>>,
 }
+
+/// Most tokens kept in the cache (it is cleared when full).
+const MAX_CACHED: usize = 10_000;
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -108,6 +115,7 @@ impl OperatorStore {
         Ok(Self {
             path: path.to_owned(),
             db: Mutex::new(db),
+            valid: std::sync::RwLock::new(std::collections::HashMap::new()),
         })
     }
 
@@ -180,24 +188,40 @@ impl OperatorStore {
             return Ok(None);
         }
         let h = hash(token);
-        let row: Option<(String, String, String)> = self
+        let now = unix_now();
+        if let Some((op, expires_at)) = self.valid.read().unwrap_or_else(|p| p.into_inner()).get(&h)
+            && *expires_at > now
+        {
+            return Ok(Some(op.clone()));
+        }
+        let row: Option<(String, String, String, i64)> = self
             .lock()
             .query_row(
-                "SELECT id, name, role FROM tokens
+                "SELECT id, name, role, expires_at FROM tokens
                  WHERE hash = ?1 AND revoked_at IS NULL AND expires_at > ?2",
-                params![&h[..], unix_now() as i64],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                params![&h[..], now as i64],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()
             .map_err(|e| self.db_err(e))?;
-        Ok(row.and_then(|(id, name, role)| {
-            Some(Operator {
-                name,
-                role: role.parse().ok()?,
-                via: "token",
-                token_id: id,
-            })
-        }))
+        let Some((id, name, role, expires_at)) = row else {
+            return Ok(None);
+        };
+        let Ok(role) = role.parse() else {
+            return Ok(None);
+        };
+        let op = Operator {
+            name,
+            role,
+            via: "token",
+            token_id: id,
+        };
+        let mut valid = self.valid.write().unwrap_or_else(|p| p.into_inner());
+        if valid.len() >= MAX_CACHED {
+            valid.clear();
+        }
+        valid.insert(h, (op.clone(), expires_at as u64));
+        Ok(Some(op))
     }
 
     /// Every token, newest first.
@@ -229,6 +253,16 @@ impl OperatorStore {
     /// Whether token `id` is still valid (not revoked, not expired): a browser session
     /// opened with it lives only as long as it does.
     pub fn is_active(&self, id: &str) -> Result<bool, OperatorError> {
+        let now = unix_now();
+        if self
+            .valid
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|(op, exp)| op.token_id == id && *exp > now)
+        {
+            return Ok(true);
+        }
         self.lock()
             .query_row(
                 "SELECT 1 FROM tokens WHERE id = ?1 AND revoked_at IS NULL AND expires_at > ?2",
@@ -254,6 +288,10 @@ impl OperatorStore {
                 params![id, unix_now() as i64],
             )
             .map_err(|e| self.db_err(e))?;
+        self.valid
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|_, (op, _)| op.token_id != id);
         if changed == 0 {
             return Err(OperatorError::NotFound(id.to_owned()));
         }

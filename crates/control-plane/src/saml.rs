@@ -326,14 +326,8 @@ impl Saml {
             .flat_map(|a| a.values.iter())
             .filter_map(|v| v.value.clone())
             .collect();
-        let role = self
-            .settings
-            .role_map
-            .iter()
-            .filter(|(g, _)| groups.iter().any(|x| x == g))
-            .map(|(_, r)| *r)
-            .max()
-            .ok_or(SamlError::NoRole {
+        let role =
+            crate::roles::role_for(&groups, &self.settings.role_map).ok_or(SamlError::NoRole {
                 user: name.clone(),
                 groups,
             })?;

@@ -7,11 +7,9 @@ use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use clawos_api::code;
 use clawos_service::http::ErrorResponse;
 
-use crate::http::{App, AuditTarget, Shared, cookie_header};
-use crate::operators::Operator;
+use crate::http::{App, Shared, cookie_value, login_refusal, session_redirect};
 use crate::saml::{REQUEST_COOKIE, Saml, SamlError};
 
 type ApiResult = Result<Response, ErrorResponse>;
@@ -48,13 +46,7 @@ fn request_cookie(app: &App, value: &str, max_age: u64) -> Option<HeaderValue> {
 }
 
 fn error(e: &SamlError) -> ErrorResponse {
-    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::UNAUTHORIZED);
-    let c = match e.status() {
-        403 => code::FORBIDDEN,
-        502 => code::UNAVAILABLE,
-        _ => code::UNAUTHORIZED,
-    };
-    ErrorResponse::new(status, c, e.to_string())
+    login_refusal(e.status(), e.to_string())
 }
 
 pub(crate) async fn start(State(app): Shared) -> ApiResult {
@@ -87,12 +79,7 @@ pub(crate) async fn acs(
     let saml = saml_of(&app)?;
     let Form(form) = form.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
     let name = cookie_name(&app);
-    let request = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|h| crate::sessions::cookie(h, name))
-        .map(str::to_owned);
+    let request = cookie_value(&headers, name).map(str::to_owned);
     let clear = request_cookie(&app, "", 0);
     let with_clear = |mut resp: Response| {
         if let Some(v) = clear.clone() {
@@ -107,24 +94,7 @@ pub(crate) async fn acs(
             return Ok(with_clear(error(&e).into_response()));
         }
     };
-    let op = Operator {
-        name: user.name,
-        role: user.role,
-        via: "saml",
-        token_id: String::new(),
-    };
-    let new = app
-        .sessions
-        .create(op.clone())
-        .map_err(|e| ErrorResponse::internal(format!("no randomness: {e}")))?;
-    let mut resp = StatusCode::SEE_OTHER.into_response();
-    resp.headers_mut()
-        .insert(header::LOCATION, HeaderValue::from_static("/"));
-    if let Some(v) = cookie_header(&app, &new.id, crate::sessions::ABSOLUTE.as_secs()) {
-        resp.headers_mut().append(header::SET_COOKIE, v);
-    }
-    resp.extensions_mut().insert(AuditTarget(op.name.clone()));
-    resp.extensions_mut().insert(op);
+    let resp = session_redirect(&app, user.name, user.role, "saml")?;
     Ok(with_clear(resp))
 }
 
