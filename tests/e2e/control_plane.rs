@@ -341,6 +341,31 @@ fn operators_roles_bad_input_and_the_audit_trail_over_tls() -> Result<()> {
         "control-plane: a request beside a slowloris client answered in {others_served_in:?}; {slow_said}"
     ));
 
+    // A client that hangs up in the middle of its body leaves a record too (the
+    // request failed before anything was done).
+    let gone = Command::new("python3")
+        .arg("-c")
+        .arg(GONE_CLIENT)
+        .arg(cp.ca())
+        .arg(cp.port.to_string())
+        .arg(&operator)
+        .arg("POST /api/v1/vms")
+        .arg("100")
+        .output()?;
+    assert!(gone.status.success(), "{}", show(&gone));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !cp.audit().iter().any(|r| {
+        r["action"] == "vm.start"
+            && r["status"] == 400
+            && r["operator"] == "otto"
+            && r["target"].is_null()
+    }) {
+        if Instant::now() > deadline {
+            bail!("no record of the cut request: {:#?}", cp.audit().last());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     // Revocation takes effect at once.
     let revoked = cp.call(
         Some(&admin),
@@ -425,6 +450,25 @@ fn operators_roles_bad_input_and_the_audit_trail_over_tls() -> Result<()> {
 fn listed_answer(cp: &ControlPlane, admin: &str) -> clawos_e2e::stack::Answer {
     cp.call(Some(admin), "GET", "/api/v1/operators/tokens", None)
 }
+
+/// Sends a request (`METHOD PATH`) with the bearer token and, when a length is given,
+/// the start of a JSON body that long; then (after an optional pause, so the request
+/// is being served) hangs up without waiting for the answer.
+const GONE_CLIENT: &str = r#"
+import socket, ssl, sys, time
+ctx = ssl.create_default_context(cafile=sys.argv[1])
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", int(sys.argv[2]))), server_hostname="127.0.0.1")
+head = sys.argv[4] + " HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + sys.argv[3]
+length = int(sys.argv[5])
+if length:
+    head += "\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n{\"name\": " % length
+else:
+    head += "\r\n\r\n"
+s.sendall(head.encode())
+if len(sys.argv) > 6:
+    time.sleep(float(sys.argv[6]))
+s.close()
+"#;
 
 /// Opens a TLS connection and sends a request's headers one line a second; prints how
 /// long until the server closed it.
@@ -516,6 +560,41 @@ fn a_vm_started_stopped_and_watched_through_the_control_plane() -> Result<()> {
         .call(Some(&viewer), "GET", "/api/v1/vms/cp-agent", None)
         .json();
     assert_eq!(still["state"], "running", "a refused stop did nothing");
+    // The operator asks for a stop and hangs up at once: whether or not the request
+    // got as far as the launcher, the trail has a record of it (`aborted` when the
+    // control plane was still working on it), never nothing.
+    let gone = Command::new("python3")
+        .arg("-c")
+        .arg(GONE_CLIENT)
+        .arg(cp.ca())
+        .arg(cp.port.to_string())
+        .arg(&operator)
+        .arg("POST /api/v1/vms/cp-agent/stop")
+        .arg("0")
+        .arg("0.3")
+        .output()?;
+    assert!(gone.status.success(), "{}", show(&gone));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let hung_up = loop {
+        let found = cp.audit().into_iter().find(|r| {
+            r["action"] == "vm.stop" && r["operator"] == "otto" && r["result"] != "refused"
+        });
+        if let Some(r) = found {
+            break r;
+        }
+        if Instant::now() > deadline {
+            bail!("a hung-up stop left no record:\n{}", cp.log());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        matches!(hung_up["result"].as_str(), Some("aborted" | "ok")),
+        "{hung_up}"
+    );
+    clawos_e2e::measured(&format!(
+        "control-plane: a stop whose client hung up 0.3 s in was recorded as {} (status {})",
+        hung_up["result"], hung_up["status"]
+    ));
     let stopped = cp.call(Some(&operator), "POST", "/api/v1/vms/cp-agent/stop", None);
     assert_eq!(stopped.status, 200, "{}", stopped.body);
     assert_eq!(stopped.json()["state"], "stopped");
@@ -529,9 +608,16 @@ fn a_vm_started_stopped_and_watched_through_the_control_plane() -> Result<()> {
         .iter()
         .filter(|r| r["target"] == "cp-agent" && r["action"] != "vm.get")
         .map(|r| {
+            let result = r["result"].as_str().unwrap_or("");
+            // The hung-up stop is `aborted` or `ok` depending on how far it got.
+            let result = if r["request_id"] == hung_up["request_id"] {
+                "hung up"
+            } else {
+                result
+            };
             (
                 r["action"].as_str().unwrap_or("").to_owned(),
-                r["result"].as_str().unwrap_or("").to_owned(),
+                result.to_owned(),
             )
         })
         .collect();
@@ -539,6 +625,7 @@ fn a_vm_started_stopped_and_watched_through_the_control_plane() -> Result<()> {
         ("vm.start", "ok"),
         ("vm.console", "ok"),
         ("vm.stop", "refused"),
+        ("vm.stop", "hung up"),
         ("vm.stop", "ok"),
         ("vm.delete", "ok"),
     ]
@@ -903,6 +990,52 @@ fn the_cli_drives_a_remote_host_through_the_control_plane() -> Result<()> {
         show(&logs)
     );
 
+    // A long exec through the control plane ends soon after its operator's token is
+    // revoked (streams re-check their operator every 5 s).
+    let mut long = Command::new(clawos_e2e::bin("clawos"))
+        .args([
+            "--server",
+            &cp.url,
+            "vm",
+            "exec",
+            "far-agent",
+            "--",
+            "sleep",
+            "300",
+        ])
+        .env("HOME", &home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("CLAWOS_OPERATOR_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(long.try_wait()?.is_none(), "the exec is running");
+    let ops_id = cp
+        .audit()
+        .iter()
+        .find(|r| r["action"] == "operator.token.create" && r["result"] == "ok")
+        .and_then(|r| r["target"].as_str().map(str::to_owned))
+        .context("the token's id is in the audit trail")?;
+    let revoked = host_cli(&["operator", "token", "revoke", &ops_id]);
+    assert!(revoked.status.success(), "{}", show(&revoked));
+    let t = Instant::now();
+    let ended = loop {
+        if let Some(status) = long.try_wait()? {
+            break status;
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            let _ = long.kill();
+            bail!("the exec outlived its revoked token by 30 s:\n{}", cp.log());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    clawos_e2e::measured(&format!(
+        "control-plane: an exec stream ended {:?} after its token was revoked ({ended})",
+        t.elapsed()
+    ));
+
     // The viewer may look but not stop.
     std::fs::remove_file(&creds)?;
     let login = remote(
@@ -931,7 +1064,12 @@ fn the_cli_drives_a_remote_host_through_the_control_plane() -> Result<()> {
 
     let stopped = host_cli(&["operator", "whoami"]);
     assert!(stopped.status.success(), "{}", show(&stopped));
-    let vm = cp.call(Some(&op_token), "POST", "/api/v1/vms/far-agent/stop", None);
+    let vm = cp.call(
+        Some(&cp.admin_token()),
+        "POST",
+        "/api/v1/vms/far-agent/stop",
+        None,
+    );
     assert_eq!(vm.status, 200, "{}", vm.body);
     let audit = cp.audit();
     assert!(

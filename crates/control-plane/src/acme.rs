@@ -333,11 +333,16 @@ impl Acme {
     /// Keeps a valid certificate served for as long as the daemon runs.
     pub async fn run(self, mut current: Option<Validity>) {
         let mut failures: u32 = 0;
+        let mut retry_now = false;
         loop {
-            let wait = current
-                .map(|v| v.renew_at())
-                .and_then(|at| at.duration_since(SystemTime::now()).ok())
-                .unwrap_or_default();
+            let wait = if std::mem::take(&mut retry_now) {
+                Duration::ZERO
+            } else {
+                current
+                    .map(|v| v.renew_at())
+                    .and_then(|at| at.duration_since(SystemTime::now()).ok())
+                    .unwrap_or_default()
+            };
             if !wait.is_zero() {
                 tracing::info!(
                     renew_in_secs = wait.as_secs(),
@@ -370,11 +375,9 @@ impl Acme {
                         }
                     }
                     tokio::time::sleep(backoff).await;
-                    // Try again now, not at the next two-thirds mark.
-                    current = current.map(|v| Validity {
-                        not_before: v.not_before,
-                        not_after: v.not_before,
-                    });
+                    // Then straight to the next attempt (the loop's wait is for a
+                    // renewal not yet due), keeping the real validity for the log.
+                    retry_now = true;
                 }
             }
         }

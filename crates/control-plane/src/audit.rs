@@ -30,7 +30,9 @@ pub struct AuditRecord {
     /// What it was asked of (a VM name, a token id), when the route names one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
-    /// `ok` (2xx/3xx), `refused` (401, 403: not let through), `failed` (other 4xx/5xx).
+    /// `ok` (2xx/3xx), `refused` (401, 403: not let through), `failed` (other 4xx/5xx),
+    /// `aborted` (499: the client went away before the answer; the action may have
+    /// happened).
     pub result: String,
     pub status: u16,
     /// The peer's address.

@@ -33,6 +33,7 @@ use clawos_vm_launcher_api::{
     CONSOLE_OFFSET_HEADER, ClientError, ConsoleQuery, CreateSnapshot, LauncherClient, RestoreVm,
     StartVm, routes as vm,
 };
+use futures_util::FutureExt as _;
 
 use crate::audit::{AuditRecord, AuditTrail, timestamp};
 use crate::operators::{Operator, OperatorError, OperatorStore};
@@ -306,7 +307,7 @@ async fn gate(State(app): Shared, req: Request, next: Next) -> Response {
     let target = template
         .as_deref()
         .and_then(|t| first_param(t, req.uri().path()));
-    let mut rec = AuditRecord {
+    let rec = AuditRecord {
         ts: timestamp(),
         request_id: clawos_service::http::current_request_id(),
         operator: "-".into(),
@@ -319,23 +320,44 @@ async fn gate(State(app): Shared, req: Request, next: Next) -> Response {
         remote,
     };
     let page = endpoint.is_some_and(|e| e.action.starts_with("console."));
+    // Until the answer is ready, a record is pending: if this future is dropped (the
+    // client went away mid-request, after the action may have started), the guard
+    // writes it as `aborted` (status 499) on its way out.
+    let mut pending = PendingRecord {
+        app: Arc::clone(&app),
+        rec: Some(rec),
+    };
     let resp = match admit(&app, endpoint, template.is_some(), req).await {
         Ok((op, req)) => {
-            if let Some(op) = &op {
+            if let (Some(op), Some(rec)) = (&op, pending.rec.as_mut()) {
                 rec.operator = op.name.clone();
                 rec.role = Some(op.role.to_string());
                 rec.via = op.via.to_owned();
             }
-            next.run(req).await
+            // A panic in a handler is an answer (500) and a record like any other.
+            match std::panic::AssertUnwindSafe(next.run(req))
+                .catch_unwind()
+                .await
+            {
+                Ok(resp) => resp,
+                Err(_) => {
+                    tracing::error!("a handler panicked");
+                    ErrorResponse::internal("the request failed inside the control plane")
+                        .into_response()
+                }
+            }
         }
         Err((op, refusal)) => {
-            if let Some(op) = op {
+            if let (Some(op), Some(rec)) = (op, pending.rec.as_mut()) {
                 rec.operator = op.name;
                 rec.role = Some(op.role.to_string());
                 rec.via = op.via.to_owned();
             }
             refusal
         }
+    };
+    let Some(mut rec) = pending.rec.take() else {
+        return resp;
     };
     let mut resp = resp;
     if let Some(AuditTarget(t)) = resp.extensions_mut().remove::<AuditTarget>() {
@@ -352,6 +374,22 @@ async fn gate(State(app): Shared, req: Request, next: Next) -> Response {
     app.audit.record(&rec);
     secure_headers(&app, &mut resp, page);
     resp
+}
+
+/// The audit record of a request in progress; written as `aborted` if dropped unsent.
+struct PendingRecord {
+    app: Arc<App>,
+    rec: Option<AuditRecord>,
+}
+
+impl Drop for PendingRecord {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            rec.status = 499;
+            rec.result = "aborted".to_owned();
+            self.app.audit.record(&rec);
+        }
+    }
 }
 
 type Refused = (Option<Operator>, Response);
@@ -382,10 +420,15 @@ async fn admit(
     }
     let open = endpoint.is_some_and(|e| e.role.is_none());
     if open {
-        return Ok((None, req));
+        // Open routes (logins, the SAML ACS) get the same body limits: a slow or
+        // endless body costs a connection for 10 s, not for as long as it likes.
+        return match read_body(req).await {
+            Ok(req) => Ok((None, req)),
+            Err(resp) => Err((None, resp)),
+        };
     }
-    let op = match authenticate(app, &req) {
-        Ok(op) => op,
+    let (op, session) = match authenticate(app, &req) {
+        Ok(found) => found,
         Err(failure) => return Err((None, failure.into_response())),
     };
     let Some(endpoint) = endpoint else {
@@ -419,6 +462,9 @@ async fn admit(
     match read_body(req).await {
         Ok(mut req) => {
             req.extensions_mut().insert(op.clone());
+            if let Some(key) = session {
+                req.extensions_mut().insert(SessionKey(key));
+            }
             Ok((Some(op), req))
         }
         Err(resp) => Err((Some(op), resp)),
@@ -478,9 +524,33 @@ fn session_cookie<'a>(app: &App, headers: &'a axum::http::HeaderMap) -> Option<&
     cookie_value(headers, app.cookie)
 }
 
-fn authenticate(app: &App, req: &Request) -> Result<Operator, AuthFailure> {
+/// The session a request came with (the cookie's value), for handlers whose work
+/// outlives the request (streams) to check it is still alive.
+#[derive(Clone)]
+pub(crate) struct SessionKey(pub(crate) String);
+
+impl std::fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionKey(..)")
+    }
+}
+
+impl App {
+    /// Whether `op` may still act: its token not revoked or expired, its browser
+    /// session (if it came with one) not ended. Streams ask this while they run.
+    pub(crate) fn still_allowed(&self, op: &Operator, session: Option<&str>) -> bool {
+        if let Some(id) = session
+            && self.sessions.find(id).is_none()
+        {
+            return false;
+        }
+        op.token_id.is_empty() || self.operators.is_active(&op.token_id).unwrap_or(false)
+    }
+}
+
+fn authenticate(app: &App, req: &Request) -> Result<(Operator, Option<String>), AuthFailure> {
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-        return from_session(app, req);
+        return from_session(app, req).map(|(op, id)| (op, Some(id)));
     };
     let token = value
         .to_str()
@@ -489,7 +559,7 @@ fn authenticate(app: &App, req: &Request) -> Result<Operator, AuthFailure> {
         .map(str::trim)
         .unwrap_or("");
     match app.operators.authenticate(token) {
-        Ok(Some(op)) => Ok(op),
+        Ok(Some(op)) => Ok((op, None)),
         Ok(None) => Err(AuthFailure::Unauthorized(
             "operator credential refused: unknown, revoked or expired",
         )),
@@ -499,7 +569,7 @@ fn authenticate(app: &App, req: &Request) -> Result<Operator, AuthFailure> {
 
 /// The operator of the browser session the request's cookie names; for any method but
 /// GET/HEAD the session's CSRF token must come in `x-csrf-token` too.
-fn from_session(app: &App, req: &Request) -> Result<Operator, AuthFailure> {
+fn from_session(app: &App, req: &Request) -> Result<(Operator, String), AuthFailure> {
     let Some(id) = session_cookie(app, req.headers()) else {
         return Err(AuthFailure::Unauthorized(
             "no operator credential: send Authorization: Bearer <token> (`clawos operator token create`, or the local admin's control-plane/admin.token), or log in to the console",
@@ -541,7 +611,7 @@ fn from_session(app: &App, req: &Request) -> Result<Operator, AuthFailure> {
     if op.via == "token" {
         op.via = "session";
     }
-    Ok(op)
+    Ok((op, id.to_owned()))
 }
 
 /// Reads a request's body within [`BODY_TIMEOUT`] and [`MAX_BODY`], so a slow or

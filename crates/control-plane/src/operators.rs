@@ -194,8 +194,11 @@ impl OperatorStore {
         {
             return Ok(Some(op.clone()));
         }
-        let row: Option<(String, String, String, i64)> = self
-            .lock()
+        // The database lock is held until the cache is updated, and `revoke` clears the
+        // cache under the same lock: a lookup that read the row before a revocation
+        // cannot put the token back after it.
+        let db = self.lock();
+        let row: Option<(String, String, String, i64)> = db
             .query_row(
                 "SELECT id, name, role, expires_at FROM tokens
                  WHERE hash = ?1 AND revoked_at IS NULL AND expires_at > ?2",
@@ -221,6 +224,8 @@ impl OperatorStore {
             valid.clear();
         }
         valid.insert(h, (op.clone(), expires_at as u64));
+        drop(valid);
+        drop(db);
         Ok(Some(op))
     }
 
@@ -281,8 +286,8 @@ impl OperatorStore {
                 "token id {id:?}: 16 hex digits, as `operator token list` shows"
             )));
         }
-        let changed = self
-            .lock()
+        let db = self.lock();
+        let changed = db
             .execute(
                 "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
                 params![id, unix_now() as i64],
@@ -292,6 +297,7 @@ impl OperatorStore {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, (op, _)| op.token_id != id);
+        drop(db);
         if changed == 0 {
             return Err(OperatorError::NotFound(id.to_owned()));
         }

@@ -28,6 +28,8 @@ pub const COOKIE_PLAIN: &str = "clawos_session";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// Most sessions held at once; the oldest is dropped past it.
 const MAX_SESSIONS: usize = 10_000;
+/// Most sessions one operator holds at once.
+const MAX_PER_OPERATOR: usize = 32;
 
 #[derive(Debug, Clone)]
 struct Session {
@@ -77,6 +79,18 @@ impl Sessions {
         let now = Instant::now();
         let mut map = self.by_hash.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, s| alive(s, now));
+        // One operator holds at most MAX_PER_OPERATOR sessions: logging in again and
+        // again ends their own oldest, never someone else's.
+        let mine: Vec<([u8; 32], Instant)> = map
+            .iter()
+            .filter(|(_, s)| s.operator.name == operator.name && s.operator.via == operator.via)
+            .map(|(k, s)| (*k, s.created))
+            .collect();
+        if mine.len() >= MAX_PER_OPERATOR
+            && let Some((oldest, _)) = mine.iter().min_by_key(|(_, c)| *c)
+        {
+            map.remove(oldest);
+        }
         if map.len() >= MAX_SESSIONS
             && let Some(oldest) = map.iter().min_by_key(|(_, s)| s.created).map(|(k, _)| *k)
         {
@@ -175,6 +189,23 @@ mod tests {
         assert!(s.find(&a.id).is_none(), "logged out");
         s.end_for_token("t2");
         assert!(s.find(&b.id).is_none(), "its token was revoked");
+    }
+
+    #[test]
+    fn logging_in_again_and_again_ends_only_ones_own_oldest_session() {
+        let s = Sessions::default();
+        let other = s
+            .create(Operator {
+                name: "bob".into(),
+                ..op("t9")
+            })
+            .expect("random");
+        let first = s.create(op("t1")).expect("random");
+        for _ in 0..MAX_PER_OPERATOR {
+            s.create(op("t1")).expect("random");
+        }
+        assert!(s.find(&first.id).is_none(), "alice's oldest made room");
+        assert!(s.find(&other.id).is_some(), "bob's session is untouched");
     }
 
     #[test]

@@ -15,36 +15,74 @@ use clawos_vm_launcher_api::routes as vm;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::{self, Message as UpMessage};
 
-use crate::http::{Shared, label, upstream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Extension;
+
+use crate::http::{App, SessionKey, Shared, label, upstream};
+use crate::operators::Operator;
 
 type ApiResult = Result<Response, ErrorResponse>;
+
+/// A relayed stream ends when nothing crosses it for this long,
+pub const STREAM_IDLE: Duration = Duration::from_secs(600);
+/// or this long after it opened,
+pub const STREAM_MAX: Duration = Duration::from_secs(12 * 3600);
+/// and within this of its operator's token being revoked or session ended.
+pub const STREAM_RECHECK: Duration = Duration::from_secs(5);
+/// Longest an agent task's answer may stream through the control plane.
+pub const CHAT_MAX: Duration = Duration::from_secs(3600);
+
+/// Who opened a stream, to ask again while it runs.
+struct Holder {
+    app: Arc<App>,
+    op: Operator,
+    session: Option<String>,
+}
+
+fn holder(
+    app: &Arc<App>,
+    op: Option<Extension<Operator>>,
+    session: Option<Extension<SessionKey>>,
+) -> Result<Holder, ErrorResponse> {
+    let Extension(op) =
+        op.ok_or_else(|| ErrorResponse::internal("no authenticated operator on a stream"))?;
+    Ok(Holder {
+        app: Arc::clone(app),
+        op,
+        session: session.map(|Extension(SessionKey(k))| k),
+    })
+}
 
 pub(crate) async fn exec(
     State(app): Shared,
     Path(name): Path<String>,
+    op: Option<Extension<Operator>>,
+    session: Option<Extension<SessionKey>>,
     ws: WebSocketUpgrade,
 ) -> ApiResult {
-    relay(&app, vm::EXEC, &name, ws).await
+    let h = holder(&app, op, session)?;
+    relay(h, vm::EXEC, &name, ws).await
 }
 
 pub(crate) async fn gateway(
     State(app): Shared,
     Path(name): Path<String>,
+    op: Option<Extension<Operator>>,
+    session: Option<Extension<SessionKey>>,
     ws: WebSocketUpgrade,
 ) -> ApiResult {
-    relay(&app, vm::GATEWAY, &name, ws).await
+    let h = holder(&app, op, session)?;
+    relay(h, vm::GATEWAY, &name, ws).await
 }
 
 /// Opens the launcher's WebSocket first, so a refusal there (no such VM, not running)
 /// is answered as the launcher's error instead of an upgrade that closes at once.
-async fn relay(
-    app: &crate::http::App,
-    route: Route,
-    name: &str,
-    ws: WebSocketUpgrade,
-) -> ApiResult {
+async fn relay(h: Holder, route: Route, name: &str, ws: WebSocketUpgrade) -> ApiResult {
     label("VM", name)?;
-    let up = match app.launcher.ws_connect(route, name).await {
+    let up = match h.app.launcher.ws_connect(route, name).await {
         Ok(up) => up,
         Err(tungstenite::Error::Http(resp)) => {
             let status = resp.status().as_u16();
@@ -63,15 +101,44 @@ async fn relay(
             ));
         }
     };
-    Ok(ws.on_upgrade(move |client| pump(client, up)))
+    Ok(ws.on_upgrade(move |client| pump(client, up, h)))
 }
 
 /// Copies frames both ways until either side closes.
-async fn pump(client: WebSocket, up: clawos_vm_launcher_api::WebSocket) {
+async fn pump(client: WebSocket, up: clawos_vm_launcher_api::WebSocket, h: Holder) {
     let (mut client_tx, mut client_rx) = client.split();
     let (mut up_tx, mut up_rx) = up.split();
+    let opened = Instant::now();
+    let last = AtomicU64::new(0);
+    let touch = || last.store(opened.elapsed().as_secs(), Ordering::Relaxed);
+    let watchdog = async {
+        let mut tick = tokio::time::interval(STREAM_RECHECK);
+        loop {
+            tick.tick().await;
+            let idle = opened
+                .elapsed()
+                .as_secs()
+                .saturating_sub(last.load(Ordering::Relaxed));
+            let why = if !h.app.still_allowed(&h.op, h.session.as_deref()) {
+                "its operator's credential was revoked or the session ended"
+            } else if idle >= STREAM_IDLE.as_secs() {
+                "idle"
+            } else if opened.elapsed() >= STREAM_MAX {
+                "open for the longest a stream may be"
+            } else {
+                continue;
+            };
+            tracing::info!(
+                operator = h.op.name,
+                reason = why,
+                "closing a relayed stream"
+            );
+            return;
+        }
+    };
     let to_launcher = async {
         while let Some(Ok(m)) = client_rx.next().await {
+            touch();
             let (m, last) = match m {
                 ClientMessage::Text(t) => (UpMessage::Text(t.as_str().into()), false),
                 ClientMessage::Binary(b) => (UpMessage::Binary(b), false),
@@ -87,6 +154,7 @@ async fn pump(client: WebSocket, up: clawos_vm_launcher_api::WebSocket) {
     };
     let to_client = async {
         while let Some(Ok(m)) = up_rx.next().await {
+            touch();
             let (m, last) = match m {
                 UpMessage::Text(t) => (ClientMessage::Text(t.as_str().into()), false),
                 UpMessage::Binary(b) => (ClientMessage::Binary(b), false),
@@ -106,6 +174,7 @@ async fn pump(client: WebSocket, up: clawos_vm_launcher_api::WebSocket) {
     tokio::select! {
         () = to_launcher => {}
         () = to_client => {}
+        () = watchdog => {}
     }
 }
 
@@ -133,7 +202,9 @@ pub(crate) async fn agent_chat(
             out = out.header(HeaderName::from_static(h), v.as_bytes());
         }
     }
-    out.body(Body::from_stream(resp.bytes_stream()))
+    // A task's answer streams for at most CHAT_MAX, then the stream ends.
+    let body = resp.bytes_stream().take_until(tokio::time::sleep(CHAT_MAX));
+    out.body(Body::from_stream(body))
         .map_err(|e| ErrorResponse::internal(format!("agent answer: {e}")))
 }
 
