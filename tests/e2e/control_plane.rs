@@ -28,6 +28,16 @@ fn token(cp: &ControlPlane, admin: &str, name: &str, role: &str) -> (String, Str
     )
 }
 
+/// `python3 -c script CA PORT …`: a TLS client of the control plane written in Python.
+fn tls_script(script: &str, cp: &ControlPlane) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg("-c")
+        .arg(script)
+        .arg(cp.ca())
+        .arg(cp.port.to_string());
+    cmd
+}
+
 /// The audit record of the request with this id.
 fn record(cp: &ControlPlane, request_id: &str) -> Value {
     cp.audit()
@@ -315,11 +325,7 @@ fn operators_roles_bad_input_and_the_audit_trail_over_tls() -> Result<()> {
 
     // A slow client holds only its own connection: headers dribbled one line a second
     // are cut off, and others are served meanwhile.
-    let slow = Command::new("python3")
-        .arg("-c")
-        .arg(SLOW_CLIENT)
-        .arg(cp.ca())
-        .arg(cp.port.to_string())
+    let slow = tls_script(SLOW_CLIENT, &cp)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
@@ -343,11 +349,7 @@ fn operators_roles_bad_input_and_the_audit_trail_over_tls() -> Result<()> {
 
     // A client that hangs up in the middle of its body leaves a record too (the
     // request failed before anything was done).
-    let gone = Command::new("python3")
-        .arg("-c")
-        .arg(GONE_CLIENT)
-        .arg(cp.ca())
-        .arg(cp.port.to_string())
+    let gone = tls_script(GONE_CLIENT, &cp)
         .arg(&operator)
         .arg("POST /api/v1/vms")
         .arg("100")
@@ -563,11 +565,7 @@ fn a_vm_started_stopped_and_watched_through_the_control_plane() -> Result<()> {
     // The operator asks for a stop and hangs up at once: whether or not the request
     // got as far as the launcher, the trail has a record of it (`aborted` when the
     // control plane was still working on it), never nothing.
-    let gone = Command::new("python3")
-        .arg("-c")
-        .arg(GONE_CLIENT)
-        .arg(cp.ca())
-        .arg(cp.port.to_string())
+    let gone = tls_script(GONE_CLIENT, &cp)
         .arg(&operator)
         .arg("POST /api/v1/vms/cp-agent/stop")
         .arg("0")

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clawos_e2e::stack::ControlPlane;
+use clawos_e2e::stack::{ControlPlane, assert_logged_in};
 use clawos_e2e::tls::openssl_cert;
 use clawos_e2e::{KillOnDrop, port, show};
 use serde_json::{Value, json};
@@ -213,18 +213,7 @@ fn saml_login_maps_groups_to_roles_and_refuses_forged_responses() -> Result<()> 
     ] {
         let t = Instant::now();
         let r = login(&cp, &idp, user, pw, &[])?;
-        assert_eq!(r["acs_status"], 303, "{user}: {r}");
-        assert_eq!(r["then_status"], 200, "{user}'s session: {r}");
-        let me: Value = serde_json::from_str(r["then_body"].as_str().unwrap_or("{}"))?;
-        assert_eq!(
-            (
-                me["operator"].as_str(),
-                me["role"].as_str(),
-                me["via"].as_str()
-            ),
-            (Some(user), Some(role), Some("saml")),
-            "{me}"
-        );
+        assert_logged_in(&r, "acs", user, role, "saml");
         if user == "alice" {
             clawos_e2e::measured(&format!(
                 "control-plane SAML: a whole browser login (AuthnRequest, IdP form, signed Response checked) {:?}",

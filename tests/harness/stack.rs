@@ -607,3 +607,23 @@ impl ControlPlane {
         self.curl_with(token, &extra, path)
     }
 }
+
+/// Checks a browser login through an identity provider as the tests' login drivers
+/// report it (JSON with `<step>_status` and a `then` request to `/api/v1/whoami`): the
+/// provider's answer to `step` redirected with a session, and the session is `user`
+/// with `role`, authenticated `via`.
+pub fn assert_logged_in(r: &Value, step: &str, user: &str, role: &str, via: &str) {
+    assert_eq!(r[format!("{step}_status")], 303, "{user}: {r}");
+    assert_eq!(r["then_status"], 200, "{user}'s session: {r}");
+    let me: Value = serde_json::from_str(r["then_body"].as_str().unwrap_or("{}"))
+        .unwrap_or_else(|e| panic!("whoami answer ({e}): {r}"));
+    assert_eq!(
+        (
+            me["operator"].as_str(),
+            me["role"].as_str(),
+            me["via"].as_str()
+        ),
+        (Some(user), Some(role), Some(via)),
+        "{me}"
+    );
+}
