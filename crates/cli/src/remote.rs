@@ -72,14 +72,8 @@ fn load() -> Result<Credentials, Exit> {
 
 fn save(c: &Credentials) -> Result<(), Exit> {
     let dir = config_dir();
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| Exit(1, anyhow!("{}: {e}", dir.display())))?;
-    }
+    clawos_service::create_private_dir(&dir)
+        .map_err(|e| Exit(1, anyhow!("{}: {e}", dir.display())))?;
     let path = credentials_path();
     let bytes = serde_json::to_vec_pretty(c).map_err(|e| Exit(1, e.into()))?;
     clawos_service::atomic_write(&path, &bytes, 0o600)

@@ -19,25 +19,23 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::MethodFilter;
 use clawos_api::{RouteMethod, code};
-use clawos_control_plane_api::{CreateToken, Login, PREFIX, Role, SessionInfo, WhoAmI, routes};
+use clawos_control_plane_api::{PREFIX, Role, routes};
 use clawos_service::guard::Guard;
 use clawos_service::http::ErrorResponse;
-use clawos_vm_launcher_api::{
-    CONSOLE_OFFSET_HEADER, ClientError, ConsoleQuery, CreateSnapshot, LauncherClient, RestoreVm,
-    StartVm, routes as vm,
-};
+use clawos_vm_launcher_api::{ClientError, LauncherClient, routes as vm};
 use futures_util::FutureExt as _;
 
 use crate::audit::{AuditRecord, AuditTrail, timestamp};
 use crate::operators::{Operator, OperatorError, OperatorStore};
 use crate::upstreams as up;
+use crate::{operator_routes, vm_routes};
 
 /// Largest request body (JSON): 1 MiB.
 pub const MAX_BODY: usize = 1 << 20;
@@ -227,21 +225,21 @@ pub fn router(app: Arc<App>) -> Router {
         let h = match e.action {
             "health" => axum::routing::on(filter, health),
             "openapi" => axum::routing::on(filter, openapi),
-            "whoami" => axum::routing::on(filter, whoami),
-            "console.page" => axum::routing::on(filter, console_page),
-            "console.script" => axum::routing::on(filter, console_script),
-            "console.style" => axum::routing::on(filter, console_style),
-            "session.create" => axum::routing::on(filter, login),
-            "session.oidc.start" => axum::routing::on(filter, oidc_start),
-            "session.oidc" => axum::routing::on(filter, oidc_callback),
+            "whoami" => axum::routing::on(filter, operator_routes::whoami),
+            "console.page" => axum::routing::on(filter, operator_routes::console_page),
+            "console.script" => axum::routing::on(filter, operator_routes::console_script),
+            "console.style" => axum::routing::on(filter, operator_routes::console_style),
+            "session.create" => axum::routing::on(filter, operator_routes::login),
+            "session.oidc.start" => axum::routing::on(filter, operator_routes::oidc_start),
+            "session.oidc" => axum::routing::on(filter, operator_routes::oidc_callback),
             "session.saml.start" => axum::routing::on(filter, crate::saml_routes::start),
             "session.saml" => axum::routing::on(filter, crate::saml_routes::acs),
             "saml.metadata" => axum::routing::on(filter, crate::saml_routes::metadata),
-            "session.get" => axum::routing::on(filter, session_get),
-            "session.delete" => axum::routing::on(filter, logout),
-            "operator.token.create" => axum::routing::on(filter, create_token),
-            "operator.token.list" => axum::routing::on(filter, list_tokens),
-            "operator.token.revoke" => axum::routing::on(filter, revoke_token),
+            "session.get" => axum::routing::on(filter, operator_routes::session_get),
+            "session.delete" => axum::routing::on(filter, operator_routes::logout),
+            "operator.token.create" => axum::routing::on(filter, operator_routes::create_token),
+            "operator.token.list" => axum::routing::on(filter, operator_routes::list_tokens),
+            "operator.token.revoke" => axum::routing::on(filter, operator_routes::revoke_token),
             "operator.audit" => axum::routing::on(filter, up::operator_audit),
             "usage.get" => axum::routing::on(filter, up::usage),
             "audit.events" => axum::routing::on(filter, up::audit_events),
@@ -254,18 +252,18 @@ pub fn router(app: Arc<App>) -> Router {
             "vm.gateway" => axum::routing::on(filter, crate::vm_streams::gateway),
             "vm.agent.chat" => axum::routing::on(filter, crate::vm_streams::agent_chat),
             "vm.agent.sessions" => axum::routing::on(filter, crate::vm_streams::agent_sessions),
-            "vm.list" => axum::routing::on(filter, vm_list),
-            "vm.start" => axum::routing::on(filter, vm_start),
-            "vm.get" => axum::routing::on(filter, vm_get),
-            "vm.stop" => axum::routing::on(filter, vm_stop),
-            "vm.delete" => axum::routing::on(filter, vm_delete),
-            "vm.console" => axum::routing::on(filter, vm_console),
-            "vm.pause" => axum::routing::on(filter, vm_pause),
-            "vm.resume" => axum::routing::on(filter, vm_resume),
-            "vm.snapshot.list" => axum::routing::on(filter, snapshot_list),
-            "vm.snapshot.create" => axum::routing::on(filter, snapshot_create),
-            "vm.snapshot.delete" => axum::routing::on(filter, snapshot_delete),
-            "vm.restore" => axum::routing::on(filter, vm_restore),
+            "vm.list" => axum::routing::on(filter, vm_routes::vm_list),
+            "vm.start" => axum::routing::on(filter, vm_routes::vm_start),
+            "vm.get" => axum::routing::on(filter, vm_routes::vm_get),
+            "vm.stop" => axum::routing::on(filter, vm_routes::vm_stop),
+            "vm.delete" => axum::routing::on(filter, vm_routes::vm_delete),
+            "vm.console" => axum::routing::on(filter, vm_routes::vm_console),
+            "vm.pause" => axum::routing::on(filter, vm_routes::vm_pause),
+            "vm.resume" => axum::routing::on(filter, vm_routes::vm_resume),
+            "vm.snapshot.list" => axum::routing::on(filter, vm_routes::snapshot_list),
+            "vm.snapshot.create" => axum::routing::on(filter, vm_routes::snapshot_create),
+            "vm.snapshot.delete" => axum::routing::on(filter, vm_routes::snapshot_delete),
+            "vm.restore" => axum::routing::on(filter, vm_routes::vm_restore),
             other => {
                 // An endpoint without a handler is a programming error every test
                 // catches; serve it as 501 rather than panic at start.
@@ -520,8 +518,8 @@ fn same_origin(h: &axum::http::HeaderMap) -> bool {
 }
 
 /// The session cookie's value in `headers`, if there is one.
-fn session_cookie<'a>(app: &App, headers: &'a axum::http::HeaderMap) -> Option<&'a str> {
-    cookie_value(headers, app.cookie)
+pub(crate) fn session_cookie<'a>(app: &App, headers: &'a axum::http::HeaderMap) -> Option<&'a str> {
+    crate::sessions::cookie_in(headers, app.cookie)
 }
 
 /// The session a request came with (the cookie's value), for handlers whose work
@@ -784,12 +782,12 @@ pub(crate) fn label(kind: &str, name: &str) -> Result<(), ErrorResponse> {
     }
 }
 
-fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ErrorResponse> {
+pub(crate) fn body<T>(b: Result<Json<T>, JsonRejection>) -> Result<T, ErrorResponse> {
     b.map(|Json(t)| t)
         .map_err(|e| ErrorResponse::invalid(e.body_text()))
 }
 
-type ApiResult<T> = Result<T, ErrorResponse>;
+pub(crate) type ApiResult<T> = Result<T, ErrorResponse>;
 
 async fn health() -> &'static str {
     "ok\n"
@@ -810,378 +808,6 @@ async fn not_implemented() -> ErrorResponse {
         code::INTERNAL,
         "not implemented",
     )
-}
-
-fn operator(req_op: Option<axum::Extension<Operator>>) -> ApiResult<Operator> {
-    req_op
-        .map(|axum::Extension(op)| op)
-        .ok_or_else(|| ErrorResponse::internal("no authenticated operator on an authorized route"))
-}
-
-async fn whoami(op: Option<axum::Extension<Operator>>) -> ApiResult<Json<WhoAmI>> {
-    let op = operator(op)?;
-    Ok(Json(WhoAmI {
-        operator: op.name,
-        role: op.role,
-        via: op.via.to_owned(),
-    }))
-}
-
-async fn create_token(
-    State(app): Shared,
-    op: Option<axum::Extension<Operator>>,
-    b: Result<Json<CreateToken>, JsonRejection>,
-) -> ApiResult<Response> {
-    let op = operator(op)?;
-    let req = body(b)?;
-    let created = app.operators.create(&req, &op.name)?;
-    let id = created.info.id.clone();
-    let mut resp = (StatusCode::CREATED, Json(created)).into_response();
-    resp.extensions_mut().insert(AuditTarget(id));
-    Ok(resp)
-}
-
-async fn list_tokens(State(app): Shared) -> ApiResult<Response> {
-    Ok(Json(app.operators.list()?).into_response())
-}
-
-async fn revoke_token(State(app): Shared, Path(id): Path<String>) -> ApiResult<StatusCode> {
-    app.operators.revoke(&id)?;
-    app.sessions.end_for_token(&id);
-    Ok(StatusCode::NO_CONTENT)
-}
-
-const CONSOLE_HTML: &str = include_str!("../console/index.html");
-const CONSOLE_JS: &str = include_str!("../console/app.js");
-const CONSOLE_CSS: &str = include_str!("../console/style.css");
-
-fn page(content_type: &'static str, body: &'static str) -> Response {
-    let mut resp = body.into_response();
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    resp
-}
-
-async fn console_page() -> Response {
-    page("text/html; charset=utf-8", CONSOLE_HTML)
-}
-
-async fn console_script() -> Response {
-    page("text/javascript; charset=utf-8", CONSOLE_JS)
-}
-
-async fn console_style() -> Response {
-    page("text/css; charset=utf-8", CONSOLE_CSS)
-}
-
-fn session_info(op: &Operator, csrf: String) -> SessionInfo {
-    SessionInfo {
-        operator: op.name.clone(),
-        role: op.role,
-        via: op.via.to_owned(),
-        csrf_token: csrf,
-        idle_timeout_secs: crate::sessions::IDLE.as_secs(),
-    }
-}
-
-pub(crate) fn cookie_header(app: &App, value: &str, max_age: u64) -> Option<HeaderValue> {
-    let secure = if app.tls { "; Secure" } else { "" };
-    HeaderValue::from_str(&format!(
-        "{}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}",
-        app.cookie
-    ))
-    .ok()
-}
-
-async fn login(State(app): Shared, b: Result<Json<Login>, JsonRejection>) -> ApiResult<Response> {
-    let req = body(b)?;
-    let Some(op) = app.operators.authenticate(req.token.trim())? else {
-        return Err(ErrorResponse::unauthorized(
-            "operator credential refused: unknown, revoked or expired",
-        ));
-    };
-    let new = app
-        .sessions
-        .create(op.clone())
-        .map_err(|e| ErrorResponse::internal(format!("no randomness: {e}")))?;
-    let mut resp = (StatusCode::CREATED, Json(session_info(&op, new.csrf))).into_response();
-    if let Some(v) = cookie_header(&app, &new.id, crate::sessions::ABSOLUTE.as_secs()) {
-        resp.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    resp.extensions_mut().insert(AuditTarget(op.name.clone()));
-    resp.extensions_mut().insert(op);
-    Ok(resp)
-}
-
-/// The OIDC login state cookie: `SameSite=Lax` (the provider's redirect back is a
-/// cross-site navigation), `__Host-`, ten minutes.
-fn state_cookie(app: &App, value: &str, max_age: u64) -> Option<HeaderValue> {
-    let secure = if app.tls { "; Secure" } else { "" };
-    let name = if app.tls {
-        crate::oidc::STATE_COOKIE
-    } else {
-        "clawos_oidc"
-    };
-    HeaderValue::from_str(&format!(
-        "{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}"
-    ))
-    .ok()
-}
-
-fn oidc_of(app: &App) -> ApiResult<&Arc<crate::oidc::Oidc>> {
-    app.oidc.as_ref().ok_or_else(|| {
-        ErrorResponse::not_found(
-            "OIDC login is not configured on this control plane (--oidc-issuer)",
-        )
-    })
-}
-
-fn oidc_error(e: &crate::oidc::OidcError) -> ErrorResponse {
-    login_refusal(e.status(), e.to_string())
-}
-
-async fn oidc_start(State(app): Shared) -> ApiResult<Response> {
-    let oidc = oidc_of(&app)?;
-    let (url, state) = oidc.start().await.map_err(|e| oidc_error(&e))?;
-    let mut resp = StatusCode::SEE_OTHER.into_response();
-    let h = resp.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&url) {
-        h.insert(header::LOCATION, v);
-    }
-    if let Some(v) = state_cookie(&app, &state, crate::oidc::LOGIN_TTL.as_secs()) {
-        h.insert(header::SET_COOKIE, v);
-    }
-    Ok(resp)
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct Callback {
-    code: Option<String>,
-    state: Option<String>,
-    error: Option<String>,
-    error_description: Option<String>,
-}
-
-async fn oidc_callback(
-    State(app): Shared,
-    headers: axum::http::HeaderMap,
-    q: Result<Query<Callback>, QueryRejection>,
-) -> ApiResult<Response> {
-    let oidc = oidc_of(&app)?;
-    let Query(q) = q.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
-    let clear = state_cookie(&app, "", 0);
-    let with_clear = |mut resp: Response| {
-        if let Some(v) = clear.clone() {
-            resp.headers_mut().append(header::SET_COOKIE, v);
-        }
-        resp
-    };
-    if let Some(err) = q.error {
-        let e = crate::oidc::OidcError::Provider(format!(
-            "{err}: {}",
-            q.error_description.unwrap_or_default()
-        ));
-        return Ok(with_clear(oidc_error(&e).into_response()));
-    }
-    let (Some(code), Some(state)) = (q.code, q.state) else {
-        return Err(ErrorResponse::invalid("the callback needs code and state"));
-    };
-    let cookie_name = if app.tls {
-        crate::oidc::STATE_COOKIE
-    } else {
-        "clawos_oidc"
-    };
-    let cookie_state = cookie_value(&headers, cookie_name);
-    let user = match oidc.finish(&code, &state, cookie_state).await {
-        Ok(u) => u,
-        Err(e) => {
-            tracing::warn!(error = %e, "OIDC login refused");
-            return Ok(with_clear(oidc_error(&e).into_response()));
-        }
-    };
-    let resp = session_redirect(&app, user.name, user.role, "oidc")?;
-    Ok(with_clear(resp))
-}
-
-/// A browser login that an identity provider vouched for: a new session for `name`
-/// with `role`, its cookie, and a redirect to the console; the audit record names them.
-pub(crate) fn session_redirect(
-    app: &App,
-    name: String,
-    role: Role,
-    via: &'static str,
-) -> ApiResult<Response> {
-    let op = Operator {
-        name,
-        role,
-        via,
-        token_id: String::new(),
-    };
-    let new = app
-        .sessions
-        .create(op.clone())
-        .map_err(|e| ErrorResponse::internal(format!("no randomness: {e}")))?;
-    let mut resp = StatusCode::SEE_OTHER.into_response();
-    resp.headers_mut()
-        .insert(header::LOCATION, HeaderValue::from_static("/"));
-    if let Some(v) = cookie_header(app, &new.id, crate::sessions::ABSOLUTE.as_secs()) {
-        resp.headers_mut().append(header::SET_COOKIE, v);
-    }
-    resp.extensions_mut().insert(AuditTarget(op.name.clone()));
-    resp.extensions_mut().insert(op);
-    Ok(resp)
-}
-
-/// A refused browser login as its answer: 403 (no role), 502 (the provider cannot be
-/// used) or 401.
-pub(crate) fn login_refusal(status: u16, message: String) -> ErrorResponse {
-    let (status, code) = match status {
-        403 => (StatusCode::FORBIDDEN, code::FORBIDDEN),
-        502 => (StatusCode::BAD_GATEWAY, code::UNAVAILABLE),
-        _ => (StatusCode::UNAUTHORIZED, code::UNAUTHORIZED),
-    };
-    ErrorResponse::new(status, code, message)
-}
-
-/// The value of cookie `name` in the request's `Cookie` headers.
-pub(crate) fn cookie_value<'a>(headers: &'a axum::http::HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|h| crate::sessions::cookie(h, name))
-}
-
-async fn session_get(
-    State(app): Shared,
-    op: Option<axum::Extension<Operator>>,
-    headers: axum::http::HeaderMap,
-) -> ApiResult<Json<SessionInfo>> {
-    let op = operator(op)?;
-    let id = session_cookie(&app, &headers).ok_or_else(|| {
-        ErrorResponse::invalid("no browser session: this request used a bearer token")
-    })?;
-    let found = app
-        .sessions
-        .find(id)
-        .ok_or_else(|| ErrorResponse::unauthorized("session expired"))?;
-    Ok(Json(session_info(&op, found.csrf)))
-}
-
-async fn logout(State(app): Shared, headers: axum::http::HeaderMap) -> Response {
-    if let Some(id) = session_cookie(&app, &headers) {
-        app.sessions.end(id);
-    }
-    let mut resp = StatusCode::NO_CONTENT.into_response();
-    if let Some(v) = cookie_header(&app, "", 0) {
-        resp.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    resp
-}
-
-async fn vm_list(State(app): Shared) -> ApiResult<Response> {
-    Ok(Json(app.launcher.list().await.map_err(upstream)?).into_response())
-}
-
-async fn vm_start(
-    State(app): Shared,
-    b: Result<Json<StartVm>, JsonRejection>,
-) -> ApiResult<Response> {
-    let req = body(b)?;
-    label("VM", &req.name)?;
-    let name = req.name.clone();
-    let vm = app.launcher.start(&req).await.map_err(upstream)?;
-    let mut resp = (StatusCode::ACCEPTED, Json(vm)).into_response();
-    resp.extensions_mut().insert(AuditTarget(name));
-    Ok(resp)
-}
-
-async fn vm_get(State(app): Shared, Path(name): Path<String>) -> ApiResult<Response> {
-    label("VM", &name)?;
-    Ok(Json(app.launcher.get(&name).await.map_err(upstream)?).into_response())
-}
-
-async fn vm_stop(State(app): Shared, Path(name): Path<String>) -> ApiResult<Response> {
-    label("VM", &name)?;
-    Ok(Json(app.launcher.stop(&name).await.map_err(upstream)?).into_response())
-}
-
-async fn vm_delete(State(app): Shared, Path(name): Path<String>) -> ApiResult<StatusCode> {
-    label("VM", &name)?;
-    app.launcher.delete(&name).await.map_err(upstream)?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn vm_console(
-    State(app): Shared,
-    Path(name): Path<String>,
-    q: Result<Query<ConsoleQuery>, QueryRejection>,
-) -> ApiResult<Response> {
-    label("VM", &name)?;
-    let Query(q) = q.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
-    let (bytes, next) = app
-        .launcher
-        .console(&name, q.offset)
-        .await
-        .map_err(upstream)?;
-    let mut resp = bytes.into_response();
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp.headers_mut()
-        .insert(CONSOLE_OFFSET_HEADER, HeaderValue::from(next));
-    Ok(resp)
-}
-
-async fn vm_pause(State(app): Shared, Path(name): Path<String>) -> ApiResult<Response> {
-    label("VM", &name)?;
-    Ok(Json(app.launcher.pause(&name).await.map_err(upstream)?).into_response())
-}
-
-async fn vm_resume(State(app): Shared, Path(name): Path<String>) -> ApiResult<Response> {
-    label("VM", &name)?;
-    Ok(Json(app.launcher.resume(&name).await.map_err(upstream)?).into_response())
-}
-
-async fn snapshot_list(State(app): Shared, Path(name): Path<String>) -> ApiResult<Response> {
-    label("VM", &name)?;
-    Ok(Json(app.launcher.snapshots(&name).await.map_err(upstream)?).into_response())
-}
-
-async fn snapshot_create(
-    State(app): Shared,
-    Path(name): Path<String>,
-    b: Result<Json<CreateSnapshot>, JsonRejection>,
-) -> ApiResult<Response> {
-    label("VM", &name)?;
-    let req = body(b)?;
-    let snap = app.launcher.snapshot(&name, &req).await.map_err(upstream)?;
-    Ok((StatusCode::CREATED, Json(snap)).into_response())
-}
-
-async fn snapshot_delete(
-    State(app): Shared,
-    Path((name, tag)): Path<(String, String)>,
-) -> ApiResult<StatusCode> {
-    label("VM", &name)?;
-    label("snapshot", &tag)?;
-    app.launcher
-        .delete_snapshot(&name, &tag)
-        .await
-        .map_err(upstream)?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-async fn vm_restore(
-    State(app): Shared,
-    Path(name): Path<String>,
-    b: Result<Json<RestoreVm>, JsonRejection>,
-) -> ApiResult<Response> {
-    label("VM", &name)?;
-    let req = body(b)?;
-    let vm = app.launcher.restore(&name, &req).await.map_err(upstream)?;
-    Ok((StatusCode::ACCEPTED, Json(vm)).into_response())
 }
 
 #[cfg(test)]

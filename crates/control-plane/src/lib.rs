@@ -13,6 +13,7 @@ pub mod audit;
 pub mod http;
 pub mod oidc;
 pub mod openapi;
+pub mod operator_routes;
 pub mod operators;
 pub mod roles;
 pub mod saml;
@@ -21,6 +22,7 @@ pub mod server;
 pub mod sessions;
 pub mod tls;
 pub mod upstreams;
+pub mod vm_routes;
 pub mod vm_streams;
 
 use std::net::SocketAddr;
@@ -262,14 +264,7 @@ pub async fn run(
     let _ = rustls::crypto::ring::default_provider().install_default();
     let dir = cfg.dir();
     let io = |path: PathBuf| move |source| ControlPlaneError::Io { path, source };
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io(dir.clone()))?;
-    }
+    clawos_service::create_private_dir(&dir).map_err(io(dir.clone()))?;
     let operators = operators::OperatorStore::open(&dir.join("operators.db"))?;
     operators.ensure_bootstrap(&clawos_control_plane_api::token_path(&cfg.state_dir))?;
     let audit_path = dir.join("audit.jsonl");

@@ -9,7 +9,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use clawos_service::http::ErrorResponse;
 
-use crate::http::{App, Shared, cookie_value, login_refusal, session_redirect};
+use crate::http::{App, Shared};
+use crate::operator_routes::{login_refusal, session_redirect};
 use crate::saml::{REQUEST_COOKIE, Saml, SamlError};
 
 type ApiResult = Result<Response, ErrorResponse>;
@@ -79,7 +80,7 @@ pub(crate) async fn acs(
     let saml = saml_of(&app)?;
     let Form(form) = form.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
     let name = cookie_name(&app);
-    let request = cookie_value(&headers, name).map(str::to_owned);
+    let request = crate::sessions::cookie_in(&headers, name).map(str::to_owned);
     let clear = request_cookie(&app, "", 0);
     let with_clear = |mut resp: Response| {
         if let Some(v) = clear.clone() {

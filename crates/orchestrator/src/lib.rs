@@ -92,17 +92,10 @@ pub async fn run(
 ) -> Result<(), OrchestratorError> {
     cfg.validate()?;
     let dir = cfg.dir();
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|source| OrchestratorError::Io {
-                path: dir.clone(),
-                source,
-            })?;
-    }
+    clawos_service::create_private_dir(&dir).map_err(|source| OrchestratorError::Io {
+        path: dir.clone(),
+        source,
+    })?;
     let token =
         clawos_service::operator_token(&clawos_orchestrator_api::token_path(&cfg.state_dir))
             .map_err(OrchestratorError::Config)?;

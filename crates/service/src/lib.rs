@@ -95,6 +95,16 @@ pub fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Makes `path` and its missing parents, the last one 0700 (less the umask): a daemon's
+/// own directory under the state directory.
+pub fn create_private_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
 /// Replaces `path` with `bytes` so that readers, and the disk after a crash, see the
 /// old content or the new, never a mix: a new temporary file in the same directory
 /// (created with `mode`, less the umask), written and fsynced, renamed over `path`,

@@ -1,0 +1,282 @@
+//! Who the caller is and how operators get in: whoami, operator tokens, the console's
+//! pages, browser sessions (login with a token, current, logout) and the OIDC login;
+//! [`session_redirect`] is where every identity-provider login (OIDC here, SAML in
+//! `saml_routes`) becomes a session.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use clawos_api::code;
+use clawos_control_plane_api::{CreateToken, Login, Role, SessionInfo, WhoAmI};
+use clawos_service::http::ErrorResponse;
+
+use crate::http::{ApiResult, App, AuditTarget, Shared, body, session_cookie};
+use crate::operators::Operator;
+
+fn operator(req_op: Option<axum::Extension<Operator>>) -> ApiResult<Operator> {
+    req_op
+        .map(|axum::Extension(op)| op)
+        .ok_or_else(|| ErrorResponse::internal("no authenticated operator on an authorized route"))
+}
+
+pub(crate) async fn whoami(op: Option<axum::Extension<Operator>>) -> ApiResult<Json<WhoAmI>> {
+    let op = operator(op)?;
+    Ok(Json(WhoAmI {
+        operator: op.name,
+        role: op.role,
+        via: op.via.to_owned(),
+    }))
+}
+
+pub(crate) async fn create_token(
+    State(app): Shared,
+    op: Option<axum::Extension<Operator>>,
+    b: Result<Json<CreateToken>, JsonRejection>,
+) -> ApiResult<Response> {
+    let op = operator(op)?;
+    let req = body(b)?;
+    let created = app.operators.create(&req, &op.name)?;
+    let id = created.info.id.clone();
+    let mut resp = (StatusCode::CREATED, Json(created)).into_response();
+    resp.extensions_mut().insert(AuditTarget(id));
+    Ok(resp)
+}
+
+pub(crate) async fn list_tokens(State(app): Shared) -> ApiResult<Response> {
+    Ok(Json(app.operators.list()?).into_response())
+}
+
+pub(crate) async fn revoke_token(
+    State(app): Shared,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    app.operators.revoke(&id)?;
+    app.sessions.end_for_token(&id);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+const CONSOLE_HTML: &str = include_str!("../console/index.html");
+const CONSOLE_JS: &str = include_str!("../console/app.js");
+const CONSOLE_CSS: &str = include_str!("../console/style.css");
+
+fn page(content_type: &'static str, body: &'static str) -> Response {
+    let mut resp = body.into_response();
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+pub(crate) async fn console_page() -> Response {
+    page("text/html; charset=utf-8", CONSOLE_HTML)
+}
+
+pub(crate) async fn console_script() -> Response {
+    page("text/javascript; charset=utf-8", CONSOLE_JS)
+}
+
+pub(crate) async fn console_style() -> Response {
+    page("text/css; charset=utf-8", CONSOLE_CSS)
+}
+
+fn session_info(op: &Operator, csrf: String) -> SessionInfo {
+    SessionInfo {
+        operator: op.name.clone(),
+        role: op.role,
+        via: op.via.to_owned(),
+        csrf_token: csrf,
+        idle_timeout_secs: crate::sessions::IDLE.as_secs(),
+    }
+}
+
+pub(crate) fn cookie_header(app: &App, value: &str, max_age: u64) -> Option<HeaderValue> {
+    let secure = if app.tls { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}",
+        app.cookie
+    ))
+    .ok()
+}
+
+pub(crate) async fn login(
+    State(app): Shared,
+    b: Result<Json<Login>, JsonRejection>,
+) -> ApiResult<Response> {
+    let req = body(b)?;
+    let Some(op) = app.operators.authenticate(req.token.trim())? else {
+        return Err(ErrorResponse::unauthorized(
+            "operator credential refused: unknown, revoked or expired",
+        ));
+    };
+    let new = app
+        .sessions
+        .create(op.clone())
+        .map_err(|e| ErrorResponse::internal(format!("no randomness: {e}")))?;
+    let mut resp = (StatusCode::CREATED, Json(session_info(&op, new.csrf))).into_response();
+    if let Some(v) = cookie_header(&app, &new.id, crate::sessions::ABSOLUTE.as_secs()) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp.extensions_mut().insert(AuditTarget(op.name.clone()));
+    resp.extensions_mut().insert(op);
+    Ok(resp)
+}
+
+/// The OIDC login state cookie: `SameSite=Lax` (the provider's redirect back is a
+/// cross-site navigation), `__Host-`, ten minutes.
+fn state_cookie(app: &App, value: &str, max_age: u64) -> Option<HeaderValue> {
+    let secure = if app.tls { "; Secure" } else { "" };
+    let name = if app.tls {
+        crate::oidc::STATE_COOKIE
+    } else {
+        "clawos_oidc"
+    };
+    HeaderValue::from_str(&format!(
+        "{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}"
+    ))
+    .ok()
+}
+
+fn oidc_of(app: &App) -> ApiResult<&Arc<crate::oidc::Oidc>> {
+    app.oidc.as_ref().ok_or_else(|| {
+        ErrorResponse::not_found(
+            "OIDC login is not configured on this control plane (--oidc-issuer)",
+        )
+    })
+}
+
+fn oidc_error(e: &crate::oidc::OidcError) -> ErrorResponse {
+    login_refusal(e.status(), e.to_string())
+}
+
+pub(crate) async fn oidc_start(State(app): Shared) -> ApiResult<Response> {
+    let oidc = oidc_of(&app)?;
+    let (url, state) = oidc.start().await.map_err(|e| oidc_error(&e))?;
+    let mut resp = StatusCode::SEE_OTHER.into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&url) {
+        h.insert(header::LOCATION, v);
+    }
+    if let Some(v) = state_cookie(&app, &state, crate::oidc::LOGIN_TTL.as_secs()) {
+        h.insert(header::SET_COOKIE, v);
+    }
+    Ok(resp)
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub(crate) struct Callback {
+    code: Option<String>,
+    state: Option<String>,
+    error: Option<String>,
+    error_description: Option<String>,
+}
+
+pub(crate) async fn oidc_callback(
+    State(app): Shared,
+    headers: HeaderMap,
+    q: Result<Query<Callback>, QueryRejection>,
+) -> ApiResult<Response> {
+    let oidc = oidc_of(&app)?;
+    let Query(q) = q.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
+    let clear = state_cookie(&app, "", 0);
+    let with_clear = |mut resp: Response| {
+        if let Some(v) = clear.clone() {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+        resp
+    };
+    if let Some(err) = q.error {
+        let e = crate::oidc::OidcError::Provider(format!(
+            "{err}: {}",
+            q.error_description.unwrap_or_default()
+        ));
+        return Ok(with_clear(oidc_error(&e).into_response()));
+    }
+    let (Some(code), Some(state)) = (q.code, q.state) else {
+        return Err(ErrorResponse::invalid("the callback needs code and state"));
+    };
+    let cookie_name = if app.tls {
+        crate::oidc::STATE_COOKIE
+    } else {
+        "clawos_oidc"
+    };
+    let cookie_state = crate::sessions::cookie_in(&headers, cookie_name);
+    let user = match oidc.finish(&code, &state, cookie_state).await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(error = %e, "OIDC login refused");
+            return Ok(with_clear(oidc_error(&e).into_response()));
+        }
+    };
+    let resp = session_redirect(&app, user.name, user.role, "oidc")?;
+    Ok(with_clear(resp))
+}
+
+/// A browser login that an identity provider vouched for: a new session for `name`
+/// with `role`, its cookie, and a redirect to the console; the audit record names them.
+pub(crate) fn session_redirect(
+    app: &App,
+    name: String,
+    role: Role,
+    via: &'static str,
+) -> ApiResult<Response> {
+    let op = Operator {
+        name,
+        role,
+        via,
+        token_id: String::new(),
+    };
+    let new = app
+        .sessions
+        .create(op.clone())
+        .map_err(|e| ErrorResponse::internal(format!("no randomness: {e}")))?;
+    let mut resp = StatusCode::SEE_OTHER.into_response();
+    resp.headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static("/"));
+    if let Some(v) = cookie_header(app, &new.id, crate::sessions::ABSOLUTE.as_secs()) {
+        resp.headers_mut().append(header::SET_COOKIE, v);
+    }
+    resp.extensions_mut().insert(AuditTarget(op.name.clone()));
+    resp.extensions_mut().insert(op);
+    Ok(resp)
+}
+
+/// A refused browser login as its answer: 403 (no role), 502 (the provider cannot be
+/// used) or 401.
+pub(crate) fn login_refusal(status: u16, message: String) -> ErrorResponse {
+    let (status, code) = match status {
+        403 => (StatusCode::FORBIDDEN, code::FORBIDDEN),
+        502 => (StatusCode::BAD_GATEWAY, code::UNAVAILABLE),
+        _ => (StatusCode::UNAUTHORIZED, code::UNAUTHORIZED),
+    };
+    ErrorResponse::new(status, code, message)
+}
+
+pub(crate) async fn session_get(
+    State(app): Shared,
+    op: Option<axum::Extension<Operator>>,
+    headers: HeaderMap,
+) -> ApiResult<Json<SessionInfo>> {
+    let op = operator(op)?;
+    let id = session_cookie(&app, &headers).ok_or_else(|| {
+        ErrorResponse::invalid("no browser session: this request used a bearer token")
+    })?;
+    let found = app
+        .sessions
+        .find(id)
+        .ok_or_else(|| ErrorResponse::unauthorized("session expired"))?;
+    Ok(Json(session_info(&op, found.csrf)))
+}
+
+pub(crate) async fn logout(State(app): Shared, headers: HeaderMap) -> Response {
+    if let Some(id) = session_cookie(&app, &headers) {
+        app.sessions.end(id);
+    }
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    if let Some(v) = cookie_header(&app, "", 0) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
+}
