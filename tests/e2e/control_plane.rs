@@ -988,6 +988,85 @@ fn the_cli_drives_a_remote_host_through_the_control_plane() -> Result<()> {
         show(&logs)
     );
 
+    // Files both ways, larger than any JSON body the control plane takes (1 MiB): the
+    // copy streams through it.
+    let big: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let local = dir.path().join("big.bin");
+    std::fs::write(&local, &big)?;
+    let t = Instant::now();
+    let put = remote(
+        &[
+            "vm",
+            "cp",
+            local.to_str().context("utf8")?,
+            "far-agent:/workspace/big.bin",
+        ],
+        None,
+    );
+    assert!(put.status.success(), "{}", show(&put));
+    let back = dir.path().join("back.bin");
+    let get = remote(
+        &[
+            "vm",
+            "cp",
+            "far-agent:/workspace/big.bin",
+            back.to_str().context("utf8")?,
+        ],
+        None,
+    );
+    assert!(get.status.success(), "{}", show(&get));
+    clawos_e2e::measured(&format!(
+        "control-plane: 3 MB copied into a VM and back through the control plane in {:?}",
+        t.elapsed()
+    ));
+    assert!(std::fs::read(&back)? == big, "the copy came back changed");
+    let files = remote(&["--json", "vm", "files", "far-agent"], None);
+    assert!(
+        String::from_utf8_lossy(&files.stdout).contains("big.bin"),
+        "{}",
+        show(&files)
+    );
+    let escape = remote(
+        &[
+            "vm",
+            "cp",
+            local.to_str().context("utf8")?,
+            "far-agent:/etc/evil",
+        ],
+        None,
+    );
+    assert!(
+        !escape.status.success() && show(&escape).contains("workspace"),
+        "a path out of /workspace: {}",
+        show(&escape)
+    );
+    // Registered images, verified by the launcher, seen from here.
+    let images = remote(&["--json", "image", "list"], None);
+    assert!(images.status.success(), "{}", show(&images));
+    let images: Value = serde_json::from_slice(&images.stdout)?;
+    let default = images
+        .as_array()
+        .and_then(|a| a.iter().find(|i| i["name"] == "default"))
+        .context("the default image is listed")?;
+    assert!(
+        default["verified"]["root_hash"]
+            .as_str()
+            .is_some_and(|h| h.len() == 64),
+        "{default}"
+    );
+    let verified = remote(&["image", "verify", "--name", "default"], None);
+    assert!(verified.status.success(), "{}", show(&verified));
+    let missing = remote(&["image", "verify", "--name", "no-such-image"], None);
+    assert_eq!(missing.status.code(), Some(3), "{}", show(&missing));
+    let add = remote(
+        &["image", "add", "x", dir.path().to_str().context("utf8")?],
+        None,
+    );
+    assert_eq!(add.status.code(), Some(2), "{}", show(&add));
+    assert!(show(&add).contains("run it on the host"), "{}", show(&add));
+
     // A long exec through the control plane ends soon after its operator's token is
     // revoked (streams re-check their operator every 5 s).
     let mut long = Command::new(clawos_e2e::bin("clawos"))
@@ -1082,5 +1161,189 @@ fn the_cli_drives_a_remote_host_through_the_control_plane() -> Result<()> {
             && r["result"] == "refused"),
         "the viewer's exec audited as refused"
     );
+    Ok(())
+}
+
+/// The other daemons behind the control plane — identity-manager (agent tokens),
+/// inference-proxy (usage), the orchestrator (workflows) — each driven from another
+/// machine's point of view with the CLI's own commands through `--server`.
+#[test]
+fn the_cli_reaches_every_daemon_through_the_control_plane() -> Result<()> {
+    let script: Value = serde_json::from_slice(&std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/workflows/scripted-model.json"),
+    )?)?;
+    let s = clawos_e2e::stack::WorkflowStack::start(&script)?;
+    let state = s.host.state.clone();
+    let orchestrator_url = format!("http://127.0.0.1:{}", s.orchestrator.port);
+    let cp = ControlPlane::start(
+        &state,
+        &s.launcher.url,
+        &[
+            "--identity-url",
+            &s.host.identity_url,
+            "--proxy-url",
+            &s.host.proxy_url,
+            "--orchestrator-url",
+            &orchestrator_url,
+            // No monitor-daemon on this host: its routes must say so.
+            "--monitor-url",
+            "http://127.0.0.1:9",
+        ],
+    )?;
+    let admin = cp.admin_token();
+    let (admin_token, _) = token(&cp, &admin, "far-admin", "admin");
+    let (operator_token, _) = token(&cp, &admin, "far-ops", "operator");
+    let home = s.dir().join("operator-home");
+    std::fs::create_dir_all(&home)?;
+    let ca = cp.ca();
+    let remote = |args: &[&str], token: &str| {
+        Command::new(clawos_e2e::bin("clawos"))
+            .arg("--server")
+            .arg(&cp.url)
+            .arg("--ca")
+            .arg(&ca)
+            .args(args)
+            .env("HOME", &home)
+            .env_remove("XDG_CONFIG_HOME")
+            .env("CLAWOS_OPERATOR_TOKEN", token)
+            .env("CLAWOS_STATE_DIR", s.dir().join("nothing-here"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("clawos")
+    };
+
+    // Agent tokens: issued, checked, revoked — identity-manager's own answers.
+    let issued = remote(
+        &[
+            "--json",
+            "token",
+            "issue",
+            "--agent",
+            "far-agent",
+            "--vm",
+            "far-agent-1",
+            "--ttl",
+            "600",
+        ],
+        &admin_token,
+    );
+    assert!(issued.status.success(), "{}", show(&issued));
+    let issued: Value = serde_json::from_slice(&issued.stdout)?;
+    let jwt = issued["token"].as_str().context("a JWT")?.to_owned();
+    assert_eq!(jwt.split('.').count(), 3, "{issued}");
+    let checked = remote(&["token", "verify", &jwt], &operator_token);
+    assert!(checked.status.success(), "{}", show(&checked));
+    let claims: Value = serde_json::from_slice(&checked.stdout)?;
+    assert_eq!(
+        (claims["active"].as_bool(), claims["agent"].as_str()),
+        (Some(true), Some("far-agent")),
+        "{claims}"
+    );
+    let not_admin = remote(
+        &[
+            "token",
+            "issue",
+            "--agent",
+            "far-agent",
+            "--vm",
+            "far-agent-1",
+        ],
+        &operator_token,
+    );
+    assert_eq!(not_admin.status.code(), Some(9), "{}", show(&not_admin));
+    assert!(
+        show(&not_admin).contains("needs the admin role"),
+        "{}",
+        show(&not_admin)
+    );
+    let revoked = remote(&["token", "revoke", "--agent", "far-agent"], &admin_token);
+    assert!(revoked.status.success(), "{}", show(&revoked));
+    let after = remote(&["token", "verify", &jwt], &operator_token);
+    assert_eq!(after.status.code(), Some(1), "revoked: {}", show(&after));
+    assert!(show(&after).contains("not active"), "{}", show(&after));
+
+    // Usage: the proxy's ledger (empty on this new host, but the proxy's answer).
+    let usage = remote(&["--json", "usage"], &operator_token);
+    assert!(usage.status.success(), "{}", show(&usage));
+    let usage: Value = serde_json::from_slice(&usage.stdout)?;
+    assert!(usage["usage"].is_array(), "{usage}");
+
+    // Workflows: a run that only waits for a person, rejected from here.
+    let spec = s.dir().join("gate.yaml");
+    std::fs::write(
+        &spec,
+        "apiVersion: clawos.dev/v1\nkind: Workflow\nmetadata:\n  name: remote-gate\nsteps:\n  - id: gate\n    kind: approval\n    timeout: 1h\n    default: reject\n",
+    )?;
+    let submitted = remote(
+        &["workflow", "run", spec.to_str().context("utf8")?],
+        &operator_token,
+    );
+    assert!(submitted.status.success(), "{}", show(&submitted));
+    let run = String::from_utf8_lossy(&submitted.stdout).trim().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = remote(&["--json", "workflow", "status", &run], &operator_token);
+        assert!(status.status.success(), "{}", show(&status));
+        let v: Value = serde_json::from_slice(&status.stdout)?;
+        if v["steps"][0]["state"] == "waiting" {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the approval never waited: {v}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let rejected = remote(
+        &[
+            "workflow",
+            "approve",
+            &run,
+            "gate",
+            "--reject",
+            "--reason",
+            "from afar",
+        ],
+        &operator_token,
+    );
+    assert!(rejected.status.success(), "{}", show(&rejected));
+    let logs = remote(&["workflow", "logs", &run], &operator_token);
+    assert!(logs.status.success(), "{}", show(&logs));
+    assert!(
+        String::from_utf8_lossy(&logs.stdout).contains("approval_decided"),
+        "{}",
+        show(&logs)
+    );
+    let listed = remote(&["--json", "workflow", "list"], &operator_token);
+    let runs: Value = serde_json::from_slice(&listed.stdout)?;
+    assert_eq!(runs[0]["id"], run.as_str(), "{runs}");
+    assert_eq!(runs[0]["state"], "rejected", "{runs}");
+
+    // A daemon that is not there is named, with the exit code for "cannot be reached".
+    let audit = remote(&["audit", "tail"], &operator_token);
+    assert_eq!(audit.status.code(), Some(7), "{}", show(&audit));
+    assert!(show(&audit).contains("monitor-daemon"), "{}", show(&audit));
+
+    // Each of those requests has its record, under the operator who made it.
+    let trail = cp.audit();
+    for (action, operator, result) in [
+        ("agent.token.issue", "far-admin", "ok"),
+        ("agent.token.issue", "far-ops", "refused"),
+        ("agent.token.introspect", "far-ops", "ok"),
+        ("agent.token.revoke", "far-admin", "ok"),
+        ("usage.get", "far-ops", "ok"),
+        ("workflow.submit", "far-ops", "ok"),
+        ("workflow.approve", "far-ops", "ok"),
+        ("workflow.events", "far-ops", "ok"),
+    ] {
+        assert!(
+            trail.iter().any(|r| r["action"] == action
+                && r["operator"] == operator
+                && r["result"] == result),
+            "no {action} by {operator} ({result}) in the trail"
+        );
+    }
+    // The agent token issued through the control plane is an answer, never a record.
+    let raw = std::fs::read_to_string(state.join("control-plane/audit.jsonl"))?;
+    assert!(!raw.contains(&jwt), "the audit trail holds the agent token");
     Ok(())
 }

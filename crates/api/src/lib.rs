@@ -316,7 +316,6 @@ impl HttpClient {
         }
     }
 
-    /// Sends `Authorization: Bearer <token>` with every request.
     /// A client of `base` over `http`, a client the caller built (e.g. one that trusts
     /// a given certificate authority or pins a server certificate).
     pub fn with_http(service: &'static str, base: &str, http: reqwest::Client) -> Self {
@@ -328,6 +327,7 @@ impl HttpClient {
         }
     }
 
+    /// Sends `Authorization: Bearer <token>` with every request.
     pub fn with_token(mut self, token: &str) -> Self {
         self.token = Some(token.to_owned());
         self

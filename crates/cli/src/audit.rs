@@ -33,6 +33,58 @@ pub enum AuditCmd {
     },
 }
 
+/// Where audit events come from: the local monitor-daemon, or a control plane.
+pub enum Events<'a> {
+    Local(clawos_monitor_api::MonitorClient),
+    Remote(&'a clawos_control_plane_api::ControlPlaneClient),
+}
+
+impl Events<'_> {
+    async fn after(
+        &self,
+        agent: Option<&str>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<clawos_monitor_api::AuditEvent>, Exit> {
+        match self {
+            Self::Local(c) => c.events(agent, after, limit).await.map_err(api_exit),
+            Self::Remote(c) => c
+                .audit_events(&clawos_control_plane_api::EventsQuery {
+                    after,
+                    limit: Some(limit),
+                    agent: agent.map(str::to_owned),
+                })
+                .await
+                .map_err(api_exit),
+        }
+    }
+}
+
+/// `audit tail` through a control plane.
+pub fn run_remote(
+    cmd: AuditCmd,
+    client: &clawos_control_plane_api::ControlPlaneClient,
+    json: bool,
+) -> Result<(), Exit> {
+    let AuditCmd::Tail {
+        agent,
+        alerts,
+        after,
+        limit,
+        follow,
+        monitor_url: _,
+    } = cmd;
+    block_on(tail(
+        &Events::Remote(client),
+        agent.as_deref(),
+        alerts,
+        after,
+        limit,
+        follow,
+        json,
+    ))
+}
+
 pub fn run(cmd: AuditCmd, json: bool) -> Result<(), Exit> {
     let AuditCmd::Tail {
         agent,
@@ -53,7 +105,7 @@ pub fn run(cmd: AuditCmd, json: bool) -> Result<(), Exit> {
         })?;
     let client = clawos_monitor_api::MonitorClient::new(&monitor_url, &token);
     block_on(tail(
-        &client,
+        &Events::Local(client),
         agent.as_deref(),
         alerts,
         after,
@@ -65,7 +117,7 @@ pub fn run(cmd: AuditCmd, json: bool) -> Result<(), Exit> {
 
 /// Prints audit events; with `follow`, keeps polling for new ones.
 async fn tail(
-    client: &clawos_monitor_api::MonitorClient,
+    client: &Events<'_>,
     agent: Option<&str>,
     alerts_only: bool,
     mut after: u64,
@@ -77,9 +129,8 @@ async fn tail(
     let mut printed = 0;
     loop {
         let batch = client
-            .events(agent, after, if follow { 1000 } else { limit - printed })
-            .await
-            .map_err(api_exit)?;
+            .after(agent, after, if follow { 1000 } else { limit - printed })
+            .await?;
         for e in &batch {
             after = e.seq;
             if alerts_only && e.kind == Kind::Syscall {

@@ -41,14 +41,97 @@ pub enum ImageCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Verify a bundle as the launcher does before boot.
+    /// Verify a bundle directory here as the launcher does before boot, or (--name) ask
+    /// the launcher to verify one of its images with its own key.
     Verify {
         /// Bundle directory.
-        dir: PathBuf,
-        /// Trusted public key, hex.
+        #[arg(required_unless_present = "name", conflicts_with = "name")]
+        dir: Option<PathBuf>,
+        /// A registered image, verified by the launcher (also through --server).
+        #[arg(long)]
+        name: Option<String>,
+        /// Trusted public key, hex (for a bundle directory).
         #[arg(long, env = "CLAWOS_SIGNING_PUBKEY")]
         pubkey: Option<String>,
     },
+    /// The images VMs may boot, each verified by the launcher now (also through
+    /// --server).
+    List,
+}
+
+impl ImageCmd {
+    /// Whether the command asks the launcher (and so works through --server) rather
+    /// than working on this machine's files.
+    pub fn asks_launcher(&self) -> bool {
+        matches!(self, Self::List | Self::Verify { name: Some(_), .. })
+    }
+}
+
+/// `image list` and `image verify --name`: the launcher's (or a control plane's) view.
+pub async fn run_launcher(
+    cmd: ImageCmd,
+    client: &clawos_vm_launcher_api::LauncherClient,
+    json: bool,
+) -> Result<u8, Exit> {
+    match cmd {
+        ImageCmd::List => {
+            let images = client.images().await?;
+            if json {
+                print_json(&images).map_err(|e| Exit(1, e))?;
+                return Ok(0);
+            }
+            println!(
+                "{:<20} {:<9} {:<24} {:<16} ROOT HASH",
+                "NAME", "VERIFIED", "VERSION", "RUNTIME"
+            );
+            for i in &images {
+                match &i.verified {
+                    Some(v) => println!(
+                        "{:<20} {:<9} {:<24} {:<16} {}",
+                        i.name,
+                        if v.signature_checked {
+                            "signed"
+                        } else {
+                            "unsigned"
+                        },
+                        v.version,
+                        v.agent_runtime.as_deref().unwrap_or("builtin"),
+                        v.root_hash
+                    ),
+                    None => println!(
+                        "{:<20} {:<9} {}",
+                        i.name,
+                        "REFUSED",
+                        i.refused.as_deref().unwrap_or("-")
+                    ),
+                }
+            }
+            Ok(0)
+        }
+        ImageCmd::Verify {
+            name: Some(name), ..
+        } => {
+            let info = client.verify_image(&name).await?;
+            if json {
+                print_json(&info).map_err(|e| Exit(1, e))?;
+            } else if let Some(v) = &info.verified {
+                println!(
+                    "ok: image {name} verified by the launcher ({}; root hash {})",
+                    if v.signature_checked {
+                        "signature and hashes match"
+                    } else {
+                        "hashes match; the launcher checks no signatures (--allow-unsigned)"
+                    },
+                    v.root_hash
+                );
+            }
+            Ok(0)
+        }
+        _ => Err(Exit(
+            2,
+            anyhow!("this image command works on this machine's files, not the launcher's"),
+        )),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -263,7 +346,17 @@ pub fn run(cmd: ImageCmd, json: bool) -> Result<(), Exit> {
                 );
             }
         }
-        ImageCmd::Verify { dir, pubkey } => {
+        ImageCmd::List | ImageCmd::Verify { dir: None, .. } => {
+            return Err(Exit(
+                2,
+                anyhow!("`image list` and `image verify --name` ask the launcher"),
+            ));
+        }
+        ImageCmd::Verify {
+            dir: Some(dir),
+            pubkey,
+            ..
+        } => {
             let public_key = pubkey
                 .as_deref()
                 .map(manifest::parse_public_key)

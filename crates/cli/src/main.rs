@@ -161,28 +161,41 @@ fn run(cli: Cli) -> Result<u8, Exit> {
         }
         _ => {}
     }
+    // Commands that work on this machine's files (keys, image bundles) run here
+    // either way; `image add` writes the host's image store and so runs on the host.
+    match cli.cmd {
+        Cmd::Keygen { out } => return image::keygen(out, cli.json).map(ok),
+        Cmd::Image(cmd) if !cmd.asks_launcher() => {
+            if server.server.is_some() && matches!(cmd, image::ImageCmd::Add { .. }) {
+                return Err(remote::not_remote("image add"));
+            }
+            return image::run(cmd, cli.json).map(ok);
+        }
+        _ => {}
+    }
     if server.server.is_some() {
-        let client = remote::client(&server)?.vms();
+        let cp = remote::client(&server)?;
+        let client = cp.vms();
         return match cli.cmd {
             Cmd::Vm(cmd) => block_on(vm::run(cmd, &client, cli.json)),
             Cmd::Agent(cmd) => block_on(agent::run(cmd, &client, cli.json)),
-            Cmd::Keygen { .. } => Err(remote::not_remote("keygen")),
-            Cmd::Image(_) => Err(remote::not_remote("image")),
-            Cmd::Workflow(_) => Err(remote::not_remote("workflow")),
-            Cmd::Token(_) => Err(remote::not_remote("token")),
+            Cmd::Image(cmd) => block_on(image::run_launcher(cmd, &client, cli.json)),
+            Cmd::Workflow(cmd) => block_on(workflow::run(cmd, &cp.workflows(), cli.json)),
+            Cmd::Token(cmd) => block_on(token::run(cmd, &cp.agent_tokens(), cli.json)).map(ok),
+            Cmd::Usage(args) => block_on(usage::run(args, &cp.usage(), cli.json)).map(ok),
+            Cmd::Audit(cmd) => audit::run_remote(cmd, &cp, cli.json).map(ok),
             Cmd::Identity(_) => Err(remote::not_remote("identity")),
-            Cmd::Usage(_) => Err(remote::not_remote("usage")),
-            Cmd::Audit(_) => Err(remote::not_remote("audit")),
-            Cmd::Login(_) | Cmd::Logout | Cmd::Operator(_) => Ok(0),
+            Cmd::Keygen { .. } | Cmd::Login(_) | Cmd::Logout | Cmd::Operator(_) => Ok(0),
         };
     }
     match cli.cmd {
-        Cmd::Login(_) | Cmd::Logout | Cmd::Operator(_) => Ok(0),
-        Cmd::Keygen { out } => image::keygen(out, cli.json).map(ok),
-        Cmd::Image(cmd) => image::run(cmd, cli.json).map(ok),
-        Cmd::Token(cmd) => block_on(token::run(cmd, &cli.identity_url, cli.json)).map(ok),
+        Cmd::Login(_) | Cmd::Logout | Cmd::Operator(_) | Cmd::Keygen { .. } => Ok(0),
+        Cmd::Image(cmd) => with_launcher(&cli.launcher_url, |client| {
+            block_on(image::run_launcher(cmd, client, cli.json))
+        }),
+        Cmd::Token(cmd) => block_on(token::run_local(cmd, &cli.identity_url, cli.json)).map(ok),
         Cmd::Audit(cmd) => audit::run(cmd, cli.json).map(ok),
-        Cmd::Usage(args) => usage::run(args, cli.json).map(ok),
+        Cmd::Usage(args) => usage::run_local(args, cli.json).map(ok),
         Cmd::Identity(cmd) => identity::run(cmd, &cli.identity_url).map(ok),
         Cmd::Vm(cmd) => with_launcher(&cli.launcher_url, |client| {
             block_on(vm::run(cmd, client, cli.json))

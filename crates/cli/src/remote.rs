@@ -377,7 +377,9 @@ pub async fn operator(
 pub fn not_remote(what: &str) -> Exit {
     Exit(
         2,
-        anyhow!("`clawos {what}` does not work through --server yet: run it on the host"),
+        anyhow!(
+            "`clawos {what}` works on the host's own files (its image store, its keys), not through --server: run it on the host"
+        ),
     )
 }
 

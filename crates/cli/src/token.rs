@@ -2,7 +2,7 @@
 
 use anyhow::anyhow;
 use clap::Subcommand;
-use clawos_identity_manager_api::{IssueRequest, RevokeRequest};
+use clawos_identity_manager_api::{IdentityClient, IssueRequest, RevokeRequest};
 
 use crate::exit::{Exit, api_exit};
 use crate::identity;
@@ -38,8 +38,14 @@ pub enum TokenCmd {
     },
 }
 
-pub async fn run(cmd: TokenCmd, url: &str, json: bool) -> Result<(), Exit> {
-    let client = identity::client(url)?;
+/// Runs against the local identity-manager at `url`, with its service credential.
+pub async fn run_local(cmd: TokenCmd, url: &str, json: bool) -> Result<(), Exit> {
+    run(cmd, &identity::client(url)?, json).await
+}
+
+/// Runs against `client`: the local identity-manager, or a control plane's agent-token
+/// routes.
+pub async fn run(cmd: TokenCmd, client: &IdentityClient, json: bool) -> Result<(), Exit> {
     match cmd {
         TokenCmd::Issue {
             agent,

@@ -23,20 +23,21 @@ pub struct UsageArgs {
     proxy_url: String,
 }
 
-pub fn run(args: UsageArgs, json: bool) -> Result<(), Exit> {
-    let UsageArgs {
-        agent,
-        since_minutes,
-        proxy_url,
-    } = args;
+/// `--since-minutes` as the ledger's `since_ms`.
+fn query(agent: Option<String>, since_minutes: Option<u64>) -> UsageQuery {
     let since_ms = since_minutes
         .map(|m| {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
-            now.saturating_sub(m * 60_000)
+            now.saturating_sub(m.saturating_mul(60_000))
         })
         .unwrap_or(0);
+    UsageQuery { since_ms, agent }
+}
+
+/// Asks the local proxy, with its operator credential.
+pub fn run_local(args: UsageArgs, json: bool) -> Result<(), Exit> {
     let token_path = std::env::var_os("CLAWOS_PROXY_ADMIN_TOKEN_PATH")
         .map(PathBuf::from)
         .unwrap_or_else(|| state_dir().join("proxy/admin.token"));
@@ -48,13 +49,21 @@ pub fn run(args: UsageArgs, json: bool) -> Result<(), Exit> {
                 anyhow!("proxy operator credential {}: {e}", token_path.display()),
             )
         })?;
-    let client = ProxyAdminClient::new(&proxy_url, &token);
-    let report = block_on(async {
-        client
-            .usage(&UsageQuery { since_ms, agent })
-            .await
-            .map_err(api_exit)
-    })?;
+    let client = ProxyAdminClient::new(&args.proxy_url, &token);
+    block_on(run(args, &client, json))
+}
+
+/// Asks `client`: the local proxy, or a control plane's usage route.
+pub async fn run(args: UsageArgs, client: &ProxyAdminClient, json: bool) -> Result<(), Exit> {
+    let UsageArgs {
+        agent,
+        since_minutes,
+        proxy_url: _,
+    } = args;
+    let report = client
+        .usage(&query(agent, since_minutes))
+        .await
+        .map_err(api_exit)?;
     if json {
         print_json(&report).map_err(|e| Exit(1, e))?;
     } else {

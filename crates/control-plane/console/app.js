@@ -1156,7 +1156,7 @@
   async function pollRuns() {
     const box = $("runs-error");
     try {
-      const runs = await apiJson("GET", "/api/v1/workflows/runs");
+      const runs = await apiJson("GET", "/api/v1/runs");
       state.runs = Array.isArray(runs) ? runs : [];
       state.runsLoaded = true;
       show(box, false);
@@ -1238,7 +1238,7 @@
       const why = reason.value.trim();
       if (why) body.reason = why;
       try {
-        await api("POST", `/api/v1/workflows/runs/${enc(runId)}/steps/${enc(stepId)}/approval`, body);
+        await api("POST", `/api/v1/runs/${enc(runId)}/steps/${enc(stepId)}/approval`, body);
         announce(`Step ${stepId} ${approved ? "approved" : "rejected"}.`, "ok");
       } catch (e) {
         if (!handleAuth(e)) announce(`Could not record the decision on ${stepId}: ${errorText(e)}`, "error");
@@ -1322,7 +1322,7 @@
     if (!id) return false;
     if (state.runFinalSeen) return false;
     try {
-      const run = await apiJson("GET", `/api/v1/workflows/runs/${enc(id)}`);
+      const run = await apiJson("GET", `/api/v1/runs/${enc(id)}`);
       if (state.selectedRun !== id) return false;
       renderRun(run);
       // A finished run changes no more: stop asking until it is selected again.

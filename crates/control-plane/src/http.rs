@@ -7,7 +7,8 @@
 //! 2. **authenticate**: `Authorization: Bearer <operator token>` (401 otherwise);
 //! 3. **authorize**: the token's role against the endpoint's (403 otherwise; a mounted
 //!    route missing from the table is refused too: deny by default);
-//! 4. read the body within [`BODY_TIMEOUT`] and [`MAX_BODY`] (408, 413);
+//! 4. read the body within [`BODY_TIMEOUT`] and [`MAX_BODY`] (408, 413) — but a file
+//!    upload, which streams through to the VM under its own idle limit;
 //! 5. **act** (the handler), then
 //! 6. **audit**: one [`AuditRecord`] per request, whatever happened above.
 
@@ -27,6 +28,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::MethodFilter;
 use clawos_api::{RouteMethod, code};
 use clawos_control_plane_api::{PREFIX, Role, routes};
+use clawos_identity_manager_api::routes as identity;
+use clawos_inference_proxy_api::routes as proxy;
+use clawos_orchestrator_api::routes as runs;
 use clawos_service::guard::Guard;
 use clawos_service::http::ErrorResponse;
 use clawos_vm_launcher_api::{ClientError, LauncherClient, routes as vm};
@@ -118,13 +122,21 @@ pub fn endpoints() -> Vec<Endpoint> {
         ep(routes::LIST_TOKENS, "", Some(Admin), "operator.token.list", "List operator tokens (never their secrets).", Empty, (200, A("TokenInfo"))),
         ep(routes::REVOKE_TOKEN, "", Some(Admin), "operator.token.revoke", "Revoke an operator token.", Empty, (204, Empty)),
         ep(routes::OPERATOR_AUDIT, "", Some(Admin), "operator.audit", "The newest records of the operator audit trail.", Empty, (200, A("AuditRecord"))),
-        ep(routes::USAGE, "", Some(Viewer), "usage.get", "LLM usage per agent and model, from inference-proxy's ledger.", Empty, (200, J("UsageReport"))),
         ep(routes::AUDIT_EVENTS, "", Some(Viewer), "audit.events", "The syscall audit trail (alerts included) from monitor-daemon.", Empty, (200, A("AuditEvent"))),
-        ep(routes::RUNS, "", Some(Viewer), "workflow.list", "Workflow runs, newest first.", Empty, (200, A("RunSummary"))),
-        ep(routes::SUBMIT_RUN, "", Some(Operator), "workflow.submit", "Submit a workflow run (the YAML spec and its inputs).", J("SubmitRun"), (201, J("RunSummary"))),
-        ep(routes::RUN, "", Some(Viewer), "workflow.get", "A run and its steps.", Empty, (200, J("RunStatus"))),
-        ep(routes::APPROVE, "", Some(Operator), "workflow.approve", "Approve or reject a waiting approval step.", J("Approval"), (204, Empty)),
-        ep(routes::CANCEL_RUN, "", Some(Operator), "workflow.cancel", "Cancel a run.", Empty, (200, J("RunStatus"))),
+        ep(proxy::USAGE, p, Some(Viewer), "usage.get", "LLM usage per agent and model, from inference-proxy's ledger.", Empty, (200, J("UsageReport"))),
+        ep(runs::LIST, p, Some(Viewer), "workflow.list", "Workflow runs, newest first.", Empty, (200, A("RunSummary"))),
+        ep(runs::SUBMIT, p, Some(Operator), "workflow.submit", "Submit a workflow run (the YAML spec and its inputs).", J("SubmitRun"), (201, J("RunSummary"))),
+        ep(runs::GET, p, Some(Viewer), "workflow.get", "A run and its steps.", Empty, (200, J("RunStatus"))),
+        ep(runs::EVENTS, p, Some(Viewer), "workflow.events", "A run's journal after event `after`.", Empty, (200, A("RunEvent"))),
+        ep(runs::RUN_ARTIFACTS, p, Some(Viewer), "workflow.artifacts", "The artifacts a run's steps made.", Empty, (200, A("ArtifactRef"))),
+        ep(runs::ARTIFACT, p, Some(Viewer), "workflow.artifact", "An artifact's bytes, by its sha256.", Empty, (200, Shape::Page("application/octet-stream"))),
+        ep(runs::APPROVE, p, Some(Operator), "workflow.approve", "Approve or reject a waiting approval step.", J("Approval"), (204, Empty)),
+        ep(runs::CANCEL, p, Some(Operator), "workflow.cancel", "Cancel a run.", Empty, (200, J("RunStatus"))),
+        ep(identity::ISSUE, p, Some(Admin), "agent.token.issue", "Issue an agent token (identity-manager).", J("IssueRequest"), (200, J("Issued"))),
+        ep(identity::REVOKE, p, Some(Admin), "agent.token.revoke", "Revoke one agent token (by `jti`) or every token of an agent.", J("RevokeRequest"), (204, Empty)),
+        ep(identity::INTROSPECT, p, Some(Operator), "agent.token.introspect", "Whether an agent token verifies (signature, expiry, revocation), and its claims.", J("IntrospectRequest"), (200, J("Introspection"))),
+        ep(vm::IMAGES, p, Some(Viewer), "image.list", "The images VMs may boot, each verified now (or why it was refused).", Empty, (200, A("ImageInfo"))),
+        ep(vm::VERIFY_IMAGE, p, Some(Operator), "image.verify", "Verify one image as a boot would (422 with the refusal).", Empty, (200, J("ImageInfo"))),
         ep(vm::LIST, p, Some(Viewer), "vm.list", "List VMs.", Empty, (200, A("Vm"))),
         ep(vm::START, p, Some(Operator), "vm.start", "Create (if new) and start a VM from a registered, signed image.", J("StartVm"), (202, J("Vm"))),
         ep(vm::GET, p, Some(Viewer), "vm.get", "One VM.", Empty, (200, J("Vm"))),
@@ -141,6 +153,8 @@ pub fn endpoints() -> Vec<Endpoint> {
         ep(vm::AGENT_CHAT, p, Some(Operator), "vm.agent.chat", "Give the VM's agent a task (OpenAI-compatible chat completions; JSON, or server-sent events when `stream` is true).", J("ChatRequest"), (200, J("ChatCompletion"))),
         ep(vm::AGENT_SESSIONS, p, Some(Viewer), "vm.agent.sessions", "The VM's agent sessions.", Empty, (200, J("SessionList"))),
         ep(vm::RESTORE, p, Some(Operator), "vm.restore", "Restore a stopped VM from one of its snapshots.", J("RestoreVm"), (202, J("Vm"))),
+        ep(vm::PUT_FILE, p, Some(Operator), "vm.files.put", "Copy a file into the VM's /workspace (`?path=`; octet-stream body with Content-Length, streamed).", Shape::Page("application/octet-stream"), (204, Empty)),
+        ep(vm::GET_FILE, p, Some(Operator), "vm.files.get", "Copy a file out of the VM's /workspace (`?path=`, streamed), or list a directory (`&list=true`).", Empty, (200, Shape::Page("application/octet-stream"))),
     ]
 }
 
@@ -248,6 +262,16 @@ pub fn router(app: Arc<App>) -> Router {
             "workflow.get" => axum::routing::on(filter, up::run),
             "workflow.approve" => axum::routing::on(filter, up::approve),
             "workflow.cancel" => axum::routing::on(filter, up::cancel_run),
+            "workflow.events" => axum::routing::on(filter, up::run_events),
+            "workflow.artifacts" => axum::routing::on(filter, up::run_artifacts),
+            "workflow.artifact" => axum::routing::on(filter, up::artifact),
+            "agent.token.issue" => axum::routing::on(filter, up::issue_agent_token),
+            "agent.token.revoke" => axum::routing::on(filter, up::revoke_agent_tokens),
+            "agent.token.introspect" => axum::routing::on(filter, up::introspect_agent_token),
+            "image.list" => axum::routing::on(filter, vm_routes::images),
+            "image.verify" => axum::routing::on(filter, vm_routes::verify_image),
+            "vm.files.put" => axum::routing::on(filter, crate::vm_streams::put_file),
+            "vm.files.get" => axum::routing::on(filter, crate::vm_streams::get_file),
             "vm.exec" => axum::routing::on(filter, crate::vm_streams::exec),
             "vm.gateway" => axum::routing::on(filter, crate::vm_streams::gateway),
             "vm.agent.chat" => axum::routing::on(filter, crate::vm_streams::agent_chat),
@@ -457,7 +481,14 @@ async fn admit(
             ErrorResponse::new(StatusCode::FORBIDDEN, code::FORBIDDEN, msg).into_response(),
         ));
     }
-    match read_body(req).await {
+    // A file upload streams through to the VM under its own idle limit; every other
+    // body is read whole first.
+    let body = if endpoint.action == "vm.files.put" {
+        Ok(req)
+    } else {
+        read_body(req).await
+    };
+    match body {
         Ok(mut req) => {
             req.extensions_mut().insert(op.clone());
             if let Some(key) = session {

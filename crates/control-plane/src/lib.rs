@@ -341,7 +341,11 @@ pub async fn run(
     };
     let guard = clawos_service::guard::Guard::new()
         .listening_on(cfg.addr)
-        .allow_origins(&cfg.allowed_origins);
+        .allow_origins(&cfg.allowed_origins)
+        .body_type(
+            axum::http::Method::PUT,
+            clawos_vm_launcher_api::UPLOAD_CONTENT_TYPE,
+        );
     let oidc = match &cfg.oidc {
         Some(o) => Some(Arc::new(
             oidc::Oidc::new(o.clone()).map_err(ControlPlaneError::Config)?,

@@ -88,6 +88,9 @@ struct Args {
     /// orchestrator (workflows) [credential $STATE_DIR/orchestrator/admin.token].
     #[arg(long, env = "CLAWOS_ORCHESTRATOR_URL")]
     orchestrator_url: Option<String>,
+    /// identity-manager (agent tokens) [credential $STATE_DIR/identity/service.token].
+    #[arg(long, env = "CLAWOS_IDENTITY_URL")]
+    identity_url: Option<String>,
     /// OpenID provider for operator login (issuer URL; discovery at
     /// <issuer>/.well-known/openid-configuration).
     #[arg(long, env = "CLAWOS_OIDC_ISSUER")]
@@ -180,6 +183,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(u) = a.orchestrator_url {
         upstreams.orchestrator.url = u;
+    }
+    if let Some(u) = a.identity_url {
+        upstreams.identity.url = u;
     }
     let oidc = match a.oidc_issuer {
         None => None,

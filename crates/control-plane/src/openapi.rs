@@ -51,6 +51,16 @@ fn schemas() -> Vec<(String, RefOr<Schema>)> {
     add::<clawos_orchestrator_api::RunState>(&mut out);
     add::<clawos_orchestrator_api::StepStatus>(&mut out);
     add::<clawos_orchestrator_api::Approval>(&mut out);
+    add::<clawos_orchestrator_api::RunEvent>(&mut out);
+    add::<clawos_orchestrator_api::ArtifactRef>(&mut out);
+    add::<clawos_identity_manager_api::IssueRequest>(&mut out);
+    add::<clawos_identity_manager_api::Issued>(&mut out);
+    add::<clawos_identity_manager_api::RevokeRequest>(&mut out);
+    add::<clawos_identity_manager_api::IntrospectRequest>(&mut out);
+    add::<clawos_identity_manager_api::Introspection>(&mut out);
+    add::<clawos_vm_launcher_api::ImageInfo>(&mut out);
+    add::<clawos_vm_launcher_api::VerifiedImage>(&mut out);
+    add::<clawos_vm_launcher_api::FileEntry>(&mut out);
     add::<clawos_agentd_api::ChatRequest>(&mut out);
     add::<clawos_agentd_api::ChatCompletion>(&mut out);
     add::<clawos_agentd_api::SessionList>(&mut out);
@@ -91,28 +101,51 @@ fn operation(e: &Endpoint) -> utoipa::openapi::path::Operation {
                     .parameter_in(ParameterIn::Path)
                     .required(Required::True)
                     .schema(Some(
-                        ObjectBuilder::new().schema_type(Type::String).pattern(Some(
-                            if name == "id" {
-                                "^[0-9a-f]{16}$"
-                            } else {
-                                "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
-                            },
-                        )),
+                        ObjectBuilder::new()
+                            .schema_type(Type::String)
+                            .pattern(Some(match name {
+                                "id" => "^[0-9a-f]{16}$",
+                                "sha256" => "^[0-9a-f]{64}$",
+                                "run" | "step" => "^[A-Za-z0-9._\\[\\]-]{1,128}$",
+                                _ => "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+                            })),
                     )),
             );
         }
     }
-    if e.action == "vm.console" {
+    // Query parameters: (name, required, type).
+    let query: &[(&str, bool, Type)] = match e.action {
+        "vm.console" => &[("offset", false, Type::Integer)],
+        "vm.files.put" => &[("path", true, Type::String)],
+        "vm.files.get" => &[("path", true, Type::String), ("list", false, Type::Boolean)],
+        "workflow.events" => &[("after", false, Type::Integer)],
+        "usage.get" => &[
+            ("since_ms", false, Type::Integer),
+            ("agent", false, Type::String),
+        ],
+        "audit.events" => &[
+            ("after", false, Type::Integer),
+            ("limit", false, Type::Integer),
+            ("agent", false, Type::String),
+        ],
+        "operator.audit" => &[("limit", false, Type::Integer)],
+        _ => &[],
+    };
+    for (name, required, ty) in query {
+        let mut schema = ObjectBuilder::new().schema_type(ty.clone());
+        if *ty == Type::Integer {
+            schema = schema.minimum(Some(0));
+        }
         op = op.parameter(
             ParameterBuilder::new()
-                .name("offset")
+                .name(*name)
                 .parameter_in(ParameterIn::Query)
-                .required(Required::False)
-                .schema(Some(
-                    ObjectBuilder::new()
-                        .schema_type(Type::Integer)
-                        .minimum(Some(0)),
-                )),
+                .required(if *required {
+                    Required::True
+                } else {
+                    Required::False
+                })
+                .schema(Some(schema)),
         );
     }
     if let Some((mime, schema)) = content(e.request) {

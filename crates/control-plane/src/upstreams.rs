@@ -1,6 +1,6 @@
 //! The daemons behind the control plane other than vm-launcher — inference-proxy
-//! (usage), monitor-daemon (the syscall audit trail), orchestrator (workflows) — and
-//! the routes that front them. Each is reached through its own typed client with the
+//! (usage), monitor-daemon (the syscall audit trail), orchestrator (workflows),
+//! identity-manager (agent tokens) — and the routes that front them. Each is reached through its own typed client with the
 //! operator credential its daemon made in the shared state directory; the credential
 //! is read at each request, so a daemon started after the control plane (or one that
 //! made a new credential) is picked up without a restart. One that is not there
@@ -15,8 +15,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use clawos_api::{ClientError, code};
 use clawos_control_plane_api::{AuditQuery, EventsQuery};
+use clawos_identity_manager_api::{IdentityClient, IntrospectRequest, IssueRequest, RevokeRequest};
 use clawos_inference_proxy_api::{ProxyAdminClient, UsageQuery};
 use clawos_monitor_api::MonitorClient;
+use clawos_orchestrator_api::EventsQuery as RunEventsQuery;
 use clawos_orchestrator_api::{Approval, OrchestratorClient, SubmitRun};
 use clawos_service::http::ErrorResponse;
 
@@ -35,6 +37,7 @@ pub struct Upstreams {
     pub proxy: Upstream,
     pub monitor: Upstream,
     pub orchestrator: Upstream,
+    pub identity: Upstream,
 }
 
 impl Upstreams {
@@ -53,6 +56,10 @@ impl Upstreams {
             orchestrator: Upstream {
                 url: clawos_orchestrator_api::DEFAULT_URL.to_owned(),
                 token_path: clawos_orchestrator_api::token_path(state_dir),
+            },
+            identity: Upstream {
+                url: clawos_identity_manager_api::DEFAULT_URL.to_owned(),
+                token_path: state_dir.join("identity/service.token"),
             },
         }
     }
@@ -209,4 +216,102 @@ pub(crate) async fn cancel_run(State(app): Shared, Path(run): Path<String>) -> A
         .await
         .map_err(failed("orchestrator"))?;
     Ok(Json(status).into_response())
+}
+
+pub(crate) async fn run_events(
+    State(app): Shared,
+    Path(run): Path<String>,
+    q: Result<Query<RunEventsQuery>, QueryRejection>,
+) -> ApiResult {
+    id("run", &run)?;
+    let q = query(q)?;
+    let events = orchestrator(&app)?
+        .events(&run, q.after)
+        .await
+        .map_err(failed("orchestrator"))?;
+    Ok(Json(events).into_response())
+}
+
+pub(crate) async fn run_artifacts(State(app): Shared, Path(run): Path<String>) -> ApiResult {
+    id("run", &run)?;
+    let artifacts = orchestrator(&app)?
+        .artifacts(&run)
+        .await
+        .map_err(failed("orchestrator"))?;
+    Ok(Json(artifacts).into_response())
+}
+
+pub(crate) async fn artifact(State(app): Shared, Path(sha256): Path<String>) -> ApiResult {
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ErrorResponse::invalid(format!(
+            "artifact {sha256:?}: 64 hex characters (its sha256)"
+        )));
+    }
+    let bytes = orchestrator(&app)?
+        .artifact(&sha256)
+        .await
+        .map_err(failed("orchestrator"))?;
+    let mut resp = bytes.into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(resp)
+}
+
+fn identity(app: &crate::http::App) -> Result<IdentityClient, ErrorResponse> {
+    let up = &app.upstreams.identity;
+    Ok(IdentityClient::with_service_token(
+        &up.url,
+        &up.token("identity-manager")?,
+    ))
+}
+
+/// Issues an agent token (admin): identity-manager checks the request as it checks
+/// the launcher's.
+pub(crate) async fn issue_agent_token(
+    State(app): Shared,
+    b: Result<Json<IssueRequest>, JsonRejection>,
+) -> ApiResult {
+    let req = body(b)?;
+    let target = req.agent.clone();
+    let issued = identity(&app)?
+        .issue(&req)
+        .await
+        .map_err(failed("identity-manager"))?;
+    let mut resp = Json(issued).into_response();
+    resp.extensions_mut()
+        .insert(crate::http::AuditTarget(target));
+    Ok(resp)
+}
+
+/// Revokes one agent token (by jti) or every token of an agent (admin).
+pub(crate) async fn revoke_agent_tokens(
+    State(app): Shared,
+    b: Result<Json<RevokeRequest>, JsonRejection>,
+) -> ApiResult {
+    let req = body(b)?;
+    let target = req.agent.clone().or_else(|| req.jti.clone());
+    identity(&app)?
+        .revoke(&req)
+        .await
+        .map_err(failed("identity-manager"))?;
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    if let Some(t) = target {
+        resp.extensions_mut().insert(crate::http::AuditTarget(t));
+    }
+    Ok(resp)
+}
+
+/// Whether an agent token verifies, and its claims (RFC 7662).
+pub(crate) async fn introspect_agent_token(
+    State(app): Shared,
+    b: Result<Json<IntrospectRequest>, JsonRejection>,
+) -> ApiResult {
+    let req = body(b)?;
+    let answer = identity(&app)?
+        .introspect(&req.token)
+        .await
+        .map_err(failed("identity-manager"))?;
+    Ok(Json(answer).into_response())
 }

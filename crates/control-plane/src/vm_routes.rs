@@ -124,3 +124,15 @@ pub(crate) async fn vm_restore(
     let vm = app.launcher.restore(&name, &req).await.map_err(upstream)?;
     Ok((StatusCode::ACCEPTED, Json(vm)).into_response())
 }
+
+pub(crate) async fn images(State(app): Shared) -> ApiResult<Response> {
+    Ok(Json(app.launcher.images().await.map_err(upstream)?).into_response())
+}
+
+pub(crate) async fn verify_image(
+    State(app): Shared,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    label("image", &name)?;
+    Ok(Json(app.launcher.verify_image(&name).await.map_err(upstream)?).into_response())
+}

@@ -1,7 +1,8 @@
 //! The VM routes that are streams rather than one JSON answer: exec and the agent
-//! gateway (WebSockets relayed frame by frame to vm-launcher's own), and the agent's
+//! gateway (WebSockets relayed frame by frame to vm-launcher's own), the agent's
 //! chat completions (the request passed on, the answer — JSON or server-sent events —
-//! streamed back as the launcher gives it).
+//! streamed back as the launcher gives it), and file copies in and out of a VM's
+//! workspace (bodies streamed through, never held whole).
 
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -11,7 +12,7 @@ use axum::http::{HeaderName, StatusCode};
 use axum::response::{IntoResponse, Response};
 use clawos_api::{Route, code};
 use clawos_service::http::ErrorResponse;
-use clawos_vm_launcher_api::routes as vm;
+use clawos_vm_launcher_api::{FileQuery, routes as vm};
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::{self, Message as UpMessage};
 
@@ -34,6 +35,9 @@ pub const STREAM_MAX: Duration = Duration::from_secs(12 * 3600);
 pub const STREAM_RECHECK: Duration = Duration::from_secs(5);
 /// Longest an agent task's answer may stream through the control plane.
 pub const CHAT_MAX: Duration = Duration::from_secs(3600);
+/// A file copy whose sender sends nothing for this long is abandoned (the guest keeps
+/// nothing of it).
+pub const FILE_IDLE: Duration = Duration::from_secs(60);
 
 /// Who opened a stream, to ask again while it runs.
 struct Holder {
@@ -212,4 +216,89 @@ pub(crate) async fn agent_sessions(State(app): Shared, Path(name): Path<String>)
     label("VM", &name)?;
     let list = app.launcher.agent_sessions(&name).await.map_err(upstream)?;
     Ok(Json(list).into_response())
+}
+
+/// `PUT …/files?path=`: the body streamed on to the launcher as it arrives, its
+/// Content-Length checked there (a body of another length is refused and discarded).
+pub(crate) async fn put_file(
+    State(app): Shared,
+    Path(name): Path<String>,
+    q: Result<axum::extract::Query<FileQuery>, axum::extract::rejection::QueryRejection>,
+    headers: axum::http::HeaderMap,
+    body: Body,
+) -> ApiResult {
+    label("VM", &name)?;
+    let axum::extract::Query(q) = q.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
+    let len: u64 = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| ErrorResponse::invalid("a file upload needs a Content-Length"))?;
+    // Each chunk must come within FILE_IDLE: a stalled sender ends the copy instead
+    // of holding the launcher's and the guest's side open.
+    let chunks = futures_util::stream::unfold(body.into_data_stream(), |mut s| async move {
+        match tokio::time::timeout(FILE_IDLE, s.next()).await {
+            Ok(Some(Ok(b))) => Some((Ok(b), s)),
+            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), s)),
+            Ok(None) => None,
+            Err(_) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no upload data for {}s", FILE_IDLE.as_secs()),
+                )),
+                s,
+            )),
+        }
+    });
+    app.launcher
+        .upload(&name, &q.path, len, reqwest::Body::wrap_stream(chunks))
+        .await
+        .map_err(upstream)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// `GET …/files?path=[&list=true]`: a file streamed back as the launcher sends it, or
+/// a directory's entries.
+pub(crate) async fn get_file(
+    State(app): Shared,
+    Path(name): Path<String>,
+    q: Result<axum::extract::Query<FileQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult {
+    label("VM", &name)?;
+    let axum::extract::Query(q) = q.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
+    if q.list {
+        let entries = app
+            .launcher
+            .list_files(&name, &q.path)
+            .await
+            .map_err(upstream)?;
+        return Ok(Json(entries).into_response());
+    }
+    let download = app
+        .launcher
+        .download(&name, &q.path)
+        .await
+        .map_err(upstream)?;
+    let size = download.size();
+    let chunks = futures_util::stream::unfold(Some(download), |d| async move {
+        let mut d = d?;
+        match d.chunk().await {
+            Ok(Some(bytes)) => Some((Ok(Bytes::from(bytes)), Some(d))),
+            Ok(None) => None,
+            Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+        }
+    });
+    let mut resp = Body::from_stream(chunks).into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        axum::http::HeaderValue::from_static("application/octet-stream"),
+    );
+    if let Some(size) = size {
+        h.insert(
+            axum::http::header::CONTENT_LENGTH,
+            axum::http::HeaderValue::from(size),
+        );
+    }
+    Ok(resp)
 }

@@ -148,6 +148,8 @@ pub fn router(launcher: Arc<Launcher>, guard: &Guard) -> Router {
         .at(routes::PUT_FILE, put_file)
         .at(routes::AGENT_CHAT, crate::agent::chat)
         .at(routes::AGENT_SESSIONS, crate::agent::sessions)
+        .at(routes::IMAGES, images)
+        .at(routes::VERIFY_IMAGE, verify_image)
         .at(routes::HEALTHZ, || async { "ok\n" })
         .at(routes::METRICS, metrics)
         .fallback(fallback)
@@ -155,6 +157,19 @@ pub fn router(launcher: Arc<Launcher>, guard: &Guard) -> Router {
     guard
         .protect(routes)
         .layer(axum::middleware::from_fn(clawos_service::http::request_id))
+}
+
+async fn images(
+    State(l): State<AppState>,
+) -> Result<Json<Vec<clawos_vm_launcher_api::ImageInfo>>, LauncherError> {
+    l.images().await.map(Json)
+}
+
+async fn verify_image(
+    State(l): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<clawos_vm_launcher_api::ImageInfo>, LauncherError> {
+    l.check_image(&name).await.map(Json)
 }
 
 async fn pause(

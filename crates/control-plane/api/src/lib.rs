@@ -1,10 +1,13 @@
 //! control-plane's public REST API, defined once: routes ([`routes`]), roles ([`Role`]),
 //! wire types and [`ControlPlaneClient`], used by the daemon, the CLI and the tests.
 //!
-//! Everything is under `/api/v1`, over HTTPS. The VM routes are vm-launcher's own
-//! route table ([`clawos_vm_launcher_api::routes`]) mounted under [`PREFIX`], with the
-//! same wire types, so `LauncherClient::new("https://host:8080/api")` drives a remote
-//! host exactly as it drives the local launcher.
+//! Everything is under `/api/v1`, over HTTPS. The routes that front an internal daemon
+//! are that daemon's own route table mounted under [`PREFIX`] (`/api` + `/v1/vms…`),
+//! with the same wire types: vm-launcher's VMs and images, the orchestrator's
+//! workflow runs, inference-proxy's usage, identity-manager's agent tokens. So each
+//! daemon's typed client, given `https://host:8080/api` and this server's trust
+//! ([`ControlPlaneClient::vms`], [`ControlPlaneClient::workflows`], …), drives a
+//! remote host exactly as it drives the local daemon.
 //!
 //! | route | role | body → answer |
 //! |---|---|---|
@@ -23,11 +26,16 @@
 //! | [`routes::SESSION`] `GET /api/v1/sessions/current` | viewer | → [`SessionInfo`] |
 //! | [`routes::LOGOUT`] `DELETE /api/v1/sessions/current` | viewer | → 204, cookie cleared |
 //! | [`routes::CONSOLE`] `GET /`, `/console/app.js`, `/console/style.css` | none | the web console |
-//! | [`routes::USAGE`] `GET /api/v1/usage?since_ms=&agent=` | viewer | → inference-proxy's usage report |
 //! | [`routes::AUDIT_EVENTS`] `GET /api/v1/audit/events?after=&limit=&agent=` | viewer | → monitor-daemon's audit events |
 //! | [`routes::OPERATOR_AUDIT`] `GET /api/v1/operators/audit?limit=` | admin | → the newest operator audit records |
-//! | [`routes::RUNS`], [`routes::RUN`] `GET /api/v1/workflows/runs[/{run}]` | viewer | → the orchestrator's runs |
-//! | [`routes::SUBMIT_RUN`], [`routes::APPROVE`], [`routes::CANCEL_RUN`] | operator | submit, approve or reject a step, cancel |
+//! | `GET /api/v1/usage?since_ms=&agent=` | viewer | inference-proxy's usage report ([`ControlPlaneClient::usage`]) |
+//! | `GET /api/v1/runs[/{run}[/events\|/artifacts]]`, `GET /api/v1/artifacts/{sha256}` | viewer | the orchestrator's runs ([`ControlPlaneClient::workflows`]) |
+//! | `POST /api/v1/runs`, `…/steps/{step}/approval`, `…/cancel` | operator | submit, approve or reject a step, cancel |
+//! | `POST /api/v1/tokens`, `POST /api/v1/revoke` | admin | identity-manager: issue, revoke agent tokens ([`ControlPlaneClient::agent_tokens`]) |
+//! | `POST /api/v1/introspect` | operator | whether an agent token verifies |
+//! | `GET /api/v1/images` | viewer | the images VMs may boot, each verified now |
+//! | `POST /api/v1/images/{name}/verify` | operator | verify one as a boot would |
+//! | `PUT`/`GET /api/v1/vms/{name}/files?path=` | operator | copy a file in or out of a VM's workspace (streamed) |
 //! | [`routes::OPENAPI`] `GET /api/v1/openapi.json` | none | the OpenAPI 3.1 document of all of this |
 //! | [`routes::HEALTHZ`] `GET /healthz` | none | liveness |
 //!
@@ -86,18 +94,10 @@ pub mod routes {
     pub const LIST_TOKENS: Route = Route::get("/api/v1/operators/tokens");
     pub const REVOKE_TOKEN: Route = Route::delete("/api/v1/operators/tokens/{id}");
     pub const OPENAPI: Route = Route::get("/api/v1/openapi.json");
-    /// LLM usage per agent and model (inference-proxy's ledger).
-    pub const USAGE: Route = Route::get("/api/v1/usage");
     /// The syscall audit trail (monitor-daemon).
     pub const AUDIT_EVENTS: Route = Route::get("/api/v1/audit/events");
     /// The operator audit trail's newest records.
     pub const OPERATOR_AUDIT: Route = Route::get("/api/v1/operators/audit");
-    /// Workflow runs (orchestrator).
-    pub const RUNS: Route = Route::get("/api/v1/workflows/runs");
-    pub const SUBMIT_RUN: Route = Route::post("/api/v1/workflows/runs");
-    pub const RUN: Route = Route::get("/api/v1/workflows/runs/{run}");
-    pub const APPROVE: Route = Route::post("/api/v1/workflows/runs/{run}/steps/{step}/approval");
-    pub const CANCEL_RUN: Route = Route::post("/api/v1/workflows/runs/{run}/cancel");
     /// Browser login through the OpenID provider: redirects there.
     pub const LOGIN_OIDC: Route = Route::get("/api/v1/login/oidc");
     /// Where the provider sends the browser back.
@@ -324,6 +324,51 @@ impl ControlPlaneClient {
         )
         .with_ws_tls(std::sync::Arc::clone(&self.tls))
         .with_token(&self.token)
+    }
+
+    fn at_prefix(&self) -> String {
+        format!("{}{PREFIX}", self.server)
+    }
+
+    /// A client of the workflow routes (the orchestrator's API under [`PREFIX`]).
+    pub fn workflows(&self) -> clawos_orchestrator_api::OrchestratorClient {
+        clawos_orchestrator_api::OrchestratorClient::with_http(
+            "control-plane",
+            &self.at_prefix(),
+            self.raw.clone(),
+            &self.token,
+        )
+    }
+
+    /// A client of the usage route (inference-proxy's API under [`PREFIX`]).
+    pub fn usage(&self) -> clawos_inference_proxy_api::ProxyAdminClient {
+        clawos_inference_proxy_api::ProxyAdminClient::with_http(
+            "control-plane",
+            &self.at_prefix(),
+            self.raw.clone(),
+            &self.token,
+        )
+    }
+
+    /// A client of the agent-token routes (identity-manager's issue, revoke and
+    /// introspect under [`PREFIX`]).
+    pub fn agent_tokens(&self) -> clawos_identity_manager_api::IdentityClient {
+        clawos_identity_manager_api::IdentityClient::with_http(
+            "control-plane",
+            &self.at_prefix(),
+            self.raw.clone(),
+            &self.token,
+        )
+    }
+
+    /// Syscall audit events after `after` (monitor-daemon's trail).
+    pub async fn audit_events(
+        &self,
+        q: &EventsQuery,
+    ) -> Result<Vec<clawos_monitor_api::AuditEvent>, ClientError> {
+        self.http
+            .json(self.http.request(routes::AUDIT_EVENTS, &[]).query(q))
+            .await
     }
 
     pub async fn whoami(&self) -> Result<WhoAmI, ClientError> {

@@ -81,6 +81,7 @@ impl Claims {
 /// What the launcher or control plane asks for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IssueRequest {
     /// `[a-z0-9-]`, 1–63 characters, no leading or trailing `-`.
     pub agent: String,
@@ -97,6 +98,7 @@ pub struct IssueRequest {
 
 /// An issued token.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Issued {
     /// The JWT.
     pub token: String,
@@ -110,6 +112,7 @@ pub struct Issued {
 /// Revokes one token or every token of an agent issued so far: exactly one is given.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RevokeRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
@@ -136,6 +139,7 @@ impl RevokeRequest {
 
 /// RFC 7662 introspection request (sent as JSON; the service also takes a form).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IntrospectRequest {
     pub token: String,
 }
@@ -143,6 +147,7 @@ pub struct IntrospectRequest {
 /// RFC 7662 introspection answer: `{"active": false}` and nothing else for a token that
 /// does not verify; the claims for one that does.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Introspection {
     pub active: bool,
     /// `Bearer`.
@@ -331,6 +336,22 @@ impl IdentityClient {
     pub fn with_service_token(base: &str, token: &str) -> Self {
         Self {
             http: HttpClient::new("identity-manager", base).with_token(token),
+            timeout: None,
+        }
+    }
+
+    /// A client of identity-manager's routes wherever they are served: the daemon, or
+    /// a control plane (`https://host:8080/api`, which fronts issue, revoke and
+    /// introspect) through `http`, a client that trusts that server; `token` is the
+    /// credential that server takes.
+    pub fn with_http(
+        service: &'static str,
+        base: &str,
+        http: reqwest::Client,
+        token: &str,
+    ) -> Self {
+        Self {
+            http: HttpClient::with_http(service, base, http).with_token(token),
             timeout: None,
         }
     }

@@ -91,6 +91,20 @@ impl ProxyAdminClient {
         }
     }
 
+    /// A client of the proxy's operator routes wherever they are served: the proxy, or
+    /// a control plane (`https://host:8080/api`) through `http`, a client that trusts
+    /// that server; `token` is the credential that server takes.
+    pub fn with_http(
+        service: &'static str,
+        base: &str,
+        http: reqwest::Client,
+        token: &str,
+    ) -> Self {
+        Self {
+            http: HttpClient::with_http(service, base, http).with_token(token),
+        }
+    }
+
     /// Usage per agent and model.
     pub async fn usage(&self, q: &UsageQuery) -> Result<UsageReport, ClientError> {
         self.http

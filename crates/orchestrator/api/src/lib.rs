@@ -157,6 +157,7 @@ pub struct StepStatus {
 
 /// One journal event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunEvent {
     /// Consecutive per run, from 1.
     pub seq: u64,
@@ -168,6 +169,7 @@ pub struct RunEvent {
     pub step: Option<String>,
     /// The event's own fields.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub detail: serde_json::Value,
 }
 
@@ -190,6 +192,7 @@ pub struct Approval {
 
 /// A content-addressed artifact.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ArtifactRef {
     /// 64 hex characters.
     pub sha256: String,
@@ -213,6 +216,20 @@ impl OrchestratorClient {
     pub fn new(base: &str, token: &str) -> Self {
         Self {
             http: HttpClient::new("orchestrator", base).with_token(token),
+        }
+    }
+
+    /// A client of the orchestrator's routes wherever they are served: the daemon, or a
+    /// control plane (`https://host:8080/api`) through `http`, a client that trusts
+    /// that server; `token` is the credential that server takes.
+    pub fn with_http(
+        service: &'static str,
+        base: &str,
+        http: reqwest::Client,
+        token: &str,
+    ) -> Self {
+        Self {
+            http: HttpClient::with_http(service, base, http).with_token(token),
         }
     }
 

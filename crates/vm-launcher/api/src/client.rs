@@ -5,8 +5,8 @@ use std::time::Duration;
 use clawos_api::{ClientError, HttpClient, Route};
 
 use crate::{
-    CONSOLE_OFFSET_HEADER, ConsoleQuery, CreateSnapshot, FileEntry, FileQuery, RestoreVm, Snapshot,
-    StartVm, Vm, routes,
+    CONSOLE_OFFSET_HEADER, ConsoleQuery, CreateSnapshot, FileEntry, FileQuery, ImageInfo,
+    RestoreVm, Snapshot, StartVm, Vm, routes,
 };
 
 /// A typed client for the launcher.
@@ -151,6 +151,22 @@ impl LauncherClient {
             .await
     }
 
+    /// The images VMs may boot, each verified as the launcher lists them.
+    pub async fn images(&self) -> Result<Vec<ImageInfo>, ClientError> {
+        self.http.json(self.http.request(routes::IMAGES, &[])).await
+    }
+
+    /// Verifies image `name` as a boot would: its facts, or the refusal (422).
+    pub async fn verify_image(&self, name: &str) -> Result<ImageInfo, ClientError> {
+        self.http
+            .json(
+                self.http
+                    .request(routes::VERIFY_IMAGE, &[name])
+                    .timeout(Duration::from_secs(120)),
+            )
+            .await
+    }
+
     /// Uploads `data` to `path` in the VM's workspace.
     pub async fn put_file(&self, name: &str, path: &str, data: Vec<u8>) -> Result<(), ClientError> {
         let len = data.len() as u64;
@@ -184,7 +200,10 @@ impl LauncherClient {
             .await
     }
 
-    async fn upload(
+    /// Uploads `len` bytes from `body` to `path` in the VM's workspace, streamed (a
+    /// relay passes an upload on with it). A body that is not `len` bytes fails the
+    /// upload, and the guest keeps nothing.
+    pub async fn upload(
         &self,
         name: &str,
         path: &str,

@@ -139,6 +139,11 @@ pub mod routes {
     pub const AGENT_CHAT: Route = Route::post("/v1/vms/{name}/agent/chat/completions");
     /// The VM's agent sessions.
     pub const AGENT_SESSIONS: Route = Route::get("/v1/vms/{name}/agent/sessions");
+    /// The images VMs may boot (`default` and those `clawos image add` registered),
+    /// each verified now.
+    pub const IMAGES: Route = Route::get("/v1/images");
+    /// Verify one image as a boot would (`{name}` is the image's name).
+    pub const VERIFY_IMAGE: Route = Route::post("/v1/images/{name}/verify");
     pub const HEALTHZ: Route = Route::get("/healthz");
     pub const METRICS: Route = Route::get("/metrics");
 }
@@ -352,8 +357,43 @@ pub enum ExecEvent {
     },
 }
 
+/// An image as [`routes::IMAGES`] lists it: verified when listed (signature, file
+/// hashes, rootfs size, pinned root hash), or why it was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ImageInfo {
+    /// The name VMs boot it by (`StartVm.image`).
+    pub name: String,
+    /// What its verified manifest says; absent when it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified: Option<VerifiedImage>,
+    /// Why it was refused, in general terms (the launcher's log has the details).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
+/// The verified facts of an image (its signed manifest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VerifiedImage {
+    pub version: String,
+    /// RFC 3339.
+    pub created: String,
+    pub kernel_release: String,
+    /// dm-verity root hash of the rootfs, hex.
+    pub root_hash: String,
+    pub rootfs_size: u64,
+    /// The agent runtime it starts (`openclaw 2026.4.1`), when not the built-in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_runtime: Option<String>,
+    /// Whether the manifest's signature was checked against the launcher's key (false
+    /// only on a launcher started with `--allow-unsigned`).
+    pub signature_checked: bool,
+}
+
 /// A guest directory entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FileEntry {
     pub name: String,
     /// `file`, `dir`, `symlink` or `other`.

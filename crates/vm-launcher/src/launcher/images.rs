@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use clawos_image::bundle::{BundleDir, BundleSource, OpenFile, Trust, VerifiedBundle};
 use clawos_image::store::{DEFAULT_IMAGE, check_name, images_dir};
 use clawos_image::{ImageError, Manifest, VerifyPolicy, files};
+use clawos_vm_launcher_api::{ImageInfo, VerifiedImage};
 
 use super::Launcher;
 use crate::LauncherError;
@@ -148,6 +149,62 @@ impl Launcher {
             }
             Err(e) => Err(self.refused(name, &e)),
         }
+    }
+
+    /// Every image a VM may boot — `default` when configured or registered, and each
+    /// registered name — verified now, refused ones with why.
+    pub async fn images(&self) -> Result<Vec<ImageInfo>, LauncherError> {
+        let cfg = &self.shared.cfg;
+        let mut names: Vec<String> = match std::fs::read_dir(images_dir(&cfg.state_dir)) {
+            Ok(entries) => entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                // Leftovers of an interrupted `image add` are not images.
+                .filter(|n| check_name(n).is_ok())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(LauncherError::Internal(format!("image store: {e}")));
+            }
+        };
+        if cfg.image_dir.is_some() && !names.iter().any(|n| n == DEFAULT_IMAGE) {
+            names.push(DEFAULT_IMAGE.to_owned());
+        }
+        names.sort();
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            out.push(match self.check_image(&name).await {
+                Ok(info) => info,
+                Err(e) => ImageInfo {
+                    name,
+                    verified: None,
+                    refused: Some(e.to_string()),
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Verifies image `name` as a boot would, and answers what it verified.
+    pub async fn check_image(&self, name: &str) -> Result<ImageInfo, LauncherError> {
+        check_name(name).map_err(LauncherError::Invalid)?;
+        let v = self.verify_image(name).await?;
+        let m = v.manifest();
+        Ok(ImageInfo {
+            name: v.name.clone(),
+            verified: Some(VerifiedImage {
+                version: m.version.clone(),
+                created: m.created.clone(),
+                kernel_release: m.kernel_release.clone(),
+                root_hash: m.verity.root_hash.clone(),
+                rootfs_size: m.rootfs_size,
+                agent_runtime: m
+                    .agent_runtime
+                    .as_ref()
+                    .map(|r| format!("{} {}", r.name, r.version)),
+                signature_checked: self.shared.cfg.public_key.is_some(),
+            }),
+            refused: None,
+        })
     }
 
     /// The API error for an image that failed verification, logged with its details.
