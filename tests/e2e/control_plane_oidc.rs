@@ -149,9 +149,22 @@ fn login(
     password: &str,
     extra: &[&str],
 ) -> Result<Value> {
+    let start = format!("{}/api/v1/login/oidc", cp.url);
+    login_at(cp, op, &start, user, password, extra)
+}
+
+/// One browser login as `user` starting at `start`.
+fn login_at(
+    cp: &ControlPlane,
+    op: &Provider,
+    start: &str,
+    user: &str,
+    password: &str,
+    extra: &[&str],
+) -> Result<Value> {
     let o = Command::new("python3")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/oidc/login.py"))
-        .args(["--start", &format!("{}/api/v1/login/oidc", cp.url)])
+        .args(["--start", start])
         .arg("--ca")
         .arg(cp.ca())
         .arg("--ca2")
@@ -177,16 +190,15 @@ fn login(
     Ok(serde_json::from_slice(&o.stdout)?)
 }
 
-#[test]
-fn oidc_login_maps_groups_to_roles_and_refuses_every_bad_token() -> Result<()> {
-    let dir = tempfile::tempdir()?;
+/// A control plane whose operators log in through a fresh provider.
+fn control_plane_with_provider(dir: &Path) -> Result<(ControlPlane, Provider, PathBuf)> {
     let cp_port = port();
     let redirect = format!("https://127.0.0.1:{cp_port}/api/v1/login/oidc/callback");
-    let op = Provider::start(&dir.path().join("op"), &redirect)?;
-    let state = dir.path().join("state");
+    let op = Provider::start(&dir.join("op"), &redirect)?;
+    let state = dir.join("state");
     std::fs::create_dir_all(state.join("launcher"))?;
     std::fs::write(state.join("launcher/admin.token"), "unused\n")?;
-    let secret = dir.path().join("client.secret");
+    let secret = dir.join("client.secret");
     std::fs::write(&secret, CLIENT_SECRET)?;
     let addr = format!("127.0.0.1:{cp_port}");
     let cp = ControlPlane::start(
@@ -209,6 +221,13 @@ fn oidc_login_maps_groups_to_roles_and_refuses_every_bad_token() -> Result<()> {
             op.ca.to_str().context("utf8")?,
         ],
     )?;
+    Ok((cp, op, state))
+}
+
+#[test]
+fn oidc_login_maps_groups_to_roles_and_refuses_every_bad_token() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cp, op, state) = control_plane_with_provider(dir.path())?;
 
     // Each group gets its role, and the session works for the API.
     for (user, pw, role) in [
@@ -315,4 +334,158 @@ fn oidc_login_maps_groups_to_roles_and_refuses_every_bad_token() -> Result<()> {
         assert!(!f.contains(CLIENT_SECRET), "the client secret leaked");
     }
     Ok(())
+}
+
+/// `clawos login --browser`: the CLI waits on a loopback port, the browser logs in at
+/// the provider and comes back there with a one-time code, the CLI trades it (with its
+/// verifier) for an API token with the user's role. The code is worth nothing twice,
+/// or with another verifier.
+#[test]
+fn the_cli_logs_in_through_the_browser() -> Result<()> {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir()?;
+    let (cp, op, _state) = control_plane_with_provider(dir.path())?;
+    let home = dir.path().join("home");
+    std::fs::create_dir_all(&home)?;
+    let cli = |args: &[&str]| {
+        let mut c = Command::new(clawos_e2e::bin("clawos"));
+        c.arg("--server")
+            .arg(&cp.url)
+            .arg("--ca")
+            .arg(cp.ca())
+            .args(args)
+            .env("HOME", &home)
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("CLAWOS_OPERATOR_TOKEN");
+        c
+    };
+    let t = Instant::now();
+    let mut login = KillOnDrop(
+        cli(&["login", "--browser", "--no-open"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?,
+    );
+    let stderr = login.0.stderr.take().context("stderr")?;
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let url = loop {
+        let line = lines.next().context("the CLI ended without a URL")??;
+        if line.starts_with("https://") {
+            break line;
+        }
+    };
+    assert!(
+        url.contains("cli_port=") && url.contains("cli_challenge="),
+        "{url}"
+    );
+    // The browser: the provider's login, the control plane's callback, and back to the
+    // CLI's loopback port.
+    let r = login_at(&cp, &op, &url, "otto", "pw-otto", &[])?;
+    assert_eq!(r["callback_status"], 303, "{r}");
+    let back = r["callback_location"].as_str().unwrap_or("");
+    assert!(back.starts_with("http://127.0.0.1:"), "{r}");
+    assert_eq!(r["final_status"], 200, "the CLI answered the browser: {r}");
+    let status = login.0.wait()?;
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut login.0.stdout.take().context("stdout")?, &mut said)?;
+    assert!(status.success(), "{status}: {said}");
+    assert!(said.contains("as cli-otto (operator)"), "{said}");
+    clawos_e2e::measured(&format!(
+        "control-plane OIDC: `clawos login --browser` end to end {:?}",
+        t.elapsed()
+    ));
+    let me = cli(&["--json", "operator", "whoami"]).output()?;
+    assert!(me.status.success(), "{}", show(&me));
+    let me: Value = serde_json::from_slice(&me.stdout)?;
+    assert_eq!(
+        (me["operator"].as_str(), me["role"].as_str()),
+        (Some("cli-otto"), Some("operator"))
+    );
+    let creds = home.join(".config/clawos/credentials.json");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&creds)?.permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    // The code the browser carried is spent.
+    let code = back
+        .split(['?', '&'])
+        .find_map(|kv| kv.strip_prefix("code="))
+        .context("a code")?;
+    let again = cp.call(
+        None,
+        "POST",
+        "/api/v1/login/cli/token",
+        Some(&json!({"code": code, "verifier": "x".repeat(43)})),
+    );
+    assert_eq!(again.status, 401, "{}", again.body);
+
+    // A login started by hand (no CLI listening): its code, tried with a wrong
+    // verifier, is refused — and then refused with the right one too.
+    let verifier = "v".repeat(43);
+    let challenge = python_s256(&verifier)?;
+    let start = format!(
+        "{}/api/v1/login/oidc?cli_port=9&cli_state=0123456789abcdef&cli_challenge={challenge}",
+        cp.url
+    );
+    let r = login_at(&cp, &op, &start, "vera", "pw-vera", &["--no-follow-final"])?;
+    let back = r["callback_location"].as_str().unwrap_or("");
+    assert!(back.starts_with("http://127.0.0.1:9/callback?"), "{r}");
+    assert!(back.ends_with("&state=0123456789abcdef"), "{r}");
+    let code = back
+        .split(['?', '&'])
+        .find_map(|kv| kv.strip_prefix("code="))
+        .context("a code")?;
+    let wrong = cp.call(
+        None,
+        "POST",
+        "/api/v1/login/cli/token",
+        Some(&json!({"code": code, "verifier": "w".repeat(43)})),
+    );
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
+    let right = cp.call(
+        None,
+        "POST",
+        "/api/v1/login/cli/token",
+        Some(&json!({"code": code, "verifier": verifier})),
+    );
+    assert_eq!(right.status, 401, "a code is tried once: {}", right.body);
+    // Bad hand-off parameters never reach the provider.
+    for q in [
+        "cli_port=9",
+        "cli_port=9&cli_state=short&cli_challenge=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        "cli_port=0&cli_state=0123456789abcdef&cli_challenge=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    ] {
+        let a = cp.call(None, "GET", &format!("/api/v1/login/oidc?{q}"), None);
+        assert_eq!(a.status, 400, "{q}: {}", a.body);
+    }
+    let trail = cp.audit();
+    assert!(
+        trail.iter().any(|r| r["action"] == "session.cli_token"
+            && r["operator"] == "cli-otto"
+            && r["result"] == "ok"),
+        "the token hand-off is audited under its user"
+    );
+    assert_eq!(
+        trail
+            .iter()
+            .filter(|r| r["action"] == "session.cli_token" && r["result"] == "refused")
+            .count(),
+        3,
+        "each refused hand-off is audited"
+    );
+    Ok(())
+}
+
+/// BASE64URL(SHA-256(s)), computed by Python's standard library (an oracle that is not
+/// the code under test).
+fn python_s256(s: &str) -> Result<String> {
+    let o = Command::new("python3")
+        .args([
+            "-c",
+            "import base64,hashlib,sys; print(base64.urlsafe_b64encode(hashlib.sha256(sys.argv[1].encode()).digest()).decode().rstrip('='))",
+            s,
+        ])
+        .output()?;
+    anyhow::ensure!(o.status.success(), "{}", show(&o));
+    Ok(String::from_utf8(o.stdout)?.trim().to_owned())
 }

@@ -7,7 +7,7 @@
 //! control plane on this host as the local admin.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
 
 use anyhow::anyhow;
@@ -167,8 +167,145 @@ pub fn local_client(a: &ServerArgs) -> Result<ControlPlaneClient, Exit> {
 #[derive(Debug, Args)]
 pub struct LoginArgs {
     /// Read the operator API token from this file instead of standard input.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "browser")]
     token_file: Option<PathBuf>,
+    /// Log in through the control plane's OpenID provider in a browser: the CLI
+    /// waits on a loopback port for the browser to come back, then keeps a 12-hour
+    /// API token with the role the provider's groups give.
+    #[arg(long)]
+    browser: bool,
+    /// With --browser: only print the URL to open (e.g. on a machine without a
+    /// browser: open it on one that reaches both this port and the server).
+    #[arg(long, requires = "browser")]
+    no_open: bool,
+}
+
+/// How long `login --browser` waits for the browser to come back.
+const BROWSER_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn random_url_safe(bytes: usize) -> Result<String, Exit> {
+    use base64::Engine as _;
+    let mut b = vec![0u8; bytes];
+    getrandom::fill(&mut b).map_err(|e| Exit(1, anyhow!("no randomness: {e}")))?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b))
+}
+
+/// The browser login (see `clawos_control_plane::cli_login`): the API token it ends
+/// with.
+async fn browser_login(server: &str, trust: &ServerTrust, open: bool) -> Result<String, Exit> {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| {
+            Exit(
+                1,
+                anyhow!("a loopback port for the browser to come back to: {e}"),
+            )
+        })?;
+    let port = listener.local_addr().map_err(|e| Exit(1, e.into()))?.port();
+    let state = random_url_safe(24)?;
+    let verifier = random_url_safe(32)?;
+    let challenge = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(sha2::Sha256::digest(verifier.as_bytes()));
+    let url = format!(
+        "{server}{}?cli_port={port}&cli_state={state}&cli_challenge={challenge}",
+        clawos_control_plane_api::routes::LOGIN_OIDC.path
+    );
+    eprintln!(
+        "Log in to {server} in a browser (waiting {} s):
+{url}",
+        BROWSER_WAIT.as_secs()
+    );
+    if open {
+        // Best effort: the URL above works whether or not a browser starts.
+        let _ = std::process::Command::new("xdg-open")
+            .arg(&url)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+    }
+    let code = tokio::time::timeout(BROWSER_WAIT, wait_for_code(&listener, &state))
+        .await
+        .map_err(|_| {
+            Exit(
+                1,
+                anyhow!(
+                    "the browser did not come back within {} s",
+                    BROWSER_WAIT.as_secs()
+                ),
+            )
+        })??;
+    let client = ControlPlaneClient::connect(server, trust, "").map_err(|e| Exit(2, anyhow!(e)))?;
+    let created = client
+        .cli_token(&clawos_control_plane_api::CliToken { code, verifier })
+        .await
+        .map_err(api_exit)?;
+    Ok(created.token)
+}
+
+/// Answers the browser's requests on the loopback port until one brings a code with
+/// our state; anything else is answered and ignored.
+async fn wait_for_code(listener: &tokio::net::TcpListener, state: &str) -> Result<String, Exit> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let mut head = Vec::new();
+        let mut buf = [0u8; 2048];
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            while head.len() < 8192 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        if read.is_err() {
+            continue;
+        }
+        let line = String::from_utf8_lossy(&head);
+        let target = line
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("GET "))
+            .and_then(|l| l.split(' ').next())
+            .unwrap_or("");
+        let query = target.strip_prefix("/callback?").unwrap_or("");
+        let param = |name: &str| {
+            query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+                .map(str::to_owned)
+        };
+        let (status, page, code) = match (param("code"), param("state")) {
+            (Some(code), Some(s)) if s == state => (
+                "200 OK",
+                "Logged in: the ClawOS CLI has its credential. You may close this tab.",
+                Some(code),
+            ),
+            _ => (
+                "400 Bad Request",
+                "Not a ClawOS login for this CLI (start again with `clawos login --browser`).",
+                None,
+            ),
+        };
+        let body = format!(
+            "<!doctype html><meta charset=utf-8><title>ClawOS login</title><p>{page}</p>\n"
+        );
+        let resp = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = conn.write_all(resp.as_bytes()).await;
+        let _ = conn.shutdown().await;
+        if let Some(code) = code {
+            return Ok(code);
+        }
+    }
 }
 
 /// Checks the token (read from stdin, or a prompt on a terminal) against the server
@@ -187,13 +324,15 @@ pub async fn login(a: &ServerArgs, args: LoginArgs, json: bool) -> Result<(), Ex
         )
     })?;
     let token = match &args.token_file {
+        _ if args.browser => browser_login(&server, &trust, !args.no_open).await?,
         Some(p) => std::fs::read_to_string(p)
             .map_err(|e| Exit(1, anyhow!("--token-file {}: {e}", p.display())))?,
+        // On a terminal the token is read without echo: it is a credential.
+        None if std::io::stdin().is_terminal() => {
+            rpassword::prompt_password(format!("operator API token for {server}: "))
+                .map_err(|e| Exit(1, anyhow!("reading the token: {e}")))?
+        }
         None => {
-            if std::io::stdin().is_terminal() {
-                eprint!("operator API token for {server}: ");
-                let _ = std::io::stderr().flush();
-            }
             let mut line = String::new();
             std::io::stdin()
                 .lock()

@@ -111,7 +111,8 @@ pub fn endpoints() -> Vec<Endpoint> {
         ep(routes::CONSOLE_STYLE, "", None, "console.style", "The web console's style sheet.", Empty, (200, Shape::Page("text/css"))),
         ep(routes::LOGIN, "", None, "session.create", "Browser login with an operator API token: sets the session cookie (Secure, HttpOnly, SameSite=Strict) and answers the CSRF token.", J("Login"), (201, J("SessionInfo"))),
         ep(routes::LOGIN_OIDC, "", None, "session.oidc.start", "Browser login through the OpenID provider: redirects there with state, nonce and a PKCE challenge.", Empty, (303, Empty)),
-        ep(routes::OIDC_CALLBACK, "", None, "session.oidc", "The provider's answer: the code is exchanged, the ID token checked, the groups claim mapped to a role; sets the session cookie and redirects to the console.", Empty, (303, Empty)),
+        ep(routes::OIDC_CALLBACK, "", None, "session.oidc", "The provider's answer: the code is exchanged, the ID token checked, the groups claim mapped to a role; sets the session cookie and redirects to the console (a CLI's login: redirects to the CLI's loopback port with a one-time code).", Empty, (303, Empty)),
+        ep(routes::CLI_TOKEN, "", None, "session.cli_token", "A CLI browser login's last step: its one-time code and PKCE verifier for an operator API token (12 h).", J("CliToken"), (201, J("CreatedToken"))),
         ep(routes::LOGIN_SAML, "", None, "session.saml.start", "Browser login through the SAML identity provider: redirects there with an AuthnRequest.", Empty, (303, Empty)),
         ep(routes::SAML_ACS, "", None, "session.saml", "The IdP's signed Response (HTTP-POST binding): checked, the groups attribute mapped to a role; sets the session cookie and redirects to the console.", Shape::Page("application/x-www-form-urlencoded"), (303, Empty)),
         ep(routes::SAML_METADATA, "", None, "saml.metadata", "This service provider's SAML metadata.", Empty, (200, Shape::Page("application/samlmetadata+xml"))),
@@ -178,6 +179,8 @@ pub struct App {
     /// SAML login, when configured.
     pub saml: Option<Arc<crate::saml::Saml>>,
     pub sessions: crate::sessions::Sessions,
+    /// CLI browser logins' one-time codes, waiting to be traded for a token.
+    pub cli_codes: crate::cli_login::CliCodes,
     /// The session cookie's name: `__Host-` prefixed over TLS.
     pub cookie: &'static str,
     /// The served OpenAPI document (JSON).
@@ -212,6 +215,7 @@ impl App {
             oidc,
             saml,
             sessions: crate::sessions::Sessions::default(),
+            cli_codes: crate::cli_login::CliCodes::default(),
             cookie: if tls {
                 crate::sessions::COOKIE
             } else {
@@ -246,6 +250,7 @@ pub fn router(app: Arc<App>) -> Router {
             "session.create" => axum::routing::on(filter, operator_routes::login),
             "session.oidc.start" => axum::routing::on(filter, operator_routes::oidc_start),
             "session.oidc" => axum::routing::on(filter, operator_routes::oidc_callback),
+            "session.cli_token" => axum::routing::on(filter, crate::cli_login::cli_token),
             "session.saml.start" => axum::routing::on(filter, crate::saml_routes::start),
             "session.saml" => axum::routing::on(filter, crate::saml_routes::acs),
             "saml.metadata" => axum::routing::on(filter, crate::saml_routes::metadata),
@@ -871,6 +876,7 @@ mod tests {
                             | "session.create"
                             | "session.oidc.start"
                             | "session.oidc"
+                            | "session.cli_token"
                             | "session.saml.start"
                             | "session.saml"
                             | "saml.metadata"

@@ -10,6 +10,7 @@
 
 pub mod acme;
 pub mod audit;
+pub mod cli_login;
 pub mod http;
 pub mod oidc;
 pub mod openapi;

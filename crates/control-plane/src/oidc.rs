@@ -85,6 +85,7 @@ struct Pending {
     nonce: Nonce,
     verifier: PkceCodeVerifier,
     created: Instant,
+    cli: Option<crate::cli_login::CliHandoff>,
 }
 
 /// A user the provider vouched for, with the role their groups give.
@@ -92,6 +93,9 @@ struct Pending {
 pub struct OidcUser {
     pub name: String,
     pub role: Role,
+    /// Set when the login was a CLI's (`clawos login --browser`): where its one-time
+    /// code goes.
+    pub cli: Option<crate::cli_login::CliHandoff>,
 }
 
 /// A client made from discovery: authorization endpoint set, token and userinfo
@@ -207,8 +211,12 @@ impl Oidc {
     }
 
     /// Starts a login: the provider URL to send the browser to, and the `state` to
-    /// bind to it (the [`STATE_COOKIE`]).
-    pub async fn start(&self) -> Result<(String, String), OidcError> {
+    /// bind to it (the [`STATE_COOKIE`]). `cli` is a CLI's login, handed off to it at
+    /// the end.
+    pub async fn start(
+        &self,
+        cli: Option<crate::cli_login::CliHandoff>,
+    ) -> Result<(String, String), OidcError> {
         let client = self.client().await?;
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let (url, state, nonce) = client
@@ -237,6 +245,7 @@ impl Oidc {
                 nonce,
                 verifier,
                 created: now,
+                cli,
             },
         );
         Ok((url.to_string(), state.secret().clone()))
@@ -295,7 +304,11 @@ impl Oidc {
                 user: name.clone(),
                 groups: groups.clone(),
             })?;
-        Ok(OidcUser { name, role })
+        Ok(OidcUser {
+            name,
+            role,
+            cli: pending.cli,
+        })
     }
 }
 

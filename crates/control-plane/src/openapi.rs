@@ -34,6 +34,7 @@ fn schemas() -> Vec<(String, RefOr<Schema>)> {
     add::<clawos_control_plane_api::Role>(&mut out);
     add::<clawos_control_plane_api::Login>(&mut out);
     add::<clawos_control_plane_api::SessionInfo>(&mut out);
+    add::<clawos_control_plane_api::CliToken>(&mut out);
     add::<clawos_vm_launcher_api::Vm>(&mut out);
     add::<clawos_vm_launcher_api::VmState>(&mut out);
     add::<clawos_vm_launcher_api::StartVm>(&mut out);
@@ -129,6 +130,11 @@ fn operation(e: &Endpoint) -> utoipa::openapi::path::Operation {
             ("agent", false, Type::String),
         ],
         "operator.audit" => &[("limit", false, Type::Integer)],
+        "session.oidc.start" => &[
+            ("cli_port", false, Type::Integer),
+            ("cli_state", false, Type::String),
+            ("cli_challenge", false, Type::String),
+        ],
         _ => &[],
     };
     for (name, required, ty) in query {

@@ -151,9 +151,14 @@ fn oidc_error(e: &crate::oidc::OidcError) -> ErrorResponse {
     login_refusal(e.status(), e.to_string())
 }
 
-pub(crate) async fn oidc_start(State(app): Shared) -> ApiResult<Response> {
+pub(crate) async fn oidc_start(
+    State(app): Shared,
+    q: Result<Query<crate::cli_login::StartQuery>, QueryRejection>,
+) -> ApiResult<Response> {
     let oidc = oidc_of(&app)?;
-    let (url, state) = oidc.start().await.map_err(|e| oidc_error(&e))?;
+    let Query(q) = q.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
+    let cli = crate::cli_login::handoff(q)?;
+    let (url, state) = oidc.start(cli).await.map_err(|e| oidc_error(&e))?;
     let mut resp = StatusCode::SEE_OTHER.into_response();
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&url) {
@@ -210,7 +215,10 @@ pub(crate) async fn oidc_callback(
             return Ok(with_clear(oidc_error(&e).into_response()));
         }
     };
-    let resp = session_redirect(&app, user.name, user.role, "oidc")?;
+    let resp = match user.cli {
+        Some(cli) => crate::cli_login::redirect_to_cli(&app, user.name, user.role, &cli)?,
+        None => session_redirect(&app, user.name, user.role, "oidc")?,
+    };
     Ok(with_clear(resp))
 }
 

@@ -19,7 +19,8 @@
 //! | `POST /api/v1/vms`, `…/stop`, `…/pause`, `…/resume`, `DELETE …` , snapshots, restore | operator | as vm-launcher |
 //! | [`routes::LOGIN`] `POST /api/v1/sessions` | none | [`Login`] (an API token) → 201 [`SessionInfo`] + the session cookie |
 //! | [`routes::LOGIN_OIDC`] `GET /api/v1/login/oidc` | none | → 303 to the OpenID provider (authorization code + PKCE) |
-//! | [`routes::OIDC_CALLBACK`] `GET /api/v1/login/oidc/callback` | none | the provider's answer → 303 to `/` with the session cookie |
+//! | [`routes::OIDC_CALLBACK`] `GET /api/v1/login/oidc/callback` | none | the provider's answer → 303 to `/` with the session cookie (or, for a CLI login, to the CLI's loopback port with a one-time code) |
+//! | [`routes::CLI_TOKEN`] `POST /api/v1/login/cli/token` | none | [`CliToken`] → 201 [`CreatedToken`] (a CLI browser login's API token) |
 //! | [`routes::LOGIN_SAML`] `GET /api/v1/login/saml` | none | → 303 to the SAML IdP (AuthnRequest, HTTP-Redirect) |
 //! | [`routes::SAML_ACS`] `POST /api/v1/login/saml/acs` | none | the IdP's signed Response (HTTP-POST form) → 303 to `/` with the session cookie |
 //! | [`routes::SAML_METADATA`] `GET /api/v1/saml/metadata` | none | this SP's metadata |
@@ -102,6 +103,8 @@ pub mod routes {
     pub const LOGIN_OIDC: Route = Route::get("/api/v1/login/oidc");
     /// Where the provider sends the browser back.
     pub const OIDC_CALLBACK: Route = Route::get("/api/v1/login/oidc/callback");
+    /// The CLI's browser login ends here: its one-time code for an API token.
+    pub const CLI_TOKEN: Route = Route::post("/api/v1/login/cli/token");
     /// Browser login through the SAML identity provider: redirects there.
     pub const LOGIN_SAML: Route = Route::get("/api/v1/login/saml");
     /// The assertion consumer service the IdP posts its Response to.
@@ -231,6 +234,35 @@ pub struct WhoAmI {
 pub struct Login {
     pub token: String,
 }
+
+/// The query of [`routes::LOGIN_OIDC`] when the CLI logs in through the browser
+/// (`clawos login --browser`): after the provider's login the browser is sent to
+/// `http://127.0.0.1:{cli_port}/callback?code=…&state={cli_state}` — only ever this
+/// machine's loopback — and the CLI trades the code, with the verifier whose SHA-256
+/// is `cli_challenge`, for an API token ([`routes::CLI_TOKEN`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CliLoginStart {
+    /// The CLI's loopback port.
+    pub cli_port: u16,
+    /// Echoed back to the CLI: 16–128 characters of `A-Z a-z 0-9 - _`.
+    pub cli_state: String,
+    /// `BASE64URL(SHA-256(verifier))`, unpadded: 43 characters (RFC 7636 `S256`).
+    pub cli_challenge: String,
+}
+
+/// `POST /api/v1/login/cli/token`: the one-time code and the verifier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CliToken {
+    pub code: String,
+    /// The secret whose SHA-256 the login started with (43–128 characters).
+    pub verifier: String,
+}
+
+/// Lifetime of an API token a CLI browser login makes: twelve hours, like a browser
+/// session's.
+pub const CLI_TOKEN_TTL_SECS: u64 = 12 * 3600;
 
 /// A browser session: who, and the CSRF token to echo in `x-csrf-token`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -368,6 +400,14 @@ impl ControlPlaneClient {
     ) -> Result<Vec<clawos_monitor_api::AuditEvent>, ClientError> {
         self.http
             .json(self.http.request(routes::AUDIT_EVENTS, &[]).query(q))
+            .await
+    }
+
+    /// Trades a CLI browser login's one-time code for an API token (this call needs no
+    /// credential: the code and verifier are it).
+    pub async fn cli_token(&self, req: &CliToken) -> Result<CreatedToken, ClientError> {
+        self.http
+            .json(self.http.request(routes::CLI_TOKEN, &[]).json(req))
             .await
     }
 
