@@ -22,8 +22,11 @@ struct Provider {
     issuer: String,
     ca: PathBuf,
     admin: u16,
-    _child: KillOnDrop,
+    child: KillOnDrop,
     log: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    redirect_uri: String,
 }
 
 impl Provider {
@@ -37,33 +40,7 @@ impl Provider {
         std::fs::create_dir_all(dir)?;
         let (cert, key) = (dir.join("op.crt"), dir.join("op.key"));
         openssl_cert(dir, "op-ca", &cert, &key, 11)?;
-        // The signing key: made here, so the provider's tamper switch can re-sign
-        // tokens with it (valid signatures, wrong claims).
-        let rsa = dir.join("signing.pem");
-        let o = Command::new("openssl")
-            .args([
-                "genpkey",
-                "-algorithm",
-                "RSA",
-                "-pkeyopt",
-                "rsa_keygen_bits:2048",
-                "-out",
-            ])
-            .arg(&rsa)
-            .output()?;
-        if !o.status.success() {
-            bail!("openssl genpkey: {}", show(&o));
-        }
-        let jwks = dir.join("jwks.json");
-        let o = Command::new("node")
-            .arg("-e")
-            .arg("const c=require('crypto'),fs=require('fs');const k=c.createPrivateKey(fs.readFileSync(process.argv[1])).export({format:'jwk'});k.kid='test-key-1';k.alg='RS256';k.use='sig';fs.writeFileSync(process.argv[2],JSON.stringify({keys:[k]}));")
-            .arg(&rsa)
-            .arg(&jwks)
-            .output()?;
-        if !o.status.success() {
-            bail!("JWK export: {}", show(&o));
-        }
+        signing_key(dir, "test-key-1")?;
         let users = dir.join("users.json");
         std::fs::write(
             &users,
@@ -78,46 +55,36 @@ impl Provider {
         let (p, admin) = (port(), port());
         let issuer = format!("https://127.0.0.1:{p}");
         let log = dir.join("provider.log");
-        let child = Command::new("node")
-            .arg(oidc_dir.join("provider.mjs"))
-            .args(["--port", &p.to_string(), "--issuer", &issuer])
-            .arg("--cert")
-            .arg(&cert)
-            .arg("--key")
-            .arg(&key)
-            .arg("--jwks")
-            .arg(&jwks)
-            .args(["--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET])
-            .args(["--redirect-uri", redirect_uri])
-            .arg("--users")
-            .arg(&users)
-            .args(["--admin-port", &admin.to_string()])
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log)?)
-            .stderr(Stdio::null())
-            .spawn()
-            .context("node provider.mjs")?;
-        let child = KillOnDrop(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !std::fs::read_to_string(&log)
-            .unwrap_or_default()
-            .contains("oidc-provider listening")
-        {
-            if Instant::now() > deadline {
-                bail!(
-                    "the OpenID provider did not start: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let child = spawn_provider(dir, p, &issuer, admin, redirect_uri, &log)?;
         Ok(Self {
             issuer,
             ca: dir.join("op-ca.crt"),
             admin,
-            _child: child,
+            child,
             log,
+            dir: dir.to_owned(),
+            port: p,
+            redirect_uri: redirect_uri.to_owned(),
         })
+    }
+
+    /// The provider restarted (same address, users and certificate) signing with a new
+    /// key, `kid`: a key rotation.
+    fn rotate_key(&mut self, kid: &str) -> Result<()> {
+        signing_key(&self.dir, kid)?;
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+        let log = self.dir.join(format!("provider-{kid}.log"));
+        self.child = spawn_provider(
+            &self.dir,
+            self.port,
+            &self.issuer,
+            self.admin,
+            &self.redirect_uri,
+            &log,
+        )?;
+        self.log = log;
+        Ok(())
     }
 
     fn tamper(&self, mode: &str) -> Result<()> {
@@ -139,6 +106,85 @@ impl Provider {
         }
         Ok(())
     }
+}
+
+/// A new RSA signing key in `dir` (`signing.pem`, and `jwks.json` naming it `kid`):
+/// made here, so the provider's tamper switch can re-sign tokens with it (valid
+/// signatures, wrong claims).
+fn signing_key(dir: &Path, kid: &str) -> Result<()> {
+    let rsa = dir.join("signing.pem");
+    let o = Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+        ])
+        .arg(&rsa)
+        .output()?;
+    if !o.status.success() {
+        bail!("openssl genpkey: {}", show(&o));
+    }
+    let jwks = dir.join("jwks.json");
+    let o = Command::new("node")
+        .arg("-e")
+        .arg("const c=require('crypto'),fs=require('fs');const k=c.createPrivateKey(fs.readFileSync(process.argv[1])).export({format:'jwk'});k.kid=process.argv[3];k.alg='RS256';k.use='sig';fs.writeFileSync(process.argv[2],JSON.stringify({keys:[k]}));")
+        .arg(&rsa)
+        .arg(&jwks)
+        .arg(kid)
+        .output()?;
+    if !o.status.success() {
+        bail!("JWK export: {}", show(&o));
+    }
+    Ok(())
+}
+
+/// Starts provider.mjs with what `dir` holds, and waits until it listens.
+fn spawn_provider(
+    dir: &Path,
+    p: u16,
+    issuer: &str,
+    admin: u16,
+    redirect_uri: &str,
+    log: &Path,
+) -> Result<KillOnDrop> {
+    let oidc_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/oidc");
+    let child = Command::new("node")
+        .arg(oidc_dir.join("provider.mjs"))
+        .args(["--port", &p.to_string(), "--issuer", issuer])
+        .arg("--cert")
+        .arg(dir.join("op.crt"))
+        .arg("--key")
+        .arg(dir.join("op.key"))
+        .arg("--jwks")
+        .arg(dir.join("jwks.json"))
+        .args(["--client-id", CLIENT_ID, "--client-secret", CLIENT_SECRET])
+        .args(["--redirect-uri", redirect_uri])
+        .arg("--users")
+        .arg(dir.join("users.json"))
+        .args(["--admin-port", &admin.to_string()])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(log)?)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("node provider.mjs")?;
+    let child = KillOnDrop(child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains("oidc-provider listening")
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "the OpenID provider did not start: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(child)
 }
 
 /// One browser login as `user`: login.py's JSON.
@@ -227,7 +273,7 @@ fn control_plane_with_provider(dir: &Path) -> Result<(ControlPlane, Provider, Pa
 #[test]
 fn oidc_login_maps_groups_to_roles_and_refuses_every_bad_token() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (cp, op, state) = control_plane_with_provider(dir.path())?;
+    let (cp, mut op, state) = control_plane_with_provider(dir.path())?;
 
     // Each group gets its role, and the session works for the API.
     for (user, pw, role) in [
@@ -304,6 +350,17 @@ fn oidc_login_maps_groups_to_roles_and_refuses_every_bad_token() -> Result<()> {
         None,
     );
     assert_eq!(forged.status, 401, "{}", forged.body);
+
+    // The provider rotates its signing key (restarted with a new one): the next login
+    // works, the control plane fetching the new keys when a token names one it lacks.
+    op.rotate_key("test-key-2")?;
+    let r = login(&cp, &op, "alice", "pw-alice", &[])?;
+    assert_logged_in(&r, "callback", "alice", "admin", "oidc");
+    assert!(
+        cp.log().contains("fetching the provider's keys again"),
+        "{}",
+        cp.log()
+    );
 
     // The trail: who logged in with which role, and each refusal.
     let audit = cp.audit();
@@ -458,7 +515,29 @@ fn the_cli_logs_in_through_the_browser() -> Result<()> {
         let a = cp.call(None, "GET", &format!("/api/v1/login/oidc?{q}"), None);
         assert_eq!(a.status, 400, "{q}: {}", a.body);
     }
+    // The user leaves: the admin ends their access, and the CLI's token with it.
+    let ended = cp.call(
+        Some(&cp.admin_token()),
+        "DELETE",
+        "/api/v1/operators/sessions?operator=otto",
+        None,
+    );
+    assert_eq!(ended.status, 200, "{}", ended.body);
+    assert_eq!(
+        ended.json()["tokens_revoked"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        ended.body
+    );
+    let gone = cli(&["operator", "whoami"]).output()?;
+    assert_eq!(gone.status.code(), Some(9), "{}", show(&gone));
     let trail = cp.audit();
+    assert!(
+        trail.iter().any(|r| r["action"] == "operator.access.end"
+            && r["target"] == "otto"
+            && r["result"] == "ok"),
+        "ending access is audited"
+    );
     assert!(
         trail.iter().any(|r| r["action"] == "session.cli_token"
             && r["operator"] == "cli-otto"

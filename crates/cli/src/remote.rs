@@ -391,6 +391,13 @@ pub enum OperatorCmd {
     /// Operator API tokens.
     #[command(subcommand)]
     Token(OperatorTokenCmd),
+    /// End an operator's access now: their browser sessions (and the streams opened
+    /// through them) and the tokens their `login --browser` made. For a user who left,
+    /// after removing them at the identity provider.
+    EndAccess {
+        /// Their name as `operator whoami` or the audit trail shows it.
+        operator: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -447,6 +454,19 @@ pub async fn operator(
                 print_json(&me).map_err(out)?;
             } else {
                 println!("{} ({}) at {}", me.operator, me.role, client.server());
+            }
+        }
+        OperatorCmd::EndAccess { operator } => {
+            let ended = client.end_access(&operator).await.map_err(api_exit)?;
+            if json {
+                print_json(&ended).map_err(out)?;
+            } else {
+                println!(
+                    "{}: {} session(s) ended, {} token(s) revoked",
+                    ended.operator,
+                    ended.sessions_ended,
+                    ended.tokens_revoked.len()
+                );
             }
         }
         OperatorCmd::Token(OperatorTokenCmd::Create { name, role, ttl }) => {

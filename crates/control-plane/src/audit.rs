@@ -5,6 +5,11 @@
 //! A record is written (handed to the kernel) before its answer leaves, so a client
 //! that saw an answer can find its record; the file is not fsynced per request (a
 //! power cut may lose the last records, a crash of the daemon does not).
+//!
+//! The trail is bounded: once the file passes [`Rotation::max_bytes`] it becomes
+//! `audit.jsonl.1` (the one before `.2`, …) and a new file starts; [`Rotation::keep`]
+//! old files are kept, the oldest beyond them removed — a record leaves the disk only
+//! that way, never by being cut. Ship the trail elsewhere (a SIEM) for longer.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -37,6 +42,10 @@ pub struct AuditRecord {
     pub status: u16,
     /// The peer's address.
     pub remote: String,
+    /// The `x-request-id` the client sent, when it sent one: kept beside the server's
+    /// own id (`request_id`), which a client cannot choose.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_request_id: Option<String>,
 }
 
 impl AuditRecord {
@@ -50,26 +59,97 @@ impl AuditRecord {
     }
 }
 
+/// When the trail moves to a new file, and how many old ones stay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// A file past this size is rotated (checked after each record).
+    pub max_bytes: u64,
+    /// Old files kept (`audit.jsonl.1` … `.keep`).
+    pub keep: u32,
+}
+
+impl Default for Rotation {
+    /// 64 MiB a file, 8 old files: about 200,000 records a file.
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 << 20,
+            keep: 8,
+        }
+    }
+}
+
+struct Current {
+    file: std::fs::File,
+    len: u64,
+}
+
 /// Appends records to the trail.
-#[derive(Debug)]
 pub struct AuditTrail {
     path: PathBuf,
-    file: Mutex<std::fs::File>,
+    rotation: Rotation,
+    current: Mutex<Current>,
+}
+
+impl std::fmt::Debug for AuditTrail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditTrail")
+            .field("path", &self.path)
+            .field("rotation", &self.rotation)
+            .finish_non_exhaustive()
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<Current> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    let len = file.metadata()?.len();
+    Ok(Current { file, len })
 }
 
 impl AuditTrail {
-    /// Opens `path` for appending (creating it 0600).
+    /// Opens `path` for appending (creating it 0600), rotated by the default
+    /// [`Rotation`].
     pub fn open(path: &Path) -> std::io::Result<Self> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(path)?;
+        Self::with_rotation(path, Rotation::default())
+    }
+
+    /// Opens `path` for appending, rotated by `rotation`.
+    pub fn with_rotation(path: &Path, rotation: Rotation) -> std::io::Result<Self> {
         Ok(Self {
             path: path.to_owned(),
-            file: Mutex::new(file),
+            rotation,
+            current: Mutex::new(open_append(path)?),
         })
+    }
+
+    /// `audit.jsonl.{n}`.
+    fn old(&self, n: u32) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    /// Moves the full file to `.1` (older ones up by one, the oldest past `keep`
+    /// removed) and starts a new one. Called with the file's lock held, so no record
+    /// is written meanwhile.
+    fn rotate(&self, cur: &mut Current) -> std::io::Result<()> {
+        let keep = self.rotation.keep.max(1);
+        let _ = std::fs::remove_file(self.old(keep));
+        for n in (1..keep).rev() {
+            match std::fs::rename(self.old(n), self.old(n + 1)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        std::fs::rename(&self.path, self.old(1))?;
+        *cur = open_append(&self.path)?;
+        tracing::info!(path = %self.path.display(), kept = keep, "operator audit trail rotated");
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -86,45 +166,70 @@ impl AuditTrail {
             }
         };
         line.push(b'\n');
-        let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = f.write_all(&line) {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = cur.file.write_all(&line) {
             // Not silently: the diagnostic log says a record is missing and which.
             tracing::error!(error = %e, path = %self.path.display(), request_id = rec.request_id, action = rec.action, "cannot write an audit record");
+            return;
+        }
+        cur.len += line.len() as u64;
+        if cur.len >= self.rotation.max_bytes
+            && let Err(e) = self.rotate(&mut cur)
+        {
+            // The current file keeps growing rather than losing a record.
+            tracing::error!(error = %e, path = %self.path.display(), "cannot rotate the operator audit trail; still appending to it");
         }
     }
 }
 
 impl AuditTrail {
-    /// The newest `n` records, oldest first. Reads the file from its end, so the cost
-    /// does not grow with the trail; a line that does not parse (one cut by a crash) is
+    /// The newest `n` records, oldest first, from the current file and, when it holds
+    /// fewer, the one rotated before it. Reads each file from its end, so the cost does
+    /// not grow with the trail; a line that does not parse (one cut by a crash) is
     /// skipped.
     pub fn tail(&self, n: usize) -> std::io::Result<Vec<AuditRecord>> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = std::fs::File::open(&self.path)?;
-        let len = f.metadata()?.len();
-        // Records are a few hundred bytes; read back until n lines are in or the start.
-        let mut want = (n as u64 + 1) * 512;
-        loop {
-            let start = len.saturating_sub(want);
-            f.seek(SeekFrom::Start(start))?;
-            let mut buf = Vec::new();
-            Read::by_ref(&mut f)
-                .take(len - start)
-                .read_to_end(&mut buf)?;
-            let text = String::from_utf8_lossy(&buf);
-            let mut lines: Vec<&str> = text.lines().collect();
-            if start > 0 && !lines.is_empty() {
-                lines.remove(0); // maybe cut in the middle
+        let mut newest = tail_of(&self.path, n)?;
+        if newest.len() < n {
+            match tail_of(&self.old(1), n - newest.len()) {
+                Ok(mut older) => {
+                    older.append(&mut newest);
+                    newest = older;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
             }
-            if lines.len() >= n || start == 0 {
-                let from = lines.len().saturating_sub(n);
-                return Ok(lines[from..]
-                    .iter()
-                    .filter_map(|l| serde_json::from_str(l).ok())
-                    .collect());
-            }
-            want *= 4;
         }
+        Ok(newest)
+    }
+}
+
+/// The last `n` records of one file.
+fn tail_of(path: &Path, n: usize) -> std::io::Result<Vec<AuditRecord>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    // Records are a few hundred bytes; read back until n lines are in or the start.
+    let mut want = (n as u64 + 1) * 512;
+    loop {
+        let start = len.saturating_sub(want);
+        f.seek(SeekFrom::Start(start))?;
+        let mut buf = Vec::new();
+        Read::by_ref(&mut f)
+            .take(len - start)
+            .read_to_end(&mut buf)?;
+        let text = String::from_utf8_lossy(&buf);
+        let mut lines: Vec<&str> = text.lines().collect();
+        if start > 0 && !lines.is_empty() {
+            lines.remove(0); // maybe cut in the middle
+        }
+        if lines.len() >= n || start == 0 {
+            let from = lines.len().saturating_sub(n);
+            return Ok(lines[from..]
+                .iter()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect());
+        }
+        want *= 4;
     }
 }
 
@@ -158,6 +263,7 @@ mod tests {
                 result: AuditRecord::result_of(status).into(),
                 status,
                 remote: "127.0.0.1:1".into(),
+                client_request_id: None,
             });
         }
         let text = std::fs::read_to_string(&path).expect("read");
@@ -184,5 +290,96 @@ mod tests {
             .collect();
         assert_eq!(last, ["r1", "r2"]);
         assert_eq!(t.tail(10).expect("tail").len(), 3);
+    }
+
+    fn record(i: usize) -> AuditRecord {
+        AuditRecord {
+            ts: timestamp(),
+            request_id: format!("r{i:04}"),
+            operator: "alice".into(),
+            role: Some("admin".into()),
+            via: "token".into(),
+            action: "vm.list".into(),
+            target: None,
+            result: "ok".into(),
+            status: 200,
+            remote: "127.0.0.1:1".into(),
+            client_request_id: None,
+        }
+    }
+
+    #[test]
+    fn a_full_trail_rotates_and_keeps_every_record_until_the_oldest_file_goes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let rotation = Rotation {
+            max_bytes: 2000,
+            keep: 3,
+        };
+        let t = AuditTrail::with_rotation(&path, rotation).expect("open");
+        let ids = |p: &Path| -> Vec<String> {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<AuditRecord>(l)
+                        .expect("a whole record")
+                        .request_id
+                })
+                .collect()
+        };
+        // Enough for two rotations: every record is in exactly one file, in order.
+        let mut written = 0;
+        while !t.old(2).exists() {
+            t.record(&record(written));
+            written += 1;
+            assert!(written < 1000, "never rotated twice");
+        }
+        let mut all = ids(&t.old(2));
+        all.extend(ids(&t.old(1)));
+        all.extend(ids(&path));
+        let want: Vec<String> = (0..written).map(|i| format!("r{i:04}")).collect();
+        assert_eq!(all, want, "no record lost or repeated across rotation");
+        assert!(std::fs::metadata(t.old(1)).expect(".1").len() >= rotation.max_bytes);
+        for p in [t.old(1), t.old(2), path.clone()] {
+            let mode = std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(&p).expect("meta").permissions(),
+            );
+            assert_eq!(mode & 0o777, 0o600, "{}", p.display());
+        }
+        // The tail reaches back into the file before the current one.
+        let in_current = ids(&path).len();
+        let tail = t.tail(in_current + 3).expect("tail");
+        assert_eq!(tail.len(), in_current + 3);
+        assert_eq!(
+            tail.last().map(|r| r.request_id.clone()),
+            want.last().cloned()
+        );
+        // Past `keep`, the oldest file goes, and only it.
+        while !t.old(3).exists() {
+            t.record(&record(written));
+            written += 1;
+        }
+        let first_kept = ids(&t.old(3));
+        while ids(&t.old(3)) == first_kept {
+            t.record(&record(written));
+            written += 1;
+            assert!(written < 5000, "never rotated past keep");
+        }
+        assert!(
+            !t.old(4).exists(),
+            "only {} old files are kept",
+            rotation.keep
+        );
+        let mut kept = ids(&t.old(3));
+        kept.extend(ids(&t.old(2)));
+        kept.extend(ids(&t.old(1)));
+        kept.extend(ids(&path));
+        let from = written - kept.len();
+        let want: Vec<String> = (from..written).map(|i| format!("r{i:04}")).collect();
+        assert_eq!(
+            kept, want,
+            "the kept files hold the newest records, contiguous"
+        );
     }
 }

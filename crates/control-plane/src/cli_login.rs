@@ -211,16 +211,14 @@ pub(crate) async fn cli_token(
         return Err(refused());
     }
     let name = token_name(&waiting.name);
-    let created = app
-        .operators
-        .create(
-            &CreateToken {
-                name: name.clone(),
-                role: waiting.role,
-                ttl_secs: CLI_TOKEN_TTL_SECS,
-            },
-            &format!("oidc:{}", waiting.name),
-        )
+    let req = CreateToken {
+        name: name.clone(),
+        role: waiting.role,
+        ttl_secs: CLI_TOKEN_TTL_SECS,
+    };
+    let by = format!("oidc:{}", waiting.name);
+    let created = crate::operator_routes::store(&app, move |s| s.create(&req, &by))
+        .await?
         .map_err(|e| ErrorResponse::internal(format!("operator store: {e}")))?;
     let mut resp = (StatusCode::CREATED, Json(&created)).into_response();
     resp.extensions_mut()

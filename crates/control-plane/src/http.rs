@@ -122,6 +122,7 @@ pub fn endpoints() -> Vec<Endpoint> {
         ep(routes::CREATE_TOKEN, "", Some(Admin), "operator.token.create", "Create an operator API token; its secret is in this answer only.", J("CreateToken"), (201, J("CreatedToken"))),
         ep(routes::LIST_TOKENS, "", Some(Admin), "operator.token.list", "List operator tokens (never their secrets).", Empty, (200, A("TokenInfo"))),
         ep(routes::REVOKE_TOKEN, "", Some(Admin), "operator.token.revoke", "Revoke an operator token.", Empty, (204, Empty)),
+        ep(routes::END_ACCESS, "", Some(Admin), "operator.access.end", "End an operator's access: their browser sessions (streams close within seconds) and the tokens their CLI browser logins made.", Empty, (200, J("EndedAccess"))),
         ep(routes::OPERATOR_AUDIT, "", Some(Admin), "operator.audit", "The newest records of the operator audit trail.", Empty, (200, A("AuditRecord"))),
         ep(routes::AUDIT_EVENTS, "", Some(Viewer), "audit.events", "The syscall audit trail (alerts included) from monitor-daemon.", Empty, (200, A("AuditEvent"))),
         ep(proxy::USAGE, p, Some(Viewer), "usage.get", "LLM usage per agent and model, from inference-proxy's ledger.", Empty, (200, J("UsageReport"))),
@@ -260,6 +261,7 @@ pub fn router(app: Arc<App>) -> Router {
             "operator.token.list" => axum::routing::on(filter, operator_routes::list_tokens),
             "operator.token.revoke" => axum::routing::on(filter, operator_routes::revoke_token),
             "operator.audit" => axum::routing::on(filter, up::operator_audit),
+            "operator.access.end" => axum::routing::on(filter, operator_routes::end_access),
             "usage.get" => axum::routing::on(filter, up::usage),
             "audit.events" => axum::routing::on(filter, up::audit_events),
             "workflow.list" => axum::routing::on(filter, up::runs),
@@ -304,7 +306,9 @@ pub fn router(app: Arc<App>) -> Router {
     }
     r.fallback(clawos_service::http::no_such_route)
         .layer(axum::middleware::from_fn_with_state(app.clone(), gate))
-        .layer(axum::middleware::from_fn(clawos_service::http::request_id))
+        .layer(axum::middleware::from_fn(
+            clawos_service::http::server_request_id,
+        ))
         .with_state(app)
 }
 
@@ -345,6 +349,10 @@ async fn gate(State(app): Shared, req: Request, next: Next) -> Response {
         result: String::new(),
         status: 0,
         remote,
+        client_request_id: req
+            .extensions()
+            .get::<clawos_service::http::ClientRequestId>()
+            .map(|c| c.0.clone()),
     };
     let page = endpoint.is_some_and(|e| e.action.starts_with("console."));
     // Until the answer is ready, a record is pending: if this future is dropped (the

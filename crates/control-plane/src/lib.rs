@@ -12,6 +12,7 @@ pub mod acme;
 pub mod audit;
 pub mod cli_login;
 pub mod http;
+pub mod limits;
 pub mod oidc;
 pub mod openapi;
 pub mod operator_routes;
@@ -70,6 +71,8 @@ pub struct Config {
     pub saml: Option<saml::SamlSettings>,
     /// How often [`TlsMode::Files`] are checked for a change.
     pub reload_every: Duration,
+    /// When the operator audit trail moves to a new file, and how many it keeps.
+    pub audit_rotation: audit::Rotation,
 }
 
 /// Why the daemon could not start or stopped.
@@ -128,6 +131,13 @@ impl Config {
     /// Checks what can be checked before any socket opens.
     pub fn validate(&self) -> Result<(), ControlPlaneError> {
         let bad = |m: String| Err(ControlPlaneError::Config(m));
+        if self.audit_rotation.max_bytes < 1 << 20 || self.audit_rotation.keep == 0 {
+            return bad(format!(
+                "--audit-max-mib {} / --audit-keep {}: at least 1 MiB a file and 1 old file",
+                self.audit_rotation.max_bytes >> 20,
+                self.audit_rotation.keep
+            ));
+        }
         match &self.tls {
             TlsMode::PlainHttp if !self.addr.ip().is_loopback() && !self.insecure_plain_http => {
                 return bad(format!(
@@ -269,7 +279,8 @@ pub async fn run(
     let operators = operators::OperatorStore::open(&dir.join("operators.db"))?;
     operators.ensure_bootstrap(&clawos_control_plane_api::token_path(&cfg.state_dir))?;
     let audit_path = dir.join("audit.jsonl");
-    let audit = audit::AuditTrail::open(&audit_path).map_err(io(audit_path))?;
+    let audit = audit::AuditTrail::with_rotation(&audit_path, cfg.audit_rotation)
+        .map_err(io(audit_path))?;
     let launcher_token = std::fs::read_to_string(&cfg.launcher_token_path)
         .map(|t| t.trim().to_owned())
         .map_err(|e| {
@@ -287,7 +298,13 @@ pub async fn run(
         TlsMode::PlainHttp => (None, None),
         TlsMode::SelfSigned { names } => {
             let key = tls::self_signed(&tls_dir, names)?;
-            (Some(tls::CertStore::new(key)), None)
+            let store = tls::CertStore::new(key);
+            background.push(Box::pin(tls::renew_self_signed(
+                Arc::clone(&store),
+                tls_dir.clone(),
+                names.clone(),
+            )));
+            (Some(store), None)
         }
         TlsMode::Acme(settings) => {
             let challenges = Arc::new(acme::Challenges::default());
@@ -315,8 +332,11 @@ pub async fn run(
                     .map_err(io(PathBuf::from(addr.to_string())))?;
                 tracing::info!(%addr, "answering ACME HTTP-01 challenges");
                 let router = acme::http01_router(Arc::clone(&challenges));
+                // The same accept loop as the API's: header timeout, connection caps
+                // (per client too), so port 80 is no easier to tie up than 8080.
                 background.push(Box::pin(async move {
-                    if let Err(e) = axum::serve(l, router).await {
+                    let never = std::future::pending::<()>();
+                    if let Err(e) = server::serve(l, None, router, never, Duration::ZERO).await {
                         tracing::error!(error = %e, "HTTP-01 responder stopped");
                     }
                 }));
@@ -424,6 +444,7 @@ mod tests {
             oidc: None,
             saml: None,
             reload_every: Duration::from_secs(2),
+            audit_rotation: audit::Rotation::default(),
         }
     }
 

@@ -68,6 +68,12 @@ struct Args {
     /// Seconds between checks of --tls-cert/--tls-key for a change.
     #[arg(long, default_value_t = 2)]
     tls_reload_secs: u64,
+    /// The operator audit trail moves to a new file past this size (MiB)...
+    #[arg(long, default_value_t = 64)]
+    audit_max_mib: u64,
+    /// ...and keeps this many old files (audit.jsonl.1 …).
+    #[arg(long, default_value_t = 8)]
+    audit_keep: u32,
     /// Serve plain HTTP on a non-loopback address (only behind something that
     /// terminates TLS).
     #[arg(long)]
@@ -270,6 +276,10 @@ fn main() -> anyhow::Result<()> {
         launcher_url: a.launcher_url,
         allowed_origins: a.allowed_origins,
         reload_every: Duration::from_secs(a.tls_reload_secs),
+        audit_rotation: clawos_control_plane::audit::Rotation {
+            max_bytes: a.audit_max_mib.saturating_mul(1 << 20),
+            keep: a.audit_keep,
+        },
     };
     cfg.validate()?;
     tokio::runtime::Builder::new_multi_thread()

@@ -23,10 +23,12 @@ use openidconnect::{
     AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce, PkceCodeChallenge,
     PkceCodeVerifier, RedirectUrl, Scope, TokenResponse,
 };
-use tokio::sync::OnceCell;
 
 /// How long a started login may take to come back.
 pub const LOGIN_TTL: Duration = Duration::from_secs(600);
+/// The provider's metadata and keys are fetched again when older than this (and at
+/// once when an ID token names a key not among them).
+const METADATA_MAX_AGE: Duration = Duration::from_secs(3600);
 /// Most logins in flight at once (oldest dropped past it).
 const MAX_PENDING: usize = 1000;
 /// The cookie that binds a login's `state` to the browser that started it.
@@ -86,6 +88,16 @@ struct Pending {
     verifier: PkceCodeVerifier,
     created: Instant,
     cli: Option<crate::cli_login::CliHandoff>,
+    client: std::net::IpAddr,
+}
+
+impl crate::limits::Waiting for Pending {
+    fn client(&self) -> std::net::IpAddr {
+        self.client
+    }
+    fn created(&self) -> Instant {
+        self.created
+    }
 }
 
 /// A user the provider vouched for, with the role their groups give.
@@ -114,7 +126,8 @@ pub struct Oidc {
     settings: OidcSettings,
     secret: ClientSecret,
     http: reqwest::Client,
-    metadata: OnceCell<CoreProviderMetadata>,
+    /// The provider's discovery document and signing keys, and when they were fetched.
+    metadata: tokio::sync::Mutex<Option<(CoreProviderMetadata, Instant)>>,
     pending: Mutex<HashMap<String, Pending>>,
 }
 
@@ -180,26 +193,46 @@ impl Oidc {
             settings,
             secret: ClientSecret::new(secret),
             http,
-            metadata: OnceCell::new(),
+            metadata: tokio::sync::Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
         })
     }
 
-    async fn metadata(&self) -> Result<&CoreProviderMetadata, OidcError> {
-        self.metadata
-            .get_or_try_init(|| async {
-                let issuer = IssuerUrl::new(self.settings.issuer.clone())
-                    .map_err(|e| OidcError::Discovery(format!("issuer URL: {e}")))?;
-                CoreProviderMetadata::discover_async(issuer, &self.http)
-                    .await
-                    .map_err(|e| OidcError::Discovery(chain(&e)))
-            })
-            .await
+    /// The provider's metadata (and keys): discovered at the first login, again when
+    /// older than [`METADATA_MAX_AGE`], or at once when `refetch` (an ID token signed
+    /// with a key not held: the provider rotated its keys). A provider that cannot be
+    /// reached leaves the metadata held so far in use.
+    async fn metadata(&self, refetch: bool) -> Result<CoreProviderMetadata, OidcError> {
+        let mut held = self.metadata.lock().await;
+        if let Some((m, at)) = held.as_ref()
+            && !refetch
+            && at.elapsed() < METADATA_MAX_AGE
+        {
+            return Ok(m.clone());
+        }
+        let issuer = IssuerUrl::new(self.settings.issuer.clone())
+            .map_err(|e| OidcError::Discovery(format!("issuer URL: {e}")))?;
+        match CoreProviderMetadata::discover_async(issuer, &self.http).await {
+            Ok(m) => {
+                if held.is_some() {
+                    tracing::info!(issuer = %self.settings.issuer, "OIDC provider metadata and keys fetched again");
+                }
+                *held = Some((m.clone(), Instant::now()));
+                Ok(m)
+            }
+            Err(e) => match held.as_ref() {
+                Some((m, _)) => {
+                    tracing::warn!(error = %chain(&e), "OIDC discovery failed; keeping the provider keys held so far");
+                    Ok(m.clone())
+                }
+                None => Err(OidcError::Discovery(chain(&e))),
+            },
+        }
     }
 
     /// The client for the discovered provider.
-    async fn client(&self) -> Result<ProviderClient, OidcError> {
-        let metadata = self.metadata().await?.clone();
+    async fn client(&self, refetch: bool) -> Result<ProviderClient, OidcError> {
+        let metadata = self.metadata(refetch).await?;
         let redirect = RedirectUrl::new(self.settings.redirect_url.clone())
             .map_err(|e| OidcError::Start(format!("redirect URL: {e}")))?;
         Ok(CoreClient::from_provider_metadata(
@@ -212,12 +245,14 @@ impl Oidc {
 
     /// Starts a login: the provider URL to send the browser to, and the `state` to
     /// bind to it (the [`STATE_COOKIE`]). `cli` is a CLI's login, handed off to it at
-    /// the end.
+    /// the end; `peer` the browser's address (each client has a bounded share of the
+    /// logins waiting).
     pub async fn start(
         &self,
         cli: Option<crate::cli_login::CliHandoff>,
+        peer: std::net::IpAddr,
     ) -> Result<(String, String), OidcError> {
-        let client = self.client().await?;
+        let client = self.client(false).await?;
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
         let (url, state, nonce) = client
             .authorize_url(
@@ -231,14 +266,7 @@ impl Oidc {
         let now = Instant::now();
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.retain(|_, p| now.duration_since(p.created) < LOGIN_TTL);
-        if pending.len() >= MAX_PENDING
-            && let Some(oldest) = pending
-                .iter()
-                .min_by_key(|(_, p)| p.created)
-                .map(|(k, _)| k.clone())
-        {
-            pending.remove(&oldest);
-        }
+        crate::limits::make_room(&mut pending, peer, MAX_PENDING);
         pending.insert(
             state.secret().clone(),
             Pending {
@@ -246,6 +274,7 @@ impl Oidc {
                 verifier,
                 created: now,
                 cli,
+                client: peer,
             },
         );
         Ok((url.to_string(), state.secret().clone()))
@@ -269,7 +298,7 @@ impl Oidc {
             .remove(state)
             .filter(|p| p.created.elapsed() < LOGIN_TTL)
             .ok_or(OidcError::BadState)?;
-        let client = self.client().await?;
+        let client = self.client(false).await?;
         let token = client
             .exchange_code(AuthorizationCode::new(code.to_owned()))
             .map_err(|e| OidcError::Exchange(e.to_string()))?
@@ -280,10 +309,22 @@ impl Oidc {
         let id_token = token
             .id_token()
             .ok_or_else(|| OidcError::IdToken("the provider sent no ID token".into()))?;
-        let verifier = client.id_token_verifier();
-        let claims = id_token
-            .claims(&verifier, &pending.nonce)
-            .map_err(|e| OidcError::IdToken(chain(&e)))?;
+        let claims = match id_token.claims(&client.id_token_verifier(), &pending.nonce) {
+            Ok(c) => c.clone(),
+            Err(e) if !self.holds_key_of(&id_token.to_string()).await => {
+                // Signed with a key not held: the provider rotated its keys since
+                // discovery. They are fetched again and the token checked once more;
+                // the token came from the provider itself (the code exchange), so no
+                // one else can make this happen.
+                tracing::info!(error = %chain(&e), "ID token signed with a key not held; fetching the provider's keys again");
+                let fresh = self.client(true).await?;
+                id_token
+                    .claims(&fresh.id_token_verifier(), &pending.nonce)
+                    .map_err(|e| OidcError::IdToken(chain(&e)))?
+                    .clone()
+            }
+            Err(e) => return Err(OidcError::IdToken(chain(&e))),
+        };
         // The signature, issuer, audience, expiry and nonce are checked above; the
         // groups claim (its name is configured) is read from the same, verified token.
         let payload = verified_payload(&id_token.to_string())?;
@@ -308,6 +349,34 @@ impl Oidc {
             name,
             role,
             cli: pending.cli,
+        })
+    }
+}
+
+impl Oidc {
+    /// Whether the key the compact JWS `jwt` names (`kid`) is among the provider keys
+    /// held (a token without a `kid` counts as held: nothing to look up).
+    async fn holds_key_of(&self, jwt: &str) -> bool {
+        use base64::Engine as _;
+        let kid = jwt
+            .split('.')
+            .next()
+            .and_then(|h| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(h.trim_end_matches('='))
+                    .ok()
+            })
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|h| h.get("kid").and_then(|k| k.as_str()).map(str::to_owned));
+        let Some(kid) = kid else {
+            return true;
+        };
+        let held = self.metadata.lock().await;
+        held.as_ref().is_some_and(|(m, _)| {
+            m.jwks()
+                .keys()
+                .iter()
+                .any(|k| openidconnect::JsonWebKey::key_id(k).is_some_and(|id| id.as_str() == kid))
         })
     }
 }

@@ -35,6 +35,7 @@ fn schemas() -> Vec<(String, RefOr<Schema>)> {
     add::<clawos_control_plane_api::Login>(&mut out);
     add::<clawos_control_plane_api::SessionInfo>(&mut out);
     add::<clawos_control_plane_api::CliToken>(&mut out);
+    add::<clawos_control_plane_api::EndedAccess>(&mut out);
     add::<clawos_vm_launcher_api::Vm>(&mut out);
     add::<clawos_vm_launcher_api::VmState>(&mut out);
     add::<clawos_vm_launcher_api::StartVm>(&mut out);
@@ -130,6 +131,7 @@ fn operation(e: &Endpoint) -> utoipa::openapi::path::Operation {
             ("agent", false, Type::String),
         ],
         "operator.audit" => &[("limit", false, Type::Integer)],
+        "operator.access.end" => &[("operator", true, Type::String)],
         "session.oidc.start" => &[
             ("cli_port", false, Type::Integer),
             ("cli_state", false, Type::String),

@@ -39,7 +39,7 @@ pub(crate) async fn create_token(
 ) -> ApiResult<Response> {
     let op = operator(op)?;
     let req = body(b)?;
-    let created = app.operators.create(&req, &op.name)?;
+    let created = store(&app, move |s| s.create(&req, &op.name)).await??;
     let id = created.info.id.clone();
     let mut resp = (StatusCode::CREATED, Json(created)).into_response();
     resp.extensions_mut().insert(AuditTarget(id));
@@ -47,16 +47,75 @@ pub(crate) async fn create_token(
 }
 
 pub(crate) async fn list_tokens(State(app): Shared) -> ApiResult<Response> {
-    Ok(Json(app.operators.list()?).into_response())
+    Ok(Json(store(&app, |s| s.list()).await??).into_response())
 }
 
 pub(crate) async fn revoke_token(
     State(app): Shared,
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
-    app.operators.revoke(&id)?;
+    let revoked = id.clone();
+    store(&app, move |s| s.revoke(&revoked)).await??;
     app.sessions.end_for_token(&id);
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Runs `f` on the operator store off the async workers: SQLite writes wait for the
+/// disk, and the workers serve every other request meanwhile.
+pub(crate) async fn store<T: Send + 'static>(
+    app: &Arc<App>,
+    f: impl FnOnce(&crate::operators::OperatorStore) -> T + Send + 'static,
+) -> Result<T, ErrorResponse> {
+    let app = Arc::clone(app);
+    tokio::task::spawn_blocking(move || f(&app.operators))
+        .await
+        .map_err(|e| ErrorResponse::internal(format!("operator store task: {e}")))
+}
+
+/// Ends an operator's access: every browser session they hold and every token their
+/// CLI browser logins made (created by `oidc:<name>`). Their API tokens made by an
+/// admin stay: revoke those by id.
+pub(crate) async fn end_access(
+    State(app): Shared,
+    q: Result<Query<clawos_control_plane_api::OperatorQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
+    let name = q.operator.trim();
+    if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
+        return Err(ErrorResponse::invalid(
+            "operator: 1-256 characters, no control characters",
+        ));
+    }
+    let by = format!("oidc:{name}");
+    let tokens_revoked = store(&app, move |s| s.revoke_created_by(&by)).await??;
+    for id in &tokens_revoked {
+        app.sessions.end_for_token(id);
+    }
+    let sessions_ended = app.sessions.end_for_operator(name);
+    tracing::info!(
+        operator = name,
+        sessions_ended,
+        tokens = tokens_revoked.len(),
+        "operator access ended"
+    );
+    let mut resp = Json(clawos_control_plane_api::EndedAccess {
+        operator: name.to_owned(),
+        sessions_ended,
+        tokens_revoked,
+    })
+    .into_response();
+    resp.extensions_mut().insert(AuditTarget(name.to_owned()));
+    Ok(resp)
+}
+
+/// The caller's address (unspecified when the connection's is not known, as in tests
+/// that drive the router directly).
+pub(crate) fn client_ip(
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+) -> std::net::IpAddr {
+    peer.map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |p| {
+        p.0.0.ip()
+    })
 }
 
 const CONSOLE_HTML: &str = include_str!("../console/index.html");
@@ -153,12 +212,16 @@ fn oidc_error(e: &crate::oidc::OidcError) -> ErrorResponse {
 
 pub(crate) async fn oidc_start(
     State(app): Shared,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     q: Result<Query<crate::cli_login::StartQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
     let oidc = oidc_of(&app)?;
     let Query(q) = q.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
     let cli = crate::cli_login::handoff(q)?;
-    let (url, state) = oidc.start(cli).await.map_err(|e| oidc_error(&e))?;
+    let (url, state) = oidc
+        .start(cli, client_ip(peer))
+        .await
+        .map_err(|e| oidc_error(&e))?;
     let mut resp = StatusCode::SEE_OTHER.into_response();
     let h = resp.headers_mut();
     if let Ok(v) = HeaderValue::from_str(&url) {

@@ -304,6 +304,22 @@ impl OperatorStore {
         Ok(())
     }
 
+    /// Revokes every live token created by `by` (e.g. `oidc:alice`, a CLI's browser
+    /// logins); their ids.
+    pub fn revoke_created_by(&self, by: &str) -> Result<Vec<String>, OperatorError> {
+        let now = unix_now();
+        let ids: Vec<String> = self
+            .list()?
+            .into_iter()
+            .filter(|t| t.created_by == by && t.revoked_at.is_none() && t.expires_at > now)
+            .map(|t| t.id)
+            .collect();
+        for id in &ids {
+            self.revoke(id)?;
+        }
+        Ok(ids)
+    }
+
     /// Makes sure the local admin credential at `path` (0600) is a valid admin token:
     /// kept when it is, else a new one (valid [`MAX_TOKEN_TTL_SECS`]) replaces it.
     /// Whoever can read the state directory is the host's admin anyway.

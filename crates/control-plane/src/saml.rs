@@ -99,7 +99,7 @@ pub struct Saml {
     sp: Arc<ServiceProvider>,
     sso_url: String,
     /// AuthnRequest id → when it was made.
-    pending: Mutex<HashMap<String, Instant>>,
+    pending: Mutex<HashMap<String, PendingRequest>>,
     /// Assertion ids accepted, until they can no longer be used anyway.
     seen: Mutex<HashMap<String, Instant>>,
 }
@@ -229,10 +229,25 @@ pub fn sp_metadata(entity_id: &str, acs_url: &str) -> Result<String, String> {
     md.to_string().map_err(|e| format!("{e:?}"))
 }
 
+/// An AuthnRequest waiting for its Response: when, and from which client.
+struct PendingRequest {
+    created: Instant,
+    client: std::net::IpAddr,
+}
+
+impl crate::limits::Waiting for PendingRequest {
+    fn client(&self) -> std::net::IpAddr {
+        self.client
+    }
+    fn created(&self) -> Instant {
+        self.created
+    }
+}
+
 impl Saml {
-    /// Starts a login: the IdP URL to send the browser to, and the request id to bind
-    /// to it ([`REQUEST_COOKIE`]).
-    pub fn start(&self) -> Result<(String, String), SamlError> {
+    /// Starts a login for a browser at `client`: the IdP URL to send it to, and the
+    /// request id to bind to it ([`REQUEST_COOKIE`]).
+    pub fn start(&self, client: std::net::IpAddr) -> Result<(String, String), SamlError> {
         let mut req = self
             .sp
             .make_authentication_request(&self.sso_url)
@@ -247,16 +262,15 @@ impl Saml {
             .ok_or_else(|| SamlError::Start("the AuthnRequest has no destination".into()))?;
         let now = Instant::now();
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending.retain(|_, t| now.duration_since(*t) < LOGIN_TTL);
-        if pending.len() >= MAX_PENDING
-            && let Some(oldest) = pending
-                .iter()
-                .min_by_key(|(_, t)| **t)
-                .map(|(k, _)| k.clone())
-        {
-            pending.remove(&oldest);
-        }
-        pending.insert(req.id.clone(), now);
+        pending.retain(|_, p| now.duration_since(p.created) < LOGIN_TTL);
+        crate::limits::make_room(&mut pending, client, MAX_PENDING);
+        pending.insert(
+            req.id.clone(),
+            PendingRequest {
+                created: now,
+                client,
+            },
+        );
         Ok((url.to_string(), req.id))
     }
 
@@ -273,7 +287,7 @@ impl Saml {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&request_id)
-            .is_some_and(|t| t.elapsed() < LOGIN_TTL);
+            .is_some_and(|p| p.created.elapsed() < LOGIN_TTL);
         if !fresh {
             return Err(SamlError::BadState);
         }

@@ -50,9 +50,14 @@ fn error(e: &SamlError) -> ErrorResponse {
     login_refusal(e.status(), e.to_string())
 }
 
-pub(crate) async fn start(State(app): Shared) -> ApiResult {
+pub(crate) async fn start(
+    State(app): Shared,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
+) -> ApiResult {
     let saml = saml_of(&app)?;
-    let (url, request_id) = saml.start().map_err(|e| error(&e))?;
+    let (url, request_id) = saml
+        .start(crate::operator_routes::client_ip(peer))
+        .map_err(|e| error(&e))?;
     let mut resp = StatusCode::SEE_OTHER.into_response();
     if let Ok(v) = HeaderValue::from_str(&url) {
         resp.headers_mut().insert(header::LOCATION, v);

@@ -21,6 +21,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// an idle keep-alive connection stays open.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections served at once; past it new ones wait in the kernel's backlog.
+/// One client holds at most [`crate::limits::CONNECTIONS_PER_CLIENT`] of them; past
+/// that its new connections are closed at once.
 pub const MAX_CONNECTIONS: usize = 1024;
 
 /// Serves `app` on `listener` (over TLS when `tls` is given) until `shutdown`.
@@ -37,6 +39,7 @@ pub async fn serve(
     let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_client = crate::limits::PerClient::new(crate::limits::CONNECTIONS_PER_CLIENT);
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -58,13 +61,18 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
+        let Some(share) = per_client.try_take(peer.ip()) else {
+            tracing::debug!(%peer, "connection closed: its client holds its share already");
+            drop(tcp);
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let app = app.clone();
         let acceptor = acceptor.clone();
         let open = open_tx.clone();
         let stop = stop_rx.clone();
         tokio::spawn(async move {
-            let _held = (permit, open);
+            let _held = (permit, open, share);
             match acceptor {
                 None => serve_connection(tcp, peer, app, stop).await,
                 Some(acceptor) => {
@@ -127,5 +135,82 @@ async fn serve_connection<IO>(
     };
     if let Err(e) = ended {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// Sends a keep-alive request on `c` and waits for its answer (`ok`): whether the
+    /// connection is served. The connection stays open and held.
+    async fn served(c: &mut TcpStream) -> bool {
+        if c.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .is_err()
+        {
+            return false;
+        }
+        let mut out = Vec::new();
+        let mut buf = [0u8; 512];
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            while !out.ends_with(b"ok") {
+                match c.read(&mut buf).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                }
+            }
+            true
+        });
+        read.await.unwrap_or(false)
+    }
+
+    /// One client holding its share of connections gets its next one closed at once,
+    /// and is served again once it lets one go.
+    #[tokio::test]
+    async fn one_client_holds_at_most_its_share_of_connections() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            None,
+            app,
+            async {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(1),
+        ));
+        let mut held = Vec::new();
+        for i in 0..crate::limits::CONNECTIONS_PER_CLIENT {
+            let mut c = TcpStream::connect(addr).await.expect("connect");
+            assert!(served(&mut c).await, "connection {i} within the share");
+            held.push(c);
+        }
+        let mut over = TcpStream::connect(addr).await.expect("connect");
+        assert!(
+            !served(&mut over).await,
+            "a connection past the share was served"
+        );
+        // One let go: the client is served again (as soon as the server has seen it
+        // close).
+        drop(held.pop());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut again = TcpStream::connect(addr).await.expect("connect");
+            if served(&mut again).await {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "a freed share stayed taken"
+            );
+        }
+        let _ = stop.send(());
+        drop(held);
+        let _ = server.await;
     }
 }

@@ -133,6 +133,14 @@ impl Sessions {
             .remove(&key(id));
     }
 
+    /// Ends every session of operator `name` (however they logged in); how many.
+    pub fn end_for_operator(&self, name: &str) -> usize {
+        let mut map = self.by_hash.lock().unwrap_or_else(|p| p.into_inner());
+        let before = map.len();
+        map.retain(|_, s| s.operator.name != name);
+        before - map.len()
+    }
+
     /// Ends every session that came from token `token_id` (it was revoked).
     pub fn end_for_token(&self, token_id: &str) {
         self.by_hash
@@ -223,5 +231,26 @@ mod tests {
         assert_eq!(cookie(h, COOKIE), Some("xyz"));
         assert_eq!(cookie(h, "clawos_session"), None);
         assert!(same("abc", "abc") && !same("abc", "abd") && !same("abc", "ab"));
+    }
+
+    #[test]
+    fn an_operators_sessions_end_together_and_no_one_elses() {
+        let s = Sessions::default();
+        let op = |name: &str, via: &'static str| Operator {
+            name: name.into(),
+            role: clawos_control_plane_api::Role::Viewer,
+            via,
+            token_id: String::new(),
+        };
+        let a1 = s.create(op("alice@example.com", "oidc")).expect("a1");
+        let a2 = s.create(op("alice@example.com", "saml")).expect("a2");
+        let b = s.create(op("bob", "oidc")).expect("b");
+        assert_eq!(s.end_for_operator("alice@example.com"), 2);
+        assert!(s.find(&a1.id).is_none() && s.find(&a2.id).is_none());
+        assert!(
+            s.find(&b.id).is_some(),
+            "another operator's session survives"
+        );
+        assert_eq!(s.end_for_operator("alice@example.com"), 0);
     }
 }

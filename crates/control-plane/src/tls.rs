@@ -182,8 +182,41 @@ fn certified_key(
 
 /// How long a self-signed certificate is valid.
 const SELF_SIGNED_LIFETIME: Duration = Duration::from_secs(365 * 24 * 3600);
-/// A self-signed certificate with less left than this is made anew at start.
+/// A self-signed certificate with less left than this is made anew (at start, and by
+/// [`renew_self_signed`] while the daemon runs).
 const SELF_SIGNED_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// How often a running daemon looks at its self-signed certificate's end.
+const SELF_SIGNED_CHECK: Duration = Duration::from_secs(12 * 3600);
+
+/// Keeps a self-signed certificate served for as long as the daemon runs: twice a day
+/// [`self_signed`] is asked again, and a new certificate (the old one near its end) is
+/// served from the next handshake on; its fingerprint is logged, as at start, for
+/// clients that pin it.
+pub async fn renew_self_signed(store: Arc<CertStore>, dir: PathBuf, names: Vec<String>) {
+    loop {
+        tokio::time::sleep(SELF_SIGNED_CHECK).await;
+        let (dir, names) = (dir.clone(), names.clone());
+        match tokio::task::spawn_blocking(move || self_signed(&dir, &names)).await {
+            Ok(Ok(key)) => {
+                let same = key.cert.first().map(|c| c.as_ref().to_vec())
+                    == store.current().cert.first().map(|c| c.as_ref().to_vec());
+                if !same {
+                    let fp = key
+                        .cert
+                        .first()
+                        .map(|c| fingerprint(c.as_ref()))
+                        .unwrap_or_default();
+                    store.replace(key);
+                    tracing::warn!(fingerprint = %fp, "self-signed certificate renewed (near its end); clients that pin the old fingerprint must take the new one");
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot renew the self-signed certificate; still serving the current one")
+            }
+            Err(e) => tracing::error!(error = %e, "self-signed renewal task failed"),
+        }
+    }
+}
 
 /// The self-signed certificate for `names` in `dir` (`self-signed.crt`, `.key` 0600,
 /// `.names`): the one kept there when it is for the same names and not near its end,
@@ -307,6 +340,13 @@ mod tests {
         assert_eq!(a.cert, b.cert, "same names: the kept certificate");
         let c = self_signed(dir.path(), &["cp.example.test".to_owned()]).expect("new");
         assert_ne!(a.cert, c.cert, "other names: a new certificate");
+        // Near its end (what a daemon running for eleven months sees): made anew.
+        let near = unix_now() + SELF_SIGNED_RENEW_BEFORE.as_secs() - 60;
+        std::fs::write(dir.path().join("self-signed.not-after"), near.to_string()).expect("write");
+        let d = self_signed(dir.path(), &["cp.example.test".to_owned()]).expect("renewed");
+        assert_ne!(c.cert, d.cert, "a certificate near its end is replaced");
+        let e = self_signed(dir.path(), &["cp.example.test".to_owned()]).expect("kept");
+        assert_eq!(d.cert, e.cert, "the renewed one is then kept");
     }
 
     #[test]

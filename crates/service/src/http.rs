@@ -24,8 +24,28 @@ pub fn current_request_id() -> String {
 /// characters of `[A-Za-z0-9_-]`), otherwise makes one; serves the request with it in
 /// scope (errors and logs carry it) and returns it on the answer.
 pub async fn request_id(req: Request, next: Next) -> Response {
-    let id = req
-        .headers()
+    let id = client_request_id(&req).unwrap_or_else(new_request_id);
+    serve_with_id(id, req, next).await
+}
+
+/// The `x-request-id` a client sent, as [`server_request_id`] keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRequestId(pub String);
+
+/// Middleware for a service whose request ids are evidence (the control plane's audit
+/// trail): the id is always the server's own, so no client can make two records share
+/// one; a well-formed client `x-request-id` is kept beside it as a
+/// [`ClientRequestId`] request extension.
+pub async fn server_request_id(mut req: Request, next: Next) -> Response {
+    if let Some(theirs) = client_request_id(&req) {
+        req.extensions_mut().insert(ClientRequestId(theirs));
+    }
+    serve_with_id(new_request_id(), req, next).await
+}
+
+/// A well-formed client `x-request-id`: 16–64 characters of `[A-Za-z0-9_-]`.
+fn client_request_id(req: &Request) -> Option<String> {
+    req.headers()
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|v| {
@@ -34,7 +54,9 @@ pub async fn request_id(req: Request, next: Next) -> Response {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         })
         .map(str::to_owned)
-        .unwrap_or_else(new_request_id);
+}
+
+async fn serve_with_id(id: String, req: Request, next: Next) -> Response {
     let span = tracing::debug_span!("request", request_id = %id);
     let mut resp = REQUEST_ID
         .scope(

@@ -15,6 +15,7 @@
 //! | [`routes::CREATE_TOKEN`] `POST /api/v1/operators/tokens` | admin | [`CreateToken`] → 201 [`CreatedToken`] (the secret is shown once) |
 //! | [`routes::LIST_TOKENS`] `GET /api/v1/operators/tokens` | admin | → `[TokenInfo]` |
 //! | [`routes::REVOKE_TOKEN`] `DELETE /api/v1/operators/tokens/{id}` | admin | → 204 |
+//! | [`routes::END_ACCESS`] `DELETE /api/v1/operators/sessions?operator=NAME` | admin | → [`EndedAccess`]: sessions ended, CLI-login tokens revoked |
 //! | `GET /api/v1/vms`, `GET /api/v1/vms/{name}`, `…/console`, `…/snapshots` | viewer | as vm-launcher |
 //! | `POST /api/v1/vms`, `…/stop`, `…/pause`, `…/resume`, `DELETE …` , snapshots, restore | operator | as vm-launcher |
 //! | [`routes::LOGIN`] `POST /api/v1/sessions` | none | [`Login`] (an API token) → 201 [`SessionInfo`] + the session cookie |
@@ -94,6 +95,9 @@ pub mod routes {
     pub const CREATE_TOKEN: Route = Route::post("/api/v1/operators/tokens");
     pub const LIST_TOKENS: Route = Route::get("/api/v1/operators/tokens");
     pub const REVOKE_TOKEN: Route = Route::delete("/api/v1/operators/tokens/{id}");
+    /// Ends an operator's access: their browser sessions, and the tokens their CLI
+    /// browser logins made (`?operator=NAME`).
+    pub const END_ACCESS: Route = Route::delete("/api/v1/operators/sessions");
     pub const OPENAPI: Route = Route::get("/api/v1/openapi.json");
     /// The syscall audit trail (monitor-daemon).
     pub const AUDIT_EVENTS: Route = Route::get("/api/v1/audit/events");
@@ -276,6 +280,24 @@ pub struct SessionInfo {
     pub idle_timeout_secs: u64,
 }
 
+/// `?operator=` of [`routes::END_ACCESS`]: an operator's name as the audit trail
+/// shows it (an identity-provider user's, or a token's).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorQuery {
+    pub operator: String,
+}
+
+/// What [`routes::END_ACCESS`] ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct EndedAccess {
+    pub operator: String,
+    /// Browser sessions ended (their streams close within seconds).
+    pub sessions_ended: usize,
+    /// Ids of the API tokens the operator's CLI browser logins had made, now revoked.
+    pub tokens_revoked: Vec<String>,
+}
+
 /// `?limit=` of [`routes::OPERATOR_AUDIT`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -424,6 +446,19 @@ impl ControlPlaneClient {
     pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, ClientError> {
         self.http
             .json(self.http.request(routes::LIST_TOKENS, &[]))
+            .await
+    }
+
+    /// Ends `operator`'s browser sessions and revokes the tokens their CLI logins made.
+    pub async fn end_access(&self, operator: &str) -> Result<EndedAccess, ClientError> {
+        self.http
+            .json(
+                self.http
+                    .request(routes::END_ACCESS, &[])
+                    .query(&OperatorQuery {
+                        operator: operator.to_owned(),
+                    }),
+            )
             .await
     }
 
