@@ -1262,6 +1262,20 @@ fn the_cli_reaches_every_daemon_through_the_control_plane() -> Result<()> {
     assert_eq!(after.status.code(), Some(1), "revoked: {}", show(&after));
     assert!(show(&after).contains("not active"), "{}", show(&after));
 
+    // Signing keys rotated from afar (admin only); the token issued before still
+    // verifies (its key is retired, not gone).
+    let rotated = remote(&["identity", "rotate-keys"], &admin_token);
+    assert!(rotated.status.success(), "{}", show(&rotated));
+    assert!(
+        String::from_utf8_lossy(&rotated.stdout).contains("active signing key:"),
+        "{}",
+        show(&rotated)
+    );
+    let not_admin = remote(&["identity", "rotate-keys"], &operator_token);
+    assert_eq!(not_admin.status.code(), Some(9), "{}", show(&not_admin));
+    let master = remote(&["identity", "rotate-master-key"], &admin_token);
+    assert_eq!(master.status.code(), Some(2), "{}", show(&master));
+
     // Usage: the proxy's ledger (empty on this new host, but the proxy's answer).
     let usage = remote(&["--json", "usage"], &operator_token);
     assert!(usage.status.success(), "{}", show(&usage));
@@ -1330,6 +1344,8 @@ fn the_cli_reaches_every_daemon_through_the_control_plane() -> Result<()> {
         ("agent.token.issue", "far-ops", "refused"),
         ("agent.token.introspect", "far-ops", "ok"),
         ("agent.token.revoke", "far-admin", "ok"),
+        ("agent.keys.rotate", "far-admin", "ok"),
+        ("agent.keys.rotate", "far-ops", "refused"),
         ("usage.get", "far-ops", "ok"),
         ("workflow.submit", "far-ops", "ok"),
         ("workflow.approve", "far-ops", "ok"),

@@ -60,10 +60,11 @@ impl Events<'_> {
     }
 }
 
-/// `audit tail` through a control plane.
-pub fn run_remote(
+/// `audit tail`: from the local monitor-daemon (its operator credential read here), or
+/// through `remote`, a control plane.
+pub fn run(
     cmd: AuditCmd,
-    client: &clawos_control_plane_api::ControlPlaneClient,
+    remote: Option<&clawos_control_plane_api::ControlPlaneClient>,
     json: bool,
 ) -> Result<(), Exit> {
     let AuditCmd::Tail {
@@ -72,40 +73,25 @@ pub fn run_remote(
         after,
         limit,
         follow,
-        monitor_url: _,
-    } = cmd;
-    block_on(tail(
-        &Events::Remote(client),
-        agent.as_deref(),
-        alerts,
-        after,
-        limit,
-        follow,
-        json,
-    ))
-}
-
-pub fn run(cmd: AuditCmd, json: bool) -> Result<(), Exit> {
-    let AuditCmd::Tail {
-        agent,
-        alerts,
-        after,
-        limit,
-        follow,
         monitor_url,
     } = cmd;
-    let token_path = clawos_monitor_api::token_path(&state_dir());
-    let token = std::fs::read_to_string(&token_path)
-        .map(|s| s.trim().to_owned())
-        .map_err(|e| {
-            Exit(
-                1,
-                anyhow!("monitor operator credential {}: {e}", token_path.display()),
-            )
-        })?;
-    let client = clawos_monitor_api::MonitorClient::new(&monitor_url, &token);
+    let events = match remote {
+        Some(c) => Events::Remote(c),
+        None => {
+            let token_path = clawos_monitor_api::token_path(&state_dir());
+            let token = std::fs::read_to_string(&token_path)
+                .map(|s| s.trim().to_owned())
+                .map_err(|e| {
+                    Exit(
+                        1,
+                        anyhow!("monitor operator credential {}: {e}", token_path.display()),
+                    )
+                })?;
+            Events::Local(clawos_monitor_api::MonitorClient::new(&monitor_url, &token))
+        }
+    };
     block_on(tail(
-        &Events::Local(client),
+        &events,
         agent.as_deref(),
         alerts,
         after,

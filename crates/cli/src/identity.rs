@@ -42,13 +42,21 @@ pub fn client(url: &str) -> Result<IdentityClient, Exit> {
     Ok(IdentityClient::with_service_token(url, &credential()?))
 }
 
-pub fn run(cmd: IdentityCmd, url: &str) -> Result<(), Exit> {
+/// Runs against the local identity-manager at `url`, or (`remote`, a control plane's
+/// agent-token routes) a remote host's; the master key only on the host.
+pub fn run(cmd: IdentityCmd, url: &str, remote: Option<IdentityClient>) -> Result<(), Exit> {
     match cmd {
         IdentityCmd::RotateKeys => {
-            let client = client(url)?;
+            let client = match remote {
+                Some(c) => c,
+                None => client(url)?,
+            };
             let rotated = block_on(async { client.rotate_keys().await.map_err(api_exit) })?;
             println!("active signing key: {}", rotated.active_kid);
             Ok(())
+        }
+        IdentityCmd::RotateMasterKey { .. } if remote.is_some() => {
+            Err(crate::remote::not_remote("identity rotate-master-key"))
         }
         IdentityCmd::RotateMasterKey { master_key_path } => rotate_master_key(master_key_path),
     }

@@ -183,8 +183,10 @@ fn run(cli: Cli) -> Result<u8, Exit> {
             Cmd::Workflow(cmd) => block_on(workflow::run(cmd, &cp.workflows(), cli.json)),
             Cmd::Token(cmd) => block_on(token::run(cmd, &cp.agent_tokens(), cli.json)).map(ok),
             Cmd::Usage(args) => block_on(usage::run(args, &cp.usage(), cli.json)).map(ok),
-            Cmd::Audit(cmd) => audit::run_remote(cmd, &cp, cli.json).map(ok),
-            Cmd::Identity(_) => Err(remote::not_remote("identity")),
+            Cmd::Audit(cmd) => audit::run(cmd, Some(&cp), cli.json).map(ok),
+            Cmd::Identity(cmd) => {
+                identity::run(cmd, &cli.identity_url, Some(cp.agent_tokens())).map(ok)
+            }
             Cmd::Keygen { .. } | Cmd::Login(_) | Cmd::Logout | Cmd::Operator(_) => Ok(0),
         };
     }
@@ -194,9 +196,9 @@ fn run(cli: Cli) -> Result<u8, Exit> {
             block_on(image::run_launcher(cmd, client, cli.json))
         }),
         Cmd::Token(cmd) => block_on(token::run_local(cmd, &cli.identity_url, cli.json)).map(ok),
-        Cmd::Audit(cmd) => audit::run(cmd, cli.json).map(ok),
+        Cmd::Audit(cmd) => audit::run(cmd, None, cli.json).map(ok),
         Cmd::Usage(args) => usage::run_local(args, cli.json).map(ok),
-        Cmd::Identity(cmd) => identity::run(cmd, &cli.identity_url).map(ok),
+        Cmd::Identity(cmd) => identity::run(cmd, &cli.identity_url, None).map(ok),
         Cmd::Vm(cmd) => with_launcher(&cli.launcher_url, |client| {
             block_on(vm::run(cmd, client, cli.json))
         }),

@@ -60,6 +60,7 @@ fn schemas() -> Vec<(String, RefOr<Schema>)> {
     add::<clawos_identity_manager_api::RevokeRequest>(&mut out);
     add::<clawos_identity_manager_api::IntrospectRequest>(&mut out);
     add::<clawos_identity_manager_api::Introspection>(&mut out);
+    add::<clawos_identity_manager_api::RotatedKeys>(&mut out);
     add::<clawos_vm_launcher_api::ImageInfo>(&mut out);
     add::<clawos_vm_launcher_api::VerifiedImage>(&mut out);
     add::<clawos_vm_launcher_api::FileEntry>(&mut out);

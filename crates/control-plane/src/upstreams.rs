@@ -279,7 +279,7 @@ pub(crate) async fn issue_agent_token(
         .issue(&req)
         .await
         .map_err(failed("identity-manager"))?;
-    let mut resp = Json(issued).into_response();
+    let mut resp = (StatusCode::CREATED, Json(issued)).into_response();
     resp.extensions_mut()
         .insert(crate::http::AuditTarget(target));
     Ok(resp)
@@ -314,4 +314,16 @@ pub(crate) async fn introspect_agent_token(
         .await
         .map_err(failed("identity-manager"))?;
     Ok(Json(answer).into_response())
+}
+
+/// Rotates identity-manager's token signing keys (admin).
+pub(crate) async fn rotate_agent_keys(State(app): Shared) -> ApiResult {
+    let rotated = identity(&app)?
+        .rotate_keys()
+        .await
+        .map_err(failed("identity-manager"))?;
+    let mut resp = Json(&rotated).into_response();
+    resp.extensions_mut()
+        .insert(crate::http::AuditTarget(rotated.active_kid.clone()));
+    Ok(resp)
 }

@@ -35,6 +35,7 @@
 //! | `POST /api/v1/runs`, `…/steps/{step}/approval`, `…/cancel` | operator | submit, approve or reject a step, cancel |
 //! | `POST /api/v1/tokens`, `POST /api/v1/revoke` | admin | identity-manager: issue, revoke agent tokens ([`ControlPlaneClient::agent_tokens`]) |
 //! | `POST /api/v1/introspect` | operator | whether an agent token verifies |
+//! | `POST /api/v1/keys/rotate` | admin | rotate identity-manager's token signing keys |
 //! | `GET /api/v1/images` | viewer | the images VMs may boot, each verified now |
 //! | `POST /api/v1/images/{name}/verify` | operator | verify one as a boot would |
 //! | `PUT`/`GET /api/v1/vms/{name}/files?path=` | operator | copy a file in or out of a VM's workspace (streamed) |

@@ -271,6 +271,7 @@ pub struct AgentKey {
 
 /// The answer to a signing key rotation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RotatedKeys {
     /// The key that signs from now on.
     pub active_kid: String,
