@@ -1134,6 +1134,29 @@ fn the_cli_drives_a_remote_host_through_the_control_plane() -> Result<()> {
         "a viewer's exec: {}",
         show(&denied_exec)
     );
+    // A browser login against a control plane without an OpenID provider fails at
+    // once, saying why (not after waiting for a browser).
+    let no_idp = remote(
+        &[
+            "--ca",
+            ca.to_str().context("utf8")?,
+            "login",
+            "--browser",
+            "--no-open",
+        ],
+        None,
+    );
+    assert_eq!(no_idp.status.code(), Some(3), "{}", show(&no_idp));
+    assert!(
+        show(&no_idp).contains("OIDC login is not configured"),
+        "{}",
+        show(&no_idp)
+    );
+    assert!(
+        !show(&no_idp).contains("Log in to"),
+        "it asked for a browser: {}",
+        show(&no_idp)
+    );
     let logout = remote(&["logout"], None);
     assert!(logout.status.success(), "{}", show(&logout));
     let after = remote(&["vm", "list"], None);

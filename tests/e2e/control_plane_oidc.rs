@@ -531,6 +531,15 @@ fn the_cli_logs_in_through_the_browser() -> Result<()> {
     );
     let gone = cli(&["operator", "whoami"]).output()?;
     assert_eq!(gone.status.code(), Some(9), "{}", show(&gone));
+    // Nothing left to end, or a name nobody has: said so (404), not a quiet success.
+    let again = cp.call(
+        Some(&cp.admin_token()),
+        "DELETE",
+        "/api/v1/operators/sessions?operator=cli-otto",
+        None,
+    );
+    assert_eq!(again.status, 404, "{}", again.body);
+    assert!(again.body.contains("cli-"), "{}", again.body);
     let trail = cp.audit();
     assert!(
         trail.iter().any(|r| r["action"] == "operator.access.end"
@@ -540,9 +549,9 @@ fn the_cli_logs_in_through_the_browser() -> Result<()> {
     );
     assert!(
         trail.iter().any(|r| r["action"] == "session.cli_token"
-            && r["operator"] == "cli-otto"
+            && r["operator"] == "otto"
             && r["result"] == "ok"),
-        "the token hand-off is audited under its user"
+        "the token hand-off is audited under the provider's user"
     );
     assert_eq!(
         trail

@@ -174,8 +174,9 @@ pub struct LoginArgs {
     /// API token with the role the provider's groups give.
     #[arg(long)]
     browser: bool,
-    /// With --browser: only print the URL to open (e.g. on a machine without a
-    /// browser: open it on one that reaches both this port and the server).
+    /// With --browser: only print the URL to open (on a machine without a browser, open
+    /// it on one whose 127.0.0.1:PORT reaches this one, e.g. through
+    /// `ssh -L PORT:127.0.0.1:PORT`).
     #[arg(long, requires = "browser")]
     no_open: bool,
 }
@@ -212,9 +213,12 @@ async fn browser_login(server: &str, trust: &ServerTrust, open: bool) -> Result<
         "{server}{}?cli_port={port}&cli_state={state}&cli_challenge={challenge}",
         clawos_control_plane_api::routes::LOGIN_OIDC.path
     );
+    let client = ControlPlaneClient::connect(server, trust, "").map_err(|e| Exit(2, anyhow!(e)))?;
+    // The server is asked first, so one without a provider says so now, not after
+    // the wait.
+    client.check_oidc_login(&url).await.map_err(api_exit)?;
     eprintln!(
-        "Log in to {server} in a browser (waiting {} s):
-{url}",
+        "Log in to {server} in a browser (waiting {} s):\n{url}",
         BROWSER_WAIT.as_secs()
     );
     if open {
@@ -237,7 +241,6 @@ async fn browser_login(server: &str, trust: &ServerTrust, open: bool) -> Result<
                 ),
             )
         })??;
-    let client = ControlPlaneClient::connect(server, trust, "").map_err(|e| Exit(2, anyhow!(e)))?;
     let created = client
         .cli_token(&clawos_control_plane_api::CliToken { code, verifier })
         .await
@@ -246,66 +249,84 @@ async fn browser_login(server: &str, trust: &ServerTrust, open: bool) -> Result<
 }
 
 /// Answers the browser's requests on the loopback port until one brings a code with
-/// our state; anything else is answered and ignored.
+/// our state; anything else is answered and ignored. Each connection is served on its
+/// own, so one that stalls (another local program) holds up nothing.
 async fn wait_for_code(listener: &tokio::net::TcpListener, state: &str) -> Result<String, Exit> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (found_tx, mut found) = tokio::sync::mpsc::channel::<String>(1);
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
-        };
-        let mut head = Vec::new();
-        let mut buf = [0u8; 2048];
-        let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            while head.len() < 8192 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match conn.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
+        tokio::select! {
+            code = found.recv() => {
+                if let Some(code) = code {
+                    return Ok(code);
                 }
             }
-        })
-        .await;
-        if read.is_err() {
-            continue;
-        }
-        let line = String::from_utf8_lossy(&head);
-        let target = line
-            .lines()
-            .next()
-            .and_then(|l| l.strip_prefix("GET "))
-            .and_then(|l| l.split(' ').next())
-            .unwrap_or("");
-        let query = target.strip_prefix("/callback?").unwrap_or("");
-        let param = |name: &str| {
-            query
-                .split('&')
-                .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
-                .map(str::to_owned)
-        };
-        let (status, page, code) = match (param("code"), param("state")) {
-            (Some(code), Some(s)) if s == state => (
-                "200 OK",
-                "Logged in: the ClawOS CLI has its credential. You may close this tab.",
-                Some(code),
-            ),
-            _ => (
-                "400 Bad Request",
-                "Not a ClawOS login for this CLI (start again with `clawos login --browser`).",
-                None,
-            ),
-        };
-        let body = format!(
-            "<!doctype html><meta charset=utf-8><title>ClawOS login</title><p>{page}</p>\n"
-        );
-        let resp = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        let _ = conn.write_all(resp.as_bytes()).await;
-        let _ = conn.shutdown().await;
-        if let Some(code) = code {
-            return Ok(code);
+            accepted = listener.accept() => match accepted {
+                Ok((conn, _)) => {
+                    let (tx, state) = (found_tx.clone(), state.to_owned());
+                    tokio::spawn(async move {
+                        if let Some(code) = answer_browser(conn, &state).await {
+                            let _ = tx.send(code).await;
+                        }
+                    });
+                }
+                // Out of descriptors and the like: wait a little rather than spin.
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            },
         }
     }
+}
+
+/// Reads one request on the loopback port (its head, within 10 s) and answers it: the
+/// code it brings when it carries our `state`.
+async fn answer_browser(mut conn: tokio::net::TcpStream, state: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 2048];
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while head.len() < 8192 && !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .ok()?;
+    let line = String::from_utf8_lossy(&head);
+    let target = line
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("GET "))
+        .and_then(|l| l.split(' ').next())
+        .unwrap_or("");
+    let query = target.strip_prefix("/callback?").unwrap_or("");
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
+            .map(str::to_owned)
+    };
+    let (status, page, code) = match (param("code"), param("state")) {
+        (Some(code), Some(s)) if s == state => (
+            "200 OK",
+            "Logged in: the ClawOS CLI has its credential. You may close this tab.",
+            Some(code),
+        ),
+        _ => (
+            "400 Bad Request",
+            "Not a ClawOS login for this CLI (start again with `clawos login --browser`).",
+            None,
+        ),
+    };
+    let body =
+        format!("<!doctype html><meta charset=utf-8><title>ClawOS login</title><p>{page}</p>\n");
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = conn.write_all(resp.as_bytes()).await;
+    let _ = conn.shutdown().await;
+    code
 }
 
 /// Checks the token (read from stdin, or a prompt on a terminal) against the server
@@ -391,11 +412,12 @@ pub enum OperatorCmd {
     /// Operator API tokens.
     #[command(subcommand)]
     Token(OperatorTokenCmd),
-    /// End an operator's access now: their browser sessions (and the streams opened
-    /// through them) and the tokens their `login --browser` made. For a user who left,
-    /// after removing them at the identity provider.
+    /// End an identity-provider user's access now: their browser sessions (and the
+    /// streams opened through them), the tokens their `login --browser` made and any
+    /// such login still waiting. For a user who left, after removing them at the
+    /// provider. API tokens an admin made are revoked by id (`operator token revoke`).
     EndAccess {
-        /// Their name as `operator whoami` or the audit trail shows it.
+        /// Their user name at the provider (`otto`), or their CLI token's (`cli-otto`).
         operator: String,
     },
 }

@@ -81,6 +81,8 @@ impl Default for Rotation {
 struct Current {
     file: std::fs::File,
     len: u64,
+    /// After a failed rotation, the size at which to try again (not at every record).
+    retry_at: u64,
 }
 
 /// Appends records to the trail.
@@ -107,7 +109,11 @@ fn open_append(path: &Path) -> std::io::Result<Current> {
         .mode(0o600)
         .open(path)?;
     let len = file.metadata()?.len();
-    Ok(Current { file, len })
+    Ok(Current {
+        file,
+        len,
+        retry_at: 0,
+    })
 }
 
 impl AuditTrail {
@@ -135,19 +141,29 @@ impl AuditTrail {
 
     /// Moves the full file to `.1` (older ones up by one, the oldest past `keep`
     /// removed) and starts a new one. Called with the file's lock held, so no record
-    /// is written meanwhile.
+    /// is written meanwhile. The full file is moved aside first: if that cannot be
+    /// done, no old file has been touched.
     fn rotate(&self, cur: &mut Current) -> std::io::Result<()> {
         let keep = self.rotation.keep.max(1);
+        let mut staging = self.path.clone().into_os_string();
+        staging.push(".rotating");
+        let staging = PathBuf::from(staging);
+        std::fs::rename(&self.path, &staging)?;
+        let fresh = open_append(&self.path);
         let _ = std::fs::remove_file(self.old(keep));
         for n in (1..keep).rev() {
             match std::fs::rename(self.old(n), self.old(n + 1)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    tracing::error!(error = %e, from = %self.old(n).display(), "cannot shift an old audit file; it stays where it is")
+                }
             }
         }
-        std::fs::rename(&self.path, self.old(1))?;
-        *cur = open_append(&self.path)?;
+        if let Err(e) = std::fs::rename(&staging, self.old(1)) {
+            tracing::error!(error = %e, path = %staging.display(), "cannot name the rotated audit file .1; it keeps its staging name");
+        }
+        *cur = fresh?;
         tracing::info!(path = %self.path.display(), kept = keep, "operator audit trail rotated");
         Ok(())
     }
@@ -174,9 +190,12 @@ impl AuditTrail {
         }
         cur.len += line.len() as u64;
         if cur.len >= self.rotation.max_bytes
+            && cur.len >= cur.retry_at
             && let Err(e) = self.rotate(&mut cur)
         {
-            // The current file keeps growing rather than losing a record.
+            // The current file keeps growing rather than losing a record; the next
+            // attempt comes after another eighth of a file, not at every record.
+            cur.retry_at = cur.len + (self.rotation.max_bytes / 8).max(1);
             tracing::error!(error = %e, path = %self.path.display(), "cannot rotate the operator audit trail; still appending to it");
         }
     }
@@ -381,5 +400,66 @@ mod tests {
             kept, want,
             "the kept files hold the newest records, contiguous"
         );
+    }
+
+    /// A rotation that cannot move the full file aside (here: a directory where it
+    /// would go) touches no old file, keeps appending, and succeeds once it can.
+    #[test]
+    fn a_rotation_that_cannot_move_the_file_loses_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let rotation = Rotation {
+            max_bytes: 1500,
+            keep: 2,
+        };
+        let t = AuditTrail::with_rotation(&path, rotation).expect("open");
+        let mut written = 0;
+        while !t.old(1).exists() {
+            t.record(&record(written));
+            written += 1;
+        }
+        let kept_old = std::fs::read(t.old(1)).expect(".1");
+        // The staging name exists already as a directory: the first rename fails.
+        let mut staging = path.clone().into_os_string();
+        staging.push(".rotating");
+        std::fs::create_dir(&staging).expect("block the staging name");
+        std::fs::write(PathBuf::from(&staging).join("x"), b"x").expect("non-empty");
+        let before = written;
+        while written < before + 40 {
+            t.record(&record(written));
+            written += 1;
+        }
+        assert_eq!(
+            std::fs::read(t.old(1)).expect(".1"),
+            kept_old,
+            "no old file touched"
+        );
+        assert!(!t.old(2).exists());
+        let live = std::fs::read_to_string(&path).expect("live");
+        assert!(
+            live.lines().count() >= 40,
+            "records kept coming into the live file"
+        );
+        std::fs::remove_dir_all(&staging).expect("unblock");
+        let mut n = 0;
+        while !t.old(2).exists() {
+            t.record(&record(written));
+            written += 1;
+            n += 1;
+            assert!(n < 1000, "never rotated again");
+        }
+        let mut all = Vec::new();
+        for p in [t.old(2), t.old(1), path.clone()] {
+            all.extend(std::fs::read_to_string(&p).expect("read").lines().map(|l| {
+                serde_json::from_str::<AuditRecord>(l)
+                    .expect("whole")
+                    .request_id
+            }));
+        }
+        let want: Vec<String> = (written - all.len()..written)
+            .map(|i| format!("r{i:04}"))
+            .collect();
+        assert_eq!(all, want, "contiguous, none lost");
+        assert!(all.len() > 40);
     }
 }

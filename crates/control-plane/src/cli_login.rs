@@ -118,6 +118,14 @@ impl CliCodes {
         m.insert(Sha256::digest(code.as_bytes()).into(), w);
     }
 
+    /// Forgets every code waiting for `user` (their access was ended); how many.
+    pub fn forget_user(&self, user: &str) -> usize {
+        let mut m = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let before = m.len();
+        m.retain(|_, w| w.name != user && token_name(&w.name) != user);
+        before - m.len()
+    }
+
     /// The login `code` stands for, once: it is gone whatever the answer.
     fn take(&self, code: &str) -> Option<Waiting> {
         let key: [u8; 32] = Sha256::digest(code.as_bytes()).into();
@@ -210,9 +218,8 @@ pub(crate) async fn cli_token(
     if !crate::sessions::same(&digest, &waiting.challenge) {
         return Err(refused());
     }
-    let name = token_name(&waiting.name);
     let req = CreateToken {
-        name: name.clone(),
+        name: token_name(&waiting.name),
         role: waiting.role,
         ttl_secs: CLI_TOKEN_TTL_SECS,
     };
@@ -223,8 +230,10 @@ pub(crate) async fn cli_token(
     let mut resp = (StatusCode::CREATED, Json(&created)).into_response();
     resp.extensions_mut()
         .insert(AuditTarget(created.info.id.clone()));
+    // The trail names the provider's user (the token's own name, `cli-…`, names it in
+    // the records of what it then does).
     resp.extensions_mut().insert(Operator {
-        name,
+        name: waiting.name,
         role: waiting.role,
         via: "oidc",
         token_id: created.info.id.clone(),
@@ -275,7 +284,7 @@ mod tests {
             name: "alice".into(),
             role: Role::Viewer,
             challenge: "c".into(),
-            created: Instant::now() - age,
+            created: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
         };
         codes.add("fresh", w(Duration::ZERO));
         codes.add("stale", w(CODE_TTL + Duration::from_secs(1)));

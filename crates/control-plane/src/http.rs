@@ -130,15 +130,15 @@ pub fn endpoints() -> Vec<Endpoint> {
         ep(runs::SUBMIT, p, Some(Operator), "workflow.submit", "Submit a workflow run (the YAML spec and its inputs).", J("SubmitRun"), (201, J("RunSummary"))),
         ep(runs::GET, p, Some(Viewer), "workflow.get", "A run and its steps.", Empty, (200, J("RunStatus"))),
         ep(runs::EVENTS, p, Some(Viewer), "workflow.events", "A run's journal after event `after`.", Empty, (200, A("RunEvent"))),
-        ep(runs::RUN_ARTIFACTS, p, Some(Viewer), "workflow.artifacts", "The artifacts a run's steps made.", Empty, (200, A("ArtifactRef"))),
-        ep(runs::ARTIFACT, p, Some(Viewer), "workflow.artifact", "An artifact's bytes, by its sha256.", Empty, (200, Shape::Page("application/octet-stream"))),
+        ep(runs::RUN_ARTIFACTS, p, Some(Operator), "workflow.artifacts", "The artifacts a run's steps made.", Empty, (200, A("ArtifactRef"))),
+        ep(runs::ARTIFACT, p, Some(Operator), "workflow.artifact", "An artifact's bytes, by its sha256.", Empty, (200, Shape::Page("application/octet-stream"))),
         ep(runs::APPROVE, p, Some(Operator), "workflow.approve", "Approve or reject a waiting approval step.", J("Approval"), (204, Empty)),
         ep(runs::CANCEL, p, Some(Operator), "workflow.cancel", "Cancel a run.", Empty, (200, J("RunStatus"))),
         ep(identity::ISSUE, p, Some(Admin), "agent.token.issue", "Issue an agent token (identity-manager).", J("IssueRequest"), (201, J("Issued"))),
         ep(identity::REVOKE, p, Some(Admin), "agent.token.revoke", "Revoke one agent token (by `jti`) or every token of an agent.", J("RevokeRequest"), (204, Empty)),
         ep(identity::ROTATE_KEYS, p, Some(Admin), "agent.keys.rotate", "Rotate identity-manager's token signing keys (next → active → retired).", Empty, (200, J("RotatedKeys"))),
         ep(identity::INTROSPECT, p, Some(Operator), "agent.token.introspect", "Whether an agent token verifies (signature, expiry, revocation), and its claims.", J("IntrospectRequest"), (200, J("Introspection"))),
-        ep(vm::IMAGES, p, Some(Viewer), "image.list", "The images VMs may boot, each verified now (or why it was refused).", Empty, (200, A("ImageInfo"))),
+        ep(vm::IMAGES, p, Some(Operator), "image.list", "The images VMs may boot, each verified now (or why it was refused).", Empty, (200, A("ImageInfo"))),
         ep(vm::VERIFY_IMAGE, p, Some(Operator), "image.verify", "Verify one image as a boot would (422 with the refusal).", Empty, (200, J("ImageInfo"))),
         ep(vm::LIST, p, Some(Viewer), "vm.list", "List VMs.", Empty, (200, A("Vm"))),
         ep(vm::START, p, Some(Operator), "vm.start", "Create (if new) and start a VM from a registered, signed image.", J("StartVm"), (202, J("Vm"))),
@@ -768,7 +768,7 @@ pub(crate) fn upstream_error(daemon: &str, e: ClientError) -> ErrorResponse {
             StatusCode::BAD_GATEWAY,
             code::UNAVAILABLE,
             format!(
-                "{daemon} refused the control plane's credential for it (is the control plane pointed at {daemon}'s admin.token?)"
+                "{daemon} refused the control plane's credential for it (is the control plane pointed at {daemon}'s own operator credential, in the shared state directory?)"
             ),
         ),
         ClientError::Api {
@@ -780,6 +780,11 @@ pub(crate) fn upstream_error(daemon: &str, e: ClientError) -> ErrorResponse {
             StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
             known_code(&code),
             message,
+        ),
+        ClientError::Transport { url, source, .. } if source.is_timeout() => ErrorResponse::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            code::UNAVAILABLE,
+            format!("{daemon} at {url} did not answer in time"),
         ),
         ClientError::Transport { url, .. } => ErrorResponse::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -73,6 +73,8 @@ pub struct Config {
     pub reload_every: Duration,
     /// When the operator audit trail moves to a new file, and how many it keeps.
     pub audit_rotation: audit::Rotation,
+    /// Most connections one client (an IPv4 address, an IPv6 /64) holds at once.
+    pub connections_per_client: usize,
 }
 
 /// Why the daemon could not start or stopped.
@@ -131,6 +133,13 @@ impl Config {
     /// Checks what can be checked before any socket opens.
     pub fn validate(&self) -> Result<(), ControlPlaneError> {
         let bad = |m: String| Err(ControlPlaneError::Config(m));
+        if !(1..=server::MAX_CONNECTIONS).contains(&self.connections_per_client) {
+            return bad(format!(
+                "--max-connections-per-client {}: 1 to {}",
+                self.connections_per_client,
+                server::MAX_CONNECTIONS
+            ));
+        }
         if self.audit_rotation.max_bytes < 1 << 20 || self.audit_rotation.keep == 0 {
             return bad(format!(
                 "--audit-max-mib {} / --audit-keep {}: at least 1 MiB a file and 1 old file",
@@ -294,6 +303,7 @@ pub async fn run(
     let tls_dir = dir.join("tls");
     let mut background: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> =
         Vec::new();
+    let per_client = cfg.connections_per_client;
     let (tls_config, reload) = match &cfg.tls {
         TlsMode::PlainHttp => (None, None),
         TlsMode::SelfSigned { names } => {
@@ -336,7 +346,9 @@ pub async fn run(
                 // (per client too), so port 80 is no easier to tie up than 8080.
                 background.push(Box::pin(async move {
                     let never = std::future::pending::<()>();
-                    if let Err(e) = server::serve(l, None, router, never, Duration::ZERO).await {
+                    if let Err(e) =
+                        server::serve(l, None, router, never, Duration::ZERO, per_client).await
+                    {
                         tracing::error!(error = %e, "HTTP-01 responder stopped");
                     }
                 }));
@@ -416,6 +428,7 @@ pub async fn run(
         http::router(app),
         shutdown,
         clawos_service::http::DRAIN_TIMEOUT,
+        cfg.connections_per_client,
     )
     .await;
     if let Some(r) = reloader {
@@ -445,6 +458,7 @@ mod tests {
             saml: None,
             reload_every: Duration::from_secs(2),
             audit_rotation: audit::Rotation::default(),
+            connections_per_client: limits::CONNECTIONS_PER_CLIENT,
         }
     }
 

@@ -74,6 +74,10 @@ struct Args {
     /// ...and keeps this many old files (audit.jsonl.1 …).
     #[arg(long, default_value_t = 8)]
     audit_keep: u32,
+    /// Most connections one client (an IPv4 address, an IPv6 /64) holds at once; behind
+    /// a proxy or NAT that every operator comes through, raise it (up to 1024).
+    #[arg(long, default_value_t = clawos_control_plane::limits::CONNECTIONS_PER_CLIENT)]
+    max_connections_per_client: usize,
     /// Serve plain HTTP on a non-loopback address (only behind something that
     /// terminates TLS).
     #[arg(long)]
@@ -276,6 +280,7 @@ fn main() -> anyhow::Result<()> {
         launcher_url: a.launcher_url,
         allowed_origins: a.allowed_origins,
         reload_every: Duration::from_secs(a.tls_reload_secs),
+        connections_per_client: a.max_connections_per_client,
         audit_rotation: clawos_control_plane::audit::Rotation {
             max_bytes: a.audit_max_mib.saturating_mul(1 << 20),
             keep: a.audit_keep,

@@ -220,10 +220,16 @@ impl Oidc {
                 *held = Some((m.clone(), Instant::now()));
                 Ok(m)
             }
-            Err(e) => match held.as_ref() {
+            Err(e) => match held.take() {
                 Some((m, _)) => {
-                    tracing::warn!(error = %chain(&e), "OIDC discovery failed; keeping the provider keys held so far");
-                    Ok(m.clone())
+                    tracing::warn!(error = %chain(&e), "OIDC discovery failed; keeping the provider keys held so far (next try in a minute)");
+                    // Counted as fetched a minute short of its age limit: logins go on
+                    // with the held keys instead of each waiting on the provider again.
+                    let retry = Instant::now()
+                        .checked_sub(METADATA_MAX_AGE - Duration::from_secs(60))
+                        .unwrap_or_else(Instant::now);
+                    *held = Some((m.clone(), retry));
+                    Ok(m)
                 }
                 None => Err(OidcError::Discovery(chain(&e))),
             },
@@ -254,15 +260,22 @@ impl Oidc {
     ) -> Result<(String, String), OidcError> {
         let client = self.client(false).await?;
         let (challenge, verifier) = PkceCodeChallenge::new_random_sha256();
-        let (url, state, nonce) = client
+        let authorize = client
             .authorize_url(
                 CoreAuthenticationFlow::AuthorizationCode,
                 CsrfToken::new_random,
                 Nonce::new_random,
             )
             .add_scope(Scope::new("profile".into()))
-            .set_pkce_challenge(challenge)
-            .url();
+            .set_pkce_challenge(challenge);
+        // A CLI's login asks the provider for the password again, never a silent
+        // single sign-on: a link someone else started cannot log a CLI in unnoticed.
+        let (url, state, nonce) = if cli.is_some() {
+            authorize.add_prompt(openidconnect::core::CoreAuthPrompt::Login)
+        } else {
+            authorize
+        }
+        .url();
         let now = Instant::now();
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         pending.retain(|_, p| now.duration_since(p.created) < LOGIN_TTL);

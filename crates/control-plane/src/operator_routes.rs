@@ -72,9 +72,10 @@ pub(crate) async fn store<T: Send + 'static>(
         .map_err(|e| ErrorResponse::internal(format!("operator store task: {e}")))
 }
 
-/// Ends an operator's access: every browser session they hold and every token their
-/// CLI browser logins made (created by `oidc:<name>`). Their API tokens made by an
-/// admin stay: revoke those by id.
+/// Ends an identity-provider user's access: every browser session they hold, every
+/// token their CLI browser logins made and any CLI login code still waiting. `operator`
+/// is their provider name (`otto`) or their CLI token's (`cli-otto`). API tokens an
+/// admin made stay: revoke those by id. Nothing matched: 404, saying what to try.
 pub(crate) async fn end_access(
     State(app): Shared,
     q: Result<Query<clawos_control_plane_api::OperatorQuery>, QueryRejection>,
@@ -86,12 +87,25 @@ pub(crate) async fn end_access(
             "operator: 1-256 characters, no control characters",
         ));
     }
-    let by = format!("oidc:{name}");
-    let tokens_revoked = store(&app, move |s| s.revoke_created_by(&by)).await??;
+    let user = name.to_owned();
+    let tokens_revoked = store(&app, move |s| s.revoke_cli_logins_of(&user)).await??;
     for id in &tokens_revoked {
         app.sessions.end_for_token(id);
     }
-    let sessions_ended = app.sessions.end_for_operator(name);
+    let sessions_ended = app.sessions.end_for_operator(name)
+        + name
+            .strip_prefix("cli-")
+            .map_or(0, |user| app.sessions.end_for_operator(user));
+    let codes = app.cli_codes.forget_user(name);
+    if tokens_revoked.is_empty() && sessions_ended == 0 && codes == 0 {
+        return Err(ErrorResponse::new(
+            StatusCode::NOT_FOUND,
+            code::NOT_FOUND,
+            format!(
+                "no identity-provider session, CLI login token or pending CLI login of {name:?}: give the provider's user name or their CLI token's (`cli-…`, as their `operator whoami` shows); an API token an admin made is revoked by id (`operator token revoke`)"
+            ),
+        ));
+    }
     tracing::info!(
         operator = name,
         sessions_ended,

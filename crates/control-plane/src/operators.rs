@@ -304,14 +304,20 @@ impl OperatorStore {
         Ok(())
     }
 
-    /// Revokes every live token created by `by` (e.g. `oidc:alice`, a CLI's browser
-    /// logins); their ids.
-    pub fn revoke_created_by(&self, by: &str) -> Result<Vec<String>, OperatorError> {
+    /// Revokes every live token an identity-provider user's CLI logins made: those
+    /// created by `oidc:<user>`, where `user` is the provider's name (`otto`) or the
+    /// token's own (`cli-otto`); their ids.
+    pub fn revoke_cli_logins_of(&self, user: &str) -> Result<Vec<String>, OperatorError> {
         let now = unix_now();
+        let by = format!("oidc:{user}");
         let ids: Vec<String> = self
             .list()?
             .into_iter()
-            .filter(|t| t.created_by == by && t.revoked_at.is_none() && t.expires_at > now)
+            .filter(|t| {
+                (t.created_by == by || (t.name == user && t.created_by.starts_with("oidc:")))
+                    && t.revoked_at.is_none()
+                    && t.expires_at > now
+            })
             .map(|t| t.id)
             .collect();
         for id in &ids {

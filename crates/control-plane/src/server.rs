@@ -25,13 +25,15 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// that its new connections are closed at once.
 pub const MAX_CONNECTIONS: usize = 1024;
 
-/// Serves `app` on `listener` (over TLS when `tls` is given) until `shutdown`.
+/// Serves `app` on `listener` (over TLS when `tls` is given) until `shutdown`, each
+/// client (see [`crate::limits::client_of`]) holding at most `per_client` connections.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     drain: Duration,
+    per_client: usize,
 ) -> std::io::Result<()> {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     // Each connection task holds a sender; once the loop drops its own, `recv`
@@ -39,7 +41,8 @@ pub async fn serve(
     let (open_tx, mut open_rx) = tokio::sync::mpsc::channel::<()>(1);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let per_client = crate::limits::PerClient::new(crate::limits::CONNECTIONS_PER_CLIENT);
+    let per_client = crate::limits::PerClient::new(per_client);
+    let mut last_warned: Option<std::time::Instant> = None;
     tokio::pin!(shutdown);
     loop {
         let permit = tokio::select! {
@@ -62,7 +65,11 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let Some(share) = per_client.try_take(peer.ip()) else {
-            tracing::debug!(%peer, "connection closed: its client holds its share already");
+            // Said once a minute at most: a flood must not flood the log too.
+            if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                last_warned = Some(std::time::Instant::now());
+                tracing::warn!(%peer, "connections closed at once: this client holds its share already (--max-connections-per-client; behind a proxy every client is the proxy)");
+            }
             drop(tcp);
             continue;
         };
@@ -183,6 +190,7 @@ mod tests {
                 let _ = stopped.await;
             },
             Duration::from_secs(1),
+            crate::limits::CONNECTIONS_PER_CLIENT,
         ));
         let mut held = Vec::new();
         for i in 0..crate::limits::CONNECTIONS_PER_CLIENT {

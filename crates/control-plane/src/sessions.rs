@@ -133,11 +133,12 @@ impl Sessions {
             .remove(&key(id));
     }
 
-    /// Ends every session of operator `name` (however they logged in); how many.
+    /// Ends every identity-provider session (OIDC, SAML) of user `name`; how many.
+    /// Sessions opened with an API token end with their token instead.
     pub fn end_for_operator(&self, name: &str) -> usize {
         let mut map = self.by_hash.lock().unwrap_or_else(|p| p.into_inner());
         let before = map.len();
-        map.retain(|_, s| s.operator.name != name);
+        map.retain(|_, s| !(s.operator.name == name && s.operator.token_id.is_empty()));
         before - map.len()
     }
 
@@ -245,7 +246,18 @@ mod tests {
         let a1 = s.create(op("alice@example.com", "oidc")).expect("a1");
         let a2 = s.create(op("alice@example.com", "saml")).expect("a2");
         let b = s.create(op("bob", "oidc")).expect("b");
+        // An API token that happens to bear the same name: it ends with its token.
+        let t = s
+            .create(Operator {
+                token_id: "0123456789abcdef".into(),
+                ..op("alice@example.com", "token")
+            })
+            .expect("t");
         assert_eq!(s.end_for_operator("alice@example.com"), 2);
+        assert!(
+            s.find(&t.id).is_some(),
+            "a token's session ends with its token"
+        );
         assert!(s.find(&a1.id).is_none() && s.find(&a2.id).is_none());
         assert!(
             s.find(&b.id).is_some(),

@@ -81,6 +81,40 @@ impl Upstream {
     }
 }
 
+/// Longest the control plane waits for a fronted daemon (but vm-launcher, whose calls
+/// carry their own limits, and an orchestrator cancel, which stops VMs and gets 120 s):
+/// one that hangs costs its caller 30 s, not a connection forever.
+pub const UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The HTTP client for the fronted daemons: [`UPSTREAM_TIMEOUT`] for each call, no
+/// redirects followed, no proxy from the environment.
+fn upstream_http() -> Result<reqwest::Client, ErrorResponse> {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    if let Some(c) = CLIENT.get() {
+        return Ok(c.clone());
+    }
+    let c = reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(UPSTREAM_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .map_err(|e| ErrorResponse::internal(format!("HTTP client for the daemons: {e}")))?;
+    Ok(CLIENT.get_or_init(|| c).clone())
+}
+
+/// The answer when `daemon` did not answer within [`UPSTREAM_TIMEOUT`].
+fn timed_out(daemon: &str) -> ErrorResponse {
+    ErrorResponse::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        code::UNAVAILABLE,
+        format!(
+            "{daemon} did not answer within {}s",
+            UPSTREAM_TIMEOUT.as_secs()
+        ),
+    )
+}
+
 /// An upstream error as the control plane answers it (see `http::upstream`).
 fn failed(daemon: &'static str) -> impl Fn(ClientError) -> ErrorResponse {
     move |e| crate::http::upstream_error(daemon, e)
@@ -118,7 +152,12 @@ pub(crate) async fn usage(
 ) -> ApiResult {
     let q = query(q)?;
     let up = &app.upstreams.proxy;
-    let client = ProxyAdminClient::new(&up.url, &up.token("inference-proxy")?);
+    let client = ProxyAdminClient::with_http(
+        "inference-proxy",
+        &up.url,
+        upstream_http()?,
+        &up.token("inference-proxy")?,
+    );
     let report = client.usage(&q).await.map_err(failed("inference-proxy"))?;
     Ok(Json(report).into_response())
 }
@@ -136,10 +175,13 @@ pub(crate) async fn audit_events(
     let up = &app.upstreams.monitor;
     let client = MonitorClient::new(&up.url, &up.token("monitor-daemon")?);
     let limit = q.limit.unwrap_or(200).clamp(1, 1000);
-    let events = client
-        .events(q.agent.as_deref(), q.after, limit)
-        .await
-        .map_err(failed("monitor-daemon"))?;
+    let events = tokio::time::timeout(
+        UPSTREAM_TIMEOUT,
+        client.events(q.agent.as_deref(), q.after, limit),
+    )
+    .await
+    .map_err(|_| timed_out("monitor-daemon"))?
+    .map_err(failed("monitor-daemon"))?;
     Ok(Json(events).into_response())
 }
 
@@ -158,7 +200,12 @@ pub(crate) async fn operator_audit(
 
 fn orchestrator(app: &crate::http::App) -> Result<OrchestratorClient, ErrorResponse> {
     let up = &app.upstreams.orchestrator;
-    Ok(OrchestratorClient::new(&up.url, &up.token("orchestrator")?))
+    Ok(OrchestratorClient::with_http(
+        "orchestrator",
+        &up.url,
+        upstream_http()?,
+        &up.token("orchestrator")?,
+    ))
 }
 
 pub(crate) async fn runs(State(app): Shared) -> ApiResult {
@@ -247,24 +294,33 @@ pub(crate) async fn artifact(State(app): Shared, Path(sha256): Path<String>) -> 
             "artifact {sha256:?}: 64 hex characters (its sha256)"
         )));
     }
-    let bytes = orchestrator(&app)?
-        .artifact(&sha256)
+    // Streamed through (an artifact may be tens of MiB), never held whole.
+    let up = orchestrator(&app)?
+        .artifact_download(&sha256)
         .await
         .map_err(failed("orchestrator"))?;
-    let mut resp = bytes.into_response();
-    resp.headers_mut().insert(
+    let size = up.content_length();
+    let mut resp = axum::body::Body::from_stream(up.bytes_stream()).into_response();
+    let h = resp.headers_mut();
+    h.insert(
         axum::http::header::CONTENT_TYPE,
         axum::http::HeaderValue::from_static("application/octet-stream"),
     );
+    if let Some(size) = size {
+        h.insert(
+            axum::http::header::CONTENT_LENGTH,
+            axum::http::HeaderValue::from(size),
+        );
+    }
     Ok(resp)
 }
 
 fn identity(app: &crate::http::App) -> Result<IdentityClient, ErrorResponse> {
     let up = &app.upstreams.identity;
-    Ok(IdentityClient::with_service_token(
-        &up.url,
-        &up.token("identity-manager")?,
-    ))
+    Ok(
+        IdentityClient::with_service_token(&up.url, &up.token("identity-manager")?)
+            .with_timeout(UPSTREAM_TIMEOUT),
+    )
 }
 
 /// Issues an agent token (admin): identity-manager checks the request as it checks
@@ -274,11 +330,12 @@ pub(crate) async fn issue_agent_token(
     b: Result<Json<IssueRequest>, JsonRejection>,
 ) -> ApiResult {
     let req = body(b)?;
-    let target = req.agent.clone();
     let issued = identity(&app)?
         .issue(&req)
         .await
         .map_err(failed("identity-manager"))?;
+    // The agent and the token's jti: a token minted here can be revoked from the trail.
+    let target = format!("{}/{}", req.agent, issued.jti);
     let mut resp = (StatusCode::CREATED, Json(issued)).into_response();
     resp.extensions_mut()
         .insert(crate::http::AuditTarget(target));

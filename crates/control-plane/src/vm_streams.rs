@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use axum::Extension;
 
-use crate::http::{App, SessionKey, Shared, label, upstream};
+use crate::http::{App, AuditTarget, SessionKey, Shared, label, upstream};
 use crate::operators::Operator;
 
 type ApiResult = Result<Response, ErrorResponse>;
@@ -218,43 +218,110 @@ pub(crate) async fn agent_sessions(State(app): Shared, Path(name): Path<String>)
     Ok(Json(list).into_response())
 }
 
+/// Why the client's side of a relayed file ended early, for the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SenderFailure {
+    /// Nothing came for [`FILE_IDLE`].
+    Idle,
+    /// The body broke off (the client reset or closed early).
+    Broken,
+    /// The operator's token was revoked or session ended meanwhile.
+    AccessEnded,
+}
+
+impl SenderFailure {
+    fn answer(self) -> ErrorResponse {
+        match self {
+            Self::Idle => ErrorResponse::new(
+                StatusCode::REQUEST_TIMEOUT,
+                code::INVALID_REQUEST,
+                format!(
+                    "no upload data for {}s: the copy was abandoned (the VM keeps nothing of it)",
+                    FILE_IDLE.as_secs()
+                ),
+            ),
+            Self::Broken => ErrorResponse::invalid(
+                "the upload body broke off before its Content-Length: the VM keeps nothing of it",
+            ),
+            Self::AccessEnded => ErrorResponse::unauthorized(
+                "the operator's access ended during the copy (token revoked or session ended)",
+            ),
+        }
+    }
+}
+
+/// The client's upload as the body relayed on: each chunk within `idle`, `allowed`
+/// asked before each; the first failure ends the stream and is kept in `failed`.
+pub(crate) fn relayed_upload(
+    body: Body,
+    idle: Duration,
+    allowed: impl Fn() -> bool + Send + 'static,
+    failed: Arc<std::sync::Mutex<Option<SenderFailure>>>,
+) -> impl futures_util::Stream<Item = Result<Bytes, std::io::Error>> + Send + 'static {
+    futures_util::stream::unfold(Some(body.into_data_stream()), move |s| {
+        let failed = Arc::clone(&failed);
+        let ok = allowed();
+        async move {
+            let mut s = s?;
+            let fail = |why: SenderFailure| {
+                *failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+                Some((Err(std::io::Error::other(format!("{why:?}"))), None))
+            };
+            if !ok {
+                return fail(SenderFailure::AccessEnded);
+            }
+            match tokio::time::timeout(idle, s.next()).await {
+                Ok(Some(Ok(b))) => Some((Ok(b), Some(s))),
+                Ok(Some(Err(_))) => fail(SenderFailure::Broken),
+                Ok(None) => None,
+                Err(_) => fail(SenderFailure::Idle),
+            }
+        }
+    })
+}
+
 /// `PUT …/files?path=`: the body streamed on to the launcher as it arrives, its
 /// Content-Length checked there (a body of another length is refused and discarded).
+/// A sender that goes quiet for [`FILE_IDLE`], breaks off, or whose access ends
+/// meanwhile ends the copy, and the answer says which.
 pub(crate) async fn put_file(
     State(app): Shared,
     Path(name): Path<String>,
+    op: Option<Extension<Operator>>,
+    session: Option<Extension<SessionKey>>,
     q: Result<axum::extract::Query<FileQuery>, axum::extract::rejection::QueryRejection>,
     headers: axum::http::HeaderMap,
     body: Body,
 ) -> ApiResult {
     label("VM", &name)?;
+    let h = holder(&app, op, session)?;
     let axum::extract::Query(q) = q.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
     let len: u64 = headers
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| ErrorResponse::invalid("a file upload needs a Content-Length"))?;
-    // Each chunk must come within FILE_IDLE: a stalled sender ends the copy instead
-    // of holding the launcher's and the guest's side open.
-    let chunks = futures_util::stream::unfold(body.into_data_stream(), |mut s| async move {
-        match tokio::time::timeout(FILE_IDLE, s.next()).await {
-            Ok(Some(Ok(b))) => Some((Ok(b), s)),
-            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(e)), s)),
-            Ok(None) => None,
-            Err(_) => Some((
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no upload data for {}s", FILE_IDLE.as_secs()),
-                )),
-                s,
-            )),
-        }
-    });
-    app.launcher
+    let failed = Arc::new(std::sync::Mutex::new(None));
+    let Holder { app, op, session } = h;
+    let checker = Arc::clone(&app);
+    let chunks = relayed_upload(
+        body,
+        FILE_IDLE,
+        move || checker.still_allowed(&op, session.as_deref()),
+        Arc::clone(&failed),
+    );
+    let sent = app
+        .launcher
         .upload(&name, &q.path, len, reqwest::Body::wrap_stream(chunks))
-        .await
-        .map_err(upstream)?;
-    Ok(StatusCode::NO_CONTENT.into_response())
+        .await;
+    if let Some(why) = *failed.lock().unwrap_or_else(|p| p.into_inner()) {
+        return Err(why.answer());
+    }
+    sent.map_err(upstream)?;
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    resp.extensions_mut()
+        .insert(AuditTarget(format!("{name}:{}", q.path)));
+    Ok(resp)
 }
 
 /// `GET …/files?path=[&list=true]`: a file streamed back as the launcher sends it, or
@@ -262,17 +329,23 @@ pub(crate) async fn put_file(
 pub(crate) async fn get_file(
     State(app): Shared,
     Path(name): Path<String>,
+    op: Option<Extension<Operator>>,
+    session: Option<Extension<SessionKey>>,
     q: Result<axum::extract::Query<FileQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult {
     label("VM", &name)?;
+    let h = holder(&app, op, session)?;
     let axum::extract::Query(q) = q.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
+    let target = AuditTarget(format!("{name}:{}", q.path));
     if q.list {
         let entries = app
             .launcher
             .list_files(&name, &q.path)
             .await
             .map_err(upstream)?;
-        return Ok(Json(entries).into_response());
+        let mut resp = Json(entries).into_response();
+        resp.extensions_mut().insert(target);
+        return Ok(resp);
     }
     let download = app
         .launcher
@@ -280,10 +353,18 @@ pub(crate) async fn get_file(
         .await
         .map_err(upstream)?;
     let size = download.size();
-    let chunks = futures_util::stream::unfold(Some(download), |d| async move {
-        let mut d = d?;
+    // A download whose operator's access ends is cut short (the client sees fewer
+    // bytes than the Content-Length: an error, not a file).
+    let chunks = futures_util::stream::unfold(Some((download, h)), |state| async move {
+        let (mut d, h) = state?;
+        if !h.app.still_allowed(&h.op, h.session.as_deref()) {
+            return Some((
+                Err(std::io::Error::other("the operator's access ended")),
+                None,
+            ));
+        }
         match d.chunk().await {
-            Ok(Some(bytes)) => Some((Ok(Bytes::from(bytes)), Some(d))),
+            Ok(Some(bytes)) => Some((Ok(Bytes::from(bytes)), Some((d, h)))),
             Ok(None) => None,
             Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
         }
@@ -300,5 +381,84 @@ pub(crate) async fn get_file(
             axum::http::HeaderValue::from(size),
         );
     }
+    resp.extensions_mut().insert(target);
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(
+        body: Body,
+        allowed: impl Fn() -> bool + Send + 'static,
+    ) -> (Vec<Result<Bytes, std::io::Error>>, Option<SenderFailure>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let failed = Arc::new(std::sync::Mutex::new(None));
+            // A short idle limit: a stream that never yields again is cut by it
+            // whatever the machine's speed (nothing here races it).
+            let idle = Duration::from_millis(50);
+            let out: Vec<_> = relayed_upload(body, idle, allowed, Arc::clone(&failed))
+                .collect()
+                .await;
+            let why = *failed.lock().expect("lock");
+            (out, why)
+        })
+    }
+
+    #[test]
+    fn a_whole_upload_is_relayed_as_it_came() {
+        let body = Body::from_stream(futures_util::stream::iter([
+            Ok::<_, std::io::Error>(Bytes::from_static(b"abc")),
+            Ok(Bytes::from_static(b"def")),
+        ]));
+        let (out, why) = run(body, || true);
+        let bytes: Vec<u8> = out
+            .into_iter()
+            .flat_map(|c| c.expect("chunk").to_vec())
+            .collect();
+        assert_eq!(bytes, b"abcdef");
+        assert_eq!(why, None);
+    }
+
+    #[test]
+    fn a_sender_gone_quiet_is_cut_after_the_idle_limit_and_named() {
+        // One chunk, then nothing ever again.
+        let body = Body::from_stream(
+            futures_util::stream::iter([Ok::<_, std::io::Error>(Bytes::from_static(b"abc"))])
+                .chain(futures_util::stream::pending()),
+        );
+        let (out, why) = run(body, || true);
+        assert_eq!(out.len(), 2, "the chunk, then the error");
+        assert!(out[1].is_err());
+        assert_eq!(why, Some(SenderFailure::Idle));
+        assert_eq!(
+            why.map(|w| w.answer().status),
+            Some(StatusCode::REQUEST_TIMEOUT)
+        );
+    }
+
+    #[test]
+    fn a_broken_body_and_an_ended_access_are_named() {
+        let body = Body::from_stream(futures_util::stream::iter([
+            Ok::<_, std::io::Error>(Bytes::from_static(b"abc")),
+            Err(std::io::Error::other("reset")),
+        ]));
+        let (_, why) = run(body, || true);
+        assert_eq!(why, Some(SenderFailure::Broken));
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&seen);
+        let body = Body::from_stream(futures_util::stream::iter([
+            Ok::<_, std::io::Error>(Bytes::from_static(b"abc")),
+            Ok(Bytes::from_static(b"def")),
+        ]));
+        // Allowed for the first chunk, revoked before the second.
+        let (out, why) = run(body, move || counter.fetch_add(1, Ordering::SeqCst) == 0);
+        assert_eq!(why, Some(SenderFailure::AccessEnded));
+        assert!(out[0].is_ok() && out[1].is_err());
+    }
 }

@@ -426,6 +426,25 @@ impl ControlPlaneClient {
             .await
     }
 
+    /// Starts a CLI browser login at the server itself (`url` is the
+    /// [`routes::LOGIN_OIDC`] URL with its [`CliLoginStart`] query): `Ok` when the
+    /// server sends the browser on to its OpenID provider, else the server's refusal
+    /// (no provider configured, bad parameters) before any browser is involved.
+    pub async fn check_oidc_login(&self, url: &str) -> Result<(), ClientError> {
+        let transport = |source| ClientError::Transport {
+            service: "control-plane",
+            url: url.to_owned(),
+            source,
+        };
+        let resp = self.raw.get(url).send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        if status == 303 {
+            return Ok(());
+        }
+        let body = resp.bytes().await.map_err(transport)?;
+        Err(clawos_api::decode_error(status, &body, String::new()))
+    }
+
     /// Trades a CLI browser login's one-time code for an API token (this call needs no
     /// credential: the code and verifier are it).
     pub async fn cli_token(&self, req: &CliToken) -> Result<CreatedToken, ClientError> {

@@ -286,6 +286,13 @@ impl OrchestratorClient {
             .await
     }
 
+    /// An artifact's answer, its bytes still to be read (a relay streams them on).
+    pub async fn artifact_download(&self, sha256: &str) -> Result<reqwest::Response, ClientError> {
+        self.http
+            .send(self.http.request(routes::ARTIFACT, &[sha256]))
+            .await
+    }
+
     /// An artifact's bytes.
     pub async fn artifact(&self, sha256: &str) -> Result<Vec<u8>, ClientError> {
         self.http

@@ -117,6 +117,13 @@ impl Launcher {
     /// hash. A refusal is counted and logged in full; the caller is told only which
     /// part failed.
     pub(super) async fn verify_image(&self, name: &str) -> Result<Verified, LauncherError> {
+        self.verify_image_for(name, true).await
+    }
+
+    /// [`Self::verify_image`]; a refusal is counted in the metrics and logged as a
+    /// warning only when `boot` (a listing that finds a broken image is not an
+    /// attempt to boot it, and must not raise alerts each time it is asked).
+    async fn verify_image_for(&self, name: &str, boot: bool) -> Result<Verified, LauncherError> {
         let policy = VerifyPolicy {
             public_key: self.shared.cfg.public_key,
             pinned_root_hash: self.shared.cfg.pinned_root_hash.clone(),
@@ -130,8 +137,10 @@ impl Launcher {
         let result = match result {
             Ok(r) => r,
             Err(e) => {
-                self.shared.metrics.images_refused.inc();
-                tracing::warn!(image = name, error = %e, "image refused");
+                if boot {
+                    self.shared.metrics.images_refused.inc();
+                    tracing::warn!(image = name, error = %e, "image refused");
+                }
                 return Err(e);
             }
         };
@@ -147,7 +156,11 @@ impl Launcher {
                     bundle,
                 })
             }
-            Err(e) => Err(self.refused(name, &e)),
+            Err(e) if boot => Err(self.refused(name, &e)),
+            Err(e) => {
+                tracing::debug!(image = name, error = %e, "image does not verify (listing)");
+                Err(refusal(name, &e))
+            }
         }
     }
 
@@ -155,12 +168,19 @@ impl Launcher {
     /// registered name — verified now, refused ones with why.
     pub async fn images(&self) -> Result<Vec<ImageInfo>, LauncherError> {
         let cfg = &self.shared.cfg;
-        let mut names: Vec<String> = match std::fs::read_dir(images_dir(&cfg.state_dir)) {
-            Ok(entries) => entries
-                .filter_map(|e| e.ok()?.file_name().into_string().ok())
-                // Leftovers of an interrupted `image add` are not images.
-                .filter(|n| check_name(n).is_ok())
-                .collect(),
+        let store = images_dir(&cfg.state_dir);
+        let listed = off_runtime("image listing", OFF_RUNTIME_LIMIT, move || {
+            std::fs::read_dir(store).map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    // Leftovers of an interrupted `image add` are not images.
+                    .filter(|n| check_name(n).is_ok())
+                    .collect::<Vec<String>>()
+            })
+        })
+        .await?;
+        let mut names = match listed {
+            Ok(names) => names,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => {
                 return Err(LauncherError::Internal(format!("image store: {e}")));
@@ -172,7 +192,7 @@ impl Launcher {
         names.sort();
         let mut out = Vec::with_capacity(names.len());
         for name in names {
-            out.push(match self.check_image(&name).await {
+            out.push(match self.describe(&name, false).await {
                 Ok(info) => info,
                 Err(e) => ImageInfo {
                     name,
@@ -184,10 +204,15 @@ impl Launcher {
         Ok(out)
     }
 
-    /// Verifies image `name` as a boot would, and answers what it verified.
+    /// Verifies image `name` as a boot would (a refusal counted and logged as one),
+    /// and answers what it verified.
     pub async fn check_image(&self, name: &str) -> Result<ImageInfo, LauncherError> {
+        self.describe(name, true).await
+    }
+
+    async fn describe(&self, name: &str, boot: bool) -> Result<ImageInfo, LauncherError> {
         check_name(name).map_err(LauncherError::Invalid)?;
-        let v = self.verify_image(name).await?;
+        let v = self.verify_image_for(name, boot).await?;
         let m = v.manifest();
         Ok(ImageInfo {
             name: v.name.clone(),
@@ -209,28 +234,15 @@ impl Launcher {
 
     /// The API error for an image that failed verification, logged with its details.
     fn refused(&self, name: &str, e: &ImageError) -> LauncherError {
-        if let ImageError::Read {
-            what: "image directory",
-            source,
-            ..
-        } = e
-            && source.kind() == std::io::ErrorKind::NotFound
-        {
+        let answer = refusal(name, e);
+        if matches!(answer, LauncherError::NotFound(_)) {
             tracing::warn!(image = name, error = %e, "no such image");
-            let hint = if name == DEFAULT_IMAGE {
-                "configure one (--image / CLAWOS_IMAGE_DIR) or register one with `clawos image add default DIR`"
-            } else {
-                "register one with `clawos image add NAME DIR`"
-            };
-            return LauncherError::NotFound(format!("no image named {name}: {hint}"));
+        } else {
+            self.shared.metrics.images_refused.inc();
+            // The details (paths, owners, sizes, hashes) are for the operator's log only.
+            tracing::warn!(image = name, error = %e, "image refused");
         }
-        self.shared.metrics.images_refused.inc();
-        // The details (paths, owners, sizes, hashes) are for the operator's log only.
-        tracing::warn!(image = name, error = %e, "image refused");
-        LauncherError::ImageRefused {
-            code: crate::image_code(e),
-            message: format!("image {name} refused: {}", e.public_message()),
-        }
+        answer
     }
 
     /// Copies the verified kernel, initramfs (and vmlinux) into the VM's `boot/`
@@ -255,6 +267,29 @@ impl Launcher {
             }
             Err(e) => Err(self.refused(&name, &e)),
         }
+    }
+}
+
+/// The API error for image `name` that failed verification with `e`: 404 when there
+/// is no such image, else the refusal in general terms.
+fn refusal(name: &str, e: &ImageError) -> LauncherError {
+    if let ImageError::Read {
+        what: "image directory",
+        source,
+        ..
+    } = e
+        && source.kind() == std::io::ErrorKind::NotFound
+    {
+        let hint = if name == DEFAULT_IMAGE {
+            "configure one (--image / CLAWOS_IMAGE_DIR) or register one with `clawos image add default DIR`"
+        } else {
+            "register one with `clawos image add NAME DIR`"
+        };
+        return LauncherError::NotFound(format!("no image named {name}: {hint}"));
+    }
+    LauncherError::ImageRefused {
+        code: crate::image_code(e),
+        message: format!("image {name} refused: {}", e.public_message()),
     }
 }
 
