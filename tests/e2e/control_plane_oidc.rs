@@ -515,14 +515,21 @@ fn the_cli_logs_in_through_the_browser() -> Result<()> {
         let a = cp.call(None, "GET", &format!("/api/v1/login/oidc?{q}"), None);
         assert_eq!(a.status, 400, "{q}: {}", a.body);
     }
-    // The user leaves: the admin ends their access, and the CLI's token with it.
+    // The user leaves: the admin ends their access by the name the CLI token shows,
+    // and the token with it.
     let ended = cp.call(
         Some(&cp.admin_token()),
         "DELETE",
-        "/api/v1/operators/sessions?operator=otto",
+        "/api/v1/operators/sessions?operator=cli-otto",
         None,
     );
     assert_eq!(ended.status, 200, "{}", ended.body);
+    assert_eq!(
+        ended.json()["operator"],
+        "otto",
+        "resolved to the provider's user: {}",
+        ended.body
+    );
     assert_eq!(
         ended.json()["tokens_revoked"].as_array().map(Vec::len),
         Some(1),
@@ -531,15 +538,15 @@ fn the_cli_logs_in_through_the_browser() -> Result<()> {
     );
     let gone = cli(&["operator", "whoami"]).output()?;
     assert_eq!(gone.status.code(), Some(9), "{}", show(&gone));
-    // Nothing left to end, or a name nobody has: said so (404), not a quiet success.
+    // Nothing left to end: said so (404), not a quiet success.
     let again = cp.call(
         Some(&cp.admin_token()),
         "DELETE",
-        "/api/v1/operators/sessions?operator=cli-otto",
+        "/api/v1/operators/sessions?operator=otto",
         None,
     );
     assert_eq!(again.status, 404, "{}", again.body);
-    assert!(again.body.contains("cli-"), "{}", again.body);
+    assert_eq!(again.json()["error"]["code"], "not_found", "{}", again.body);
     let trail = cp.audit();
     assert!(
         trail.iter().any(|r| r["action"] == "operator.access.end"

@@ -253,6 +253,9 @@ async fn browser_login(server: &str, trust: &ServerTrust, open: bool) -> Result<
 /// own, so one that stalls (another local program) holds up nothing.
 async fn wait_for_code(listener: &tokio::net::TcpListener, state: &str) -> Result<String, Exit> {
     let (found_tx, mut found) = tokio::sync::mpsc::channel::<String>(1);
+    // A bounded number at once: another local program cannot use up our descriptors
+    // and keep the browser's own request out.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(16));
     loop {
         tokio::select! {
             code = found.recv() => {
@@ -262,8 +265,13 @@ async fn wait_for_code(listener: &tokio::net::TcpListener, state: &str) -> Resul
             }
             accepted = listener.accept() => match accepted {
                 Ok((conn, _)) => {
+                    let Ok(slot) = std::sync::Arc::clone(&slots).try_acquire_owned() else {
+                        drop(conn);
+                        continue;
+                    };
                     let (tx, state) = (found_tx.clone(), state.to_owned());
                     tokio::spawn(async move {
+                        let _slot = slot;
                         if let Some(code) = answer_browser(conn, &state).await {
                             let _ = tx.send(code).await;
                         }

@@ -134,38 +134,70 @@ impl AuditTrail {
 
     /// `audit.jsonl.{n}`.
     fn old(&self, n: u32) -> PathBuf {
-        let mut p = self.path.clone().into_os_string();
-        p.push(format!(".{n}"));
-        PathBuf::from(p)
+        self.with_suffix(&format!(".{n}"))
     }
 
     /// Moves the full file to `.1` (older ones up by one, the oldest past `keep`
     /// removed) and starts a new one. Called with the file's lock held, so no record
-    /// is written meanwhile. The full file is moved aside first: if that cannot be
-    /// done, no old file has been touched.
+    /// is written meanwhile. No step overwrites a file: the full file is moved aside
+    /// (to `.rotating`) only when nothing is there, a new file is opened before any
+    /// old one is touched (if it cannot be, the full file goes back), old files move
+    /// up only into free names (the first that cannot stops the shift), and the full
+    /// file becomes `.1` only when that name is free — else it stays `.rotating`,
+    /// logged, and no rotation happens until an operator has looked.
     fn rotate(&self, cur: &mut Current) -> std::io::Result<()> {
         let keep = self.rotation.keep.max(1);
-        let mut staging = self.path.clone().into_os_string();
-        staging.push(".rotating");
-        let staging = PathBuf::from(staging);
+        let staging = self.with_suffix(".rotating");
+        if staging.exists() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} is left from a rotation that did not finish: move it beside the old files (as the next free .N) and rotation resumes",
+                    staging.display()
+                ),
+            ));
+        }
         std::fs::rename(&self.path, &staging)?;
-        let fresh = open_append(&self.path);
-        let _ = std::fs::remove_file(self.old(keep));
+        let fresh = match open_append(&self.path) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = std::fs::rename(&staging, &self.path);
+                return Err(e);
+            }
+        };
+        *cur = fresh;
+        match std::fs::remove_file(self.old(keep)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::error!(error = %e, path = %self.old(keep).display(), "cannot remove the oldest audit file")
+            }
+        }
         for n in (1..keep).rev() {
-            match std::fs::rename(self.old(n), self.old(n + 1)) {
+            match move_into_free(&self.old(n), &self.old(n + 1)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    tracing::error!(error = %e, from = %self.old(n).display(), "cannot shift an old audit file; it stays where it is")
+                    tracing::error!(error = %e, from = %self.old(n).display(), "cannot move an old audit file up; the older ones stay as they are");
+                    break;
                 }
             }
         }
-        if let Err(e) = std::fs::rename(&staging, self.old(1)) {
-            tracing::error!(error = %e, path = %staging.display(), "cannot name the rotated audit file .1; it keeps its staging name");
+        if let Err(e) = move_into_free(&staging, &self.old(1)) {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("the full audit file stays at {}: {e}", staging.display()),
+            ));
         }
-        *cur = fresh?;
         tracing::info!(path = %self.path.display(), kept = keep, "operator audit trail rotated");
         Ok(())
+    }
+
+    /// The trail's path with `suffix` appended.
+    fn with_suffix(&self, suffix: &str) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(suffix);
+        PathBuf::from(p)
     }
 
     pub fn path(&self) -> &Path {
@@ -220,6 +252,13 @@ impl AuditTrail {
         }
         Ok(newest)
     }
+}
+
+/// Renames `from` to `to` only if `to` does not exist (a hard link, which refuses to
+/// replace, then the old name removed): a rotation never overwrites a file.
+fn move_into_free(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::hard_link(from, to)?;
+    std::fs::remove_file(from)
 }
 
 /// The last `n` records of one file.
@@ -402,64 +441,62 @@ mod tests {
         );
     }
 
-    /// A rotation that cannot move the full file aside (here: a directory where it
-    /// would go) touches no old file, keeps appending, and succeeds once it can.
+    /// Rotations that cannot finish lose and overwrite nothing: one whose full file
+    /// cannot be moved aside touches no old file; one whose old files cannot move up
+    /// (a directory where `.2` would go) leaves `.1` as it was and the full file under
+    /// `.rotating`, and rotates no more until that is cleared, records still coming
+    /// into the live file.
     #[test]
-    fn a_rotation_that_cannot_move_the_file_loses_nothing() {
+    fn rotations_that_cannot_finish_lose_and_overwrite_nothing() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.jsonl");
         let rotation = Rotation {
             max_bytes: 1500,
-            keep: 2,
+            keep: 3,
         };
         let t = AuditTrail::with_rotation(&path, rotation).expect("open");
+        let ids = |p: &Path| -> Vec<String> {
+            std::fs::read_to_string(p)
+                .unwrap_or_default()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<AuditRecord>(l)
+                        .expect("a whole record")
+                        .request_id
+                })
+                .collect()
+        };
         let mut written = 0;
         while !t.old(1).exists() {
             t.record(&record(written));
             written += 1;
         }
-        let kept_old = std::fs::read(t.old(1)).expect(".1");
-        // The staging name exists already as a directory: the first rename fails.
-        let mut staging = path.clone().into_os_string();
-        staging.push(".rotating");
-        std::fs::create_dir(&staging).expect("block the staging name");
-        std::fs::write(PathBuf::from(&staging).join("x"), b"x").expect("non-empty");
-        let before = written;
-        while written < before + 40 {
+        let first = std::fs::read(t.old(1)).expect(".1");
+        // `.2` taken by a directory: the shift stops, `.1` cannot be freed.
+        std::fs::create_dir(t.old(2)).expect("block .2");
+        std::fs::write(t.old(2).join("x"), b"x").expect("non-empty");
+        let staging = t.with_suffix(".rotating");
+        while !staging.exists() {
+            t.record(&record(written));
+            written += 1;
+            assert!(written < 1000, "never tried to rotate");
+        }
+        assert_eq!(std::fs::read(t.old(1)).expect(".1"), first, ".1 untouched");
+        // Further records go on into the live file; no rotation overwrites .rotating.
+        let parked = std::fs::read(&staging).expect("staging");
+        for _ in 0..60 {
             t.record(&record(written));
             written += 1;
         }
         assert_eq!(
-            std::fs::read(t.old(1)).expect(".1"),
-            kept_old,
-            "no old file touched"
+            std::fs::read(&staging).expect("staging"),
+            parked,
+            ".rotating untouched"
         );
-        assert!(!t.old(2).exists());
-        let live = std::fs::read_to_string(&path).expect("live");
-        assert!(
-            live.lines().count() >= 40,
-            "records kept coming into the live file"
-        );
-        std::fs::remove_dir_all(&staging).expect("unblock");
-        let mut n = 0;
-        while !t.old(2).exists() {
-            t.record(&record(written));
-            written += 1;
-            n += 1;
-            assert!(n < 1000, "never rotated again");
-        }
-        let mut all = Vec::new();
-        for p in [t.old(2), t.old(1), path.clone()] {
-            all.extend(std::fs::read_to_string(&p).expect("read").lines().map(|l| {
-                serde_json::from_str::<AuditRecord>(l)
-                    .expect("whole")
-                    .request_id
-            }));
-        }
-        let want: Vec<String> = (written - all.len()..written)
-            .map(|i| format!("r{i:04}"))
-            .collect();
-        assert_eq!(all, want, "contiguous, none lost");
-        assert!(all.len() > 40);
+        let mut all = ids(&t.old(1));
+        all.extend(ids(&staging));
+        all.extend(ids(&path));
+        let want: Vec<String> = (0..written).map(|i| format!("r{i:04}")).collect();
+        assert_eq!(all, want, "every record in exactly one file, in order");
     }
 }

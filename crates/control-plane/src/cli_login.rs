@@ -47,6 +47,16 @@ pub struct StartQuery {
     cli_port: Option<u16>,
     cli_state: Option<String>,
     cli_challenge: Option<String>,
+    /// Only check that such a login could start (204), starting none.
+    #[serde(default)]
+    cli_check: bool,
+}
+
+impl StartQuery {
+    /// Whether the CLI only asks if its login could start.
+    pub fn check_only(&self) -> bool {
+        self.cli_check
+    }
 }
 
 fn url_safe(s: &str) -> bool {
@@ -57,6 +67,11 @@ fn url_safe(s: &str) -> bool {
 /// The CLI hand-off a login asks for: none (a browser login), or all three parts,
 /// checked.
 pub fn handoff(q: StartQuery) -> Result<Option<CliHandoff>, ErrorResponse> {
+    if q.cli_check && q.cli_port.is_none() {
+        return Err(ErrorResponse::invalid(
+            "cli_check is for a CLI login's parameters",
+        ));
+    }
     match (q.cli_port, q.cli_state, q.cli_challenge) {
         (None, None, None) => Ok(None),
         (Some(port), Some(state), Some(challenge)) => {
@@ -121,9 +136,19 @@ impl CliCodes {
     /// Forgets every code waiting for `user` (their access was ended); how many.
     pub fn forget_user(&self, user: &str) -> usize {
         let mut m = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, w| w.created.elapsed() < CODE_TTL);
         let before = m.len();
-        m.retain(|_, w| w.name != user && token_name(&w.name) != user);
+        m.retain(|_, w| w.name != user);
         before - m.len()
+    }
+
+    /// The provider users with a live code whose token would be named `token_name`.
+    pub fn users_named(&self, token_name_: &str) -> Vec<String> {
+        let m = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        m.values()
+            .filter(|w| w.created.elapsed() < CODE_TTL && token_name(&w.name) == token_name_)
+            .map(|w| w.name.clone())
+            .collect()
     }
 
     /// The login `code` stands for, once: it is gone whatever the answer.
@@ -263,6 +288,7 @@ mod tests {
             cli_port: p,
             cli_state: s.map(str::to_owned),
             cli_challenge: c.map(str::to_owned),
+            cli_check: false,
         };
         let good_c = "a".repeat(43);
         assert_eq!(handoff(q(None, None, None)).ok(), Some(None));
@@ -288,9 +314,20 @@ mod tests {
         };
         codes.add("fresh", w(Duration::ZERO));
         codes.add("stale", w(CODE_TTL + Duration::from_secs(1)));
+        assert_eq!(
+            codes.users_named("cli-alice"),
+            ["alice"],
+            "only the live code"
+        );
         assert!(codes.take("fresh").is_some());
         assert!(codes.take("fresh").is_none(), "a code is used once");
         assert!(codes.take("stale").is_none(), "an expired code");
         assert!(codes.take("never").is_none());
+        // Forgetting a user counts only live codes, and only theirs.
+        codes.add("a", w(Duration::ZERO));
+        codes.add("old", w(CODE_TTL + Duration::from_secs(1)));
+        assert_eq!(codes.forget_user("bob"), 0);
+        assert_eq!(codes.forget_user("alice"), 1);
+        assert_eq!(codes.forget_user("alice"), 0);
     }
 }

@@ -920,4 +920,37 @@ mod tests {
         );
         assert_eq!(first_param("/api/v1/vms", "/api/v1/vms"), None);
     }
+
+    /// A fronted daemon that takes the connection but never answers is a 504 naming
+    /// it, not "cannot be reached".
+    #[tokio::test]
+    async fn a_daemon_that_never_answers_is_a_gateway_timeout() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", silent.local_addr().expect("addr"));
+        let held = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((c, _)) = silent.accept().await {
+                conns.push(c);
+            }
+        });
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(200))
+            .build()
+            .expect("client");
+        let http = clawos_api::HttpClient::with_http("orchestrator", &url, client);
+        let e = http
+            .json::<serde_json::Value>(http.request(clawos_orchestrator_api::routes::LIST, &[]))
+            .await
+            .expect_err("no answer");
+        let answer = upstream_error("orchestrator", e);
+        assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+        assert!(
+            answer.message.contains("did not answer in time"),
+            "{}",
+            answer.message
+        );
+        held.abort();
+    }
 }

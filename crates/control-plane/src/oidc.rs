@@ -26,6 +26,9 @@ use openidconnect::{
 
 /// How long a started login may take to come back.
 pub const LOGIN_TTL: Duration = Duration::from_secs(600);
+/// How far the provider's clock may be behind ours when a CLI login's `auth_time` is
+/// checked.
+const AUTH_TIME_SKEW_SECS: i64 = 120;
 /// The provider's metadata and keys are fetched again when older than this (and at
 /// once when an ID token names a key not among them).
 const METADATA_MAX_AGE: Duration = Duration::from_secs(3600);
@@ -89,6 +92,9 @@ struct Pending {
     created: Instant,
     cli: Option<crate::cli_login::CliHandoff>,
     client: std::net::IpAddr,
+    /// Unix time (s) the login started: a CLI login's user must have entered their
+    /// password at the provider since.
+    started_unix: i64,
 }
 
 impl crate::limits::Waiting for Pending {
@@ -121,13 +127,21 @@ type ProviderClient = CoreClient<
     openidconnect::EndpointMaybeSet,
 >;
 
+/// The provider's metadata and keys as held: when fetched, and after a failed fetch
+/// when to try again.
+struct Held {
+    metadata: CoreProviderMetadata,
+    fetched: Instant,
+    retry_at: Option<Instant>,
+}
+
 /// The relying party.
 pub struct Oidc {
     settings: OidcSettings,
     secret: ClientSecret,
     http: reqwest::Client,
     /// The provider's discovery document and signing keys, and when they were fetched.
-    metadata: tokio::sync::Mutex<Option<(CoreProviderMetadata, Instant)>>,
+    metadata: tokio::sync::Mutex<Option<Held>>,
     pending: Mutex<HashMap<String, Pending>>,
 }
 
@@ -204,11 +218,12 @@ impl Oidc {
     /// reached leaves the metadata held so far in use.
     async fn metadata(&self, refetch: bool) -> Result<CoreProviderMetadata, OidcError> {
         let mut held = self.metadata.lock().await;
-        if let Some((m, at)) = held.as_ref()
+        if let Some(h) = held.as_ref()
             && !refetch
-            && at.elapsed() < METADATA_MAX_AGE
+            && (h.fetched.elapsed() < METADATA_MAX_AGE
+                || h.retry_at.is_some_and(|r| Instant::now() < r))
         {
-            return Ok(m.clone());
+            return Ok(h.metadata.clone());
         }
         let issuer = IssuerUrl::new(self.settings.issuer.clone())
             .map_err(|e| OidcError::Discovery(format!("issuer URL: {e}")))?;
@@ -217,19 +232,20 @@ impl Oidc {
                 if held.is_some() {
                     tracing::info!(issuer = %self.settings.issuer, "OIDC provider metadata and keys fetched again");
                 }
-                *held = Some((m.clone(), Instant::now()));
+                *held = Some(Held {
+                    metadata: m.clone(),
+                    fetched: Instant::now(),
+                    retry_at: None,
+                });
                 Ok(m)
             }
-            Err(e) => match held.take() {
-                Some((m, _)) => {
+            Err(e) => match held.as_mut() {
+                Some(h) => {
                     tracing::warn!(error = %chain(&e), "OIDC discovery failed; keeping the provider keys held so far (next try in a minute)");
-                    // Counted as fetched a minute short of its age limit: logins go on
-                    // with the held keys instead of each waiting on the provider again.
-                    let retry = Instant::now()
-                        .checked_sub(METADATA_MAX_AGE - Duration::from_secs(60))
-                        .unwrap_or_else(Instant::now);
-                    *held = Some((m.clone(), retry));
-                    Ok(m)
+                    // Logins go on with the held keys for a minute instead of each
+                    // waiting on the provider again.
+                    h.retry_at = Some(Instant::now() + Duration::from_secs(60));
+                    Ok(h.metadata.clone())
                 }
                 None => Err(OidcError::Discovery(chain(&e))),
             },
@@ -271,7 +287,9 @@ impl Oidc {
         // A CLI's login asks the provider for the password again, never a silent
         // single sign-on: a link someone else started cannot log a CLI in unnoticed.
         let (url, state, nonce) = if cli.is_some() {
-            authorize.add_prompt(openidconnect::core::CoreAuthPrompt::Login)
+            authorize
+                .add_prompt(openidconnect::core::CoreAuthPrompt::Login)
+                .set_max_age(Duration::ZERO)
         } else {
             authorize
         }
@@ -288,6 +306,7 @@ impl Oidc {
                 created: now,
                 cli,
                 client: peer,
+                started_unix: time::OffsetDateTime::now_utc().unix_timestamp(),
             },
         );
         Ok((url.to_string(), state.secret().clone()))
@@ -353,6 +372,18 @@ impl Oidc {
             .preferred_username()
             .map(|u| u.as_str().to_owned())
             .unwrap_or_else(|| claims.subject().as_str().to_owned());
+        // A CLI login is honoured only if the provider says the user authenticated
+        // after it started (prompt=login and max_age=0 ask for that; a provider that
+        // ignored them and answered from single sign-on is refused here).
+        if pending.cli.is_some() {
+            let at = claims.auth_time().map(|t| t.timestamp());
+            if at.is_none_or(|at| at < pending.started_unix - AUTH_TIME_SKEW_SECS) {
+                return Err(OidcError::IdToken(format!(
+                    "a CLI login needs the user to sign in again at the provider, but its auth_time ({}) is before the login started: the provider answered from an existing session",
+                    at.map_or_else(|| "absent".to_owned(), |t| t.to_string())
+                )));
+            }
+        }
         let role =
             crate::roles::role_for(&groups, &self.settings.role_map).ok_or(OidcError::NoRole {
                 user: name.clone(),
@@ -385,8 +416,9 @@ impl Oidc {
             return true;
         };
         let held = self.metadata.lock().await;
-        held.as_ref().is_some_and(|(m, _)| {
-            m.jwks()
+        held.as_ref().is_some_and(|h| {
+            h.metadata
+                .jwks()
                 .keys()
                 .iter()
                 .any(|k| openidconnect::JsonWebKey::key_id(k).is_some_and(|id| id.as_str() == kid))

@@ -137,6 +137,7 @@ fn operation(e: &Endpoint) -> utoipa::openapi::path::Operation {
             ("cli_port", false, Type::Integer),
             ("cli_state", false, Type::String),
             ("cli_challenge", false, Type::String),
+            ("cli_check", false, Type::Boolean),
         ],
         _ => &[],
     };

@@ -87,38 +87,63 @@ pub(crate) async fn end_access(
             "operator: 1-256 characters, no control characters",
         ));
     }
-    let user = name.to_owned();
-    let tokens_revoked = store(&app, move |s| s.revoke_cli_logins_of(&user)).await??;
+    // A CLI token's name (`cli-otto`) stands for the provider user whose logins made
+    // it; token names are lossy (case, punctuation), so it is looked up, and one that
+    // several users share is refused rather than guessed.
+    let user = if name.starts_with("cli-") {
+        let token_name = name.to_owned();
+        let mut users = store(&app, move |s| s.cli_login_users(&token_name)).await??;
+        users.extend(app.cli_codes.users_named(name));
+        users.sort();
+        users.dedup();
+        match users.len() {
+            // No such CLI token: perhaps a provider user whose own name starts so.
+            0 => name.to_owned(),
+            1 => users.remove(0),
+            _ => {
+                return Err(ErrorResponse::new(
+                    StatusCode::CONFLICT,
+                    code::CONFLICT,
+                    format!(
+                        "{name} is the CLI token name of several provider users ({}): end each by their provider name",
+                        users.join(", ")
+                    ),
+                ));
+            }
+        }
+    } else {
+        name.to_owned()
+    };
+    // Codes first: one traded meanwhile would make a token after the revocation pass.
+    let codes = app.cli_codes.forget_user(&user);
+    let by = user.clone();
+    let tokens_revoked = store(&app, move |s| s.revoke_cli_logins_of(&by)).await??;
     for id in &tokens_revoked {
         app.sessions.end_for_token(id);
     }
-    let sessions_ended = app.sessions.end_for_operator(name)
-        + name
-            .strip_prefix("cli-")
-            .map_or(0, |user| app.sessions.end_for_operator(user));
-    let codes = app.cli_codes.forget_user(name);
+    let sessions_ended = app.sessions.end_for_operator(&user);
     if tokens_revoked.is_empty() && sessions_ended == 0 && codes == 0 {
         return Err(ErrorResponse::new(
             StatusCode::NOT_FOUND,
             code::NOT_FOUND,
             format!(
-                "no identity-provider session, CLI login token or pending CLI login of {name:?}: give the provider's user name or their CLI token's (`cli-…`, as their `operator whoami` shows); an API token an admin made is revoked by id (`operator token revoke`)"
+                "nothing to end for {name:?}: no identity-provider session, live CLI login token or waiting CLI login (give the provider's user name, or their CLI token's `cli-…`); an API token an admin made is revoked by id (`operator token revoke`)"
             ),
         ));
     }
     tracing::info!(
-        operator = name,
+        operator = %user,
         sessions_ended,
         tokens = tokens_revoked.len(),
         "operator access ended"
     );
     let mut resp = Json(clawos_control_plane_api::EndedAccess {
-        operator: name.to_owned(),
+        operator: user.clone(),
         sessions_ended,
         tokens_revoked,
     })
     .into_response();
-    resp.extensions_mut().insert(AuditTarget(name.to_owned()));
+    resp.extensions_mut().insert(AuditTarget(user));
     Ok(resp)
 }
 
@@ -231,7 +256,12 @@ pub(crate) async fn oidc_start(
 ) -> ApiResult<Response> {
     let oidc = oidc_of(&app)?;
     let Query(q) = q.map_err(|e| ErrorResponse::invalid(e.body_text()))?;
+    let check_only = q.check_only();
     let cli = crate::cli_login::handoff(q)?;
+    if check_only {
+        // The CLI asks before it waits for a browser: configured, parameters good.
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     let (url, state) = oidc
         .start(cli, client_ip(peer))
         .await

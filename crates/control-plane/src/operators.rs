@@ -304,26 +304,35 @@ impl OperatorStore {
         Ok(())
     }
 
-    /// Revokes every live token an identity-provider user's CLI logins made: those
-    /// created by `oidc:<user>`, where `user` is the provider's name (`otto`) or the
-    /// token's own (`cli-otto`); their ids.
+    /// Revokes every live token provider user `user`'s CLI logins made (created by
+    /// `oidc:<user>`); their ids.
     pub fn revoke_cli_logins_of(&self, user: &str) -> Result<Vec<String>, OperatorError> {
         let now = unix_now();
         let by = format!("oidc:{user}");
         let ids: Vec<String> = self
             .list()?
             .into_iter()
-            .filter(|t| {
-                (t.created_by == by || (t.name == user && t.created_by.starts_with("oidc:")))
-                    && t.revoked_at.is_none()
-                    && t.expires_at > now
-            })
+            .filter(|t| t.created_by == by && t.revoked_at.is_none() && t.expires_at > now)
             .map(|t| t.id)
             .collect();
         for id in &ids {
             self.revoke(id)?;
         }
         Ok(ids)
+    }
+
+    /// The provider users whose CLI logins made a token named `token_name` (`cli-otto`:
+    /// several users' names can map to one token name).
+    pub fn cli_login_users(&self, token_name: &str) -> Result<Vec<String>, OperatorError> {
+        let mut users: Vec<String> = self
+            .list()?
+            .into_iter()
+            .filter(|t| t.name == token_name)
+            .filter_map(|t| t.created_by.strip_prefix("oidc:").map(str::to_owned))
+            .collect();
+        users.sort();
+        users.dedup();
+        Ok(users)
     }
 
     /// Makes sure the local admin credential at `path` (0600) is a valid admin token:
@@ -434,5 +443,39 @@ mod tests {
         assert_ne!(first, second);
         let op = s.authenticate(second.trim()).expect("db").expect("valid");
         assert_eq!(op.role, Role::Admin);
+    }
+
+    #[test]
+    fn a_users_cli_login_tokens_are_found_and_revoked_and_no_one_elses() {
+        let (_d, s) = store();
+        let otto = s
+            .create(&req("cli-otto", Role::Operator, 3600), "oidc:otto")
+            .expect("otto");
+        // Another provider user whose name maps to the same token name.
+        let otto2 = s
+            .create(&req("cli-otto", Role::Viewer, 3600), "oidc:Otto")
+            .expect("Otto");
+        // An admin-made token that happens to carry that name.
+        let admin_made = s
+            .create(&req("cli-otto", Role::Viewer, 3600), "alice")
+            .expect("admin-made");
+        assert_eq!(
+            s.cli_login_users("cli-otto").expect("users"),
+            ["Otto", "otto"]
+        );
+        assert_eq!(
+            s.revoke_cli_logins_of("otto").expect("revoke"),
+            std::slice::from_ref(&otto.info.id)
+        );
+        assert!(!s.is_active(&otto.info.id).expect("db"));
+        assert!(
+            s.is_active(&otto2.info.id).expect("db"),
+            "another user's token"
+        );
+        assert!(
+            s.is_active(&admin_made.info.id).expect("db"),
+            "an admin-made token"
+        );
+        assert!(s.revoke_cli_logins_of("otto").expect("again").is_empty());
     }
 }

@@ -86,21 +86,36 @@ impl Upstream {
 /// one that hangs costs its caller 30 s, not a connection forever.
 pub const UPSTREAM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// The HTTP client for the fronted daemons: [`UPSTREAM_TIMEOUT`] for each call, no
-/// redirects followed, no proxy from the environment.
+/// The HTTP client for the fronted daemons' JSON calls: [`UPSTREAM_TIMEOUT`] for each
+/// whole call, no redirects followed, no proxy from the environment.
 fn upstream_http() -> Result<reqwest::Client, ErrorResponse> {
     static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
-    if let Some(c) = CLIENT.get() {
+    shared_client(&CLIENT, |b| b.timeout(UPSTREAM_TIMEOUT))
+}
+
+/// The same for answers streamed through (artifacts): no limit on the whole, which
+/// may be large, but [`UPSTREAM_TIMEOUT`] for each read (and for the headers, at the
+/// call).
+fn upstream_stream_http() -> Result<reqwest::Client, ErrorResponse> {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    shared_client(&CLIENT, |b| b.read_timeout(UPSTREAM_TIMEOUT))
+}
+
+fn shared_client(
+    cell: &'static std::sync::OnceLock<reqwest::Client>,
+    limit: impl FnOnce(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+) -> Result<reqwest::Client, ErrorResponse> {
+    if let Some(c) = cell.get() {
         return Ok(c.clone());
     }
-    let c = reqwest::Client::builder()
+    let builder = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(UPSTREAM_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
+        .no_proxy();
+    let c = limit(builder)
         .build()
         .map_err(|e| ErrorResponse::internal(format!("HTTP client for the daemons: {e}")))?;
-    Ok(CLIENT.get_or_init(|| c).clone())
+    Ok(cell.get_or_init(|| c).clone())
 }
 
 /// The answer when `daemon` did not answer within [`UPSTREAM_TIMEOUT`].
@@ -294,10 +309,19 @@ pub(crate) async fn artifact(State(app): Shared, Path(sha256): Path<String>) -> 
             "artifact {sha256:?}: 64 hex characters (its sha256)"
         )));
     }
-    // Streamed through (an artifact may be tens of MiB), never held whole.
-    let up = orchestrator(&app)?
-        .artifact_download(&sha256)
+    // Streamed through (an artifact may be tens of MiB), never held whole: the
+    // headers within UPSTREAM_TIMEOUT, then each read within it, however long the
+    // whole takes.
+    let up = &app.upstreams.orchestrator;
+    let client = OrchestratorClient::with_http(
+        "orchestrator",
+        &up.url,
+        upstream_stream_http()?,
+        &up.token("orchestrator")?,
+    );
+    let up = tokio::time::timeout(UPSTREAM_TIMEOUT, client.artifact_download(&sha256))
         .await
+        .map_err(|_| timed_out("orchestrator"))?
         .map_err(failed("orchestrator"))?;
     let size = up.content_length();
     let mut resp = axum::body::Body::from_stream(up.bytes_stream()).into_response();

@@ -218,6 +218,29 @@ pub(crate) async fn agent_sessions(State(app): Shared, Path(name): Path<String>)
     Ok(Json(list).into_response())
 }
 
+/// When a file copy asks again whether its operator may still act: every
+/// [`STREAM_RECHECK`], not at every chunk (the answer may need the operator store).
+#[derive(Debug)]
+struct Recheck(std::sync::Mutex<Instant>);
+
+impl Default for Recheck {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(Instant::now()))
+    }
+}
+
+impl Recheck {
+    /// Whether a check is due now (and if so, the next one counts from now).
+    fn due(&self) -> bool {
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() < STREAM_RECHECK {
+            return false;
+        }
+        *last = Instant::now();
+        true
+    }
+}
+
 /// Why the client's side of a relayed file ended early, for the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SenderFailure {
@@ -304,10 +327,11 @@ pub(crate) async fn put_file(
     let failed = Arc::new(std::sync::Mutex::new(None));
     let Holder { app, op, session } = h;
     let checker = Arc::clone(&app);
+    let due = Recheck::default();
     let chunks = relayed_upload(
         body,
         FILE_IDLE,
-        move || checker.still_allowed(&op, session.as_deref()),
+        move || !due.due() || checker.still_allowed(&op, session.as_deref()),
         Arc::clone(&failed),
     );
     let sent = app
@@ -355,20 +379,23 @@ pub(crate) async fn get_file(
     let size = download.size();
     // A download whose operator's access ends is cut short (the client sees fewer
     // bytes than the Content-Length: an error, not a file).
-    let chunks = futures_util::stream::unfold(Some((download, h)), |state| async move {
-        let (mut d, h) = state?;
-        if !h.app.still_allowed(&h.op, h.session.as_deref()) {
-            return Some((
-                Err(std::io::Error::other("the operator's access ended")),
-                None,
-            ));
-        }
-        match d.chunk().await {
-            Ok(Some(bytes)) => Some((Ok(Bytes::from(bytes)), Some((d, h)))),
-            Ok(None) => None,
-            Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
-        }
-    });
+    let chunks = futures_util::stream::unfold(
+        Some((download, h, Recheck::default())),
+        |state| async move {
+            let (mut d, h, due) = state?;
+            if due.due() && !h.app.still_allowed(&h.op, h.session.as_deref()) {
+                return Some((
+                    Err(std::io::Error::other("the operator's access ended")),
+                    None,
+                ));
+            }
+            match d.chunk().await {
+                Ok(Some(bytes)) => Some((Ok(Bytes::from(bytes)), Some((d, h, due)))),
+                Ok(None) => None,
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
+            }
+        },
+    );
     let mut resp = Body::from_stream(chunks).into_response();
     let h = resp.headers_mut();
     h.insert(

@@ -121,6 +121,9 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
     console_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut timed_out = false;
     let mut killed = false;
+    // Why the last readiness probe failed, for the log when the boot times out (a guest
+    // whose console says ready while its channel never answers is told apart so).
+    let mut last_probe: Option<String> = None;
 
     let exit_code = {
         let exited = async {
@@ -146,7 +149,14 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
                 }
                 _ = tokio::time::sleep_until(boot_deadline), if starting && !timed_out => {
                     timed_out = true;
-                    tracing::warn!(vm = %name, "guest did not report ready in time; killing it");
+                    let console_says_ready = guest.is_some()
+                        && console::ReadyWatch::new(console_offset).poll(&dir.console());
+                    tracing::warn!(
+                        vm = %name,
+                        console_says_ready,
+                        last_probe = last_probe.as_deref().unwrap_or("-"),
+                        "guest did not report ready in time; killing it"
+                    );
                     process.signal(libc::SIGKILL);
                 }
                 _ = console_check.tick() => {
@@ -158,10 +168,21 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
                 }
                 _ = probe.tick(), if starting && !timed_out => {
                     let ready = match &guest {
-                        Some(g) => matches!(
-                            tokio::time::timeout(Duration::from_secs(1), g.health()).await,
-                            Ok(Ok(Reply::Health { .. }))
-                        ),
+                        Some(g) => match tokio::time::timeout(Duration::from_secs(1), g.health()).await {
+                            Ok(Ok(Reply::Health { .. })) => true,
+                            Ok(Ok(other)) => {
+                                last_probe = Some(format!("unexpected reply {other:?}"));
+                                false
+                            }
+                            Ok(Err(e)) => {
+                                last_probe = Some(e.to_string());
+                                false
+                            }
+                            Err(_) => {
+                                last_probe = Some("no answer within 1 s".into());
+                                false
+                            }
+                        },
                         None => console_ready.poll(&dir.console()),
                     };
                     if ready {

@@ -254,6 +254,9 @@ pub struct CliLoginStart {
     pub cli_state: String,
     /// `BASE64URL(SHA-256(verifier))`, unpadded: 43 characters (RFC 7636 `S256`).
     pub cli_challenge: String,
+    /// Only check that such a login could start: 204, no login started.
+    #[serde(default)]
+    pub cli_check: bool,
 }
 
 /// `POST /api/v1/login/cli/token`: the one-time code and the verifier.
@@ -292,6 +295,7 @@ pub struct OperatorQuery {
 /// What [`routes::END_ACCESS`] ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EndedAccess {
+    /// The provider user whose access ended (a CLI token's name resolved to them).
     pub operator: String,
     /// Browser sessions ended (their streams close within seconds).
     pub sessions_ended: usize,
@@ -426,19 +430,26 @@ impl ControlPlaneClient {
             .await
     }
 
-    /// Starts a CLI browser login at the server itself (`url` is the
-    /// [`routes::LOGIN_OIDC`] URL with its [`CliLoginStart`] query): `Ok` when the
-    /// server sends the browser on to its OpenID provider, else the server's refusal
-    /// (no provider configured, bad parameters) before any browser is involved.
+    /// Asks the server whether a CLI browser login could start (`url` is the
+    /// [`routes::LOGIN_OIDC`] URL with its [`CliLoginStart`] query; `cli_check=true` is
+    /// added, so no login starts): `Ok`, else the server's refusal (no provider
+    /// configured, bad parameters) before any browser is involved.
     pub async fn check_oidc_login(&self, url: &str) -> Result<(), ClientError> {
+        let url = &format!("{url}&cli_check=true");
         let transport = |source| ClientError::Transport {
             service: "control-plane",
             url: url.to_owned(),
             source,
         };
-        let resp = self.raw.get(url).send().await.map_err(transport)?;
+        let resp = self
+            .raw
+            .get(url)
+            .timeout(std::time::Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(transport)?;
         let status = resp.status().as_u16();
-        if status == 303 {
+        if status == 204 {
             return Ok(());
         }
         let body = resp.bytes().await.map_err(transport)?;

@@ -178,7 +178,8 @@ impl Launcher {
                     .collect::<Vec<String>>()
             })
         })
-        .await?;
+        .await
+        .map_err(|e| LauncherError::Internal(format!("image store listing: {e}")))?;
         let mut names = match listed {
             Ok(names) => names,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
