@@ -350,6 +350,19 @@ mod tests {
         assert_eq!(t.tail(10).expect("tail").len(), 3);
     }
 
+    /// The request ids in file `p`, in order (each line a whole record).
+    fn ids(p: &Path) -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<AuditRecord>(l)
+                    .expect("a whole record")
+                    .request_id
+            })
+            .collect()
+    }
+
     fn record(i: usize) -> AuditRecord {
         AuditRecord {
             ts: timestamp(),
@@ -375,17 +388,6 @@ mod tests {
             keep: 3,
         };
         let t = AuditTrail::with_rotation(&path, rotation).expect("open");
-        let ids = |p: &Path| -> Vec<String> {
-            std::fs::read_to_string(p)
-                .unwrap_or_default()
-                .lines()
-                .map(|l| {
-                    serde_json::from_str::<AuditRecord>(l)
-                        .expect("a whole record")
-                        .request_id
-                })
-                .collect()
-        };
         // Enough for two rotations: every record is in exactly one file, in order.
         let mut written = 0;
         while !t.old(2).exists() {
@@ -455,17 +457,6 @@ mod tests {
             keep: 3,
         };
         let t = AuditTrail::with_rotation(&path, rotation).expect("open");
-        let ids = |p: &Path| -> Vec<String> {
-            std::fs::read_to_string(p)
-                .unwrap_or_default()
-                .lines()
-                .map(|l| {
-                    serde_json::from_str::<AuditRecord>(l)
-                        .expect("a whole record")
-                        .request_id
-                })
-                .collect()
-        };
         let mut written = 0;
         while !t.old(1).exists() {
             t.record(&record(written));

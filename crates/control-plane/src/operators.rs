@@ -390,10 +390,12 @@ mod tests {
         assert!(c.token.starts_with(TOKEN_PREFIX));
         let op = s.authenticate(&c.token).expect("db").expect("known");
         assert_eq!((op.name.as_str(), op.role), ("ci-job", Role::Operator));
-        // A token one character off is unknown.
+        // A token one character off is unknown (the last character replaced by another:
+        // pushing a fixed one would give the token back whenever it already ended so).
         let mut wrong = c.token.clone();
-        wrong.pop();
-        wrong.push('A');
+        let last = wrong.pop();
+        wrong.push(if last == Some('A') { 'B' } else { 'A' });
+        assert_ne!(wrong, c.token);
         assert_eq!(s.authenticate(&wrong).expect("db"), None);
         s.revoke(&c.info.id).expect("revoke");
         assert_eq!(s.authenticate(&c.token).expect("db"), None, "revoked");

@@ -324,19 +324,10 @@ pub(crate) async fn artifact(State(app): Shared, Path(sha256): Path<String>) -> 
         .map_err(|_| timed_out("orchestrator"))?
         .map_err(failed("orchestrator"))?;
     let size = up.content_length();
-    let mut resp = axum::body::Body::from_stream(up.bytes_stream()).into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        axum::http::header::CONTENT_TYPE,
-        axum::http::HeaderValue::from_static("application/octet-stream"),
-    );
-    if let Some(size) = size {
-        h.insert(
-            axum::http::header::CONTENT_LENGTH,
-            axum::http::HeaderValue::from(size),
-        );
-    }
-    Ok(resp)
+    Ok(crate::vm_streams::octet_stream(
+        axum::body::Body::from_stream(up.bytes_stream()),
+        size,
+    ))
 }
 
 fn identity(app: &crate::http::App) -> Result<IdentityClient, ErrorResponse> {

@@ -396,7 +396,14 @@ pub(crate) async fn get_file(
             }
         },
     );
-    let mut resp = Body::from_stream(chunks).into_response();
+    let mut resp = octet_stream(Body::from_stream(chunks), size);
+    resp.extensions_mut().insert(target);
+    Ok(resp)
+}
+
+/// `body` streamed back as `application/octet-stream`, with its length when known.
+pub(crate) fn octet_stream(body: Body, size: Option<u64>) -> Response {
+    let mut resp = body.into_response();
     let h = resp.headers_mut();
     h.insert(
         axum::http::header::CONTENT_TYPE,
@@ -408,8 +415,7 @@ pub(crate) async fn get_file(
             axum::http::HeaderValue::from(size),
         );
     }
-    resp.extensions_mut().insert(target);
-    Ok(resp)
+    resp
 }
 
 #[cfg(test)]
