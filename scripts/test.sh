@@ -91,9 +91,10 @@ fi
 skipped=${CARGO_TARGET_DIR:-target}/e2e/SKIPPED
 measured=${CARGO_TARGET_DIR:-target}/e2e/MEASURED
 mkdir -p "$(dirname "$skipped")" && rm -f "$skipped" "$measured"
-# Two cores: VM tests are CPU bound under software emulation.
+# Two cores: VM tests are CPU bound under software emulation. --no-fail-fast: a failing
+# test binary does not hide the results of every one after it.
 status=0
-cargo test --locked --workspace -- --test-threads=2 || status=$?
+cargo test --locked --workspace --no-fail-fast -- --test-threads=2 || status=$?
 # What the end-to-end tests measured on the way (docs/benchmarks.md quotes them).
 if [ -s "$measured" ]; then
   echo "==> measured in this run:"
