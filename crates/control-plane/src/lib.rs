@@ -11,6 +11,7 @@
 pub mod acme;
 pub mod audit;
 pub mod cli_login;
+pub mod gate;
 pub mod http;
 pub mod limits;
 pub mod oidc;
