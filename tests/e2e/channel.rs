@@ -397,3 +397,74 @@ fn pause_resume_and_exec_after_a_launcher_sigkill() {
         );
     }
 }
+
+/// Host-side callers that stop waiting half-way through the vsock `CONNECT` handshake
+/// (a timed-out readiness probe, an HTTP request whose client went away) must not
+/// break the VM's channel: `vhost-device-vsock` panics when the guest's answer finds
+/// the host socket closed, and the VM's vsock is dead from then on. Thousands of such
+/// abandoned attempts against a real VM, cut at every point of the handshake; the
+/// guest must still answer afterwards and the device must not have panicked.
+#[test]
+fn callers_giving_up_mid_handshake_leave_the_channel_working() {
+    use clawos_guest_protocol::frames::{CONTROL_PORT, Reply};
+    use clawos_vm_launcher::vsock::GuestClient;
+
+    let name = "callers_giving_up_mid_handshake_leave_the_channel_working";
+    if !can_boot_vms(name) || !can_use_vsock(name) {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let l = Launcher::start(state.path()).expect("launcher");
+    let o = l.clawos(&["vm", "start", "hs", "--mem", "256"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let dir = state.path().join("vms/hs");
+    let guest = GuestClient {
+        secret: std::fs::read_to_string(dir.join("control.secret"))
+            .expect("control.secret")
+            .trim()
+            .to_owned(),
+        dir: dir.join("vsock"),
+    };
+    let rt = runtime();
+    let (mut abandoned, mut answered) = (0u32, 0u32);
+    let started = Instant::now();
+    let mut k = 0u64;
+    while started.elapsed() < Duration::from_secs(20) {
+        k += 1;
+        // Give-up points spread over 0–20 ms, where a handshake ends under emulation.
+        let wait = Duration::from_micros(k.wrapping_mul(7919) % 20_000);
+        match rt.block_on(async { tokio::time::timeout(wait, guest.connect(CONTROL_PORT)).await }) {
+            Err(_) => abandoned += 1,
+            Ok(r) => {
+                if answered == 0 {
+                    eprintln!("first finished attempt: {:?}", r.map(|_| ()));
+                }
+                answered += 1
+            }
+        }
+    }
+    eprintln!("{abandoned} connection attempts abandoned mid-way, {answered} finished");
+    assert!(
+        abandoned > 100,
+        "too few abandoned attempts to test anything"
+    );
+    // What was abandoned ends in the background; the guest then answers as before.
+    std::thread::sleep(Duration::from_secs(2));
+    let health =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), guest.health()).await });
+    let device_log = std::fs::read_to_string(dir.join("vsock-device.log")).unwrap_or_default();
+    assert!(
+        !device_log.contains("panicked"),
+        "the vsock device panicked:\n{device_log}"
+    );
+    assert!(
+        matches!(health, Ok(Ok(Reply::Health { .. }))),
+        "the guest no longer answers: {health:?}"
+    );
+    let o = l.clawos(&["vm", "exec", "hs", "--", "echo", "still-here"]);
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("still-here"),
+        "{}",
+        show(&o)
+    );
+}

@@ -1,9 +1,19 @@
 //! Host side of the hybrid vsock (Firecracker's model, also what `vhost-device-vsock`
 //! gives QEMU): connect to the VM's Unix socket, send `CONNECT <port>\n`, read
 //! `OK <n>\n`, then speak [`clawos_guest_protocol::frames`] with the guest agent.
+//!
+//! The host side never hangs up while its `CONNECT` waits for the guest's answer:
+//! `vhost-device-vsock` (0.3.0, and upstream at the time of writing) panics in its
+//! vring worker when it cannot write `OK` to a host socket that closed meanwhile, and
+//! with that thread gone the VM's vsock is dead until the VM ends. A caller that stops
+//! waiting (a timed-out readiness probe, a dropped HTTP request) therefore leaves the
+//! handshake to a task that holds the socket until the guest answers or the device
+//! closes it, and at most [`MAX_UNANSWERED_CONNECTS`] such attempts per VM are open.
 
+use std::collections::HashMap;
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use clawos_guest_protocol::frames::{
@@ -14,8 +24,73 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::backend::{VSOCK_SOCKET, connect_in_dir};
 
-/// How long a connection attempt (socket + CONNECT handshake) may take.
+/// How long a caller waits for a connection (socket + CONNECT handshake).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Host-initiated connections to one VM that may wait for the guest's answer at once;
+/// more are refused at once (a guest that never answers costs the launcher at most
+/// this many sockets).
+pub const MAX_UNANSWERED_CONNECTS: usize = 16;
+
+/// Unanswered `CONNECT`s per VM directory.
+static UNANSWERED: LazyLock<Mutex<HashMap<PathBuf, usize>>> = LazyLock::new(Default::default);
+
+/// One unanswered `CONNECT` counted in [`UNANSWERED`] until dropped.
+#[derive(Debug)]
+struct UnansweredConnect {
+    dir: PathBuf,
+}
+
+impl UnansweredConnect {
+    fn take(dir: &Path) -> Option<Self> {
+        let mut map = UNANSWERED.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(dir.to_owned()).or_default();
+        if *n >= MAX_UNANSWERED_CONNECTS {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            dir: dir.to_owned(),
+        })
+    }
+}
+
+impl Drop for UnansweredConnect {
+    fn drop(&mut self) {
+        let mut map = UNANSWERED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.dir) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.dir);
+            }
+        }
+    }
+}
+
+/// Connects to the VM's hybrid vsock socket in `dir` and asks for guest `port`;
+/// returns once the device answered (`OK`, or closed the socket: nothing listens).
+async fn handshake(
+    dir: &Path,
+    port: u32,
+) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf), VsockError> {
+    let unreachable = |detail: String| VsockError::Unreachable { port, detail };
+    let stream = connect_in_dir(dir, VSOCK_SOCKET)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let (r, mut w) = stream.into_split();
+    w.write_all(format!("CONNECT {port}\n").as_bytes())
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let mut reader = BufReader::new(r);
+    let mut line = String::new();
+    reader
+        .read_line(&mut line)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    if !line.starts_with("OK ") {
+        return Err(unreachable(format!("handshake answered {:?}", line.trim())));
+    }
+    Ok((reader, w))
+}
 /// How long the guest may take to say which agent runtime it runs (it asks the
 /// runtime's `/healthz` for `healthy`, which has a timeout of its own).
 const RUNTIME_TIMEOUT: Duration = Duration::from_secs(5);
@@ -100,34 +175,34 @@ pub struct GuestClient {
 }
 
 impl GuestClient {
-    /// Opens a stream to a guest port through the hybrid vsock socket.
+    /// Opens a stream to a guest port through the hybrid vsock socket. Waits at most
+    /// [`CONNECT_TIMEOUT`]; the attempt itself goes on in the background until the
+    /// guest answers (see the module's doc), also when this future is dropped.
     pub async fn connect(
         &self,
         port: u32,
     ) -> Result<(BufReader<OwnedReadHalf>, OwnedWriteHalf), VsockError> {
         let unreachable = |detail: String| VsockError::Unreachable { port, detail };
-        let attempt = async {
-            let stream = connect_in_dir(&self.dir, VSOCK_SOCKET)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-            let (r, mut w) = stream.into_split();
-            w.write_all(format!("CONNECT {port}\n").as_bytes())
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-            let mut reader = BufReader::new(r);
-            let mut line = String::new();
-            reader
-                .read_line(&mut line)
-                .await
-                .map_err(|e| unreachable(e.to_string()))?;
-            if !line.starts_with("OK ") {
-                return Err(unreachable(format!("handshake answered {:?}", line.trim())));
-            }
-            Ok((reader, w))
-        };
-        tokio::time::timeout(CONNECT_TIMEOUT, attempt)
-            .await
-            .map_err(|_| unreachable("timed out".into()))?
+        let slot = UnansweredConnect::take(&self.dir).ok_or_else(|| {
+            unreachable(format!(
+                "{MAX_UNANSWERED_CONNECTS} earlier connection attempts to this guest are \
+                 still unanswered"
+            ))
+        })?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let dir = self.dir.clone();
+        tokio::spawn(async move {
+            let answered = handshake(&dir, port).await;
+            drop(slot);
+            // If nobody waits any more, the stream is dropped here: after the guest's
+            // answer, when closing it is safe.
+            let _ = tx.send(answered);
+        });
+        match tokio::time::timeout(CONNECT_TIMEOUT, rx).await {
+            Ok(Ok(answered)) => answered,
+            Ok(Err(_)) => Err(unreachable("the connection attempt ended abruptly".into())),
+            Err(_) => Err(unreachable("timed out".into())),
+        }
     }
 
     /// Opens a control connection and sends `op`.
@@ -179,5 +254,103 @@ fn reply_kind(r: &Reply) -> &'static str {
         Reply::Entries { .. } => "entries",
         Reply::Error { .. } => "error",
         Reply::Runtime(_) => "runtime",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::UnixListener;
+
+    use super::*;
+
+    /// A stand-in for the device's socket that answers each `CONNECT` after `delay`;
+    /// sends whether each answer found the host side still open.
+    fn slow_device(dir: &Path, delay: Duration) -> tokio::sync::mpsc::UnboundedReceiver<bool> {
+        let listener = UnixListener::bind(dir.join(VSOCK_SOCKET)).expect("bind");
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = stream.into_split();
+                    let mut line = String::new();
+                    let _ = BufReader::new(r).read_line(&mut line).await;
+                    tokio::time::sleep(delay).await;
+                    let _ = tx.send(w.write_all(b"OK 1\n").await.is_ok());
+                });
+            }
+        });
+        rx
+    }
+
+    fn client(dir: &Path) -> GuestClient {
+        GuestClient {
+            dir: dir.to_owned(),
+            secret: String::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_caller_giving_up_leaves_the_socket_open_until_the_answer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut answers = slow_device(dir.path(), Duration::from_millis(300));
+        let guest = client(dir.path());
+        for _ in 0..3 {
+            let gave_up =
+                tokio::time::timeout(Duration::from_millis(20), guest.connect(CONTROL_PORT)).await;
+            assert!(gave_up.is_err(), "the stand-in answers only after 300 ms");
+        }
+        for _ in 0..3 {
+            assert_eq!(
+                answers.recv().await,
+                Some(true),
+                "the host side hung up before the device's answer"
+            );
+        }
+        // Each abandoned attempt gave its place back once answered.
+        let (reader, _writer) = guest.connect(CONTROL_PORT).await.expect("connect");
+        drop(reader);
+        assert!(!UNANSWERED.lock().expect("lock").contains_key(dir.path()));
+    }
+
+    #[tokio::test]
+    async fn unanswered_connects_per_vm_are_capped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut answers = slow_device(dir.path(), Duration::from_secs(2));
+        let guest = client(dir.path());
+        for _ in 0..MAX_UNANSWERED_CONNECTS {
+            let gave_up =
+                tokio::time::timeout(Duration::from_millis(10), guest.connect(CONTROL_PORT)).await;
+            assert!(gave_up.is_err());
+        }
+        let refused = tokio::time::timeout(Duration::from_millis(100), guest.connect(CONTROL_PORT))
+            .await
+            .expect("refused at once, not waited for");
+        let Err(VsockError::Unreachable { detail, .. }) = refused else {
+            panic!("expected a refusal, got {refused:?}");
+        };
+        assert!(detail.contains("still unanswered"), "{detail}");
+        // Another VM is not affected.
+        let other = tempfile::tempdir().expect("tempdir");
+        let _other_answers = slow_device(other.path(), Duration::ZERO);
+        client(other.path())
+            .connect(CONTROL_PORT)
+            .await
+            .expect("another VM's guest");
+        // Once the device answers, the places are free again.
+        for _ in 0..MAX_UNANSWERED_CONNECTS {
+            assert_eq!(answers.recv().await, Some(true));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let late =
+            tokio::time::timeout(Duration::from_millis(10), guest.connect(CONTROL_PORT)).await;
+        assert!(
+            late.is_err(),
+            "a new attempt waits for the (slow) device again"
+        );
     }
 }
