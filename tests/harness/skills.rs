@@ -1,0 +1,52 @@
+//! Test skills: the C components in `tests/e2e/skills/`, built with the real
+//! `clawos-skill-build` (clang for wasm32 + the skill world), once per content.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::{bin, target_profile_dir};
+
+fn sources_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/skills")
+}
+
+fn sdk_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../skills/sdk")
+}
+
+/// Builds `tests/e2e/skills/<name>.c` (with the skills' HTTP helper) for `world`
+/// (`skill`, or one of `tests/e2e/skills/wit`), returning the component's bytes.
+pub fn component(name: &str, world: &str) -> Vec<u8> {
+    let src = sources_dir().join(format!("{name}.c"));
+    let helper = sdk_dir().join("skill_http.c");
+    let mut h = Sha256::new();
+    for f in [&src, &helper, &sdk_dir().join("skill_http.h")] {
+        h.update(std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display())));
+    }
+    h.update(world.as_bytes());
+    let out_dir = target_profile_dir().join("../e2e/skills");
+    std::fs::create_dir_all(&out_dir).expect("skills dir");
+    let out = out_dir.join(format!("{name}-{}.wasm", hex::encode(&h.finalize()[..8])));
+    if !out.is_file() {
+        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        let mut cmd = Command::new(bin("clawos-skill-build"));
+        cmd.arg("-o").arg(&tmp).arg("--world").arg(world);
+        cmd.arg(format!("--cflag=-I{}", sdk_dir().display()));
+        if world != "skill" {
+            cmd.arg("--wit").arg(sources_dir().join("wit"));
+            cmd.arg(&src);
+        } else {
+            cmd.arg(&src).arg(&helper);
+        }
+        let o = cmd.output().expect("run clawos-skill-build");
+        assert!(
+            o.status.success(),
+            "building {name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::fs::rename(&tmp, &out).expect("rename");
+    }
+    std::fs::read(&out).expect("read component")
+}
