@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use axum::extract::Query;
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
-use clawos_e2e::skills::component;
+use clawos_e2e::skills::{component, web_search};
 use clawos_skill_manager::SkillError;
 use clawos_skill_manager::manifest::SkillManifest;
 use clawos_skill_manager::outbound::{Outbound, SecretHeader};
@@ -92,13 +92,15 @@ struct Fixture {
     _cache: tempfile::TempDir,
 }
 
-/// A runtime whose outbound client resolves `search.test` to loopback.
+/// A runtime whose outbound client resolves `search.test` and `search.local` to
+/// loopback.
 fn runtime() -> Fixture {
     let cache = tempfile::tempdir().expect("cache");
-    let resolve = HashMap::from([(
-        "search.test".to_owned(),
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-    )]);
+    let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+    let resolve = HashMap::from([
+        ("search.test".to_owned(), loopback),
+        ("search.local".to_owned(), loopback),
+    ]);
     let runtime = SkillRuntime::new(
         Some(cache.path()),
         Outbound::new(&resolve).expect("outbound"),
@@ -339,11 +341,8 @@ async fn the_secret_reaches_the_upstream_but_never_the_component() {
             allowed.port()
         ),
     );
-    let secret = SecretHeader {
-        name: "API_KEY".into(),
-        header: http::HeaderName::from_static("x-api-key"),
-        value: http::HeaderValue::from_static(SECRET),
-    };
+    let secret = SecretHeader::for_grant(&fetch.manifest.capabilities.secrets[0], SECRET)
+        .expect("secret header");
     let out = f
         .runtime
         .invoke(
@@ -357,4 +356,131 @@ async fn the_secret_reaches_the_upstream_but_never_the_component() {
     // The upstream got it (it echoed something), the component saw only the mark.
     assert_eq!(answer, "200 key=[redacted]");
     assert!(!format!("{:?} {:?}", out.requests, out.log).contains(SECRET));
+}
+
+/// A stand-in search backend speaking SearXNG's and Brave's JSON: 12 results for any
+/// query, with quotes, a newline and non-ASCII text in them; Brave's route answers
+/// only with the right `X-Subscription-Token`.
+async fn search_backend() -> SocketAddr {
+    fn results(q: &str) -> Vec<serde_json::Value> {
+        (1..=12)
+            .map(|i| {
+                serde_json::json!({
+                    "title": format!("Result {i} for {q}"),
+                    "url": format!("https://example.org/{i}"),
+                    "content": format!("snippet {i}: \"quoted\"\nnaïve café"),
+                    "description": format!("brave snippet {i}"),
+                })
+            })
+            .collect()
+    }
+    let app = axum::Router::new()
+        .route(
+            "/search",
+            axum::routing::get(|Query(q): Query<HashMap<String, String>>| async move {
+                assert_eq!(q.get("format").map(String::as_str), Some("json"));
+                let query = q.get("q").cloned().unwrap_or_default();
+                axum::Json(serde_json::json!({"query": query, "results": results(&query)}))
+            }),
+        )
+        .route(
+            "/res/v1/web/search",
+            axum::routing::get(
+                |h: HeaderMap, Query(q): Query<HashMap<String, String>>| async move {
+                    if h.get("x-subscription-token").map(|v| v.as_bytes())
+                        != Some(SECRET.as_bytes())
+                    {
+                        return axum::http::StatusCode::UNAUTHORIZED.into_response();
+                    }
+                    let query = q.get("q").cloned().unwrap_or_default();
+                    axum::Json(serde_json::json!({"web": {"results": results(&query)}}))
+                        .into_response()
+                },
+            ),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_web_search_skill_answers_from_searxng_and_brave_shaped_backends() {
+    let f = runtime();
+    let backend = search_backend().await;
+    let (wasm, text) = web_search();
+    // The shipped manifest, pointed at the stand-in's port (search.local resolves to
+    // loopback in this runtime) for both backends.
+    let local = format!("search.local:{}", backend.port());
+    let text = text.replace("search.local:8888", &local).replace(
+        "\"api.search.brave.com:443\"",
+        &format!("\"http://{local}\""),
+    );
+    let m = SkillManifest::parse(&text).expect("the shipped manifest");
+    let mut m_for_test = m.clone();
+    // Brave's key goes only where the manifest says; here that is the stand-in.
+    m_for_test.capabilities.secrets[0].to = vec![format!("http://{local}")];
+    let s = f.runtime.load(&m_for_test, &wasm).expect("load web-search");
+
+    let out = f
+        .runtime
+        .invoke(
+            &s,
+            r#"{"query": "rust \"wasm\" & more", "count": 3}"#,
+            Vec::new(),
+            Arc::new(m.config.clone()),
+        )
+        .await;
+    let answer: serde_json::Value =
+        serde_json::from_str(&out.result.expect("search")).expect("the answer is JSON");
+    assert_eq!(answer["backend"], "searxng");
+    let results = answer["results"].as_array().expect("results");
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0]["title"], "Result 1 for rust \"wasm\" & more");
+    assert_eq!(results[0]["url"], "https://example.org/1");
+    assert_eq!(results[0]["snippet"], "snippet 1: \"quoted\"\nnaïve café");
+    assert_eq!(out.requests.len(), 1);
+    assert!(
+        out.log.iter().any(|(_, l)| l == "3 results from searxng"),
+        "{:?}",
+        out.log
+    );
+
+    // Brave: the key is added by the host; the component never had it.
+    let mut brave = m.config.clone();
+    brave.insert("backend".into(), "brave".into());
+    brave.insert("url".into(), format!("http://{local}"));
+    let key = SecretHeader::for_grant(&m_for_test.capabilities.secrets[0], SECRET).expect("key");
+    let out = f
+        .runtime
+        .invoke(&s, r#"{"query": "x"}"#, vec![key], Arc::new(brave.clone()))
+        .await;
+    let answer: serde_json::Value =
+        serde_json::from_str(&out.result.expect("brave search")).expect("JSON");
+    assert_eq!(answer["backend"], "brave");
+    assert_eq!(answer["results"].as_array().map(Vec::len), Some(5));
+    assert_eq!(answer["results"][0]["snippet"], "brave snippet 1");
+    // Without the key the backend refuses, and the skill says so.
+    let out = f
+        .runtime
+        .invoke(&s, r#"{"query": "x"}"#, Vec::new(), Arc::new(brave))
+        .await;
+    match out.result {
+        Err(SkillError::Failed { message }) => assert!(message.contains("HTTP 401"), "{message}"),
+        other => panic!("expected the backend's refusal: {other:?}"),
+    }
+
+    // Bad input is refused by the skill with a message for the model.
+    for (input, expect) in [
+        ("not json", "input must be a JSON object"),
+        (r#"{"query": ""}"#, "\"query\" must be"),
+        (r#"{"query": "x", "count": 50}"#, "\"count\" must be"),
+    ] {
+        match invoke(&f, &s, input).await {
+            Err(SkillError::Failed { message }) => assert!(message.contains(expect), "{message}"),
+            other => panic!("{input}: {other:?}"),
+        }
+    }
 }

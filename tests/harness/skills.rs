@@ -20,9 +20,34 @@ fn sdk_dir() -> PathBuf {
 /// (`skill`, or one of `tests/e2e/skills/wit`), returning the component's bytes.
 pub fn component(name: &str, world: &str) -> Vec<u8> {
     let src = sources_dir().join(format!("{name}.c"));
-    let helper = sdk_dir().join("skill_http.c");
+    if world == "skill" {
+        build(name, &[src, sdk_dir().join("skill_http.c")], world)
+    } else {
+        build(name, &[src], world)
+    }
+}
+
+/// The web-search skill (`skills/web-search`), built from its sources, and its
+/// manifest's text.
+pub fn web_search() -> (Vec<u8>, String) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../skills/web-search");
+    let wasm = build(
+        "web-search",
+        &[
+            dir.join("web_search.c"),
+            sdk_dir().join("skill_http.c"),
+            sdk_dir().join("skill_json.c"),
+        ],
+        "skill",
+    );
+    let manifest = std::fs::read_to_string(dir.join("skill.toml")).expect("skill.toml");
+    (wasm, manifest)
+}
+
+fn build(name: &str, sources: &[PathBuf], world: &str) -> Vec<u8> {
     let mut h = Sha256::new();
-    for f in [&src, &helper, &sdk_dir().join("skill_http.h")] {
+    let headers = ["skill_http.h", "skill_json.h"].map(|f| sdk_dir().join(f));
+    for f in sources.iter().chain(headers.iter()) {
         h.update(std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display())));
     }
     h.update(world.as_bytes());
@@ -36,10 +61,8 @@ pub fn component(name: &str, world: &str) -> Vec<u8> {
         cmd.arg(format!("--cflag=-I{}", sdk_dir().display()));
         if world != "skill" {
             cmd.arg("--wit").arg(sources_dir().join("wit"));
-            cmd.arg(&src);
-        } else {
-            cmd.arg(&src).arg(&helper);
         }
+        cmd.args(sources);
         let o = cmd.output().expect("run clawos-skill-build");
         assert!(
             o.status.success(),

@@ -68,6 +68,9 @@ pub struct SecretGrant {
     pub name: String,
     /// The request header it is sent in (e.g. `X-Subscription-Token`).
     pub header: String,
+    /// The `http.allow` entries it goes to; all of them when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<String>,
 }
 
 /// Per-call limits.
@@ -269,6 +272,9 @@ impl SkillManifest {
                 return bad(format!("capabilities.http.allow entry {e:?}: {why}"));
             }
         }
+        if !self.capabilities.secrets.is_empty() && self.capabilities.http.allow.is_empty() {
+            return bad("capabilities.secrets without http.allow: nowhere to send them".into());
+        }
         for s in &self.capabilities.secrets {
             if s.name.is_empty()
                 || s.name.len() > 64
@@ -282,6 +288,18 @@ impl SkillManifest {
                     s.name
                 ));
             }
+            let allowed = self.destinations();
+            for t in &s.to {
+                match Destination::parse(t) {
+                    Ok(d) if allowed.contains(&d) => {}
+                    _ => {
+                        return bad(format!(
+                            "capabilities.secrets {:?}: `to` entry {t:?} is not in http.allow",
+                            s.name
+                        ));
+                    }
+                }
+            }
             let header = s.header.to_ascii_lowercase();
             if http::HeaderName::from_bytes(header.as_bytes()).is_err()
                 || RESERVED_HEADERS.contains(&header.as_str())
@@ -294,9 +312,6 @@ impl SkillManifest {
         }
         if self.capabilities.secrets.len() > 8 {
             return bad("capabilities.secrets: at most 8".into());
-        }
-        if !self.capabilities.secrets.is_empty() && self.capabilities.http.allow.is_empty() {
-            return bad("capabilities.secrets without http.allow: nowhere to send them".into());
         }
         validate_config(&self.config).map_err(|reason| SkillError::Manifest {
             reason: format!("config: {reason}"),
@@ -369,6 +384,7 @@ allow = ["search.example:443", "http://127.0.0.1:8888", "[::1]:9"]
 [[capabilities.secrets]]
 name = "BRAVE_API_KEY"
 header = "X-Subscription-Token"
+to = ["search.example:443"]
 
 [limits]
 memory_mib = 32
@@ -421,6 +437,11 @@ backend = "searxng"
             ("\"[::1]:9\"", "\"[zz]:9\"", "IPv6"),
             ("X-Subscription-Token", "Host", "header"),
             ("BRAVE_API_KEY", "brave", "secrets name"),
+            (
+                "to = [\"search.example:443\"]",
+                "to = [\"other:443\"]",
+                "not in http.allow",
+            ),
             ("memory_mib = 32", "memory_mib = 4096", "memory_mib"),
             ("timeout_ms = 5000", "timeout_ms = 0", "timeout_ms"),
             ("timeout_ms = 5000", "fuel = 0", "fuel"),

@@ -39,6 +39,27 @@ pub struct SecretHeader {
     pub name: String,
     pub header: HeaderName,
     pub value: HeaderValue,
+    /// Where it is sent; every allowed destination when empty.
+    pub to: Vec<Destination>,
+}
+
+impl SecretHeader {
+    /// The header a manifest's grant asks for, with the host's `value`. `None` when the
+    /// value cannot be a header value (the call then goes without it).
+    pub fn for_grant(grant: &crate::manifest::SecretGrant, value: &str) -> Option<Self> {
+        let mut v = HeaderValue::from_str(value).ok()?;
+        v.set_sensitive(true);
+        Some(Self {
+            name: grant.name.clone(),
+            header: HeaderName::from_bytes(grant.header.to_ascii_lowercase().as_bytes()).ok()?,
+            value: v,
+            to: grant
+                .to
+                .iter()
+                .filter_map(|t| Destination::parse(t).ok())
+                .collect(),
+        })
+    }
 }
 
 impl std::fmt::Debug for SecretHeader {
@@ -46,6 +67,7 @@ impl std::fmt::Debug for SecretHeader {
         f.debug_struct("SecretHeader")
             .field("name", &self.name)
             .field("header", &self.header)
+            .field("to", &self.to)
             .finish_non_exhaustive()
     }
 }
@@ -221,6 +243,7 @@ impl WasiHttpHooks for CallHooks {
         }
         let client = self.outbound.client.clone();
         let secrets = self.policy.secrets.clone();
+        let dest = asked.clone();
         let max = self.policy.response_max;
         let records = Arc::clone(&self.records);
         Box::new(async move {
@@ -245,7 +268,10 @@ impl WasiHttpHooks for CallHooks {
                 }
             };
             let mut headers = parts.headers;
-            for s in &secrets {
+            let sent_to = |s: &&SecretHeader| {
+                s.to.is_empty() || dest.as_ref().is_some_and(|d| s.to.contains(d))
+            };
+            for s in secrets.iter().filter(sent_to) {
                 let mut v = s.value.clone();
                 v.set_sensitive(true);
                 headers.insert(s.header.clone(), v);
@@ -360,6 +386,7 @@ mod tests {
             name: "K".into(),
             header: HeaderName::from_static("x-key"),
             value: HeaderValue::from_static("s3cr3t"),
+            to: Vec::new(),
         };
         let out = redact(b"a s3cr3ts3cr3t b s3cr3", std::slice::from_ref(&s)).expect("changed");
         assert_eq!(out, b"a [redacted][redacted] b s3cr3");
