@@ -27,6 +27,12 @@ for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+# Skills are C built to WebAssembly components (clawos-skill-build): clang's wasm32
+# target links with lld (wasm-ld) against wasi-libc and the wasm32 compiler-rt builtins
+# (Debian's default versions, like its clang).
+for p in lld wasi-libc libclang-rt-dev-wasm32; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
 # The image builder resolves and downloads the guest kernel package through apt.
 policy=$(apt-cache policy linux-image-cloud-amd64 2>/dev/null || true)
 if ! grep -q 'Candidate: [0-9]' <<<"$policy"; then
@@ -65,7 +71,9 @@ echo "==> building guest binaries (static)"
 scripts/build-guest.sh >/dev/null
 echo "==> building clawos and the host daemons (${CLAWOS_PROFILE:-release})"
 if [ "${CLAWOS_PROFILE:-release}" = release ]; then
-  cargo build --release --locked -p clawos-cli -p clawos-vm-launcher -p clawos-identity-manager -p clawos-inference-proxy -p clawos-monitor -p clawos-scripted-model
+  cargo build --release --locked -p clawos-cli -p clawos-vm-launcher -p clawos-identity-manager -p clawos-inference-proxy -p clawos-monitor -p clawos-scripted-model -p clawos-skill-build
 else
   cargo build --locked --workspace
 fi
+echo "==> building the web-search skill (skills/web-search/skill.wasm)"
+skills/web-search/build.sh >/dev/null

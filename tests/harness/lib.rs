@@ -3,6 +3,7 @@
 //! and drives it with the real `clawos` CLI or the typed client.
 
 pub mod fake_llm;
+pub mod skills;
 pub mod stack;
 pub mod tls;
 

@@ -1,0 +1,75 @@
+//! Test skills: the C components in `tests/e2e/skills/`, built with the real
+//! `clawos-skill-build` (clang for wasm32 + the skill world), once per content.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use sha2::{Digest, Sha256};
+
+use crate::{bin, target_profile_dir};
+
+fn sources_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/skills")
+}
+
+fn sdk_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../skills/sdk")
+}
+
+/// Builds `tests/e2e/skills/<name>.c` (with the skills' HTTP helper) for `world`
+/// (`skill`, or one of `tests/e2e/skills/wit`), returning the component's bytes.
+pub fn component(name: &str, world: &str) -> Vec<u8> {
+    let src = sources_dir().join(format!("{name}.c"));
+    if world == "skill" {
+        build(name, &[src, sdk_dir().join("skill_http.c")], world)
+    } else {
+        build(name, &[src], world)
+    }
+}
+
+/// The web-search skill (`skills/web-search`), built from its sources, and its
+/// manifest's text.
+pub fn web_search() -> (Vec<u8>, String) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../skills/web-search");
+    let wasm = build(
+        "web-search",
+        &[
+            dir.join("web_search.c"),
+            sdk_dir().join("skill_http.c"),
+            sdk_dir().join("skill_json.c"),
+        ],
+        "skill",
+    );
+    let manifest = std::fs::read_to_string(dir.join("skill.toml")).expect("skill.toml");
+    (wasm, manifest)
+}
+
+fn build(name: &str, sources: &[PathBuf], world: &str) -> Vec<u8> {
+    let mut h = Sha256::new();
+    let headers = ["skill_http.h", "skill_json.h"].map(|f| sdk_dir().join(f));
+    for f in sources.iter().chain(headers.iter()) {
+        h.update(std::fs::read(f).unwrap_or_else(|e| panic!("{}: {e}", f.display())));
+    }
+    h.update(world.as_bytes());
+    let out_dir = target_profile_dir().join("../e2e/skills");
+    std::fs::create_dir_all(&out_dir).expect("skills dir");
+    let out = out_dir.join(format!("{name}-{}.wasm", hex::encode(&h.finalize()[..8])));
+    if !out.is_file() {
+        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        let mut cmd = Command::new(bin("clawos-skill-build"));
+        cmd.arg("-o").arg(&tmp).arg("--world").arg(world);
+        cmd.arg(format!("--cflag=-I{}", sdk_dir().display()));
+        if world != "skill" {
+            cmd.arg("--wit").arg(sources_dir().join("wit"));
+        }
+        cmd.args(sources);
+        let o = cmd.output().expect("run clawos-skill-build");
+        assert!(
+            o.status.success(),
+            "building {name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::fs::rename(&tmp, &out).expect("rename");
+    }
+    std::fs::read(&out).expect("read component")
+}
