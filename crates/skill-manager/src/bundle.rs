@@ -108,9 +108,46 @@ fn required(dir: &Path, name: &str, max: u64) -> Result<Vec<u8>, SkillError> {
 /// bundle must be signed by it; without one an unsigned bundle is accepted (and a
 /// signature present is still checked against nothing: `signed` stays false).
 pub fn read(dir: &Path, key: Option<&VerifyingKey>) -> Result<Bundle, SkillError> {
-    let manifest_bytes = required(dir, MANIFEST_FILE, MAX_MANIFEST)?;
+    let manifest = required(dir, MANIFEST_FILE, MAX_MANIFEST)?;
     let component = required(dir, COMPONENT_FILE, MAX_COMPONENT)?;
     let instructions = read_part(dir, INSTRUCTIONS_FILE, MAX_INSTRUCTIONS)?;
+    let signature = read_part(dir, SIGNATURE_FILE, 1024)?;
+    from_parts(
+        manifest,
+        component,
+        instructions,
+        signature.as_deref(),
+        key,
+        &dir.join(SIGNATURE_FILE),
+    )
+}
+
+/// Checks a bundle given as its files' contents (an upload); `where_` names the
+/// signature in messages.
+pub fn from_parts(
+    manifest_bytes: Vec<u8>,
+    component: Vec<u8>,
+    instructions: Option<Vec<u8>>,
+    signature: Option<&[u8]>,
+    key: Option<&VerifyingKey>,
+    where_: &Path,
+) -> Result<Bundle, SkillError> {
+    let too_big = |what: &str, max: u64| SkillError::Bundle {
+        path: PathBuf::from(what),
+        reason: format!("is larger than {max} bytes"),
+    };
+    if manifest_bytes.len() as u64 > MAX_MANIFEST {
+        return Err(too_big(MANIFEST_FILE, MAX_MANIFEST));
+    }
+    if component.len() as u64 > MAX_COMPONENT {
+        return Err(too_big(COMPONENT_FILE, MAX_COMPONENT));
+    }
+    if instructions
+        .as_ref()
+        .is_some_and(|i| i.len() as u64 > MAX_INSTRUCTIONS)
+    {
+        return Err(too_big(INSTRUCTIONS_FILE, MAX_INSTRUCTIONS));
+    }
     let manifest_text =
         String::from_utf8(manifest_bytes.clone()).map_err(|_| SkillError::Manifest {
             reason: "skill.toml is not UTF-8".into(),
@@ -119,22 +156,21 @@ pub fn read(dir: &Path, key: Option<&VerifyingKey>) -> Result<Bundle, SkillError
     let instructions_text = match &instructions {
         Some(b) => Some(
             String::from_utf8(b.clone()).map_err(|_| SkillError::Bundle {
-                path: dir.join(INSTRUCTIONS_FILE),
+                path: PathBuf::from(INSTRUCTIONS_FILE),
                 reason: "is not UTF-8".into(),
             })?,
         ),
         None => None,
     };
     let stmt = statement(&manifest_bytes, &component, instructions.as_deref());
-    let signature = read_part(dir, SIGNATURE_FILE, 1024)?;
     let signed = match (key, signature) {
         (Some(_), None) => {
             return Err(SkillError::Unsigned {
-                path: dir.join(SIGNATURE_FILE),
+                path: where_.to_owned(),
             });
         }
         (Some(key), Some(sig)) => {
-            let sig = std::str::from_utf8(&sig)
+            let sig = std::str::from_utf8(sig)
                 .ok()
                 .and_then(|s| hex::decode(s.trim()).ok())
                 .and_then(|b| Signature::from_slice(&b).ok())

@@ -5,12 +5,18 @@
 //! - [`bundle`]: the signed bundle (same key chain as images);
 //! - [`runtime`]: the engine, the compiled-component cache and one sandboxed call;
 //! - [`outbound`]: the host side of the skill's `wasi:http/outgoing-handler`, where each
-//!   request is checked against `http.allow` and secrets are added.
+//!   request is checked against `http.allow` and secrets are added;
+//! - [`store`] (SQLite) → [`host`] (install, enable, call, audit) → [`http`] (the
+//!   operator API) + [`mcp`] (the agents' MCP server).
 
 pub mod bundle;
+pub mod host;
+pub mod http;
 pub mod manifest;
+pub mod mcp;
 pub mod outbound;
 pub mod runtime;
+pub mod store;
 
 use std::path::PathBuf;
 
