@@ -250,7 +250,31 @@ fn agents_see_and_call_only_their_skills_over_mcp_and_every_call_is_audited() {
         assert!(!audit.contains(secret.as_str()) && !log.contains(secret.as_str()));
     }
 
-    // Removed: gone for everyone; the store survives a restart otherwise (below).
+    // The same through the CLI.
+    let clawos = |args: &[&str]| {
+        Command::new(clawos_e2e::bin("clawos"))
+            .args(args)
+            .env("CLAWOS_STATE_DIR", &state)
+            .env("CLAWOS_SKILLS_URL", &url)
+            .env_remove("CLAWOS_SKILLS_TOKEN_PATH")
+            .output()
+            .expect("clawos")
+    };
+    let o = clawos(&["skill", "list", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listed: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(listed[0]["name"], "echo");
+    assert_eq!(listed[0]["agents"], serde_json::json!([]));
+    let o = clawos(&["skill", "call", "echo", "--input", r#"{"q":3}"#]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), r#"hi:{"q":3}"#);
+    let o = clawos(&["skill", "rm", "no-such-skill"]);
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    let unsigned_dir = work.path().join("unsigned");
+    let o = clawos(&["skill", "install", unsigned_dir.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("skill.sig is missing"));
+
+    // Removed: gone for everyone.
     rt.block_on(client.remove("echo")).expect("remove");
     assert!(rt.block_on(client.list()).expect("list").is_empty());
 }
