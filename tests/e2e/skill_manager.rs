@@ -268,7 +268,12 @@ fn agents_see_and_call_only_their_skills_over_mcp_and_every_call_is_audited() {
     let o = clawos(&["skill", "call", "echo", "--input", r#"{"q":3}"#]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), r#"hi:{"q":3}"#);
     let o = clawos(&["skill", "rm", "no-such-skill"]);
-    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let unsigned_dir = work.path().join("unsigned");
     let o = clawos(&["skill", "install", unsigned_dir.to_str().expect("utf-8")]);
     assert_eq!(o.status.code(), Some(1));
