@@ -267,6 +267,20 @@ fn agents_see_and_call_only_their_skills_over_mcp_and_every_call_is_audited() {
     assert_eq!(listed[0]["agents"], serde_json::json!([]));
     let o = clawos(&["skill", "call", "echo", "--input", r#"{"q":3}"#]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), r#"hi:{"q":3}"#);
+    // `clawos skill sign` with the state's signing key, then install: accepted.
+    let cli_dir = work.path().join("cli-signed");
+    bundle(
+        &cli_dir,
+        &MANIFEST.replace("\"echo\"", "\"echo2\""),
+        &wasm,
+        None,
+    );
+    std::fs::copy(&key_path, state.join("signing.key")).expect("key");
+    let o = clawos(&["skill", "sign", cli_dir.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = clawos(&["skill", "install", cli_dir.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("installed echo2 1.0.0 (signed"));
     let o = clawos(&["skill", "rm", "no-such-skill"]);
     assert_eq!(
         o.status.code(),
@@ -281,5 +295,11 @@ fn agents_see_and_call_only_their_skills_over_mcp_and_every_call_is_audited() {
 
     // Removed: gone for everyone.
     rt.block_on(client.remove("echo")).expect("remove");
-    assert!(rt.block_on(client.list()).expect("list").is_empty());
+    let left: Vec<String> = rt
+        .block_on(client.list())
+        .expect("list")
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(left, ["echo2"]);
 }

@@ -169,6 +169,9 @@ fn run(cli: Cli) -> Result<u8, Exit> {
     // either way; `image add` writes the host's image store and so runs on the host.
     match cli.cmd {
         Cmd::Keygen { out } => return image::keygen(out, cli.json).map(ok),
+        Cmd::Skill(args) if args.is_local_file_command() => {
+            return skill::run_local(args, cli.json).map(ok);
+        }
         Cmd::Image(cmd) if !cmd.asks_launcher() => {
             if server.server.is_some() && matches!(cmd, image::ImageCmd::Add { .. }) {
                 return Err(remote::not_remote("image add"));

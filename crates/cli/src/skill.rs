@@ -40,6 +40,14 @@ pub enum SkillCmd {
     Enable { name: String, agent: String },
     /// Stop an agent from seeing and calling a skill.
     Disable { name: String, agent: String },
+    /// Sign a skill bundle directory (writes skill.sig) with the image signing key, after
+    /// checking its manifest. Works on local files; needs no skill-manager.
+    Sign {
+        dir: PathBuf,
+        /// Private key [default: $CLAWOS_STATE_DIR/signing.key].
+        #[arg(long)]
+        key: Option<PathBuf>,
+    },
     /// Call a skill as the operator (audited as the operator's).
     Call {
         name: String,
@@ -81,8 +89,33 @@ fn install_request(dir: &Path, set: &[String]) -> Result<InstallSkill, Exit> {
     })
 }
 
+impl SkillArgs {
+    /// Whether the command works on local files only (signing).
+    pub fn is_local_file_command(&self) -> bool {
+        matches!(self.cmd, SkillCmd::Sign { .. })
+    }
+}
+
+/// `clawos skill sign`.
+fn sign(dir: &Path, key: Option<PathBuf>, json: bool) -> Result<(), Exit> {
+    let key_path = key.unwrap_or_else(|| state_dir().join("signing.key"));
+    let key = clawos_image::keys::load(&key_path).map_err(|e| Exit(1, e.into()))?;
+    let sig = clawos_skill_bundle::bundle::sign(dir, &key).map_err(|e| Exit(1, e.into()))?;
+    let public = clawos_image::keys::public_hex(&key);
+    if json {
+        print_json(&serde_json::json!({"signature": sig, "public_key": public}))
+            .map_err(|e| Exit(1, e))?;
+    } else {
+        println!("signed {} with public key {public}", sig.display());
+    }
+    Ok(())
+}
+
 /// Runs against the local skill-manager with its operator credential.
 pub fn run_local(args: SkillArgs, json: bool) -> Result<(), Exit> {
+    if let SkillCmd::Sign { dir, key } = args.cmd {
+        return sign(&dir, key, json);
+    }
     let token = clawos_skill_manager_api::local_token(&state_dir()).map_err(|why| {
         Exit(
             9,
@@ -138,6 +171,7 @@ pub async fn run(cmd: SkillCmd, client: &SkillsClient, json: bool) -> Result<(),
         SkillCmd::Disable { name, agent } => {
             client.disable(&name, &agent).await.map_err(api_exit)?
         }
+        SkillCmd::Sign { dir, key } => return sign(&dir, key, json),
         SkillCmd::Call { name, input } => {
             let input: serde_json::Value = serde_json::from_str(&input)
                 .map_err(|e| Exit(2, anyhow!("--input is not JSON: {e}")))?;

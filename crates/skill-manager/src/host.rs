@@ -25,6 +25,8 @@ pub enum HostError {
     #[error(transparent)]
     Skill(#[from] SkillError),
     #[error(transparent)]
+    Bundle(#[from] crate::BundleError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
     Invalid(String),

@@ -35,7 +35,9 @@ fn host_error(e: HostError) -> ErrorResponse {
     use clawos_api::code;
     let msg = e.to_string();
     match e {
-        HostError::Skill(_) | HostError::Invalid(_) => ErrorResponse::invalid(msg),
+        HostError::Skill(_) | HostError::Bundle(_) | HostError::Invalid(_) => {
+            ErrorResponse::invalid(msg)
+        }
         HostError::NotFound(_) | HostError::NotEnabled { .. } => ErrorResponse::not_found(msg),
         HostError::Store(crate::store::StoreError::Exists(_)) => {
             ErrorResponse::new(StatusCode::CONFLICT, code::CONFLICT, msg)
