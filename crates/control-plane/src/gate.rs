@@ -366,24 +366,39 @@ fn from_session(app: &App, req: &Request) -> Result<(Operator, String), AuthFail
 
 /// Reads a request's body within [`BODY_TIMEOUT`] and [`MAX_BODY`], so a slow or
 /// endless sender costs one connection for ten seconds, not a handler forever.
+/// A body whose `Content-Length` is already over the limit is refused before any of it
+/// is read: a client that sent `Expect: 100-continue` (curl does above 1 MiB) then
+/// never sends it, and none is cut off mid-upload (which a client sees as a broken
+/// pipe, not as the 413).
 async fn read_body(req: Request) -> Result<Request, Response> {
+    let too_large = || {
+        ErrorResponse::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            code::INVALID_REQUEST,
+            format!("request body over {MAX_BODY} bytes"),
+        )
+        .into_response()
+    };
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY as u64) {
+        return Err(too_large());
+    }
     let (parts, body) = req.into_parts();
     let bytes = match tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await
     {
         Ok(Ok(b)) => b,
         Ok(Err(e)) => {
-            let too_large = std::error::Error::source(&e)
+            let over = std::error::Error::source(&e)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            return Err(if too_large {
-                ErrorResponse::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    code::INVALID_REQUEST,
-                    format!("request body over {MAX_BODY} bytes"),
-                )
+            return Err(if over {
+                too_large()
             } else {
-                ErrorResponse::invalid(format!("request body: {e}"))
-            }
-            .into_response());
+                ErrorResponse::invalid(format!("request body: {e}")).into_response()
+            });
         }
         Err(_) => {
             return Err(ErrorResponse::new(

@@ -142,6 +142,20 @@ fn proc_state(p: ProcessId) -> char {
         .unwrap_or('?')
 }
 
+/// The process's state once it is (or, after 5 s, is still not) `want`: a signal is
+/// delivered when the process next runs, not when `kill` returns, so a loaded machine
+/// shows the old state for a moment.
+fn proc_state_settled(p: ProcessId, want: char) -> char {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let s = proc_state(p);
+        if s == want || std::time::Instant::now() > deadline {
+            return s;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 #[test]
 fn a_vm_goes_through_its_whole_life_and_disk_agrees_with_memory() {
     let host = Host::new();
@@ -160,7 +174,11 @@ fn a_vm_goes_through_its_whole_life_and_disk_agrees_with_memory() {
         );
 
         assert_eq!(l.pause("a").await.expect("pause").state, VmState::Paused);
-        assert_eq!(proc_state(p), 'T', "paused means the process is frozen");
+        assert_eq!(
+            proc_state_settled(p, 'T'),
+            'T',
+            "paused means the process is frozen"
+        );
         let e = l.pause("a").await.expect_err("pause twice");
         assert!(matches!(e, LauncherError::Conflict(_)), "{e}");
         assert_eq!(l.resume("a").await.expect("resume").state, VmState::Running);

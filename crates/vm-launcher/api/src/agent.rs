@@ -96,6 +96,11 @@ fn interpret(event: Option<&str>, data: &str) -> Result<Option<AgentEvent>, Agen
         Some(_) => None,
         None if data.trim().is_empty() || data.trim() == STREAM_DONE => None,
         None => {
+            // OpenAI-style servers (OpenClaw's gateway among them) report a failure
+            // mid-stream as a plain data frame `{"error": {"message", "type"}}`.
+            if let Ok(body) = serde_json::from_str::<ErrorBody>(data) {
+                return Ok(Some(AgentEvent::Failed(body)));
+            }
             let chunk: ChatChunk = serde_json::from_str(data).map_err(malformed)?;
             let Some(choice) = chunk.choices.into_iter().next() else {
                 return Ok(None);
@@ -275,6 +280,14 @@ mod tests {
             interpret(e, &d),
             Err(AgentStreamError::Malformed { .. })
         ));
+        // OpenClaw's gateway: an OpenAI error object as a plain data frame.
+        let (e, d) = parse_event(
+            "data: {\"error\":{\"message\":\"upstream timed out\",\"type\":\"api_error\"}}",
+        );
+        match interpret(e, &d) {
+            Ok(Some(AgentEvent::Failed(b))) => assert_eq!(b.error.message, "upstream timed out"),
+            other => panic!("{other:?}"),
+        }
         let (e, d) = parse_event("data: [DONE]");
         assert_eq!(interpret(e, &d).expect("ok"), None);
     }
