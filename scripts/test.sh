@@ -51,16 +51,16 @@ fi
 
 cd "$(dirname "$0")/.."
 CLAWOS_PROFILE=debug scripts/setup.sh
-# Real clients the tests use: PyJWT (independent token verifier) and the official
-# anthropic and openai SDKs (inference-proxy).
-if ! python3 -c "import jwt, cryptography, anthropic, openai" 2>/dev/null; then
-  echo "==> installing PyJWT and the anthropic and openai SDKs for the tests"
+# Real clients the tests use: PyJWT (independent token verifier), the official
+# anthropic and openai SDKs (inference-proxy) and the official MCP SDK (skill-manager).
+if ! python3 -c "import jwt, cryptography, anthropic, openai, mcp" 2>/dev/null; then
+  echo "==> installing PyJWT and the anthropic, openai and mcp SDKs for the tests"
   if ! python3 -m pip --version >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-pip >/dev/null
   fi
-  python3 -m pip install --quiet pyjwt cryptography anthropic openai 2>/dev/null \
-    || python3 -m pip install --quiet --break-system-packages pyjwt cryptography anthropic openai
+  python3 -m pip install --quiet pyjwt cryptography anthropic openai mcp 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages pyjwt cryptography anthropic openai mcp
 fi
 # Test-only tools, not the host's: pebble (+ pebble-challtestsrv), the ACME CA the
 # control plane's certificate tests get certificates from; chromium, the browser its

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use clawos_e2e::{Launcher, artifacts, can_boot_vms_unrecorded, is, runtime};
+use clawos_e2e::{Launcher, artifacts, can_boot_vms_unrecorded, is, rss_kib, runtime};
 use clawos_vm_launcher_api::{StartVm, VmState};
 
 fn tsc_khz() -> u64 {
@@ -149,17 +149,6 @@ fn via_launcher(l: &Launcher, name: &str) -> Duration {
     let took = started.elapsed();
     rt.block_on(c.stop(name)).expect("stop");
     took
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0))
-        })
-        .unwrap_or(0)
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {

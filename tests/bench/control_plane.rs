@@ -22,18 +22,7 @@ use std::time::{Duration, Instant};
 
 use clawos_control_plane_api::ServerTrust;
 use clawos_e2e::stack::ControlPlane;
-use clawos_e2e::{Launcher, runtime};
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
+use clawos_e2e::{Launcher, rss_kib, runtime};
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]

@@ -33,14 +33,7 @@ fn manifest(name: &str, extra: &str) -> SkillManifest {
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+    clawos_e2e::rss_kib(std::process::id())
 }
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {

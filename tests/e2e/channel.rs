@@ -432,7 +432,7 @@ fn callers_giving_up_mid_handshake_leave_the_channel_working() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let (mut abandoned, mut connected, mut capped) = (0u32, 0u32, 0u32);
+    let (mut abandoned, mut connected, mut capped, mut reset) = (0u32, 0u32, 0u32, 0u32);
     let started = Instant::now();
     let mut k = 0u64;
     while started.elapsed() < Duration::from_secs(20) {
@@ -443,12 +443,15 @@ fn callers_giving_up_mid_handshake_leave_the_channel_working() {
             Err(_) => abandoned += 1,
             Ok(Ok(_)) => connected += 1,
             Ok(Err(e)) if e.to_string().contains("still unanswered") => capped += 1,
+            // Under the storm the guest may refuse a connection (its accept queue is
+            // full): the device then closes the socket without `OK`.
+            Ok(Err(e)) if e.to_string().contains("handshake answered \"\"") => reset += 1,
             Ok(Err(e)) => panic!("connection attempt failed: {e}"),
         }
     }
     eprintln!(
         "{abandoned} connection attempts abandoned mid-way, {connected} connected, \
-         {capped} refused while 16 were unanswered"
+         {capped} refused while 16 were unanswered, {reset} refused by the guest"
     );
     assert!(
         abandoned > 100,

@@ -679,6 +679,18 @@ pub fn spawn_daemon(
     bail!("{name} did not listen on {port}")
 }
 
+/// A process's resident set size, KiB (0 when it cannot be read).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// A free loopback port.
 pub fn port() -> u16 {
     free_port()

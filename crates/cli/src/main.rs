@@ -8,6 +8,7 @@ mod identity;
 mod image;
 mod output;
 mod remote;
+mod skill;
 mod terminal;
 mod token;
 mod usage;
@@ -34,7 +35,8 @@ On a terminal, `vm logs` and `vm exec` show control characters a VM prints as te
 (`\x1b`) unless --raw; pipes get the bytes unchanged.
 
 Environment: CLAWOS_STATE_DIR (default ~/.clawos), CLAWOS_LAUNCHER_URL,
-CLAWOS_LAUNCHER_TOKEN_PATH, CLAWOS_SIGNING_PUBKEY, CLAWOS_GUEST_BIN_DIR.";
+CLAWOS_LAUNCHER_TOKEN_PATH, CLAWOS_SIGNING_PUBKEY, CLAWOS_GUEST_BIN_DIR, CLAWOS_SKILLS_URL,
+CLAWOS_SKILLS_TOKEN_PATH.";
 
 #[derive(Debug, Parser)]
 #[command(name = "clawos", version, about = "Run AI agents in signed, verified microVMs", after_help = AFTER_HELP)]
@@ -104,6 +106,8 @@ enum Cmd {
     Identity(identity::IdentityCmd),
     /// LLM usage per agent and model, from inference-proxy's ledger.
     Usage(usage::UsageArgs),
+    /// Skills (sandboxed WebAssembly tools agents call over MCP) on skill-manager.
+    Skill(skill::SkillArgs),
     /// The syscall audit trail from monitor-daemon.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
@@ -165,6 +169,9 @@ fn run(cli: Cli) -> Result<u8, Exit> {
     // either way; `image add` writes the host's image store and so runs on the host.
     match cli.cmd {
         Cmd::Keygen { out } => return image::keygen(out, cli.json).map(ok),
+        Cmd::Skill(args) if args.is_local_file_command() => {
+            return skill::run_local(args, cli.json).map(ok);
+        }
         Cmd::Image(cmd) if !cmd.asks_launcher() => {
             if server.server.is_some() && matches!(cmd, image::ImageCmd::Add { .. }) {
                 return Err(remote::not_remote("image add"));
@@ -187,6 +194,12 @@ fn run(cli: Cli) -> Result<u8, Exit> {
             Cmd::Identity(cmd) => {
                 identity::run(cmd, &cli.identity_url, Some(cp.agent_tokens())).map(ok)
             }
+            Cmd::Skill(_) => Err(Exit(
+                2,
+                anyhow::anyhow!(
+                    "`clawos skill` is not served by the control plane yet: run it on the host"
+                ),
+            )),
             Cmd::Keygen { .. } | Cmd::Login(_) | Cmd::Logout | Cmd::Operator(_) => Ok(0),
         };
     }
@@ -198,6 +211,7 @@ fn run(cli: Cli) -> Result<u8, Exit> {
         Cmd::Token(cmd) => block_on(token::run_local(cmd, &cli.identity_url, cli.json)).map(ok),
         Cmd::Audit(cmd) => audit::run(cmd, None, cli.json).map(ok),
         Cmd::Usage(args) => usage::run_local(args, cli.json).map(ok),
+        Cmd::Skill(args) => skill::run_local(args, cli.json).map(ok),
         Cmd::Identity(cmd) => identity::run(cmd, &cli.identity_url, None).map(ok),
         Cmd::Vm(cmd) => with_launcher(&cli.launcher_url, |client| {
             block_on(vm::run(cmd, client, cli.json))

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clawos_control_plane_api::Role;
+use clawos_service::error_chain as chain;
 use openidconnect::core::{CoreAuthenticationFlow, CoreClient, CoreProviderMetadata};
 use openidconnect::{
     AuthorizationCode, ClientId, ClientSecret, CsrfToken, IssuerUrl, Nonce, PkceCodeChallenge,
@@ -437,16 +438,4 @@ fn verified_payload(jwt: &str) -> Result<serde_json::Map<String, serde_json::Val
         .decode(part.trim_end_matches('='))
         .map_err(|e| OidcError::IdToken(format!("payload: {e}")))?;
     serde_json::from_slice(&bytes).map_err(|e| OidcError::IdToken(format!("payload: {e}")))
-}
-
-/// An error and its causes, one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }

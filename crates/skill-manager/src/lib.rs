@@ -1,37 +1,31 @@
 //! skill-manager: installs skills — WebAssembly components with a signed manifest — and
 //! runs them for agents under wasmtime with only what their manifest grants.
 //!
-//! - [`manifest`]: `skill.toml`, checked before anything else;
-//! - [`bundle`]: the signed bundle (same key chain as images);
+//! - [`manifest`], [`bundle`]: `skill.toml` and the signed bundle (the
+//!   `clawos-skill-bundle` crate, shared with the CLI);
 //! - [`runtime`]: the engine, the compiled-component cache and one sandboxed call;
 //! - [`outbound`]: the host side of the skill's `wasi:http/outgoing-handler`, where each
-//!   request is checked against `http.allow` and secrets are added.
+//!   request is checked against `http.allow` and secrets are added;
+//! - [`store`] (SQLite) → [`host`] (install, enable, call, audit) → [`http`] (the
+//!   operator API) + [`mcp`] (the agents' MCP server).
 
-pub mod bundle;
-pub mod manifest;
+pub mod host;
+pub mod http;
+pub mod mcp;
 pub mod outbound;
 pub mod runtime;
+pub mod store;
 
 use std::path::PathBuf;
+
+pub use clawos_skill_bundle::{BundleError, bundle, manifest};
 
 /// Why a skill could not be installed or run. Each message says what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum SkillError {
-    /// `skill.toml` is malformed or asks for something not allowed.
-    #[error("skill.toml: {reason}")]
-    Manifest { reason: String },
-    /// A bundle file is missing, unreadable or unsafe to read.
-    #[error("{}: {reason}", path.display())]
-    Bundle { path: PathBuf, reason: String },
-    /// A signing key is configured and the bundle carries no signature.
-    #[error(
-        "{} is missing: this skill-manager only installs skills signed by its key (sign the bundle with `clawos skill sign`)",
-        path.display()
-    )]
-    Unsigned { path: PathBuf },
-    /// The signature does not verify.
-    #[error("bad signature: {reason}")]
-    BadSignature { reason: String },
+    /// The bundle or its manifest is refused.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
     /// The component cannot run as a skill (not a component, wrong exports, imports
     /// something skills do not get).
     #[error("not a usable skill component: {reason}")]

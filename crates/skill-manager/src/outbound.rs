@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use clawos_service::error_chain;
 use http::{HeaderName, HeaderValue};
 use http_body_util::{BodyExt, Full, Limited};
 use wasmtime_wasi_http::{Error as HttpError, WasiBody, WasiHttpHooks};
@@ -339,17 +340,6 @@ impl WasiHttpHooks for CallHooks {
             Ok((response, Box::new(async { Ok(()) }) as IoFuture))
         })
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

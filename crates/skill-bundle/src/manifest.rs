@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::SkillError;
+use crate::BundleError;
 
 /// Most a skill may ask for, whatever its manifest says.
 pub const MAX_MEMORY_MIB: u32 = 1024;
@@ -220,8 +220,8 @@ const RESERVED_HEADERS: &[&str] = &[
 
 impl SkillManifest {
     /// Parses and checks `skill.toml`.
-    pub fn parse(text: &str) -> Result<Self, SkillError> {
-        let m: Self = toml::from_str(text).map_err(|e| SkillError::Manifest {
+    pub fn parse(text: &str) -> Result<Self, BundleError> {
+        let m: Self = toml::from_str(text).map_err(|e| BundleError::Manifest {
             reason: e.message().to_owned(),
         })?;
         m.validate()?;
@@ -239,8 +239,8 @@ impl SkillManifest {
             .collect()
     }
 
-    fn validate(&self) -> Result<(), SkillError> {
-        let bad = |reason: String| Err(SkillError::Manifest { reason });
+    fn validate(&self) -> Result<(), BundleError> {
+        let bad = |reason: String| Err(BundleError::Manifest { reason });
         if !valid_skill_name(&self.name) {
             return bad(format!(
                 "name {:?}: 1–64 of a-z, 0-9 and '-', starting with a letter",
@@ -313,7 +313,7 @@ impl SkillManifest {
         if self.capabilities.secrets.len() > 8 {
             return bad("capabilities.secrets: at most 8".into());
         }
-        validate_config(&self.config).map_err(|reason| SkillError::Manifest {
+        validate_config(&self.config).map_err(|reason| BundleError::Manifest {
             reason: format!("config: {reason}"),
         })?;
         let l = &self.limits;
@@ -410,7 +410,7 @@ backend = "searxng"
 
     fn refusal(edit: impl Fn(&str) -> String) -> String {
         match SkillManifest::parse(&edit(GOOD)) {
-            Err(SkillError::Manifest { reason }) => reason,
+            Err(BundleError::Manifest { reason }) => reason,
             other => panic!("expected a manifest refusal, got {other:?}"),
         }
     }

@@ -1,0 +1,305 @@
+//! skill-manager as agents and operators meet it: the real daemon beside a real
+//! identity-manager, bundles signed with the image key chain installed through the
+//! typed client, and agents speaking MCP through the official Python SDK with the
+//! JWTs identity-manager issued them.
+
+use std::path::Path;
+use std::process::Command;
+
+use base64::Engine as _;
+use clawos_e2e::skills::component;
+use clawos_e2e::{KillOnDrop, port, spawn_daemon};
+use clawos_identity_manager_api::{IdentityClient, IssueRequest};
+use clawos_skill_manager_api::{CallSkill, ClientError, InstallSkill, SkillsClient};
+use serde_json::Value;
+
+const MANIFEST: &str = r#"name = "echo"
+version = "1.0.0"
+description = "Echoes its input back."
+
+[input_schema]
+type = "object"
+properties.q.type = "integer"
+
+[config]
+greeting = "hi"
+"#;
+
+fn bundle(
+    dir: &Path,
+    manifest: &str,
+    wasm: &[u8],
+    key: Option<&ed25519_dalek::SigningKey>,
+) -> InstallSkill {
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::write(dir.join("skill.toml"), manifest).expect("manifest");
+    std::fs::write(dir.join("skill.wasm"), wasm).expect("wasm");
+    if let Some(k) = key {
+        clawos_skill_manager::bundle::sign(dir, k).expect("sign");
+    }
+    InstallSkill {
+        manifest: manifest.to_owned(),
+        component_base64: base64::engine::general_purpose::STANDARD.encode(wasm),
+        instructions: None,
+        signature: std::fs::read_to_string(dir.join("skill.sig")).ok(),
+        config: Default::default(),
+    }
+}
+
+fn mcp(url: &str, token: &str, call: Option<(&str, &str)>) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/mcp_skills_check.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(script).arg(url).arg(token);
+    if let Some((tool, args)) = call {
+        cmd.arg(tool).arg(args);
+    }
+    let o = cmd.output().expect("python3");
+    assert!(
+        o.status.success(),
+        "the MCP client failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("client output")
+}
+
+#[test]
+fn agents_see_and_call_only_their_skills_over_mcp_and_every_call_is_audited() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let state_s = state.to_str().expect("utf-8").to_owned();
+    let id_port = port();
+    let _identity = KillOnDrop(
+        spawn_daemon(
+            "identity-manager",
+            &[
+                "--addr",
+                &format!("127.0.0.1:{id_port}"),
+                "--state-dir",
+                &state_s,
+            ],
+            &[],
+            &work.path().join("identity.log"),
+            id_port,
+        )
+        .expect("identity-manager"),
+    );
+    let issuer = format!("http://127.0.0.1:{id_port}");
+    let key_path = work.path().join("signing.key");
+    let key = clawos_image::keys::generate(&key_path).expect("key");
+    let pubkey = clawos_image::keys::public_hex(&key);
+    let sm_port = port();
+    let _skills = KillOnDrop(
+        spawn_daemon(
+            "skill-manager",
+            &[
+                "--addr",
+                &format!("127.0.0.1:{sm_port}"),
+                "--state-dir",
+                &state_s,
+                "--issuer",
+                &issuer,
+                "--signing-pubkey",
+                &pubkey,
+            ],
+            &[],
+            &work.path().join("skills.log"),
+            sm_port,
+        )
+        .expect("skill-manager"),
+    );
+    let url = format!("http://127.0.0.1:{sm_port}");
+    let token = clawos_skill_manager_api::local_token(&state).expect("operator token");
+    let client = SkillsClient::new(&url, &token);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let wasm = component("echo", "skill");
+
+    // Unsigned, tampered, another key: refused with why, nothing installed.
+    let unsigned = bundle(&work.path().join("unsigned"), MANIFEST, &wasm, None);
+    let e = rt
+        .block_on(client.install(&unsigned))
+        .expect_err("unsigned");
+    assert!(e.to_string().contains("skill.sig is missing"), "{e}");
+    let mut tampered = bundle(&work.path().join("tampered"), MANIFEST, &wasm, Some(&key));
+    tampered.manifest = MANIFEST.replace("Echoes", "Steals");
+    let e = rt
+        .block_on(client.install(&tampered))
+        .expect_err("tampered");
+    assert!(e.to_string().contains("bad signature"), "{e}");
+    let other = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+    let foreign = bundle(&work.path().join("foreign"), MANIFEST, &wasm, Some(&other));
+    let e = rt
+        .block_on(client.install(&foreign))
+        .expect_err("other key");
+    assert!(e.to_string().contains("bad signature"), "{e}");
+    assert!(rt.block_on(client.list()).expect("list").is_empty());
+
+    // Signed: installed once; the same name again is a conflict.
+    let good = bundle(&work.path().join("good"), MANIFEST, &wasm, Some(&key));
+    let info = rt.block_on(client.install(&good)).expect("install");
+    assert!(info.signed);
+    assert_eq!(info.config["greeting"], "hi");
+    match rt.block_on(client.install(&good)) {
+        Err(ClientError::Api { status: 409, .. }) => {}
+        other => panic!("expected 409: {other:?}"),
+    }
+    rt.block_on(client.enable("echo", "agent-a"))
+        .expect("enable");
+
+    // Agents: a's token lists and calls echo; b's sees nothing and cannot call it.
+    let identity = IdentityClient::with_service_token(
+        &issuer,
+        std::fs::read_to_string(state.join("identity/service.token"))
+            .expect("service token")
+            .trim(),
+    );
+    let issue = |agent: &str| {
+        rt.block_on(identity.issue(&IssueRequest {
+            agent: agent.into(),
+            vm_id: format!("vm-{agent}"),
+            image_root_hash: String::new(),
+            audience: "skill-manager".into(),
+            ttl_secs: None,
+            scopes: vec![],
+        }))
+        .expect("issue")
+        .token
+    };
+    let (a, b) = (issue("agent-a"), issue("agent-b"));
+    let mcp_url = format!("{url}/mcp");
+    let seen = mcp(&mcp_url, &a, Some(("echo", r#"{"q": 7}"#)));
+    assert_eq!(seen["server"], "clawos-skill-manager", "{seen}");
+    assert_eq!(seen["tools"][0]["name"], "echo", "{seen}");
+    assert_eq!(seen["tools"][0]["description"], "Echoes its input back.");
+    assert_eq!(
+        seen["tools"][0]["schema"]["properties"]["q"]["type"],
+        "integer"
+    );
+    assert_eq!(seen["call"]["is_error"], false, "{seen}");
+    assert_eq!(seen["call"]["text"][0], r#"hi:{"q":7}"#, "{seen}");
+    let unseen = mcp(&mcp_url, &b, Some(("echo", r#"{"q": 1}"#)));
+    assert_eq!(unseen["tools"], serde_json::json!([]), "{unseen}");
+    assert!(unseen["call"]["rpc_error"].as_str().is_some(), "{unseen}");
+
+    // A token for another service, no token, a browser: refused.
+    let wrong_aud = rt
+        .block_on(identity.issue(&IssueRequest {
+            agent: "agent-a".into(),
+            vm_id: "vm-agent-a".into(),
+            image_root_hash: String::new(),
+            audience: "inference-proxy".into(),
+            ttl_secs: None,
+            scopes: vec![],
+        }))
+        .expect("issue")
+        .token;
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let post = |token: Option<&str>, origin: Option<&str>| -> u16 {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+            .args(["-H", "content-type: application/json"])
+            .args(["-H", "accept: application/json, text/event-stream"])
+            .args(["--data", init]);
+        if let Some(t) = token {
+            cmd.args(["-H", &format!("authorization: Bearer {t}")]);
+        }
+        if let Some(o) = origin {
+            cmd.args(["-H", &format!("origin: {o}")]);
+        }
+        let o = cmd.arg(&mcp_url).output().expect("curl");
+        String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .parse()
+            .expect("status")
+    };
+    assert_eq!(post(None, None), 401);
+    assert_eq!(post(Some(&wrong_aud), None), 401);
+    assert_eq!(post(Some("not-a-jwt"), None), 401);
+    assert_eq!(post(Some(&a), Some("http://evil.example")), 403);
+    assert_eq!(post(Some(&a), None), 200);
+
+    // Disabled: invisible to a again.
+    rt.block_on(client.disable("echo", "agent-a"))
+        .expect("disable");
+    let after = mcp(&mcp_url, &a, None);
+    assert_eq!(after["tools"], serde_json::json!([]), "{after}");
+
+    // The operator's test call, and the audit trail: each call, who made it.
+    let r = rt
+        .block_on(client.call(
+            "echo",
+            &CallSkill {
+                input: serde_json::json!({"q": 2}),
+            },
+        ))
+        .expect("operator call");
+    assert_eq!(r.output.as_deref(), Some(r#"hi:{"q":2}"#));
+    let audit = std::fs::read_to_string(state.join("skills/audit.jsonl")).expect("audit");
+    let records: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(records.len(), 2, "{audit}");
+    assert_eq!(records[0]["agent"], "agent-a");
+    assert_eq!(records[0]["vm_id"], "vm-agent-a");
+    assert_eq!(records[0]["skill"], "echo");
+    assert_eq!(records[0]["ok"], true);
+    assert_eq!(records[1]["caller"], "operator");
+    // Credentials stay out of the trail and the log.
+    let log = std::fs::read_to_string(work.path().join("skills.log")).expect("log");
+    for secret in [&a, &b, &token] {
+        assert!(!audit.contains(secret.as_str()) && !log.contains(secret.as_str()));
+    }
+
+    // The same through the CLI.
+    let clawos = |args: &[&str]| {
+        Command::new(clawos_e2e::bin("clawos"))
+            .args(args)
+            .env("CLAWOS_STATE_DIR", &state)
+            .env("CLAWOS_SKILLS_URL", &url)
+            .env_remove("CLAWOS_SKILLS_TOKEN_PATH")
+            .output()
+            .expect("clawos")
+    };
+    let o = clawos(&["skill", "list", "--json"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listed: Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(listed[0]["name"], "echo");
+    assert_eq!(listed[0]["agents"], serde_json::json!([]));
+    let o = clawos(&["skill", "call", "echo", "--input", r#"{"q":3}"#]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), r#"hi:{"q":3}"#);
+    // `clawos skill sign` with the state's signing key, then install: accepted.
+    let cli_dir = work.path().join("cli-signed");
+    bundle(
+        &cli_dir,
+        &MANIFEST.replace("\"echo\"", "\"echo2\""),
+        &wasm,
+        None,
+    );
+    std::fs::copy(&key_path, state.join("signing.key")).expect("key");
+    let o = clawos(&["skill", "sign", cli_dir.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = clawos(&["skill", "install", cli_dir.to_str().expect("utf-8")]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("installed echo2 1.0.0 (signed"));
+    let o = clawos(&["skill", "rm", "no-such-skill"]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let unsigned_dir = work.path().join("unsigned");
+    let o = clawos(&["skill", "install", unsigned_dir.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("skill.sig is missing"));
+
+    // Removed: gone for everyone.
+    rt.block_on(client.remove("echo")).expect("remove");
+    let left: Vec<String> = rt
+        .block_on(client.list())
+        .expect("list")
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(left, ["echo2"]);
+}
