@@ -303,3 +303,58 @@ fn agents_see_and_call_only_their_skills_over_mcp_and_every_call_is_audited() {
         .collect();
     assert_eq!(left, ["echo2"]);
 }
+
+#[test]
+fn a_skill_installed_unsigned_is_not_loaded_once_a_key_is_configured() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let state = work.path().join("state");
+    let state_s = state.to_str().expect("utf-8").to_owned();
+    let start = |key: Option<&str>| {
+        let p = port();
+        let mut args = vec![
+            "--addr".to_owned(),
+            format!("127.0.0.1:{p}"),
+            "--state-dir".into(),
+            state_s.clone(),
+            // Never asked here: no agent calls in this test.
+            "--issuer".into(),
+            "http://127.0.0.1:9".into(),
+        ];
+        if let Some(k) = key {
+            args.extend(["--signing-pubkey".into(), k.to_owned()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = spawn_daemon(
+            "skill-manager",
+            &args,
+            &[],
+            &work.path().join("skills.log"),
+            p,
+        )
+        .expect("skill-manager");
+        (KillOnDrop(child), format!("http://127.0.0.1:{p}"))
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let wasm = component("echo", "skill");
+    {
+        let (_d, url) = start(None);
+        let token = clawos_skill_manager_api::local_token(&state).expect("token");
+        let c = SkillsClient::new(&url, &token);
+        let info = rt
+            .block_on(c.install(&bundle(&work.path().join("b"), MANIFEST, &wasm, None)))
+            .expect("unsigned install without a key");
+        assert!(!info.signed);
+    }
+    let key = clawos_image::keys::generate(&work.path().join("k")).expect("key");
+    let (_d, url) = start(Some(&clawos_image::keys::public_hex(&key)));
+    let token = clawos_skill_manager_api::local_token(&state).expect("token");
+    let listed = rt
+        .block_on(SkillsClient::new(&url, &token).list())
+        .expect("list");
+    assert!(
+        listed.is_empty(),
+        "an unsigned skill was loaded: {listed:?}"
+    );
+    let log = std::fs::read_to_string(work.path().join("skills.log")).expect("log");
+    assert!(log.contains("installed unsigned"), "{log}");
+}

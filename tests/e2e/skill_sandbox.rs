@@ -70,6 +70,17 @@ async fn upstream() -> (SocketAddr, Arc<AtomicU64>) {
                 ([("x-echo", key.clone())], format!("key={key}"))
             }),
         )
+        .route(
+            "/echo-key-encoded",
+            axum::routing::get(|h: HeaderMap| async move {
+                // The key, said to be compressed: redaction could not read it.
+                let key = h
+                    .get("x-api-key")
+                    .map(|v| v.as_bytes().to_vec())
+                    .unwrap_or_default();
+                ([("content-encoding", "gzip")], key)
+            }),
+        )
         .layer(axum::middleware::from_fn(
             move |req: axum::extract::Request, next: axum::middleware::Next| {
                 let hits = Arc::clone(&counted);
@@ -147,29 +158,45 @@ async fn a_skill_answers_logs_reads_its_settings_and_is_cached_compiled() {
     assert_eq!(invoke(&f, &again, "x").await.expect("cached"), "hi:x");
 }
 
-#[tokio::test(flavor = "multi_thread")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_loop_is_stopped_at_its_deadline_while_others_are_served() {
+    // Two worker threads, like the daemon's, and more spinning calls than workers: a
+    // component spinning in wasm must not hold a thread.
     let f = Arc::new(runtime());
-    let spin = load(&f, "spin", "skill", "[limits]\ntimeout_ms = 500\n");
+    let spin = load(&f, "spin", "skill", "[limits]\ntimeout_ms = 2000\n");
     let echo = load(&f, "echo", "skill", "");
     let started = Instant::now();
-    let spinning = {
-        let (f, spin) = (Arc::clone(&f), spin.clone());
-        tokio::spawn(async move { invoke(&f, &spin, "").await })
-    };
-    // While it spins, another skill answers.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let spinning: Vec<_> = (0..3)
+        .map(|_| {
+            let (f, spin) = (Arc::clone(&f), spin.clone());
+            tokio::spawn(async move { invoke(&f, &spin, "").await })
+        })
+        .collect();
+    // While they spin, another skill answers at once.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let t = Instant::now();
-    assert_eq!(invoke(&f, &echo, "x").await.expect("echo"), ":x");
+    let answered = {
+        // On a worker thread, like every request the daemon serves.
+        let (f, echo) = (Arc::clone(&f), echo.clone());
+        tokio::spawn(async move { invoke(&f, &echo, "x").await })
+    };
+    assert_eq!(answered.await.expect("join").expect("echo"), ":x");
     let echo_ms = t.elapsed().as_millis();
-    let r = spinning.await.expect("join");
+    for s in spinning {
+        let r = s.await.expect("join");
+        assert!(
+            matches!(r, Err(SkillError::Timeout { limit_ms: 2000 })),
+            "{r:?}"
+        );
+    }
     let took = started.elapsed();
+    eprintln!("3 spinning calls stopped after {took:?}; echo answered in {echo_ms} ms meanwhile");
     assert!(
-        matches!(r, Err(SkillError::Timeout { limit_ms: 500 })),
-        "{r:?}"
+        echo_ms < 1000,
+        "echo waited {echo_ms} ms behind the spinning calls"
     );
-    assert!(took < Duration::from_secs(3), "stopped after {took:?}");
-    eprintln!("spin stopped after {took:?}; echo answered in {echo_ms} ms meanwhile");
+    // All three at once (not one after another, waiting for a thread).
+    assert!(took < Duration::from_millis(3500), "stopped after {took:?}");
     // And the runtime still runs it again.
     assert!(matches!(
         invoke(&f, &spin, "").await,
@@ -356,6 +383,24 @@ async fn the_secret_reaches_the_upstream_but_never_the_component() {
     // The upstream got it (it echoed something), the component saw only the mark.
     assert_eq!(answer, "200 key=[redacted]");
     assert!(!format!("{:?} {:?}", out.requests, out.log).contains(SECRET));
+    // An answer redaction cannot read (compressed) never reaches the component.
+    let secret = SecretHeader::for_grant(&fetch.manifest.capabilities.secrets[0], SECRET)
+        .expect("secret header");
+    let out = f
+        .runtime
+        .invoke(
+            &fetch,
+            &format!("http://search.test:{}/echo-key-encoded", allowed.port()),
+            vec![secret],
+            Arc::default(),
+        )
+        .await;
+    match &out.result {
+        Err(SkillError::Failed { message }) => {
+            assert_eq!(message, "http-response-content-coding")
+        }
+        other => panic!("an encoded answer carrying the key was handed over: {other:?}"),
+    }
 }
 
 /// A stand-in search backend speaking SearXNG's and Brave's JSON: 12 results for any

@@ -137,6 +137,11 @@ impl SkillHost {
             audit,
         };
         for s in host.store.all()? {
+            if host.key.is_some() && !s.signed {
+                // Installed while this daemon had no key: not trusted now that it has.
+                tracing::error!(skill = %s.name, "installed unsigned, and a signing key is now configured: not loaded (remove it and install it signed)");
+                continue;
+            }
             match host.load(&s) {
                 Ok(i) => {
                     host.write_skills().insert(s.name.clone(), Arc::new(i));

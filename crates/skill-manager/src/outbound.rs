@@ -54,11 +54,12 @@ impl SecretHeader {
             name: grant.name.clone(),
             header: HeaderName::from_bytes(grant.header.to_ascii_lowercase().as_bytes()).ok()?,
             value: v,
+            // Fails closed: an entry that does not parse never widens to "everywhere".
             to: grant
                 .to
                 .iter()
-                .filter_map(|t| Destination::parse(t).ok())
-                .collect(),
+                .map(|t| Destination::parse(t).ok())
+                .collect::<Option<Vec<_>>>()?,
         })
     }
 }
@@ -272,10 +273,22 @@ impl WasiHttpHooks for CallHooks {
             let sent_to = |s: &&SecretHeader| {
                 s.to.is_empty() || dest.as_ref().is_some_and(|d| s.to.contains(d))
             };
+            let mut carries_secret = false;
             for s in secrets.iter().filter(sent_to) {
                 let mut v = s.value.clone();
                 v.set_sensitive(true);
                 headers.insert(s.header.clone(), v);
+                carries_secret = true;
+            }
+            if carries_secret {
+                // The answer must come back whole and plain, or redaction cannot see a
+                // secret an upstream echoes (compressed, or a byte range at a time).
+                headers.insert(
+                    http::header::ACCEPT_ENCODING,
+                    HeaderValue::from_static("identity"),
+                );
+                headers.remove(http::header::RANGE);
+                headers.remove(http::header::IF_RANGE);
             }
             let sent = client
                 .request(parts.method, parts.uri.to_string())
@@ -298,6 +311,18 @@ impl WasiHttpHooks for CallHooks {
                 }
             };
             let status = response.status();
+            let encoded = response
+                .headers()
+                .get(http::header::CONTENT_ENCODING)
+                .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+            if carries_secret && encoded {
+                finish(
+                    Some(status.as_u16()),
+                    0,
+                    Some("an encoded answer to a request carrying a secret".into()),
+                );
+                return Err(HttpError::HttpResponseContentCoding(None));
+            }
             let mut body = Vec::new();
             loop {
                 match response.chunk().await {

@@ -34,6 +34,10 @@ const MAX_LOG_LINES: usize = 256;
 const MAX_LOG_LINE: usize = 4096;
 /// Largest answer a skill may return to the agent.
 pub const MAX_OUTPUT: usize = 1 << 20;
+/// Host-side resources (streams, header maps, requests) one call may hold at once.
+const MAX_RESOURCES: usize = 4096;
+/// Largest header map a call may build, bytes of the host's representation.
+const MAX_FIELDS_BYTES: usize = 64 << 10;
 /// Largest input passed to a skill.
 pub const MAX_INPUT: usize = 1 << 20;
 /// The import the log interface is linked under.
@@ -60,20 +64,26 @@ pub enum LogLevel {
 /// causes is reported as the memory limit.
 struct MemoryCap {
     max_bytes: usize,
+    /// Bytes of linear memory granted so far.
+    used: usize,
     hit: bool,
 }
 
 impl ResourceLimiter for MemoryCap {
+    /// The cap is on all of the call's linear memories together (a component may
+    /// have several).
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
+        let total = self.used.saturating_add(desired.saturating_sub(current));
+        if total > self.max_bytes {
             self.hit = true;
             wasmtime::bail!("memory limit");
         }
+        self.used = total;
         Ok(true)
     }
 
@@ -385,11 +395,20 @@ impl SkillRuntime {
             .build();
         let state = CallState {
             wasi,
-            http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
+            http: {
+                let mut h = WasiHttpCtx::new();
+                h.set_field_size_limit(MAX_FIELDS_BYTES);
+                h
+            },
+            table: {
+                let mut t = ResourceTable::new();
+                t.set_max_capacity(MAX_RESOURCES);
+                t
+            },
             hooks,
             cap: MemoryCap {
                 max_bytes: limits.memory_mib as usize * (1 << 20),
+                used: 0,
                 hit: false,
             },
             log: Vec::new(),
@@ -403,8 +422,13 @@ impl SkillRuntime {
         let result = match store.set_fuel(fuel) {
             Err(e) => Err(component_error(chain(&e))),
             Ok(()) => {
-                store.set_epoch_deadline(ticks);
-                store.epoch_deadline_trap();
+                // Yield to the runtime at every epoch tick: a component spinning in
+                // wasm must not hold a worker thread (the daemon has two), so other
+                // calls, the API and token refreshes keep going; the call's own
+                // deadline is the timeout around it.
+                let _ = ticks;
+                store.set_epoch_deadline(1);
+                store.epoch_deadline_async_yield_and_update(1);
                 match tokio::time::timeout(timeout, entry.call(&skill.pre, &mut store)).await {
                     Err(_) => Err(SkillError::Timeout {
                         limit_ms: limits.timeout_ms,

@@ -82,7 +82,9 @@ async fn handshake(
         .map_err(|e| unreachable(e.to_string()))?;
     let mut reader = BufReader::new(r);
     let mut line = String::new();
-    reader
+    // `OK <port>` is short; a device that sends more is not one.
+    (&mut reader)
+        .take(64)
         .read_line(&mut line)
         .await
         .map_err(|e| unreachable(e.to_string()))?;
