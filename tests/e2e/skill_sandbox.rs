@@ -368,33 +368,25 @@ async fn the_secret_reaches_the_upstream_but_never_the_component() {
             allowed.port()
         ),
     );
-    let secret = SecretHeader::for_grant(&fetch.manifest.capabilities.secrets[0], SECRET)
-        .expect("secret header");
-    let out = f
-        .runtime
-        .invoke(
-            &fetch,
-            &format!("http://search.test:{}/echo-key", allowed.port()),
-            vec![secret],
-            Arc::default(),
-        )
-        .await;
+    // The fetch skill asking `path` of the upstream, with the host's key.
+    let fetch_with_key = |path: &str| {
+        let secret = SecretHeader::for_grant(&fetch.manifest.capabilities.secrets[0], SECRET)
+            .expect("secret header");
+        let url = format!("http://search.test:{}{path}", allowed.port());
+        let (f, fetch) = (&f, &fetch);
+        async move {
+            f.runtime
+                .invoke(fetch, &url, vec![secret], Arc::default())
+                .await
+        }
+    };
+    let out = fetch_with_key("/echo-key").await;
     let answer = out.result.expect("fetch");
     // The upstream got it (it echoed something), the component saw only the mark.
     assert_eq!(answer, "200 key=[redacted]");
     assert!(!format!("{:?} {:?}", out.requests, out.log).contains(SECRET));
     // An answer redaction cannot read (compressed) never reaches the component.
-    let secret = SecretHeader::for_grant(&fetch.manifest.capabilities.secrets[0], SECRET)
-        .expect("secret header");
-    let out = f
-        .runtime
-        .invoke(
-            &fetch,
-            &format!("http://search.test:{}/echo-key-encoded", allowed.port()),
-            vec![secret],
-            Arc::default(),
-        )
-        .await;
+    let out = fetch_with_key("/echo-key-encoded").await;
     match &out.result {
         Err(SkillError::Failed { message }) => {
             assert_eq!(message, "http-response-content-coding")

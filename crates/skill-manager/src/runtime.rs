@@ -418,7 +418,6 @@ impl SkillRuntime {
         store.limiter(|s| &mut s.cap);
         let fuel = limits.fuel.unwrap_or(u64::MAX);
         let timeout = Duration::from_millis(limits.timeout_ms);
-        let ticks = (limits.timeout_ms / EPOCH_TICK.as_millis() as u64).max(1);
         let result = match store.set_fuel(fuel) {
             Err(e) => Err(component_error(chain(&e))),
             Ok(()) => {
@@ -426,7 +425,6 @@ impl SkillRuntime {
                 // wasm must not hold a worker thread (the daemon has two), so other
                 // calls, the API and token refreshes keep going; the call's own
                 // deadline is the timeout around it.
-                let _ = ticks;
                 store.set_epoch_deadline(1);
                 store.epoch_deadline_async_yield_and_update(1);
                 match tokio::time::timeout(timeout, entry.call(&skill.pre, &mut store)).await {
