@@ -15,8 +15,8 @@ cd "$(dirname "$0")/.."
 # guest's static clawos-audit links; gcc + libc6-dev: the static workload the guest
 # audit test runs inside a VM. libxmlsec1-dev + libxml2-dev + libssl-dev: xmlsec, which
 # checks the XML signatures of SAML logins in the control plane (clang's libclang
-# generates its bindings at build time).
-PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 busybox-static curl ca-certificates
+# generates its bindings at build time). patch: our fix to vhost-device-vsock (below).
+PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 busybox-static curl ca-certificates patch
   clang libbpf-dev libelf-dev zlib1g-dev pkg-config rsyslog rsyslog-gnutls openssl python3
   gcc libc6-dev libxmlsec1-dev libxml2-dev libssl-dev)
 # npm: `clawos image build --agent openclaw` installs the pinned OpenClaw packages with
@@ -49,19 +49,30 @@ if ! command -v cargo >/dev/null; then
   echo "cargo not found: install Rust (rustup) first; rust-toolchain.toml pins the version" >&2
   exit 1
 fi
-# QEMU's side of the hybrid vsock (Firecracker has it built in): a rust-vmm crate.
-# Installed under /usr/local so the unprivileged per-VM user the launcher runs it as can
-# execute it (root's ~/.cargo/bin is not reachable for other uids).
-if [ ! -x /usr/local/bin/vhost-device-vsock ]; then
-  if [ -x "$HOME/.cargo/bin/vhost-device-vsock" ]; then
-    $SUDO install -m 0755 "$HOME/.cargo/bin/vhost-device-vsock" /usr/local/bin/
-  else
-    echo "==> installing vhost-device-vsock (cargo install, about a minute)"
-    vtmp=$(mktemp -d)
-    cargo install --locked --quiet vhost-device-vsock --version 0.3.0 --root "$vtmp"
-    $SUDO install -m 0755 "$vtmp/bin/vhost-device-vsock" /usr/local/bin/
-    rm -rf "$vtmp"
-  fi
+# QEMU's side of the hybrid vsock (Firecracker has it built in): rust-vmm's
+# vhost-device-vsock 0.3.0, built from its crates.io source with our fix applied
+# (scripts/patches/vhost-device-vsock-0.3.0.patch says what it fixes: a connection busy
+# in both directions could hang for good). Installed under /usr/local so the
+# unprivileged per-VM user the launcher runs it as can execute it; a stamp beside it
+# names the patch it was built with, so a changed patch rebuilds it.
+VSOCK_PATCH=scripts/patches/vhost-device-vsock-0.3.0.patch
+VSOCK_CRATE_SHA256=52ce95d81af89ad693d067c650e42df0f217addfbc96cc4820f7c62eb4a28b13
+VSOCK_STAMP=/usr/local/lib/clawos/vhost-device-vsock.patch.sha256
+vsock_want=$(sha256sum "$VSOCK_PATCH" | cut -d' ' -f1)
+if [ ! -x /usr/local/bin/vhost-device-vsock ] || [ "$(cat "$VSOCK_STAMP" 2>/dev/null)" != "$vsock_want" ]; then
+  echo "==> building vhost-device-vsock 0.3.0 with ClawOS's fix (about two minutes)"
+  vtmp=$(mktemp -d)
+  curl -fsSL -o "$vtmp/src.crate" \
+    https://static.crates.io/crates/vhost-device-vsock/vhost-device-vsock-0.3.0.crate
+  echo "$VSOCK_CRATE_SHA256  $vtmp/src.crate" | sha256sum -c --quiet
+  tar xzf "$vtmp/src.crate" -C "$vtmp"
+  patch -d "$vtmp/vhost-device-vsock-0.3.0" -p1 --quiet < "$VSOCK_PATCH"
+  CARGO_TARGET_DIR="$vtmp/target" cargo install --locked --quiet \
+    --path "$vtmp/vhost-device-vsock-0.3.0" --root "$vtmp/root"
+  $SUDO install -m 0755 "$vtmp/root/bin/vhost-device-vsock" /usr/local/bin/
+  $SUDO mkdir -p "$(dirname "$VSOCK_STAMP")"
+  echo "$vsock_want" | $SUDO tee "$VSOCK_STAMP" >/dev/null
+  rm -rf "$vtmp"
 fi
 # `--deps-only`: packages and tools, no build (CI lints before it builds).
 if [ "${1:-}" = --deps-only ]; then

@@ -2,6 +2,7 @@
 //! runs the real `vm-launcher` binary on a loopback port with its own state directory,
 //! and drives it with the real `clawos` CLI or the typed client.
 
+pub mod deadline;
 pub mod fake_llm;
 pub mod skills;
 pub mod stack;
@@ -251,6 +252,7 @@ pub fn image_options(
 /// Builds (once per test process) and signs the default image.
 pub fn artifacts() -> &'static Artifacts {
     static CELL: OnceLock<Artifacts> = OnceLock::new();
+    deadline::watch_binary();
     CELL.get_or_init(|| build_artifacts().expect("build the test image"))
 }
 
@@ -358,6 +360,7 @@ impl Launcher {
 
     /// Like [`Launcher::start`] with extra environment.
     pub fn start_with(state_dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
+        deadline::watch_binary();
         let mut l = Self {
             child: None,
             url: String::new(),
@@ -463,11 +466,24 @@ impl Launcher {
     }
 
     /// Runs the `clawos` CLI against this launcher.
+    /// A call that outlives [`deadline::call_limit`] is killed and fails the test with
+    /// the launcher's and the VMs' logs.
     pub fn clawos(&self, args: &[&str]) -> Output {
-        self.clawos_command(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run clawos")
+        self.clawos_within(args, None)
+    }
+
+    /// Runs the `clawos` CLI with `input` on its stdin.
+    pub fn clawos_with_stdin(&self, args: &[&str], input: &[u8]) -> Output {
+        self.clawos_within(args, Some(input))
+    }
+
+    fn clawos_within(&self, args: &[&str], input: Option<&[u8]>) -> Output {
+        deadline::output_within(
+            &mut self.clawos_command(args),
+            input,
+            deadline::call_limit(),
+            || deadline::state_logs(&self.state_dir),
+        )
     }
 
     /// Polls until the VM satisfies `done`, or fails after `limit`.

@@ -345,14 +345,14 @@ impl Orchestrator {
     }
 
     pub fn clawos(&self, l: &Launcher, args: &[&str]) -> Output {
-        l.clawos_command(args)
-            .env(
-                "CLAWOS_ORCHESTRATOR_URL",
-                format!("http://127.0.0.1:{}", self.port),
-            )
-            .stdin(std::process::Stdio::null())
-            .output()
-            .expect("clawos")
+        let mut cmd = l.clawos_command(args);
+        cmd.env(
+            "CLAWOS_ORCHESTRATOR_URL",
+            format!("http://127.0.0.1:{}", self.port),
+        );
+        crate::deadline::output_within(&mut cmd, None, crate::deadline::call_limit(), || {
+            crate::deadline::state_logs(&l.state_dir)
+        })
     }
 
     pub fn status(&self, l: &Launcher, run: &str) -> Value {

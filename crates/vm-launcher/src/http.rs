@@ -19,7 +19,7 @@ use clawos_vm_launcher_api::{
     CONSOLE_OFFSET_HEADER, ConsoleQuery, CreateSnapshot, ExecEvent, ExecStart, FileEntry,
     FileQuery, RestoreVm, STDERR, STDOUT, Snapshot, StartVm, UPLOAD_CONTENT_TYPE, routes,
 };
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 
 use crate::LauncherError;
@@ -439,7 +439,10 @@ async fn exec(
     Ok(ws.on_upgrade(move |socket| exec_session(socket, guest)))
 }
 
-async fn send_event(socket: &mut WebSocket, ev: &ExecEvent) {
+async fn send_event<S>(socket: &mut S, ev: &ExecEvent)
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
     let text = serde_json::to_string(ev).unwrap_or_default();
     let _ = socket.send(Message::Text(text.into())).await;
 }
@@ -517,7 +520,11 @@ async fn exec_session(mut socket: WebSocket, guest: crate::vsock::GuestClient) {
             .await;
         }
     }
-    // Guest frames are read by their own task (a frame read is not cancel safe).
+    // Guest frames are read by their own task (a frame read is not cancel safe), and
+    // the client's stdin is written to the guest by another: a guest command blocked
+    // writing its output (`cat` fed more than the buffers between hold) reads no more
+    // input until its output is read, so writing input must never hold up reading
+    // output, or both ends wait for each other for good.
     let (tx, mut frames) = tokio::sync::mpsc::channel(16);
     let mut reader = call.reader;
     tokio::spawn(async move {
@@ -529,7 +536,34 @@ async fn exec_session(mut socket: WebSocket, guest: crate::vsock::GuestClient) {
             }
         }
     });
+    let (mut socket, mut client) = socket.split();
     let mut writer = call.writer;
+    // Ends when the client has gone (its side of the WebSocket closed or broke).
+    let mut stdin = AbortOnDrop(tokio::spawn(async move {
+        while let Some(m) = client.next().await {
+            match m {
+                Ok(Message::Binary(b)) => {
+                    for part in b.chunks(CHUNK) {
+                        if writer
+                            .write_all(&clawos_guest_protocol::frames::encode(Kind::Stdin, part))
+                            .await
+                            .is_err()
+                        {
+                            // The guest connection broke: its reader reports that.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                }
+                Ok(Message::Text(t)) if t.contains("\"eof\"") => {
+                    let _ = writer
+                        .write_all(&clawos_guest_protocol::frames::encode(Kind::End, &[]))
+                        .await;
+                }
+                Ok(Message::Close(_)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }));
     loop {
         tokio::select! {
             f = frames.recv() => match f {
@@ -558,20 +592,19 @@ async fn exec_session(mut socket: WebSocket, guest: crate::vsock::GuestClient) {
                     return send_event(&mut socket, &ExecEvent::Error { message: format!("guest connection: {e}") }).await;
                 }
             },
-            m = socket.recv() => match m {
-                Some(Ok(Message::Binary(b))) => {
-                    for part in b.chunks(CHUNK) {
-                        let _ = writer.write_all(&clawos_guest_protocol::frames::encode(Kind::Stdin, part)).await;
-                    }
-                }
-                Some(Ok(Message::Text(t))) if t.contains("\"eof\"") => {
-                    let _ = writer.write_all(&clawos_guest_protocol::frames::encode(Kind::End, &[])).await;
-                }
-                Some(Ok(_)) => {}
-                // Client gone: returning drops the guest connection, which kills the command.
-                Some(Err(_)) | None => return,
-            },
+            // Client gone: returning drops the guest connection (the stdin task is
+            // aborted with it), which kills the command.
+            _ = &mut stdin.0 => return,
         }
+    }
+}
+
+/// Aborts a task when dropped (a session's helper task ends with the session).
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -592,11 +625,29 @@ async fn gateway(
 }
 
 async fn tunnel(
-    mut socket: WebSocket,
+    socket: WebSocket,
     mut reader: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
     mut writer: tokio::net::unix::OwnedWriteHalf,
 ) {
     use tokio::io::AsyncReadExt;
+    let (mut socket, mut client) = socket.split();
+    // Each direction on its own: a guest slow to read what the client sends must not
+    // stop what it sends from being read (see `exec_session`).
+    let mut upstream = AbortOnDrop(tokio::spawn(async move {
+        while let Some(m) = client.next().await {
+            match m {
+                Ok(Message::Binary(b)) => {
+                    if writer.write_all(&b).await.is_err() {
+                        return;
+                    }
+                }
+                // A half close through vhost-device-vsock ends the whole vsock
+                // connection, so the tunnel ends with the client.
+                Ok(Message::Close(_)) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    }));
     let mut buf = vec![0u8; CHUNK];
     loop {
         tokio::select! {
@@ -611,17 +662,7 @@ async fn tunnel(
                     }
                 }
             },
-            m = socket.recv() => match m {
-                Some(Ok(Message::Binary(b))) => {
-                    if writer.write_all(&b).await.is_err() {
-                        return;
-                    }
-                }
-                // A half close through vhost-device-vsock ends the whole vsock
-                // connection, so the tunnel ends with the client.
-                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
-                Some(Ok(_)) => {}
-            },
+            _ = &mut upstream.0 => return,
         }
     }
 }

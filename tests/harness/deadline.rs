@@ -1,0 +1,162 @@
+//! Time limits that turn a hang into a red test with evidence instead of a CI run that
+//! never ends: every `clawos` call the harness makes has one, and every test binary that
+//! uses the harness has one as a whole.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+/// How long one CLI call may take (`CLAWOS_TEST_CALL_LIMIT_SECS` overrides). The
+/// slowest call in the suite (50 MB through a VM's exec channel under TCG) takes
+/// about 10 s here.
+const CALL_LIMIT: Duration = Duration::from_secs(300);
+
+/// How long one test binary may run (`CLAWOS_TEST_BINARY_LIMIT_SECS` overrides). The
+/// longest (the OpenClaw agent in a VM) takes about 15 min here.
+const BINARY_LIMIT: Duration = Duration::from_secs(40 * 60);
+
+fn limit_from_env(var: &str, default: Duration) -> Duration {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(default, Duration::from_secs)
+}
+
+/// The limit for one CLI call.
+pub fn call_limit() -> Duration {
+    limit_from_env("CLAWOS_TEST_CALL_LIMIT_SECS", CALL_LIMIT)
+}
+
+/// Starts (once per process) a watchdog that aborts the test binary when it has run
+/// longer than its limit: the test runner then reports the binary as failed and the
+/// suite goes on, instead of CI's own time limit ending the whole run.
+pub fn watch_binary() {
+    static WATCHDOG: Once = Once::new();
+    WATCHDOG.call_once(|| {
+        let limit = limit_from_env("CLAWOS_TEST_BINARY_LIMIT_SECS", BINARY_LIMIT);
+        let exe = std::env::current_exe()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        std::thread::spawn(move || {
+            std::thread::sleep(limit);
+            eprintln!(
+                "HUNG: test binary {exe} still running after {limit:?} \
+                 (CLAWOS_TEST_BINARY_LIMIT_SECS); aborting it so the rest of the suite runs"
+            );
+            std::process::abort();
+        });
+    });
+}
+
+/// Runs `cmd` with `stdin` as its input, collecting both output streams; kills it and
+/// panics with `context()` (logs worth reading) when it outlives `limit`.
+pub fn output_within(
+    cmd: &mut Command,
+    stdin: Option<&[u8]>,
+    limit: Duration,
+    context: impl FnOnce() -> String,
+) -> Output {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {shown}: {e}"));
+    let feeder = stdin.map(|input| {
+        let mut pipe = child.stdin.take().expect("piped stdin");
+        let input = input.to_vec();
+        std::thread::spawn(move || {
+            // The command may stop reading early; that is its business.
+            let _ = pipe.write_all(&input);
+        })
+    });
+    let collect = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = collect(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = collect(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for the command") {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let out = String::from_utf8_lossy(&stdout.join().unwrap_or_default()).into_owned();
+            let err = String::from_utf8_lossy(&stderr.join().unwrap_or_default()).into_owned();
+            panic!(
+                "HUNG: {shown} did not finish within {limit:?} (CLAWOS_TEST_CALL_LIMIT_SECS); \
+                 killed it.\n--- its stdout (tail) ---\n{}\n--- its stderr (tail) ---\n{}\n{}",
+                tail(&out, 2000),
+                tail(&err, 4000),
+                context()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if let Some(f) = feeder {
+        let _ = f.join();
+    }
+    Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    }
+}
+
+/// The last `max` bytes of `s` (on a character boundary).
+pub fn tail(s: &str, max: usize) -> &str {
+    let mut start = s.len().saturating_sub(max);
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+/// The tails of the launcher's log and of every VM's logs under `state_dir`: what a
+/// reader of a hung test needs to see where it stopped.
+pub fn state_logs(state_dir: &Path) -> String {
+    let mut text = String::new();
+    let mut add = |path: &Path| {
+        if let Ok(body) = std::fs::read_to_string(path) {
+            text.push_str(&format!(
+                "--- {} (tail) ---\n{}\n",
+                path.display(),
+                tail(&body, 6000)
+            ));
+        }
+    };
+    add(&state_dir.join("launcher.log"));
+    if let Ok(vms) = std::fs::read_dir(state_dir.join("vms")) {
+        for vm in vms.flatten() {
+            for log in ["console.log", "hypervisor.log", "vsock-device.log"] {
+                add(&vm.path().join(log));
+            }
+        }
+    }
+    text
+}
