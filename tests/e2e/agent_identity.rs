@@ -13,7 +13,7 @@ use clawos_e2e::{KillOnDrop, port, spawn_daemon};
 use clawos_identity_manager_api::{IdentityClient, Introspection, IssueRequest};
 use clawos_vm_launcher::config::IdentitySettings;
 use clawos_vm_launcher::identity::{
-    AgentIdentity, HeldToken, NoToken, VmIdentityClaims, hold, revoke_leftover,
+    AgentIdentity, HeldToken, NoToken, TokenFor, VmIdentityClaims, hold, revoke_leftover,
 };
 use clawos_vm_launcher::names::VmName;
 
@@ -86,6 +86,7 @@ impl IdentityManager {
             service_token_path: self.service_token_path(),
             token_ttl: TTL,
             llm_audience: AUDIENCE.into(),
+            skills_audience: "skill-manager".into(),
         }
     }
 
@@ -196,7 +197,12 @@ async fn a_running_vm_holds_a_token_that_says_which_agent_boot_and_image_it_is()
     let im = IdentityManager::start(work.path())?;
     let vm_dir = work.path().join("vm");
     std::fs::create_dir_all(&vm_dir)?;
-    let (identity, holder) = hold(Some(&im.settings()), claims("agent-a-1700000001"), &vm_dir);
+    let (identity, holder) = hold(
+        Some(&im.settings()),
+        claims("agent-a-1700000001"),
+        &vm_dir,
+        TokenFor::Llm,
+    );
     let holder = holder.context("a holder when identity-manager is configured")?;
 
     let token = first_token(&identity).await?;
@@ -231,7 +237,12 @@ async fn the_token_is_replaced_before_it_expires_and_the_old_one_revoked() -> Re
     let im = IdentityManager::start(work.path())?;
     let vm_dir = work.path().join("vm");
     std::fs::create_dir_all(&vm_dir)?;
-    let (identity, holder) = hold(Some(&im.settings()), claims("agent-a-2"), &vm_dir);
+    let (identity, holder) = hold(
+        Some(&im.settings()),
+        claims("agent-a-2"),
+        &vm_dir,
+        TokenFor::Llm,
+    );
     let holder = holder.context("a holder")?;
 
     let mut old = first_token(&identity).await?;
@@ -271,7 +282,12 @@ async fn releasing_revokes_the_current_token_and_forgets_it() -> Result<()> {
     let im = IdentityManager::start(work.path())?;
     let vm_dir = work.path().join("vm");
     std::fs::create_dir_all(&vm_dir)?;
-    let (identity, holder) = hold(Some(&im.settings()), claims("agent-a-3"), &vm_dir);
+    let (identity, holder) = hold(
+        Some(&im.settings()),
+        claims("agent-a-3"),
+        &vm_dir,
+        TokenFor::Llm,
+    );
     let holder = holder.context("a holder")?;
     let token = first_token(&identity).await?;
     assert!(im.introspect(&token).await?.active);
@@ -317,7 +333,12 @@ async fn a_vm_started_while_identity_manager_is_down_gets_its_token_once_it_is_u
     im.down();
     let vm_dir = work.path().join("vm");
     std::fs::create_dir_all(&vm_dir)?;
-    let (identity, holder) = hold(Some(&im.settings()), claims("agent-a-4"), &vm_dir);
+    let (identity, holder) = hold(
+        Some(&im.settings()),
+        claims("agent-a-4"),
+        &vm_dir,
+        TokenFor::Llm,
+    );
     let holder = holder.context("a holder")?;
 
     // Not yet, with identity-manager's failure as the reason.
@@ -369,7 +390,7 @@ async fn a_token_a_killed_launcher_left_recorded_is_revoked() -> Result<()> {
     let client = im.client()?;
     assert!(client.introspect(&leftover.token).await?.active);
     std::fs::write(vm_dir.join("identity.jti"), format!("{}\n", leftover.jti))?;
-    revoke_leftover(Some(&im.settings()), &vm, &vm_dir).await;
+    revoke_leftover(Some(&im.settings()), &vm, &vm_dir, TokenFor::Llm).await;
     assert!(
         im.revoked(&leftover.jti).await?,
         "the leftover is not revoked"
@@ -385,7 +406,12 @@ async fn a_token_a_killed_launcher_left_recorded_is_revoked() -> Result<()> {
     std::fs::create_dir_all(&vm_dir)?;
     let leftover = im.issue_directly().await?;
     std::fs::write(vm_dir.join("identity.jti"), &leftover.jti)?;
-    let (identity, holder) = hold(Some(&im.settings()), claims("agent-a-5"), &vm_dir);
+    let (identity, holder) = hold(
+        Some(&im.settings()),
+        claims("agent-a-5"),
+        &vm_dir,
+        TokenFor::Llm,
+    );
     let holder = holder.context("a holder")?;
     let token = first_token(&identity).await?;
     assert_ne!(&*token.jti, leftover.jti);

@@ -225,6 +225,7 @@ fn the_token_the_launcher_holds_for_a_budgeted_vm_is_held_to_its_budget() {
             service_token_path: state.join("identity/service.token"),
             token_ttl: Duration::from_secs(600),
             llm_audience: "inference-proxy".into(),
+            skills_audience: "skill-manager".into(),
         };
         // What the supervisor of a VM started with `token_budget: 120` asks for.
         let (identity, holder) = hold(
@@ -236,6 +237,7 @@ fn the_token_the_launcher_holds_for_a_budgeted_vm_is_held_to_its_budget() {
                 token_budget: Some(120),
             },
             &vm_dir,
+            clawos_vm_launcher::identity::TokenFor::Llm,
         );
         let held = identity
             .token_within(Duration::from_secs(10))

@@ -11,8 +11,9 @@ use tokio::time::Instant;
 
 use crate::config::Config;
 use crate::llm::{Endpoint, EndpointError, LlmClient, ModelError, ModelTurn};
+use crate::mcp::McpClient;
 use crate::session::{Session, SessionError, tool_result};
-use crate::tools::Tools;
+use crate::tools::{BUILT_IN, ToolOutput, Tools};
 use crate::{log, truncate};
 
 /// Characters of a tool's output shown in events and task reports (the model gets up
@@ -99,7 +100,16 @@ pub struct Agent {
     llm: LlmClient,
     tools: Tools,
     tool_defs: Value,
+    /// The host's skills (MCP tools), when the runtime was given an MCP server.
+    mcp: Option<McpClient>,
     pub(crate) sessions: crate::session::SessionStore,
+}
+
+/// The tools of one task: the built-in ones and the skills offered when it started.
+struct TaskTools {
+    definitions: Value,
+    /// Names the model may call that are skills.
+    skills: Vec<String>,
 }
 
 /// What the model is told about where it is; a request's `system` messages follow.
@@ -125,13 +135,87 @@ impl Agent {
             },
         )?;
         let sessions = crate::session::SessionStore::open(&config.workspace)?;
+        let mcp = config
+            .mcp_url
+            .as_deref()
+            .and_then(|url| match McpClient::new(url) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    log!("skills off: the MCP server URL {url:?} is not usable: {e}");
+                    None
+                }
+            });
         Ok(Self {
             llm: LlmClient::new(endpoint, config.api_key.clone()),
             tool_defs: tools.definitions(),
             tools,
+            mcp,
             sessions,
             config,
         })
+    }
+
+    /// The tools for a task starting now: the built-in ones, and the skills the MCP
+    /// server offers this agent at this moment (enabled or disabled between tasks). A
+    /// server that cannot be reached costs the task its skills, not the task.
+    async fn task_tools(&self, task: &str) -> TaskTools {
+        let mut definitions = self.tool_defs.as_array().cloned().unwrap_or_default();
+        let mut skills = Vec::new();
+        if let Some(mcp) = &self.mcp {
+            match tokio::time::timeout(crate::mcp::LIST_TIMEOUT, mcp.list_tools()).await {
+                Ok(Ok(tools)) => {
+                    for t in tools {
+                        if !crate::mcp::is_tool_name(&t.name) || BUILT_IN.contains(&t.name.as_str())
+                        {
+                            log!("skill {:?} not offered: not a usable tool name", t.name);
+                            continue;
+                        }
+                        definitions.push(json!({
+                            "name": t.name,
+                            "description": t.description,
+                            "input_schema": t.input_schema,
+                        }));
+                        skills.push(t.name);
+                    }
+                }
+                Ok(Err(e)) => log!("task={task} skills unavailable: {e}"),
+                Err(_) => log!(
+                    "task={task} skills unavailable: the MCP server did not list its tools within {} s",
+                    crate::mcp::LIST_TIMEOUT.as_secs()
+                ),
+            }
+        }
+        TaskTools {
+            definitions: Value::Array(definitions),
+            skills,
+        }
+    }
+
+    /// Runs tool `name`: a skill through the MCP server, else a built-in tool.
+    async fn run_tool(&self, tools: &TaskTools, name: &str, input: &Value) -> ToolOutput {
+        let Some(mcp) = self
+            .mcp
+            .as_ref()
+            .filter(|_| tools.skills.iter().any(|s| s == name))
+        else {
+            return self.tools.run(name, input).await;
+        };
+        let arguments = if input.is_object() {
+            input.clone()
+        } else {
+            json!({})
+        };
+        match mcp.call_tool(name, &arguments).await {
+            Ok(r) => {
+                let text = truncate(&r.text, self.config.output_cap);
+                if r.is_error {
+                    ToolOutput::err(text)
+                } else {
+                    ToolOutput::ok(text)
+                }
+            }
+            Err(e) => ToolOutput::err(format!("the skill {name} could not be called: {e}")),
+        }
     }
 
     /// Runs one task in `session`, reporting progress on `events` (a closed receiver is
@@ -160,7 +244,15 @@ impl Agent {
             }
         }
         session.append(json!({"role": "user", "content": spec.input}))?;
+        let tools = self.task_tools(&spec.task_id).await;
         let mut system = base_system_prompt(&self.config.workspace.display().to_string());
+        if !tools.skills.is_empty() {
+            system.push_str(&format!(
+                " You also have these skills, which run on the host and are the only way to \
+                 reach the internet from here: {}.",
+                tools.skills.join(", ")
+            ));
+        }
         if let Some(extra) = spec.system.as_deref().filter(|s| !s.trim().is_empty()) {
             system.push_str("\n\n");
             system.push_str(extra);
@@ -179,7 +271,7 @@ impl Agent {
                 "max_tokens": self.config.max_tokens,
                 "system": system,
                 "messages": request_messages(session.messages()),
-                "tools": self.tool_defs,
+                "tools": tools.definitions,
                 "stream": true,
             }))
             .map_err(|e| ModelError::Protocol(format!("cannot encode the request: {e}")))?;
@@ -285,21 +377,23 @@ impl Agent {
                     input: input.clone(),
                 }));
                 let tool_started = StdInstant::now();
-                let out = match tokio::time::timeout_at(deadline, self.tools.run(name, input)).await
-                {
-                    Ok(out) => out,
-                    Err(_) => {
-                        for (id, _, _) in &calls[i..] {
-                            results.push(tool_result(
-                                id,
-                                "not run: the task reached its time limit (--max-task-secs)",
-                                true,
-                            ));
+                let out =
+                    match tokio::time::timeout_at(deadline, self.run_tool(&tools, name, input))
+                        .await
+                    {
+                        Ok(out) => out,
+                        Err(_) => {
+                            for (id, _, _) in &calls[i..] {
+                                results.push(tool_result(
+                                    id,
+                                    "not run: the task reached its time limit (--max-task-secs)",
+                                    true,
+                                ));
+                            }
+                            session.append(json!({"role": "user", "content": results}))?;
+                            return Err(time_limit());
                         }
-                        session.append(json!({"role": "user", "content": results}))?;
-                        return Err(time_limit());
-                    }
-                };
+                    };
                 log!(
                     "tool session={sid} task={} name={name} ok={} ms={}",
                     spec.task_id,

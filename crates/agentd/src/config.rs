@@ -37,6 +37,11 @@ pub struct Config {
     pub max_shell: Duration,
     /// Bytes of a tool's output given to the model.
     pub output_cap: usize,
+    /// The MCP server whose tools the model may call too (in a VM: the host's
+    /// skill-manager through the guest's relay, `http://127.0.0.1:2083/mcp`, named by
+    /// `CLAWOS_MCP_URL` in the VM's `.env` when the host offers skills); `None`: the
+    /// built-in tools only.
+    pub mcp_url: Option<String>,
 }
 
 impl Config {
@@ -52,6 +57,7 @@ impl Config {
             max_task: Duration::from_secs(900),
             max_shell: Duration::from_secs(300),
             output_cap: 16 * 1024,
+            mcp_url: None,
         }
     }
 }
@@ -100,8 +106,12 @@ USAGE: clawos-agentd [FLAGS]
                                                       [http://127.0.0.1:11435]
   --model NAME           model (else $CLAWOS_MODEL, else CLAWOS_MODEL in
                          --env-file)                  [claude-sonnet-4-5]
-  --env-file PATH        KEY=VALUE file to read CLAWOS_MODEL from
-                         (e.g. /workspace/.env)
+  --env-file PATH        KEY=VALUE file to read CLAWOS_MODEL and
+                         CLAWOS_MCP_URL from (e.g. /workspace/.env)
+  --mcp-url URL          MCP server (Streamable HTTP, plain http) whose
+                         tools the model may call too; empty for none
+                                                      [$CLAWOS_MCP_URL, else
+                                                       CLAWOS_MCP_URL in --env-file]
   --max-tokens N         max_tokens per model call    [4096]
   --max-steps N          model calls per task         [25]
   --max-task-secs N      wall-clock seconds per task  [900]
@@ -110,7 +120,8 @@ USAGE: clawos-agentd [FLAGS]
   -h, --help             this text
   -V, --version          the version
 
-ENVIRONMENT: CLAWOS_MODEL; ANTHROPIC_API_KEY (sent as x-api-key if set).
+ENVIRONMENT: CLAWOS_MODEL; CLAWOS_MCP_URL; ANTHROPIC_API_KEY (sent as x-api-key
+if set).
 Routes: GET /healthz, POST /v1/chat/completions, GET /v1/sessions.
 Sessions: <workspace>/.clawos/sessions/<id>.jsonl.
 ";
@@ -143,6 +154,7 @@ pub fn parse_args(
     let mut listen = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT));
     let mut model_flag = None;
     let mut env_file = None;
+    let mut mcp_flag: Option<String> = None;
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -160,6 +172,7 @@ pub fn parse_args(
             "--llm-url",
             "--model",
             "--env-file",
+            "--mcp-url",
             "--max-tokens",
             "--max-steps",
             "--max-task-secs",
@@ -203,6 +216,12 @@ pub fn parse_args(
                 model_flag = Some(value);
             }
             "--env-file" => env_file = Some(PathBuf::from(value)),
+            "--mcp-url" => {
+                if !value.is_empty() {
+                    crate::llm::Endpoint::parse(&value).map_err(|e| bad(&e.to_string()))?;
+                }
+                mcp_flag = Some(value);
+            }
             "--max-tokens" => config.max_tokens = number(&flag, &value, 1)?,
             "--max-steps" => config.max_steps = number(&flag, &value, 1)?,
             "--max-task-secs" => {
@@ -217,25 +236,38 @@ pub fn parse_args(
     }
     let from_file = match &env_file {
         Some(path) => read_env_file(path)?,
-        None => None,
+        None => EnvFileValues::default(),
     };
     config.model = model_flag
         .or_else(|| env("CLAWOS_MODEL").filter(|m| !m.trim().is_empty()))
-        .or(from_file)
+        .or(from_file.model)
         .unwrap_or_else(|| DEFAULT_MODEL.to_owned());
+    // A URL from the environment or the file that does not parse is ignored (and
+    // logged when the runtime starts): the built-in tools still work.
+    config.mcp_url = mcp_flag
+        .or_else(|| env("CLAWOS_MCP_URL"))
+        .or(from_file.mcp_url)
+        .filter(|u| !u.trim().is_empty());
     config.api_key = env("ANTHROPIC_API_KEY").filter(|k| !k.is_empty());
     Ok(Command::Run { listen, config })
 }
 
-/// `CLAWOS_MODEL` from a `KEY=VALUE` file (the VM's `/workspace/.env`): `#` comments,
-/// an optional `export `, optional quotes. A file that does not exist yields nothing
-/// (the runtime still works with its default model); one that cannot be read is an
-/// error. Nothing else of the file is kept: it may hold values that are none of the
-/// runtime's business.
-pub fn read_env_file(path: &Path) -> Result<Option<String>, ConfigError> {
+/// What the runtime reads from an env file.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EnvFileValues {
+    pub model: Option<String>,
+    pub mcp_url: Option<String>,
+}
+
+/// `CLAWOS_MODEL` and `CLAWOS_MCP_URL` from a `KEY=VALUE` file (the VM's
+/// `/workspace/.env`): `#` comments, an optional `export `, optional quotes. A file that
+/// does not exist yields nothing (the runtime still works with its default model); one
+/// that cannot be read is an error. Nothing else of the file is kept: it may hold values
+/// that are none of the runtime's business.
+pub fn read_env_file(path: &Path) -> Result<EnvFileValues, ConfigError> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(EnvFileValues::default()),
         Err(source) => {
             return Err(ConfigError::EnvFile {
                 path: path.to_owned(),
@@ -243,7 +275,10 @@ pub fn read_env_file(path: &Path) -> Result<Option<String>, ConfigError> {
             });
         }
     };
-    Ok(env_value(&text, "CLAWOS_MODEL"))
+    Ok(EnvFileValues {
+        model: env_value(&text, "CLAWOS_MODEL"),
+        mcp_url: env_value(&text, "CLAWOS_MCP_URL"),
+    })
 }
 
 /// The last value of `key` in `KEY=VALUE` text.
@@ -340,6 +375,24 @@ mod tests {
         let missing = d.path().join("nope").to_string_lossy().into_owned();
         let (_, c) = run(&["--env-file", &missing], &[]);
         assert_eq!(c.model, DEFAULT_MODEL);
+    }
+
+    #[test]
+    fn the_mcp_server_comes_from_the_flag_the_environment_or_the_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let f = d.path().join(".env");
+        std::fs::write(&f, "CLAWOS_MCP_URL=http://127.0.0.1:2083/mcp\n").expect("write");
+        let fs = f.to_string_lossy().into_owned();
+        let (_, c) = run(&[], &[]);
+        assert_eq!(c.mcp_url, None, "no skills unless the host says so");
+        let (_, c) = run(&["--env-file", &fs], &[]);
+        assert_eq!(c.mcp_url.as_deref(), Some("http://127.0.0.1:2083/mcp"));
+        let (_, c) = run(&["--env-file", &fs], &[("CLAWOS_MCP_URL", "http://h:1/x")]);
+        assert_eq!(c.mcp_url.as_deref(), Some("http://h:1/x"));
+        let (_, c) = run(&["--env-file", &fs, "--mcp-url", ""], &[]);
+        assert_eq!(c.mcp_url, None, "an empty flag turns skills off");
+        let e = parse(&["--mcp-url", "https://h/mcp"], &[]).expect_err("https");
+        assert!(e.to_string().contains("--mcp-url"), "{e}");
     }
 
     #[test]

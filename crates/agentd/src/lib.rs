@@ -17,6 +17,7 @@
 pub mod agent;
 pub mod config;
 pub mod llm;
+pub mod mcp;
 pub mod server;
 pub mod session;
 pub mod tools;
@@ -137,10 +138,11 @@ pub async fn serve(
     let addr = listener.local_addr().map_err(ServeError::Listener)?;
     let agent = Agent::new(config)?;
     log!(
-        "listening on {addr} workspace={} model={} llm={} max_steps={} max_task_secs={}",
+        "listening on {addr} workspace={} model={} llm={} skills={} max_steps={} max_task_secs={}",
         agent.config.workspace.display(),
         agent.config.model,
         agent.config.llm_url,
+        agent.config.mcp_url.as_deref().unwrap_or("off"),
         agent.config.max_steps,
         agent.config.max_task.as_secs()
     );

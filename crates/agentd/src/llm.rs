@@ -28,6 +28,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Endpoint {
     /// `host:port`, to connect to and for the `Host` header.
     pub authority: String,
+    /// The URL's own path, without a trailing `/` (empty for none).
+    pub path: String,
     /// The path of the Messages API under the base.
     pub messages_path: String,
 }
@@ -70,6 +72,7 @@ impl Endpoint {
         };
         Ok(Self {
             authority,
+            path: prefix.to_owned(),
             messages_path: format!("{prefix}/v1/messages"),
         })
     }

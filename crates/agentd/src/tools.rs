@@ -30,6 +30,9 @@ pub const DEFAULT_SHELL_TIMEOUT: Duration = Duration::from_secs(60);
 /// the pipe open that long.
 const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
+/// The built-in tools' names (a skill of the same name is not offered to the model).
+pub const BUILT_IN: [&str; 5] = ["bash", "read_file", "write_file", "edit_file", "list_files"];
+
 /// What the tools need: the workspace, and the limits of their outputs.
 #[derive(Debug)]
 pub struct Tools {
@@ -49,13 +52,13 @@ pub struct ToolOutput {
 }
 
 impl ToolOutput {
-    fn ok(text: impl Into<String>) -> Self {
+    pub(crate) fn ok(text: impl Into<String>) -> Self {
         Self {
             ok: true,
             text: text.into(),
         }
     }
-    fn err(text: impl Into<String>) -> Self {
+    pub(crate) fn err(text: impl Into<String>) -> Self {
         Self {
             ok: false,
             text: text.into(),
@@ -221,7 +224,8 @@ impl Tools {
                 Err(e) => e,
             },
             other => ToolOutput::err(format!(
-                "unknown tool {other:?}: the tools are bash, read_file, write_file, edit_file, list_files"
+                "unknown tool {other:?}: the built-in tools are {}",
+                BUILT_IN.join(", ")
             )),
         }
     }

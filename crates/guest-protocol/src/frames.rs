@@ -28,6 +28,9 @@ pub const CONTROL_PORT: u32 = 1024;
 pub const AUDIT_PORT: u32 = 2084;
 /// Port of the LLM relay: guest `127.0.0.1:11435` → host port 11435 → inference proxy.
 pub const PROXY_PORT: u32 = 11435;
+/// Port of the skills relay: guest `127.0.0.1:2083` → host port 2083 → skill-manager's
+/// MCP endpoint (the launcher attaches the VM's token for skill-manager).
+pub const SKILLS_PORT: u32 = 2083;
 /// Port of the agent gateway (OpenClaw's default), host → guest.
 pub const GATEWAY_PORT: u32 = 18789;
 /// Largest frame either side accepts.

@@ -7,7 +7,7 @@
 pub mod frames;
 pub mod runtime;
 
-pub use frames::{AUDIT_PORT, CONTROL_PORT, GATEWAY_PORT, PROXY_PORT};
+pub use frames::{AUDIT_PORT, CONTROL_PORT, GATEWAY_PORT, PROXY_PORT, SKILLS_PORT};
 
 /// Console markers the host launcher watches for. They are the wire format between
 /// guest and host until the vsock channel carries readiness; keep them stable.

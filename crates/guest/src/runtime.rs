@@ -189,12 +189,21 @@ impl RuntimeSpec {
     }
 }
 
+/// The variable naming the MCP server of the host's skills (in the VM's environment
+/// file when the host offers skills, and in the runtime's environment then).
+pub const MCP_URL_VAR: &str = "CLAWOS_MCP_URL";
+
 /// The model named in the VM's environment file (`CLAWOS_MODEL=...`), if any. The file
 /// is root's; the runtime gets the model on its command line or in its environment.
 pub fn model_from_env_file(path: &Path) -> Option<String> {
+    env_file_value(path, "CLAWOS_MODEL")
+}
+
+/// The first non-empty value of `key` in the VM's environment file.
+pub fn env_file_value(path: &Path, key: &str) -> Option<String> {
     let text = fs::read_to_string(path).ok()?;
     text.lines()
-        .find_map(|l| l.strip_prefix("CLAWOS_MODEL="))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
         .map(|m| m.trim().to_owned())
         .filter(|m| !m.is_empty())
 }

@@ -65,7 +65,9 @@
 //! - `model`, `stream`: from the body, or null;
 //! - `turn`: the turn index the request selects (from 0), or null (count_tokens, a
 //!   body that is not JSON);
-//! - `messages`: how many messages the body had, or null.
+//! - `messages`: how many messages the body had, or null;
+//! - `tools`: the names of the tools the body offered, or null;
+//! - `tool_results`: the text of each `tool_result` block in the body's last message.
 //!
 //! Tests use it to prove what an upstream saw, for instance only the host's key.
 //!

@@ -230,6 +230,32 @@ fn authorized(model: &ScriptedModel, headers: &HeaderMap) -> bool {
             == 0
 }
 
+/// The text of each `tool_result` block in the request's last message (what the client
+/// sends back after running the tools of the previous turn).
+fn last_tool_results(body: &Value) -> Vec<String> {
+    let Some(Value::Array(blocks)) = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .and_then(|m| m.last())
+        .and_then(|m| m.get("content"))
+    else {
+        return Vec::new();
+    };
+    blocks
+        .iter()
+        .filter(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+        .map(|b| match b.get("content") {
+            Some(Value::String(t)) => t.clone(),
+            Some(Value::Array(parts)) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            _ => String::new(),
+        })
+        .collect()
+}
+
 /// Writes the record line for a request, if recording; a request that cannot be
 /// recorded is failed (500) rather than answered, so a test reading the record never
 /// misses a request silently.
@@ -259,6 +285,13 @@ fn record(
         "stream": body.get("stream").and_then(Value::as_bool),
         "turn": turn,
         "messages": body.get("messages").and_then(Value::as_array).map(Vec::len),
+        "tools": body.get("tools").and_then(Value::as_array).map(|tools| {
+            tools
+                .iter()
+                .filter_map(|t| t.get("name").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+        }),
+        "tool_results": last_tool_results(body),
     });
     rec.append(&line).map_err(|e| {
         tracing::error!(path = %rec.path.display(), error = %e, "cannot record a request");

@@ -477,7 +477,8 @@ async fn the_record_holds_one_private_line_per_request_accepted_or_not() {
         lines[0],
         json!({"path": "/v1/messages", "x_api_key": "host-key", "authorization": null,
                "anthropic_version": "2023-06-01", "anthropic_beta": [],
-               "model": "claude-scripted-test", "stream": true, "turn": 1, "messages": 3})
+               "model": "claude-scripted-test", "stream": true, "turn": 1, "messages": 3,
+               "tools": null, "tool_results": []})
     );
     assert_eq!(lines[1]["x_api_key"], "leaked-agent-token");
     assert_eq!(lines[1]["turn"], 0);

@@ -53,6 +53,9 @@ pub struct Config {
     pub inference_proxy_url: String,
     /// `host:port` the LLM relay connects to, from that URL.
     pub inference_proxy_authority: String,
+    /// `host:port` of skill-manager, which the skills relay (guest `127.0.0.1:2083`)
+    /// connects to (`CLAWOS_SKILLS_URL`); `None`: no skills relay, and no token for it.
+    pub skills_authority: Option<String>,
     /// monitor-daemon to register each VM's processes with (`CLAWOS_MONITOR_URL`).
     pub monitor_url: Option<String>,
     /// identity-manager, which mints each running VM's agent token; `None`: guests'
@@ -101,6 +104,8 @@ pub struct IdentitySettings {
     pub token_ttl: Duration,
     /// Audience of the tokens the LLM relay attaches (inference-proxy's `--audience`).
     pub llm_audience: String,
+    /// Audience of the tokens the skills relay attaches (skill-manager's `--audience`).
+    pub skills_audience: String,
 }
 
 /// Raw settings as given (flags or environment), before validation.
@@ -129,6 +134,10 @@ pub struct RawConfig {
     pub agent_token_ttl_secs: u64,
     /// Audience of LLM tokens (`CLAWOS_PROXY_AUDIENCE`; empty: `inference-proxy`).
     pub llm_audience: String,
+    /// skill-manager URL (`CLAWOS_SKILLS_URL`), for the skills relay.
+    pub skills_url: Option<String>,
+    /// Audience of skills tokens (`CLAWOS_SKILLS_AUDIENCE`; empty: `skill-manager`).
+    pub skills_audience: String,
     /// `auto`, `qemu` or `firecracker`.
     pub backend: String,
     pub qemu_bin: PathBuf,
@@ -227,6 +236,17 @@ impl RawConfig {
                     self.inference_proxy_url
                 ))
             })?;
+        let skills_authority = match self.skills_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(u) => match url_authority(u).filter(|_| u.starts_with("http://")) {
+                Some(a) => Some(a),
+                None => {
+                    return Err(ConfigError(format!(
+                        "CLAWOS_SKILLS_URL {u:?} is not an http URL with a host (e.g. http://127.0.0.1:2083)"
+                    )));
+                }
+            },
+        };
         if let Some(u) = &self.monitor_url
             && !(u.starts_with("http://") && url_authority(u).is_some())
         {
@@ -260,6 +280,10 @@ impl RawConfig {
                     token_ttl: Duration::from_secs(ttl),
                     llm_audience: match self.llm_audience.trim() {
                         "" => "inference-proxy".to_owned(),
+                        a => a.to_owned(),
+                    },
+                    skills_audience: match self.skills_audience.trim() {
+                        "" => "skill-manager".to_owned(),
                         a => a.to_owned(),
                     },
                 })
@@ -371,6 +395,7 @@ impl RawConfig {
             public_key,
             inference_proxy_url: self.inference_proxy_url,
             inference_proxy_authority,
+            skills_authority,
             monitor_url: self.monitor_url,
             identity,
             backend,

@@ -22,8 +22,39 @@ use crate::config::IdentitySettings;
 use crate::names::VmName;
 use crate::store::VmRecord;
 
-/// The file in a VM's directory naming the token the launcher holds for it.
+/// The file in a VM's directory naming the LLM token the launcher holds for it.
 const JTI_FILE: &str = "identity.jti";
+
+/// Which host service a held token is for. Each has an audience of its own, so a token
+/// one service receives is refused by the other (skill-manager cannot spend an agent's
+/// LLM budget with what it is sent, nor the proxy call skills).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenFor {
+    /// inference-proxy (the LLM relay).
+    Llm,
+    /// skill-manager (the skills relay).
+    Skills,
+}
+
+impl TokenFor {
+    /// Every kind, for what is done to all of a VM's tokens (revoking leftovers).
+    pub const ALL: [Self; 2] = [Self::Llm, Self::Skills];
+
+    /// The file in the VM's directory naming the token of this kind held for it.
+    fn jti_file(self) -> &'static str {
+        match self {
+            Self::Llm => JTI_FILE,
+            Self::Skills => "identity-skills.jti",
+        }
+    }
+
+    fn audience(self, settings: &IdentitySettings) -> &str {
+        match self {
+            Self::Llm => &settings.llm_audience,
+            Self::Skills => &settings.skills_audience,
+        }
+    }
+}
 
 /// How long identity-manager gets per call: a VM's relays wait on nothing, but a
 /// stop waits for the revocation.
@@ -162,12 +193,13 @@ impl VmIdentityClaims {
     }
 }
 
-/// Starts holding a token for a VM (`vm_dir` keeps its `jti`). Without identity-manager
-/// configured, the identity has no token and nothing runs.
+/// Starts holding a token `purpose` for a VM (`vm_dir` keeps its `jti`). Without
+/// identity-manager configured, the identity has no token and nothing runs.
 pub fn hold(
     settings: Option<&IdentitySettings>,
     claims: VmIdentityClaims,
     vm_dir: &Path,
+    purpose: TokenFor,
 ) -> (AgentIdentity, Option<IdentityHolder>) {
     let Some(settings) = settings else {
         return (AgentIdentity::unconfigured(), None);
@@ -177,7 +209,8 @@ pub fn hold(
     let task = tokio::spawn(hold_loop(
         settings.clone(),
         claims,
-        vm_dir.join(JTI_FILE),
+        purpose,
+        vm_dir.to_owned(),
         tx,
         stop_rx,
     ));
@@ -201,20 +234,28 @@ fn client(settings: &IdentitySettings) -> Result<IdentityClient, String> {
 }
 
 /// What the launcher asks identity-manager for, for one of a VM's tokens.
-fn issue_request(settings: &IdentitySettings, claims: &VmIdentityClaims) -> IssueRequest {
+fn issue_request(
+    settings: &IdentitySettings,
+    claims: &VmIdentityClaims,
+    purpose: TokenFor,
+) -> IssueRequest {
     IssueRequest {
         agent: claims.agent.to_string(),
         vm_id: claims.vm_id.clone(),
         image_root_hash: claims.image_root_hash.clone(),
-        audience: settings.llm_audience.clone(),
+        audience: purpose.audience(settings).to_owned(),
         ttl_secs: Some(settings.token_ttl.as_secs()),
         scopes: claims.scopes(),
     }
 }
 
-async fn issue(settings: &IdentitySettings, claims: &VmIdentityClaims) -> Result<Issued, String> {
+async fn issue(
+    settings: &IdentitySettings,
+    claims: &VmIdentityClaims,
+    purpose: TokenFor,
+) -> Result<Issued, String> {
     client(settings)?
-        .issue(&issue_request(settings, claims))
+        .issue(&issue_request(settings, claims, purpose))
         .await
         .map_err(|e| e.to_string())
 }
@@ -242,8 +283,13 @@ async fn revoke(settings: &IdentitySettings, vm: &VmName, jti: &str) -> bool {
 
 /// Revokes the token a previous launcher left recorded in `vm_dir` (it was killed while
 /// the VM ran); used before a re-adopted VM gets a new one, and when a VM is deleted.
-pub async fn revoke_leftover(settings: Option<&IdentitySettings>, vm: &VmName, vm_dir: &Path) {
-    let path = vm_dir.join(JTI_FILE);
+pub async fn revoke_leftover(
+    settings: Option<&IdentitySettings>,
+    vm: &VmName,
+    vm_dir: &Path,
+    purpose: TokenFor,
+) {
+    let path = vm_dir.join(purpose.jti_file());
     let Ok(jti) = std::fs::read_to_string(&path) else {
         return;
     };
@@ -259,8 +305,8 @@ pub async fn revoke_leftover(settings: Option<&IdentitySettings>, vm: &VmName, v
 
 /// The token id a VM's directory records, if any (read before the directory is
 /// deleted, then revoked with [`revoke_in_background`]).
-pub fn recorded_jti(vm_dir: &Path) -> Option<String> {
-    let jti = std::fs::read_to_string(vm_dir.join(JTI_FILE)).ok()?;
+pub fn recorded_jti(vm_dir: &Path, purpose: TokenFor) -> Option<String> {
+    let jti = std::fs::read_to_string(vm_dir.join(purpose.jti_file())).ok()?;
     let jti = jti.trim();
     (!jti.is_empty()).then(|| jti.to_owned())
 }
@@ -296,17 +342,14 @@ fn renew_in(expires_at: u64, ttl: Duration, now: SystemTime) -> Duration {
 async fn hold_loop(
     settings: IdentitySettings,
     claims: VmIdentityClaims,
-    jti_path: PathBuf,
+    purpose: TokenFor,
+    vm_dir: PathBuf,
     current: watch::Sender<Result<HeldToken, NoToken>>,
     mut stop: oneshot::Receiver<()>,
 ) {
     let vm = claims.agent.clone();
-    revoke_leftover(
-        Some(&settings),
-        &vm,
-        jti_path.parent().unwrap_or(Path::new(".")),
-    )
-    .await;
+    let jti_path = vm_dir.join(purpose.jti_file());
+    revoke_leftover(Some(&settings), &vm, &vm_dir, purpose).await;
     let mut held: Option<HeldToken> = None;
     let mut backoff = Duration::from_millis(250);
     let mut complained = false;
@@ -320,7 +363,7 @@ async fn hold_loop(
             _ = &mut stop => break,
             () = tokio::time::sleep(wait) => {}
         }
-        match issue(&settings, &claims).await {
+        match issue(&settings, &claims, purpose).await {
             Ok(issued) => {
                 let new = HeldToken {
                     jwt: issued.token.into(),
@@ -398,7 +441,11 @@ mod tests {
     fn a_vm_started_with_a_token_budget_asks_for_its_scope_in_every_token() {
         let settings = unreachable(PathBuf::from("/nonexistent"));
         let name = VmName::parse("agent-a").expect("name");
-        let req = issue_request(&settings, &VmIdentityClaims::of(&name, &record(Some(300))));
+        let req = issue_request(
+            &settings,
+            &VmIdentityClaims::of(&name, &record(Some(300))),
+            TokenFor::Llm,
+        );
         assert_eq!(req.scopes, vec!["clawos.budget.total:300".to_owned()]);
         assert_eq!(req.agent, "agent-a");
         assert_eq!(req.vm_id, "agent-a-1700000000");
@@ -410,7 +457,11 @@ mod tests {
             Ok(Some(300))
         );
         // Without a budget: no scope, as before budgets existed.
-        let req = issue_request(&settings, &VmIdentityClaims::of(&name, &record(None)));
+        let req = issue_request(
+            &settings,
+            &VmIdentityClaims::of(&name, &record(None)),
+            TokenFor::Llm,
+        );
         assert!(req.scopes.is_empty(), "{:?}", req.scopes);
         // A record from before budgets (no field) has none.
         let mut old = serde_json::to_value(record(Some(5))).expect("json");
@@ -418,7 +469,7 @@ mod tests {
         let old: VmRecord = serde_json::from_value(old).expect("old record");
         assert_eq!(old.token_budget, None);
         assert!(
-            issue_request(&settings, &VmIdentityClaims::of(&name, &old))
+            issue_request(&settings, &VmIdentityClaims::of(&name, &old), TokenFor::Llm)
                 .scopes
                 .is_empty()
         );
@@ -435,6 +486,7 @@ mod tests {
             service_token_path,
             token_ttl: Duration::from_secs(60),
             llm_audience: "inference-proxy".into(),
+            skills_audience: "skill-manager".into(),
         }
     }
 
@@ -465,7 +517,7 @@ mod tests {
     #[tokio::test]
     async fn without_identity_manager_there_is_no_token_and_nothing_waits_for_one() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (identity, holder) = hold(None, claims(), dir.path());
+        let (identity, holder) = hold(None, claims(), dir.path(), TokenFor::Llm);
         assert!(holder.is_none());
         assert_eq!(
             identity.token().expect_err("no token"),
@@ -549,18 +601,21 @@ mod tests {
     #[test]
     fn the_recorded_token_id_is_read_trimmed_and_an_empty_record_is_none() {
         let dir = tempfile::tempdir().expect("tempdir");
-        assert_eq!(recorded_jti(dir.path()), None);
+        assert_eq!(recorded_jti(dir.path(), TokenFor::Llm), None);
         std::fs::write(dir.path().join(JTI_FILE), "jti-7\n").expect("write");
-        assert_eq!(recorded_jti(dir.path()).as_deref(), Some("jti-7"));
+        assert_eq!(
+            recorded_jti(dir.path(), TokenFor::Llm).as_deref(),
+            Some("jti-7")
+        );
         std::fs::write(dir.path().join(JTI_FILE), " \n").expect("write");
-        assert_eq!(recorded_jti(dir.path()), None);
+        assert_eq!(recorded_jti(dir.path(), TokenFor::Llm), None);
     }
 
     #[tokio::test]
     async fn a_leftover_without_identity_manager_is_forgotten() {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join(JTI_FILE), "jti-7").expect("write");
-        revoke_leftover(None, &claims().agent, dir.path()).await;
+        revoke_leftover(None, &claims().agent, dir.path(), TokenFor::Llm).await;
         assert!(!dir.path().join(JTI_FILE).exists());
     }
 
@@ -570,8 +625,17 @@ mod tests {
         let credential = dir.path().join("service.token");
         std::fs::write(&credential, "service-secret").expect("write");
         std::fs::write(dir.path().join(JTI_FILE), "jti-7").expect("write");
-        revoke_leftover(Some(&unreachable(credential)), &claims().agent, dir.path()).await;
-        assert_eq!(recorded_jti(dir.path()).as_deref(), Some("jti-7"));
+        revoke_leftover(
+            Some(&unreachable(credential)),
+            &claims().agent,
+            dir.path(),
+            TokenFor::Llm,
+        )
+        .await;
+        assert_eq!(
+            recorded_jti(dir.path(), TokenFor::Llm).as_deref(),
+            Some("jti-7")
+        );
     }
 
     #[tokio::test]
@@ -580,7 +644,7 @@ mod tests {
         let credential = dir.path().join("service.token");
         std::fs::write(&credential, "service-secret").expect("write");
         let settings = unreachable(credential);
-        let (identity, holder) = hold(Some(&settings), claims(), dir.path());
+        let (identity, holder) = hold(Some(&settings), claims(), dir.path(), TokenFor::Llm);
         let holder = holder.expect("a holder");
         // The first attempt's failure replaces "being issued" with why.
         let why = until(
@@ -612,7 +676,12 @@ mod tests {
     async fn a_missing_service_credential_is_named_in_the_reason() {
         let dir = tempfile::tempdir().expect("tempdir");
         let credential = dir.path().join("no-such/service.token");
-        let (identity, holder) = hold(Some(&unreachable(credential.clone())), claims(), dir.path());
+        let (identity, holder) = hold(
+            Some(&unreachable(credential.clone())),
+            claims(),
+            dir.path(),
+            TokenFor::Llm,
+        );
         let why = until(
             &identity,
             |t| matches!(t, Err(NoToken::NotYet(why)) if why != "being issued"),

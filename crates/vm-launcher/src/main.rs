@@ -72,6 +72,14 @@ struct Args {
     /// Audience of the tokens attached to LLM requests (inference-proxy's --audience).
     #[arg(long, env = "CLAWOS_PROXY_AUDIENCE", default_value = "inference-proxy")]
     proxy_audience: String,
+    /// skill-manager URL: agents' MCP requests to guest 127.0.0.1:2083 are relayed there
+    /// with a token of the VM's own for it (e.g. http://127.0.0.1:2083). Without it, the
+    /// guest has no skills.
+    #[arg(long = "skill-manager-url", env = "CLAWOS_SKILLS_URL")]
+    skills_url: Option<String>,
+    /// Audience of the tokens attached to skill requests (skill-manager's --audience).
+    #[arg(long, env = "CLAWOS_SKILLS_AUDIENCE", default_value = "skill-manager")]
+    skills_audience: String,
     /// Hypervisor: auto, qemu or firecracker.
     #[arg(long, env = "CLAWOS_BACKEND", default_value = "auto")]
     backend: String,
@@ -137,6 +145,8 @@ fn main() -> Result<()> {
         identity_token_path: args.identity_token_path,
         agent_token_ttl_secs: args.agent_token_ttl_secs,
         llm_audience: args.proxy_audience,
+        skills_url: args.skills_url,
+        skills_audience: args.skills_audience,
         backend: args.backend,
         qemu_bin: args.qemu,
         firecracker_bin: args.firecracker,

@@ -88,18 +88,34 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
         dir: sockets.clone(),
         secret: dir.read_secret().unwrap_or_default(),
     });
-    // The VM's agent identity lives exactly as long as this supervisor's VM.
-    let (identity, identity_holder) = match (&guest, &record) {
+    // The VM's agent identities (one token per host service it reaches) live exactly as
+    // long as this supervisor's VM.
+    let hold = |purpose| match (&guest, &record) {
         (Some(_), Some(r)) => crate::identity::hold(
             shared.cfg.identity.as_ref(),
             crate::identity::VmIdentityClaims::of(&name, r),
             &dir.root,
+            purpose,
         ),
         _ => (crate::identity::AgentIdentity::unconfigured(), None),
     };
+    let (identity, identity_holder) = hold(crate::identity::TokenFor::Llm);
+    let (skills_identity, skills_holder) = match shared.cfg.skills_authority {
+        Some(_) => hold(crate::identity::TokenFor::Skills),
+        None => (crate::identity::AgentIdentity::unconfigured(), None),
+    };
     let relays = guest.is_some().then(|| {
         let refused = shared.metrics.relay_refused.clone();
-        crate::relays::start(&shared.cfg, &name, sockets.clone(), identity, refused)
+        crate::relays::start(
+            &shared.cfg,
+            &name,
+            sockets.clone(),
+            crate::relays::Identities {
+                llm: identity,
+                skills: skills_identity,
+            },
+            refused,
+        )
     });
 
     let mut console_ready = console::ReadyWatch::new(console_offset);
@@ -204,9 +220,13 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
     if let Some(r) = relays {
         r.abort();
     }
-    if let Some(h) = identity_holder {
-        h.release().await;
-    }
+    // Both released at once: each waits for identity-manager's answer.
+    let release = |h: Option<crate::identity::IdentityHolder>| async move {
+        if let Some(h) = h {
+            h.release().await;
+        }
+    };
+    tokio::join!(release(identity_holder), release(skills_holder));
     for h in registry.get(&name).map(|r| r.helpers).unwrap_or_default() {
         h.signal(libc::SIGTERM);
     }

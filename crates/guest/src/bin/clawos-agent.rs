@@ -4,6 +4,8 @@
 //!   launcher only: every request carries the VM's secret;
 //! - LLM relay: listens on `127.0.0.1:11435` in the guest and forwards each connection
 //!   to the host (vsock port 11435), where the launcher relays it to the inference proxy;
+//! - skills relay: the same from `127.0.0.1:2083` to host port 2083, which the launcher
+//!   relays to skill-manager (the agent runtimes' MCP server);
 //! - gateway relay: host → guest vsock port 18789 → `127.0.0.1:18789` in the guest;
 //! - syscall audit: runs `/sbin/clawos-audit` (restarted if it ends) and waits for it
 //!   to attach before serving; every command starts in the audited agent cgroup;
@@ -31,7 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clawos_guest::agent::Service;
-use clawos_guest::protocol::{CONTROL_PORT, GATEWAY_PORT, PROXY_PORT};
+use clawos_guest::protocol::{CONTROL_PORT, GATEWAY_PORT, PROXY_PORT, SKILLS_PORT};
 use clawos_guest::runtime::{
     self, AGENT_GID, AGENT_UID, AGENTD_BIN, DESCRIPTOR_PATH, ENV_FILE, RuntimeSpec, RuntimeStatus,
     TOKEN_PATH,
@@ -83,16 +85,23 @@ fn splice(a: fs::File, b: TcpStream) {
     let _ = t.join();
 }
 
-fn llm_relay() {
-    let listener = match TcpListener::bind(("127.0.0.1", PROXY_PORT as u16)) {
+/// Forwards each connection to guest `127.0.0.1:<port>` to host vsock port `port`
+/// (`what` names the relay in the log).
+fn host_relay(port: u32, what: &'static str) {
+    let Ok(tcp_port) = u16::try_from(port) else {
+        return log(&format!(
+            "{what} relay disabled: port {port} is not a TCP port"
+        ));
+    };
+    let listener = match TcpListener::bind(("127.0.0.1", tcp_port)) {
         Ok(l) => l,
-        Err(e) => return log(&format!("LLM relay disabled: {e}")),
+        Err(e) => return log(&format!("{what} relay disabled: {e}")),
     };
     for conn in listener.incoming().flatten() {
         std::thread::spawn(
-            move || match sys::vsock_connect(sys::VMADDR_CID_HOST, PROXY_PORT) {
+            move || match sys::vsock_connect(sys::VMADDR_CID_HOST, port) {
                 Ok(host) => splice(host, conn),
-                Err(e) => log(&format!("LLM relay: {e}")),
+                Err(e) => log(&format!("{what} relay: {e}")),
             },
         );
     }
@@ -217,12 +226,16 @@ fn start_runtime(audited: bool) -> Option<RuntimeStatus> {
         }
         token
     });
-    let spec = RuntimeSpec::from_descriptor(
+    let mut spec = RuntimeSpec::from_descriptor(
         &descriptor,
         model.as_deref(),
         token.as_deref(),
         audited.then(|| AGENT_CGROUP.into()),
     );
+    // The host's skills, when it offers them: the runtime's MCP server.
+    if let Some(url) = runtime::env_file_value(Path::new(ENV_FILE), runtime::MCP_URL_VAR) {
+        spec.env.push((runtime::MCP_URL_VAR.into(), url));
+    }
     let status = RuntimeStatus::new(&descriptor, token);
     let limit = Duration::from_secs(descriptor.ready_timeout_secs);
     let name = descriptor.name.clone();
@@ -280,7 +293,8 @@ fn main() {
         file_owner: runtime.is_some().then_some((AGENT_UID, AGENT_GID)),
         runtime,
     });
-    std::thread::spawn(llm_relay);
+    std::thread::spawn(|| host_relay(PROXY_PORT, "LLM"));
+    std::thread::spawn(|| host_relay(SKILLS_PORT, "skills"));
     std::thread::spawn(gateway_relay);
     let listener = match sys::vsock_listen(CONTROL_PORT) {
         Ok(l) => Some(l),

@@ -73,6 +73,23 @@ fn model_comes_from_the_env_file() {
 }
 
 #[test]
+fn the_mcp_server_comes_from_the_env_file_only_when_named() {
+    let d = tempfile::tempdir().expect("tmp");
+    let f = d.path().join(".env");
+    fs::write(&f, "CLAWOS_MODEL=claude-x\nCLAWOS_MCP_URLX=http://no\n").expect("write");
+    assert_eq!(
+        env_file_value(&f, MCP_URL_VAR),
+        None,
+        "a longer name is not it"
+    );
+    fs::write(&f, "CLAWOS_MCP_URL=http://127.0.0.1:2083/mcp\n").expect("write");
+    assert_eq!(
+        env_file_value(&f, MCP_URL_VAR).as_deref(),
+        Some("http://127.0.0.1:2083/mcp")
+    );
+}
+
+#[test]
 fn the_image_chooses_its_runtime() {
     let d = tempfile::tempdir().expect("tmp");
     let desc = d.path().join("runtime.json");

@@ -115,13 +115,23 @@ fn no_vm(name: &VmName) -> LauncherError {
 /// The agent's `/workspace/.env`. The agent talks to the in-guest relay on
 /// 127.0.0.1:11435, which forwards to the host's inference proxy; no API key ever goes
 /// here, the proxy injects it on the host.
-fn agent_env(name: &VmName, model: Option<&str>, proxy_url: &str, secret: &str) -> String {
+fn agent_env(
+    name: &VmName,
+    model: Option<&str>,
+    proxy_url: &str,
+    skills: bool,
+    secret: &str,
+) -> String {
     let mut env = format!(
         "CLAWOS_AGENT_NAME={name}\n\
          CLAWOS_INFERENCE_PROXY_URL={proxy_url}\n\
          ANTHROPIC_BASE_URL=http://127.0.0.1:11435\n\
          OPENAI_BASE_URL=http://127.0.0.1:11435/v1\n"
     );
+    // The skills relay exists only when the host runs skill-manager.
+    if skills {
+        env.push_str("CLAWOS_MCP_URL=http://127.0.0.1:2083/mcp\n");
+    }
     if let Some(m) = model {
         env.push_str(&format!("CLAWOS_MODEL={m}\n"));
     }
@@ -304,6 +314,7 @@ impl Launcher {
             name,
             req.model.as_deref(),
             &self.shared.cfg.inference_proxy_url,
+            self.shared.cfg.skills_authority.is_some(),
             &secret,
         );
         store::write_config_disk(dir, &env)?;
@@ -442,9 +453,13 @@ impl Launcher {
         let claim = self.registry().claim(&name)?;
         self.inactive_record(&name, "delete")?;
         // A token a killed launcher could not revoke when the VM ended.
-        let leftover = crate::identity::recorded_jti(&self.registry().dir(&name).root);
+        let root = self.registry().dir(&name).root;
+        let leftovers: Vec<String> = crate::identity::TokenFor::ALL
+            .into_iter()
+            .filter_map(|purpose| crate::identity::recorded_jti(&root, purpose))
+            .collect();
         store::remove(self.registry().vms_dir(), &name)?;
-        if let Some(jti) = leftover {
+        for jti in leftovers {
             crate::identity::revoke_in_background(self.shared.cfg.identity.as_ref(), &name, jti);
         }
         self.registry().remove(&name);
@@ -629,10 +644,22 @@ mod tests {
     #[test]
     fn env_file_never_carries_a_key() {
         let name = VmName::parse("a1").expect("name");
-        let env = agent_env(&name, Some("claude-x"), "http://127.0.0.1:11435", "f00");
+        let env = agent_env(
+            &name,
+            Some("claude-x"),
+            "http://127.0.0.1:11435",
+            false,
+            "f00",
+        );
         assert!(env.contains("CLAWOS_AGENT_NAME=a1\n"));
         assert!(env.contains("CLAWOS_MODEL=claude-x\n"));
         assert!(env.contains("ANTHROPIC_BASE_URL=http://127.0.0.1:11435\n"));
         assert!(!env.to_lowercase().contains("api_key"));
+        assert!(
+            !env.contains("CLAWOS_MCP_URL"),
+            "no skills relay, no skills"
+        );
+        let env = agent_env(&name, None, "http://127.0.0.1:11435", true, "f00");
+        assert!(env.contains("CLAWOS_MCP_URL=http://127.0.0.1:2083/mcp\n"));
     }
 }

@@ -1,6 +1,8 @@
 //! What connects a running VM to the host's other services: the LLM relay (guest
 //! `127.0.0.1:11435` → vsock → inference-proxy, HTTP-aware: the guest's credentials are
-//! dropped and the VM's agent token attached), the guest's syscall audit stream (→
+//! dropped and the VM's agent token attached), the skills relay (guest
+//! `127.0.0.1:2083` → skill-manager's MCP endpoint, the same way with a token for
+//! skill-manager), the guest's syscall audit stream (→
 //! monitor-daemon's guest socket), and the registration of the VM's host processes
 //! with monitor-daemon. A VM's relays live in one task its supervisor ends with it.
 
@@ -11,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use clawos_guest_protocol::{AUDIT_PORT, PROXY_PORT};
+use clawos_guest_protocol::{AUDIT_PORT, PROXY_PORT, SKILLS_PORT};
 use clawos_service::metrics::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
@@ -45,6 +47,14 @@ pub const LLM_LIMITS: RelayLimits = RelayLimits {
     idle: Duration::from_secs(300),
 };
 
+/// The skills relay: MCP requests (each a short POST, and at most a few streams open
+/// while a tool runs; a skill's own time limit is far below the idle one).
+pub const SKILLS_LIMITS: RelayLimits = RelayLimits {
+    max_connections: 16,
+    first_byte: Duration::from_secs(30),
+    idle: Duration::from_secs(300),
+};
+
 /// The audit relay: one stream per VM (a second while the first is being replaced).
 pub const AUDIT_LIMITS: RelayLimits = RelayLimits {
     max_connections: 2,
@@ -52,15 +62,25 @@ pub const AUDIT_LIMITS: RelayLimits = RelayLimits {
     idle: Duration::from_secs(600),
 };
 
+/// The tokens a VM's relays attach, one per host service.
+#[derive(Debug, Clone)]
+pub struct Identities {
+    /// For inference-proxy.
+    pub llm: AgentIdentity,
+    /// For skill-manager.
+    pub skills: AgentIdentity,
+}
+
 /// Starts the VM's host-side relays in `sockets` (its directory, or a jailed
-/// Firecracker's chroot): LLM traffic always (with `identity`'s token attached, or 503
-/// without one), the audit stream when a monitor is configured. `refused` counts guest
-/// connections closed for being over a limit.
+/// Firecracker's chroot): LLM traffic always (with the VM's LLM token attached, or 503
+/// without one), skills when skill-manager is configured (with the VM's skills token),
+/// the audit stream when a monitor is configured. `refused` counts guest connections
+/// closed for being over a limit.
 pub fn start(
     cfg: &Config,
     name: &VmName,
     sockets: PathBuf,
-    identity: AgentIdentity,
+    identities: Identities,
     refused: Counter,
 ) -> JoinHandle<()> {
     let llm = HttpRelay {
@@ -73,25 +93,48 @@ pub fn start(
         sockets.clone(),
         name.clone(),
         llm,
-        identity,
+        identities.llm,
         refused.clone(),
     );
+    let skills = cfg.skills_authority.clone().map(|target| {
+        let relay = HttpRelay {
+            name: "skills",
+            port: SKILLS_PORT,
+            target,
+            limits: SKILLS_LIMITS,
+        };
+        http_relay(
+            sockets.clone(),
+            name.clone(),
+            relay,
+            identities.skills,
+            refused.clone(),
+        )
+    });
     let audit = cfg
         .monitor_url
         .is_some()
         .then(|| audit_relay(sockets, name.clone(), cfg.state_dir.clone(), refused));
     tokio::spawn(async move {
-        tokio::join!(proxy, async {
-            if let Some(a) = audit {
-                a.await;
+        tokio::join!(
+            proxy,
+            async {
+                if let Some(s) = skills {
+                    s.await;
+                }
+            },
+            async {
+                if let Some(a) = audit {
+                    a.await;
+                }
             }
-        });
+        );
     })
 }
 
 /// Removes the relays' sockets once the VM has ended.
 pub fn remove_sockets(dir: &Path) {
-    for port in [PROXY_PORT, AUDIT_PORT] {
+    for port in [PROXY_PORT, SKILLS_PORT, AUDIT_PORT] {
         let _ = std::fs::remove_file(dir.join(format!("{VSOCK_SOCKET}_{port}")));
     }
 }
@@ -178,7 +221,7 @@ async fn audit_relay(dir: PathBuf, vm: VmName, state_dir: PathBuf, refused: Coun
 /// A guest-facing host service reached through the VM's relay: the guest connects to
 /// host vsock port `port`, the launcher speaks HTTP/1.1 with it, and forwards each
 /// request to `target` with the guest's credentials removed and the VM's agent token
-/// attached. LLM traffic now; skills and orchestrator messages take the same shape.
+/// attached: LLM traffic and skills (MCP).
 #[derive(Debug, Clone)]
 pub struct HttpRelay {
     /// Short name in logs and metrics (`llm`).

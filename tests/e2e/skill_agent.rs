@@ -1,0 +1,254 @@
+//! A skill used from inside a real VM: the built-in agent runtime asks the host's
+//! skill-manager for its tools over MCP (guest `127.0.0.1:2083` → vsock → the
+//! launcher's relay, which attaches a token of the VM's own for skill-manager), the
+//! model calls `web-search`, the real web-search component queries a stand-in SearXNG
+//! on loopback, and the results come back to the model. Every part is the real one but
+//! the model (scripted) and the search backend (the stand-in).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+
+use base64::Engine as _;
+use clawos_e2e::stack::{HostServices, ScriptedModel};
+use clawos_e2e::{KillOnDrop, Launcher, can_boot_vms, can_use_vsock, port, show, spawn_daemon};
+use clawos_skill_manager_api::{InstallSkill, SkillsClient};
+use serde_json::{Value, json};
+
+const TITLE: &str = "ClawOS runs agents in microVMs";
+const ANSWER: &str = "Found it: ClawOS runs agents in microVMs.";
+
+/// A stand-in SearXNG: answers every `/search?...&format=json` with two results, the
+/// first titled [`TITLE`], and records the request lines it got.
+fn search_backend() -> (u16, std::sync::mpsc::Receiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut reader = BufReader::new(conn);
+            let mut request_line = String::new();
+            if reader.read_line(&mut request_line).is_err() {
+                continue;
+            }
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let _ = tx.send(request_line.trim().to_owned());
+            let body = json!({"results": [
+                {"title": TITLE, "url": "https://clawos.example/", "content": "Each agent in its own hardened microVM."},
+                {"title": "Second", "url": "https://second.example/", "content": "More."}
+            ]})
+            .to_string();
+            let mut conn = reader.into_inner();
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let mut rest = Vec::new();
+            let _ = conn.read_to_end(&mut rest);
+        }
+    });
+    (port, rx)
+}
+
+/// The web-search bundle pointed at the stand-in, signed with `key`.
+fn web_search_bundle(
+    dir: &Path,
+    search_port: u16,
+    key: &ed25519_dalek::SigningKey,
+) -> InstallSkill {
+    let (wasm, manifest) = clawos_e2e::skills::web_search();
+    let manifest = manifest.replace("search.local:8888", &format!("search.local:{search_port}"));
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::write(dir.join("skill.toml"), &manifest).expect("manifest");
+    std::fs::write(dir.join("skill.wasm"), &wasm).expect("wasm");
+    clawos_skill_manager::bundle::sign(dir, key).expect("sign");
+    InstallSkill {
+        manifest,
+        component_base64: base64::engine::general_purpose::STANDARD.encode(&wasm),
+        instructions: None,
+        signature: std::fs::read_to_string(dir.join("skill.sig")).ok(),
+        config: Default::default(),
+    }
+}
+
+#[test]
+fn an_agent_in_a_vm_searches_the_web_through_its_skill() {
+    let name = "an_agent_in_a_vm_searches_the_web_through_its_skill";
+    if !can_boot_vms(name) || !can_use_vsock(name) {
+        return;
+    }
+    let work = tempfile::tempdir().expect("tmp");
+    let state = work.path().join("state");
+    std::fs::create_dir_all(&state).expect("state");
+    let state_s = state.to_str().expect("utf-8").to_owned();
+
+    let model = ScriptedModel::start(
+        work.path(),
+        "searcher",
+        &json!({"turns": [
+            {"tool_use": [{"name": "web-search", "input": {"query": "what is clawos", "count": 2}}]},
+            {"text": ANSWER, "expect_tool_result": true}
+        ]}),
+    )
+    .expect("model");
+    let host = HostServices::start(&state, &[("anthropic", &["claude-*"], &model.url)], &[])
+        .expect("identity-manager and inference-proxy");
+    let (search_port, searches) = search_backend();
+    let key_path = work.path().join("signing.key");
+    let key = clawos_image::keys::generate(&key_path).expect("key");
+    let sm_port = port();
+    let _skills = KillOnDrop(
+        spawn_daemon(
+            "skill-manager",
+            &[
+                "--addr",
+                &format!("127.0.0.1:{sm_port}"),
+                "--state-dir",
+                &state_s,
+                "--issuer",
+                &host.identity_url,
+                "--signing-pubkey",
+                &clawos_image::keys::public_hex(&key),
+                "--resolve",
+                "search.local=127.0.0.1",
+            ],
+            &[],
+            &work.path().join("skills.log"),
+            sm_port,
+        )
+        .expect("skill-manager"),
+    );
+    let skills_url = format!("http://127.0.0.1:{sm_port}");
+    let client = SkillsClient::new(
+        &skills_url,
+        &clawos_skill_manager_api::local_token(&state).expect("operator token"),
+    );
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(client.install(&web_search_bundle(
+        &work.path().join("ws"),
+        search_port,
+        &key,
+    )))
+    .expect("install web-search");
+
+    let l = Launcher::start_with(
+        &state,
+        &[
+            ("CLAWOS_INFERENCE_PROXY_URL", host.proxy_url.as_str()),
+            ("CLAWOS_IDENTITY_URL", host.identity_url.as_str()),
+            ("CLAWOS_SKILLS_URL", skills_url.as_str()),
+        ],
+    )
+    .expect("launcher");
+    let o = l.clawos(&[
+        "vm",
+        "start",
+        "seeker",
+        "--model",
+        "claude-sonnet-4-5",
+        "--mem",
+        "384",
+    ]);
+    assert!(o.status.success(), "{}\n{}", show(&o), l.log());
+
+    // Not enabled for this agent yet: the model is offered no such tool.
+    let ask = || {
+        l.clawos(&[
+            "agent",
+            "run",
+            "seeker",
+            "--message",
+            "What is ClawOS? Search the web.",
+            "--json",
+        ])
+    };
+    let o = ask();
+    let first = model.requests();
+    assert!(
+        first[0]["tools"]
+            .as_array()
+            .is_some_and(|t| !t.iter().any(|n| n == "web-search")),
+        "a skill not enabled for the agent is invisible to it: {first:?}\n{}",
+        show(&o)
+    );
+
+    // Enabled: the model sees it, calls it, and gets the stand-in's results.
+    rt.block_on(client.enable("web-search", "seeker"))
+        .expect("enable");
+    let o = ask();
+    assert!(o.status.success(), "{}\nlauncher: {}", show(&o), l.log());
+    let outcome: Value = serde_json::from_slice(&o.stdout).expect("agent run --json");
+    assert_eq!(outcome["answer"], ANSWER, "{outcome}");
+    assert_eq!(outcome["tool_calls"][0]["name"], "web-search", "{outcome}");
+    assert_eq!(
+        outcome["tool_calls"][0]["ok"],
+        true,
+        "{outcome}\n{}\nskill-manager: {}",
+        clawos_e2e::deadline::state_logs(&state),
+        std::fs::read_to_string(work.path().join("skills.log")).unwrap_or_default()
+    );
+    let seen = model.requests();
+    let offered = &seen[seen.len() - 2]["tools"];
+    assert!(
+        offered
+            .as_array()
+            .is_some_and(|t| t.iter().any(|n| n == "web-search")),
+        "{offered}"
+    );
+    let back = seen.last().expect("second call")["tool_results"][0]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        back.contains(TITLE),
+        "the results reached the model: {back:?}"
+    );
+    assert!(back.contains("https://clawos.example/"), "{back:?}");
+    let searched = searches.try_iter().collect::<Vec<_>>();
+    assert!(
+        searched
+            .iter()
+            .any(|r| r.contains("what+is+clawos") || r.contains("what%20is%20clawos")),
+        "the stand-in got the query: {searched:?}"
+    );
+
+    // The audit trail names the VM's agent and its boot, as its token said.
+    let audit = std::fs::read_to_string(state.join("skills/audit.jsonl")).expect("audit");
+    let record: Value = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|r| r["skill"] == "web-search")
+        .unwrap_or_else(|| panic!("no web-search record: {audit}"));
+    assert_eq!(record["agent"], "seeker", "{record}");
+    assert!(
+        record["vm_id"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("seeker-")),
+        "{record}"
+    );
+    assert_eq!(record["ok"], true, "{record}");
+
+    // From inside the VM, a forged credential changes nothing: the relay replaces it
+    // with the VM's own token, so skill-manager still sees `seeker`.
+    let o = l.clawos(&[
+        "vm",
+        "exec",
+        "seeker",
+        "--",
+        "sh",
+        "-c",
+        "wget -q -O- --header 'authorization: Bearer forged' --header 'content-type: application/json' \
+         --header 'accept: application/json, text/event-stream' \
+         --post-data '{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"initialize\",\"params\":{\"protocolVersion\":\"2025-06-18\",\"capabilities\":{},\"clientInfo\":{\"name\":\"x\",\"version\":\"1\"}}}' \
+         http://127.0.0.1:2083/mcp; echo rc=$?",
+    ]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("clawos-skill-manager"), "{}", show(&o));
+
+    let o = l.clawos(&["vm", "stop", "seeker"]);
+    assert!(o.status.success(), "{}", show(&o));
+}
