@@ -1,13 +1,14 @@
 //! A skill used from inside a real VM: the built-in agent runtime asks the host's
 //! skill-manager for its tools over MCP (guest `127.0.0.1:2083` → vsock → the
 //! launcher's relay, which attaches a token of the VM's own for skill-manager), the
-//! model calls `web-search`, the real web-search component queries a stand-in SearXNG
-//! on loopback, and the results come back to the model. Every part is the real one but
+//! model calls `web-search`, the real web-search component queries the project's
+//! stand-in SearXNG (`clawos-search-standin`) on loopback, and the results come back to
+//! the model. Every part is the real one but
 //! the model (scripted) and the search backend (the stand-in).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
+use std::process::{Command, Stdio};
 
 use base64::Engine as _;
 use clawos_e2e::stack::{HostServices, ScriptedModel};
@@ -15,43 +16,29 @@ use clawos_e2e::{KillOnDrop, Launcher, can_boot_vms, can_use_vsock, port, show, 
 use clawos_skill_manager_api::{InstallSkill, SkillsClient};
 use serde_json::{Value, json};
 
-const TITLE: &str = "ClawOS runs agents in microVMs";
+/// The title of the stand-in's page about ClawOS (its built-in corpus).
+const TITLE: &str = "ClawOS: autonomous AI agents in hardened microVMs";
 const ANSWER: &str = "Found it: ClawOS runs agents in microVMs.";
 
-/// A stand-in SearXNG: answers every `/search?...&format=json` with two results, the
-/// first titled [`TITLE`], and records the request lines it got.
-fn search_backend() -> (u16, std::sync::mpsc::Receiver<String>) {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let mut reader = BufReader::new(conn);
-            let mut request_line = String::new();
-            if reader.read_line(&mut request_line).is_err() {
-                continue;
-            }
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
-                line.clear();
-            }
-            let _ = tx.send(request_line.trim().to_owned());
-            let body = json!({"results": [
-                {"title": TITLE, "url": "https://clawos.example/", "content": "Each agent in its own hardened microVM."},
-                {"title": "Second", "url": "https://second.example/", "content": "More."}
-            ]})
-            .to_string();
-            let mut conn = reader.into_inner();
-            let _ = write!(
-                conn,
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let mut rest = Vec::new();
-            let _ = conn.read_to_end(&mut rest);
-        }
-    });
-    (port, rx)
+/// The project's stand-in search backend (`clawos-search-standin`) on a free port.
+fn search_backend() -> (u16, KillOnDrop) {
+    let mut child = Command::new(clawos_e2e::bin("clawos-search-standin"))
+        .args(["--addr", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn clawos-search-standin");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("address line");
+    let port = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("clawos-search-standin said {line:?}"));
+    (port, KillOnDrop(child))
 }
 
 /// The web-search bundle pointed at the stand-in, signed with `key`.
@@ -97,7 +84,7 @@ fn an_agent_in_a_vm_searches_the_web_through_its_skill() {
     .expect("model");
     let host = HostServices::start(&state, &[("anthropic", &["claude-*"], &model.url)], &[])
         .expect("identity-manager and inference-proxy");
-    let (search_port, searches) = search_backend();
+    let (search_port, _search) = search_backend();
     let key_path = work.path().join("signing.key");
     let key = clawos_image::keys::generate(&key_path).expect("key");
     let sm_port = port();
@@ -167,7 +154,19 @@ fn an_agent_in_a_vm_searches_the_web_through_its_skill() {
         ])
     };
     let o = ask();
+    assert!(o.status.success(), "{}\nlauncher: {}", show(&o), l.log());
     let first = model.requests();
+    assert!(
+        !first.is_empty(),
+        "the task reached the model: {}",
+        show(&o)
+    );
+    // The runtime did ask skill-manager (an empty list, not an unreachable server).
+    let console = std::fs::read_to_string(state.join("vms/seeker/console.log")).unwrap_or_default();
+    assert!(
+        !console.contains("skills unavailable"),
+        "the MCP server answered the runtime: {console}"
+    );
     assert!(
         first[0]["tools"]
             .as_array()
@@ -208,14 +207,10 @@ fn an_agent_in_a_vm_searches_the_web_through_its_skill() {
         "the results reached the model: {back:?}"
     );
     assert!(back.contains("https://clawos.example/"), "{back:?}");
-    let searched = searches.try_iter().collect::<Vec<_>>();
     assert!(
-        searched
-            .iter()
-            .any(|r| r.contains("what+is+clawos") || r.contains("what%20is%20clawos")),
-        "the stand-in got the query: {searched:?}"
+        !back.contains("wasmtime.dev"),
+        "only what matched the query: {back:?}"
     );
-
     // The audit trail names the VM's agent and its boot, as its token said.
     let audit = std::fs::read_to_string(state.join("skills/audit.jsonl")).expect("audit");
     let record: Value = audit
@@ -233,7 +228,8 @@ fn an_agent_in_a_vm_searches_the_web_through_its_skill() {
     assert_eq!(record["ok"], true, "{record}");
 
     // From inside the VM, a forged credential changes nothing: the relay replaces it
-    // with the VM's own token, so skill-manager still sees `seeker`.
+    // with the VM's own token (the forged one alone would be refused 401), so the
+    // guest's own MCP request is answered.
     let o = l.clawos(&[
         "vm",
         "exec",
