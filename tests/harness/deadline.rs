@@ -3,9 +3,9 @@
 //! uses the harness has one as a whole.
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Once;
+use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 /// How long one CLI call may take (`CLAWOS_TEST_CALL_LIMIT_SECS` overrides): well
@@ -22,6 +22,24 @@ fn limit_from_env(var: &str, default: Duration) -> Duration {
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         .map_or(default, Duration::from_secs)
+}
+
+/// The launchers alive in this process (state directory, pid), so a watchdog that ends
+/// the process can end their VMs first (an abort runs no destructor).
+static LIVE: Mutex<Vec<(PathBuf, u32)>> = Mutex::new(Vec::new());
+
+/// Notes a launcher started by the harness.
+pub(crate) fn launcher_started(state_dir: &Path, pid: u32) {
+    let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+    live.retain(|(d, _)| d != state_dir);
+    live.push((state_dir.to_owned(), pid));
+}
+
+/// Forgets a launcher the harness has ended.
+pub(crate) fn launcher_ended(state_dir: &Path) {
+    LIVE.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|(d, _)| d != state_dir);
 }
 
 /// The limit for one CLI call.
@@ -41,10 +59,24 @@ pub fn watch_binary() {
             .unwrap_or_default();
         std::thread::spawn(move || {
             std::thread::sleep(limit);
-            eprintln!(
+            // Straight to the process's stderr: the test runner's capture (which
+            // `eprintln!` would go to from here) dies with the abort, unprinted.
+            let mut err = std::io::stderr();
+            let _ = writeln!(
+                err,
                 "HUNG: test binary {exe} still running after {limit:?} \
-                 (CLAWOS_TEST_BINARY_LIMIT_SECS); aborting it so the rest of the suite runs"
+                 (CLAWOS_TEST_BINARY_LIMIT_SECS); ending its launchers and VMs, then \
+                 aborting it so the rest of the suite runs"
             );
+            let live = std::mem::take(&mut *LIVE.lock().unwrap_or_else(|p| p.into_inner()));
+            for (state_dir, pid) in live {
+                let _ = writeln!(err, "{}", state_logs(&state_dir));
+                // SAFETY: kill takes plain integers; the pid is a launcher this
+                // process started and has not reaped.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                // What a launcher's drop does: its VMs, their helpers and cgroups.
+                drop(crate::Launcher::stand_in_for(&state_dir));
+            }
             std::process::abort();
         });
     });

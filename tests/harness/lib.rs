@@ -404,7 +404,9 @@ impl Launcher {
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
-        self.child = Some(cmd.spawn().context("spawn vm-launcher")?);
+        let child = cmd.spawn().context("spawn vm-launcher")?;
+        deadline::launcher_started(&self.state_dir, child.id());
+        self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
@@ -523,9 +525,26 @@ impl Launcher {
     }
 }
 
+impl Launcher {
+    /// A handle on a launcher's state directory only (no process), whose drop ends the
+    /// VMs recorded there: for the watchdog, which cannot run the real one's drop.
+    pub(crate) fn stand_in_for(state_dir: &Path) -> Self {
+        Self {
+            child: None,
+            url: String::new(),
+            state_dir: state_dir.to_owned(),
+            port: 0,
+            extra_env: Vec::new(),
+        }
+    }
+}
+
 impl Drop for Launcher {
     fn drop(&mut self) {
         self.kill9();
+        if self.port != 0 {
+            deadline::launcher_ended(&self.state_dir);
+        }
         // Never leak VMs from a failed test: the hypervisors, their helpers (the vsock
         // device) and the VMs' cgroups, which the launcher would have removed.
         let mut cgroups = Vec::new();

@@ -29,6 +29,11 @@ const MAX_ANSWER: usize = 4 << 20;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long listing the tools may take (once per task).
 pub const LIST_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long one tool call may take (skills have their own, shorter limits on the host;
+/// the task's deadline applies too).
+const CALL_TIMEOUT: Duration = Duration::from_secs(300);
+/// Pages of tools read at most (a server paging without end is cut there).
+const MAX_TOOL_PAGES: usize = 8;
 
 /// What went wrong talking to the MCP server.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +48,8 @@ pub enum McpError {
     ConnectTimeout { authority: String },
     #[error("MCP connection: {0}")]
     Http(#[from] hyper::Error),
+    #[error("the MCP server did not answer {method} within {} s", .limit.as_secs())]
+    Timeout { method: String, limit: Duration },
     #[error("the MCP server answered HTTP {status}: {body}")]
     Status { status: u16, body: String },
     #[error("the MCP server refused {method}: {message} (code {code})")]
@@ -78,13 +85,20 @@ struct Answer {
     body_text: String,
 }
 
-/// Client for one MCP server.
+/// An initialized session: the server's id for it (none when the server keeps no
+/// sessions) and the protocol version it agreed to.
+#[derive(Debug, Clone)]
+struct Session {
+    id: Option<String>,
+    version: String,
+}
+
+/// Client for one MCP server. Tasks share it; the lock is held only to start a
+/// session, never across a request, so one slow tool call holds up no other task.
 #[derive(Debug)]
 pub struct McpClient {
     endpoint: Endpoint,
-    /// The server's session id once initialized (`Some(None)`: initialized, and the
-    /// server keeps no sessions).
-    session: Mutex<Option<Option<String>>>,
+    session: Mutex<Option<Session>>,
     next_id: AtomicU64,
 }
 
@@ -98,40 +112,66 @@ impl McpClient {
         })
     }
 
-    /// The tools the server offers this agent now.
+    /// The tools the server offers this agent now (every page, names once).
     pub async fn list_tools(&self) -> Result<Vec<McpTool>, McpError> {
-        let result = self.request("tools/list", json!({})).await?;
-        let tools = result
-            .get("tools")
-            .and_then(Value::as_array)
-            .ok_or_else(|| McpError::Protocol {
-                method: "tools/list".into(),
-                detail: "no tools array".into(),
-            })?;
-        Ok(tools
-            .iter()
-            .filter_map(|t| {
-                Some(McpTool {
-                    name: t.get("name")?.as_str()?.to_owned(),
+        let mut tools: Vec<McpTool> = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..MAX_TOOL_PAGES {
+            let params = match &cursor {
+                Some(c) => json!({"cursor": c}),
+                None => json!({}),
+            };
+            let result = self.request("tools/list", params, LIST_TIMEOUT).await?;
+            let page = result
+                .get("tools")
+                .and_then(Value::as_array)
+                .ok_or_else(|| McpError::Protocol {
+                    method: "tools/list".into(),
+                    detail: "no tools array".into(),
+                })?;
+            for t in page {
+                let Some(name) = t.get("name").and_then(Value::as_str) else {
+                    continue;
+                };
+                if tools.iter().any(|have| have.name == name) {
+                    continue;
+                }
+                // The Messages API takes object schemas only.
+                let mut input_schema = t
+                    .get("inputSchema")
+                    .filter(|s| s.is_object())
+                    .cloned()
+                    .unwrap_or_else(|| json!({}));
+                input_schema["type"] = json!("object");
+                tools.push(McpTool {
+                    name: name.to_owned(),
                     description: t
                         .get("description")
                         .and_then(Value::as_str)
                         .unwrap_or_default()
                         .to_owned(),
-                    input_schema: t
-                        .get("inputSchema")
-                        .filter(|s| s.is_object())
-                        .cloned()
-                        .unwrap_or_else(|| json!({"type": "object"})),
-                })
-            })
-            .collect())
+                    input_schema,
+                });
+            }
+            cursor = result
+                .get("nextCursor")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            if cursor.is_none() {
+                break;
+            }
+        }
+        Ok(tools)
     }
 
     /// Calls tool `name` with `arguments` (a JSON object).
     pub async fn call_tool(&self, name: &str, arguments: &Value) -> Result<McpResult, McpError> {
         let result = self
-            .request("tools/call", json!({"name": name, "arguments": arguments}))
+            .request(
+                "tools/call",
+                json!({"name": name, "arguments": arguments}),
+                CALL_TIMEOUT,
+            )
             .await?;
         let mut text = String::new();
         for block in result
@@ -169,35 +209,63 @@ impl McpClient {
     }
 
     /// Sends request `method` in the current session (starting one if needed, and once
-    /// more if the server has forgotten it) and returns its `result`.
-    async fn request(&self, method: &str, params: Value) -> Result<Value, McpError> {
-        let mut session = self.session.lock().await;
-        for attempt in 0..2 {
-            let id = match session.as_ref() {
-                Some(id) => id.clone(),
-                None => {
-                    let id = self.initialize().await?;
-                    *session = Some(id.clone());
-                    id
+    /// more if the server has forgotten it) and returns its `result`; the whole
+    /// exchange, a session's start included, within `limit`.
+    async fn request(
+        &self,
+        method: &str,
+        params: Value,
+        limit: Duration,
+    ) -> Result<Value, McpError> {
+        let exchange = async {
+            for attempt in 0..2 {
+                let session = self.session().await?;
+                let answer = self
+                    .post(&self.message(method, params.clone()), Some(&session))
+                    .await?;
+                // 404 to a request in a session, without a JSON-RPC answer: the server
+                // has forgotten the session (a 404 carrying one is the method's).
+                if answer.status == StatusCode::NOT_FOUND
+                    && session.id.is_some()
+                    && answer.message.is_none()
+                    && attempt == 0
+                {
+                    let mut held = self.session.lock().await;
+                    if held.as_ref().map(|s| &s.id) == Some(&session.id) {
+                        *held = None;
+                    }
+                    continue;
                 }
-            };
-            let answer = self
-                .post(&self.message(method, params.clone()), id.as_deref())
-                .await?;
-            if answer.status == StatusCode::NOT_FOUND && id.is_some() && attempt == 0 {
-                *session = None;
-                continue;
+                return result_of(method, answer);
             }
-            return result_of(method, answer);
+            Err(McpError::Protocol {
+                method: method.into(),
+                detail: "the server forgot the session it had just started".into(),
+            })
+        };
+        tokio::time::timeout(limit, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(McpError::Timeout {
+                    method: method.into(),
+                    limit,
+                })
+            })
+    }
+
+    /// The current session, started if there is none (one start at a time).
+    async fn session(&self) -> Result<Session, McpError> {
+        let mut held = self.session.lock().await;
+        if let Some(s) = held.as_ref() {
+            return Ok(s.clone());
         }
-        Err(McpError::Protocol {
-            method: method.into(),
-            detail: "the server forgot the session it had just started".into(),
-        })
+        let s = self.initialize().await?;
+        *held = Some(s.clone());
+        Ok(s)
     }
 
     /// Starts a session: `initialize`, then `notifications/initialized`.
-    async fn initialize(&self) -> Result<Option<String>, McpError> {
+    async fn initialize(&self) -> Result<Session, McpError> {
         let init = self.message(
             "initialize",
             json!({
@@ -207,10 +275,18 @@ impl McpClient {
             }),
         );
         let answer = self.post(&init, None).await?;
-        let session = answer.session.clone();
-        result_of("initialize", answer)?;
+        let id = answer.session.clone();
+        let result = result_of("initialize", answer)?;
+        let session = Session {
+            id,
+            version: result
+                .get("protocolVersion")
+                .and_then(Value::as_str)
+                .unwrap_or(PROTOCOL_VERSION)
+                .to_owned(),
+        };
         let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-        let answer = self.post(&note, session.as_deref()).await?;
+        let answer = self.post(&note, Some(&session)).await?;
         if !answer.status.is_success() {
             return Err(McpError::Status {
                 status: answer.status.as_u16(),
@@ -226,7 +302,7 @@ impl McpClient {
     }
 
     /// POSTs one JSON-RPC message; reads the answer up to the response to it.
-    async fn post(&self, message: &Value, session: Option<&str>) -> Result<Answer, McpError> {
+    async fn post(&self, message: &Value, session: Option<&Session>) -> Result<Answer, McpError> {
         let authority = &self.endpoint.authority;
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority))
             .await
@@ -252,9 +328,12 @@ impl McpClient {
             .header(header::HOST, authority.as_str())
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "application/json, text/event-stream")
-            .header("mcp-protocol-version", PROTOCOL_VERSION);
-        if let Some(s) = session {
-            req = req.header("mcp-session-id", s);
+            .header(
+                "mcp-protocol-version",
+                session.map_or(PROTOCOL_VERSION, |s| s.version.as_str()),
+            );
+        if let Some(id) = session.and_then(|s| s.id.as_deref()) {
+            req = req.header("mcp-session-id", id);
         }
         let method = message
             .get("method")
@@ -282,13 +361,15 @@ impl McpClient {
         let want_id = message.get("id").cloned();
         let mut body = resp.into_body();
         let mut raw = Vec::new();
+        let mut read = 0usize;
         let mut parser = SseParser::default();
         let mut found = None;
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame?.into_data() else {
                 continue;
             };
-            if raw.len() + data.len() > MAX_ANSWER {
+            read += data.len();
+            if read > MAX_ANSWER {
                 return Err(McpError::Protocol {
                     method,
                     detail: format!("the answer is over {MAX_ANSWER} bytes"),
@@ -300,9 +381,12 @@ impl McpClient {
                     detail: e.to_string(),
                 })?;
                 for (_, data) in events {
+                    // Our answer: our id, and not a request of the server's own
+                    // (those carry a method, and ids from another space).
                     if let Ok(v) = serde_json::from_str::<Value>(&data)
                         && want_id.is_some()
                         && v.get("id") == want_id.as_ref()
+                        && v.get("method").is_none()
                     {
                         found = Some(v);
                     }
@@ -337,7 +421,11 @@ impl McpClient {
 
 /// The `result` of a JSON-RPC answer, or why there is none.
 fn result_of(method: &str, answer: Answer) -> Result<Value, McpError> {
-    if !answer.status.is_success() {
+    let rpc_error = answer
+        .message
+        .as_ref()
+        .is_some_and(|m| m.get("error").is_some());
+    if !answer.status.is_success() && !rpc_error {
         return Err(McpError::Status {
             status: answer.status.as_u16(),
             body: crate::truncate(&answer.body_text, 300),
@@ -380,6 +468,160 @@ pub fn is_tool_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    /// A scripted MCP server on loopback: answers each POST with the next of
+    /// `answers` (status, extra headers, content type, body; `{id}` in the body is
+    /// replaced by the request's id), and records the requests' bodies and session ids.
+    async fn server(
+        answers: Vec<(u16, &'static str, &'static str, &'static str)>,
+    ) -> (
+        String,
+        tokio::sync::mpsc::UnboundedReceiver<(Value, Option<String>)>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/mcp", listener.local_addr().expect("addr"));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            for (status, headers, ctype, body) in answers {
+                let Ok((conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let mut r = BufReader::new(conn);
+                let (mut len, mut session) = (0usize, None);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(v) = lower.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    if lower.starts_with("mcp-session-id:") {
+                        session = Some(line[15..].trim().to_owned());
+                    }
+                }
+                let mut buf = vec![0u8; len];
+                let _ = r.read_exact(&mut buf).await;
+                let request: Value = serde_json::from_slice(&buf).unwrap_or(Value::Null);
+                let id = request.get("id").map(Value::to_string).unwrap_or_default();
+                let _ = tx.send((request, session));
+                let body = body.replace("{id}", &id);
+                let mut conn = r.into_inner();
+                let _ = conn
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status} X\r\n{headers}content-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            }
+        });
+        (url, rx)
+    }
+
+    const INIT: (u16, &str, &str, &str) = (
+        200,
+        "mcp-session-id: s-1\r\n",
+        "application/json",
+        r#"{"jsonrpc":"2.0","id":{id},"result":{"protocolVersion":"2025-06-18","capabilities":{"tools":{}},"serverInfo":{"name":"t","version":"1"}}}"#,
+    );
+    const ACCEPTED: (u16, &str, &str, &str) = (202, "", "application/json", "");
+
+    #[tokio::test]
+    async fn sse_answers_are_picked_out_and_a_forgotten_session_is_started_again() {
+        let (url, mut seen) = server(vec![
+            INIT,
+            ACCEPTED,
+            // tools/list over SSE: a notification, a request of the server's own that
+            // reuses our id, then the answer.
+            (
+                200,
+                "",
+                "text/event-stream",
+                "data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{}}\n\n\
+                 data: {\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"ping\"}\n\n\
+                 data: {\"jsonrpc\":\"2.0\",\"id\":{id},\"result\":{\"tools\":[{\"name\":\"web-search\",\"inputSchema\":{\"properties\":{}}},{\"name\":\"web-search\"}]}}\n\n",
+            ),
+            // tools/call: the session is gone; a new one, then the answer.
+            (404, "", "text/plain", "Not Found: Session not found"),
+            INIT,
+            ACCEPTED,
+            (
+                200,
+                "",
+                "application/json",
+                r#"{"jsonrpc":"2.0","id":{id},"result":{"content":[{"type":"text","text":"found"}],"isError":false}}"#,
+            ),
+        ])
+        .await;
+        let c = McpClient::new(&url).expect("url");
+        let tools = c.list_tools().await.expect("list");
+        assert_eq!(tools.len(), 1, "names once: {tools:?}");
+        assert_eq!(
+            tools[0].input_schema["type"], "object",
+            "object schemas only"
+        );
+        let r = c
+            .call_tool("web-search", &json!({"query": "x"}))
+            .await
+            .expect("call");
+        assert_eq!(
+            r,
+            McpResult {
+                is_error: false,
+                text: "found".into()
+            }
+        );
+        let mut methods = Vec::new();
+        while let Ok((req, session)) = seen.try_recv() {
+            methods.push((
+                req["method"].as_str().unwrap_or_default().to_owned(),
+                session,
+            ));
+        }
+        let s = Some("s-1".to_owned());
+        assert_eq!(
+            methods,
+            vec![
+                ("initialize".into(), None),
+                ("notifications/initialized".into(), s.clone()),
+                ("tools/list".into(), s.clone()),
+                ("tools/call".into(), s.clone()),
+                ("initialize".into(), None),
+                ("notifications/initialized".into(), s.clone()),
+                ("tools/call".into(), s),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_never_answers_costs_the_call_its_limit_not_the_task() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/mcp", listener.local_addr().expect("addr"));
+        // Accepts, reads, says nothing.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((c, _)) = listener.accept().await {
+                held.push(c);
+            }
+        });
+        let c = McpClient::new(&url).expect("url");
+        let started = std::time::Instant::now();
+        let e = c
+            .request("tools/list", json!({}), Duration::from_millis(300))
+            .await
+            .expect_err("no answer");
+        assert!(matches!(e, McpError::Timeout { .. }), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
 
     #[test]
     fn tool_names_the_messages_api_takes() {

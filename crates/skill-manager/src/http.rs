@@ -196,11 +196,17 @@ pub fn router(
             })
         },
         Arc::new(LocalSessionManager::default()),
-        StreamableHttpServerConfig::default().with_allowed_hosts([
-            listen.ip().to_string(),
-            listen.to_string(),
-            "localhost".into(),
-        ]),
+        // Stateless: every request stands alone (each carries its agent's token, which
+        // names the caller anyway), so a guest looping over `initialize` leaves nothing
+        // behind in a daemon every VM shares; answers are plain JSON.
+        StreamableHttpServerConfig::default()
+            .with_allowed_hosts([
+                listen.ip().to_string(),
+                listen.to_string(),
+                "localhost".into(),
+            ])
+            .with_legacy_session_mode(false)
+            .with_json_response(true),
     );
     let agents = Router::new()
         .nest_service(routes::MCP.path, mcp)

@@ -102,7 +102,21 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
     let (identity, identity_holder) = hold(crate::identity::TokenFor::Llm);
     let (skills_identity, skills_holder) = match shared.cfg.skills_authority {
         Some(_) => hold(crate::identity::TokenFor::Skills),
-        None => (crate::identity::AgentIdentity::unconfigured(), None),
+        None => {
+            // Skills off now, maybe not when a killed launcher left this VM a token.
+            let (settings, vm, root) =
+                (shared.cfg.identity.clone(), name.clone(), dir.root.clone());
+            tokio::spawn(async move {
+                crate::identity::revoke_leftover(
+                    settings.as_ref(),
+                    &vm,
+                    &root,
+                    crate::identity::TokenFor::Skills,
+                )
+                .await;
+            });
+            (crate::identity::AgentIdentity::unconfigured(), None)
+        }
     };
     let relays = guest.is_some().then(|| {
         let refused = shared.metrics.relay_refused.clone();
