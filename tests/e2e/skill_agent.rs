@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 
 use base64::Engine as _;
 use clawos_e2e::stack::{HostServices, ScriptedModel};
-use clawos_e2e::{KillOnDrop, Launcher, can_boot_vms, can_use_vsock, port, show, spawn_daemon};
+use clawos_e2e::{KillOnDrop, Launcher, can_boot_vms, can_use_vsock, show};
 use clawos_skill_manager_api::{InstallSkill, SkillsClient};
 use serde_json::{Value, json};
 
@@ -71,7 +71,6 @@ fn an_agent_in_a_vm_searches_the_web_through_its_skill() {
     let work = tempfile::tempdir().expect("tmp");
     let state = work.path().join("state");
     std::fs::create_dir_all(&state).expect("state");
-    let state_s = state.to_str().expect("utf-8").to_owned();
 
     let model = ScriptedModel::start(
         work.path(),
@@ -87,29 +86,19 @@ fn an_agent_in_a_vm_searches_the_web_through_its_skill() {
     let (search_port, _search) = search_backend();
     let key_path = work.path().join("signing.key");
     let key = clawos_image::keys::generate(&key_path).expect("key");
-    let sm_port = port();
-    let _skills = KillOnDrop(
-        spawn_daemon(
-            "skill-manager",
-            &[
-                "--addr",
-                &format!("127.0.0.1:{sm_port}"),
-                "--state-dir",
-                &state_s,
-                "--issuer",
-                &host.identity_url,
-                "--signing-pubkey",
-                &clawos_image::keys::public_hex(&key),
-                "--resolve",
-                "search.local=127.0.0.1",
-            ],
-            &[],
-            &work.path().join("skills.log"),
-            sm_port,
-        )
-        .expect("skill-manager"),
+    let pubkey = clawos_image::keys::public_hex(&key);
+    let skills = clawos_e2e::skills::start_skill_manager(
+        &state,
+        &host.identity_url,
+        &[
+            "--signing-pubkey",
+            &pubkey,
+            "--resolve",
+            "search.local=127.0.0.1",
+        ],
+        &work.path().join("skills.log"),
     );
-    let skills_url = format!("http://127.0.0.1:{sm_port}");
+    let skills_url = skills.url.clone();
     let client = SkillsClient::new(
         &skills_url,
         &clawos_skill_manager_api::local_token(&state).expect("operator token"),

@@ -87,27 +87,13 @@ fn agents_see_and_call_only_their_skills_over_mcp_and_every_call_is_audited() {
     let key_path = work.path().join("signing.key");
     let key = clawos_image::keys::generate(&key_path).expect("key");
     let pubkey = clawos_image::keys::public_hex(&key);
-    let sm_port = port();
-    let _skills = KillOnDrop(
-        spawn_daemon(
-            "skill-manager",
-            &[
-                "--addr",
-                &format!("127.0.0.1:{sm_port}"),
-                "--state-dir",
-                &state_s,
-                "--issuer",
-                &issuer,
-                "--signing-pubkey",
-                &pubkey,
-            ],
-            &[],
-            &work.path().join("skills.log"),
-            sm_port,
-        )
-        .expect("skill-manager"),
+    let skills = clawos_e2e::skills::start_skill_manager(
+        &state,
+        &issuer,
+        &["--signing-pubkey", &pubkey],
+        &work.path().join("skills.log"),
     );
-    let url = format!("http://127.0.0.1:{sm_port}");
+    let url = skills.url.clone();
     let token = clawos_skill_manager_api::local_token(&state).expect("operator token");
     let client = SkillsClient::new(&url, &token);
     let rt = tokio::runtime::Runtime::new().expect("runtime");

@@ -73,3 +73,26 @@ fn build(name: &str, sources: &[PathBuf], world: &str) -> Vec<u8> {
     }
     std::fs::read(&out).expect("read component")
 }
+
+/// A running skill-manager: its URL, and the process (killed on drop).
+#[derive(Debug)]
+pub struct SkillManager {
+    pub url: String,
+    _child: crate::KillOnDrop,
+}
+
+/// Starts the real skill-manager on a free port with `state` as its state directory,
+/// trusting agent tokens from `issuer`, with `extra` flags (`--signing-pubkey`,
+/// `--resolve`, ...), logging to `log`.
+pub fn start_skill_manager(state: &Path, issuer: &str, extra: &[&str], log: &Path) -> SkillManager {
+    let port = crate::port();
+    let addr = format!("127.0.0.1:{port}");
+    let state_s = state.to_str().expect("state dir is UTF-8");
+    let mut args = vec!["--addr", &addr, "--state-dir", state_s, "--issuer", issuer];
+    args.extend_from_slice(extra);
+    let child = crate::spawn_daemon("skill-manager", &args, &[], log, port).expect("skill-manager");
+    SkillManager {
+        url: format!("http://{addr}"),
+        _child: crate::KillOnDrop(child),
+    }
+}

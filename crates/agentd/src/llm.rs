@@ -78,6 +78,35 @@ impl Endpoint {
     }
 }
 
+/// Why a connection to an endpoint could not be opened.
+#[derive(Debug)]
+pub(crate) enum Unreachable {
+    /// Nothing accepted it within [`CONNECT_TIMEOUT`].
+    Timeout,
+    Io(std::io::Error),
+    Http(hyper::Error),
+}
+
+/// Opens one plain HTTP/1.1 connection to `authority` (the guest's relays are on
+/// loopback; nothing accepting within [`CONNECT_TIMEOUT`] means one is wedged). Its
+/// driver ends once the request and its answer are dropped.
+pub(crate) async fn open(
+    authority: &str,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, Unreachable> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority))
+        .await
+        .map_err(|_| Unreachable::Timeout)?
+        .map_err(Unreachable::Io)?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(Unreachable::Http)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
 /// Token counts the model reported for one call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TokenUsage {
@@ -187,22 +216,16 @@ impl LlmClient {
         on_text: &mut (dyn FnMut(&str) + Send),
     ) -> Result<ModelTurn, ModelError> {
         let authority = &self.endpoint.authority;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority))
-            .await
-            .map_err(|_| ModelError::ConnectTimeout {
+        let mut sender = open(authority).await.map_err(|e| match e {
+            Unreachable::Timeout => ModelError::ConnectTimeout {
                 authority: authority.clone(),
-            })?
-            .map_err(|source| ModelError::Connect {
+            },
+            Unreachable::Io(source) => ModelError::Connect {
                 authority: authority.clone(),
                 source,
-            })?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        // The connection's driver ends once the request and its answer are dropped.
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+            },
+            Unreachable::Http(e) => ModelError::Http(e),
+        })?;
         let mut req = Request::post(&self.endpoint.messages_path)
             .header(header::HOST, authority.as_str())
             .header(header::CONTENT_TYPE, "application/json")

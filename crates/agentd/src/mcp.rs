@@ -14,19 +14,15 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Request, StatusCode, header};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
-use crate::llm::{Endpoint, EndpointError, SseParser};
+use crate::llm::{Endpoint, EndpointError, SseParser, Unreachable};
 
 /// The protocol version this client speaks.
 pub const PROTOCOL_VERSION: &str = "2025-06-18";
 /// Most of an answer read (a tool's result is capped far below this by the host).
 const MAX_ANSWER: usize = 4 << 20;
-/// How long connecting may take (loopback to the guest's relay).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long listing the tools may take (once per task).
 pub const LIST_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long one tool call may take (skills have their own, shorter limits on the host;
@@ -304,21 +300,16 @@ impl McpClient {
     /// POSTs one JSON-RPC message; reads the answer up to the response to it.
     async fn post(&self, message: &Value, session: Option<&Session>) -> Result<Answer, McpError> {
         let authority = &self.endpoint.authority;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority))
-            .await
-            .map_err(|_| McpError::ConnectTimeout {
+        let mut sender = crate::llm::open(authority).await.map_err(|e| match e {
+            Unreachable::Timeout => McpError::ConnectTimeout {
                 authority: authority.clone(),
-            })?
-            .map_err(|source| McpError::Connect {
+            },
+            Unreachable::Io(source) => McpError::Connect {
                 authority: authority.clone(),
                 source,
-            })?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+            },
+            Unreachable::Http(e) => McpError::Http(e),
+        })?;
         let path = if self.endpoint.path.is_empty() {
             "/"
         } else {
