@@ -44,23 +44,8 @@ fn cat_with_a_slow_reader(l: &Launcher, input: &[u8]) -> Output {
             })
         })
         .collect();
-    let stop_spinning = || {
-        busy.store(false, std::sync::atomic::Ordering::Relaxed);
-    };
-    let mut child = l
-        .clawos_command(&["vm", "exec", "ch", "-i", "--", "cat"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("clawos");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let input = input.to_vec();
-    let feeder = std::thread::spawn(move || {
-        let _ = stdin.write_all(&input);
-    });
-    let mut stdout = child.stdout.take().expect("stdout");
-    let reader = std::thread::spawn(move || {
+    let stop_spinning = || busy.store(false, std::sync::atomic::Ordering::Relaxed);
+    let slowly = |mut stdout: std::process::ChildStdout| {
         let mut all = Vec::new();
         let mut buf = vec![0u8; 64 << 10];
         let mut since_pause = 0;
@@ -77,39 +62,22 @@ fn cat_with_a_slow_reader(l: &Launcher, input: &[u8]) -> Output {
                 }
             }
         }
-    });
-    let mut stderr = child.stderr.take().expect("stderr");
-    let errors = std::thread::spawn(move || {
-        let mut all = Vec::new();
-        let _ = stderr.read_to_end(&mut all);
-        all
-    });
-    let limit = clawos_e2e::deadline::call_limit();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            stop_spinning();
-            panic!(
-                "HUNG: vm exec -i cat with a slow reader did not finish within {limit:?}\n{}",
-                clawos_e2e::deadline::state_logs(&l.state_dir)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
     };
+    let out = clawos_e2e::deadline::output_within_reading(
+        &mut l.clawos_command(&["vm", "exec", "ch", "-i", "--", "cat"]),
+        Some(input),
+        clawos_e2e::deadline::call_limit(),
+        slowly,
+        || {
+            stop_spinning();
+            clawos_e2e::deadline::state_logs(&l.state_dir)
+        },
+    );
     stop_spinning();
     for s in spinners {
         let _ = s.join();
     }
-    let _ = feeder.join();
-    Output {
-        status,
-        stdout: reader.join().expect("reader"),
-        stderr: errors.join().expect("stderr"),
-    }
+    out
 }
 
 /// A one-shot HTTP server on loopback standing in for the inference proxy.

@@ -6,7 +6,6 @@
 //! the model. Every part is the real one but
 //! the model (scripted) and the search backend (the stand-in).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -22,23 +21,18 @@ const ANSWER: &str = "Found it: ClawOS runs agents in microVMs.";
 
 /// The project's stand-in search backend (`clawos-search-standin`) on a free port.
 fn search_backend() -> (u16, KillOnDrop) {
-    let mut child = Command::new(clawos_e2e::bin("clawos-search-standin"))
-        .args(["--addr", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn clawos-search-standin");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("address line");
-    let port = line
-        .trim()
+    let (child, url) = clawos_e2e::spawn_announced(
+        Command::new(clawos_e2e::bin("clawos-search-standin"))
+            .args(["--addr", "127.0.0.1:0"])
+            .stderr(Stdio::null()),
+    )
+    .expect("start clawos-search-standin");
+    let port = url
         .rsplit(':')
         .next()
         .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("clawos-search-standin said {line:?}"));
-    (port, KillOnDrop(child))
+        .unwrap_or_else(|| panic!("clawos-search-standin listens on {url:?}"));
+    (port, child)
 }
 
 /// The web-search bundle pointed at the stand-in, signed with `key`.

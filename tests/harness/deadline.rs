@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{ChildStdout, Command, Output, Stdio};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
@@ -90,6 +90,28 @@ pub fn output_within(
     limit: Duration,
     context: impl FnOnce() -> String,
 ) -> Output {
+    output_within_reading(
+        cmd,
+        stdin,
+        limit,
+        |mut out| {
+            let mut buf = Vec::new();
+            let _ = out.read_to_end(&mut buf);
+            buf
+        },
+        context,
+    )
+}
+
+/// [`output_within`], with the command's stdout read by `read_stdout` (on a thread of
+/// its own) instead of at once: a test can read it as slowly as it likes.
+pub fn output_within_reading(
+    cmd: &mut Command,
+    stdin: Option<&[u8]>,
+    limit: Duration,
+    read_stdout: impl FnOnce(ChildStdout) -> Vec<u8> + Send + 'static,
+    context: impl FnOnce() -> String,
+) -> Output {
     let shown = format!("{cmd:?}");
     let mut child = cmd
         .stdin(if stdin.is_some() {
@@ -109,27 +131,14 @@ pub fn output_within(
             let _ = pipe.write_all(&input);
         })
     });
-    let collect = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let stdout = collect(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = collect(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
+    let out = child.stdout.take().expect("piped stdout");
+    let stdout = std::thread::spawn(move || read_stdout(out));
+    let mut err = child.stderr.take().expect("piped stderr");
+    let stderr = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = err.read_to_end(&mut buf);
+        buf
+    });
     let started = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().expect("wait for the command") {

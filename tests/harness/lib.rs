@@ -764,6 +764,25 @@ pub fn can_audit_vms(test: &str) -> bool {
     true
 }
 
+/// Starts a stand-in that announces itself on stdout with one line `listening on URL`
+/// (`clawos-scripted-model`, `clawos-search-standin`); returns it and the URL.
+pub fn spawn_announced(cmd: &mut Command) -> Result<(KillOnDrop, String)> {
+    use std::io::BufRead;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let child = KillOnDrop(child);
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    match line.trim().strip_prefix("listening on ") {
+        Some(url) => Ok((child, url.to_owned())),
+        None => bail!("{cmd:?} said {line:?}"),
+    }
+}
+
 /// A daemon process that is killed (SIGKILL) when dropped, also when a test panics.
 #[derive(Debug)]
 pub struct KillOnDrop(pub Child);

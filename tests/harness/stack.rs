@@ -3,14 +3,14 @@
 //! hosted Anthropic API), and a recording forwarder tests put between the launcher's
 //! relay and the proxy to see exactly what the relay sends.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
 use crate::{KillOnDrop, Launcher, bin, port, spawn_daemon};
@@ -33,31 +33,23 @@ impl ScriptedModel {
         let script_path = dir.join(format!("{name}.script.json"));
         std::fs::write(&script_path, serde_json::to_vec_pretty(script)?)?;
         let record = dir.join(format!("{name}.requests.jsonl"));
-        let mut child = Command::new(bin("clawos-scripted-model"))
-            .arg("--addr")
-            .arg("127.0.0.1:0")
-            .arg("--script")
-            .arg(&script_path)
-            .arg("--api-key")
-            .arg(HOST_KEY)
-            .arg("--record")
-            .arg(&record)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?)
-            .spawn()
-            .context("spawn clawos-scripted-model")?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line)?;
-        let Some(url) = line.trim().strip_prefix("listening on ") else {
-            let _ = child.kill();
-            bail!("clawos-scripted-model said {line:?}");
-        };
+        let (child, url) = crate::spawn_announced(
+            Command::new(bin("clawos-scripted-model"))
+                .arg("--addr")
+                .arg("127.0.0.1:0")
+                .arg("--script")
+                .arg(&script_path)
+                .arg("--api-key")
+                .arg(HOST_KEY)
+                .arg("--record")
+                .arg(&record)
+                .stderr(std::fs::File::create(dir.join(format!("{name}.log")))?),
+        )
+        .context("start clawos-scripted-model")?;
         Ok(Self {
-            url: url.to_owned(),
+            url,
             record,
-            _child: KillOnDrop(child),
+            _child: child,
         })
     }
 
