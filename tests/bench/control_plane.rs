@@ -2,7 +2,12 @@
 //!
 //! 1. added latency of `GET /api/v1/vms` (TLS, operator token, role check, audit record,
 //!    then the launcher through its typed client) against `GET /v1/vms` on the
-//!    launcher directly, 16 clients on keep-alive connections, rounds alternating;
+//!    launcher directly, 16 clients on keep-alive connections, rounds alternating —
+//!    twice: paced (each client sends on a fixed schedule, together a set rate well
+//!    below either side's capacity, so a request's time is the server's work and not
+//!    a queue) and saturated (each client sends its next request as soon as the last
+//!    is answered, so the box is full and a request's time is mostly waiting for a
+//!    core);
 //! 2. requests/s at 64 clients, keep-alive, both ways;
 //! 3. TLS handshakes/s (a new connection per request, `/healthz`) at 64 clients,
 //!    against new plain-TCP connections to the launcher's `/healthz`;
@@ -66,6 +71,62 @@ async fn latencies(
     all
 }
 
+/// `per_client` GETs of `url` from each of `clients` tasks on keep-alive connections,
+/// every client sending on its own fixed schedule (together `rate` requests/s, the
+/// clients' schedules staggered evenly): the latencies, sorted. A request held up by
+/// the answer before it is timed from when it was due, so a server that falls behind
+/// is charged for the requests it delayed (no coordinated omission).
+async fn paced_latencies(
+    make: &dyn Fn() -> reqwest::Client,
+    url: &str,
+    token: &str,
+    clients: usize,
+    rate: f64,
+    per_client: usize,
+) -> Vec<Duration> {
+    let every = Duration::from_secs_f64(clients as f64 / rate);
+    let start = tokio::time::Instant::now() + Duration::from_millis(20);
+    let mut tasks = Vec::new();
+    for k in 0..clients {
+        let (c, url, token) = (make(), url.to_owned(), token.to_owned());
+        let first = start + every.mul_f64(k as f64 / clients as f64);
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::with_capacity(per_client);
+            let mut answered = tokio::time::Instant::now();
+            for i in 0..per_client {
+                let due = first + every * i as u32;
+                tokio::time::sleep_until(due).await;
+                // On time, a request is timed from when it went out (Tokio's timer
+                // wakes on whole milliseconds; that slack is the client's, not the
+                // server's). Late because the last answer came after this one was
+                // due, it is timed from when it was due.
+                let from = if answered > due {
+                    due
+                } else {
+                    tokio::time::Instant::now()
+                };
+                let r = c
+                    .get(&url)
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .expect("request");
+                assert!(r.status().is_success(), "{url}: {}", r.status());
+                r.bytes().await.expect("body");
+                answered = tokio::time::Instant::now();
+                out.push(answered - from);
+            }
+            out
+        }));
+    }
+    let mut all = Vec::with_capacity(clients * per_client);
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    all.sort();
+    all
+}
+
 /// Requests per second over `secs` from `clients` tasks; `fresh` makes a new client
 /// (a new connection) for every request.
 async fn throughput(
@@ -110,6 +171,27 @@ async fn throughput(
     done.load(Ordering::Relaxed) as f64 / secs as f64
 }
 
+/// Prints p50/p99 of both sides and what the control plane adds.
+fn report(what: &str, mut direct: Vec<Duration>, mut fronted: Vec<Duration>) {
+    direct.sort();
+    fronted.sort();
+    let (d50, d99, f50, f99) = (
+        pct(&direct, 0.5),
+        pct(&direct, 0.99),
+        pct(&fronted, 0.5),
+        pct(&fronted, 0.99),
+    );
+    println!("{what}, {} requests each:", direct.len());
+    println!("  vm-launcher direct   p50 {d50:>10.2?}  p99 {d99:>10.2?}");
+    println!("  via control plane    p50 {f50:>10.2?}  p99 {f99:>10.2?}");
+    println!(
+        "  added                p50 {:>10.2?}  p99 {:>10.2?}  (ratio p99 {:.2})",
+        f50.saturating_sub(d50),
+        f99.saturating_sub(d99),
+        f99.as_secs_f64() / d99.as_secs_f64()
+    );
+}
+
 fn main() {
     let n: usize = std::env::args()
         .skip(1)
@@ -135,7 +217,53 @@ fn main() {
     let curl = format!("{}/api/v1/vms", cp.url);
     let idle = rss_kib(cp.pid());
 
-    // 1. Latency at c=16, rounds alternating.
+    // 1a. Latency at c=16, paced below capacity, rounds alternating.
+    for rate in [1000.0, 2000.0, 4000.0] {
+        let per_round = n / 3 / 16;
+        let (mut direct, mut fronted) = (Vec::new(), Vec::new());
+        rt.block_on(async {
+            paced_latencies(&*plain_client, &lurl, &ltoken, 16, rate, 50).await;
+            paced_latencies(&*tls_client, &curl, &ctoken, 16, rate, 50).await;
+            for _ in 0..3 {
+                direct.extend(
+                    paced_latencies(&*plain_client, &lurl, &ltoken, 16, rate, per_round).await,
+                );
+                fronted.extend(
+                    paced_latencies(&*tls_client, &curl, &ctoken, 16, rate, per_round).await,
+                );
+            }
+        });
+        report(
+            &format!("latency GET vms, c=16 paced at {rate:.0} requests/s"),
+            direct,
+            fronted,
+        );
+    }
+
+    // 1c. Where the added time goes, paced at 1,000 requests/s: TLS and HTTP alone
+    // (`/healthz`), then the operator's token checked and an audit record written
+    // (`whoami`), then the launcher called too (`vms`).
+    for (what, path) in [
+        ("/healthz (TLS, HTTP)", "/healthz"),
+        ("whoami (+ token, audit)", "/api/v1/whoami"),
+        ("vms (+ launcher call)", "/api/v1/vms"),
+    ] {
+        let url = format!("{}{path}", cp.url);
+        let mut all = rt.block_on(async {
+            paced_latencies(&*tls_client, &url, &ctoken, 16, 1000.0, 50).await;
+            paced_latencies(&*tls_client, &url, &ctoken, 16, 1000.0, n / 16).await
+        });
+        all.sort();
+        println!(
+            "  control plane {what:<26} p50 {:>10.2?}  p90 {:>10.2?}  p99 {:>10.2?}  max {:>10.2?}",
+            pct(&all, 0.5),
+            pct(&all, 0.9),
+            pct(&all, 0.99),
+            all[all.len() - 1]
+        );
+    }
+
+    // 1b. Latency at c=16, saturated (closed loop), rounds alternating.
     let (mut direct, mut fronted) = (Vec::new(), Vec::new());
     rt.block_on(async {
         latencies(&*plain_client, &lurl, &ltoken, 16, 800).await;
@@ -145,23 +273,7 @@ fn main() {
             fronted.extend(latencies(&*tls_client, &curl, &ctoken, 16, n / 3).await);
         }
     });
-    direct.sort();
-    fronted.sort();
-    let (d50, d99, f50, f99) = (
-        pct(&direct, 0.5),
-        pct(&direct, 0.99),
-        pct(&fronted, 0.5),
-        pct(&fronted, 0.99),
-    );
-    println!("latency GET vms, c=16, {} requests each:", direct.len());
-    println!("  vm-launcher direct   p50 {d50:>10.2?}  p99 {d99:>10.2?}");
-    println!("  via control plane    p50 {f50:>10.2?}  p99 {f99:>10.2?}");
-    println!(
-        "  added                p50 {:>10.2?}  p99 {:>10.2?}  (ratio p99 {:.2})",
-        f50.saturating_sub(d50),
-        f99.saturating_sub(d99),
-        f99.as_secs_f64() / d99.as_secs_f64()
-    );
+    report("latency GET vms, c=16 saturated", direct, fronted);
 
     // 2. Keep-alive requests/s at c=64, and the RSS under that load.
     let peak = Arc::new(AtomicU64::new(0));

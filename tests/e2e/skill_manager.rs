@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use clawos_e2e::skills::component;
@@ -47,11 +48,16 @@ fn bundle(
 }
 
 fn mcp(url: &str, token: &str, call: Option<(&str, &str)>) -> Value {
+    mcp_times(url, token, call, 1)
+}
+
+/// The agent's MCP session through the Python SDK, calling `call` `times` times.
+fn mcp_times(url: &str, token: &str, call: Option<(&str, &str)>, times: u32) -> Value {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/mcp_skills_check.py");
     let mut cmd = Command::new("python3");
     cmd.arg(script).arg(url).arg(token);
     if let Some((tool, args)) = call {
-        cmd.arg(tool).arg(args);
+        cmd.arg(tool).arg(args).arg(times.to_string());
     }
     let o = cmd.output().expect("python3");
     assert!(
@@ -87,10 +93,12 @@ fn agents_see_and_call_only_their_skills_over_mcp_and_every_call_is_audited() {
     let key_path = work.path().join("signing.key");
     let key = clawos_image::keys::generate(&key_path).expect("key");
     let pubkey = clawos_image::keys::public_hex(&key);
+    // Two calls a minute per agent: a GCRA interval of 30 s, so no machine is slow
+    // enough to let a third through within this test.
     let skills = clawos_e2e::skills::start_skill_manager(
         &state,
         &issuer,
-        &["--signing-pubkey", &pubkey],
+        &["--signing-pubkey", &pubkey, "--agent-calls-per-minute", "2"],
         &work.path().join("skills.log"),
     );
     let url = skills.url.clone();
@@ -203,6 +211,30 @@ fn agents_see_and_call_only_their_skills_over_mcp_and_every_call_is_audited() {
     assert_eq!(post(Some(&a), Some("http://evil.example")), 403);
     assert_eq!(post(Some(&a), None), 200);
 
+    // a's second call this minute is answered, the third is the tool's error telling
+    // the model to wait (not a protocol error); it shows in the metrics.
+    let more = mcp_times(&mcp_url, &a, Some(("echo", r#"{"q": 8}"#)), 2);
+    assert_eq!(more["calls"][0]["is_error"], false, "{more}");
+    assert_eq!(more["calls"][1]["is_error"], true, "{more}");
+    let told = more["calls"][1]["text"][0].as_str().unwrap_or("");
+    assert!(
+        told.contains("has made its 2 skill calls for this minute: try again in"),
+        "{more}"
+    );
+    let metrics = Command::new("curl")
+        .args(["-s", &format!("{url}/metrics")])
+        .output()
+        .expect("curl");
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    for line in [
+        "clawos_skill_calls_answered_total 2",
+        "clawos_skill_calls_refused_total 1",
+        "clawos_skill_calls_running 0",
+        "clawos_skills_installed 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+
     // Disabled: invisible to a again.
     rt.block_on(client.disable("echo", "agent-a"))
         .expect("disable");
@@ -224,12 +256,15 @@ fn agents_see_and_call_only_their_skills_over_mcp_and_every_call_is_audited() {
         .lines()
         .map(|l| serde_json::from_str(l).expect("JSON line"))
         .collect();
-    assert_eq!(records.len(), 2, "{audit}");
+    assert_eq!(records.len(), 4, "{audit}");
     assert_eq!(records[0]["agent"], "agent-a");
     assert_eq!(records[0]["vm_id"], "vm-agent-a");
     assert_eq!(records[0]["skill"], "echo");
     assert_eq!(records[0]["ok"], true);
-    assert_eq!(records[1]["caller"], "operator");
+    assert_eq!(records[1]["ok"], true);
+    assert_eq!(records[2]["refused"], "rate limit", "{audit}");
+    assert_eq!(records[2]["agent"], "agent-a");
+    assert_eq!(records[3]["caller"], "operator");
     // Credentials stay out of the trail and the log.
     let log = std::fs::read_to_string(work.path().join("skills.log")).expect("log");
     for secret in [&a, &b, &token] {
@@ -343,4 +378,143 @@ fn a_skill_installed_unsigned_is_not_loaded_once_a_key_is_configured() {
     );
     let log = std::fs::read_to_string(work.path().join("skills.log")).expect("log");
     assert!(log.contains("installed unsigned"), "{log}");
+}
+
+/// The host's own limits on one agent, in process (so the test can hold a call open
+/// and give it up at exactly the point it means to): a second call while the first
+/// runs is refused (in flight: 1), calls past the minute's allowance are refused (2 a
+/// minute: the interval is 30 s, so the machine's speed cannot let a third through),
+/// another agent is not affected, and a call dropped mid-run is audited as aborted.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_past_its_limits_is_refused_and_a_call_given_up_is_audited() {
+    use clawos_skill_manager::host::{AgentLimits, Caller, HostError, SkillHost};
+    use clawos_skill_manager::outbound::Outbound;
+    use clawos_skill_manager::runtime::SkillRuntime;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
+    let work = tempfile::tempdir().expect("tempdir");
+    let runtime = SkillRuntime::new(
+        Some(&work.path().join("compiled")),
+        Outbound::new(&Default::default()).expect("outbound"),
+    )
+    .expect("runtime");
+    let host = Arc::new(
+        SkillHost::open(
+            work.path(),
+            runtime,
+            None,
+            Default::default(),
+            AgentLimits {
+                calls_per_minute: 2,
+                in_flight: 1,
+            },
+        )
+        .expect("host"),
+    );
+    let spin_manifest = MANIFEST
+        .replace("\"echo\"", "\"spin\"")
+        .replace("Echoes its input back.", "Spins.")
+        + "\n[limits]\ntimeout_ms = 60000\n";
+    for (manifest, wasm) in [
+        (MANIFEST.to_owned(), component("echo", "skill")),
+        (spin_manifest, component("spin", "skill")),
+    ] {
+        let req = bundle(&work.path().join("b"), &manifest, &wasm, None);
+        host.install(req).await.expect("install");
+    }
+    for (skill, agent) in [("echo", "a"), ("spin", "a"), ("echo", "b")] {
+        host.enable(skill, agent).expect("enable");
+    }
+    let agent = |name: &str| Caller::Agent {
+        agent: name.into(),
+        vm_id: format!("vm-{name}"),
+    };
+    let input = serde_json::json!({"q": 1});
+
+    // a's spin runs; a second call of a's is refused while it does.
+    let spinning = {
+        let (host, caller, input) = (Arc::clone(&host), agent("a"), input.clone());
+        tokio::spawn(async move { host.call("spin", &caller, &input).await })
+    };
+    let waited = Instant::now();
+    while host.counts().running.load(Ordering::Relaxed) < 1 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "spin never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    match host.call("echo", &agent("a"), &input).await {
+        Err(HostError::Busy { max: 1, .. }) => {}
+        other => panic!("expected a refusal for calls in flight: {other:?}"),
+    }
+    // Given up: the sandbox stops, the place is free again, the record says aborted.
+    spinning.abort();
+    assert!(spinning.await.expect_err("aborted").is_cancelled());
+    assert_eq!(host.counts().running.load(Ordering::Relaxed), 0);
+    assert_eq!(host.counts().aborted.load(Ordering::Relaxed), 1);
+
+    // The minute's second call (the spin was the first; the busy refusal was not
+    // counted) is answered, the third refused with when to try again.
+    let r = host
+        .call("echo", &agent("a"), &input)
+        .await
+        .expect("second");
+    assert_eq!(r.output.as_deref(), Some(r#"hi:{"q":1}"#));
+    match host.call("echo", &agent("a"), &input).await {
+        Err(e @ HostError::RateLimited { per_minute: 2, .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("\"a\" has made its 2 skill calls for this minute: try again in "),
+                "{msg}"
+            );
+        }
+        other => panic!("expected a rate-limit refusal: {other:?}"),
+    }
+    // b has its own allowance; the operator has none to use up.
+    assert!(host.call("echo", &agent("b"), &input).await.is_ok());
+    for _ in 0..3 {
+        assert!(host.call("echo", &Caller::Operator, &input).await.is_ok());
+    }
+
+    let audit = std::fs::read_to_string(work.path().join("audit.jsonl")).expect("audit");
+    let records: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let summary: Vec<(String, String, String)> = records
+        .iter()
+        .map(|r| {
+            let how = if r["refused"].is_string() {
+                format!("refused: {}", r["refused"].as_str().unwrap_or(""))
+            } else if r["aborted"] == true {
+                "aborted".into()
+            } else {
+                format!("ok={}", r["ok"])
+            };
+            (
+                r["skill"].as_str().unwrap_or("").into(),
+                r["agent"].as_str().unwrap_or("-").into(),
+                how,
+            )
+        })
+        .collect();
+    let s = |a: &str, b: &str, c: &str| (a.to_owned(), b.to_owned(), c.to_owned());
+    assert_eq!(
+        summary,
+        [
+            s("echo", "a", "refused: in flight"),
+            s("spin", "a", "aborted"),
+            s("echo", "a", "ok=true"),
+            s("echo", "a", "refused: rate limit"),
+            s("echo", "b", "ok=true"),
+            s("echo", "-", "ok=true"),
+            s("echo", "-", "ok=true"),
+            s("echo", "-", "ok=true"),
+        ],
+        "{audit}"
+    );
+    assert_eq!(records[1]["vm_id"], "vm-a");
+    assert!(records[1]["duration_ms"].as_u64().is_some(), "{audit}");
 }

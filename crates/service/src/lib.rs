@@ -1,13 +1,15 @@
 //! What every ClawOS daemon binary shares: where state lives by default, how logs are
 //! set up ([`LogArgs`]), how it stops ([`shutdown_signal`]), how files are replaced
 //! ([`atomic_write`], [`AtomicFile`]), how operators authenticate ([`operator_token`],
-//! [`bearer_matches`]); [`metrics`] is the one Prometheus registry, [`http`] the
+//! [`bearer_matches`]); [`metrics`] is the one Prometheus registry, [`limits`] the
+//! per-caller rate and in-flight limits, [`http`] the
 //! server side of the API conventions in `clawos_api`, and [`guard`] the layer that
 //! decides who may call a daemon's API and from where (credential, `Host`, `Origin`,
 //! body type).
 
 pub mod guard;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 
 use std::io::{self, Write};

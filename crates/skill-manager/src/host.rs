@@ -1,21 +1,24 @@
 //! The installed skills and their calls: what the operator API and the MCP server
 //! share. Installing checks the whole bundle (signature, manifest, a component that
 //! loads and answers `describe` within its limits) before anything is stored; every
-//! call is audited.
+//! call is audited — refused ones, and ones whose caller went away before the end, too.
+//! An agent's calls are limited per minute and in flight ([`AgentLimits`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use base64::Engine as _;
+use clawos_service::limits::{Decision, InFlight, RateLimiter};
 use clawos_skill_manager_api::{CallResult, InstallSkill, RequestSummary, SkillInfo};
 use ed25519_dalek::VerifyingKey;
 
 use crate::SkillError;
 use crate::bundle;
 use crate::manifest::validate_config;
-use crate::outbound::SecretHeader;
+use crate::outbound::{RequestLog, RequestRecord, SecretHeader};
 use crate::runtime::{LoadedSkill, SkillRuntime};
 use crate::store::{SkillStore, StoreError, StoredSkill};
 
@@ -34,6 +37,18 @@ pub enum HostError {
     NotFound(String),
     #[error("skill {skill:?} is not enabled for agent {agent:?}")]
     NotEnabled { skill: String, agent: String },
+    /// The agent used its calls for this minute.
+    #[error(
+        "agent {agent:?} has made its {per_minute} skill calls for this minute: try again in {retry_after_secs} s"
+    )]
+    RateLimited {
+        agent: String,
+        per_minute: u32,
+        retry_after_secs: u64,
+    },
+    /// The agent has its most calls running already.
+    #[error("agent {agent:?} has {max} skill calls running already: wait for one to finish")]
+    Busy { agent: String, max: usize },
     #[error("audit trail {}: {source}", path.display())]
     Audit {
         path: PathBuf,
@@ -49,6 +64,24 @@ pub enum Caller {
     Agent { agent: String, vm_id: String },
     /// The operator (a test call through the operator API).
     Operator,
+}
+
+/// How much one agent may call: per minute (GCRA: the whole minute's calls may come at
+/// once, then one per `60 s / calls_per_minute`) and at once. Operators' calls are
+/// not limited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AgentLimits {
+    pub calls_per_minute: u32,
+    pub in_flight: usize,
+}
+
+impl Default for AgentLimits {
+    fn default() -> Self {
+        Self {
+            calls_per_minute: 60,
+            in_flight: 4,
+        }
+    }
 }
 
 /// A loaded skill with what this host adds to it.
@@ -98,6 +131,75 @@ impl Audit {
 
 use std::os::unix::fs::OpenOptionsExt;
 
+fn summaries(requests: &[RequestRecord]) -> Vec<RequestSummary> {
+    requests
+        .iter()
+        .map(|r| RequestSummary {
+            destination: r.destination.clone(),
+            allowed: r.allowed,
+            status: r.status,
+            bytes: r.bytes,
+        })
+        .collect()
+}
+
+/// An agent's place among its calls in flight, given back however the call ends.
+struct Slot<'a> {
+    running: &'a InFlight,
+    agent: &'a str,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.running.release(self.agent);
+    }
+}
+
+/// A call under way: if it is dropped before its answer (the agent's connection went
+/// away), its audit record is written as `aborted`, with the requests the skill had
+/// made by then.
+struct Unfinished<'a> {
+    audit: &'a Audit,
+    counts: &'a CallCounts,
+    started: std::time::Instant,
+    requests: RequestLog,
+    /// The record's fields known at the start; `None` once the call has an answer.
+    record: Option<serde_json::Value>,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        self.counts.running.fetch_sub(1, Ordering::Relaxed);
+        let Some(serde_json::Value::Object(mut rec)) = self.record.take() else {
+            return;
+        };
+        self.counts.aborted.fetch_add(1, Ordering::Relaxed);
+        let requests = self
+            .requests
+            .lock()
+            .map(|r| summaries(&r))
+            .unwrap_or_default();
+        rec.insert("time".into(), now().into());
+        rec.insert("ok".into(), false.into());
+        rec.insert("aborted".into(), true.into());
+        rec.insert(
+            "error".into(),
+            "the caller went away before the call ended".into(),
+        );
+        rec.insert(
+            "duration_ms".into(),
+            (self.started.elapsed().as_millis() as u64).into(),
+        );
+        rec.insert(
+            "requests".into(),
+            serde_json::to_value(requests).unwrap_or_default(),
+        );
+        if let Err(e) = self.audit.write(&serde_json::Value::Object(rec)) {
+            tracing::error!(error = %e, "cannot write the audit record of an aborted skill call");
+        }
+    }
+}
+
 /// The skills of this host.
 #[derive(Debug)]
 pub struct SkillHost {
@@ -108,6 +210,25 @@ pub struct SkillHost {
     skills: RwLock<BTreeMap<String, Arc<Installed>>>,
     enabled: RwLock<BTreeMap<String, Vec<String>>>,
     audit: Audit,
+    limits: AgentLimits,
+    rate: RateLimiter,
+    running: InFlight,
+    counts: CallCounts,
+}
+
+/// How calls have gone since the daemon started (its `/metrics`).
+#[derive(Debug, Default)]
+pub struct CallCounts {
+    /// The skill answered.
+    pub answered: AtomicU64,
+    /// The skill failed or was stopped (an error, a limit, a refused destination).
+    pub failed: AtomicU64,
+    /// Refused before running: the agent was past its limits.
+    pub refused: AtomicU64,
+    /// The caller went away before the answer.
+    pub aborted: AtomicU64,
+    /// Running now.
+    pub running: AtomicI64,
 }
 
 fn now() -> String {
@@ -124,6 +245,7 @@ impl SkillHost {
         runtime: SkillRuntime,
         key: Option<VerifyingKey>,
         secrets: HashMap<String, String>,
+        limits: AgentLimits,
     ) -> Result<Self, HostError> {
         let store = SkillStore::open(dir)?;
         let audit = Audit::open(&dir.join("audit.jsonl"))?;
@@ -135,6 +257,10 @@ impl SkillHost {
             skills: RwLock::default(),
             enabled: RwLock::default(),
             audit,
+            limits,
+            rate: RateLimiter::per_minute(limits.calls_per_minute),
+            running: InFlight::new(limits.in_flight),
+            counts: CallCounts::default(),
         };
         for s in host.store.all()? {
             if host.key.is_some() && !s.signed {
@@ -157,6 +283,11 @@ impl SkillHost {
         }
         *host.enabled.write().unwrap_or_else(|p| p.into_inner()) = en;
         Ok(host)
+    }
+
+    /// How calls have gone so far.
+    pub fn counts(&self) -> &CallCounts {
+        &self.counts
     }
 
     fn write_skills(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Installed>>> {
@@ -311,7 +442,10 @@ impl SkillHost {
     }
 
     /// Runs skill `name` for `caller`; an agent must have it enabled (a disabled skill
-    /// answers as if it did not exist). The call is audited whatever its outcome.
+    /// answers as if it did not exist) and be within its [`AgentLimits`]. The call is
+    /// audited whatever its outcome: refused, answered, failed, or given up by its
+    /// caller (the future dropped: written as `aborted`, with the requests the skill
+    /// had made).
     pub async fn call(
         &self,
         name: &str,
@@ -323,7 +457,8 @@ impl SkillHost {
             .get(name)
             .cloned()
             .ok_or_else(|| HostError::NotFound(name.to_owned()))?;
-        if let Caller::Agent { agent, .. } = caller {
+        let mut _slot = None;
+        if let Caller::Agent { agent, vm_id } = caller {
             let ok = self
                 .enabled
                 .read()
@@ -332,6 +467,45 @@ impl SkillHost {
                 .is_some_and(|a| a.iter().any(|x| x == agent));
             if !ok {
                 return Err(HostError::NotFound(name.to_owned()));
+            }
+            // A place among the agent's calls in flight first, so a call refused for
+            // that does not use up one of its calls for the minute.
+            let refusal = if !self.running.try_acquire(agent) {
+                Some(HostError::Busy {
+                    agent: agent.clone(),
+                    max: self.running.max(),
+                })
+            } else {
+                _slot = Some(Slot {
+                    running: &self.running,
+                    agent,
+                });
+                match self.rate.check(agent) {
+                    Decision::Allow => None,
+                    Decision::Deny { retry_after } => Some(HostError::RateLimited {
+                        agent: agent.clone(),
+                        per_minute: self.limits.calls_per_minute,
+                        retry_after_secs: retry_after.as_secs_f64().ceil() as u64,
+                    }),
+                }
+            };
+            if let Some(e) = refusal {
+                self.counts.refused.fetch_add(1, Ordering::Relaxed);
+                self.audit.write(&serde_json::json!({
+                    "time": now(),
+                    "kind": "skill_call",
+                    "skill": name,
+                    "version": installed.info.version,
+                    "caller": "agent",
+                    "agent": agent,
+                    "vm_id": vm_id,
+                    "ok": false,
+                    "refused": if matches!(e, HostError::RateLimited { .. }) { "rate limit" } else { "in flight" },
+                    "error": e.to_string(),
+                    "duration_ms": 0,
+                    "requests": [],
+                }))?;
+                return Err(e);
             }
         }
         let secrets: Vec<SecretHeader> = installed
@@ -346,29 +520,45 @@ impl SkillHost {
             })
             .collect();
         let input_text = input.to_string();
+        let seen = RequestLog::default();
+        self.counts.running.fetch_add(1, Ordering::Relaxed);
+        let mut unfinished = Unfinished {
+            audit: &self.audit,
+            counts: &self.counts,
+            started: std::time::Instant::now(),
+            requests: Arc::clone(&seen),
+            record: Some(serde_json::json!({
+                "kind": "skill_call",
+                "skill": name,
+                "version": installed.info.version,
+                "caller": if matches!(caller, Caller::Agent { .. }) { "agent" } else { "operator" },
+                "agent": match caller { Caller::Agent { agent, .. } => Some(agent.as_str()), Caller::Operator => None },
+                "vm_id": match caller { Caller::Agent { vm_id, .. } => Some(vm_id.as_str()), Caller::Operator => None },
+                "input_bytes": input_text.len(),
+            })),
+        };
         let out = self
             .runtime
-            .invoke(
+            .invoke_recording(
                 &installed.loaded,
                 &input_text,
                 secrets,
                 Arc::clone(&installed.config),
+                seen,
             )
             .await;
+        unfinished.record = None;
         let (output, error) = match out.result {
             Ok(o) => (Some(o), None),
             Err(e) => (None, Some(e.to_string())),
         };
-        let requests: Vec<RequestSummary> = out
-            .requests
-            .iter()
-            .map(|r| RequestSummary {
-                destination: r.destination.clone(),
-                allowed: r.allowed,
-                status: r.status,
-                bytes: r.bytes,
-            })
-            .collect();
+        if error.is_none() {
+            &self.counts.answered
+        } else {
+            &self.counts.failed
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        let requests = summaries(&out.requests);
         let duration_ms = out.duration.as_millis() as u64;
         let (agent, vm_id) = match caller {
             Caller::Agent { agent, vm_id } => (Some(agent.as_str()), Some(vm_id.as_str())),

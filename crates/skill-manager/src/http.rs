@@ -29,6 +29,7 @@ pub const MAX_BODY: usize = 2 << 20;
 #[derive(Clone)]
 struct AppState {
     host: Arc<SkillHost>,
+    metrics: Arc<clawos_service::Metrics>,
 }
 
 fn host_error(e: HostError) -> ErrorResponse {
@@ -41,6 +42,9 @@ fn host_error(e: HostError) -> ErrorResponse {
         HostError::NotFound(_) | HostError::NotEnabled { .. } => ErrorResponse::not_found(msg),
         HostError::Store(crate::store::StoreError::Exists(_)) => {
             ErrorResponse::new(StatusCode::CONFLICT, code::CONFLICT, msg)
+        }
+        HostError::RateLimited { .. } | HostError::Busy { .. } => {
+            ErrorResponse::new(StatusCode::TOO_MANY_REQUESTS, code::RATE_LIMITED, msg)
         }
         other => {
             tracing::error!(error = %other, "skill-manager failure");
@@ -157,6 +161,54 @@ async fn agent_auth(
     }
 }
 
+async fn metrics(State(a): State<AppState>) -> Response {
+    a.metrics.response()
+}
+
+/// The daemon's `/metrics`: skills installed, calls by outcome, calls running.
+fn registry(host: &Arc<SkillHost>) -> clawos_service::Metrics {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut m = clawos_service::Metrics::new();
+    let h = Arc::clone(host);
+    m.gauge_fn(
+        "clawos_skills_installed",
+        "Skills installed and loaded.",
+        move || h.list().len() as i64,
+    );
+    for (name, help, pick) in [
+        (
+            "clawos_skill_calls_answered_total",
+            "Skill calls the skill answered.",
+            (|c| &c.answered) as fn(&crate::host::CallCounts) -> &std::sync::atomic::AtomicU64,
+        ),
+        (
+            "clawos_skill_calls_failed_total",
+            "Skill calls that failed or were stopped at a limit.",
+            |c| &c.failed,
+        ),
+        (
+            "clawos_skill_calls_refused_total",
+            "Agents' skill calls refused at their rate or in-flight limit.",
+            |c| &c.refused,
+        ),
+        (
+            "clawos_skill_calls_aborted_total",
+            "Skill calls whose caller went away before the answer.",
+            |c| &c.aborted,
+        ),
+    ] {
+        let h = Arc::clone(host);
+        m.counter_fn(name, help, move || pick(h.counts()).load(Relaxed));
+    }
+    let h = Arc::clone(host);
+    m.gauge_fn(
+        "clawos_skill_calls_running",
+        "Skill calls running now.",
+        move || h.counts().running.load(Relaxed),
+    );
+    m
+}
+
 /// The whole router.
 pub fn router(
     host: Arc<SkillHost>,
@@ -167,6 +219,7 @@ pub fn router(
 ) -> Router {
     let state = AppState {
         host: Arc::clone(&host),
+        metrics: Arc::new(registry(&host)),
     };
     let guard = Guard::new()
         .bearer(operator_token, token_hint)
@@ -186,6 +239,7 @@ pub fn router(
         .at(routes::DISABLE, disable)
         .at(routes::CALL, call)
         .at(routes::HEALTHZ, || async { "ok\n" })
+        .at(routes::METRICS, metrics)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(state);
     let mcp_host = Arc::clone(&host);

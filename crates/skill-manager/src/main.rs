@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use clawos_skill_manager::host::SkillHost;
+use clawos_skill_manager::host::{AgentLimits, SkillHost};
 use clawos_skill_manager::outbound::Outbound;
 use clawos_skill_manager::runtime::SkillRuntime;
 
@@ -43,6 +43,13 @@ struct Args {
     /// offline demo and tests point `search.local` at the stand-in search server).
     #[arg(long = "resolve", value_name = "NAME=IP")]
     resolve: Vec<String>,
+    /// Skill calls one agent may make per minute (the whole minute's may come at once,
+    /// then one per 60 s / N). Operators' calls are not limited.
+    #[arg(long, env = "CLAWOS_SKILLS_AGENT_CALLS_PER_MINUTE", default_value_t = AgentLimits::default().calls_per_minute, value_parser = clap::value_parser!(u32).range(1..))]
+    agent_calls_per_minute: u32,
+    /// Skill calls one agent may have running at once.
+    #[arg(long, env = "CLAWOS_SKILLS_AGENT_IN_FLIGHT", default_value_t = AgentLimits::default().in_flight as u64, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    agent_in_flight: u64,
     #[command(flatten)]
     log: clawos_service::LogArgs,
 }
@@ -114,7 +121,11 @@ fn main() -> Result<()> {
     rt.block_on(async move {
         let outbound = Outbound::new(&resolve).map_err(anyhow::Error::msg)?;
         let runtime = SkillRuntime::new(Some(&dir.join("compiled")), outbound)?;
-        let host = Arc::new(SkillHost::open(&dir, runtime, key, secrets)?);
+        let limits = AgentLimits {
+            calls_per_minute: a.agent_calls_per_minute,
+            in_flight: a.agent_in_flight as usize,
+        };
+        let host = Arc::new(SkillHost::open(&dir, runtime, key, secrets, limits)?);
         let verifier = Arc::new(clawos_agent_token::Verifier::new(
             clawos_agent_token::VerifierConfig::new(&a.issuer, &a.audience),
         ));

@@ -2,7 +2,8 @@
 //! per skill enabled for the calling agent, named and described by the skill's
 //! manifest, its input schema the manifest's. Who calls is the agent the verified JWT
 //! names ([`AgentIdentity`], put in the request by [`crate::http`]); nothing in the
-//! MCP messages can change it.
+//! MCP messages can change it. A call past the agent's limits is answered as the
+//! tool's error, which the model reads.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -87,7 +88,15 @@ impl ServerHandler for SkillsMcp {
             agent: who.agent,
             vm_id: who.vm_id,
         };
-        match self.host.call(&request.name, &caller, &input).await {
+        // A call the client gave up on (MCP cancellation, or its connection gone) is
+        // dropped here: the sandbox stops, and the host audits it as aborted.
+        let answer = tokio::select! {
+            a = self.host.call(&request.name, &caller, &input) => a,
+            () = context.ct.cancelled() => {
+                return Err(McpError::internal_error("the call was cancelled", None));
+            }
+        };
+        match answer {
             Ok(r) => Ok(match (r.output, r.error) {
                 (Some(out), _) => CallToolResult::success(vec![ContentBlock::text(out)]),
                 (None, e) => CallToolResult::error(vec![ContentBlock::text(
@@ -95,6 +104,10 @@ impl ServerHandler for SkillsMcp {
                 )]),
             }
             .into()),
+            // The model is told, as the tool's answer, and can wait and try again.
+            Err(e @ (HostError::RateLimited { .. } | HostError::Busy { .. })) => {
+                Ok(CallToolResult::error(vec![ContentBlock::text(e.to_string())]).into())
+            }
             Err(HostError::NotFound(name)) => Err(McpError::invalid_params(
                 format!("no tool named {name:?}"),
                 None,

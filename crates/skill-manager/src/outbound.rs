@@ -138,16 +138,24 @@ impl Outbound {
 pub struct CallHooks {
     pub outbound: Outbound,
     pub policy: OutboundPolicy,
-    pub records: Arc<Mutex<Vec<RequestRecord>>>,
+    pub records: RequestLog,
     requests: u32,
 }
 
+/// The requests a call made so far, readable while it runs (and after it was dropped).
+pub type RequestLog = Arc<Mutex<Vec<RequestRecord>>>;
+
 impl CallHooks {
     pub fn new(outbound: Outbound, policy: OutboundPolicy) -> Self {
+        Self::recording(outbound, policy, RequestLog::default())
+    }
+
+    /// Hooks that record the call's requests into `records`.
+    pub fn recording(outbound: Outbound, policy: OutboundPolicy, records: RequestLog) -> Self {
         Self {
             outbound,
             policy,
-            records: Arc::default(),
+            records,
             requests: 0,
         }
     }

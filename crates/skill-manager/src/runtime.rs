@@ -25,7 +25,9 @@ use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use crate::SkillError;
 use crate::manifest::SkillManifest;
-use crate::outbound::{CallHooks, Outbound, OutboundPolicy, RequestRecord, SecretHeader};
+use crate::outbound::{
+    CallHooks, Outbound, OutboundPolicy, RequestLog, RequestRecord, SecretHeader,
+};
 
 /// How often the epoch advances: the resolution of the CPU deadline.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -345,7 +347,14 @@ impl SkillRuntime {
     /// Calls the skill's `describe` (a check at install: the component runs).
     pub async fn describe(&self, skill: &LoadedSkill) -> CallOutcome {
         let config = Arc::new(skill.manifest.config.clone());
-        self.run(skill, Vec::new(), config, Entry::Describe).await
+        self.run(
+            skill,
+            Vec::new(),
+            config,
+            Entry::Describe,
+            RequestLog::default(),
+        )
+        .await
     }
 
     /// Runs the skill's `invoke` on `input` with the secrets its manifest names and its
@@ -357,6 +366,20 @@ impl SkillRuntime {
         secrets: Vec<SecretHeader>,
         config: Arc<BTreeMap<String, String>>,
     ) -> CallOutcome {
+        self.invoke_recording(skill, input, secrets, config, RequestLog::default())
+            .await
+    }
+
+    /// [`Self::invoke`], recording each outgoing request into `requests` as it is
+    /// decided, so a caller that gives up on the call still knows what it reached.
+    pub async fn invoke_recording(
+        &self,
+        skill: &LoadedSkill,
+        input: &str,
+        secrets: Vec<SecretHeader>,
+        config: Arc<BTreeMap<String, String>>,
+        requests: RequestLog,
+    ) -> CallOutcome {
         if input.len() > MAX_INPUT {
             return CallOutcome {
                 result: Err(SkillError::Failed {
@@ -367,8 +390,14 @@ impl SkillRuntime {
                 log: Vec::new(),
             };
         }
-        self.run(skill, secrets, config, Entry::Invoke(input.to_owned()))
-            .await
+        self.run(
+            skill,
+            secrets,
+            config,
+            Entry::Invoke(input.to_owned()),
+            requests,
+        )
+        .await
     }
 
     async fn run(
@@ -377,6 +406,7 @@ impl SkillRuntime {
         secrets: Vec<SecretHeader>,
         config: Arc<BTreeMap<String, String>>,
         entry: Entry,
+        records: RequestLog,
     ) -> CallOutcome {
         let started = Instant::now();
         let limits = &skill.manifest.limits;
@@ -385,8 +415,7 @@ impl SkillRuntime {
             secrets,
             response_max: limits.response_kib as usize * 1024,
         };
-        let hooks = CallHooks::new(self.outbound.clone(), policy);
-        let records = Arc::clone(&hooks.records);
+        let hooks = CallHooks::recording(self.outbound.clone(), policy, Arc::clone(&records));
         // Inherits nothing; sockets and name lookup off (wasi:http is the only way out).
         let wasi = wasmtime_wasi::WasiCtxBuilder::new()
             .allow_tcp(false)
