@@ -299,9 +299,43 @@ fn agents_see_and_call_only_their_skills_over_mcp_and_every_call_is_audited() {
     std::fs::copy(&key_path, state.join("signing.key")).expect("key");
     let o = clawos(&["skill", "sign", cli_dir.to_str().expect("utf-8")]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = clawos(&["skill", "install", cli_dir.to_str().expect("utf-8")]);
+    // Packed into one file (named after the skill, here), installed from the file.
+    let o = Command::new(clawos_e2e::bin("clawos"))
+        .args(["skill", "pack", cli_dir.to_str().expect("utf-8")])
+        .current_dir(work.path())
+        .output()
+        .expect("clawos");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let packed = work.path().join("echo2-1.0.0.skill");
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("into echo2-1.0.0.skill"),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let o = clawos(&["skill", "install", packed.to_str().expect("utf-8")]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stdout).contains("installed echo2 1.0.0 (signed"));
+    // A packed file with something else in it: refused before anything is sent.
+    let stray = work.path().join("stray.skill");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(&cli_dir)
+        .arg("-cf")
+        .arg(&stray)
+        .args(["skill.toml", "skill.wasm", "skill.sig"])
+        .arg("-C")
+        .arg(work.path())
+        .arg("signing.key")
+        .status()
+        .expect("tar");
+    assert!(st.success());
+    let o = clawos(&["skill", "install", stray.to_str().expect("utf-8")]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("holds \"signing.key\""),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = clawos(&["skill", "rm", "no-such-skill"]);
     assert_eq!(
         o.status.code(),

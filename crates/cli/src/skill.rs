@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, anyhow};
+use anyhow::anyhow;
 use base64::Engine as _;
 use clap::{Args, Subcommand};
 use clawos_skill_manager_api::{CallSkill, InstallSkill, SkillsClient};
@@ -24,10 +24,13 @@ pub struct SkillArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum SkillCmd {
-    /// Install a skill bundle directory (skill.toml, skill.wasm, optional SKILL.md and
-    /// skill.sig). The skill-manager checks the signature when it has a key.
+    /// Install a skill bundle: a directory (skill.toml, skill.wasm, optional SKILL.md
+    /// and skill.sig) or a file `clawos skill pack` made. The skill-manager checks the
+    /// signature when it has a key.
     Install {
-        dir: PathBuf,
+        /// The bundle directory or packed file.
+        #[arg(value_name = "DIR|FILE")]
+        bundle: PathBuf,
         /// Override a setting of the manifest's [config] on this host (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
@@ -48,6 +51,15 @@ pub enum SkillCmd {
         #[arg(long)]
         key: Option<PathBuf>,
     },
+    /// Pack a bundle directory into one file to hand around (`<name>-<version>.skill`,
+    /// a plain tar of its files; sign first, the signature goes in with them). Works
+    /// on local files; needs no skill-manager.
+    Pack {
+        dir: PathBuf,
+        /// Where to write it [default: `<name>-<version>.skill` here].
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
     /// Call a skill as the operator (audited as the operator's).
     Call {
         name: String,
@@ -57,22 +69,17 @@ pub enum SkillCmd {
     },
 }
 
-fn read_optional(path: &Path) -> Result<Option<String>, Exit> {
-    match std::fs::read_to_string(path) {
-        Ok(s) => Ok(Some(s)),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Exit(1, anyhow!("{}: {e}", path.display()))),
-    }
-}
-
-fn install_request(dir: &Path, set: &[String]) -> Result<InstallSkill, Exit> {
-    let usage = |e: anyhow::Error| Exit(2, e);
-    let manifest = std::fs::read_to_string(dir.join("skill.toml"))
-        .with_context(|| format!("{}", dir.join("skill.toml").display()))
-        .map_err(usage)?;
-    let wasm = std::fs::read(dir.join("skill.wasm"))
-        .with_context(|| format!("{}", dir.join("skill.wasm").display()))
-        .map_err(usage)?;
+fn install_request(bundle: &Path, set: &[String]) -> Result<InstallSkill, Exit> {
+    let usage = |e: clawos_skill_bundle::BundleError| Exit(2, e.into());
+    let files = if bundle.is_dir() {
+        clawos_skill_bundle::bundle::files(bundle).map_err(usage)?
+    } else {
+        clawos_skill_bundle::bundle::unpack(bundle).map_err(usage)?
+    };
+    let text = |what: &str, bytes: Vec<u8>| {
+        String::from_utf8(bytes)
+            .map_err(|_| Exit(2, anyhow!("{}: {what} is not UTF-8", bundle.display())))
+    };
     let mut config = BTreeMap::new();
     for s in set {
         let (k, v) = s
@@ -81,10 +88,13 @@ fn install_request(dir: &Path, set: &[String]) -> Result<InstallSkill, Exit> {
         config.insert(k.to_owned(), v.to_owned());
     }
     Ok(InstallSkill {
-        manifest,
-        component_base64: base64::engine::general_purpose::STANDARD.encode(wasm),
-        instructions: read_optional(&dir.join("SKILL.md"))?,
-        signature: read_optional(&dir.join("skill.sig"))?,
+        manifest: text("skill.toml", files.manifest)?,
+        component_base64: base64::engine::general_purpose::STANDARD.encode(files.component),
+        instructions: files
+            .instructions
+            .map(|b| text("SKILL.md", b))
+            .transpose()?,
+        signature: files.signature.map(|b| text("skill.sig", b)).transpose()?,
         config,
     })
 }
@@ -92,7 +102,7 @@ fn install_request(dir: &Path, set: &[String]) -> Result<InstallSkill, Exit> {
 impl SkillArgs {
     /// Whether the command works on local files only (signing).
     pub fn is_local_file_command(&self) -> bool {
-        matches!(self.cmd, SkillCmd::Sign { .. })
+        matches!(self.cmd, SkillCmd::Sign { .. } | SkillCmd::Pack { .. })
     }
 }
 
@@ -111,10 +121,44 @@ fn sign(dir: &Path, key: Option<PathBuf>, json: bool) -> Result<(), Exit> {
     Ok(())
 }
 
+/// `clawos skill pack`.
+fn pack(dir: &Path, output: Option<PathBuf>, json: bool) -> Result<(), Exit> {
+    let out = match output {
+        Some(o) => o,
+        None => {
+            let f = clawos_skill_bundle::bundle::files(dir).map_err(|e| Exit(2, e.into()))?;
+            let m = clawos_skill_bundle::manifest::SkillManifest::parse(&String::from_utf8_lossy(
+                &f.manifest,
+            ))
+            .map_err(|e| Exit(2, e.into()))?;
+            PathBuf::from(format!("{}-{}.skill", m.name, m.version))
+        }
+    };
+    clawos_skill_bundle::bundle::pack(dir, &out).map_err(|e| Exit(1, e.into()))?;
+    let signed = dir.join("skill.sig").is_file();
+    if json {
+        print_json(&serde_json::json!({"path": out, "signed": signed})).map_err(|e| Exit(1, e))?;
+    } else {
+        println!(
+            "packed {} into {}{}",
+            dir.display(),
+            out.display(),
+            if signed {
+                ""
+            } else {
+                " (unsigned: `clawos skill sign` it first for a host with a signing key)"
+            }
+        );
+    }
+    Ok(())
+}
+
 /// Runs against the local skill-manager with its operator credential.
 pub fn run_local(args: SkillArgs, json: bool) -> Result<(), Exit> {
-    if let SkillCmd::Sign { dir, key } = args.cmd {
-        return sign(&dir, key, json);
+    match args.cmd {
+        SkillCmd::Sign { dir, key } => return sign(&dir, key, json),
+        SkillCmd::Pack { dir, output } => return pack(&dir, output, json),
+        _ => {}
     }
     let token = clawos_skill_manager_api::local_token(&state_dir()).map_err(|why| {
         Exit(
@@ -130,8 +174,8 @@ pub fn run_local(args: SkillArgs, json: bool) -> Result<(), Exit> {
 
 pub async fn run(cmd: SkillCmd, client: &SkillsClient, json: bool) -> Result<(), Exit> {
     match cmd {
-        SkillCmd::Install { dir, set } => {
-            let req = install_request(&dir, &set)?;
+        SkillCmd::Install { bundle, set } => {
+            let req = install_request(&bundle, &set)?;
             let info = client.install(&req).await.map_err(api_exit)?;
             if json {
                 print_json(&info).map_err(|e| Exit(1, e))?;
@@ -172,6 +216,7 @@ pub async fn run(cmd: SkillCmd, client: &SkillsClient, json: bool) -> Result<(),
             client.disable(&name, &agent).await.map_err(api_exit)?
         }
         SkillCmd::Sign { dir, key } => return sign(&dir, key, json),
+        SkillCmd::Pack { dir, output } => return pack(&dir, output, json),
         SkillCmd::Call { name, input } => {
             let input: serde_json::Value = serde_json::from_str(&input)
                 .map_err(|e| Exit(2, anyhow!("--input is not JSON: {e}")))?;

@@ -11,6 +11,11 @@
 //!
 //! A bundle is read once, each file opened without following links and size-capped,
 //! so what is checked is what is installed.
+//!
+//! The same files packed into one file to hand around ([`pack`], `<name>-<version>.skill`):
+//! an uncompressed tar of just those names, in that order, each a regular file with
+//! fixed owner, mode and time (so packing the same bundle twice gives the same bytes);
+//! [`unpack`] reads one back with the same caps and takes nothing else.
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
@@ -104,19 +109,170 @@ fn required(dir: &Path, name: &str, max: u64) -> Result<Vec<u8>, BundleError> {
     })
 }
 
+/// A bundle's files as read, from a directory or a packed file: not checked yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BundleFiles {
+    pub manifest: Vec<u8>,
+    pub component: Vec<u8>,
+    pub instructions: Option<Vec<u8>>,
+    pub signature: Option<Vec<u8>>,
+}
+
+/// Reads the files of a bundle directory (each capped, no links), checking nothing
+/// else.
+pub fn files(dir: &Path) -> Result<BundleFiles, BundleError> {
+    Ok(BundleFiles {
+        manifest: required(dir, MANIFEST_FILE, MAX_MANIFEST)?,
+        component: required(dir, COMPONENT_FILE, MAX_COMPONENT)?,
+        instructions: read_part(dir, INSTRUCTIONS_FILE, MAX_INSTRUCTIONS)?,
+        signature: read_part(dir, SIGNATURE_FILE, MAX_SIGNATURE)?,
+    })
+}
+
+/// Largest `skill.sig` read.
+const MAX_SIGNATURE: u64 = 1024;
+
+/// Each name a bundle may hold, its cap, in the order a packed bundle holds them.
+const PARTS: [(&str, u64); 4] = [
+    (MANIFEST_FILE, MAX_MANIFEST),
+    (COMPONENT_FILE, MAX_COMPONENT),
+    (INSTRUCTIONS_FILE, MAX_INSTRUCTIONS),
+    (SIGNATURE_FILE, MAX_SIGNATURE),
+];
+
+/// Largest packed bundle read: every part at its cap, and a tar header and padding
+/// for each, and the end marker.
+const MAX_PACKED: u64 = MAX_MANIFEST + MAX_COMPONENT + MAX_INSTRUCTIONS + MAX_SIGNATURE + 16 * 1024;
+
+/// Packs the bundle directory `dir` into the file `out` (written whole or not at all).
+/// The manifest is checked first, so a bundle that would be refused at install is not
+/// packed; a signature is packed as it is (it is checked at install).
+pub fn pack(dir: &Path, out: &Path) -> Result<(), BundleError> {
+    let f = files(dir)?;
+    SkillManifest::parse(&String::from_utf8_lossy(&f.manifest))?;
+    let err = |reason: String| BundleError::Bundle {
+        path: out.to_owned(),
+        reason,
+    };
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let tmp = tempfile::NamedTempFile::new_in(parent).map_err(|e| err(e.to_string()))?;
+    let mut tar = tar::Builder::new(std::io::BufWriter::new(tmp));
+    let parts = [
+        (MANIFEST_FILE, Some(&f.manifest)),
+        (COMPONENT_FILE, Some(&f.component)),
+        (INSTRUCTIONS_FILE, f.instructions.as_ref()),
+        (SIGNATURE_FILE, f.signature.as_ref()),
+    ];
+    for (name, bytes) in parts {
+        let Some(bytes) = bytes else { continue };
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        tar.append_data(&mut h, name, bytes.as_slice())
+            .map_err(|e| err(e.to_string()))?;
+    }
+    let tmp = tar
+        .into_inner()
+        .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+        .map_err(|e| err(e.to_string()))?;
+    tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
+    tmp.persist(out).map_err(|e| err(e.error.to_string()))?;
+    Ok(())
+}
+
+/// Reads a packed bundle (see the module docs): the file itself no link and capped;
+/// inside, only the bundle's own names, each once, each a regular file within its cap
+/// (a `./` prefix and a `.` directory, as `tar -C DIR -cf FILE .` writes, are
+/// accepted).
+pub fn unpack(file: &Path) -> Result<BundleFiles, BundleError> {
+    let err = |reason: String| BundleError::Bundle {
+        path: file.to_owned(),
+        reason,
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(file)
+        .map_err(|e| {
+            if e.raw_os_error() == Some(libc::ELOOP) {
+                err("is a symbolic link".into())
+            } else {
+                err(e.to_string())
+            }
+        })?;
+    let meta = f.metadata().map_err(|e| err(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(err("is not a regular file".into()));
+    }
+    if meta.len() > MAX_PACKED {
+        return Err(err(format!("is larger than {MAX_PACKED} bytes")));
+    }
+    let mut archive = tar::Archive::new(std::io::BufReader::new(f.take(MAX_PACKED)));
+    let entries = archive
+        .entries()
+        .map_err(|e| err(format!("is not a packed skill bundle (tar): {e}")))?;
+    let mut found: [Option<Vec<u8>>; 4] = Default::default();
+    for entry in entries {
+        let entry = entry.map_err(|e| err(format!("is not a packed skill bundle (tar): {e}")))?;
+        let raw = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw).into_owned();
+        let name = shown.strip_prefix("./").unwrap_or(&shown);
+        let kind = entry.header().entry_type();
+        if kind.is_dir() && (name.is_empty() || name == ".") {
+            continue;
+        }
+        let Some(i) = PARTS.iter().position(|(n, _)| *n == name) else {
+            return Err(err(format!(
+                "holds {shown:?}: a skill bundle has only {MANIFEST_FILE}, {COMPONENT_FILE}, {INSTRUCTIONS_FILE} and {SIGNATURE_FILE}"
+            )));
+        };
+        if !kind.is_file() {
+            return Err(err(format!("{name} in it is not a regular file")));
+        }
+        if found[i].is_some() {
+            return Err(err(format!("holds {name} twice")));
+        }
+        let max = PARTS[i].1;
+        if entry.size() > max {
+            return Err(err(format!("{name} in it is larger than {max} bytes")));
+        }
+        let mut bytes = Vec::with_capacity(entry.size() as usize);
+        entry
+            .take(max + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| err(format!("{name} in it: {e}")))?;
+        if bytes.len() as u64 > max {
+            return Err(err(format!("{name} in it is larger than {max} bytes")));
+        }
+        found[i] = Some(bytes);
+    }
+    let [manifest, component, instructions, signature] = found;
+    let missing = |name: &str| err(format!("has no {name}"));
+    Ok(BundleFiles {
+        manifest: manifest.ok_or_else(|| missing(MANIFEST_FILE))?,
+        component: component.ok_or_else(|| missing(COMPONENT_FILE))?,
+        instructions,
+        signature,
+    })
+}
+
 /// Reads a bundle directory and checks its manifest and signature. With a key, the
 /// bundle must be signed by it; without one an unsigned bundle is accepted (and a
 /// signature present is still checked against nothing: `signed` stays false).
 pub fn read(dir: &Path, key: Option<&VerifyingKey>) -> Result<Bundle, BundleError> {
-    let manifest = required(dir, MANIFEST_FILE, MAX_MANIFEST)?;
-    let component = required(dir, COMPONENT_FILE, MAX_COMPONENT)?;
-    let instructions = read_part(dir, INSTRUCTIONS_FILE, MAX_INSTRUCTIONS)?;
-    let signature = read_part(dir, SIGNATURE_FILE, 1024)?;
+    let f = files(dir)?;
     from_parts(
-        manifest,
-        component,
-        instructions,
-        signature.as_deref(),
+        f.manifest,
+        f.component,
+        f.instructions,
+        f.signature.as_deref(),
         key,
         &dir.join(SIGNATURE_FILE),
     )
@@ -303,5 +459,146 @@ mod tests {
         std::fs::remove_file(d.path().join(MANIFEST_FILE)).expect("rm");
         let e = read(d.path(), None).expect_err("missing");
         assert!(e.to_string().ends_with("skill.toml: is missing"), "{e}");
+    }
+
+    #[test]
+    fn a_packed_bundle_holds_the_same_files_and_packs_to_the_same_bytes() {
+        let d = bundle_dir();
+        std::fs::write(d.path().join(INSTRUCTIONS_FILE), "Use it.").expect("write");
+        let k = key(7);
+        sign(d.path(), &k).expect("sign");
+        let out = tempfile::tempdir().expect("tempdir");
+        let (one, two) = (out.path().join("1.skill"), out.path().join("2.skill"));
+        pack(d.path(), &one).expect("pack");
+        pack(d.path(), &two).expect("pack again");
+        assert_eq!(std::fs::read(&one).ok(), std::fs::read(&two).ok());
+        let f = unpack(&one).expect("unpack");
+        assert_eq!(f, files(d.path()).expect("files"));
+        let b = from_parts(
+            f.manifest,
+            f.component,
+            f.instructions,
+            f.signature.as_deref(),
+            Some(&k.verifying_key()),
+            &one,
+        )
+        .expect("verifies");
+        assert!(b.signed);
+        // The system's tar reads it as four plain files, and a bundle it packed
+        // (`tar -C DIR -cf FILE .`) is read back the same.
+        let listed = std::process::Command::new("tar")
+            .arg("-tvf")
+            .arg(&one)
+            .output()
+            .expect("tar");
+        let listed = String::from_utf8_lossy(&listed.stdout);
+        assert_eq!(listed.lines().count(), 4, "{listed}");
+        assert!(
+            listed.lines().all(|l| l.starts_with("-rw-r--r-- 0/0")),
+            "{listed}"
+        );
+        let by_tar = out.path().join("tar.skill");
+        let st = std::process::Command::new("tar")
+            .arg("-C")
+            .arg(d.path())
+            .arg("-cf")
+            .arg(&by_tar)
+            .arg(".")
+            .status()
+            .expect("tar");
+        assert!(st.success());
+        assert_eq!(
+            unpack(&by_tar).expect("unpack"),
+            files(d.path()).expect("files")
+        );
+    }
+
+    /// A packed file built by hand, entry by entry: (name, type, declared size, data).
+    fn packed(entries: &[(&str, tar::EntryType, &[u8])]) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().expect("tempdir");
+        let path = d.path().join("b.skill");
+        let mut t = tar::Builder::new(std::fs::File::create(&path).expect("create"));
+        for (name, kind, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            // Written raw: the builder's own path checks would stop `../` early.
+            h.as_gnu_mut().expect("gnu").name[..name.len()].copy_from_slice(name.as_bytes());
+            if kind.is_symlink() {
+                h.set_link_name("/etc/passwd").expect("link");
+            }
+            h.set_cksum();
+            t.append(&h, *data).expect("append");
+        }
+        t.finish().expect("finish");
+        (d, path)
+    }
+
+    #[test]
+    fn a_packed_bundle_with_anything_else_in_it_is_refused_by_name() {
+        use tar::EntryType::{Directory, Regular, Symlink};
+        let m = MANIFEST.as_bytes();
+        let w = &b"\0asm"[..];
+        let cases: [(&[(&str, tar::EntryType, &[u8])], &str); 6] = [
+            (
+                &[
+                    (MANIFEST_FILE, Regular, m),
+                    (COMPONENT_FILE, Regular, w),
+                    ("../evil", Regular, b"x"),
+                ],
+                "holds \"../evil\": a skill bundle has only",
+            ),
+            (
+                &[(MANIFEST_FILE, Regular, m), (COMPONENT_FILE, Symlink, b"")],
+                "skill.wasm in it is not a regular file",
+            ),
+            (
+                &[
+                    (MANIFEST_FILE, Regular, m),
+                    (COMPONENT_FILE, Regular, w),
+                    (MANIFEST_FILE, Regular, m),
+                ],
+                "holds skill.toml twice",
+            ),
+            (&[(MANIFEST_FILE, Regular, m)], "has no skill.wasm"),
+            (
+                &[
+                    (MANIFEST_FILE, Regular, m),
+                    ("sub", Directory, b""),
+                    (COMPONENT_FILE, Regular, w),
+                ],
+                "holds \"sub\"",
+            ),
+            (
+                &[
+                    (MANIFEST_FILE, Regular, &[b'x'; (MAX_MANIFEST + 1) as usize]),
+                    (COMPONENT_FILE, Regular, w),
+                ],
+                "skill.toml in it is larger than 65536 bytes",
+            ),
+        ];
+        for (entries, why) in cases {
+            let (_d, path) = packed(entries);
+            let e = unpack(&path).expect_err(why);
+            assert!(e.to_string().contains(why), "{why:?} in {e}");
+        }
+        // Not a tar at all; a link to one; a directory.
+        let d = tempfile::tempdir().expect("tempdir");
+        let junk = d.path().join("junk.skill");
+        std::fs::write(&junk, vec![0x5a; 2048]).expect("write");
+        let e = unpack(&junk).expect_err("junk");
+        assert!(
+            e.to_string().contains("is not a packed skill bundle"),
+            "{e}"
+        );
+        let (_keep, good) = packed(&[(MANIFEST_FILE, Regular, m), (COMPONENT_FILE, Regular, w)]);
+        assert!(unpack(&good).is_ok());
+        let link = d.path().join("link.skill");
+        std::os::unix::fs::symlink(&good, &link).expect("symlink");
+        let e = unpack(&link).expect_err("link");
+        assert!(e.to_string().ends_with("is a symbolic link"), "{e}");
+        let e = unpack(d.path()).expect_err("dir");
+        assert!(e.to_string().ends_with("is not a regular file"), "{e}");
     }
 }
