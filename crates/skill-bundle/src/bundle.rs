@@ -513,8 +513,11 @@ mod tests {
         );
     }
 
-    /// A packed file built by hand, entry by entry: (name, type, declared size, data).
-    fn packed(entries: &[(&str, tar::EntryType, &[u8])]) -> (tempfile::TempDir, PathBuf) {
+    /// One entry of a hand-built packed file: name, type, data.
+    type Entry<'a> = (&'a str, tar::EntryType, &'a [u8]);
+
+    /// A packed file built by hand, entry by entry.
+    fn packed(entries: &[Entry<'_>]) -> (tempfile::TempDir, PathBuf) {
         let d = tempfile::tempdir().expect("tempdir");
         let path = d.path().join("b.skill");
         let mut t = tar::Builder::new(std::fs::File::create(&path).expect("create"));
@@ -540,7 +543,7 @@ mod tests {
         use tar::EntryType::{Directory, Regular, Symlink};
         let m = MANIFEST.as_bytes();
         let w = &b"\0asm"[..];
-        let cases: [(&[(&str, tar::EntryType, &[u8])], &str); 6] = [
+        let cases: [(&[Entry<'_>], &str); 6] = [
             (
                 &[
                     (MANIFEST_FILE, Regular, m),
