@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine: install and build; make and sign the default agent
-# image; bring the host up (identity-manager, inference-proxy, vm-launcher); boot an agent
-# VM; give its agent a task that makes it write a file with a tool; show the answer, the
-# file (copied out of the VM) and the proxy's usage row for that agent; stop the VM.
+# image; bring the host up (identity-manager, inference-proxy, skill-manager with the
+# web-search skill signed, packed, installed and enabled for the agent, vm-launcher);
+# boot an agent VM; give its agent a task that makes it write a file with a tool and
+# search the web with the skill; show the answer, the file (copied out of the VM), the
+# skill call's audit record and the proxy's usage row for that agent; stop the VM.
 #
 # The model: with ANTHROPIC_API_KEY set, the real Anthropic API. Without it, the
-# project's scripted stand-in (clawos-scripted-model), which plays two recorded turns
-# (call the write tool, then answer) in the real API's wire format. It is not a model.
+# project's scripted stand-in (clawos-scripted-model), which plays three recorded turns
+# (call the write tool, call web-search, answer) in the real API's wire format. It is
+# not a model. The search backend is always the project's stand-in
+# (clawos-search-standin, SearXNG's JSON API over a small built-in corpus): this
+# machine reaches no search engine; point the skill at a real SearXNG with
+# `clawos skill install … --set url=…` (and an http.allow entry for it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -15,10 +21,12 @@ export CLAWOS_STATE_DIR="${CLAWOS_STATE_DIR:-$HOME/.clawos}"
 export PATH="$PWD/target/release:$PATH"
 PORT="${CLAWOS_LAUNCHER_PORT:-2080}"
 ID_PORT="${CLAWOS_IDENTITY_PORT:-2082}"
+SKILLS_PORT="${CLAWOS_SKILLS_PORT:-2083}"
 PROXY_PORT="${CLAWOS_PROXY_PORT:-11435}"
 export CLAWOS_LAUNCHER_URL="http://127.0.0.1:$PORT"
 export CLAWOS_IDENTITY_URL="http://127.0.0.1:$ID_PORT"
 export CLAWOS_PROXY_URL="http://127.0.0.1:$PROXY_PORT"
+export CLAWOS_SKILLS_URL="http://127.0.0.1:$SKILLS_PORT"
 LOGS="$CLAWOS_STATE_DIR/logs"
 mkdir -p "$CLAWOS_STATE_DIR" "$LOGS"
 
@@ -54,7 +62,15 @@ else
   echo "==> model: clawos-scripted-model, a scripted STAND-IN for the Anthropic API (set ANTHROPIC_API_KEY to use the real one)"
   MODEL="claude-sonnet-4-5"
   ANTHROPIC_API_KEY="demo-$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-  exec 3< <(CLAWOS_SCRIPTED_MODEL_KEY="$ANTHROPIC_API_KEY" clawos-scripted-model --addr 127.0.0.1:0 2>"$LOGS/scripted-model.log")
+  SCRIPT="$CLAWOS_STATE_DIR/demo-script.json"
+  cat >"$SCRIPT" <<'JSON'
+{"turns": [
+  {"tool_use": [{"name": "write_file", "input": {"path": "hello.txt", "content": "Hello from your ClawOS agent.\n"}}]},
+  {"tool_use": [{"name": "web-search", "input": {"query": "what is clawos", "count": 2}}], "expect_tool_result": true},
+  {"text": "I wrote hello.txt in the workspace, and searched the web: ClawOS runs autonomous AI agents in hardened microVMs.", "expect_tool_result": true}
+]}
+JSON
+  exec 3< <(CLAWOS_SCRIPTED_MODEL_KEY="$ANTHROPIC_API_KEY" clawos-scripted-model --addr 127.0.0.1:0 --script "$SCRIPT" 2>"$LOGS/scripted-model.log")
   PIDS+=($!)
   read -r line <&3
   UPSTREAM="${line#listening on }"
@@ -67,9 +83,32 @@ PIDS+=($!)
 unset ANTHROPIC_API_KEY
 wait_http "$CLAWOS_PROXY_URL/healthz" inference-proxy "$LOGS/inference-proxy.log"
 
+echo "==> search backend: clawos-search-standin on 127.0.0.1:8888, a STAND-IN for a SearXNG instance (log: $LOGS/search-standin.log)"
+clawos-search-standin --addr 127.0.0.1:8888 >"$LOGS/search-standin.log" 2>&1 &
+PIDS+=($!)
+wait_http "http://127.0.0.1:8888/healthz" clawos-search-standin "$LOGS/search-standin.log"
+
+echo "==> skill-manager on 127.0.0.1:$SKILLS_PORT: skills signed by the image key only (log: $LOGS/skill-manager.log)"
+skill-manager --addr "127.0.0.1:$SKILLS_PORT" --issuer "$CLAWOS_IDENTITY_URL" \
+  --signing-pubkey "$PUBKEY" --resolve search.local=127.0.0.1 \
+  >"$LOGS/skill-manager.log" 2>&1 &
+PIDS+=($!)
+wait_http "$CLAWOS_SKILLS_URL/healthz" skill-manager "$LOGS/skill-manager.log"
+echo "==> the web-search skill: clawos skill sign, pack, install, enable web-search my-agent"
+BUNDLE="$CLAWOS_STATE_DIR/bundles/web-search"
+mkdir -p "$BUNDLE"
+cp skills/web-search/skill.toml skills/web-search/skill.wasm "$BUNDLE/"
+clawos skill sign "$BUNDLE" --key "$KEY"
+clawos skill pack "$BUNDLE" --output "$CLAWOS_STATE_DIR/bundles/web-search.skill"
+clawos skill rm web-search >/dev/null 2>&1 || true   # a second run installs it afresh
+clawos skill install "$CLAWOS_STATE_DIR/bundles/web-search.skill"
+clawos skill enable web-search my-agent
+clawos skill list
+
 echo "==> vm-launcher on 127.0.0.1:$PORT (log: $LOGS/vm-launcher.log)"
 vm-launcher --addr "127.0.0.1:$PORT" --image "$IMAGE" \
   --identity-url "$CLAWOS_IDENTITY_URL" --inference-proxy-url "$CLAWOS_PROXY_URL" \
+  --skill-manager-url "$CLAWOS_SKILLS_URL" \
   >"$LOGS/vm-launcher.log" 2>&1 &
 PIDS+=($!)
 wait_http "$CLAWOS_LAUNCHER_URL/healthz" vm-launcher "$LOGS/vm-launcher.log"
@@ -78,10 +117,12 @@ echo "==> clawos vm start my-agent --model $MODEL --mem 512"
 clawos vm start my-agent --model "$MODEL" --mem 512
 clawos vm list
 echo "==> clawos agent run my-agent --message '...'"
-clawos agent run my-agent --message "Write a short greeting to the file hello.txt in your workspace, then tell me what you did."
+clawos agent run my-agent --message "Write a short greeting to the file hello.txt in your workspace, search the web for what ClawOS is, then tell me what you did."
 echo "==> the file, copied out of the VM (clawos vm cp my-agent:/workspace/hello.txt ...)"
 clawos vm cp my-agent:/workspace/hello.txt "$CLAWOS_STATE_DIR/hello.txt"
 cat "$CLAWOS_STATE_DIR/hello.txt"
+echo "==> skill-manager's audit record of the search ($CLAWOS_STATE_DIR/skills/audit.jsonl)"
+tail -n 1 "$CLAWOS_STATE_DIR/skills/audit.jsonl"
 echo "==> the proxy's ledger for this agent (clawos usage --agent my-agent)"
 clawos usage --agent my-agent
 echo "==> clawos vm stop my-agent (its agent token is revoked)"

@@ -82,7 +82,7 @@ echo "==> building guest binaries (static)"
 scripts/build-guest.sh >/dev/null
 echo "==> building clawos and the host daemons (${CLAWOS_PROFILE:-release})"
 if [ "${CLAWOS_PROFILE:-release}" = release ]; then
-  cargo build --release --locked -p clawos-cli -p clawos-vm-launcher -p clawos-identity-manager -p clawos-inference-proxy -p clawos-monitor -p clawos-scripted-model -p clawos-skill-build
+  cargo build --release --locked -p clawos-cli -p clawos-vm-launcher -p clawos-identity-manager -p clawos-inference-proxy -p clawos-monitor -p clawos-scripted-model -p clawos-skill-build -p clawos-skill-manager -p clawos-search-standin
 else
   cargo build --locked --workspace
 fi
