@@ -33,6 +33,13 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// One GET of `url`, answered with success, its body read.
+async fn get_ok(c: &reqwest::Client, url: &str, token: &str) {
+    let r = c.get(url).bearer_auth(token).send().await.expect("request");
+    assert!(r.status().is_success(), "{url}: {}", r.status());
+    r.bytes().await.expect("body");
+}
+
 /// `n` GETs of `url` from `clients` tasks, each on its own keep-alive client: the
 /// latencies, sorted.
 async fn latencies(
@@ -50,14 +57,7 @@ async fn latencies(
             let mut out = Vec::with_capacity(per);
             for _ in 0..per {
                 let t = Instant::now();
-                let r = c
-                    .get(&url)
-                    .bearer_auth(&token)
-                    .send()
-                    .await
-                    .expect("request");
-                assert!(r.status().is_success(), "{url}: {}", r.status());
-                r.bytes().await.expect("body");
+                get_ok(&c, &url, &token).await;
                 out.push(t.elapsed());
             }
             out
@@ -105,14 +105,7 @@ async fn paced_latencies(
                 } else {
                     tokio::time::Instant::now()
                 };
-                let r = c
-                    .get(&url)
-                    .bearer_auth(&token)
-                    .send()
-                    .await
-                    .expect("request");
-                assert!(r.status().is_success(), "{url}: {}", r.status());
-                r.bytes().await.expect("body");
+                get_ok(&c, &url, &token).await;
                 answered = tokio::time::Instant::now();
                 out.push(answered - from);
             }

@@ -3,9 +3,12 @@
 //! name, refused in a VM too small for it, booted in 2 GiB, given a task through
 //! `clawos agent run` — OpenClaw calls the (scripted) model through the guest relay, the
 //! launcher's relay (the VM's own JWT) and inference-proxy (the only API key), runs its
-//! own write tool in the workspace, and answers through the launcher, which adds the
-//! gateway's per-boot token. Then: no credential in the guest, the gateway killed and
-//! restarted by the guest agent, its console lines prefixed.
+//! own write tool in the workspace, finds the host's `web-search` skill with its Tool
+//! Search and calls it (`clawos__web-search` through `tool_call`: OpenClaw's own MCP
+//! client, Streamable HTTP through the guest's skills relay to skill-manager, the real
+//! component querying the stand-in search backend), and answers through the launcher, which adds the gateway's
+//! per-boot token. Then: no credential in the guest, the gateway killed and restarted
+//! by the guest agent, its console lines prefixed.
 //!
 //! Under software emulation this is the slowest test (about 14 minutes): some 4.5 minutes
 //! to the gateway's first readiness, 2.5 for its first turn, 5 for a restart. It prints
@@ -14,11 +17,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use clawos_e2e::skills::{search_backend, web_search_bundle};
 use clawos_e2e::stack::{HOST_KEY, HostServices, RecordingForwarder, ScriptedModel};
 use clawos_e2e::{
     Launcher, can_boot_vms, can_use_vsock, openclaw_image, runtime, show, vms_on_disk,
 };
 use clawos_identity_manager_api::IdentityClient;
+use clawos_skill_manager_api::SkillsClient;
 use serde_json::{Value, json};
 
 /// Builds the OpenClaw image again into `dir`, from a download cache of its own but for
@@ -48,6 +53,8 @@ fn rebuild_with_own_cache(dir: &Path) -> PathBuf {
 
 const HELLO: &str = "Hello from OpenClaw in a ClawOS VM.\n";
 const FINAL_TEXT: &str = "I wrote hello.txt in the workspace.";
+/// The title of the stand-in search backend's page about ClawOS.
+const SEARCH_TITLE: &str = "ClawOS: autonomous AI agents in hardened microVMs";
 
 #[test]
 fn openclaw_runs_a_task_like_the_builtin_runtime() {
@@ -77,12 +84,17 @@ fn openclaw_runs_a_task_like_the_builtin_runtime() {
         b.display()
     );
 
-    // OpenClaw's own write tool (`write`, path and content), then the answer.
+    // OpenClaw's own write tool (`write`, path and content); then the host's web-search
+    // skill: OpenClaw keeps MCP tools behind its Tool Search (its default), so the
+    // model finds it (`tool_search`) and calls it by the name OpenClaw gives it,
+    // `<server>__<tool>` (`tool_call`); then the answer.
     let model = ScriptedModel::start(
         work.path(),
         "writer",
         &json!({"turns": [
             {"text": "Writing it.", "tool_use": [{"name": "write", "input": {"path": "hello.txt", "content": HELLO}}]},
+            {"tool_use": [{"name": "tool_search", "input": {"query": "web search"}}], "expect_tool_result": true},
+            {"tool_use": [{"name": "tool_call", "input": {"id": "clawos__web-search", "args": {"query": "what is clawos", "count": 2}}}], "expect_tool_result": true},
             {"text": FINAL_TEXT, "expect_tool_result": true}
         ]}),
     )
@@ -110,11 +122,43 @@ fn openclaw_runs_a_task_like_the_builtin_runtime() {
     let wire =
         RecordingForwarder::start(&format!("127.0.0.1:{}", host.proxy_port)).expect("forwarder");
     let proxy_via_wire = format!("http://127.0.0.1:{}", wire.port);
+    // The host's skills: web-search, signed, enabled for the OpenClaw VM's agent, its
+    // backend the stand-in.
+    let (search_port, _search) = search_backend();
+    let key = ed25519_dalek::SigningKey::from_bytes(&[5; 32]);
+    let skills = clawos_e2e::skills::start_skill_manager(
+        &state,
+        &host.identity_url,
+        &[
+            "--signing-pubkey",
+            &clawos_image::keys::public_hex(&key),
+            "--resolve",
+            "search.local=127.0.0.1",
+        ],
+        &work.path().join("skills.log"),
+    );
+    let skills_client = SkillsClient::new(
+        &skills.url,
+        &clawos_skill_manager_api::local_token(&state).expect("skills token"),
+    );
+    runtime()
+        .block_on(async {
+            skills_client
+                .install(&web_search_bundle(
+                    &work.path().join("ws"),
+                    search_port,
+                    &key,
+                ))
+                .await?;
+            skills_client.enable("web-search", "oc").await
+        })
+        .expect("web-search installed and enabled for oc");
     let l = Launcher::start_with(
         &state,
         &[
             ("CLAWOS_INFERENCE_PROXY_URL", proxy_via_wire.as_str()),
             ("CLAWOS_IDENTITY_URL", host.identity_url.as_str()),
+            ("CLAWOS_SKILLS_URL", skills.url.as_str()),
         ],
     )
     .expect("launcher");
@@ -249,11 +293,53 @@ fn openclaw_runs_a_task_like_the_builtin_runtime() {
         assert_eq!((model_name.as_str(), *status), ("claude-sonnet-4-5", 200));
     }
     let seen = model.requests();
-    assert!(seen.len() >= 2, "{seen:?}");
+    assert!(seen.len() >= 4, "{seen:?}");
     for r in &seen {
         assert_eq!(r["x_api_key"], HOST_KEY, "{r}");
         assert!(r["authorization"].is_null(), "{r}");
     }
+    // OpenClaw's Tool Search found the skill, its call reached skill-manager, and the
+    // search results came back to the model; skill-manager audited the call under the
+    // VM's agent.
+    let results = |needle: &[&str]| {
+        seen.iter().any(|r| {
+            let back = r["tool_results"].to_string();
+            needle.iter().all(|n| back.contains(n))
+        })
+    };
+    // What the model got back, and OpenClaw's own lines about MCP, for a failure.
+    let evidence = || {
+        let console = String::from_utf8_lossy(&l.clawos(&["vm", "logs", "oc"]).stdout).into_owned();
+        let mcp: Vec<&str> = console.lines().filter(|l| l.contains("mcp")).collect();
+        format!(
+            "tool results: {:?}\nconsole (mcp lines): {}\nskills audit: {}\nskill-manager: {}",
+            seen.iter().map(|r| &r["tool_results"]).collect::<Vec<_>>(),
+            mcp.join("\n"),
+            std::fs::read_to_string(state.join("skills/audit.jsonl")).unwrap_or_default(),
+            std::fs::read_to_string(work.path().join("skills.log")).unwrap_or_default()
+        )
+    };
+    assert!(
+        results(&["clawos__web-search"]),
+        "tool_search did not find the skill: {}",
+        evidence()
+    );
+    assert!(
+        results(&[SEARCH_TITLE, "https://clawos.example/"]),
+        "the search results did not reach the model: {}",
+        evidence()
+    );
+    let audit = std::fs::read_to_string(state.join("skills/audit.jsonl")).expect("skills audit");
+    let call: Value = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|r| r["skill"] == "web-search")
+        .unwrap_or_else(|| panic!("no web-search call audited: {audit}"));
+    assert_eq!(
+        (&call["agent"], &call["ok"]),
+        (&json!("oc"), &json!(true)),
+        "{call}"
+    );
     let jwt = wire
         .bearers()
         .get(bearers_before)

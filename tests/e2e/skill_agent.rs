@@ -6,55 +6,15 @@
 //! the model. Every part is the real one but
 //! the model (scripted) and the search backend (the stand-in).
 
-use std::path::Path;
-use std::process::{Command, Stdio};
-
-use base64::Engine as _;
+use clawos_e2e::skills::{search_backend, web_search_bundle};
 use clawos_e2e::stack::{HostServices, ScriptedModel};
-use clawos_e2e::{KillOnDrop, Launcher, can_boot_vms, can_use_vsock, show};
-use clawos_skill_manager_api::{InstallSkill, SkillsClient};
+use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, show};
+use clawos_skill_manager_api::SkillsClient;
 use serde_json::{Value, json};
 
 /// The title of the stand-in's page about ClawOS (its built-in corpus).
 const TITLE: &str = "ClawOS: autonomous AI agents in hardened microVMs";
 const ANSWER: &str = "Found it: ClawOS runs agents in microVMs.";
-
-/// The project's stand-in search backend (`clawos-search-standin`) on a free port.
-fn search_backend() -> (u16, KillOnDrop) {
-    let (child, url) = clawos_e2e::spawn_announced(
-        Command::new(clawos_e2e::bin("clawos-search-standin"))
-            .args(["--addr", "127.0.0.1:0"])
-            .stderr(Stdio::null()),
-    )
-    .expect("start clawos-search-standin");
-    let port = url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("clawos-search-standin listens on {url:?}"));
-    (port, child)
-}
-
-/// The web-search bundle pointed at the stand-in, signed with `key`.
-fn web_search_bundle(
-    dir: &Path,
-    search_port: u16,
-    key: &ed25519_dalek::SigningKey,
-) -> InstallSkill {
-    let (wasm, manifest) = clawos_e2e::skills::web_search();
-    let manifest = manifest.replace("search.local:8888", &format!("search.local:{search_port}"));
-    std::fs::create_dir_all(dir).expect("dir");
-    std::fs::write(dir.join("skill.toml"), &manifest).expect("manifest");
-    std::fs::write(dir.join("skill.wasm"), &wasm).expect("wasm");
-    clawos_skill_manager::bundle::sign(dir, key).expect("sign");
-    InstallSkill {
-        manifest,
-        component_base64: base64::engine::general_purpose::STANDARD.encode(&wasm),
-        instructions: None,
-        signature: std::fs::read_to_string(dir.join("skill.sig")).ok(),
-        config: Default::default(),
-    }
-}
 
 #[test]
 fn an_agent_in_a_vm_searches_the_web_through_its_skill() {

@@ -2,7 +2,9 @@
 //! `clawos-skill-build` (clang for wasm32 + the skill world), once per content.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+
+use base64::Engine as _;
 
 use sha2::{Digest, Sha256};
 
@@ -94,5 +96,42 @@ pub fn start_skill_manager(state: &Path, issuer: &str, extra: &[&str], log: &Pat
     SkillManager {
         url: format!("http://{addr}"),
         _child: crate::KillOnDrop(child),
+    }
+}
+
+/// The project's stand-in search backend (`clawos-search-standin`) on a free port.
+pub fn search_backend() -> (u16, crate::KillOnDrop) {
+    let (child, url) = crate::spawn_announced(
+        Command::new(crate::bin("clawos-search-standin"))
+            .args(["--addr", "127.0.0.1:0"])
+            .stderr(Stdio::null()),
+    )
+    .expect("start clawos-search-standin");
+    let port = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("clawos-search-standin listens on {url:?}"));
+    (port, child)
+}
+
+/// The web-search bundle pointed at the stand-in, signed with `key`.
+pub fn web_search_bundle(
+    dir: &Path,
+    search_port: u16,
+    key: &ed25519_dalek::SigningKey,
+) -> clawos_skill_manager_api::InstallSkill {
+    let (wasm, manifest) = web_search();
+    let manifest = manifest.replace("search.local:8888", &format!("search.local:{search_port}"));
+    std::fs::create_dir_all(dir).expect("dir");
+    std::fs::write(dir.join("skill.toml"), &manifest).expect("manifest");
+    std::fs::write(dir.join("skill.wasm"), &wasm).expect("wasm");
+    clawos_skill_manager::bundle::sign(dir, key).expect("sign");
+    clawos_skill_manager_api::InstallSkill {
+        manifest,
+        component_base64: base64::engine::general_purpose::STANDARD.encode(&wasm),
+        instructions: None,
+        signature: std::fs::read_to_string(dir.join("skill.sig")).ok(),
+        config: Default::default(),
     }
 }

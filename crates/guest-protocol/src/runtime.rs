@@ -48,6 +48,12 @@ pub struct RuntimeDescriptor {
     /// How long it may take from start to answering `GET /healthz` on guest port 18789
     /// before the boot fails.
     pub ready_timeout_secs: u64,
+    /// Set over `env` only when the host offers skills (the VM's `.env` names the MCP
+    /// server, `CLAWOS_MCP_URL`, which the runtime then gets too): e.g. a config file
+    /// that declares that server, which a runtime in a VM without skills must not get
+    /// (it would find nothing there).
+    #[serde(default)]
+    pub skills_env: BTreeMap<String, String>,
 }
 
 impl RuntimeDescriptor {
@@ -97,6 +103,7 @@ impl RuntimeDescriptor {
             .into_iter()
             .flatten()
             .chain(self.env.keys())
+            .chain(self.skills_env.keys())
         {
             if !var_ok(v) {
                 return Err(format!("environment variable name {v:?}"));
@@ -128,6 +135,10 @@ mod tests {
             home: "/workspace/.openclaw/home".into(),
             workspace_dirs: vec![".openclaw".into()],
             ready_timeout_secs: 600,
+            skills_env: BTreeMap::from([(
+                "OPENCLAW_CONFIG_PATH".into(),
+                "/etc/openclaw/openclaw-skills.json".into(),
+            )]),
         }
     }
 

@@ -104,6 +104,7 @@ pub fn builtin(bin: &Path, model: Option<&str>) -> RuntimeDescriptor {
         home: WORKSPACE.into(),
         workspace_dirs: Vec::new(),
         ready_timeout_secs: AGENTD_READY_TIMEOUT_SECS,
+        skills_env: Default::default(),
     }
 }
 
@@ -185,6 +186,17 @@ impl RuntimeSpec {
             uid: AGENT_UID,
             gid: AGENT_GID,
             workdir: WORKSPACE.into(),
+        }
+    }
+
+    /// The host offers skills at `mcp_url`: the runtime is told (`CLAWOS_MCP_URL`) and
+    /// gets the descriptor's `skills_env` over its environment.
+    pub fn offer_skills(&mut self, d: &RuntimeDescriptor, mcp_url: &str) {
+        let set = std::iter::once((MCP_URL_VAR.to_owned(), mcp_url.to_owned()))
+            .chain(d.skills_env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        for (k, v) in set {
+            self.env.retain(|(n, _)| *n != k);
+            self.env.push((k, v));
         }
     }
 }

@@ -70,6 +70,12 @@ pub const NODE_BIN: &str = "/opt/node/bin/node";
 pub const APP_DIR: &str = "/opt/openclaw";
 /// The gateway's config (read-only, in the verified rootfs).
 pub const CONFIG_PATH: &str = "/etc/openclaw/openclaw.json";
+/// The same config with the host's skills declared as an MCP server: the one the
+/// gateway reads in a VM whose host offers skills (the descriptor's `skills_env`).
+pub const SKILLS_CONFIG_PATH: &str = "/etc/openclaw/openclaw-skills.json";
+/// The MCP server's name in OpenClaw's config: its tools reach the model as
+/// `clawos__<skill>`.
+pub const MCP_SERVER_NAME: &str = "clawos";
 /// Its state (sessions, memory) in the workspace, so it survives a restart.
 pub const STATE_DIR: &str = "/workspace/.openclaw";
 
@@ -193,6 +199,27 @@ pub fn gateway_config() -> serde_json::Value {
     })
 }
 
+/// [`gateway_config`] with the host's skills: `mcp.servers.clawos`, Streamable HTTP at
+/// the guest's skills relay (`${CLAWOS_MCP_URL}`, set by the guest agent only when the
+/// host offers skills; OpenClaw refuses a config whose URL is not one, hence two
+/// files). OpenClaw lists the tools at each session's first turn with a limit of
+/// 1.5 s unless `requestTimeoutMs` is set — too short under emulation — so both its
+/// limits are raised.
+pub fn gateway_config_with_skills() -> serde_json::Value {
+    let mut c = gateway_config();
+    c["mcp"] = serde_json::json!({
+        "servers": {
+            MCP_SERVER_NAME: {
+                "url": "${CLAWOS_MCP_URL}",
+                "transport": "streamable-http",
+                "connectionTimeoutMs": 120_000,
+                "requestTimeoutMs": 300_000
+            }
+        }
+    });
+    c
+}
+
 /// How the guest agent starts the gateway.
 pub fn runtime_descriptor() -> clawos_guest_protocol::runtime::RuntimeDescriptor {
     let env = [
@@ -227,6 +254,12 @@ pub fn runtime_descriptor() -> clawos_guest_protocol::runtime::RuntimeDescriptor
         home: "/workspace/.openclaw/home".into(),
         workspace_dirs: vec![".openclaw".into(), ".openclaw/compile-cache".into()],
         ready_timeout_secs: READY_TIMEOUT_SECS - 60,
+        skills_env: [(
+            "OPENCLAW_CONFIG_PATH".to_owned(),
+            SKILLS_CONFIG_PATH.to_owned(),
+        )]
+        .into_iter()
+        .collect(),
     }
 }
 
@@ -596,6 +629,11 @@ pub fn install(
         &json(&gateway_config()),
         0o644,
     )?;
+    crate::build::write_file(
+        &tree.join(SKILLS_CONFIG_PATH.trim_start_matches('/')),
+        &json(&gateway_config_with_skills()),
+        0o644,
+    )?;
     let descriptor = runtime_descriptor();
     descriptor
         .validate()
@@ -622,6 +660,28 @@ mod tests {
         assert!(d.ready_timeout_secs < manifest_runtime().ready_timeout_secs);
         assert!(d.argv[1].starts_with(APP_DIR));
         assert!(d.env.values().any(|v| v == CONFIG_PATH));
+    }
+
+    #[test]
+    fn the_skills_config_is_the_same_with_the_mcp_server_added() {
+        let (plain, skills) = (gateway_config(), gateway_config_with_skills());
+        let server = &skills["mcp"]["servers"][MCP_SERVER_NAME];
+        assert_eq!(server["url"], "${CLAWOS_MCP_URL}");
+        // Without it OpenClaw speaks the older SSE transport, which skill-manager does
+        // not serve.
+        assert_eq!(server["transport"], "streamable-http");
+        assert!(server["requestTimeoutMs"].as_u64() > Some(1_500));
+        let mut without = skills.clone();
+        without.as_object_mut().map(|o| o.remove("mcp"));
+        assert_eq!(without, plain);
+        assert!(plain.get("mcp").is_none());
+        assert_eq!(
+            runtime_descriptor()
+                .skills_env
+                .get("OPENCLAW_CONFIG_PATH")
+                .map(String::as_str),
+            Some(SKILLS_CONFIG_PATH)
+        );
     }
 
     #[test]

@@ -67,7 +67,8 @@
 //!   body that is not JSON);
 //! - `messages`: how many messages the body had, or null;
 //! - `tools`: the names of the tools the body offered, or null;
-//! - `tool_results`: the text of each `tool_result` block in the body's last message.
+//! - `tool_results`: the text of each `tool_result` block in the user's turn (the user
+//!   messages since the last assistant message).
 //!
 //! Tests use it to prove what an upstream saw, for instance only the host's key.
 //!

@@ -230,19 +230,30 @@ fn authorized(model: &ScriptedModel, headers: &HeaderMap) -> bool {
             == 0
 }
 
-/// The text of each `tool_result` block in the request's last message (what the client
-/// sends back after running the tools of the previous turn).
-fn last_tool_results(body: &Value) -> Vec<String> {
-    let Some(Value::Array(blocks)) = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .and_then(|m| m.last())
-        .and_then(|m| m.get("content"))
-    else {
+/// The blocks of the user's turn since the last assistant message (the API joins
+/// consecutive user messages into one turn, and clients use that: OpenClaw sends the
+/// tool results, then a user message of its own context).
+fn user_turn_blocks(req: &Value) -> Vec<&Value> {
+    let Some(ms) = req["messages"].as_array() else {
         return Vec::new();
     };
-    blocks
+    let mut turn: Vec<&Value> = ms
         .iter()
+        .rev()
+        .take_while(|m| m["role"].as_str() == Some("user"))
+        .collect();
+    turn.reverse();
+    turn.into_iter()
+        .filter_map(|m| m["content"].as_array())
+        .flatten()
+        .collect()
+}
+
+/// The text of each `tool_result` block in the user's turn (what the client sends
+/// back after running the tools of the previous turn).
+fn last_tool_results(body: &Value) -> Vec<String> {
+    user_turn_blocks(body)
+        .into_iter()
         .filter(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
         .map(|b| match b.get("content") {
             Some(Value::String(t)) => t.clone(),
@@ -385,19 +396,11 @@ fn check_request(req: &Value, needs_max_tokens: bool) -> Result<(), ApiError> {
     }
 }
 
-/// Whether the last user message carries a `tool_result` block.
 /// Whether the user's turn since the last assistant message carries a `tool_result`.
-/// The API joins consecutive user messages into one turn, and clients use that: OpenClaw
-/// sends the tool results, then a user message of its own context.
 fn last_user_has_tool_result(req: &Value) -> bool {
-    req["messages"].as_array().is_some_and(|ms| {
-        ms.iter()
-            .rev()
-            .take_while(|m| m["role"].as_str() == Some("user"))
-            .filter_map(|m| m["content"].as_array())
-            .flatten()
-            .any(|b| b["type"].as_str() == Some("tool_result"))
-    })
+    user_turn_blocks(req)
+        .iter()
+        .any(|b| b["type"].as_str() == Some("tool_result"))
 }
 
 async fn messages(
@@ -514,7 +517,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 mod tests {
     use serde_json::json;
 
-    use super::last_user_has_tool_result;
+    use super::{last_tool_results, last_user_has_tool_result};
 
     #[test]
     fn a_tool_result_counts_anywhere_in_the_user_turn() {
@@ -535,5 +538,23 @@ mod tests {
             &json!({"messages": [task, call, result, answer, context]})
         ));
         assert!(!last_user_has_tool_result(&json!({"messages": [task]})));
+    }
+
+    #[test]
+    fn the_record_has_the_results_of_the_whole_user_turn() {
+        let call = json!({"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "x", "input": {}}]});
+        let blocks = json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+        ]});
+        let plain = json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "u", "content": "c"}]});
+        let context = json!({"role": "user", "content": [{"type": "text", "text": "context"}]});
+        assert_eq!(
+            last_tool_results(&json!({"messages": [call, blocks, plain, context]})),
+            ["a\nb", "c"]
+        );
+        let answer = json!({"role": "assistant", "content": "done"});
+        assert!(
+            last_tool_results(&json!({"messages": [call, blocks, answer, context]})).is_empty()
+        );
     }
 }

@@ -234,7 +234,7 @@ fn start_runtime(audited: bool) -> Option<RuntimeStatus> {
     );
     // The host's skills, when it offers them: the runtime's MCP server.
     if let Some(url) = runtime::env_file_value(Path::new(ENV_FILE), runtime::MCP_URL_VAR) {
-        spec.env.push((runtime::MCP_URL_VAR.into(), url));
+        spec.offer_skills(&descriptor, &url);
     }
     let status = RuntimeStatus::new(&descriptor, token);
     let limit = Duration::from_secs(descriptor.ready_timeout_secs);

@@ -36,6 +36,10 @@ fn openclaw() -> RuntimeDescriptor {
         home: "/workspace/.openclaw/home".into(),
         workspace_dirs: vec![".openclaw".into()],
         ready_timeout_secs: 600,
+        skills_env: BTreeMap::from([(
+            "OPENCLAW_CONFIG_PATH".into(),
+            "/etc/openclaw/openclaw-skills.json".into(),
+        )]),
     }
 }
 
@@ -87,6 +91,33 @@ fn the_mcp_server_comes_from_the_env_file_only_when_named() {
         env_file_value(&f, MCP_URL_VAR).as_deref(),
         Some("http://127.0.0.1:2083/mcp")
     );
+}
+
+#[test]
+fn skills_add_the_mcp_server_and_the_descriptors_skills_environment() {
+    let d = openclaw();
+    let value = |spec: &RuntimeSpec, k: &str| -> Vec<String> {
+        spec.env
+            .iter()
+            .filter(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let plain = RuntimeSpec::from_descriptor(&d, None, Some("t"), None);
+    assert_eq!(
+        value(&plain, "OPENCLAW_CONFIG_PATH"),
+        ["/etc/openclaw/openclaw.json"]
+    );
+    assert!(value(&plain, MCP_URL_VAR).is_empty());
+    let mut with = plain.clone();
+    with.offer_skills(&d, "http://127.0.0.1:2083/mcp");
+    assert_eq!(value(&with, MCP_URL_VAR), ["http://127.0.0.1:2083/mcp"]);
+    assert_eq!(
+        value(&with, "OPENCLAW_CONFIG_PATH"),
+        ["/etc/openclaw/openclaw-skills.json"],
+        "replaced, not set twice"
+    );
+    assert_eq!(with.env.len(), plain.env.len() + 1);
 }
 
 #[test]
