@@ -83,10 +83,11 @@ PIDS+=($!)
 unset ANTHROPIC_API_KEY
 wait_http "$CLAWOS_PROXY_URL/healthz" inference-proxy "$LOGS/inference-proxy.log"
 
-echo "==> search backend: clawos-search-standin on 127.0.0.1:8888, a STAND-IN for a SearXNG instance (log: $LOGS/search-standin.log)"
-clawos-search-standin --addr 127.0.0.1:8888 >"$LOGS/search-standin.log" 2>&1 &
+SEARCH_PORT="${CLAWOS_SEARCH_PORT:-8888}"
+echo "==> search backend: clawos-search-standin on 127.0.0.1:$SEARCH_PORT, a STAND-IN for a SearXNG instance (log: $LOGS/search-standin.log)"
+clawos-search-standin --addr "127.0.0.1:$SEARCH_PORT" >"$LOGS/search-standin.log" 2>&1 &
 PIDS+=($!)
-wait_http "http://127.0.0.1:8888/healthz" clawos-search-standin "$LOGS/search-standin.log"
+wait_http "http://127.0.0.1:$SEARCH_PORT/healthz" clawos-search-standin "$LOGS/search-standin.log"
 
 echo "==> skill-manager on 127.0.0.1:$SKILLS_PORT: skills signed by the image key only (log: $LOGS/skill-manager.log)"
 skill-manager --addr "127.0.0.1:$SKILLS_PORT" --issuer "$CLAWOS_IDENTITY_URL" \
@@ -98,6 +99,8 @@ echo "==> the web-search skill: clawos skill sign, pack, install, enable web-sea
 BUNDLE="$CLAWOS_STATE_DIR/bundles/web-search"
 mkdir -p "$BUNDLE"
 cp skills/web-search/skill.toml skills/web-search/skill.wasm "$BUNDLE/"
+# The skill may reach its backend only, as its manifest says: here, the stand-in's port.
+sed -i "s/search\.local:8888/search.local:$SEARCH_PORT/g" "$BUNDLE/skill.toml"
 clawos skill sign "$BUNDLE" --key "$KEY"
 clawos skill pack "$BUNDLE" --output "$CLAWOS_STATE_DIR/bundles/web-search.skill"
 clawos skill rm web-search >/dev/null 2>&1 || true   # a second run installs it afresh
@@ -116,13 +119,16 @@ wait_http "$CLAWOS_LAUNCHER_URL/healthz" vm-launcher "$LOGS/vm-launcher.log"
 echo "==> clawos vm start my-agent --model $MODEL --mem 512"
 clawos vm start my-agent --model "$MODEL" --mem 512
 clawos vm list
+AUDIT="$CLAWOS_STATE_DIR/skills/audit.jsonl"
+AUDITED=0
+[ -f "$AUDIT" ] && AUDITED=$(wc -l <"$AUDIT")
 echo "==> clawos agent run my-agent --message '...'"
 clawos agent run my-agent --message "Write a short greeting to the file hello.txt in your workspace, search the web for what ClawOS is, then tell me what you did."
 echo "==> the file, copied out of the VM (clawos vm cp my-agent:/workspace/hello.txt ...)"
 clawos vm cp my-agent:/workspace/hello.txt "$CLAWOS_STATE_DIR/hello.txt"
 cat "$CLAWOS_STATE_DIR/hello.txt"
-echo "==> skill-manager's audit record of the search ($CLAWOS_STATE_DIR/skills/audit.jsonl)"
-tail -n 1 "$CLAWOS_STATE_DIR/skills/audit.jsonl"
+echo "==> skill-manager's audit records of this task's skill calls ($AUDIT)"
+tail -n +"$((AUDITED + 1))" "$AUDIT"
 echo "==> the proxy's ledger for this agent (clawos usage --agent my-agent)"
 clawos usage --agent my-agent
 echo "==> clawos vm stop my-agent (its agent token is revoked)"

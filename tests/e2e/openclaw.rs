@@ -319,8 +319,10 @@ fn openclaw_runs_a_task_like_the_builtin_runtime() {
             std::fs::read_to_string(work.path().join("skills.log")).unwrap_or_default()
         )
     };
+    // The catalog id is in a Tool Search result only (a failed `tool_call` would echo
+    // the tool's name, not this).
     assert!(
-        results(&["clawos__web-search"]),
+        results(&["mcp:clawos:clawos__web-search"]),
         "tool_search did not find the skill: {}",
         evidence()
     );
@@ -330,15 +332,12 @@ fn openclaw_runs_a_task_like_the_builtin_runtime() {
         evidence()
     );
     let audit = std::fs::read_to_string(state.join("skills/audit.jsonl")).expect("skills audit");
-    let call: Value = audit
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .find(|r| r["skill"] == "web-search")
-        .unwrap_or_else(|| panic!("no web-search call audited: {audit}"));
-    assert_eq!(
-        (&call["agent"], &call["ok"]),
-        (&json!("oc"), &json!(true)),
-        "{call}"
+    assert!(
+        audit
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|r| r["skill"] == "web-search" && r["agent"] == "oc" && r["ok"] == true),
+        "no answered web-search call of oc's audited: {audit}"
     );
     let jwt = wire
         .bearers()

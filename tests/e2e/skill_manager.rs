@@ -160,7 +160,9 @@ fn agents_see_and_call_only_their_skills_over_mcp_and_every_call_is_audited() {
     };
     let (a, b) = (issue("agent-a"), issue("agent-b"));
     let mcp_url = format!("{url}/mcp");
-    let seen = mcp(&mcp_url, &a, Some(("echo", r#"{"q": 7}"#)));
+    // Three calls in one session: at 2 a minute the third is the tool's error telling
+    // the model to wait (not a protocol error).
+    let seen = mcp_times(&mcp_url, &a, Some(("echo", r#"{"q": 7}"#)), 3);
     assert_eq!(seen["server"], "clawos-skill-manager", "{seen}");
     assert_eq!(seen["tools"][0]["name"], "echo", "{seen}");
     assert_eq!(seen["tools"][0]["description"], "Echoes its input back.");
@@ -211,15 +213,12 @@ fn agents_see_and_call_only_their_skills_over_mcp_and_every_call_is_audited() {
     assert_eq!(post(Some(&a), Some("http://evil.example")), 403);
     assert_eq!(post(Some(&a), None), 200);
 
-    // a's second call this minute is answered, the third is the tool's error telling
-    // the model to wait (not a protocol error); it shows in the metrics.
-    let more = mcp_times(&mcp_url, &a, Some(("echo", r#"{"q": 8}"#)), 2);
-    assert_eq!(more["calls"][0]["is_error"], false, "{more}");
-    assert_eq!(more["calls"][1]["is_error"], true, "{more}");
-    let told = more["calls"][1]["text"][0].as_str().unwrap_or("");
+    assert_eq!(seen["calls"][1]["is_error"], false, "{seen}");
+    assert_eq!(seen["calls"][2]["is_error"], true, "{seen}");
+    let told = seen["calls"][2]["text"][0].as_str().unwrap_or("");
     assert!(
         told.contains("has made its 2 skill calls for this minute: try again in"),
-        "{more}"
+        "{seen}"
     );
     let metrics = Command::new("curl")
         .args(["-s", &format!("{url}/metrics")])
@@ -442,6 +441,8 @@ async fn an_agent_past_its_limits_is_refused_and_a_call_given_up_is_audited() {
             AgentLimits {
                 calls_per_minute: 2,
                 in_flight: 1,
+                // Past the first, a refusal is only counted (the window is the test).
+                refusals_recorded_every: Duration::from_secs(3600),
             },
         )
         .expect("host"),
@@ -506,6 +507,14 @@ async fn an_agent_past_its_limits_is_refused_and_a_call_given_up_is_audited() {
         }
         other => panic!("expected a rate-limit refusal: {other:?}"),
     }
+    // More refusals at once: counted, not each written (the first was).
+    for _ in 0..3 {
+        assert!(matches!(
+            host.call("echo", &agent("a"), &input).await,
+            Err(HostError::RateLimited { .. })
+        ));
+    }
+    assert_eq!(host.counts().refused.load(Ordering::Relaxed), 5);
     // b has its own allowance; the operator has none to use up.
     assert!(host.call("echo", &agent("b"), &input).await.is_ok());
     for _ in 0..3 {

@@ -16,7 +16,7 @@ use axum::response::IntoResponse;
 use clawos_e2e::skills::{component, web_search};
 use clawos_skill_manager::SkillError;
 use clawos_skill_manager::manifest::SkillManifest;
-use clawos_skill_manager::outbound::{Outbound, SecretHeader};
+use clawos_skill_manager::outbound::{Outbound, RequestLog, SecretHeader, UNFINISHED};
 use clawos_skill_manager::runtime::{LoadedSkill, SkillRuntime};
 
 const SECRET: &str = "sk-test-7f3a9c1e5b2d4068";
@@ -352,6 +352,57 @@ async fn outgoing_http_reaches_exactly_what_the_manifest_allows() {
         other => panic!("the big response was not cut: {other:?}"),
     }
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+/// A call given up while its request is out (the agent went away): the request stays
+/// in the call's record, allowed and unfinished, so the audit says where it went.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_still_out_when_the_call_is_given_up_stays_in_its_record() {
+    let f = runtime();
+    // Accepts and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((c, _)) = silent.accept().await {
+            open.push(c);
+        }
+    });
+    let fetch = load(
+        &f,
+        "fetch",
+        "skill",
+        &format!("[capabilities.http]\nallow = [\"http://search.test:{port}\"]\n"),
+    );
+    let log = RequestLog::default();
+    {
+        let url = format!("http://search.test:{port}/slow");
+        let call =
+            f.runtime
+                .invoke_recording(&fetch, &url, Vec::new(), Arc::default(), Arc::clone(&log));
+        tokio::pin!(call);
+        let waited = Instant::now();
+        while log.lock().expect("log").is_empty() {
+            assert!(
+                waited.elapsed() < Duration::from_secs(60),
+                "the request never went out"
+            );
+            tokio::select! {
+                out = &mut call => panic!("answered by a server that never answers: {:?}", out.result),
+                () = tokio::time::sleep(Duration::from_millis(10)) => {}
+            }
+        }
+        // Given up here: the call's future is dropped with its request out.
+    }
+    let seen = log.lock().expect("log").clone();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].destination, format!("http://search.test:{port}"));
+    assert!(seen[0].allowed);
+    assert_eq!(seen[0].status, None);
+    assert_eq!(seen[0].error.as_deref(), Some(UNFINISHED));
+    held.abort();
 }
 
 #[tokio::test(flavor = "multi_thread")]

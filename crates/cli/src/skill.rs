@@ -123,15 +123,25 @@ fn sign(dir: &Path, key: Option<PathBuf>, json: bool) -> Result<(), Exit> {
 
 /// `clawos skill pack`.
 fn pack(dir: &Path, output: Option<PathBuf>, json: bool) -> Result<(), Exit> {
+    // The bundle is read and its manifest checked first: a bad bundle is the caller's
+    // (exit 2), whether or not the output was named.
+    let usage = |e: clawos_skill_bundle::BundleError| Exit(2, e.into());
+    let f = clawos_skill_bundle::bundle::files(dir).map_err(usage)?;
+    let manifest = std::str::from_utf8(&f.manifest)
+        .map_err(|_| Exit(2, anyhow!("{}/skill.toml is not UTF-8", dir.display())))?;
+    let m = clawos_skill_bundle::manifest::SkillManifest::parse(manifest).map_err(usage)?;
     let out = match output {
         Some(o) => o,
         None => {
-            let f = clawos_skill_bundle::bundle::files(dir).map_err(|e| Exit(2, e.into()))?;
-            let m = clawos_skill_bundle::manifest::SkillManifest::parse(&String::from_utf8_lossy(
-                &f.manifest,
-            ))
-            .map_err(|e| Exit(2, e.into()))?;
-            PathBuf::from(format!("{}-{}.skill", m.name, m.version))
+            // Name and version are checked to be plain (no '/', no leading '.').
+            let name = format!("{}-{}.skill", m.name, m.version);
+            if Path::new(&name).file_name() != Some(std::ffi::OsStr::new(&name)) {
+                return Err(Exit(
+                    2,
+                    anyhow!("{name:?} is not a file name: give --output"),
+                ));
+            }
+            PathBuf::from(name)
         }
     };
     clawos_skill_bundle::bundle::pack(dir, &out).map_err(|e| Exit(1, e.into()))?;

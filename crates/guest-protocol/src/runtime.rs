@@ -13,6 +13,10 @@ pub const DESCRIPTOR_PATH: &str = "/etc/clawos/runtime.json";
 /// The longest [`RuntimeDescriptor::ready_timeout_secs`] the guest accepts.
 pub const MAX_READY_TIMEOUT_SECS: u64 = 3600;
 
+/// The variable naming the MCP server of the host's skills (in the VM's environment
+/// file when the host offers skills, and in the runtime's environment then).
+pub const MCP_URL_VAR: &str = "CLAWOS_MCP_URL";
+
 /// How the guest agent starts an image's agent runtime. The runtime runs as the `agent`
 /// user (uid 1000) with no new privileges, in the audited agent cgroup, its working
 /// directory `/workspace`, restarted whenever it ends.
@@ -109,6 +113,28 @@ impl RuntimeDescriptor {
                 return Err(format!("environment variable name {v:?}"));
             }
         }
+        // What the guest agent sets itself is not the descriptor's to set (or, in
+        // `skills_env`, to replace).
+        let own = ["PATH", "HOME", "USER", MCP_URL_VAR]
+            .into_iter()
+            .chain(self.model_env.as_deref())
+            .chain(self.gateway_token_env.as_deref());
+        for v in own {
+            if let Some(field) = [("env", &self.env), ("skills_env", &self.skills_env)]
+                .into_iter()
+                .find_map(|(f, m)| m.contains_key(v).then_some(f))
+            {
+                return Err(format!("{field}: {v} is set by the guest agent"));
+            }
+        }
+        if let Some((k, _)) = self
+            .env
+            .iter()
+            .chain(&self.skills_env)
+            .find(|(_, v)| v.contains('\0'))
+        {
+            return Err(format!("environment variable {k}: value holds a NUL byte"));
+        }
         if self.ready_timeout_secs == 0 || self.ready_timeout_secs > MAX_READY_TIMEOUT_SECS {
             return Err(format!(
                 "ready_timeout_secs {}: must be 1 to {MAX_READY_TIMEOUT_SECS}",
@@ -158,7 +184,7 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        let cases: [Spoil; 6] = [
+        let cases: [Spoil; 10] = [
             (|d| d.name = "Open Claw".into(), "name"),
             (|d| d.argv = vec!["node".into()], "argv"),
             (
@@ -171,6 +197,31 @@ mod tests {
                 "environment",
             ),
             (|d| d.ready_timeout_secs = 0, "ready_timeout_secs"),
+            (
+                |d| {
+                    d.skills_env.insert("PATH".into(), "/tmp".into());
+                },
+                "skills_env: PATH is set by the guest agent",
+            ),
+            (
+                |d| {
+                    d.skills_env
+                        .insert("OPENCLAW_GATEWAY_TOKEN".into(), "known".into());
+                },
+                "skills_env: OPENCLAW_GATEWAY_TOKEN",
+            ),
+            (
+                |d| {
+                    d.env.insert(MCP_URL_VAR.into(), "http://x".into());
+                },
+                "env: CLAWOS_MCP_URL",
+            ),
+            (
+                |d| {
+                    d.env.insert("A".into(), "x\0y".into());
+                },
+                "NUL",
+            ),
         ];
         for (break_it, field) in cases {
             let mut d = openclaw();

@@ -201,9 +201,7 @@ impl RuntimeSpec {
     }
 }
 
-/// The variable naming the MCP server of the host's skills (in the VM's environment
-/// file when the host offers skills, and in the runtime's environment then).
-pub const MCP_URL_VAR: &str = "CLAWOS_MCP_URL";
+pub use clawos_guest_protocol::runtime::MCP_URL_VAR;
 
 /// The model named in the VM's environment file (`CLAWOS_MODEL=...`), if any. The file
 /// is root's; the runtime gets the model on its command line or in its environment.

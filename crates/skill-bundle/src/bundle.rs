@@ -144,12 +144,16 @@ const PARTS: [(&str, u64); 4] = [
 /// for each, and the end marker.
 const MAX_PACKED: u64 = MAX_MANIFEST + MAX_COMPONENT + MAX_INSTRUCTIONS + MAX_SIGNATURE + 16 * 1024;
 
-/// Packs the bundle directory `dir` into the file `out` (written whole or not at all).
+/// Packs the bundle directory `dir` into the file `out` (written whole or not at all,
+/// mode 0644).
 /// The manifest is checked first, so a bundle that would be refused at install is not
 /// packed; a signature is packed as it is (it is checked at install).
 pub fn pack(dir: &Path, out: &Path) -> Result<(), BundleError> {
     let f = files(dir)?;
-    SkillManifest::parse(&String::from_utf8_lossy(&f.manifest))?;
+    let text = std::str::from_utf8(&f.manifest).map_err(|_| BundleError::Manifest {
+        reason: "skill.toml is not UTF-8".into(),
+    })?;
+    SkillManifest::parse(text)?;
     let err = |reason: String| BundleError::Bundle {
         path: out.to_owned(),
         reason,
@@ -182,6 +186,13 @@ pub fn pack(dir: &Path, out: &Path) -> Result<(), BundleError> {
         .into_inner()
         .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
         .map_err(|e| err(e.to_string()))?;
+    // A file to hand around: readable by others, like any file the user writes.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))
+            .map_err(|e| err(e.to_string()))?;
+    }
     tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
     tmp.persist(out).map_err(|e| err(e.error.to_string()))?;
     Ok(())
@@ -472,6 +483,14 @@ mod tests {
         pack(d.path(), &one).expect("pack");
         pack(d.path(), &two).expect("pack again");
         assert_eq!(std::fs::read(&one).ok(), std::fs::read(&two).ok());
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&one)
+                .expect("packed")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o644, "a file to hand around");
+        }
         let f = unpack(&one).expect("unpack");
         assert_eq!(f, files(d.path()).expect("files"));
         let b = from_parts(

@@ -247,12 +247,18 @@ impl SkillManifest {
                 self.name
             ));
         }
+        // The version names files (`clawos skill pack` writes `<name>-<version>.skill`):
+        // never a path.
         if self.version.is_empty()
             || self.version.len() > 32
-            || !self.version.chars().all(|c| c.is_ascii_graphic())
+            || self.version.starts_with('.')
+            || !self
+                .version
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '+' | '-'))
         {
             return bad(format!(
-                "version {:?}: 1–32 printable characters without spaces",
+                "version {:?}: 1–32 of A-Z, a-z, 0-9, '.', '_', '+' and '-', not starting with '.'",
                 self.version
             ));
         }
@@ -421,6 +427,8 @@ backend = "searxng"
             ("name = \"web-search\"", "name = \"../etc\"", "name"),
             ("name = \"web-search\"", "name = \"Web\"", "name"),
             ("version = \"0.1.0\"", "version = \"a b\"", "version"),
+            ("version = \"0.1.0\"", "version = \"1/../../x\"", "version"),
+            ("version = \"0.1.0\"", "version = \"..\"", "version"),
             ("type = \"object\"", "type = \"string\"", "input_schema"),
             (
                 "\"search.example:443\"",

@@ -73,6 +73,10 @@ pub enum Caller {
 pub struct AgentLimits {
     pub calls_per_minute: u32,
     pub in_flight: usize,
+    /// An agent past its limits can send refused calls as fast as it likes: one is
+    /// recorded in the trail per agent and reason in this long, the next recorded one
+    /// saying how many it stands for (all are counted in `/metrics`).
+    pub refusals_recorded_every: std::time::Duration,
 }
 
 impl Default for AgentLimits {
@@ -80,6 +84,7 @@ impl Default for AgentLimits {
         Self {
             calls_per_minute: 60,
             in_flight: 4,
+            refusals_recorded_every: std::time::Duration::from_secs(1),
         }
     }
 }
@@ -182,10 +187,12 @@ impl Drop for Unfinished<'_> {
         rec.insert("time".into(), now().into());
         rec.insert("ok".into(), false.into());
         rec.insert("aborted".into(), true.into());
-        rec.insert(
-            "error".into(),
-            "the caller went away before the call ended".into(),
-        );
+        let why = if std::thread::panicking() {
+            "the call failed inside skill-manager (a panic; see its log)"
+        } else {
+            "the caller went away before the call ended"
+        };
+        rec.insert("error".into(), why.into());
         rec.insert(
             "duration_ms".into(),
             (self.started.elapsed().as_millis() as u64).into(),
@@ -214,6 +221,37 @@ pub struct SkillHost {
     rate: RateLimiter,
     running: InFlight,
     counts: CallCounts,
+    /// Per agent that has been refused: when its last refusal was recorded, and how
+    /// many since were not (an entry per agent an operator enabled a skill for).
+    refusals: Mutex<RefusalsSeen>,
+}
+
+/// Per agent and reason: when its last refusal was recorded, and how many since were
+/// not.
+type RefusalsSeen = HashMap<(String, &'static str), (std::time::Instant, u64)>;
+
+/// Whether a refusal at `now` is recorded: the first for its key, or the first after
+/// `every` since the last recorded one; if so, how many it stands for besides itself.
+fn record_this_one(
+    seen: &mut RefusalsSeen,
+    (agent, why): (&str, &'static str),
+    now: std::time::Instant,
+    every: std::time::Duration,
+) -> Option<u64> {
+    match seen.get_mut(&(agent.to_owned(), why)) {
+        Some((last, skipped)) if now.duration_since(*last) < every => {
+            *skipped += 1;
+            None
+        }
+        Some((last, skipped)) => {
+            *last = now;
+            Some(std::mem::take(skipped))
+        }
+        None => {
+            seen.insert((agent.to_owned(), why), (now, 0));
+            Some(0)
+        }
+    }
 }
 
 /// How calls have gone since the daemon started (its `/metrics`).
@@ -261,6 +299,7 @@ impl SkillHost {
             rate: RateLimiter::per_minute(limits.calls_per_minute),
             running: InFlight::new(limits.in_flight),
             counts: CallCounts::default(),
+            refusals: Mutex::default(),
         };
         for s in host.store.all()? {
             if host.key.is_some() && !s.signed {
@@ -288,6 +327,18 @@ impl SkillHost {
     /// How calls have gone so far.
     pub fn counts(&self) -> &CallCounts {
         &self.counts
+    }
+
+    /// Whether this refusal of `agent`'s (for `why`) is written to the trail, and then
+    /// how many of its refusals for `why` since the last written one were not.
+    fn refusal_to_record(&self, agent: &str, why: &'static str) -> Option<u64> {
+        let mut seen = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        record_this_one(
+            &mut seen,
+            (agent, why),
+            std::time::Instant::now(),
+            self.limits.refusals_recorded_every,
+        )
     }
 
     fn write_skills(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<Installed>>> {
@@ -491,20 +542,29 @@ impl SkillHost {
             };
             if let Some(e) = refusal {
                 self.counts.refused.fetch_add(1, Ordering::Relaxed);
-                self.audit.write(&serde_json::json!({
-                    "time": now(),
-                    "kind": "skill_call",
-                    "skill": name,
-                    "version": installed.info.version,
-                    "caller": "agent",
-                    "agent": agent,
-                    "vm_id": vm_id,
-                    "ok": false,
-                    "refused": if matches!(e, HostError::RateLimited { .. }) { "rate limit" } else { "in flight" },
-                    "error": e.to_string(),
-                    "duration_ms": 0,
-                    "requests": [],
-                }))?;
+                // Not every refusal is written (see `refusals_recorded_every`).
+                let why = if matches!(e, HostError::RateLimited { .. }) {
+                    "rate limit"
+                } else {
+                    "in flight"
+                };
+                if let Some(also) = self.refusal_to_record(agent, why) {
+                    self.audit.write(&serde_json::json!({
+                        "time": now(),
+                        "kind": "skill_call",
+                        "skill": name,
+                        "version": installed.info.version,
+                        "caller": "agent",
+                        "agent": agent,
+                        "vm_id": vm_id,
+                        "ok": false,
+                        "refused": why,
+                        "refused_unrecorded_before": also,
+                        "error": e.to_string(),
+                        "duration_ms": 0,
+                        "requests": [],
+                    }))?;
+                }
                 return Err(e);
             }
         }
@@ -586,5 +646,36 @@ impl SkillHost {
             duration_ms,
             requests,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn one_refusal_a_second_is_recorded_and_the_next_counts_the_rest() {
+        let mut seen = RefusalsSeen::new();
+        let t0 = Instant::now();
+        let every = Duration::from_secs(1);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let rate = ("a", "rate limit");
+        assert_eq!(record_this_one(&mut seen, rate, at(0), every), Some(0));
+        for ms in [1, 10, 999] {
+            assert_eq!(record_this_one(&mut seen, rate, at(ms), every), None);
+        }
+        // Another reason and another agent have their own.
+        assert_eq!(
+            record_this_one(&mut seen, ("a", "in flight"), at(5), every),
+            Some(0)
+        );
+        assert_eq!(
+            record_this_one(&mut seen, ("b", "rate limit"), at(5), every),
+            Some(0)
+        );
+        assert_eq!(record_this_one(&mut seen, rate, at(1000), every), Some(3));
+        assert_eq!(record_this_one(&mut seen, rate, at(1500), every), None);
+        assert_eq!(record_this_one(&mut seen, rate, at(2000), every), Some(1));
     }
 }

@@ -124,6 +124,7 @@ fn main() -> Result<()> {
         let limits = AgentLimits {
             calls_per_minute: a.agent_calls_per_minute,
             in_flight: a.agent_in_flight as usize,
+            ..AgentLimits::default()
         };
         let host = Arc::new(SkillHost::open(&dir, runtime, key, secrets, limits)?);
         let verifier = Arc::new(clawos_agent_token::Verifier::new(

@@ -88,8 +88,10 @@ impl ServerHandler for SkillsMcp {
             agent: who.agent,
             vm_id: who.vm_id,
         };
-        // A call the client gave up on (MCP cancellation, or its connection gone) is
-        // dropped here: the sandbox stops, and the host audits it as aborted.
+        // A call whose client went away (rmcp cancels the request's token when the
+        // connection goes; in stateless mode it does not pass on an MCP
+        // `notifications/cancelled`, which comes on a request of its own) is dropped
+        // here: the sandbox stops, and the host audits it as aborted.
         let answer = tokio::select! {
             a = self.host.call(&request.name, &caller, &input) => a,
             () = context.ct.cancelled() => {

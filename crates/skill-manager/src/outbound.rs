@@ -98,6 +98,10 @@ pub struct RequestRecord {
     pub error: Option<String>,
 }
 
+/// A request's `error` while it is out (still so in the record of a call given up
+/// meanwhile).
+pub const UNFINISHED: &str = "unfinished: the call ended before its answer";
+
 /// The shared HTTP client skills' requests go out through.
 #[derive(Debug, Clone)]
 pub struct Outbound {
@@ -256,18 +260,30 @@ impl WasiHttpHooks for CallHooks {
         let dest = asked.clone();
         let max = self.policy.response_max;
         let records = Arc::clone(&self.records);
+        // Recorded as soon as it is allowed, as unfinished, and completed when it ends:
+        // a call given up while this request is out still shows where it went.
+        let place = {
+            let mut r = records.lock().unwrap_or_else(|p| p.into_inner());
+            r.push(RequestRecord {
+                destination: shown.clone(),
+                allowed: true,
+                status: None,
+                bytes: 0,
+                error: Some(UNFINISHED.into()),
+            });
+            r.len() - 1
+        };
         Box::new(async move {
             let finish = |status: Option<u16>, bytes: u64, error: Option<String>| {
-                records
+                if let Some(rec) = records
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push(RequestRecord {
-                        destination: shown.clone(),
-                        allowed: true,
-                        status,
-                        bytes,
-                        error,
-                    });
+                    .get_mut(place)
+                {
+                    rec.status = status;
+                    rec.bytes = bytes;
+                    rec.error = error;
+                }
             };
             let (parts, body) = request.into_parts();
             let body = match Limited::new(body, MAX_REQUEST_BODY).collect().await {

@@ -88,6 +88,7 @@ pub fn start(
         port: PROXY_PORT,
         target: cfg.inference_proxy_authority.clone(),
         limits: LLM_LIMITS,
+        paths: &[],
     };
     let proxy = http_relay(
         sockets.clone(),
@@ -102,6 +103,8 @@ pub fn start(
             port: SKILLS_PORT,
             target,
             limits: SKILLS_LIMITS,
+            // MCP only: skill-manager's operator API and metrics are not the agents'.
+            paths: &["/mcp"],
         };
         http_relay(
             sockets.clone(),
@@ -230,6 +233,8 @@ pub struct HttpRelay {
     /// `host:port` of the service.
     pub target: String,
     pub limits: RelayLimits,
+    /// The only paths a guest may ask for (exactly, any query); empty: any path.
+    pub paths: &'static [&'static str],
 }
 
 /// Headers a guest may not send on: its own credentials (the relay attaches the VM's),
@@ -343,6 +348,17 @@ async fn forward(
     identity: AgentIdentity,
 ) -> Result<hyper::Response<RelayBody>, std::convert::Infallible> {
     use http_body_util::BodyExt;
+    if !relay.paths.is_empty() && !relay.paths.contains(&req.uri().path()) {
+        tracing::debug!(vm = %vm, relay = relay.name, path = %req.uri().path(), "guest request for a path the relay does not serve");
+        return Ok(relay_error(
+            hyper::StatusCode::NOT_FOUND,
+            &format!(
+                "ClawOS relay: the {} relay serves only {}",
+                relay.name,
+                relay.paths.join(", ")
+            ),
+        ));
+    }
     let token = match identity.token_within(TOKEN_WAIT).await {
         Ok(t) => t,
         Err(why) => {

@@ -276,6 +276,16 @@ impl Drop for Relay {
 
 impl Relay {
     fn start(target: &str, identity: AgentIdentity, limits: RelayLimits) -> Self {
+        Self::serving(target, identity, limits, &[])
+    }
+
+    /// A relay that serves only `paths`.
+    fn serving(
+        target: &str,
+        identity: AgentIdentity,
+        limits: RelayLimits,
+        paths: &'static [&'static str],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let refused = Counter::default();
         let relay = HttpRelay {
@@ -283,6 +293,7 @@ impl Relay {
             port: PROXY_PORT,
             target: target.to_owned(),
             limits,
+            paths,
         };
         let task = tokio::spawn(http_relay(
             dir.path().to_owned(),
@@ -496,6 +507,41 @@ async fn without_an_identity_the_guest_gets_503_and_the_service_no_connection() 
         up.connections.load(Ordering::SeqCst),
         0,
         "a request without a token reached the service"
+    );
+}
+
+#[tokio::test]
+async fn a_path_the_relay_does_not_serve_is_404_and_never_reaches_the_service() {
+    let mut up = Upstream::start(false).await;
+    let relay = Relay::serving(&up.authority, fixed(), limits(4), &["/v1/messages"]);
+    let mut guest = relay.guest().await;
+    let other = forged_request().replace("/v1/messages HTTP", "/metrics HTTP");
+    guest
+        .get_mut()
+        .write_all(other.as_bytes())
+        .await
+        .expect("send");
+    let reply = read_reply(&mut guest).await;
+    assert_eq!(reply.status, 404, "{}", reply.head);
+    let message = reply.json()["error"]["message"].to_string();
+    assert!(message.contains("serves only /v1/messages"), "{message}");
+    assert_eq!(
+        up.connections.load(Ordering::SeqCst),
+        0,
+        "a refused path reached the service"
+    );
+    // The served path, on the same kept-alive connection, with a query: relayed.
+    let served = forged_request().replace("/v1/messages HTTP", "/v1/messages?beta=1 HTTP");
+    guest
+        .get_mut()
+        .write_all(served.as_bytes())
+        .await
+        .expect("send");
+    let seen = up.next_request().await;
+    assert!(
+        seen.request_line().starts_with("POST /v1/messages?beta=1 "),
+        "{}",
+        seen.request_line()
     );
 }
 
