@@ -3,12 +3,15 @@
 //! launcher's relay, which attaches a token of the VM's own for skill-manager), the
 //! model calls `web-search`, the real web-search component queries the project's
 //! stand-in SearXNG (`clawos-search-standin`) on loopback, and the results come back to
-//! the model. Every part is the real one but
-//! the model (scripted) and the search backend (the stand-in).
+//! the model. monitor-daemon follows skill-manager's record of the call into the
+//! host's audit trail, where `clawos audit tail` shows it. Every part is the real one
+//! but the model (scripted) and the search backend (the stand-in).
 
 use clawos_e2e::skills::{search_backend, web_search_bundle};
 use clawos_e2e::stack::{HostServices, ScriptedModel};
-use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, show};
+use clawos_e2e::{
+    Launcher, can_boot_vms, can_run_monitor, can_use_vsock, port, show, start_monitor,
+};
 use clawos_skill_manager_api::SkillsClient;
 use serde_json::{Value, json};
 
@@ -25,6 +28,10 @@ fn an_agent_in_a_vm_searches_the_web_through_its_skill() {
     let work = tempfile::tempdir().expect("tmp");
     let state = work.path().join("state");
     std::fs::create_dir_all(&state).expect("state");
+    // The host's audit trail, where the call must land too (when eBPF can run here).
+    let monitor_port = port();
+    let _monitor = can_run_monitor(name)
+        .then(|| start_monitor(&state, monitor_port, "monitor.log").expect("monitor-daemon"));
 
     let model = ScriptedModel::start(
         work.path(),
@@ -169,6 +176,48 @@ fn an_agent_in_a_vm_searches_the_web_through_its_skill() {
         "{record}"
     );
     assert_eq!(record["ok"], true, "{record}");
+    if _monitor.is_some() {
+        // The same call in the host's trail, as an operator reads it.
+        let tail = || {
+            let o = std::process::Command::new(clawos_e2e::bin("clawos"))
+                .args([
+                    "--json", "audit", "tail", "--agent", "seeker", "--limit", "10000",
+                ])
+                .env("CLAWOS_STATE_DIR", &state)
+                .env(
+                    "CLAWOS_MONITOR_URL",
+                    format!("http://127.0.0.1:{monitor_port}"),
+                )
+                .output()
+                .expect("clawos audit tail");
+            assert!(o.status.success(), "{}", show(&o));
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|e| e["kind"] == "skill_call")
+                .collect::<Vec<_>>()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut calls = tail();
+        while calls.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            calls = tail();
+        }
+        let call = calls
+            .iter()
+            .find(|e| e["skill_call"]["skill"] == "web-search")
+            .unwrap_or_else(|| panic!("no web-search call in the host's trail: {calls:?}"));
+        assert_eq!(call["skill_call"]["outcome"], "answered", "{call}");
+        assert_eq!(call["skill_call"]["vm_id"], record["vm_id"], "{call}");
+        let request = &call["skill_call"]["requests"][0];
+        assert_eq!(request["allowed"], true, "{call}");
+        assert!(
+            request["destination"]
+                .as_str()
+                .is_some_and(|d| d.ends_with(&format!(":{search_port}"))),
+            "{call}"
+        );
+    }
 
     // From inside the VM, a forged credential changes nothing: the relay replaces it
     // with the VM's own token (the forged one alone would be refused 401), so the

@@ -414,7 +414,9 @@ async fn the_secret_reaches_the_upstream_but_never_the_component() {
         "fetch",
         "skill",
         &format!(
-            "[capabilities.http]\nallow = [\"http://search.test:{}\"]\n\
+            // Plain http with a secret: only to a loopback address (a name could
+            // resolve anywhere).
+            "[capabilities.http]\nallow = [\"http://127.0.0.1:{}\"]\n\
              [[capabilities.secrets]]\nname = \"API_KEY\"\nheader = \"X-Api-Key\"\n",
             allowed.port()
         ),
@@ -423,7 +425,7 @@ async fn the_secret_reaches_the_upstream_but_never_the_component() {
     let fetch_with_key = |path: &str| {
         let secret = SecretHeader::for_grant(&fetch.manifest.capabilities.secrets[0], SECRET)
             .expect("secret header");
-        let url = format!("http://search.test:{}{path}", allowed.port());
+        let url = format!("http://127.0.0.1:{}{path}", allowed.port());
         let (f, fetch) = (&f, &fetch);
         async move {
             f.runtime
@@ -502,14 +504,16 @@ async fn the_web_search_skill_answers_from_searxng_and_brave_shaped_backends() {
     // The shipped manifest, pointed at the stand-in's port (search.local resolves to
     // loopback in this runtime) for both backends.
     let local = format!("search.local:{}", backend.port());
+    // Brave's key may go over plain http only to a loopback address.
+    let brave_local = format!("127.0.0.1:{}", backend.port());
     let text = text.replace("search.local:8888", &local).replace(
         "\"api.search.brave.com:443\"",
-        &format!("\"http://{local}\""),
+        &format!("\"http://{brave_local}\""),
     );
     let m = SkillManifest::parse(&text).expect("the shipped manifest");
     let mut m_for_test = m.clone();
     // Brave's key goes only where the manifest says; here that is the stand-in.
-    m_for_test.capabilities.secrets[0].to = vec![format!("http://{local}")];
+    m_for_test.capabilities.secrets[0].to = vec![format!("http://{brave_local}")];
     let s = f.runtime.load(&m_for_test, &wasm).expect("load web-search");
 
     let out = f
@@ -539,7 +543,7 @@ async fn the_web_search_skill_answers_from_searxng_and_brave_shaped_backends() {
     // Brave: the key is added by the host; the component never had it.
     let mut brave = m.config.clone();
     brave.insert("backend".into(), "brave".into());
-    brave.insert("url".into(), format!("http://{local}"));
+    brave.insert("url".into(), format!("http://{brave_local}"));
     let key = SecretHeader::for_grant(&m_for_test.capabilities.secrets[0], SECRET).expect("key");
     let out = f
         .runtime

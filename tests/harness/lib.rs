@@ -753,6 +753,12 @@ pub fn can_audit_vms(test: &str) -> bool {
     if !can_boot_vms(test) || !can_use_vsock(test) {
         return false;
     }
+    can_run_monitor(test)
+}
+
+/// Whether monitor-daemon can run here (root, a kernel with BTF); records the skip
+/// under `test` if not.
+pub fn can_run_monitor(test: &str) -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !Path::new("/sys/kernel/btf/vmlinux").exists() {
         skip(

@@ -101,6 +101,37 @@ pub fn run(
     ))
 }
 
+/// `skill web-search 1.0.0 answered in 12 ms → https://search:443 200` (requests a
+/// skill's capabilities refused marked REFUSED).
+fn skill_call_line(e: &clawos_monitor_api::AuditEvent) -> String {
+    let Some(c) = &e.skill_call else {
+        return format!(
+            "SKILL RECORD UNREADABLE: {}",
+            e.detail.as_deref().unwrap_or("-")
+        );
+    };
+    let requests: Vec<String> = c
+        .requests
+        .iter()
+        .map(|r| match (r.allowed, r.status) {
+            (false, _) => format!("{} REFUSED", r.destination),
+            (true, Some(s)) => format!("{} {s}", r.destination),
+            (true, None) => format!("{} (no answer)", r.destination),
+        })
+        .collect();
+    let mut line = format!(
+        "skill {} {} {} in {} ms",
+        c.skill, c.version, c.outcome, c.duration_ms
+    );
+    if !requests.is_empty() {
+        line.push_str(&format!(" → {}", requests.join(", ")));
+    }
+    if let Some(d) = &e.detail {
+        line.push_str(&format!(": {}", d.escape_debug()));
+    }
+    line
+}
+
 /// Prints audit events; with `follow`, keeps polling for new ones.
 async fn tail(
     client: &Events<'_>,
@@ -175,6 +206,7 @@ async fn tail(
                     e.dropped.unwrap_or(0),
                     e.detail.as_deref().unwrap_or("-")
                 ),
+                Kind::SkillCall => skill_call_line(e),
             };
             println!("{:>8} {} {who} {line}", e.seq, e.ts);
         }

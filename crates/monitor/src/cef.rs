@@ -70,6 +70,14 @@ pub fn encode(e: &AuditEvent) -> String {
             "events recorded in a VM that never reached the host".into(),
             5,
         ),
+        Kind::SkillCall => match &e.skill_call {
+            Some(c) => (
+                format!("skill:{}", c.skill),
+                format!("skill call {}", c.outcome),
+                skill_severity(c),
+            ),
+            None => ("skill:?".into(), "unreadable skill call record".into(), 5),
+        },
     };
     let mut ext: Vec<(&str, String)> = vec![
         ("externalId", e.seq.to_string()),
@@ -114,6 +122,36 @@ pub fn encode(e: &AuditEvent) -> String {
     opt("cs5", e.guest_boot.clone());
     opt("cs6Label", e.guest_seq.map(|_| "guestSeq".into()));
     opt("cs6", e.guest_seq.map(|s| s.to_string()));
+    if let Some(c) = &e.skill_call {
+        opt("cs4Label", Some("skill".into()));
+        opt("cs4", Some(format!("{} {}", c.skill, c.version)));
+        opt("act", Some(c.outcome.clone()));
+        opt("suser", Some(c.caller.clone()));
+        opt("cs5Label", c.vm_id.as_ref().map(|_| "vmId".into()));
+        opt("cs5", c.vm_id.clone());
+        opt("cn1Label", Some("durationMs".into()));
+        opt("cn1", Some(c.duration_ms.to_string()));
+        opt("in", Some(c.input_bytes.to_string()));
+        opt("out", Some(c.output_bytes.to_string()));
+        opt("cnt", c.refused_unrecorded_before.map(|n| n.to_string()));
+        opt(
+            "request",
+            (!c.requests.is_empty()).then(|| {
+                c.requests
+                    .iter()
+                    .map(|r| {
+                        let status = r.status.map(|s| format!(" {s}")).unwrap_or_default();
+                        if r.allowed {
+                            format!("{} allowed{status} {}B", r.destination, r.bytes)
+                        } else {
+                            format!("{} refused", r.destination)
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }),
+        );
+    }
     opt("msg", e.detail.clone());
     let ext: Vec<String> = ext
         .into_iter()
@@ -128,13 +166,31 @@ pub fn encode(e: &AuditEvent) -> String {
     )
 }
 
+/// A skill call's CEF severity: a request its capabilities did not allow is what a
+/// SIEM should see first, then refusals (an agent pressing past its limits).
+fn skill_severity(c: &clawos_monitor_api::SkillCall) -> u8 {
+    if c.requests.iter().any(|r| !r.allowed) {
+        7
+    } else {
+        match c.outcome.as_str() {
+            "answered" => 1,
+            "refused" => 5,
+            _ => 3,
+        }
+    }
+}
+
 /// An RFC 5424 message carrying `cef`, at most `cap` bytes. A longer CEF line is cut
 /// at a character boundary that does not split an escape sequence.
 pub fn syslog_message(e: &AuditEvent, cef: &str, cap: usize) -> String {
     let severity = match e.kind {
         Kind::Alert => 2,                                         // critical
         Kind::Drops | Kind::ForwardDrops | Kind::GuestDrops => 4, // warning
-        Kind::Syscall => 6,                                       // informational
+        Kind::SkillCall => match &e.skill_call {
+            Some(c) if skill_severity(c) < 5 => 6,
+            _ => 4,
+        },
+        Kind::Syscall => 6, // informational
     };
     let pri = u16::from(FACILITY) * 8 + severity;
     let host = if e.host.is_empty() { "-" } else { &e.host };
@@ -304,6 +360,73 @@ mod tests {
         let p = parse(&encode(&e)).expect("parse");
         assert_eq!(p.header[4], "alert:deny|x");
         assert_eq!(p.ext["cs4"], "deny|x");
+    }
+
+    #[test]
+    fn a_skill_call_maps_to_its_own_signature_and_a_refused_destination_stands_out() {
+        use clawos_monitor_api::{SkillCall, SkillRequest};
+        let mut e = AuditEvent::new(9, "2026-12-02T10:00:00Z".into(), "h", Kind::SkillCall);
+        e.agent = Some("a1".into());
+        e.detail = Some("request refused: evil=host".into());
+        let mut c = SkillCall {
+            skill: "web-search".into(),
+            version: "0.1.0".into(),
+            caller: "agent".into(),
+            vm_id: Some("a1-17".into()),
+            outcome: "answered".into(),
+            duration_ms: 12,
+            input_bytes: 20,
+            output_bytes: 300,
+            requests: vec![SkillRequest {
+                destination: "http://127.0.0.1:8888".into(),
+                allowed: true,
+                status: Some(200),
+                bytes: 280,
+            }],
+            refused_unrecorded_before: None,
+        };
+        e.skill_call = Some(c.clone());
+        let line = encode(&e);
+        let p = parse(&line).expect("parse");
+        assert_eq!(
+            (
+                p.header[4].as_str(),
+                p.header[5].as_str(),
+                p.header[6].as_str()
+            ),
+            ("skill:web-search", "skill call answered", "1")
+        );
+        assert_eq!(p.ext["cs1"], "a1");
+        assert_eq!(p.ext["cs4"], "web-search 0.1.0");
+        assert_eq!(p.ext["cs5"], "a1-17");
+        assert_eq!(p.ext["act"], "answered");
+        assert_eq!(p.ext["request"], "http://127.0.0.1:8888 allowed 200 280B");
+        assert_eq!(p.ext["msg"], "request refused: evil=host");
+        assert!(
+            syslog_message(&e, &line, 8000).starts_with("<110>"),
+            "informational"
+        );
+
+        c.outcome = "failed".into();
+        c.requests.push(SkillRequest {
+            destination: "https://evil.example:443".into(),
+            allowed: false,
+            status: None,
+            bytes: 0,
+        });
+        e.skill_call = Some(c);
+        let line = encode(&e);
+        let p = parse(&line).expect("parse");
+        assert_eq!(p.header[6], "7", "a refused destination is severity 7");
+        assert!(p.ext["request"].ends_with(", https://evil.example:443 refused"));
+        assert!(
+            syslog_message(&e, &line, 8000).starts_with("<108>"),
+            "warning"
+        );
+
+        e.skill_call = None;
+        let p = parse(&encode(&e)).expect("parse");
+        assert_eq!(p.header[4], "skill:?");
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub struct Config {
     pub guest_quota: GuestQuota,
     /// Handshake limits of the guest socket.
     pub guest_limits: crate::ingest::Limits,
+    /// skill-manager's audit trail, followed into this one (`None`: not followed).
+    pub skill_audit: Option<PathBuf>,
 }
 
 /// Errors that stop the daemon.

@@ -17,6 +17,8 @@
 //!   rotate away) the trail faster than it allows.
 //! - [`recorder`]: the one thread that writes the JSONL trail (numbering, alerts, drop
 //!   reports, acknowledgements to guests, rotation); [`trail`]: its files.
+//! - [`skills`]: skill-manager's audit trail of skill calls, followed into this
+//!   one (each record once, across restarts), so skill calls reach the SIEM too.
 //! - [`watches`]: what the kernel follows, under which tag, persisted across restarts.
 //! - [`http`]: the REST API (routes and wire types in `clawos-monitor-api`).
 //! - [`daemon`]: configuration, start-up and shutdown of all of the above.
@@ -31,5 +33,6 @@ pub use clawos_syscall_probe::probe;
 pub mod quota;
 pub mod recorder;
 pub mod rules;
+pub mod skills;
 pub mod trail;
 pub mod watches;

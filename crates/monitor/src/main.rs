@@ -78,6 +78,13 @@ struct Args {
     /// and the guest's hello).
     #[arg(long, default_value_t = Limits::DEFAULT_HANDSHAKE_SECS, value_parser = clap::value_parser!(u64).range(1..=600))]
     guest_handshake_secs: u64,
+    /// skill-manager's audit trail of skill calls, followed into this daemon's trail
+    /// [default: <state>/skills/audit.jsonl; it may appear later].
+    #[arg(long, conflicts_with = "no_skill_audit")]
+    skill_audit: Option<PathBuf>,
+    /// Do not follow skill-manager's audit trail.
+    #[arg(long)]
+    no_skill_audit: bool,
     #[command(flatten)]
     log: clawos_service::LogArgs,
 }
@@ -115,7 +122,13 @@ async fn main() -> anyhow::Result<()> {
             a.max_message
         );
     }
+    let skill_audit = (!a.no_skill_audit).then(|| {
+        a.skill_audit
+            .clone()
+            .unwrap_or_else(|| clawos_skill_manager_api::audit_path(&state_dir))
+    });
     let cfg = Config {
+        skill_audit,
         addr: a.addr,
         jsonl: a
             .jsonl

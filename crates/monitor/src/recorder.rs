@@ -19,8 +19,10 @@ use crate::ingest::{Ack, GuestBody, GuestMessage, GuestStreams, StreamInfo, Verd
 use crate::probe::{self, Maps};
 use crate::quota::Quotas;
 use crate::rules::Rules;
+use crate::skills::SkillTrail;
 use crate::trail;
 use crate::watches::Labels;
+use clawos_monitor_api::SourcePlace;
 
 /// The recorder's counters in `/metrics`.
 #[derive(Debug, Clone)]
@@ -36,6 +38,10 @@ pub(crate) struct Counters {
     guest_resent: Counter,
     /// Guest events not written because their VM was over its quota.
     guest_quota_dropped: Counter,
+    /// Skill calls followed from skill-manager's trail.
+    skill_calls: Counter,
+    /// Lines of skill-manager's trail that were no records.
+    skill_unreadable: Counter,
 }
 
 impl Counters {
@@ -65,6 +71,14 @@ impl Counters {
             guest_quota_dropped: m.counter(
                 "clawos_monitor_guest_quota_dropped_total",
                 "Guest events not recorded because their VM was over its quota (reported as guest_drops).",
+            ),
+            skill_calls: m.counter(
+                "clawos_monitor_skill_calls_total",
+                "Skill calls recorded from skill-manager's audit trail.",
+            ),
+            skill_unreadable: m.counter(
+                "clawos_monitor_skill_records_unreadable_total",
+                "Lines of skill-manager's audit trail that were no skill call records (recorded as such).",
             ),
         }
     }
@@ -112,14 +126,23 @@ fn drop_torn_tail(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The last sequence number in an existing trail (0 if none), and where each VM's
-/// guest stream stood.
+/// Where an existing trail stands: its last sequence number (0 if none), where each
+/// VM's guest stream stood, and the place of the last skill call record followed.
+#[derive(Default)]
+struct Replayed {
+    last: u64,
+    guests: GuestStreams,
+    skill_place: Option<SourcePlace>,
+}
+
+/// Reads where an existing trail stands ([`Replayed`]).
 ///
 /// It reads the newest closed segment and the live file: right after a rotation the
 /// live file is empty, and the numbering must go on from the segment.
-fn replay_trail(path: &Path) -> (u64, GuestStreams) {
+fn replay_trail(path: &Path) -> Replayed {
     let mut guests = GuestStreams::default();
     let mut last = 0;
+    let mut skill_place = None;
     for p in trail::recent(path) {
         let Ok(f) = std::fs::File::open(p) else {
             continue;
@@ -128,10 +151,39 @@ fn replay_trail(path: &Path) -> (u64, GuestStreams) {
             if let Ok(e) = serde_json::from_str::<AuditEvent>(&line) {
                 last = e.seq;
                 guests.replay(&e);
+                if e.kind == Kind::SkillCall && e.source.is_some() {
+                    skill_place = e.source;
+                }
             }
         }
     }
-    (last, guests)
+    Replayed {
+        last,
+        guests,
+        skill_place,
+    }
+}
+
+/// Where the last skill call record followed ends, kept beside the trail after each
+/// flush that wrote one: the trail's own lines say it too, but the newest segments
+/// may hold none once calls are rare.
+fn skill_place_file(cfg: &Config) -> PathBuf {
+    cfg.state_dir.join("monitor/skills.place")
+}
+
+fn load_skill_place(path: &Path) -> Option<SourcePlace> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+fn save_skill_place(path: &Path, place: SourcePlace) {
+    let tmp = path.with_extension("place.tmp");
+    let saved = serde_json::to_vec(&place)
+        .map_err(std::io::Error::other)
+        .and_then(|b| std::fs::write(&tmp, b))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = saved {
+        tracing::warn!(path = %path.display(), error = %e, "cannot save the place in skill-manager's audit trail");
+    }
 }
 
 /// Why guest events never arrived: a gap in the sequence numbers.
@@ -164,6 +216,10 @@ pub(crate) struct Recorder {
     rotate_bytes: u64,
     rotate_keep: usize,
     counters: Counters,
+    /// skill-manager's audit trail, followed.
+    skills: Option<SkillTrail>,
+    /// Where the last skill record written ends, once flushed: saved to `skill_place_file`.
+    skill_place: (Option<SourcePlace>, PathBuf),
 }
 
 /// Opens (creates, 0600) the live trail file for appending.
@@ -367,6 +423,29 @@ impl Recorder {
         }
     }
 
+    /// The records skill-manager has added to its trail since the last look.
+    fn follow_skills(&mut self, now: Instant) {
+        let Some(lines) = self.skills.as_mut().map(|t| t.poll(now)) else {
+            return;
+        };
+        for line in lines {
+            self.seq += 1;
+            let e = crate::skills::event(line, self.seq, &self.host);
+            if e.skill_call.is_some() {
+                self.counters.skill_calls.inc();
+            } else {
+                self.counters.skill_unreadable.inc();
+                tracing::warn!(
+                    detail = e.detail.as_deref().unwrap_or(""),
+                    "unreadable line in skill-manager's audit trail"
+                );
+            }
+            self.skill_place.0 = e.source;
+            self.write(&e);
+            self.counters.events.inc();
+        }
+    }
+
     fn drops(&mut self, total: u64, kind: Kind) {
         let new = match kind {
             Kind::Drops => {
@@ -403,8 +482,20 @@ impl Recorder {
         let out = open_trail(&cfg.jsonl).map_err(io)?;
         let live_bytes = out.metadata().map(|m| m.len()).unwrap_or(0);
         drop_torn_tail(&cfg.jsonl).map_err(io)?;
-        let (seq, guests) = replay_trail(&cfg.jsonl);
+        let Replayed {
+            last: seq,
+            guests,
+            skill_place,
+        } = replay_trail(&cfg.jsonl);
+        let place_file = skill_place_file(cfg);
+        let skill_place = skill_place.or_else(|| load_skill_place(&place_file));
+        let skills = cfg.skill_audit.clone().map(|p| {
+            tracing::info!(path = %p.display(), from = ?skill_place, "following skill-manager's audit trail");
+            SkillTrail::new(p, skill_place)
+        });
         Ok(Self {
+            skills,
+            skill_place: (None, place_file),
             out: BufWriter::with_capacity(1 << 20, out),
             seq,
             guests,
@@ -488,6 +579,7 @@ impl Recorder {
                 self.record_guest(g, now);
             }
             self.report_quotas(now, stopping);
+            self.follow_skills(now);
             if now >= self.next_tidy {
                 self.quotas.tidy(now);
                 self.next_tidy = now + Duration::from_secs(10);
@@ -496,6 +588,9 @@ impl Recorder {
         if self.out.flush().is_ok() {
             for (ack, seq) in self.pending_acks.drain(..) {
                 ack.raise(seq);
+            }
+            if let Some(place) = self.skill_place.0.take() {
+                save_skill_place(&self.skill_place.1, place);
             }
             // Rotation waits until the forwarders exist: pruning must know where each
             // of them reads.

@@ -1041,6 +1041,194 @@ fn watches_survive_a_daemon_restart_and_those_of_ended_processes_do_not() {
     }
 }
 
+/// A line of skill-manager's audit trail, as skill-manager writes it.
+fn skill_record(skill: &str, agent: &str, allowed: bool) -> String {
+    use clawos_skill_manager_api::{CallerKind, RecordKind, RequestSummary, SkillCallRecord};
+    let r = SkillCallRecord {
+        time: "2026-12-02T10:00:00.5Z".into(),
+        kind: RecordKind::SkillCall,
+        skill: skill.into(),
+        version: "0.1.0".into(),
+        caller: CallerKind::Agent,
+        agent: Some(agent.into()),
+        vm_id: Some(format!("{agent}-1764669600")),
+        ok: allowed,
+        error: (!allowed).then(|| "request to evil.example:443 refused".into()),
+        refused: None,
+        refused_unrecorded_before: None,
+        aborted: false,
+        duration_ms: 4,
+        input_bytes: 17,
+        output_bytes: 120,
+        requests: vec![RequestSummary {
+            destination: if allowed {
+                "http://127.0.0.1:8888".into()
+            } else {
+                "https://evil.example:443".into()
+            },
+            allowed,
+            status: allowed.then_some(200),
+            bytes: if allowed { 100 } else { 0 },
+        }],
+        log: vec!["info: searched".into()],
+    };
+    let mut line = serde_json::to_string(&r).expect("record");
+    line.push('\n');
+    line
+}
+
+fn append(path: &Path, text: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .expect("open");
+    f.write_all(text.as_bytes()).expect("append");
+}
+
+#[test]
+fn skill_calls_reach_the_trail_and_the_siem_once_each_across_a_kill() {
+    if cannot_trace() || no_rsyslog() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let siem = tempfile::tempdir().expect("tempdir");
+    let (tcp, udp) = (free_port(), free_port());
+    let rs = Rsyslog::start(siem.path(), tcp, udp);
+    let skills_audit = state.path().join("skills/audit.jsonl");
+    std::fs::create_dir_all(skills_audit.parent().expect("dir")).expect("skills dir");
+    // Calls made before the daemon ever ran are followed too.
+    append(&skills_audit, &skill_record("web-search", "agent-s", true));
+    let syslog = format!("tcp://127.0.0.1:{tcp}");
+    let skill_events = |d: &Daemon| -> Vec<AuditEvent> {
+        d.events()
+            .into_iter()
+            .filter(|e| e.kind == Kind::SkillCall)
+            .collect()
+    };
+    {
+        let d = Daemon::start(state.path(), &["--syslog", &syslog]);
+        append(&skills_audit, &skill_record("web-search", "agent-s", false));
+        wait_until(
+            Duration::from_secs(10),
+            "two skill calls in the trail",
+            || skill_events(&d).len() == 2,
+        );
+        let got = skill_events(&d);
+        let c = got[1].skill_call.as_ref().expect("skill_call");
+        assert_eq!(got[1].agent.as_deref(), Some("agent-s"));
+        assert_eq!(c.outcome, "failed");
+        assert_eq!(c.vm_id.as_deref(), Some("agent-s-1764669600"));
+        assert!(!c.requests[0].allowed);
+        assert_eq!(got[1].ts, "2026-12-02T10:00:00.5Z", "the call's own time");
+        assert_eq!(
+            got[1].source.map(|p| p.offset),
+            Some(std::fs::metadata(&skills_audit).expect("meta").len())
+        );
+        wait_until(
+            Duration::from_secs(10),
+            "two skill calls at the SIEM",
+            || {
+                rs.received("tcp")
+                    .iter()
+                    .filter(|p| p.header[4] == "skill:web-search")
+                    .count()
+                    == 2
+            },
+        );
+        let refused = rs
+            .received("tcp")
+            .into_iter()
+            .find(|p| p.ext.get("act").map(String::as_str) == Some("failed"))
+            .expect("the failed call at the SIEM");
+        assert_eq!(
+            refused.header[6], "7",
+            "a refused destination is severity 7"
+        );
+        assert_eq!(refused.ext["cs1"], "agent-s");
+        assert_eq!(refused.ext["request"], "https://evil.example:443 refused");
+        assert_eq!(refused.ext["msg"], "request to evil.example:443 refused");
+        assert_eq!(d.metric("clawos_monitor_skill_calls_total"), 2);
+    } // SIGKILL
+
+    // While the daemon is away: two more calls and a line that is no record.
+    append(&skills_audit, &skill_record("web-search", "agent-t", true));
+    append(&skills_audit, "{\"kind\": \"something else\"}\n");
+    append(&skills_audit, &skill_record("fetch", "agent-t", true));
+    let d = Daemon::start(state.path(), &["--syslog", &syslog]);
+    wait_until(
+        Duration::from_secs(10),
+        "five skill events in the trail",
+        || skill_events(&d).len() >= 5,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let got = skill_events(&d);
+    let names: Vec<String> = got
+        .iter()
+        .map(|e| {
+            e.skill_call.as_ref().map_or_else(
+                || "?".into(),
+                |c| format!("{}/{}", c.skill, e.agent.as_deref().unwrap_or("-")),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "web-search/agent-s",
+            "web-search/agent-s",
+            "web-search/agent-t",
+            "?",
+            "fetch/agent-t"
+        ],
+        "each record once, in order, across the kill"
+    );
+    assert!(
+        got[3].detail.as_deref().is_some_and(
+            |d| d.starts_with("unreadable skill-manager audit record: not a skill call record")
+        ),
+        "{:?}",
+        got[3].detail
+    );
+    assert_eq!(d.metric("clawos_monitor_skill_records_unreadable_total"), 1);
+    let place: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(state.path().join("monitor/skills.place")).expect("place file"),
+    )
+    .expect("place");
+    assert_eq!(
+        place["offset"],
+        std::fs::metadata(&skills_audit).expect("meta").len()
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "five skill events at the SIEM",
+        || {
+            rs.received("tcp")
+                .iter()
+                .filter(|p| p.header[4].starts_with("skill:"))
+                .count()
+                >= 5
+        },
+    );
+    let seqs: Vec<u64> = siem_seqs(
+        &rs.received("tcp")
+            .into_iter()
+            .filter(|p| p.header[4].starts_with("skill:"))
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(
+        seqs,
+        got.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        "the SIEM got each skill event once"
+    );
+    // What the skill logged stays in skill-manager's trail.
+    assert!(
+        !std::fs::read_to_string(&d.jsonl)
+            .expect("trail")
+            .contains("searched")
+    );
+}
+
 /// Every event in the trail: the rotated segments (oldest first), then the live file.
 fn whole_trail(jsonl: &Path) -> Vec<AuditEvent> {
     clawos_monitor::trail::pieces(jsonl)

@@ -190,6 +190,18 @@ impl Destination {
     }
 }
 
+impl Destination {
+    /// Whether a secret may be sent here: over TLS, or over plain http to a loopback
+    /// address literal (a name could resolve anywhere).
+    pub fn keeps_secrets(&self) -> bool {
+        self.scheme == Scheme::Https
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
 /// A DNS name (letters, digits, `-`, dots between labels) or an IPv4 literal.
 fn valid_host(h: &str) -> bool {
     !h.is_empty()
@@ -305,6 +317,23 @@ impl SkillManifest {
                         ));
                     }
                 }
+            }
+            // Never in clear text across a network: a plain-http destination of a
+            // secret must be this machine itself, named by a loopback address.
+            let goes_to: Vec<Destination> = if s.to.is_empty() {
+                allowed.clone()
+            } else {
+                s.to.iter()
+                    .filter_map(|t| Destination::parse(t).ok())
+                    .collect()
+            };
+            if let Some(d) = goes_to.iter().find(|d| !d.keeps_secrets()) {
+                return bad(format!(
+                    "capabilities.secrets {:?} would go in clear text to {d}: a secret goes \
+                     to https:// destinations only (or plain http on a loopback address); \
+                     name its https destinations in `to`",
+                    s.name
+                ));
             }
             let header = s.header.to_ascii_lowercase();
             if http::HeaderName::from_bytes(header.as_bytes()).is_err()
@@ -460,6 +489,37 @@ backend = "searxng"
             let reason = refusal(|s| s.replacen(from, to, 1));
             assert!(reason.contains(expect), "{from} → {to}: {reason}");
         }
+    }
+
+    #[test]
+    fn a_secret_never_goes_in_clear_text_beyond_this_machine() {
+        // No `to`: every allowed destination, plain http to a name among them.
+        let reason = refusal(|s| {
+            s.replace("to = [\"search.example:443\"]", "")
+                .replace("\"[::1]:9\"", "\"[::1]:9\", \"http://search.local:80\"")
+        });
+        assert!(
+            reason.contains("\"BRAVE_API_KEY\" would go in clear text to http://search.local:80"),
+            "{reason}"
+        );
+        // Named in `to`, and a non-loopback address literal: refused too.
+        let reason = refusal(|s| {
+            s.replace("\"[::1]:9\"", "\"[::1]:9\", \"http://10.0.0.1:80\"")
+                .replace(
+                    "to = [\"search.example:443\"]",
+                    "to = [\"http://10.0.0.1:80\"]",
+                )
+        });
+        assert!(reason.contains("http://10.0.0.1:80"), "{reason}");
+        // Loopback literals over plain http, and https anywhere: fine.
+        let m = SkillManifest::parse(&GOOD.replace("to = [\"search.example:443\"]", ""))
+            .expect("https and loopback only");
+        assert!(m.destinations().iter().all(Destination::keeps_secrets));
+        let ok = GOOD.replace(
+            "to = [\"search.example:443\"]",
+            "to = [\"http://127.0.0.1:8888\", \"search.example:443\"]",
+        );
+        SkillManifest::parse(&ok).expect("loopback http");
     }
 
     #[test]

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use base64::Engine as _;
 use clawos_service::limits::{Decision, InFlight, RateLimiter};
-use clawos_skill_manager_api::{CallResult, InstallSkill, RequestSummary, SkillInfo};
+use clawos_skill_manager_api::{
+    CallResult, CallerKind, InstallSkill, RecordKind, RequestSummary, SkillCallRecord, SkillInfo,
+};
 use ed25519_dalek::VerifyingKey;
 
 use crate::SkillError;
@@ -121,8 +123,8 @@ impl Audit {
         })
     }
 
-    fn write(&self, record: &serde_json::Value) -> Result<(), HostError> {
-        let mut line = record.to_string();
+    fn write(&self, record: &SkillCallRecord) -> Result<(), HostError> {
+        let mut line = serde_json::to_string(record).unwrap_or_default();
         line.push('\n');
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
         f.write_all(line.as_bytes())
@@ -168,14 +170,14 @@ struct Unfinished<'a> {
     counts: &'a CallCounts,
     started: std::time::Instant,
     requests: RequestLog,
-    /// The record's fields known at the start; `None` once the call has an answer.
-    record: Option<serde_json::Value>,
+    /// The record as known at the start; `None` once the call has an answer.
+    record: Option<SkillCallRecord>,
 }
 
 impl Drop for Unfinished<'_> {
     fn drop(&mut self) {
         self.counts.running.fetch_sub(1, Ordering::Relaxed);
-        let Some(serde_json::Value::Object(mut rec)) = self.record.take() else {
+        let Some(mut rec) = self.record.take() else {
             return;
         };
         self.counts.aborted.fetch_add(1, Ordering::Relaxed);
@@ -184,26 +186,47 @@ impl Drop for Unfinished<'_> {
             .lock()
             .map(|r| summaries(&r))
             .unwrap_or_default();
-        rec.insert("time".into(), now().into());
-        rec.insert("ok".into(), false.into());
-        rec.insert("aborted".into(), true.into());
+        rec.time = now();
+        rec.aborted = true;
         let why = if std::thread::panicking() {
             "the call failed inside skill-manager (a panic; see its log)"
         } else {
             "the caller went away before the call ended"
         };
-        rec.insert("error".into(), why.into());
-        rec.insert(
-            "duration_ms".into(),
-            (self.started.elapsed().as_millis() as u64).into(),
-        );
-        rec.insert(
-            "requests".into(),
-            serde_json::to_value(requests).unwrap_or_default(),
-        );
-        if let Err(e) = self.audit.write(&serde_json::Value::Object(rec)) {
+        rec.error = Some(why.into());
+        rec.duration_ms = self.started.elapsed().as_millis() as u64;
+        rec.requests = requests;
+        if let Err(e) = self.audit.write(&rec) {
             tracing::error!(error = %e, "cannot write the audit record of an aborted skill call");
         }
+    }
+}
+
+/// A call's audit record with what is known before it runs (no outcome yet: not ok,
+/// no time spent).
+fn record_of(skill: &str, version: &str, caller: &Caller) -> SkillCallRecord {
+    let (kind, agent, vm_id) = match caller {
+        Caller::Agent { agent, vm_id } => (CallerKind::Agent, Some(agent), Some(vm_id)),
+        Caller::Operator => (CallerKind::Operator, None, None),
+    };
+    SkillCallRecord {
+        time: now(),
+        kind: RecordKind::SkillCall,
+        skill: skill.to_owned(),
+        version: version.to_owned(),
+        caller: kind,
+        agent: agent.cloned(),
+        vm_id: vm_id.cloned(),
+        ok: false,
+        error: None,
+        refused: None,
+        refused_unrecorded_before: None,
+        aborted: false,
+        duration_ms: 0,
+        input_bytes: 0,
+        output_bytes: 0,
+        requests: Vec::new(),
+        log: Vec::new(),
     }
 }
 
@@ -286,7 +309,7 @@ impl SkillHost {
         limits: AgentLimits,
     ) -> Result<Self, HostError> {
         let store = SkillStore::open(dir)?;
-        let audit = Audit::open(&dir.join("audit.jsonl"))?;
+        let audit = Audit::open(&dir.join(clawos_skill_manager_api::AUDIT_FILE))?;
         let host = Self {
             store,
             runtime,
@@ -509,7 +532,7 @@ impl SkillHost {
             .cloned()
             .ok_or_else(|| HostError::NotFound(name.to_owned()))?;
         let mut _slot = None;
-        if let Caller::Agent { agent, vm_id } = caller {
+        if let Caller::Agent { agent, .. } = caller {
             let ok = self
                 .enabled
                 .read()
@@ -549,21 +572,11 @@ impl SkillHost {
                     "in flight"
                 };
                 if let Some(also) = self.refusal_to_record(agent, why) {
-                    self.audit.write(&serde_json::json!({
-                        "time": now(),
-                        "kind": "skill_call",
-                        "skill": name,
-                        "version": installed.info.version,
-                        "caller": "agent",
-                        "agent": agent,
-                        "vm_id": vm_id,
-                        "ok": false,
-                        "refused": why,
-                        "refused_unrecorded_before": also,
-                        "error": e.to_string(),
-                        "duration_ms": 0,
-                        "requests": [],
-                    }))?;
+                    let mut rec = record_of(name, &installed.info.version, caller);
+                    rec.refused = Some(why.into());
+                    rec.refused_unrecorded_before = Some(also);
+                    rec.error = Some(e.to_string());
+                    self.audit.write(&rec)?;
                 }
                 return Err(e);
             }
@@ -587,15 +600,10 @@ impl SkillHost {
             counts: &self.counts,
             started: std::time::Instant::now(),
             requests: Arc::clone(&seen),
-            record: Some(serde_json::json!({
-                "kind": "skill_call",
-                "skill": name,
-                "version": installed.info.version,
-                "caller": if matches!(caller, Caller::Agent { .. }) { "agent" } else { "operator" },
-                "agent": match caller { Caller::Agent { agent, .. } => Some(agent.as_str()), Caller::Operator => None },
-                "vm_id": match caller { Caller::Agent { vm_id, .. } => Some(vm_id.as_str()), Caller::Operator => None },
-                "input_bytes": input_text.len(),
-            })),
+            record: Some(SkillCallRecord {
+                input_bytes: input_text.len() as u64,
+                ..record_of(name, &installed.info.version, caller)
+            }),
         };
         let out = self
             .runtime
@@ -620,26 +628,16 @@ impl SkillHost {
         .fetch_add(1, Ordering::Relaxed);
         let requests = summaries(&out.requests);
         let duration_ms = out.duration.as_millis() as u64;
-        let (agent, vm_id) = match caller {
-            Caller::Agent { agent, vm_id } => (Some(agent.as_str()), Some(vm_id.as_str())),
-            Caller::Operator => (None, None),
-        };
-        self.audit.write(&serde_json::json!({
-            "time": now(),
-            "kind": "skill_call",
-            "skill": name,
-            "version": installed.info.version,
-            "caller": if agent.is_some() { "agent" } else { "operator" },
-            "agent": agent,
-            "vm_id": vm_id,
-            "ok": error.is_none(),
-            "error": error,
-            "duration_ms": duration_ms,
-            "input_bytes": input_text.len(),
-            "output_bytes": output.as_ref().map_or(0, String::len),
-            "requests": requests,
-            "log": out.log.iter().map(|(l, m)| format!("{l:?}: {m}")).collect::<Vec<_>>(),
-        }))?;
+        self.audit.write(&SkillCallRecord {
+            ok: error.is_none(),
+            error: error.clone(),
+            duration_ms,
+            input_bytes: input_text.len() as u64,
+            output_bytes: output.as_ref().map_or(0, String::len) as u64,
+            requests: requests.clone(),
+            log: out.log.iter().map(|(l, m)| format!("{l:?}: {m}")).collect(),
+            ..record_of(name, &installed.info.version, caller)
+        })?;
         Ok(CallResult {
             output,
             error,

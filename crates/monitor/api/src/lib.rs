@@ -54,6 +54,9 @@ pub enum Kind {
     /// the VM was over its quota (`detail` says which; an over-quota report carries
     /// the `guest_seq` of the last event it covers).
     GuestDrops,
+    /// A call of a skill (skill-manager's audit record, followed into this trail):
+    /// `skill_call` says which, by whom, how it ended and where its requests went.
+    SkillCall,
 }
 
 /// One JSONL line.
@@ -105,9 +108,65 @@ pub struct AuditEvent {
     pub guest_boot: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_seq: Option<u64>,
-    /// Guest drops: where they were lost.
+    /// Guest drops: where they were lost. Skill calls: why one failed or was refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Skill calls: the call (absent when skill-manager's record could not be read;
+    /// `detail` says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skill_call: Option<SkillCall>,
+    /// Events followed from another service's trail: where the record ends in it, so
+    /// that a restarted daemon reads on from there (each record once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<SourcePlace>,
+}
+
+/// A skill call, as the host's trail records it (from skill-manager's record; what
+/// the skill logged is left in skill-manager's own trail).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SkillCall {
+    pub skill: String,
+    pub version: String,
+    /// `agent` or `operator`.
+    pub caller: String,
+    /// The calling VM's boot (`<vm>-<start time>`), for an agent's call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
+    /// `answered`, `failed`, `refused` (the agent's limits) or `aborted` (its caller
+    /// went away).
+    pub outcome: String,
+    pub duration_ms: u64,
+    pub input_bytes: u64,
+    pub output_bytes: u64,
+    /// Where the skill's requests went.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub requests: Vec<SkillRequest>,
+    /// Refusals of the same agent and reason that skill-manager did not write before
+    /// this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_unrecorded_before: Option<u64>,
+}
+
+/// One outgoing request of a skill call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SkillRequest {
+    /// `scheme://host:port`.
+    pub destination: String,
+    /// `false`: the skill's capabilities do not allow it, and it was not sent.
+    pub allowed: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    pub bytes: u64,
+}
+
+/// A place in a followed file: its inode, and the offset just past a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SourcePlace {
+    pub inode: u64,
+    pub offset: u64,
 }
 
 impl AuditEvent {
@@ -135,6 +194,8 @@ impl AuditEvent {
             guest_boot: None,
             guest_seq: None,
             detail: None,
+            skill_call: None,
+            source: None,
         }
     }
 }

@@ -40,6 +40,113 @@ pub fn local_token(state_dir: &std::path::Path) -> Result<String, String> {
     clawos_api::local_token(TOKEN_PATH_ENV, &token_path(state_dir))
 }
 
+/// skill-manager's audit trail of skill calls under a state directory: JSONL, one
+/// [`SkillCallRecord`] a line, 0600. monitor-daemon follows it into the host's audit
+/// trail (and so to the SIEM).
+pub fn audit_path(state_dir: &std::path::Path) -> std::path::PathBuf {
+    state_dir.join("skills").join(AUDIT_FILE)
+}
+
+/// The audit trail's name in skill-manager's directory (`<state>/skills`).
+pub const AUDIT_FILE: &str = "audit.jsonl";
+
+/// What a line of the skill audit trail records (one kind so far).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    SkillCall,
+}
+
+/// Who called a skill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallerKind {
+    /// An agent, over MCP, with its identity-manager JWT.
+    Agent,
+    /// An operator's test call (`clawos skill call`).
+    Operator,
+}
+
+/// How a call ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallOutcome {
+    /// The skill gave an answer.
+    Answered,
+    /// The skill ran and failed (its own error, a limit, a refused request).
+    Failed,
+    /// Not run: the agent was past its rate or in-flight limit.
+    Refused,
+    /// Given up: the caller went away before the answer.
+    Aborted,
+}
+
+impl CallOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Answered => "answered",
+            Self::Failed => "failed",
+            Self::Refused => "refused",
+            Self::Aborted => "aborted",
+        }
+    }
+}
+
+/// One line of the skill audit trail ([`audit_path`]): a call, whatever its outcome.
+/// Destinations only: never a request's headers or body, never a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SkillCallRecord {
+    /// RFC 3339, when the record was written (the call's end).
+    pub time: String,
+    pub kind: RecordKind,
+    pub skill: String,
+    pub version: String,
+    pub caller: CallerKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// The calling VM's boot (its identity token's `vm_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_id: Option<String>,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Why the call was not run: `"rate limit"` or `"in flight"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+    /// Refusals of this agent for this reason not written since the last one that was
+    /// (refusals are written at most once a second per agent and reason).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused_unrecorded_before: Option<u64>,
+    /// The caller went away before the answer.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub aborted: bool,
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub input_bytes: u64,
+    #[serde(default)]
+    pub output_bytes: u64,
+    /// The requests the skill made, allowed or refused.
+    #[serde(default)]
+    pub requests: Vec<RequestSummary>,
+    /// What the skill logged.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<String>,
+}
+
+impl SkillCallRecord {
+    pub fn outcome(&self) -> CallOutcome {
+        if self.refused.is_some() {
+            CallOutcome::Refused
+        } else if self.aborted {
+            CallOutcome::Aborted
+        } else if self.ok {
+            CallOutcome::Answered
+        } else {
+            CallOutcome::Failed
+        }
+    }
+}
+
 /// The route table, mounted by the daemon and called by [`SkillsClient`].
 pub mod routes {
     use clawos_api::Route;
