@@ -19,19 +19,28 @@ scripts/setup.sh
 
 export CLAWOS_STATE_DIR="${CLAWOS_STATE_DIR:-$HOME/.clawos}"
 export PATH="$PWD/target/release:$PATH"
-PORT="${CLAWOS_LAUNCHER_PORT:-2080}"
-ID_PORT="${CLAWOS_IDENTITY_PORT:-2082}"
-SKILLS_PORT="${CLAWOS_SKILLS_PORT:-2083}"
-PROXY_PORT="${CLAWOS_PROXY_PORT:-11435}"
-export CLAWOS_LAUNCHER_URL="http://127.0.0.1:$PORT"
-export CLAWOS_IDENTITY_URL="http://127.0.0.1:$ID_PORT"
-export CLAWOS_PROXY_URL="http://127.0.0.1:$PROXY_PORT"
-export CLAWOS_SKILLS_URL="http://127.0.0.1:$SKILLS_PORT"
+# Where the daemons listen: clawos.toml's keys, set here through the environment
+# (CLAWOS_<SECTION>_ADDR); the CLI's URLs follow them.
+export CLAWOS_LAUNCHER_ADDR="${CLAWOS_LAUNCHER_ADDR:-127.0.0.1:2080}"
+export CLAWOS_IDENTITY_ADDR="${CLAWOS_IDENTITY_ADDR:-127.0.0.1:2082}"
+export CLAWOS_SKILLS_ADDR="${CLAWOS_SKILLS_ADDR:-127.0.0.1:2083}"
+export CLAWOS_PROXY_ADDR="${CLAWOS_PROXY_ADDR:-127.0.0.1:11435}"
+export CLAWOS_LAUNCHER_URL="http://$CLAWOS_LAUNCHER_ADDR"
+export CLAWOS_IDENTITY_URL="http://$CLAWOS_IDENTITY_ADDR"
+export CLAWOS_PROXY_URL="http://$CLAWOS_PROXY_ADDR"
+export CLAWOS_SKILLS_URL="http://$CLAWOS_SKILLS_ADDR"
 LOGS="$CLAWOS_STATE_DIR/logs"
 mkdir -p "$CLAWOS_STATE_DIR" "$LOGS"
 
+# A host left up by an earlier run goes first: this run's model and search stand-ins
+# are new, and the daemons must be wired to them.
+clawos down >/dev/null
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
+cleanup() {
+  echo "==> clawos down"
+  clawos down || true
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+}
 trap cleanup EXIT
 wait_http() {
   for _ in $(seq 200); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done
@@ -48,11 +57,6 @@ fi
 PUBKEY=$(clawos image sign "$IMAGE" --key "$KEY" --json | sed -n 's/.*"public_key": "\([0-9a-f]*\)".*/\1/p')
 export CLAWOS_SIGNING_PUBKEY="$PUBKEY"
 clawos image verify "$IMAGE"
-
-echo "==> identity-manager on 127.0.0.1:$ID_PORT (log: $LOGS/identity-manager.log)"
-identity-manager --addr "127.0.0.1:$ID_PORT" >"$LOGS/identity-manager.log" 2>&1 &
-PIDS+=($!)
-wait_http "$CLAWOS_IDENTITY_URL/healthz" identity-manager "$LOGS/identity-manager.log"
 
 if [ -n "${ANTHROPIC_API_KEY:-}" ]; then
   echo "==> model: the Anthropic API (ANTHROPIC_API_KEY is set; it stays in inference-proxy)"
@@ -75,26 +79,19 @@ JSON
   read -r line <&3
   UPSTREAM="${line#listening on }"
 fi
-echo "==> inference-proxy on 127.0.0.1:$PROXY_PORT (log: $LOGS/inference-proxy.log)"
-ANTHROPIC_API_KEY="$ANTHROPIC_API_KEY" CLAWOS_PROXY_ANTHROPIC_URL="$UPSTREAM" \
-  CLAWOS_IDENTITY_ISSUER="$CLAWOS_IDENTITY_URL" \
-  inference-proxy --addr "127.0.0.1:$PROXY_PORT" >"$LOGS/inference-proxy.log" 2>&1 &
-PIDS+=($!)
-unset ANTHROPIC_API_KEY
-wait_http "$CLAWOS_PROXY_URL/healthz" inference-proxy "$LOGS/inference-proxy.log"
-
 SEARCH_PORT="${CLAWOS_SEARCH_PORT:-8888}"
 echo "==> search backend: clawos-search-standin on 127.0.0.1:$SEARCH_PORT, a STAND-IN for a SearXNG instance (log: $LOGS/search-standin.log)"
 clawos-search-standin --addr "127.0.0.1:$SEARCH_PORT" >"$LOGS/search-standin.log" 2>&1 &
 PIDS+=($!)
 wait_http "http://127.0.0.1:$SEARCH_PORT/healthz" clawos-search-standin "$LOGS/search-standin.log"
 
-echo "==> skill-manager on 127.0.0.1:$SKILLS_PORT: skills signed by the image key only (log: $LOGS/skill-manager.log)"
-skill-manager --addr "127.0.0.1:$SKILLS_PORT" --issuer "$CLAWOS_IDENTITY_URL" \
-  --signing-pubkey "$PUBKEY" --resolve search.local=127.0.0.1 \
-  >"$LOGS/skill-manager.log" 2>&1 &
-PIDS+=($!)
-wait_http "$CLAWOS_SKILLS_URL/healthz" skill-manager "$LOGS/skill-manager.log"
+echo "==> clawos up: every daemon of this host, wired together (clawos.toml's defaults;"
+echo "    the model and the search name set through the environment; logs in $LOGS)"
+# The API key reaches inference-proxy alone; no other daemon, and no VM, gets it.
+ANTHROPIC_API_KEY="$ANTHROPIC_API_KEY" CLAWOS_PROXY_ANTHROPIC_URL="$UPSTREAM" \
+  CLAWOS_SKILLS_RESOLVE="search.local=127.0.0.1" clawos up
+unset ANTHROPIC_API_KEY
+
 echo "==> the web-search skill: clawos skill sign, pack, install, enable web-search my-agent"
 BUNDLE="$CLAWOS_STATE_DIR/bundles/web-search"
 mkdir -p "$BUNDLE"
@@ -107,14 +104,6 @@ clawos skill rm web-search >/dev/null 2>&1 || true   # a second run installs it 
 clawos skill install "$CLAWOS_STATE_DIR/bundles/web-search.skill"
 clawos skill enable web-search my-agent
 clawos skill list
-
-echo "==> vm-launcher on 127.0.0.1:$PORT (log: $LOGS/vm-launcher.log)"
-vm-launcher --addr "127.0.0.1:$PORT" --image "$IMAGE" \
-  --identity-url "$CLAWOS_IDENTITY_URL" --inference-proxy-url "$CLAWOS_PROXY_URL" \
-  --skill-manager-url "$CLAWOS_SKILLS_URL" \
-  >"$LOGS/vm-launcher.log" 2>&1 &
-PIDS+=($!)
-wait_http "$CLAWOS_LAUNCHER_URL/healthz" vm-launcher "$LOGS/vm-launcher.log"
 
 echo "==> clawos vm start my-agent --model $MODEL --mem 512"
 clawos vm start my-agent --model "$MODEL" --mem 512
@@ -129,8 +118,13 @@ clawos vm cp my-agent:/workspace/hello.txt "$CLAWOS_STATE_DIR/hello.txt"
 cat "$CLAWOS_STATE_DIR/hello.txt"
 echo "==> skill-manager's audit records of this task's skill calls ($AUDIT)"
 tail -n +"$((AUDITED + 1))" "$AUDIT"
+if clawos status --json | grep -A1 '"monitor-daemon"' | grep -q '"running"'; then
+  echo "==> the same calls in the host's audit trail, as the SIEM gets them (clawos audit tail --agent my-agent)"
+  clawos audit tail --agent my-agent --limit 100000 | grep ' skill ' | tail -n 3 || true
+fi
 echo "==> the proxy's ledger for this agent (clawos usage --agent my-agent)"
 clawos usage --agent my-agent
 echo "==> clawos vm stop my-agent (its agent token is revoked)"
 clawos vm stop my-agent
-echo "done: the VM's disks stay in $CLAWOS_STATE_DIR/vms/my-agent (clawos vm rm my-agent deletes them); logs in $LOGS"
+echo "done: the VM's disks stay in $CLAWOS_STATE_DIR/vms/my-agent (clawos vm rm my-agent deletes them); logs in $LOGS."
+echo "The host goes down now (clawos down); \`clawos up\` brings it up again (it needs ANTHROPIC_API_KEY)."

@@ -158,14 +158,27 @@ async fn tail(
                 println!("{}", serde_json::to_string(e).unwrap_or_default());
                 continue;
             }
-            let who = format!(
-                "{}/{}{} {}[{}]",
-                e.agent.as_deref().unwrap_or("-"),
-                e.vm.as_deref().unwrap_or("-"),
-                if e.guest_boot.is_some() { ":guest" } else { "" },
-                e.comm.as_deref().unwrap_or("-").escape_debug(),
-                e.pid.unwrap_or(0)
-            );
+            let who = if e.kind == Kind::SkillCall {
+                // A skill call is made by an agent (through its VM) or an operator, not
+                // by a process.
+                match (
+                    &e.agent,
+                    e.skill_call.as_ref().and_then(|c| c.vm_id.as_ref()),
+                ) {
+                    (Some(a), Some(vm)) => format!("{a}/{vm}"),
+                    (Some(a), None) => a.clone(),
+                    (None, _) => "operator".into(),
+                }
+            } else {
+                format!(
+                    "{}/{}{} {}[{}]",
+                    e.agent.as_deref().unwrap_or("-"),
+                    e.vm.as_deref().unwrap_or("-"),
+                    if e.guest_boot.is_some() { ":guest" } else { "" },
+                    e.comm.as_deref().unwrap_or("-").escape_debug(),
+                    e.pid.unwrap_or(0)
+                )
+            };
             let line = match e.kind {
                 Kind::Syscall | Kind::Alert => {
                     let args = e

@@ -4,6 +4,7 @@ mod agent;
 mod audit;
 mod exec;
 mod exit;
+mod host;
 mod identity;
 mod image;
 mod output;
@@ -33,6 +34,10 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 not found, 4 conflict (e.g. already runnin
 $CLAWOS_STATE_DIR/launcher/admin.token (or the file CLAWOS_LAUNCHER_TOKEN_PATH names).
 On a terminal, `vm logs` and `vm exec` show control characters a VM prints as text
 (`\x1b`) unless --raw; pipes get the bytes unchanged.
+
+`up`, `down`, `status` read the host's configuration: --config FILE, else
+$CLAWOS_STATE_DIR/clawos.toml when it exists, over the built-in defaults
+(`clawos config default`), with CLAWOS_<SECTION>_<KEY> variables over both.
 
 Environment: CLAWOS_STATE_DIR (default ~/.clawos), CLAWOS_LAUNCHER_URL,
 CLAWOS_LAUNCHER_TOKEN_PATH, CLAWOS_SIGNING_PUBKEY, CLAWOS_GUEST_BIN_DIR, CLAWOS_SKILLS_URL,
@@ -80,6 +85,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Bring this host up: every daemon clawos.toml asks for, wired together, each
+    /// healthy before the next; already running ones are left as they are.
+    Up(host::ConfigArgs),
+    /// Stop this host's VMs, then its daemons (SIGTERM, each drains; killed after
+    /// stop_timeout_secs).
+    Down(host::DownArgs),
+    /// This host's daemons: state, pid, address, uptime. Exits 7 while one the
+    /// configuration asks for is not up.
+    Status(host::ConfigArgs),
+    /// The host's configuration file (clawos.toml).
+    #[command(subcommand)]
+    Config(host::ConfigCmd),
     /// Create an Ed25519 image-signing key (0600) and print its public key.
     Keygen {
         /// Where to write the private key [default: $CLAWOS_STATE_DIR/signing.key].
@@ -153,6 +170,18 @@ fn run(cli: Cli) -> Result<u8, Exit> {
         fingerprint: cli.fingerprint.clone(),
     };
     match cli.cmd {
+        Cmd::Up(_) | Cmd::Down(_) | Cmd::Status(_) | Cmd::Config(_) if server.server.is_some() => {
+            return Err(Exit(
+                2,
+                anyhow::anyhow!(
+                    "up, down, status and config run on the host itself, not through --server"
+                ),
+            ));
+        }
+        Cmd::Up(args) => return host::up(args, cli.json),
+        Cmd::Down(args) => return host::down(args, cli.json),
+        Cmd::Status(args) => return host::status(args, cli.json),
+        Cmd::Config(cmd) => return host::config(cmd, cli.json),
         Cmd::Login(args) => return block_on(remote::login(&server, args, cli.json)).map(ok),
         Cmd::Logout => return remote::logout(&server).map(ok),
         Cmd::Operator(cmd) => {
@@ -200,11 +229,25 @@ fn run(cli: Cli) -> Result<u8, Exit> {
                     "`clawos skill` is not served by the control plane yet: run it on the host"
                 ),
             )),
-            Cmd::Keygen { .. } | Cmd::Login(_) | Cmd::Logout | Cmd::Operator(_) => Ok(0),
+            Cmd::Keygen { .. }
+            | Cmd::Login(_)
+            | Cmd::Logout
+            | Cmd::Operator(_)
+            | Cmd::Up(_)
+            | Cmd::Down(_)
+            | Cmd::Status(_)
+            | Cmd::Config(_) => Ok(0),
         };
     }
     match cli.cmd {
-        Cmd::Login(_) | Cmd::Logout | Cmd::Operator(_) | Cmd::Keygen { .. } => Ok(0),
+        Cmd::Login(_)
+        | Cmd::Logout
+        | Cmd::Operator(_)
+        | Cmd::Keygen { .. }
+        | Cmd::Up(_)
+        | Cmd::Down(_)
+        | Cmd::Status(_)
+        | Cmd::Config(_) => Ok(0),
         Cmd::Image(cmd) => with_launcher(&cli.launcher_url, |client| {
             block_on(image::run_launcher(cmd, client, cli.json))
         }),
