@@ -16,7 +16,8 @@ cd "$(dirname "$0")/.."
 # audit test runs inside a VM. libxmlsec1-dev + libxml2-dev + libssl-dev: xmlsec, which
 # checks the XML signatures of SAML logins in the control plane (clang's libclang
 # generates its bindings at build time). patch: our fix to vhost-device-vsock (below).
-PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 busybox-static curl ca-certificates patch
+# systemd: systemd-analyze, which verifies and scores the units in packaging/systemd.
+PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 busybox-static curl ca-certificates patch systemd
   clang libbpf-dev libelf-dev zlib1g-dev pkg-config rsyslog rsyslog-gnutls openssl python3
   gcc libc6-dev libxmlsec1-dev libxml2-dev libssl-dev)
 # npm: `clawos image build --agent openclaw` installs the pinned OpenClaw packages with
@@ -82,7 +83,7 @@ echo "==> building guest binaries (static)"
 scripts/build-guest.sh >/dev/null
 echo "==> building clawos and the host daemons (${CLAWOS_PROFILE:-release})"
 if [ "${CLAWOS_PROFILE:-release}" = release ]; then
-  cargo build --release --locked -p clawos-cli -p clawos-vm-launcher -p clawos-identity-manager -p clawos-inference-proxy -p clawos-monitor -p clawos-scripted-model -p clawos-skill-build -p clawos-skill-manager -p clawos-search-standin
+  cargo build --release --locked -p clawos-cli -p clawos-vm-launcher -p clawos-identity-manager -p clawos-inference-proxy -p clawos-monitor -p clawos-scripted-model -p clawos-skill-build -p clawos-skill-manager -p clawos-search-standin -p clawos-orchestrator
 else
   cargo build --locked --workspace
 fi

@@ -271,9 +271,12 @@ fn main() -> anyhow::Result<()> {
         oidc,
         upstreams,
         addr: a.addr,
-        launcher_token_path: a
-            .launcher_token
-            .unwrap_or_else(|| clawos_vm_launcher_api::token_path(&state_dir)),
+        launcher_token_path: a.launcher_token.unwrap_or_else(|| {
+            clawos_service::credential_path(
+                "launcher-token",
+                clawos_vm_launcher_api::token_path(&state_dir),
+            )
+        }),
         state_dir,
         tls,
         insecure_plain_http: a.insecure_plain_http,

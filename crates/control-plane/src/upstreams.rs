@@ -42,24 +42,34 @@ pub struct Upstreams {
 
 impl Upstreams {
     /// Each daemon at its default loopback URL, with the credential it makes under
-    /// `state_dir`.
+    /// `state_dir` (or the one systemd handed over as `<daemon>-token`).
     pub fn defaults(state_dir: &std::path::Path) -> Self {
+        use clawos_service::credential_path;
         Self {
             proxy: Upstream {
                 url: clawos_inference_proxy_api::DEFAULT_URL.to_owned(),
-                token_path: state_dir.join("proxy/admin.token"),
+                token_path: credential_path("proxy-token", state_dir.join("proxy/admin.token")),
             },
             monitor: Upstream {
                 url: clawos_monitor_api::DEFAULT_URL.to_owned(),
-                token_path: clawos_monitor_api::token_path(state_dir),
+                token_path: credential_path(
+                    "monitor-token",
+                    clawos_monitor_api::token_path(state_dir),
+                ),
             },
             orchestrator: Upstream {
                 url: clawos_orchestrator_api::DEFAULT_URL.to_owned(),
-                token_path: clawos_orchestrator_api::token_path(state_dir),
+                token_path: credential_path(
+                    "orchestrator-token",
+                    clawos_orchestrator_api::token_path(state_dir),
+                ),
             },
             identity: Upstream {
                 url: clawos_identity_manager_api::DEFAULT_URL.to_owned(),
-                token_path: state_dir.join("identity/service.token"),
+                token_path: credential_path(
+                    "identity-token",
+                    state_dir.join("identity/service.token"),
+                ),
             },
         }
     }

@@ -213,6 +213,31 @@ pub fn admin_token(path: &std::path::Path) -> Result<String, ConfigError> {
     clawos_service::operator_token(path).map_err(ConfigError)
 }
 
+/// An upstream's key: the variable `api_key_env` names, else the file its `_FILE`
+/// variant names (how systemd's `LoadCredential=` hands a secret over).
+fn api_key(u: &Upstream, env: &dyn Fn(&str) -> Option<String>) -> Result<String, ConfigError> {
+    if let Some(k) = env(&u.api_key_env).filter(|k| !k.trim().is_empty()) {
+        return Ok(k);
+    }
+    let file_var = format!("{}_FILE", u.api_key_env);
+    let Some(path) = env(&file_var).filter(|p| !p.is_empty()) else {
+        return Err(ConfigError(format!(
+            "upstream {}: {} is not set on the host (nor {file_var})",
+            u.name, u.api_key_env
+        )));
+    };
+    let key = std::fs::read_to_string(&path)
+        .map_err(|e| ConfigError(format!("upstream {}: {file_var} {path}: {e}", u.name)))?;
+    let key = key.trim().to_owned();
+    if key.is_empty() {
+        return Err(ConfigError(format!(
+            "upstream {}: {file_var} {path} is empty",
+            u.name
+        )));
+    }
+    Ok(key)
+}
+
 /// Reads upstreams from a JSON file (`[{"name", "api", "base_url", "api_key_env",
 /// "models"}]`), or the default single Anthropic upstream, and resolves their keys from
 /// `env`.
@@ -246,14 +271,7 @@ pub fn upstreams(
                 u.name, u.base_url
             )));
         }
-        u.api_key = env(&u.api_key_env)
-            .filter(|k| !k.trim().is_empty())
-            .ok_or_else(|| {
-                ConfigError(format!(
-                    "upstream {}: {} is not set on the host",
-                    u.name, u.api_key_env
-                ))
-            })?;
+        u.api_key = api_key(u, env)?;
     }
     Ok(ups)
 }
@@ -273,6 +291,40 @@ mod tests {
         assert!(e.to_string().contains("ANTHROPIC_API_KEY"), "{e}");
         let e = upstreams(None, "ftp://x", &env).expect_err("bad url");
         assert!(e.to_string().contains("not http"), "{e}");
+    }
+
+    #[test]
+    fn a_key_can_come_from_the_file_its_file_variable_names() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let file = dir.path().join("anthropic-api-key");
+        std::fs::write(&file, "sk-ant-from-file\n").expect("write");
+        let path = file.display().to_string();
+        let env = |k: &str| (k == "ANTHROPIC_API_KEY_FILE").then(|| path.clone());
+        let ups = upstreams(None, "https://api.anthropic.com", &env).expect("ok");
+        assert_eq!(ups[0].api_key, "sk-ant-from-file");
+        // The variable itself wins over the file.
+        let both = |k: &str| match k {
+            "ANTHROPIC_API_KEY" => Some("sk-ant-env".to_owned()),
+            "ANTHROPIC_API_KEY_FILE" => Some(path.clone()),
+            _ => None,
+        };
+        let ups = upstreams(None, "https://api.anthropic.com", &both).expect("ok");
+        assert_eq!(ups[0].api_key, "sk-ant-env");
+        // A missing or empty file is refused by name.
+        for (content, expect) in [(None, "No such file"), (Some("  \n"), "is empty")] {
+            let f = dir.path().join("other");
+            let _ = std::fs::remove_file(&f);
+            if let Some(c) = content {
+                std::fs::write(&f, c).expect("write");
+            }
+            let p = f.display().to_string();
+            let env = |k: &str| (k == "ANTHROPIC_API_KEY_FILE").then(|| p.clone());
+            let e = upstreams(None, "https://api.anthropic.com", &env).expect_err("refused");
+            assert!(
+                e.to_string().contains("ANTHROPIC_API_KEY_FILE") && e.to_string().contains(expect),
+                "{e}"
+            );
+        }
     }
 
     #[test]

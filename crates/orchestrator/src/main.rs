@@ -46,9 +46,12 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or_else(clawos_service::default_state_dir);
     let cfg = Config {
         addr: a.addr,
-        launcher_token_path: a
-            .launcher_token
-            .unwrap_or_else(|| clawos_vm_launcher_api::token_path(&state_dir)),
+        launcher_token_path: a.launcher_token.unwrap_or_else(|| {
+            clawos_service::credential_path(
+                "launcher-token",
+                clawos_vm_launcher_api::token_path(&state_dir),
+            )
+        }),
         state_dir,
         launcher_url: a.launcher_url,
         boot_timeout: Duration::from_secs(a.boot_timeout.max(1)),

@@ -270,6 +270,24 @@ pub fn operator_token(path: &std::path::Path) -> Result<String, String> {
     Ok(token)
 }
 
+/// Where a daemon finds a credential another daemon made: the file systemd handed over
+/// as `$CREDENTIALS_DIRECTORY/<name>` (`LoadCredential=`), when there is one, else
+/// `fallback` (the file in the state directory). An unprivileged daemon thus reads a
+/// root daemon's 0600 token without the token's mode being widened.
+pub fn credential_path(name: &str, fallback: PathBuf) -> PathBuf {
+    credential_path_in(
+        std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        name,
+        fallback,
+    )
+}
+
+fn credential_path_in(dir: Option<PathBuf>, name: &str, fallback: PathBuf) -> PathBuf {
+    dir.map(|d| d.join(name))
+        .filter(|p| p.is_file())
+        .unwrap_or(fallback)
+}
+
 /// Whether an `Authorization` header value is `Bearer <token>`, compared in constant
 /// time. An empty expected token never matches.
 pub fn bearer_matches(header: Option<&str>, token: &str) -> bool {
@@ -296,6 +314,27 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_credential_systemd_handed_over_wins_over_the_state_directorys_file() {
+        let d = tempfile::tempdir().expect("tmp");
+        let fallback = d.path().join("state/monitor/admin.token");
+        std::fs::write(d.path().join("monitor-token"), "t").expect("write");
+        let dir = Some(d.path().to_owned());
+        assert_eq!(
+            credential_path_in(dir.clone(), "monitor-token", fallback.clone()),
+            d.path().join("monitor-token")
+        );
+        assert_eq!(
+            credential_path_in(dir, "proxy-token", fallback.clone()),
+            fallback,
+            "not handed over: the state directory's"
+        );
+        assert_eq!(
+            credential_path_in(None, "monitor-token", fallback.clone()),
+            fallback
+        );
+    }
 
     #[test]
     fn bearer_tokens_must_match_exactly() {
