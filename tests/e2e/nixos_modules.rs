@@ -82,32 +82,6 @@ fn camel(snake: &str) -> String {
     out
 }
 
-/// A command line as its binary built here must take it: every flag known and every
-/// value valid (`--help` last: it prints and exits 0 only once all before it parsed).
-fn assert_taken(command: &str, what: &str) {
-    let cred = tempfile::tempdir().expect("tmp");
-    let command = command.replace(
-        "${CREDENTIALS_DIRECTORY}",
-        &cred.path().display().to_string(),
-    );
-    let mut words = command.split_whitespace();
-    let binary = words
-        .next()
-        .and_then(|b| b.strip_prefix("/nix/store/clawos/bin/"))
-        .unwrap_or_else(|| panic!("{what}: {command:?} is not the package's binary"));
-    let o = Command::new(clawos_e2e::bin(binary))
-        .args(words)
-        .arg("--help")
-        .env_clear()
-        .output()
-        .expect("binary");
-    assert!(
-        o.status.success(),
-        "{what}: {binary} refuses {command:?}: {}",
-        show(&o)
-    );
-}
-
 #[test]
 fn every_nix_file_parses() {
     if !have_nix() {
@@ -201,7 +175,7 @@ fn the_modules_mirror_clawos_toml_and_their_units_run_the_real_daemons() {
             );
         }
         for c in commands {
-            assert_taken(c, name);
+            clawos_e2e::assert_command_line_taken(c, "/nix/store/clawos/bin/", name);
         }
     }
     let launcher = services["clawos-vm-launcher"]["execStart"][1]

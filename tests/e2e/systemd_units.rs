@@ -104,35 +104,12 @@ fn every_unit_verifies_and_scores_an_exposure_of_at_most_5() {
 
 #[test]
 fn every_exec_start_is_a_command_line_its_daemon_takes() {
-    let dir = tempfile::tempdir().expect("tmp");
     for unit in units() {
         let text = std::fs::read_to_string(&unit).expect("unit");
         let exec = text
             .lines()
             .find_map(|l| l.strip_prefix("ExecStart="))
             .unwrap_or_else(|| panic!("{}: no ExecStart", unit.display()));
-        let exec = exec.replace(
-            "${CREDENTIALS_DIRECTORY}",
-            &dir.path().display().to_string(),
-        );
-        let mut words = exec.split_whitespace();
-        let binary = words
-            .next()
-            .and_then(|b| b.strip_prefix("/usr/bin/"))
-            .unwrap_or_else(|| panic!("{}: ExecStart is not /usr/bin/…", unit.display()));
-        // Every flag parses (values included) before --help prints and exits 0; an
-        // unknown flag or a bad value is an error first.
-        let o = Command::new(clawos_e2e::bin(binary))
-            .args(words)
-            .arg("--help")
-            .env_clear()
-            .output()
-            .expect("daemon");
-        assert!(
-            o.status.success(),
-            "{}: {binary} refuses its ExecStart: {}",
-            unit.display(),
-            show(&o)
-        );
+        clawos_e2e::assert_command_line_taken(exec, "/usr/bin/", &unit.display().to_string());
     }
 }

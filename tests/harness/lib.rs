@@ -903,3 +903,31 @@ pub fn vms_on_disk(state: &Path) -> Vec<String> {
         })
         .unwrap_or_default()
 }
+
+/// Asserts that `command` — a unit's command line, its binary under `prefix` (e.g.
+/// `/usr/bin/`) — is taken by that binary as built here: every flag known, every value
+/// valid. `--help` goes last: clap prints it and exits 0 only once everything before it
+/// parsed. `${CREDENTIALS_DIRECTORY}` stands for a scratch directory.
+pub fn assert_command_line_taken(command: &str, prefix: &str, what: &str) {
+    let cred = tempfile::tempdir().expect("tmp");
+    let command = command.replace(
+        "${CREDENTIALS_DIRECTORY}",
+        &cred.path().display().to_string(),
+    );
+    let mut words = command.split_whitespace();
+    let binary = words
+        .next()
+        .and_then(|b| b.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("{what}: {command:?} does not start with {prefix}"));
+    let o = Command::new(bin(binary))
+        .args(words)
+        .arg("--help")
+        .env_clear()
+        .output()
+        .expect("binary");
+    assert!(
+        o.status.success(),
+        "{what}: {binary} refuses {command:?}: {}",
+        show(&o)
+    );
+}
