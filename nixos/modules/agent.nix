@@ -22,9 +22,13 @@ let
         CLAWOS_LAUNCHER_URL = "http://${cfg.launcher.addr}";
         CLAWOS_SKILLS_URL = "http://${cfg.skills.addr}";
       };
+      # vm-launcher may not be listening yet right after its start: try again.
+      unitConfig.StartLimitIntervalSec = 0;
       serviceConfig = {
         Type = "oneshot";
         RemainAfterExit = true;
+        Restart = "on-failure";
+        RestartSec = "5s";
         ExecStart = map (s: "${clawos} skill enable ${s} ${name}") a.skills
           ++ [ (lib.concatStringsSep " " ([ clawos "vm" "start" name "--model" a.model "--mem" (toString a.mem) ]
             ++ lib.optionals (a.image != null) [ "--image" a.image ])) ];

@@ -14,7 +14,26 @@ let
   };
   bin = name: "${cfg.package}/bin/${name}";
   http = a: "http://${a}";
-  cmd = words: lib.concatStringsSep " " words;
+  # A word of ExecStart= as systemd reads it: quoted when it holds anything but plain
+  # characters, `%` and `$` doubled (specifiers, variables). The credential paths this
+  # module writes itself keep their ${CREDENTIALS_DIRECTORY}.
+  escape = w:
+    if builtins.match "[A-Za-z0-9_./:=,@+-]+" w != null || builtins.match "[$][{]CREDENTIALS_DIRECTORY[}]/[a-z-]+" w != null then w
+    else "\"" + builtins.replaceStrings [ "\\" "\"" "%" "$" ] [ "\\\\" "\\\"" "%%" "$$" ] w + "\"";
+  cmd = words: lib.concatStringsSep " " (map escape words);
+  # Each unprivileged daemon's user (packaging/systemd/clawos.sysusers).
+  daemonUsers = {
+    clawos-identity = "identity";
+    clawos-proxy = "proxy";
+    clawos-skills = "skills";
+    clawos-orchestrator = "orchestrator";
+    clawos-control-plane = "control-plane";
+  };
+  # What every unit gets besides its command line: the state directory it may write.
+  common = extra: lib.recursiveUpdate {
+    wantedBy = [ "clawos.target" ];
+    serviceConfig.ReadWritePaths = [ "" state ];
+  } extra;
   state = toString cfg.stateDir;
   flagList = flag: values: lib.concatMap (v: [ flag v ]) values;
 in
@@ -39,7 +58,8 @@ in
         description = "Anthropic's API, or anything speaking its wire format.";
       };
       anthropicKeyFile = mkOption {
-        type = types.path;
+        # A string, not a path: a path would be copied into the world-readable store.
+        type = types.str;
         default = "/etc/clawos/credentials/anthropic-api-key";
         description = "File with the Anthropic API key, handed to inference-proxy alone (LoadCredential).";
       };
@@ -123,38 +143,31 @@ in
 
   config = mkIf cfg.enable {
     systemd.packages = [ cfg.package ];
-    users.users.clawos = {
+    users.users = lib.mapAttrs (user: dir: {
       isSystemUser = true;
       group = "clawos";
-      home = state;
-    };
+      home = "${state}/${dir}";
+    }) daemonUsers;
     users.groups.clawos = { };
-    systemd.tmpfiles.rules = [
-      "d ${state} 0770 root clawos -"
-      "d ${state}/identity 0700 clawos clawos -"
-      "d ${state}/proxy 0700 clawos clawos -"
-      "d ${state}/skills 0700 clawos clawos -"
-      "d ${state}/orchestrator 0700 clawos clawos -"
-      "d ${state}/control-plane 0700 clawos clawos -"
-      "d ${state}/logs 0700 root root -"
-      "d ${state}/monitor 0700 root root -"
-      "d ${state}/launcher 0700 root root -"
-    ];
+    systemd.tmpfiles.rules = [ "d ${state} 0755 root root -" ]
+      ++ lib.mapAttrsToList (user: dir: "d ${state}/${dir} 0700 ${user} clawos -") daemonUsers
+      ++ [
+        "d ${state}/logs 0700 root root -"
+        "d ${state}/monitor 0700 root root -"
+        "d ${state}/launcher 0700 root root -"
+      ];
     systemd.targets.clawos.wantedBy = [ "multi-user.target" ];
     # Each unit's command line from the options (the empty entry resets the package's).
     systemd.services = {
-      clawos-identity-manager = {
-        wantedBy = [ "clawos.target" ];
+      clawos-identity-manager = common {
         serviceConfig.ExecStart = [ "" (cmd [ (bin "identity-manager") "--addr" cfg.identity.addr "--state-dir" state ]) ];
       };
-      clawos-inference-proxy = {
-        wantedBy = [ "clawos.target" ];
-        serviceConfig.LoadCredential = [ "" "anthropic-api-key:${toString cfg.proxy.anthropicKeyFile}" ];
+      clawos-inference-proxy = common {
+        serviceConfig.LoadCredential = [ "" "anthropic-api-key:${cfg.proxy.anthropicKeyFile}" ];
         serviceConfig.ExecStart = [ "" (cmd [ (bin "inference-proxy") "--addr" cfg.proxy.addr "--state-dir" state
           "--issuer" (http cfg.identity.addr) "--anthropic-url" cfg.proxy.anthropicUrl "--rpm" (toString cfg.proxy.rpm) ]) ];
       };
-      clawos-vm-launcher = {
-        wantedBy = [ "clawos.target" ];
+      clawos-vm-launcher = common {
         serviceConfig.ExecStart = [ "" (cmd ([ (bin "vm-launcher") "--addr" cfg.launcher.addr "--state-dir" state
           "--identity-url" (http cfg.identity.addr) "--inference-proxy-url" (http cfg.proxy.addr)
           "--backend" cfg.launcher.backend ]
@@ -163,29 +176,40 @@ in
           ++ lib.optionals cfg.skills.enable [ "--skill-manager-url" (http cfg.skills.addr) ]
           ++ lib.optionals cfg.monitor.enable [ "--monitor-url" (http cfg.monitor.addr) ])) ];
       };
-    } // lib.optionalAttrs cfg.skills.enable {
-      clawos-skill-manager = {
-        wantedBy = [ "clawos.target" ];
+    } // (if !cfg.skills.enable then {
+      # The package's clawos.target wants it: masked, not merely left unconfigured.
+      clawos-skill-manager.enable = false;
+    } else {
+      clawos-skill-manager = common {
         serviceConfig.ExecStart = [ "" (cmd ([ (bin "skill-manager") "--addr" cfg.skills.addr "--state-dir" state
           "--issuer" (http cfg.identity.addr) "--agent-calls-per-minute" (toString cfg.skills.agentCallsPerMinute) ]
           ++ lib.optionals (cfg.launcher.signingPubkey != null) [ "--signing-pubkey" cfg.launcher.signingPubkey ]
           ++ flagList "--resolve" cfg.skills.resolve)) ];
       };
-    } // lib.optionalAttrs cfg.monitor.enable {
-      clawos-monitor = {
-        wantedBy = [ "clawos.target" ];
+    }) // (if !cfg.monitor.enable then {
+      clawos-monitor.enable = false;
+    } else {
+      clawos-monitor = common {
         serviceConfig.ExecStart = [ "" (cmd ([ (bin "monitor-daemon") "--addr" cfg.monitor.addr "--state-dir" state ]
           ++ flagList "--syslog" cfg.monitor.syslog)) ];
       };
-    } // lib.optionalAttrs cfg.orchestrator.enable {
-      clawos-orchestrator = {
-        wantedBy = [ "clawos.target" ];
+    }) // (if !cfg.orchestrator.enable then {
+      clawos-orchestrator.enable = false;
+    } else {
+      clawos-orchestrator = common {
+        serviceConfig.LoadCredential = [ "" "launcher-token:${state}/launcher/admin.token" ];
         serviceConfig.ExecStart = [ "" (cmd [ (bin "orchestrator") "--addr" cfg.orchestrator.addr "--state-dir" state
           "--launcher-url" (http cfg.launcher.addr) "--launcher-token" "\${CREDENTIALS_DIRECTORY}/launcher-token" ]) ];
       };
-    } // lib.optionalAttrs cfg.controlPlane.enable {
-      clawos-control-plane = {
+    }) // lib.optionalAttrs cfg.controlPlane.enable {
+      clawos-control-plane = common {
         wantedBy = [ "multi-user.target" ];
+        serviceConfig.LoadCredential = [ ""
+          "launcher-token:${state}/launcher/admin.token"
+          "identity-token:${state}/identity/service.token"
+          "proxy-token:${state}/proxy/admin.token"
+        ] ++ lib.optional cfg.orchestrator.enable "orchestrator-token:${state}/orchestrator/admin.token"
+          ++ lib.optional cfg.monitor.enable "monitor-token:${state}/monitor/admin.token";
         serviceConfig.ExecStart = [ "" (cmd ([ (bin "control-plane") "--addr" cfg.controlPlane.addr "--state-dir" state
           "--tls" "self-signed" "--tls-name" (lib.concatStringsSep "," cfg.controlPlane.tlsNames)
           "--launcher-url" (http cfg.launcher.addr) "--launcher-token" "\${CREDENTIALS_DIRECTORY}/launcher-token"

@@ -14,9 +14,11 @@ in
 {
   inherit (r) options;
   services = builtins.mapAttrs (_: s: {
-    execStart = s.serviceConfig.ExecStart;
+    enable = s.enable or true;
+    execStart = s.serviceConfig.ExecStart or [ ];
     execStop = s.serviceConfig.ExecStop or null;
     loadCredential = s.serviceConfig.LoadCredential or [ ];
+    readWritePaths = s.serviceConfig.ReadWritePaths or [ ];
     after = s.after or [ ];
     wantedBy = s.wantedBy or [ ];
   }) services;

@@ -87,7 +87,10 @@ let
     optionalAttrs = c: a: if c then a else { };
     nameValuePair = name: value: { inherit name value; };
     mapAttrs' = f: a: listToAttrs (map (n: f n a.${n}) (attrNames a));
+    inherit mapAttrs;
     mapAttrsToList = f: a: map (n: f n a.${n}) (attrNames a);
+    recursiveUpdate = a: b:
+      a // mapAttrs (n: v: if hasAttr n a && isAttrs a.${n} && isAttrs v then lib.recursiveUpdate a.${n} v else v) b;
   };
 in
 {

@@ -117,10 +117,20 @@ fn the_package_installs_runs_and_purges_cleanly() {
     let o = run(Command::new("/usr/bin/clawos").arg("--version"));
     assert!(o.status.success(), "{}", show(&o));
 
-    // The user and the state directory, as sysusers and tmpfiles made them.
-    let uid = uid_of("clawos").expect("the clawos user exists");
+    // The users and the state directory, as sysusers and tmpfiles made them: root's
+    // directory, each daemon's own inside it.
+    let uid = uid_of("clawos-identity").expect("identity-manager's user exists");
+    for u in [
+        "clawos-proxy",
+        "clawos-skills",
+        "clawos-orchestrator",
+        "clawos-control-plane",
+    ] {
+        let other = uid_of(u).unwrap_or_else(|| panic!("{u} exists"));
+        assert_ne!(other, uid, "{u} is a user of its own");
+    }
     let state = std::fs::metadata("/var/lib/clawos").expect("/var/lib/clawos");
-    assert_eq!((state.mode() & 0o777, state.uid()), (0o770, 0));
+    assert_eq!((state.mode() & 0o777, state.uid()), (0o755, 0));
     let identity = std::fs::metadata("/var/lib/clawos/identity").expect("identity dir");
     assert_eq!((identity.mode() & 0o777, identity.uid()), (0o700, uid));
     let launcher = std::fs::metadata("/var/lib/clawos/launcher").expect("launcher dir");
@@ -141,11 +151,14 @@ fn the_package_installs_runs_and_purges_cleanly() {
         show(&o)
     );
 
-    // identity-manager as its unit runs it (the clawos user, /var/lib/clawos), on a
-    // free port: it comes up and writes its own directory.
+    // identity-manager as its unit runs it (its user, /var/lib/clawos), on a free port:
+    // it comes up and writes its own directory.
     let unit = std::fs::read_to_string("/usr/lib/systemd/system/clawos-identity-manager.service")
         .expect("unit");
-    assert!(unit.contains("User=clawos"), "{unit}");
+    assert!(
+        unit.contains("User=clawos-identity\nGroup=clawos"),
+        "{unit}"
+    );
     let exec = unit
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
@@ -157,7 +170,12 @@ fn the_package_installs_runs_and_purges_cleanly() {
     let exec = exec.replace("127.0.0.1:2082", &format!("127.0.0.1:{port}"));
     let mut words = exec.split_whitespace();
     let mut daemon = Command::new("setpriv")
-        .args(["--reuid=clawos", "--regid=clawos", "--clear-groups", "--"])
+        .args([
+            "--reuid=clawos-identity",
+            "--regid=clawos",
+            "--clear-groups",
+            "--",
+        ])
         .arg(words.next().expect("binary"))
         .args(words)
         .env_clear()
@@ -183,7 +201,7 @@ fn the_package_installs_runs_and_purges_cleanly() {
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     let _ = daemon.wait();
     let db = std::fs::metadata("/var/lib/clawos/identity/identity.db").expect("its database");
-    assert_eq!(db.uid(), uid, "written as the clawos user");
+    assert_eq!(db.uid(), uid, "written as its user");
     assert_eq!(db.mode() & 0o077, 0, "nobody else reads it");
 
     // remove: the binaries go, the state and the configuration stay.
@@ -199,7 +217,7 @@ fn the_package_installs_runs_and_purges_cleanly() {
         Path::new("/etc/clawos/clawos.env").exists(),
         "configuration kept"
     );
-    assert!(uid_of("clawos").is_some());
+    assert!(uid_of("clawos-identity").is_some());
 
     // purge: the state, the configuration and the user go too.
     let o = run(Command::new("apt-get").args(["purge", "-y", "-qq", "clawos"]));
@@ -207,5 +225,6 @@ fn the_package_installs_runs_and_purges_cleanly() {
     assert!(!installed());
     assert!(!Path::new("/var/lib/clawos").exists(), "state removed");
     assert!(!Path::new("/etc/clawos").exists(), "configuration removed");
-    assert!(uid_of("clawos").is_none(), "user removed");
+    assert!(uid_of("clawos-identity").is_none(), "users removed");
+    assert!(uid_of("clawos-control-plane").is_none(), "users removed");
 }

@@ -137,18 +137,20 @@ fn clawos_up_brings_the_host_up_once_and_down_leaves_nothing_running() {
     );
     assert!(!state.join("run").exists(), "nothing was started");
 
-    // A daemon that cannot start (its port is taken): why, from its log, and what had
+    // A daemon whose address something else holds: refused before it is started (an
+    // answer from another process would pass its health check), and what had
     // started before it is stopped again.
     let squatter = std::net::TcpListener::bind(("127.0.0.1", skills_port)).expect("squat");
     let o = host.clawos(&["up"]);
     assert_eq!(o.status.code(), Some(7), "{}", show(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains("skill-manager exited at start"),
+        err.contains(&format!(
+            "skill-manager cannot listen on 127.0.0.1:{skills_port}: something else already does"
+        )),
         "{}",
         show(&o)
     );
-    assert!(err.contains("skill-manager.log"), "{}", show(&o));
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("identity-manager stopped"),
         "{}",
@@ -161,6 +163,24 @@ fn clawos_up_brings_the_host_up_once_and_down_leaves_nothing_running() {
     }
     assert!(wait_until_none(&state).is_empty(), "no daemon process left");
     drop(squatter);
+
+    // A daemon that fails at start: why, from its own log, and the rest stopped.
+    std::fs::write(state.join("skills"), "not a directory").expect("block skills/");
+    let o = host.clawos(&["up"]);
+    assert_eq!(o.status.code(), Some(7), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("skill-manager exited at start"),
+        "{}",
+        show(&o)
+    );
+    assert!(
+        err.contains("skill-manager.log:\nError: "),
+        "its Error line: {}",
+        show(&o)
+    );
+    assert!(wait_until_none(&state).is_empty(), "no daemon process left");
+    std::fs::remove_file(state.join("skills")).expect("unblock");
 
     // Up: every daemon, healthy, wired.
     let o = host.clawos(&["--json", "up"]);

@@ -159,6 +159,7 @@ fn the_modules_mirror_clawos_toml_and_their_units_run_the_real_daemons() {
         })
         .collect();
     for (name, unit) in services {
+        assert_eq!(unit["enable"], true, "{name}");
         let commands: Vec<&str> = unit["execStart"]
             .as_array()
             .expect("ExecStart")
@@ -202,20 +203,53 @@ fn the_modules_mirror_clawos_toml_and_their_units_run_the_real_daemons() {
             .as_array()
             .is_some_and(|a| a.contains(&json!("clawos-skill-manager.service")))
     );
-    assert_eq!(out["users"], json!(["clawos"]));
-    assert!(
-        out["tmpfiles"]
-            .as_array()
-            .is_some_and(|t| t.contains(&json!("d /var/lib/clawos 0770 root clawos -")))
+    assert_eq!(
+        out["users"],
+        json!([
+            "clawos-control-plane",
+            "clawos-identity",
+            "clawos-orchestrator",
+            "clawos-proxy",
+            "clawos-skills"
+        ]),
+        "a user per unprivileged daemon"
     );
+    assert!(out["tmpfiles"].as_array().is_some_and(|t| {
+        t.contains(&json!("d /var/lib/clawos 0755 root root -"))
+            && t.contains(&json!(
+                "d /var/lib/clawos/identity 0700 clawos-identity clawos -"
+            ))
+    }));
 
-    // Off means off: not started and not wired.
-    let off = eval(json!({"skills": {"enable": false}, "monitor": {"enable": false}}))
-        .expect("evaluates");
+    // Off means off: the packaged unit masked (the package's target wants it), not
+    // wired; another state directory is the one units may write and load from.
+    let off = eval(json!({
+        "skills": {"enable": false},
+        "monitor": {"enable": false},
+        "stateDir": "/srv/clawos",
+        "proxy": {"anthropicUrl": "https://llm.example/a b%$x"},
+    }))
+    .expect("evaluates");
     let services = off["services"].as_object().expect("services");
-    assert!(!services.contains_key("clawos-skill-manager"));
-    assert!(!services.contains_key("clawos-monitor"));
+    assert_eq!(services["clawos-skill-manager"]["enable"], false);
+    assert_eq!(services["clawos-monitor"]["enable"], false);
     assert!(!services.contains_key("clawos-control-plane"));
+    assert_eq!(
+        services["clawos-orchestrator"]["readWritePaths"],
+        json!(["", "/srv/clawos"])
+    );
+    assert_eq!(
+        services["clawos-orchestrator"]["loadCredential"],
+        json!(["", "launcher-token:/srv/clawos/launcher/admin.token"])
+    );
+    // A value with a space, `%` and `$` is one quoted word, as systemd reads it.
+    let proxy = services["clawos-inference-proxy"]["execStart"][1]
+        .as_str()
+        .expect("proxy");
+    assert!(
+        proxy.contains(r#"--anthropic-url "https://llm.example/a b%%$$x""#),
+        "{proxy}"
+    );
     let launcher = services["clawos-vm-launcher"]["execStart"][1]
         .as_str()
         .expect("launcher");

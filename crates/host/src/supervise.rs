@@ -32,6 +32,12 @@ pub enum SuperviseError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{name} cannot listen on {addr}: something else already does (not a daemon `clawos up` started); stop it, or give {name} another address in clawos.toml"
+    )]
+    AddrInUse { name: &'static str, addr: String },
+    #[error("state directory {}: {why}", path.display())]
+    UnsafeStateDir { path: PathBuf, why: String },
     #[error("{name} {why}; the last lines of {}:\n{tail}", log.display())]
     NotHealthy {
         name: &'static str,
@@ -160,11 +166,42 @@ fn now_unix() -> u64 {
 /// credentials go only where the plan sends them.
 fn is_secret_var(name: &str) -> bool {
     let n = name.to_ascii_uppercase();
-    n.ends_with("_API_KEY")
-        || n == "CLAWOS_MASTER_KEY"
+    n.ends_with("_KEY")
+        || n.ends_with("_PASS")
+        || n.ends_with("_PASSPHRASE")
+        || n.ends_with("_CREDENTIALS")
         || n.ends_with("_SECRET")
         || n.ends_with("_PASSWORD")
         || n.ends_with("_TOKEN")
+}
+
+/// Whether a daemon gets the variable `name` of the environment `clawos up` ran in: the
+/// process basics, locale, logging, TLS trust and HTTP proxies, and ClawOS's own
+/// settings, never a credential.
+fn is_passed_var(name: &str) -> bool {
+    const PASSED: &[&str] = &[
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "RUST_LOG",
+        "RUST_BACKTRACE",
+        "NO_COLOR",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "NO_PROXY",
+        "https_proxy",
+        "http_proxy",
+        "no_proxy",
+    ];
+    !is_secret_var(name)
+        && (PASSED.contains(&name) || name.starts_with("LC_") || name.starts_with("CLAWOS_"))
 }
 
 /// The daemons of a host, as its configuration and plan say.
@@ -196,7 +233,20 @@ impl Host {
 
     /// The recorded process of `d`, if it is still that process.
     pub fn running(&self, d: Daemon) -> Option<PidRecord> {
-        let text = std::fs::read(self.record_path(d)).ok()?;
+        use std::os::unix::fs::MetadataExt;
+        // A record is only believed when this user wrote it (a planted one would make
+        // `down` signal any process), read without following a link.
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(self.record_path(d))
+            .ok()?;
+        // SAFETY: geteuid has no preconditions.
+        if f.metadata().ok()?.uid() != unsafe { libc::geteuid() } {
+            return None;
+        }
+        let mut text = Vec::new();
+        f.read_to_end(&mut text).ok()?;
         let r: PidRecord = serde_json::from_slice(&text).ok()?;
         (start_ticks(r.pid) == Some(r.start_ticks)).then_some(r)
     }
@@ -209,6 +259,31 @@ impl Host {
     }
 
     fn make_dirs(&self) -> Result<(), SuperviseError> {
+        use std::os::unix::fs::MetadataExt;
+        // One this user does not own, or others may write, is refused: root's daemons
+        // would write their logs and trust records there.
+        if let Ok(m) = std::fs::symlink_metadata(&self.cfg.state_dir) {
+            // SAFETY: geteuid has no preconditions.
+            let me = unsafe { libc::geteuid() };
+            let why = if !m.is_dir() {
+                Some("not a directory".to_owned())
+            } else if m.uid() != me {
+                Some(format!(
+                    "owned by uid {}, not this user (uid {me})",
+                    m.uid()
+                ))
+            } else if m.mode() & 0o022 != 0 {
+                Some(format!("others may write it (mode {:o})", m.mode() & 0o777))
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(SuperviseError::UnsafeStateDir {
+                    path: self.cfg.state_dir.clone(),
+                    why,
+                });
+            }
+        }
         for d in [
             self.cfg.state_dir.clone(),
             self.run_dir(),
@@ -283,11 +358,22 @@ impl Host {
 
     /// Spawns `l` and records it; returns the child and where its log stood.
     fn start(&self, l: &Launch) -> Result<(std::process::Child, u64), SuperviseError> {
+        // Its address must be free: whatever answers there would pass its health check,
+        // and the other daemons would be wired to it.
+        if let Err(e) = std::net::TcpListener::bind(&l.addr)
+            && e.kind() == std::io::ErrorKind::AddrInUse
+        {
+            return Err(SuperviseError::AddrInUse {
+                name: l.daemon.name(),
+                addr: l.addr.clone(),
+            });
+        }
         let log_path = self.log_path(l.daemon);
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(&log_path)
             .map_err(Self::io(&log_path))?;
         let log_from = log.metadata().map_or(0, |m| m.len());
@@ -298,9 +384,10 @@ impl Host {
             .stdout(log)
             .stderr(err)
             .process_group(0);
-        for (k, _) in std::env::vars_os() {
-            if k.to_str().is_some_and(is_secret_var) {
-                cmd.env_remove(k);
+        cmd.env_clear();
+        for (k, v) in std::env::vars_os() {
+            if k.to_str().is_some_and(is_passed_var) {
+                cmd.env(k, v);
             }
         }
         cmd.envs(l.secret_env.iter().map(|(k, v)| (k, v)));
@@ -350,13 +437,15 @@ impl Host {
             tail: log_tail(&self.log_path(l.daemon), log_from, 20),
         };
         loop {
-            if healthy(&l.health).await {
-                return Ok(());
-            }
+            let answered = healthy(&l.health).await;
+            // Our process must still be there: an answer from another is not its.
             if let Some((c, _)) = child.as_mut()
                 && let Ok(Some(status)) = c.try_wait()
             {
                 return Err(fail(format!("exited at start ({status})")));
+            }
+            if answered {
+                return Ok(());
             }
             if t0.elapsed() > limit {
                 return Err(fail(format!(
@@ -369,7 +458,9 @@ impl Host {
         }
     }
 
-    /// Stops `d` if it runs: SIGTERM, then SIGKILL after the stop timeout.
+    /// Stops `d` if it runs: SIGTERM, then SIGKILL after the stop timeout. A process
+    /// this user may not signal, or one still there 10 s after SIGKILL (stuck in the
+    /// kernel), is reported and left.
     async fn stop(&self, d: Daemon, progress: &mut dyn FnMut(Step)) {
         let Some(r) = self.running(d) else {
             let _ = std::fs::remove_file(self.record_path(d));
@@ -382,16 +473,43 @@ impl Host {
         });
         let t0 = Instant::now();
         let pid = r.pid as libc::pid_t;
-        // SAFETY: kill() with a pid just checked to be the recorded process (same
-        // start time); no memory is involved.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let signal = |sig: libc::c_int| -> Result<(), std::io::Error> {
+            // SAFETY: kill() with a pid just checked to be the recorded process (same
+            // start time); no memory is involved.
+            if unsafe { libc::kill(pid, sig) } == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        };
+        let refused = |e: &std::io::Error| e.raw_os_error() == Some(libc::EPERM);
+        if let Err(e) = signal(libc::SIGTERM)
+            && refused(&e)
+        {
+            progress(Step::Warning(format!(
+                "cannot stop {} (pid {}): {e}; run `clawos down` as the user that started it",
+                d.name(),
+                r.pid
+            )));
+            return;
+        }
         let limit = Duration::from_secs(self.cfg.stop_timeout_secs);
-        let mut killed = false;
+        let mut killed: Option<Instant> = None;
         while start_ticks(r.pid) == Some(r.start_ticks) {
-            if t0.elapsed() > limit && !killed {
-                // SAFETY: as above.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                killed = true;
+            match killed {
+                None if t0.elapsed() > limit => {
+                    let _ = signal(libc::SIGKILL);
+                    killed = Some(Instant::now());
+                }
+                Some(at) if at.elapsed() > Duration::from_secs(10) => {
+                    progress(Step::Warning(format!(
+                        "{} (pid {}) is still there 10 s after SIGKILL (stuck in the kernel?)",
+                        d.name(),
+                        r.pid
+                    )));
+                    return;
+                }
+                _ => {}
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -399,7 +517,7 @@ impl Host {
         progress(Step::Stopped {
             daemon: d,
             ms: t0.elapsed().as_millis() as u64,
-            killed,
+            killed: killed.is_some(),
         });
     }
 
@@ -573,8 +691,34 @@ mod tests {
         ] {
             assert!(is_secret_var(v), "{v}");
         }
-        for v in ["PATH", "HOME", "RUST_LOG", "CLAWOS_STATE_DIR"] {
+        for v in [
+            "PATH",
+            "HOME",
+            "RUST_LOG",
+            "CLAWOS_STATE_DIR",
+            "CLAWOS_SIGNING_PUBKEY",
+        ] {
             assert!(!is_secret_var(v), "{v}");
+        }
+        // What passes: the basics and ClawOS's own settings; not a stray credential,
+        // nor anything else of the caller's.
+        for v in [
+            "PATH",
+            "LC_ALL",
+            "HTTPS_PROXY",
+            "CLAWOS_QEMU",
+            "CLAWOS_SIGNING_PUBKEY",
+        ] {
+            assert!(is_passed_var(v), "{v}");
+        }
+        for v in [
+            "AWS_SECRET_ACCESS_KEY",
+            "SSH_AUTH_SOCK",
+            "CLAWOS_SCRIPTED_MODEL_KEY",
+            "ANTHROPIC_API_KEY",
+            "DATABASE_URL",
+        ] {
+            assert!(!is_passed_var(v), "{v}");
         }
     }
 

@@ -76,7 +76,9 @@ pub fn encode(e: &AuditEvent) -> String {
                 format!("skill call {}", c.outcome),
                 skill_severity(c),
             ),
-            None => ("skill:?".into(), "unreadable skill call record".into(), 5),
+            // A record that cannot be read may hide what a skill did: as loud as a
+            // refused destination.
+            None => ("skill:?".into(), "unreadable skill call record".into(), 7),
         },
     };
     let mut ext: Vec<(&str, String)> = vec![
@@ -426,7 +428,10 @@ mod tests {
 
         e.skill_call = None;
         let p = parse(&encode(&e)).expect("parse");
-        assert_eq!(p.header[4], "skill:?");
+        assert_eq!(
+            (p.header[4].as_str(), p.header[6].as_str()),
+            ("skill:?", "7")
+        );
     }
 
     #[test]

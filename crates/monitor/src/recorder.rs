@@ -491,7 +491,7 @@ impl Recorder {
         let skill_place = skill_place.or_else(|| load_skill_place(&place_file));
         let skills = cfg.skill_audit.clone().map(|p| {
             tracing::info!(path = %p.display(), from = ?skill_place, "following skill-manager's audit trail");
-            SkillTrail::new(p, skill_place)
+            SkillTrail::new(p, skill_place, cfg.jsonl.clone())
         });
         Ok(Self {
             skills,

@@ -37,6 +37,9 @@ pub(crate) enum Line {
 #[derive(Debug)]
 pub(crate) struct SkillTrail {
     path: PathBuf,
+    /// This daemon's own live trail: never followed (its lines would come back as
+    /// unreadable records, each written again, without end).
+    own_trail: PathBuf,
     file: Option<(std::fs::File, u64)>,
     offset: u64,
     /// In a line longer than [`READ_MAX`], skipping to its end (which was its start).
@@ -48,9 +51,10 @@ impl SkillTrail {
     /// Follows `path` from `place` (the last one the trail recorded; `None`: from the
     /// start). A place in another file than the one there now (the file was replaced
     /// while the daemon was away) means the start of the new one.
-    pub(crate) fn new(path: PathBuf, place: Option<SourcePlace>) -> Self {
+    pub(crate) fn new(path: PathBuf, place: Option<SourcePlace>, own_trail: PathBuf) -> Self {
         let mut t = Self {
             path,
+            own_trail,
             file: None,
             offset: 0,
             skipping_from: None,
@@ -71,13 +75,39 @@ impl SkillTrail {
 
     fn open_current(&self) -> Option<(std::fs::File, u64)> {
         use std::os::unix::fs::OpenOptionsExt;
-        // Not through a symbolic link: the trail is a file skill-manager made.
+        // Not through a symbolic link, neither the file nor its directory: the trail is
+        // a file skill-manager made in its own directory.
+        let dir = self.path.parent().filter(|d| !d.as_os_str().is_empty());
+        if dir
+            .is_some_and(|d| std::fs::symlink_metadata(d).is_ok_and(|m| m.file_type().is_symlink()))
+        {
+            tracing::warn!(path = %self.path.display(), "skill-manager's audit trail is under a symbolic link: not followed");
+            return None;
+        }
         let f = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&self.path)
             .ok()?;
         let m = f.metadata().ok()?;
+        let same = |p: &std::path::Path| {
+            std::fs::metadata(p).is_ok_and(|o| (o.dev(), o.ino()) == (m.dev(), m.ino()))
+        };
+        let own_dir = self
+            .own_trail
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty());
+        let in_own_dir = match (dir, own_dir) {
+            (Some(d), Some(o)) => std::fs::metadata(d)
+                .ok()
+                .zip(std::fs::metadata(o).ok())
+                .is_some_and(|(a, b)| (a.dev(), a.ino()) == (b.dev(), b.ino())),
+            _ => false,
+        };
+        if same(&self.own_trail) || in_own_dir {
+            tracing::warn!(path = %self.path.display(), "skill-manager's audit trail is this daemon's own trail: not followed");
+            return None;
+        }
         m.is_file().then_some((f, m.ino()))
     }
 
@@ -101,14 +131,26 @@ impl SkillTrail {
             self.offset = 0;
             self.skipping_from = None;
         }
-        let lines = self.read(inode, len);
-        if lines.is_empty() {
+        let mut lines = self.read(inode, len);
+        if lines.is_empty() && self.offset >= len {
             // At the end of this file: if another is there now, go on in that one.
             let replaced = std::fs::symlink_metadata(&self.path)
                 .map(|m| m.ino() != inode)
                 .unwrap_or(false);
             if replaced {
                 tracing::info!(path = %self.path.display(), "skill-manager's audit trail was replaced; following the new file");
+                if let Some(from) = self.skipping_from.take() {
+                    lines.push(Line::Unreadable(
+                        format!(
+                            "a line of {} bytes or more at offset {from}, never ended (the file was replaced)",
+                            self.offset.saturating_sub(from)
+                        ),
+                        SourcePlace {
+                            inode,
+                            offset: self.offset,
+                        },
+                    ));
+                }
                 self.file = None;
                 self.next_look = now;
             }
@@ -148,7 +190,7 @@ impl SkillTrail {
                 out.push(Line::Unreadable(
                     format!(
                         "a line of {} bytes (longer than {READ_MAX}) at offset {from}",
-                        end - from - 1
+                        end.saturating_sub(from + 1)
                     ),
                     place,
                 ));
@@ -280,6 +322,13 @@ mod tests {
         f.write_all(text).expect("write");
     }
 
+    /// The daemon's own trail, in a directory of its own beside the followed one.
+    fn own(d: &tempfile::TempDir) -> PathBuf {
+        let dir = d.path().join("monitor");
+        std::fs::create_dir_all(&dir).expect("monitor dir");
+        dir.join("audit.jsonl")
+    }
+
     /// Polls as the recorder does once it is time to look again.
     fn poll(t: &mut SkillTrail) -> Vec<Line> {
         let now = Instant::now();
@@ -291,7 +340,7 @@ mod tests {
     fn whole_lines_are_read_once_and_a_restart_reads_on_from_the_last_place() {
         let d = tempfile::tempdir().expect("tmp");
         let p = d.path().join("audit.jsonl");
-        let mut t = SkillTrail::new(p.clone(), None);
+        let mut t = SkillTrail::new(p.clone(), None, own(&d));
         assert!(poll(&mut t).is_empty(), "no file yet");
         append(&p, record("one").as_bytes());
         let two = record("two");
@@ -320,14 +369,14 @@ mod tests {
             panic!("record")
         };
         append(&p, record("three").as_bytes());
-        let mut again = SkillTrail::new(p.clone(), Some(*second));
+        let mut again = SkillTrail::new(p.clone(), Some(*second), own(&d));
         assert_eq!(skills(&poll(&mut again)).len(), 2);
         // A place in a file that is gone: the new file from its start.
         let old = SourcePlace {
             inode: second.inode + 1,
             offset: 5,
         };
-        let mut other = SkillTrail::new(p, Some(old));
+        let mut other = SkillTrail::new(p, Some(old), own(&d));
         assert_eq!(
             skills(&poll(&mut other)).len(),
             4,
@@ -340,7 +389,7 @@ mod tests {
         let d = tempfile::tempdir().expect("tmp");
         let p = d.path().join("audit.jsonl");
         append(&p, record("old").as_bytes());
-        let mut t = SkillTrail::new(p.clone(), None);
+        let mut t = SkillTrail::new(p.clone(), None, own(&d));
         assert_eq!(skills(&poll(&mut t)), ["old"]);
         // Written to the old file after the rename: still read, then the new file.
         std::fs::rename(&p, d.path().join("audit.jsonl.1")).expect("rename");
@@ -368,13 +417,43 @@ mod tests {
     }
 
     #[test]
+    fn the_daemons_own_trail_is_never_followed() {
+        let d = tempfile::tempdir().expect("tmp");
+        let own_trail = own(&d);
+        std::fs::write(&own_trail, record("own")).expect("write");
+        // The same file under the skills name (a hard link), and the monitor's
+        // directory in place of skill-manager's.
+        std::fs::create_dir(d.path().join("skills")).expect("dir");
+        let linked = d.path().join("skills/audit.jsonl");
+        std::fs::hard_link(&own_trail, &linked).expect("link");
+        let mut t = SkillTrail::new(linked, None, own_trail.clone());
+        assert!(poll(&mut t).is_empty());
+        let mut t = SkillTrail::new(
+            d.path().join("monitor/other.jsonl"),
+            None,
+            own_trail.clone(),
+        );
+        std::fs::write(d.path().join("monitor/other.jsonl"), record("x")).expect("write");
+        assert!(
+            poll(&mut t).is_empty(),
+            "nothing in the monitor's own directory"
+        );
+        // skill-manager's directory swapped for a link to the monitor's.
+        std::fs::remove_dir_all(d.path().join("skills")).expect("rm");
+        std::os::unix::fs::symlink(d.path().join("monitor"), d.path().join("skills"))
+            .expect("symlink");
+        let mut t = SkillTrail::new(d.path().join("skills/other.jsonl"), None, own_trail);
+        assert!(poll(&mut t).is_empty(), "not through a linked directory");
+    }
+
+    #[test]
     fn a_symbolic_link_is_not_followed() {
         let d = tempfile::tempdir().expect("tmp");
         let target = d.path().join("elsewhere");
         append(&target, record("secret").as_bytes());
         let p = d.path().join("audit.jsonl");
         std::os::unix::fs::symlink(&target, &p).expect("symlink");
-        let mut t = SkillTrail::new(p, None);
+        let mut t = SkillTrail::new(p, None, own(&d));
         assert!(poll(&mut t).is_empty());
     }
 

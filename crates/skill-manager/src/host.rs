@@ -99,36 +99,53 @@ struct Installed {
     config: Arc<BTreeMap<String, String>>,
 }
 
-/// The JSONL audit trail of skill calls (`<state>/skills/audit.jsonl`, 0600).
+/// The JSONL audit trail of skill calls (`<state>/skills/audit.jsonl`, 0600). When the
+/// file at its path is not the one open (an operator's log rotation moved it away), the
+/// next record goes to a new file there: monitor-daemon, which follows the path, reads
+/// the old file to its end and then the new one.
 #[derive(Debug)]
 struct Audit {
     path: PathBuf,
-    file: Mutex<std::fs::File>,
+    /// The open file and its inode.
+    file: Mutex<(std::fs::File, u64)>,
 }
 
 impl Audit {
-    fn open(path: &Path) -> Result<Self, HostError> {
+    fn open_file(path: &Path) -> Result<(std::fs::File, u64), HostError> {
+        use std::os::unix::fs::MetadataExt;
+        let io = |source| HostError::Audit {
+            path: path.to_owned(),
+            source,
+        };
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(path)
-            .map_err(|source| HostError::Audit {
-                path: path.to_owned(),
-                source,
-            })?;
+            .map_err(io)?;
+        let ino = file.metadata().map_err(io)?.ino();
+        Ok((file, ino))
+    }
+
+    fn open(path: &Path) -> Result<Self, HostError> {
         Ok(Self {
             path: path.to_owned(),
-            file: Mutex::new(file),
+            file: Mutex::new(Self::open_file(path)?),
         })
     }
 
     fn write(&self, record: &SkillCallRecord) -> Result<(), HostError> {
+        use std::os::unix::fs::MetadataExt;
         let mut line = serde_json::to_string(record).unwrap_or_default();
         line.push('\n');
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        f.write_all(line.as_bytes())
-            .and_then(|()| f.sync_data())
+        let moved = std::fs::symlink_metadata(&self.path).map_or(true, |m| m.ino() != f.1);
+        if moved {
+            *f = Self::open_file(&self.path)?;
+        }
+        f.0.write_all(line.as_bytes())
+            .and_then(|()| f.0.sync_data())
             .map_err(|source| HostError::Audit {
                 path: self.path.clone(),
                 source,
@@ -200,6 +217,36 @@ impl Drop for Unfinished<'_> {
             tracing::error!(error = %e, "cannot write the audit record of an aborted skill call");
         }
     }
+}
+
+/// What the audit record keeps of a skill's own words: the record is one line that
+/// monitor-daemon reads whole, and a skill must not be able to make it too long to read
+/// (and so hide its refused requests). Its first lines and its error, each cut.
+const AUDIT_LOG_LINES: usize = 16;
+const AUDIT_TEXT_MAX: usize = 512;
+
+/// `s`, cut at a character boundary to at most `max` bytes (with `…` when cut).
+fn capped(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn audit_log(log: &[(crate::runtime::LogLevel, String)]) -> Vec<String> {
+    let mut out: Vec<String> = log
+        .iter()
+        .take(AUDIT_LOG_LINES)
+        .map(|(l, m)| capped(&format!("{l:?}: {m}"), AUDIT_TEXT_MAX))
+        .collect();
+    if log.len() > AUDIT_LOG_LINES {
+        out.push(format!("… {} more lines", log.len() - AUDIT_LOG_LINES));
+    }
+    out
 }
 
 /// A call's audit record with what is known before it runs (no outcome yet: not ok,
@@ -630,12 +677,12 @@ impl SkillHost {
         let duration_ms = out.duration.as_millis() as u64;
         self.audit.write(&SkillCallRecord {
             ok: error.is_none(),
-            error: error.clone(),
+            error: error.as_deref().map(|e| capped(e, AUDIT_TEXT_MAX)),
             duration_ms,
             input_bytes: input_text.len() as u64,
             output_bytes: output.as_ref().map_or(0, String::len) as u64,
             requests: requests.clone(),
-            log: out.log.iter().map(|(l, m)| format!("{l:?}: {m}")).collect(),
+            log: audit_log(&out.log),
             ..record_of(name, &installed.info.version, caller)
         })?;
         Ok(CallResult {
@@ -651,6 +698,58 @@ impl SkillHost {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_rotated_trail_is_followed_by_a_new_file_at_its_path() {
+        let d = tempfile::tempdir().expect("tmp");
+        let path = d.path().join("audit.jsonl");
+        let audit = Audit::open(&path).expect("open");
+        audit
+            .write(&record_of("one", "1", &Caller::Operator))
+            .expect("write");
+        std::fs::rename(&path, d.path().join("audit.jsonl.1")).expect("rotate");
+        audit
+            .write(&record_of("two", "1", &Caller::Operator))
+            .expect("write");
+        let old = std::fs::read_to_string(d.path().join("audit.jsonl.1")).expect("old");
+        let new = std::fs::read_to_string(&path).expect("new");
+        assert!(old.contains("\"one\"") && !old.contains("\"two\""), "{old}");
+        assert!(new.contains("\"two\""), "{new}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A link planted at the path is not written through.
+        std::fs::remove_file(&path).expect("rm");
+        std::os::unix::fs::symlink(d.path().join("elsewhere"), &path).expect("link");
+        assert!(
+            audit
+                .write(&record_of("three", "1", &Caller::Operator))
+                .is_err()
+        );
+        assert!(!d.path().join("elsewhere").exists());
+    }
+
+    #[test]
+    fn a_skills_own_words_are_cut_so_its_record_stays_readable() {
+        use crate::runtime::LogLevel;
+        // As much as a skill may log: 256 lines of 4096 bytes, control characters
+        // (six bytes each once escaped in JSON) and multi-byte ones.
+        let line = "\u{1}é".repeat(1365);
+        let log: Vec<(LogLevel, String)> =
+            (0..256).map(|_| (LogLevel::Info, line.clone())).collect();
+        let kept = audit_log(&log);
+        assert_eq!(kept.len(), AUDIT_LOG_LINES + 1);
+        assert_eq!(kept[AUDIT_LOG_LINES], "… 240 more lines");
+        assert!(
+            kept[..AUDIT_LOG_LINES]
+                .iter()
+                .all(|l| l.len() <= AUDIT_TEXT_MAX + "…".len())
+        );
+        let json = serde_json::to_string(&kept).expect("json");
+        assert!(json.len() < 64 * 1024, "{} bytes", json.len());
+        assert_eq!(capped("short", 10), "short");
+        assert_eq!(capped("ééé", 3), "é…", "cut at a character boundary");
+    }
 
     #[test]
     fn one_refusal_a_second_is_recorded_and_the_next_counts_the_rest() {
