@@ -120,7 +120,9 @@ echo "==> skill-manager's audit records of this task's skill calls ($AUDIT)"
 tail -n +"$((AUDITED + 1))" "$AUDIT"
 if clawos status --json | grep -A1 '"monitor-daemon"' | grep -q '"running"'; then
   echo "==> the same calls in the host's audit trail, as the SIEM gets them (clawos audit tail --agent my-agent)"
-  clawos audit tail --agent my-agent --limit 100000 | grep ' skill ' | tail -n 3 || true
+  # This boot's calls only: its VM id is in skill-manager's records just shown.
+  VMID=$(tail -n +"$((AUDITED + 1))" "$AUDIT" | sed -n 's/.*"vm_id":"\([^"]*\)".*/\1/p' | tail -n 1)
+  clawos audit tail --agent my-agent --limit 100000 | grep " skill " | grep -F "/$VMID " || true
 fi
 echo "==> the proxy's ledger for this agent (clawos usage --agent my-agent)"
 clawos usage --agent my-agent
