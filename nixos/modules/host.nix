@@ -8,6 +8,10 @@
 let
   cfg = config.services.clawos;
   inherit (lib) mkOption mkEnableOption mkIf types;
+  toggle = default: description: mkOption {
+    type = types.bool;
+    inherit default description;
+  };
   addr = default: description: mkOption {
     type = types.str;
     inherit default description;
@@ -70,11 +74,7 @@ in
       };
     };
     skills = {
-      enable = mkOption {
-        type = types.bool;
-        default = true;
-        description = "Run skill-manager (sandboxed WebAssembly skills over MCP).";
-      };
+      enable = toggle true "Run skill-manager (sandboxed WebAssembly skills over MCP).";
       addr = addr "127.0.0.1:2083" "skill-manager's address (loopback).";
       resolve = mkOption {
         type = types.listOf types.str;
@@ -88,11 +88,7 @@ in
       };
     };
     monitor = {
-      enable = mkOption {
-        type = types.bool;
-        default = true;
-        description = "Run monitor-daemon (eBPF audit, CEF to a SIEM; root, BTF).";
-      };
+      enable = toggle true "Run monitor-daemon (eBPF audit, CEF to a SIEM; root, BTF).";
       addr = addr "127.0.0.1:2084" "monitor-daemon's address (loopback).";
       syslog = mkOption {
         type = types.listOf types.str;
@@ -119,19 +115,11 @@ in
       };
     };
     orchestrator = {
-      enable = mkOption {
-        type = types.bool;
-        default = true;
-        description = "Run the orchestrator (workflows).";
-      };
+      enable = toggle true "Run the orchestrator (workflows).";
       addr = addr "127.0.0.1:2081" "orchestrator's address (loopback).";
     };
     controlPlane = {
-      enable = mkOption {
-        type = types.bool;
-        default = false;
-        description = "Run the control plane, the one listener meant for the network.";
-      };
+      enable = toggle false "Run the control plane, the one listener meant for the network.";
       addr = addr "0.0.0.0:8080" "control-plane's address.";
       tlsNames = mkOption {
         type = types.listOf types.str;
