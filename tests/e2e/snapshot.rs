@@ -17,7 +17,12 @@ fn stdout(o: &Output) -> String {
 /// Runs a shell command in the guest; asserts it succeeded, returns its stdout.
 fn sh(l: &Launcher, vm: &str, script: &str) -> String {
     let o = l.clawos(&["vm", "exec", vm, "--", "sh", "-c", script]);
-    assert!(o.status.success(), "{script}: {}", show(&o));
+    assert!(
+        o.status.success(),
+        "{script}: {}\n{}",
+        show(&o),
+        clawos_e2e::deadline::state_logs(&l.state_dir)
+    );
     stdout(&o)
 }
 

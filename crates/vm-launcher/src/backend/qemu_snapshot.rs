@@ -8,10 +8,10 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use serde_json::json;
 
-use super::qemu::{Disks, Jail, QMP_SOCKET, Qemu, UNPLUG_TIMEOUT, VSOCK_DEVICE_ID};
+use super::qemu::{Disks, Jail, Qemu, UNPLUG_TIMEOUT, VSOCK_DEVICE_ID};
 use super::qemu_vsock::{end_process, plug_vsock, start_vsock_device};
 use super::qmp::{Qmp, qmp_err};
-use super::{BackendError, Hypervisor, LaunchSpec, Launched, wait_for_socket};
+use super::{BackendError, Hypervisor, LaunchSpec, Launched};
 use crate::host::ProcessId;
 use crate::store::VmDir;
 
@@ -130,15 +130,8 @@ impl Qemu {
             }
         };
         let loaded = async {
-            if !wait_for_socket(
-                &spec.dir.root.join(QMP_SOCKET),
-                std::time::Duration::from_secs(10),
-            )
-            .await
-            {
-                return Err(qmp_err("QEMU did not open its QMP socket"));
-            }
-            let mut qmp = Qmp::connect(&spec.dir).await?;
+            let mut qmp =
+                Qmp::connect_new(&spec.dir, &mut child, std::time::Duration::from_secs(10)).await?;
             let state = spec.dir.root.join(snap).join(crate::snapshot::QEMU_STATE);
             let file = std::fs::File::open(&state)
                 .map_err(|e| qmp_err(format!("{}: {e}", state.display())))?;

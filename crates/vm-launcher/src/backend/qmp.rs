@@ -29,11 +29,67 @@ pub(super) fn qmp_err(detail: impl std::fmt::Display) -> BackendError {
 }
 
 impl Qmp {
+    /// [`Qmp::connect`] to a QEMU that was just started (`qemu`): its socket may not
+    /// exist yet, or exist and not accept yet (QEMU binds, then listens — a connection
+    /// in between is refused), so both are retried until `limit`, as long as QEMU
+    /// runs. The greeting and negotiation count against the same limit.
+    pub async fn connect_new(
+        dir: &VmDir,
+        qemu: &mut tokio::process::Child,
+        limit: std::time::Duration,
+    ) -> Result<Self, BackendError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        let socket = dir.root.join(QMP_SOCKET);
+        let stream = loop {
+            match connect_in_dir(&dir.root, QMP_SOCKET).await {
+                Ok(stream) => break stream,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    if let Ok(Some(status)) = qemu.try_wait() {
+                        return Err(qmp_err(format!(
+                            "QEMU exited ({status}) before its control socket accepted \
+                             (see hypervisor.log)"
+                        )));
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(qmp_err(format!(
+                            "QEMU's control socket {} did not accept within {limit:?}: {e}",
+                            socket.display()
+                        )));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                Err(e) => {
+                    return Err(qmp_err(format!(
+                        "connecting to QEMU's control socket {}: {e}",
+                        socket.display()
+                    )));
+                }
+            }
+        };
+        tokio::time::timeout_at(deadline, Self::negotiate(stream))
+            .await
+            .map_err(|_| {
+                qmp_err(format!(
+                    "QEMU did not greet on its control socket within {limit:?}"
+                ))
+            })?
+    }
+
     /// Connects to a VM's QMP socket and negotiates capabilities.
     pub async fn connect(dir: &VmDir) -> Result<Self, BackendError> {
         let stream = connect_in_dir(&dir.root, QMP_SOCKET)
             .await
             .map_err(qmp_err)?;
+        Self::negotiate(stream).await
+    }
+
+    /// Reads the greeting and negotiates capabilities on a fresh connection.
+    async fn negotiate(stream: tokio::net::UnixStream) -> Result<Self, BackendError> {
         let (r, w) = stream.into_split();
         let mut qmp = Self {
             reader: BufReader::new(r),
