@@ -17,8 +17,9 @@ cd "$(dirname "$0")/.."
 # checks the XML signatures of SAML logins in the control plane (clang's libclang
 # generates its bindings at build time). patch: our fix to vhost-device-vsock (below).
 # systemd: systemd-analyze, which verifies and scores the units in packaging/systemd;
-# nix-bin: nix-instantiate, which parses the flake and evaluates the NixOS modules.
-PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 busybox-static curl ca-certificates patch systemd nix-bin
+# systemd-container: systemd-nspawn, which boots this machine's OS under systemd to run
+# the Debian package's units (tests/e2e/deb_systemd.rs); nix-bin: nix-instantiate, which parses the flake and evaluates the NixOS modules.
+PACKAGES=(qemu-system-x86 erofs-utils e2fsprogs cryptsetup-bin lz4 busybox-static curl ca-certificates patch systemd systemd-container nix-bin
   clang libbpf-dev libelf-dev zlib1g-dev pkg-config rsyslog rsyslog-gnutls openssl python3
   gcc libc6-dev libxmlsec1-dev libxml2-dev libssl-dev)
 # npm: `clawos image build --agent openclaw` installs the pinned OpenClaw packages with

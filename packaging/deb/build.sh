@@ -99,5 +99,9 @@ echo /etc/clawos/clawos.env >"$ROOT/DEBIAN/conffiles"
 install -m0755 packaging/deb/postinst packaging/deb/prerm packaging/deb/postrm "$ROOT/DEBIAN/"
 mkdir -p "$OUT"
 DEB="$OUT/clawos_${VERSION}_${ARCH}.deb"
-dpkg-deb --root-owner-group -Zgzip --build "$ROOT" "$DEB" >/dev/null
+# A debug package is for tests: the quickest compression (5 s instead of 70 s here, for
+# 14 % more bytes).
+LEVEL=9
+[ "$PROFILE" = debug ] && LEVEL=1
+dpkg-deb --root-owner-group -Zgzip -z"$LEVEL" --build "$ROOT" "$DEB" >/dev/null
 echo "built $DEB ($(du -h "$DEB" | cut -f1); Depends: $DEPENDS)"

@@ -1,10 +1,11 @@
 //! The `clawos` Debian package (`packaging/deb/build.sh`), installed on this machine
-//! with dpkg and taken out again with apt: what it installs and where, the clawos user
-//! and the state directory its maintainer scripts make, an installed daemon running as
-//! its unit says (as `clawos`, writing its own directory), `apt-get remove` keeping the
-//! state and `apt-get purge` removing it and the user. The units are verified against
-//! the installed binaries; they are not started, as this machine's PID 1 is not
-//! systemd.
+//! with dpkg and taken out again with apt: what it installs and where, the daemons'
+//! users and the state directory its maintainer scripts make, an installed daemon
+//! running as its unit says (as its own user `clawos-identity`, writing its own
+//! directory), `apt-get remove` keeping the state and `apt-get purge` removing it and
+//! the users. The units are verified against
+//! the installed binaries; `deb_systemd.rs` starts and stops them under a real systemd
+//! (this machine's PID 1 is not systemd).
 //!
 //! Root only. It refuses to run on a machine where a clawos package or a
 //! `/var/lib/clawos` is already there: it would purge them.
@@ -62,25 +63,7 @@ fn the_package_installs_runs_and_purges_cleanly() {
          and purges its own, and would delete them; run it elsewhere"
     );
     let work = tempfile::tempdir().expect("tmp");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let profile = if clawos_e2e::bin("clawos")
-        .to_string_lossy()
-        .contains("/release/")
-    {
-        "release"
-    } else {
-        "debug"
-    };
-    let o = run(Command::new(root.join("packaging/deb/build.sh"))
-        .args(["--profile", profile, "--no-build", "--out"])
-        .arg(work.path()));
-    assert!(o.status.success(), "build.sh: {}", show(&o));
-    let deb = std::fs::read_dir(work.path())
-        .expect("out")
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .expect("a .deb");
+    let deb = clawos_e2e::build_deb(work.path());
     let fields = run(Command::new("dpkg-deb")
         .args(["-f"])
         .arg(&deb)

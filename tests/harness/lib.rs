@@ -560,7 +560,9 @@ impl Drop for Launcher {
         }
         cgroups.sort();
         cgroups.dedup();
-        let deadline = Instant::now() + Duration::from_secs(2);
+        // A killed hypervisor with gigabytes of guest memory can take seconds to go
+        // under load; its cgroup cannot be removed before.
+        let deadline = Instant::now() + Duration::from_secs(10);
         for d in cgroups {
             while std::fs::remove_dir(&d).is_err() && d.exists() && Instant::now() < deadline {
                 for pid in std::fs::read_to_string(d.join("cgroup.procs"))
@@ -572,6 +574,13 @@ impl Drop for Launcher {
                     unsafe { libc::kill(pid, libc::SIGKILL) };
                 }
                 std::thread::sleep(Duration::from_millis(10));
+            }
+            if d.exists() {
+                eprintln!(
+                    "warning: a VM cgroup outlived the test: {} (processes: {:?})",
+                    d.display(),
+                    std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default()
+                );
             }
         }
     }
@@ -930,4 +939,27 @@ pub fn assert_command_line_taken(command: &str, prefix: &str, what: &str) {
         "{what}: {binary} refuses {command:?}: {}",
         show(&o)
     );
+}
+
+/// The `clawos` Debian package of the binaries this test run uses (debug or release),
+/// packed by `packaging/deb/build.sh --no-build` into `out`: its path.
+pub fn build_deb(out: &Path) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let profile = if bin("clawos").to_string_lossy().contains("/release/") {
+        "release"
+    } else {
+        "debug"
+    };
+    let o = Command::new(root.join("packaging/deb/build.sh"))
+        .args(["--profile", profile, "--no-build", "--out"])
+        .arg(out)
+        .output()
+        .expect("packaging/deb/build.sh");
+    assert!(o.status.success(), "build.sh: {}", show(&o));
+    std::fs::read_dir(out)
+        .expect("out")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("a .deb")
 }
