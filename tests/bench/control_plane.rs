@@ -14,11 +14,13 @@
 //! 4. the control plane's RSS idle and under load.
 //!
 //! Client and servers share the machine's cores; every figure is relative to the
-//! baseline taken beside it.
+//! baseline taken beside it. With `--split-cores` the servers (launcher and control
+//! plane) run on CPU 0 and the client on CPU 1, the nearest this machine comes to a
+//! client on another machine: the client's work no longer competes with the servers'.
 //!
 //! ```sh
 //! cargo build --release -p clawos-vm-launcher -p clawos-control-plane && scripts/build-guest.sh
-//! cargo bench -p clawos-e2e --bench control_plane [-- REQUESTS]
+//! cargo bench -p clawos-e2e --bench control_plane [-- REQUESTS] [--split-cores]
 //! ```
 
 use std::sync::Arc;
@@ -185,14 +187,49 @@ fn report(what: &str, mut direct: Vec<Duration>, mut fronted: Vec<Duration>) {
     );
 }
 
+/// Keeps the calling thread, and what it starts from now on (threads, processes), on
+/// one CPU.
+fn pin_to(cpu: usize) {
+    // SAFETY: an all-zero cpu_set_t is a valid empty set; CPU_SET sets one bit in the
+    // set we own (it ignores a CPU beyond the set's size); the call reads that set and
+    // changes only this thread's affinity. A CPU this process may not use is refused
+    // with EINVAL, which the assert reports.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    assert_eq!(
+        rc,
+        0,
+        "sched_setaffinity(CPU {cpu}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
 fn main() {
     let n: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(4000);
+    let split = std::env::args().any(|a| a == "--split-cores");
+    if split {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert!(
+            cpus >= 2,
+            "--split-cores needs two CPUs, this machine has {cpus}"
+        );
+        println!("layout: launcher and control plane on CPU 0, the client on CPU 1");
+        pin_to(0);
+    } else {
+        println!("layout: client and servers share every CPU");
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let launcher = Launcher::start(dir.path()).expect("launcher");
     let cp = ControlPlane::start(dir.path(), &launcher.url, &[]).expect("control plane");
+    if split {
+        pin_to(1);
+    }
     let (ltoken, ctoken) = (launcher.token(), cp.admin_token());
     let trust = ServerTrust::Ca(std::fs::read(cp.ca()).expect("ca"));
     let tls_client: Arc<dyn Fn() -> reqwest::Client + Send + Sync> = {
