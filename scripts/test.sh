@@ -94,7 +94,9 @@ mkdir -p "$(dirname "$skipped")" && rm -f "$skipped" "$measured"
 # Two cores: VM tests are CPU bound under software emulation. --no-fail-fast: a failing
 # test binary does not hide the results of every one after it.
 status=0
+echo "==> setup done in $SECONDS s; building and running the tests"
 cargo test --locked --workspace --no-fail-fast -- --test-threads=2 || status=$?
+echo "==> tests done ($SECONDS s since scripts/test.sh started)"
 # What the end-to-end tests measured on the way (docs/benchmarks.md quotes them).
 if [ -s "$measured" ]; then
   echo "==> measured in this run:"
