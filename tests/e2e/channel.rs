@@ -522,3 +522,88 @@ fn callers_giving_up_mid_handshake_leave_the_channel_working() {
         show(&o)
     );
 }
+
+/// Host connections that come while the VM's vsock device is being set up (its guest
+/// memory known, its queues not yet running) must not end the device's worker:
+/// `vhost-device-vsock` 0.3.0 treated the not-yet-running queue as a fatal error, and
+/// from then on nothing on the host reached the guest (the launcher's readiness probe
+/// included: the VM failed its boot with a guest that had come up). A prober connects
+/// over and over through the whole boot, each connection held until the device answers
+/// (hanging up earlier is a different bug, see above); the boot must succeed, the
+/// channel must work after it, and the device must have logged no error.
+#[test]
+fn host_connections_while_the_device_comes_up_leave_the_channel_working() {
+    use clawos_guest_protocol::frames::CONTROL_PORT;
+    use std::os::unix::net::UnixStream;
+
+    let name = "host_connections_while_the_device_comes_up_leave_the_channel_working";
+    if !can_boot_vms(name) || !can_use_vsock(name) {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let l = Launcher::start(state.path()).expect("launcher");
+    let booting = std::sync::atomic::AtomicBool::new(true);
+    let (started, counts) = std::thread::scope(|s| {
+        let prober = s.spawn(|| {
+            let (mut sent, mut answered) = (0u32, 0u32);
+            let mut held: Vec<UnixStream> = Vec::new();
+            let answered_now = |held: &mut Vec<UnixStream>| {
+                let before = held.len();
+                held.retain_mut(|c| {
+                    // Still waiting while nothing came back: an `OK`, the end of
+                    // the stream or an error is the device's answer.
+                    let mut b = [0u8; 64];
+                    matches!(c.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+                });
+                (before - held.len()) as u32
+            };
+            while booting.load(std::sync::atomic::Ordering::Relaxed) {
+                // At most 64 waiting at once: each costs the device a connection.
+                // The VM's record names its socket's directory once the start began.
+                let socket = clawos_e2e::vsock_dir(state.path(), "up").join("vsock.sock");
+                if held.len() < 64
+                    && let Ok(mut c) = UnixStream::connect(&socket)
+                    && c.write_all(format!("CONNECT {CONTROL_PORT}\n").as_bytes())
+                        .is_ok()
+                    && c.set_nonblocking(true).is_ok()
+                {
+                    held.push(c);
+                    sent += 1;
+                }
+                answered += answered_now(&mut held);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // Every connection the device took gets its answer (or is closed by it).
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !held.is_empty() && Instant::now() < deadline {
+                answered += answered_now(&mut held);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            (sent, answered, held.len())
+        });
+        let o = l.clawos(&["vm", "start", "up", "--mem", "256"]);
+        booting.store(false, std::sync::atomic::Ordering::Relaxed);
+        (o, prober.join().expect("prober"))
+    });
+    let (sent, answered, unanswered) = counts;
+    eprintln!("{sent} host connections during the boot, {answered} answered, {unanswered} not");
+    let device_log =
+        std::fs::read_to_string(state.path().join("vms/up/vsock-device.log")).unwrap_or_default();
+    assert!(
+        started.status.success(),
+        "the VM did not come up: {}\nthe vsock device's log:\n{device_log}",
+        show(&started)
+    );
+    assert!(sent > 0, "the prober never reached the device's socket");
+    assert_eq!(unanswered, 0, "connections the device never answered");
+    let o = l.clawos(&["vm", "exec", "up", "--", "echo", "still-here"]);
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("still-here"),
+        "{}",
+        show(&o)
+    );
+    assert!(
+        !device_log.contains("panicked"),
+        "the vsock device panicked:\n{device_log}"
+    );
+}

@@ -480,12 +480,23 @@ impl Launcher {
     }
 
     fn clawos_within(&self, args: &[&str], input: Option<&[u8]>) -> Output {
-        deadline::output_within(
+        let o = deadline::output_within(
             &mut self.clawos_command(args),
             input,
             deadline::call_limit(),
             || deadline::state_logs(&self.state_dir),
-        )
+        );
+        // A VM that did not come up: its console and the launcher's log say why, and a
+        // test's failure output shows what the test printed (a test that expects the
+        // refusal passes, and this stays unseen).
+        if args.starts_with(&["vm", "start"]) && !o.status.success() {
+            eprintln!(
+                "`clawos {}` failed; the logs:\n{}",
+                args.join(" "),
+                deadline::state_logs(&self.state_dir)
+            );
+        }
+        o
     }
 
     /// Polls until the VM satisfies `done`, or fails after `limit`.

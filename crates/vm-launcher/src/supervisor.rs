@@ -149,7 +149,7 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
     // size is looked at often; the cap can be overshot by what is written in between.
     let mut console_check = tokio::time::interval(Duration::from_millis(250));
     console_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut timed_out = false;
+    let mut timed_out: Option<BootTimedOut> = None;
     let mut killed = false;
     // Why the last readiness probe failed, for the log when the boot times out (a guest
     // whose console says ready while its channel never answers is told apart so).
@@ -177,8 +177,7 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
                     tracing::info!(vm = %name, "killing the hypervisor");
                     process.signal(libc::SIGKILL);
                 }
-                _ = tokio::time::sleep_until(boot_deadline), if starting && !timed_out => {
-                    timed_out = true;
+                _ = tokio::time::sleep_until(boot_deadline), if starting && timed_out.is_none() => {
                     let console_says_ready = guest.is_some()
                         && console::ReadyWatch::new(console_offset).poll(&dir.console());
                     tracing::warn!(
@@ -187,6 +186,11 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
                         last_probe = last_probe.as_deref().unwrap_or("-"),
                         "guest did not report ready in time; killing it"
                     );
+                    timed_out = Some(BootTimedOut {
+                        after: boot_timeout,
+                        console_says_ready,
+                        last_probe: last_probe.take(),
+                    });
                     process.signal(libc::SIGKILL);
                 }
                 _ = console_check.tick() => {
@@ -196,7 +200,7 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
                         Err(e) => tracing::warn!(vm = %name, error = %e, "cannot cap the console log"),
                     }
                 }
-                _ = probe.tick(), if starting && !timed_out => {
+                _ = probe.tick(), if starting && timed_out.is_none() => {
                     let ready = match &guest {
                         Some(g) => match tokio::time::timeout(Duration::from_secs(1), g.health()).await {
                             Ok(Ok(Reply::Health { .. })) => true,
@@ -247,8 +251,7 @@ async fn run(shared: Arc<Shared>, boot: Boot, mut requests: mpsc::UnboundedRecei
     crate::relays::remove_sockets(&dir.root);
     shared.backend.cleanup(&dir);
     let before = registry.get(&name).map_or(VmState::Stopping, |r| r.state);
-    let timeout = timed_out.then_some(boot_timeout);
-    let (state, reason) = outcome(before, exit_code, &console_text, timeout, &dir);
+    let (state, reason) = outcome(before, exit_code, &console_text, timed_out.as_ref(), &dir);
     let failed = state == VmState::Failed;
     if let Err(e) = registry.apply(&name, Event::Exited { failed }, |r| {
         r.reason = reason.clone()
@@ -296,12 +299,40 @@ pub async fn wait_healthy(guest: &GuestClient, limit: Duration) -> bool {
     false
 }
 
+/// A boot the launcher ended because the guest did not report ready in time, with
+/// what tells a guest that never came up from one whose channel never answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BootTimedOut {
+    /// The deadline that passed.
+    pub after: Duration,
+    /// The guest's console shows its ready marker.
+    pub console_says_ready: bool,
+    /// Why the last readiness probe over the channel failed, when one did.
+    pub last_probe: Option<String>,
+}
+
+impl std::fmt::Display for BootTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "guest did not report ready within {}s ({}; last readiness probe: {})",
+            self.after.as_secs(),
+            if self.console_says_ready {
+                "its console says ready, its channel did not answer"
+            } else {
+                "its console shows no ready marker"
+            },
+            self.last_probe.as_deref().unwrap_or("none failed")
+        )
+    }
+}
+
 /// Final state of a VM whose hypervisor exited.
 pub fn outcome(
     state_before: VmState,
     exit_code: Option<i32>,
     console_text: &str,
-    boot_timeout: Option<Duration>,
+    boot_timeout: Option<&BootTimedOut>,
     dir: &VmDir,
 ) -> (VmState, Option<String>) {
     // A VM being stopped ends stopped, whatever its console says: a line the guest
@@ -313,13 +344,7 @@ pub fn outcome(
         return (VmState::Failed, Some(reason));
     }
     if let Some(t) = boot_timeout {
-        return (
-            VmState::Failed,
-            Some(format!(
-                "guest did not report ready within {}s",
-                t.as_secs()
-            )),
-        );
+        return (VmState::Failed, Some(t.to_string()));
     }
     if console::powered_off(console_text) && exit_code.is_none_or(|c| c == 0) {
         return (VmState::Stopped, Some("guest powered off".into()));
@@ -401,14 +426,17 @@ mod tests {
         let (s, r) = outcome(VmState::Running, Some(137), "", None, &dir);
         assert_eq!(s, VmState::Failed);
         assert!(r.expect("reason").contains("137"));
-        let (s, r) = outcome(
-            VmState::Starting,
-            None,
-            "",
-            Some(Duration::from_secs(9)),
-            &dir,
-        );
+        let timed_out = BootTimedOut {
+            after: Duration::from_secs(9),
+            console_says_ready: true,
+            last_probe: Some("no answer within 1 s".into()),
+        };
+        let (s, r) = outcome(VmState::Starting, None, "", Some(&timed_out), &dir);
         assert_eq!(s, VmState::Failed);
-        assert!(r.expect("reason").contains("9s"));
+        assert_eq!(
+            r.expect("reason"),
+            "guest did not report ready within 9s (its console says ready, its channel \
+             did not answer; last readiness probe: no answer within 1 s)"
+        );
     }
 }
