@@ -529,8 +529,10 @@ fn callers_giving_up_mid_handshake_leave_the_channel_working() {
 /// from then on nothing on the host reached the guest (the launcher's readiness probe
 /// included: the VM failed its boot with a guest that had come up). A prober connects
 /// over and over through the whole boot, each connection held until the device answers
-/// (hanging up earlier is a different bug, see above); the boot must succeed, the
-/// channel must work after it, and the device must have logged no error.
+/// (hanging up earlier is a different bug, see above); the boot must succeed and the
+/// channel must work after it. The window is short: how often the prober hit it (the
+/// patched device's warning) is measured, not required — with both cores busy the
+/// device without the fix failed 6 of 11 of these boots.
 #[test]
 fn host_connections_while_the_device_comes_up_leave_the_channel_working() {
     use clawos_guest_protocol::frames::CONTROL_PORT;
@@ -541,8 +543,16 @@ fn host_connections_while_the_device_comes_up_leave_the_channel_working() {
         return;
     }
     let state = tempfile::tempdir().expect("tempdir");
-    let l = Launcher::start(state.path()).expect("launcher");
+    let l = Launcher::start_with(state.path(), &[("CLAWOS_VSOCK_DEVICE_LOG", "warn")])
+        .expect("launcher");
     let booting = std::sync::atomic::AtomicBool::new(true);
+    // Ends the prober also when the start panics (the harness's call limit).
+    struct Booted<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Booted<'_> {
+        fn drop(&mut self) {
+            self.0.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     let (started, counts) = std::thread::scope(|s| {
         let prober = s.spawn(|| {
             let (mut sent, mut answered) = (0u32, 0u32);
@@ -581,8 +591,10 @@ fn host_connections_while_the_device_comes_up_leave_the_channel_working() {
             }
             (sent, answered, held.len())
         });
-        let o = l.clawos(&["vm", "start", "up", "--mem", "256"]);
-        booting.store(false, std::sync::atomic::Ordering::Relaxed);
+        let o = {
+            let _booted = Booted(&booting);
+            l.clawos(&["vm", "start", "up", "--mem", "256"])
+        };
         (o, prober.join().expect("prober"))
     });
     let (sent, answered, unanswered) = counts;
@@ -605,5 +617,93 @@ fn host_connections_while_the_device_comes_up_leave_the_channel_working() {
     assert!(
         !device_log.contains("panicked"),
         "the vsock device panicked:\n{device_log}"
+    );
+    let early = device_log
+        .matches("backend event before vring initialization")
+        .count();
+    let hits = device_log.matches("queue does not run").count();
+    clawos_e2e::measured(&format!(
+        "vsock device: {sent} host connections through a boot; events before its memory was known: {early}, while its queues did not run yet: {hits}"
+    ));
+}
+
+/// Host clients that hang up part-way through the vsock `CONNECT` handshake, at every
+/// point of it (a launcher killed mid-handshake does that): before the device read
+/// the line, after it and before the guest's answer, after the answer. As released,
+/// `vhost-device-vsock` panicked in its vring worker when the guest's answer found the
+/// host side gone (the VM's vsock dead from then on), and spun at full CPU on a socket
+/// that hung up before its line was read. After thousands of such hang-ups the device
+/// must be alive and idle, and the channel must work.
+#[test]
+fn host_clients_hanging_up_mid_handshake_leave_the_device_alive_and_idle() {
+    use clawos_guest_protocol::frames::CONTROL_PORT;
+    use std::os::unix::net::UnixStream;
+
+    let name = "host_clients_hanging_up_mid_handshake_leave_the_device_alive_and_idle";
+    if !can_boot_vms(name) || !can_use_vsock(name) {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let l = Launcher::start(state.path()).expect("launcher");
+    let o = l.clawos(&["vm", "start", "hu", "--mem", "256"]);
+    assert!(o.status.success(), "{}", show(&o));
+    let socket = clawos_e2e::vsock_dir(state.path(), "hu").join("vsock.sock");
+    let record: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(state.path().join("vms/hu/vm.json")).expect("vm.json"),
+    )
+    .expect("vm.json is JSON");
+    let device = record["helpers"][0]["pid"]
+        .as_u64()
+        .expect("the vsock device's pid in vm.json");
+    // User + system CPU time of the device, in clock ticks (fields 14 and 15).
+    let cpu_ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{device}/stat")).expect("device stat");
+        let after_name = &stat[stat.rfind(')').expect("stat") + 2..];
+        let f: Vec<u64> = after_name
+            .split(' ')
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().expect("ticks"))
+            .collect();
+        f[0] + f[1]
+    };
+    let started = Instant::now();
+    let mut hung_up = 0u32;
+    for k in 0..3000u64 {
+        let Ok(mut c) = UnixStream::connect(&socket) else {
+            continue;
+        };
+        if k % 3 != 0 {
+            let _ = c.write_all(format!("CONNECT {CONTROL_PORT}\n").as_bytes());
+        }
+        // Hang-up points spread over 0–3 ms, where a handshake ends here.
+        std::thread::sleep(Duration::from_micros(k.wrapping_mul(7919) % 3_000));
+        drop(c);
+        hung_up += 1;
+    }
+    eprintln!("{hung_up} hang-ups in {:?}", started.elapsed());
+    assert!(hung_up > 1000, "too few connections reached the device");
+    // What the hang-ups left settles; then the device has nothing to do.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(3));
+    let busy = cpu_ticks() - before;
+    let device_log =
+        std::fs::read_to_string(state.path().join("vms/hu/vsock-device.log")).unwrap_or_default();
+    assert!(
+        !device_log.contains("panicked"),
+        "the vsock device panicked:\n{device_log}"
+    );
+    // An idle device uses next to nothing; one spinning gets at least a third of a core
+    // even with both cores busy (100 ticks a second).
+    assert!(
+        busy < 30,
+        "the vsock device used {busy} ticks of CPU in 3 s with nothing to do"
+    );
+    let o = l.clawos(&["vm", "exec", "hu", "--", "echo", "still-here"]);
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("still-here"),
+        "{}",
+        show(&o)
     );
 }

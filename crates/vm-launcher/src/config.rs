@@ -72,6 +72,9 @@ pub struct Config {
     /// `vhost-device-vsock` for QEMU's hybrid vsock; `None`: QEMU VMs get no control
     /// channel (exec, files, relays), only console readiness.
     pub vhost_vsock_bin: Option<PathBuf>,
+    /// Its log level, given to it as `RUST_LOG` (never the launcher's own `RUST_LOG`: at
+    /// `debug` it logs each packet, at a rate the guest chooses).
+    pub vsock_device_log: &'static str,
     /// How long a guest may take to power off before it is killed.
     pub stop_timeout: Duration,
     /// How long a guest may take to report ready before it is failed.
@@ -143,6 +146,8 @@ pub struct RawConfig {
     pub qemu_bin: PathBuf,
     pub firecracker_bin: PathBuf,
     pub vhost_vsock_bin: PathBuf,
+    /// `vhost-device-vsock`'s log level (`CLAWOS_VSOCK_DEVICE_LOG`; empty: `error`).
+    pub vsock_device_log: String,
     /// Jailer binary (`CLAWOS_JAILER`); set to run Firecracker jailed.
     pub jailer_bin: Option<PathBuf>,
     /// `uid:gid` the jailed Firecracker runs as (`CLAWOS_JAILER_USER`).
@@ -341,6 +346,17 @@ impl RawConfig {
                 .join(&self.vhost_vsock_bin);
             p.is_file().then_some(p)
         });
+        let vsock_device_log = match self.vsock_device_log.trim() {
+            "" => "error",
+            level => ["off", "error", "warn", "info", "debug", "trace"]
+                .into_iter()
+                .find(|l| l.eq_ignore_ascii_case(level))
+                .ok_or_else(|| {
+                    ConfigError(format!(
+                        "CLAWOS_VSOCK_DEVICE_LOG {level:?} is not a log level: off, error, warn, info, debug or trace"
+                    ))
+                })?,
+        };
         let jailer = match &self.jailer_bin {
             None => None,
             Some(bin) => {
@@ -402,6 +418,7 @@ impl RawConfig {
             qemu_bin,
             firecracker_bin,
             vhost_vsock_bin,
+            vsock_device_log,
             jailer,
             stop_timeout: Duration::from_secs(self.stop_timeout_secs),
             boot_timeout: Duration::from_secs(self.boot_timeout_secs),
@@ -536,6 +553,23 @@ mod tests {
                 std::path::Path::new("/tmp/launcher/admin.token")
             );
         }
+    }
+
+    #[test]
+    fn the_vsock_devices_log_level_is_its_own_and_checked() {
+        let level = |v: &str| {
+            RawConfig {
+                vsock_device_log: v.into(),
+                ..raw()
+            }
+            .validate()
+            .map(|c| c.vsock_device_log)
+        };
+        assert_eq!(level("").expect("default"), "error");
+        assert_eq!(level("WARN").expect("warn"), "warn");
+        // A filter would let `debug` in for the device's own module: one level only.
+        let e = level("vhost_device_vsock=debug").expect_err("a filter");
+        assert!(e.to_string().contains("CLAWOS_VSOCK_DEVICE_LOG"), "{e}");
     }
 
     #[test]

@@ -144,6 +144,7 @@ pub fn backend_for(cfg: &Config) -> Arc<dyn backend::Hypervisor> {
             kvm: host::has_hardware_kvm(),
             tsc_khz: host::tsc_khz(),
             vhost_vsock: cfg.vhost_vsock_bin.clone(),
+            vsock_device_log: cfg.vsock_device_log,
             qboot: Some(PathBuf::from(backend::qemu::QBOOT_ROM)).filter(|p| p.exists()),
         }),
         BackendKind::Firecracker => Arc::new(backend::firecracker::Firecracker {

@@ -92,6 +92,10 @@ struct Args {
     /// vhost-device-vsock binary (QEMU's hybrid vsock: exec, files, relays).
     #[arg(long, env = "CLAWOS_VHOST_VSOCK", default_value = "vhost-device-vsock")]
     vhost_vsock: PathBuf,
+    /// vhost-device-vsock's log level in each VM's vsock-device.log (off, error, warn,
+    /// info, debug, trace); the launcher's own RUST_LOG is not passed on.
+    #[arg(long, env = "CLAWOS_VSOCK_DEVICE_LOG", default_value = "error")]
+    vsock_device_log: String,
     /// Run Firecracker under this jailer binary (chroot, uid/gid, cgroup v2).
     #[arg(long, env = "CLAWOS_JAILER")]
     jailer: Option<PathBuf>,
@@ -151,6 +155,7 @@ fn main() -> Result<()> {
         qemu_bin: args.qemu,
         firecracker_bin: args.firecracker,
         vhost_vsock_bin: args.vhost_vsock,
+        vsock_device_log: args.vsock_device_log,
         jailer_bin: args.jailer,
         jailer_user: args.jailer_user,
         jailer_chroot_base: args.jailer_chroot_base,

@@ -74,6 +74,8 @@ pub struct Qemu {
     /// `vhost-device-vsock`, which gives QEMU Firecracker's hybrid vsock model. Without
     /// it VMs boot with no control channel.
     pub vhost_vsock: Option<PathBuf>,
+    /// Its log level (`RUST_LOG` for it).
+    pub vsock_device_log: &'static str,
     /// qboot firmware for snapshot-capable (`pc`) VMs, when installed.
     pub qboot: Option<PathBuf>,
 }
@@ -351,7 +353,7 @@ impl Hypervisor for Qemu {
             let jail = self.confine(spec)?;
             let mut helpers = Vec::new();
             if let Some(bin) = &self.vhost_vsock {
-                match start_vsock_device(bin, &spec.dir, &jail).await {
+                match start_vsock_device(bin, self.vsock_device_log, &spec.dir, &jail).await {
                     Ok(h) => helpers.push(h),
                     Err(e) => {
                         self.cleanup(&spec.dir);
@@ -614,6 +616,7 @@ mod tests {
             kvm: false,
             tsc_khz: Some(2_596_146),
             vhost_vsock: Some("vhost-device-vsock".into()),
+            vsock_device_log: "error",
             qboot: None,
         };
         let a = q.args(&spec(), None, &Disks::default()).join(" ");
@@ -659,6 +662,7 @@ mod tests {
             kvm: false,
             tsc_khz: Some(1),
             vhost_vsock: Some("vhost-device-vsock".into()),
+            vsock_device_log: "error",
             qboot: Some(QBOOT_ROM.into()),
         };
         let mut s = spec();
@@ -710,6 +714,7 @@ mod tests {
             kvm: false,
             tsc_khz: Some(1),
             vhost_vsock: None,
+            vsock_device_log: "error",
             qboot: None,
         };
         let f = std::fs::File::open("/dev/null").expect("a descriptor");
@@ -758,6 +763,7 @@ mod tests {
             kvm: true,
             tsc_khz: Some(1),
             vhost_vsock: None,
+            vsock_device_log: "error",
             qboot: None,
         };
         let a = q.args(&spec(), None, &Disks::default()).join(" ");

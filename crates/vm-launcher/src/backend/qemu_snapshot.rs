@@ -75,7 +75,7 @@ impl Qemu {
             }
             // The same uid and cgroup as the rest of the VM.
             let jail = Jail::existing(dir).map_err(|e| qmp_err(format!("VM cgroup: {e}")))?;
-            let h = start_vsock_device(bin, dir, &jail).await?;
+            let h = start_vsock_device(bin, self.vsock_device_log, dir, &jail).await?;
             new_helpers = vec![h];
             if let Err(e) = plug_vsock(&mut qmp, dir).await {
                 h.signal(libc::SIGKILL);
@@ -98,7 +98,7 @@ impl Qemu {
         let jail = self.confine(spec)?;
         let mut helpers = Vec::new();
         if let Some(bin) = &self.vhost_vsock {
-            match start_vsock_device(bin, &spec.dir, &jail).await {
+            match start_vsock_device(bin, self.vsock_device_log, &spec.dir, &jail).await {
                 Ok(h) => helpers.push(h),
                 Err(e) => {
                     self.cleanup(&spec.dir);

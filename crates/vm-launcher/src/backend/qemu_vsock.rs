@@ -79,9 +79,11 @@ fn executable_by_others(bin: &Path) -> bool {
 }
 
 /// Starts the per-VM `vhost-device-vsock` in `<vm>/vsock/` — as the VM's uid, without
-/// capabilities, in the VM's cgroup — and waits for its vhost-user socket.
+/// capabilities, in the VM's cgroup, logging at `log_level` — and waits for its
+/// vhost-user socket.
 pub(super) async fn start_vsock_device(
     bin: &Path,
+    log_level: &str,
     dir: &VmDir,
     jail: &Jail,
 ) -> Result<ProcessId, BackendError> {
@@ -120,6 +122,8 @@ pub(super) async fn start_vsock_device(
     // Entered as root, before the drop: the VM's uid cannot traverse the VM directory,
     // only work in this one.
     .current_dir(&sockets)
+    // Its level, not the launcher's: at debug it writes a line per packet.
+    .env("RUST_LOG", log_level)
     .stdin(Stdio::null())
     .stdout(log)
     .stderr(log2)
