@@ -282,7 +282,25 @@ impl Drop for Container {
                 self.leader = descendant_named(child.id(), "systemd").unwrap_or(0);
             }
             if self.leader != 0 {
-                let _ = self.sh("systemctl poweroff --no-block");
+                // Not `sh`: it panics on its time limit, and a panic while the test
+                // is already failing aborts the process with the container running.
+                if let Ok(mut ask) = Command::new("nsenter")
+                    .args(["-t", &self.leader.to_string(), "-a", "--"])
+                    .args(["systemctl", "poweroff", "--no-block"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                {
+                    let asked = Instant::now();
+                    while matches!(ask.try_wait(), Ok(None))
+                        && asked.elapsed() < Duration::from_secs(10)
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    let _ = ask.kill();
+                    let _ = ask.wait();
+                }
             }
             let deadline = Instant::now() + Duration::from_secs(30);
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {

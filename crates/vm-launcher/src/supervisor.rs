@@ -315,15 +315,19 @@ impl std::fmt::Display for BootTimedOut {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "guest did not report ready within {}s ({}; last readiness probe: {})",
+            "guest did not report ready within {}s ({}",
             self.after.as_secs(),
             if self.console_says_ready {
                 "its console says ready, its channel did not answer"
             } else {
                 "its console shows no ready marker"
-            },
-            self.last_probe.as_deref().unwrap_or("none failed")
-        )
+            }
+        )?;
+        // A VM without a channel is only watched on its console: no probe to name.
+        match &self.last_probe {
+            Some(p) => write!(f, "; last readiness probe: {p})"),
+            None => write!(f, ")"),
+        }
     }
 }
 
@@ -437,6 +441,15 @@ mod tests {
             r.expect("reason"),
             "guest did not report ready within 9s (its console says ready, its channel \
              did not answer; last readiness probe: no answer within 1 s)"
+        );
+        let console_only = BootTimedOut {
+            after: Duration::from_secs(9),
+            console_says_ready: false,
+            last_probe: None,
+        };
+        assert_eq!(
+            console_only.to_string(),
+            "guest did not report ready within 9s (its console shows no ready marker)"
         );
     }
 }
