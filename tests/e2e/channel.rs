@@ -436,6 +436,25 @@ fn pause_resume_and_exec_after_a_launcher_sigkill() {
     }
 }
 
+/// The VM's vsock device never panicked (its log says so) and the channel still runs a
+/// command; the device's log, for what a test counts in it.
+fn assert_device_alive_and_channel_working(l: &Launcher, vm: &str) -> String {
+    let device_log =
+        std::fs::read_to_string(l.state_dir.join(format!("vms/{vm}/vsock-device.log")))
+            .unwrap_or_default();
+    assert!(
+        !device_log.contains("panicked"),
+        "the vsock device panicked:\n{device_log}"
+    );
+    let o = l.clawos(&["vm", "exec", vm, "--", "echo", "still-here"]);
+    assert!(
+        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("still-here"),
+        "{}",
+        show(&o)
+    );
+    device_log
+}
+
 /// Host-side callers that stop waiting half-way through the vsock `CONNECT` handshake
 /// (a timed-out readiness probe, an HTTP request whose client went away) must not
 /// break the VM's channel: `vhost-device-vsock` panics when the guest's answer finds
@@ -506,21 +525,12 @@ fn callers_giving_up_mid_handshake_leave_the_channel_working() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     });
-    let device_log = std::fs::read_to_string(dir.join("vsock-device.log")).unwrap_or_default();
-    assert!(
-        !device_log.contains("panicked"),
-        "the vsock device panicked:\n{device_log}"
-    );
     assert!(
         matches!(health, Ok(Ok(Reply::Health { .. }))),
-        "the guest no longer answers: {health:?}"
+        "the guest no longer answers: {health:?}\nthe vsock device's log:\n{}",
+        std::fs::read_to_string(dir.join("vsock-device.log")).unwrap_or_default()
     );
-    let o = l.clawos(&["vm", "exec", "hs", "--", "echo", "still-here"]);
-    assert!(
-        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("still-here"),
-        "{}",
-        show(&o)
-    );
+    assert_device_alive_and_channel_working(&l, "hs");
 }
 
 /// Host connections that come while the VM's vsock device is being set up (its guest
@@ -608,16 +618,7 @@ fn host_connections_while_the_device_comes_up_leave_the_channel_working() {
     );
     assert!(sent > 0, "the prober never reached the device's socket");
     assert_eq!(unanswered, 0, "connections the device never answered");
-    let o = l.clawos(&["vm", "exec", "up", "--", "echo", "still-here"]);
-    assert!(
-        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("still-here"),
-        "{}",
-        show(&o)
-    );
-    assert!(
-        !device_log.contains("panicked"),
-        "the vsock device panicked:\n{device_log}"
-    );
+    let device_log = assert_device_alive_and_channel_working(&l, "up");
     let early = device_log
         .matches("backend event before vring initialization")
         .count();
@@ -688,22 +689,11 @@ fn host_clients_hanging_up_mid_handshake_leave_the_device_alive_and_idle() {
     let before = cpu_ticks();
     std::thread::sleep(Duration::from_secs(3));
     let busy = cpu_ticks() - before;
-    let device_log =
-        std::fs::read_to_string(state.path().join("vms/hu/vsock-device.log")).unwrap_or_default();
-    assert!(
-        !device_log.contains("panicked"),
-        "the vsock device panicked:\n{device_log}"
-    );
     // An idle device uses next to nothing; one spinning gets at least a third of a core
     // even with both cores busy (100 ticks a second).
     assert!(
         busy < 30,
         "the vsock device used {busy} ticks of CPU in 3 s with nothing to do"
     );
-    let o = l.clawos(&["vm", "exec", "hu", "--", "echo", "still-here"]);
-    assert!(
-        o.status.success() && String::from_utf8_lossy(&o.stdout).contains("still-here"),
-        "{}",
-        show(&o)
-    );
+    assert_device_alive_and_channel_working(&l, "hu");
 }
