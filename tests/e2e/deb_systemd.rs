@@ -206,13 +206,19 @@ impl Container {
         std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
     }
 
+    /// `nsenter` into every namespace of the container's PID 1, ready for a command.
+    fn nsenter(&self) -> Command {
+        let mut c = Command::new("nsenter");
+        c.args(["-t", &self.leader.to_string(), "-a", "--"]);
+        c
+    }
+
     /// Runs a shell command in the container (all its namespaces, as its root, with an
     /// environment of its own, not the test's); fails the test if it outlives
     /// [`COMMAND_LIMIT`].
     fn sh(&self, script: &str) -> Output {
         clawos_e2e::deadline::output_within(
-            Command::new("nsenter")
-                .args(["-t", &self.leader.to_string(), "-a", "--"])
+            self.nsenter()
                 .args([
                     "env",
                     "-i",
@@ -284,8 +290,8 @@ impl Drop for Container {
             if self.leader != 0 {
                 // Not `sh`: it panics on its time limit, and a panic while the test
                 // is already failing aborts the process with the container running.
-                if let Ok(mut ask) = Command::new("nsenter")
-                    .args(["-t", &self.leader.to_string(), "-a", "--"])
+                if let Ok(mut ask) = self
+                    .nsenter()
                     .args(["systemctl", "poweroff", "--no-block"])
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
