@@ -195,16 +195,23 @@ fn log_file(path: &Path) -> Result<std::fs::File, BackendError> {
         })
 }
 
-/// Waits up to `limit` for a socket file to appear.
-pub(crate) async fn wait_for_socket(path: &Path, limit: std::time::Duration) -> bool {
+/// Waits up to `limit` until process `pid` listens on its Unix socket `name` (the
+/// socket's file exists from `bind()`, before the process listens: see
+/// [`crate::host::listens_on_unix_socket`]). False when the time runs out or the
+/// process is gone.
+pub(crate) async fn wait_for_listener(pid: u32, name: &str, limit: std::time::Duration) -> bool {
     let deadline = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < deadline {
-        if path.exists() {
-            return true;
+    loop {
+        match crate::host::listens_on_unix_socket(pid, name) {
+            Ok(true) => return true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
+            Ok(false) | Err(_) => {}
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    false
 }
 
 /// Connects to a Unix socket in a VM directory. Paths can exceed the 108-byte

@@ -12,7 +12,7 @@ use tokio::process::Command;
 use super::confine;
 use super::qemu::{Jail, PCI_SLOT_VSOCK, VHOST_USER_SOCKET, VSOCK_DEVICE_ID, VSOCK_DIR};
 use super::qmp::{Qmp, qmp_err};
-use super::{BackendError, GUEST_CID, VSOCK_SOCKET, log_file, wait_for_socket};
+use super::{BackendError, GUEST_CID, VSOCK_SOCKET, log_file, wait_for_listener};
 use crate::host::ProcessId;
 use crate::store::VmDir;
 
@@ -164,16 +164,13 @@ pub(super) async fn start_vsock_device(
         backend: "qemu",
         detail: "vhost-device-vsock exited at once (see vsock-device.log)".into(),
     })?;
-    if !wait_for_socket(
-        &sockets.join(VHOST_USER_SOCKET),
-        std::time::Duration::from_secs(5),
-    )
-    .await
-    {
+    // QEMU connects once, at start, and gives up if refused: wait for the device to
+    // listen, not for its socket's file.
+    if !wait_for_listener(pid, VHOST_USER_SOCKET, std::time::Duration::from_secs(5)).await {
         id.signal(libc::SIGKILL);
         return Err(BackendError::Control {
             backend: "qemu",
-            detail: "vhost-device-vsock did not create its socket (see vsock-device.log)".into(),
+            detail: "vhost-device-vsock did not listen on its socket (see vsock-device.log)".into(),
         });
     }
     Ok(id)
