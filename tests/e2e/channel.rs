@@ -272,10 +272,7 @@ fn exec_files_relay_and_secret_on_a_real_vm() {
 
     // Host → guest agent API (port 18789, the built-in runtime) through
     // `clawos vm port-forward`.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = clawos_e2e::port();
     let mut pf = l
         .clawos_command(&[
             "vm",

@@ -10,7 +10,6 @@
 //! Root only. It refuses to run on a machine where a clawos package or a
 //! `/var/lib/clawos` is already there: it would purge them.
 
-use std::net::TcpListener;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Output};
@@ -146,10 +145,7 @@ fn the_package_installs_runs_and_purges_cleanly() {
         .lines()
         .find_map(|l| l.strip_prefix("ExecStart="))
         .expect("ExecStart");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = clawos_e2e::port();
     let exec = exec.replace("127.0.0.1:2082", &format!("127.0.0.1:{port}"));
     let mut words = exec.split_whitespace();
     let mut daemon = Command::new("setpriv")

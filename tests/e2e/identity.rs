@@ -109,13 +109,6 @@ fn pyjwt_verify(s: &Service, aud: &str, token: &str) -> Value {
     serde_json::from_str(&out).expect("json")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
-}
-
 fn sha256_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
         .expect("dir")
@@ -147,7 +140,7 @@ fn tokens_verify_with_pyjwt_and_the_store_survives_restarts() {
         .expect("client");
     let work = tempfile::tempdir().expect("tmp");
     let state = work.path().join("state");
-    let port = free_port();
+    let port = clawos_e2e::port();
     let s = Service::start(&state, port, &[]).expect("start");
     let svc = s.service_token();
     let call =
@@ -471,7 +464,7 @@ fn another_uid_cannot_read_the_key_store_or_the_credentials() {
         String::from_utf8_lossy(&o.stderr)
     );
 
-    let port = free_port();
+    let port = clawos_e2e::port();
     let s = Service::start(&state, port, &[]).expect("start");
     // Something worth stealing: an agent key pair and a signed token in the store.
     let rt = clawos_e2e::runtime();
@@ -539,7 +532,7 @@ fn renewal_past_the_maximum_lineage_age_is_refused_with_a_reason() {
     let http = reqwest::Client::new();
     let work = tempfile::tempdir().expect("tmp");
     let state = work.path().join("state");
-    let port = free_port();
+    let port = clawos_e2e::port();
     let s = Service::start(&state, port, &["--max-lineage-secs", "2"]).expect("start");
     let svc = s.service_token();
     let post = |path: &str, auth: &str, body: Option<Value>| -> (u16, Value) {

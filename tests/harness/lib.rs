@@ -335,13 +335,6 @@ pub fn flip_byte(path: &Path, offset: u64) -> Result<()> {
     Ok(())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// A running `vm-launcher` process with its own state directory.
 #[derive(Debug)]
 pub struct Launcher {
@@ -365,7 +358,7 @@ impl Launcher {
             child: None,
             url: String::new(),
             state_dir: state_dir.to_owned(),
-            port: free_port(),
+            port: port(),
             extra_env: env
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -746,9 +739,10 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// A free loopback port.
+/// A free loopback port for a daemon to bind (outside the ephemeral range: see
+/// [`clawos_test_ports`]).
 pub fn port() -> u16 {
-    free_port()
+    clawos_test_ports::free_port()
 }
 
 /// Stops every watch of the monitor-daemon at `url` whose state is in `state_dir` (the

@@ -487,10 +487,7 @@ async fn upstream_refusals_are_surfaced_verbatim() {
     agentd2.stop().await;
 
     // Nobody listening.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        format!("http://{}", l.local_addr().expect("addr"))
-    };
+    let dead = format!("http://127.0.0.1:{}", clawos_test_ports::free_port());
     let agentd3 = agentd(config(ws.path(), &dead)).await;
     let resp = post(&agentd3.url, &chat("hi")).await;
     assert_eq!(resp.status(), 502);

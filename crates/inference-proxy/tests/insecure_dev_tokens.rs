@@ -3,6 +3,7 @@
 //! `--insecure-dev-tokens` (`CLAWOS_PROXY_INSECURE_DEV_TOKENS=1`), and loudly announced
 //! at every start with it.
 
+use clawos_test_ports::free_port;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -16,13 +17,6 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 /// The proxy with static tokens in `dir/tokens.json`, its upstream a closed port, its

@@ -12,10 +12,7 @@ use clawos_inference_proxy_api::{ProxyAdminClient, UsageQuery};
 const ADMIN: &str = "operator-credential-0123456789";
 
 async fn start(dir: &std::path::Path) -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = clawos_test_ports::free_port();
     let cfg = ProxyConfig {
         addr: format!("127.0.0.1:{port}").parse().expect("addr"),
         upstreams: config::upstreams(None, "http://127.0.0.1:1", &|_| Some("k".into()))

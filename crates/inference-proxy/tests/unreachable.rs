@@ -4,6 +4,7 @@
 //! requests and the ones that succeeded without any credential in it: neither the
 //! host's API keys nor the agent's JWT (a real one, from identity-manager).
 
+use clawos_test_ports::free_port;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -19,13 +20,6 @@ const LIVE_KEY: &str = "sk-host-live-upstream-key-5b1e0c";
 const DEAD_ANTHROPIC_KEY: &str = "sk-host-dead-anthropic-key-93af7d";
 const DEAD_OPENAI_KEY: &str = "sk-host-dead-openai-key-0c44e2";
 const ADMIN: &str = "operator-credential-0123456789";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
-}
 
 async fn wait_listening(port: u16) {
     for _ in 0..250 {

@@ -5,6 +5,7 @@
 //! malformed budget scope is refused (403) in the caller's API shape; tokens without
 //! the scope are as before.
 
+use clawos_test_ports::free_port;
 use std::time::Duration;
 
 use clawos_identity_manager::{Config, IssuerConfig, MasterKeySource};
@@ -14,13 +15,6 @@ use clawos_scripted_model::{Script, ScriptedModel};
 use serde_json::{Value, json};
 
 const HOST_KEY: &str = "host-key-for-the-scripted-model";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port()
-}
 
 async fn wait_listening(port: u16) {
     for _ in 0..250 {

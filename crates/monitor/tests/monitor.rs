@@ -4,9 +4,9 @@
 //! Needs root (or CAP_BPF + CAP_PERFMON), a kernel with BTF, python3 for the workload
 //! and rsyslogd for the SIEM tests; each test says loudly why it skips otherwise.
 
+use clawos_test_ports::free_port;
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -53,13 +53,6 @@ fn cannot_trace() -> bool {
         return skip("python3 (the workload) is not installed");
     }
     false
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 struct Daemon {

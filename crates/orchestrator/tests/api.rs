@@ -2,6 +2,7 @@
 //! who may call it, and specs refused before anything runs. No VM is needed: nothing
 //! here reaches vm-launcher (a spec that is refused starts nothing).
 
+use clawos_test_ports::free_port;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,13 +22,6 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
 }
 
 fn spawn(state: &std::path::Path, port: u16) -> Child {

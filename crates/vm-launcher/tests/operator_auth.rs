@@ -9,16 +9,10 @@
 //!   with a foreign `Origin` (403), a rebinding `Host` (403), a `text/plain` POST (415);
 //! - a non-loopback listen address is refused at start.
 
+use clawos_test_ports::free_port;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// A `vm-launcher` process (killed when dropped) with its own state directory.
 struct Daemon {
