@@ -18,7 +18,9 @@ use clawos_vm_launcher::identity::{
 use clawos_vm_launcher::names::VmName;
 
 const AUDIENCE: &str = "inference-proxy";
-const TTL: Duration = Duration::from_secs(3);
+/// Short, so renewals come within the test; renewal leaves a third of it (2 s) for the
+/// request to identity-manager and the record before the old token expires.
+const TTL: Duration = Duration::from_secs(6);
 
 /// A real identity-manager on a loopback port, with its state in `<work>/state`.
 struct IdentityManager {

@@ -148,21 +148,25 @@ fn the_package_installs_runs_and_purges_cleanly() {
     let port = clawos_e2e::port();
     let exec = exec.replace("127.0.0.1:2082", &format!("127.0.0.1:{port}"));
     let mut words = exec.split_whitespace();
-    let mut daemon = Command::new("setpriv")
-        .args([
-            "--reuid=clawos-identity",
-            "--regid=clawos",
-            "--clear-groups",
-            "--",
-        ])
-        .arg(words.next().expect("binary"))
-        .args(words)
-        .env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(work.path().join("identity.log")).expect("log"))
-        .spawn()
-        .expect("setpriv");
+    // Killed if the test fails on the way: a daemon left running as its user would make
+    // the purge's `userdel` fail, and every later run with it.
+    let mut daemon = clawos_e2e::KillOnDrop(
+        Command::new("setpriv")
+            .args([
+                "--reuid=clawos-identity",
+                "--regid=clawos",
+                "--clear-groups",
+                "--",
+            ])
+            .arg(words.next().expect("binary"))
+            .args(words)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(work.path().join("identity.log")).expect("log"))
+            .spawn()
+            .expect("setpriv"),
+    );
     let deadline = Instant::now() + Duration::from_secs(20);
     let url = format!("http://127.0.0.1:{port}/healthz");
     while !run(Command::new("curl").args(["-fsS", "-o", "/dev/null", &url]))
@@ -177,8 +181,8 @@ fn the_package_installs_runs_and_purges_cleanly() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // SAFETY: kill() with the pid of a child we spawned.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    let _ = daemon.wait();
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    let _ = daemon.0.wait();
     let db = std::fs::metadata("/var/lib/clawos/identity/identity.db").expect("its database");
     assert_eq!(db.uid(), uid, "written as its user");
     assert_eq!(db.mode() & 0o077, 0, "nobody else reads it");

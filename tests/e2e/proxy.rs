@@ -37,19 +37,21 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
     std::fs::create_dir_all(&state).expect("state");
     let (id_port, px_port) = (port(), port());
     let state_s = state.to_str().expect("utf8");
-    let mut identity = spawn_daemon(
-        "identity-manager",
-        &[
-            "--addr",
-            &format!("127.0.0.1:{id_port}"),
-            "--state-dir",
-            state_s,
-        ],
-        &[],
-        &work.path().join("identity.log"),
-        id_port,
-    )
-    .expect("identity-manager");
+    let identity = clawos_e2e::KillOnDrop(
+        spawn_daemon(
+            "identity-manager",
+            &[
+                "--addr",
+                &format!("127.0.0.1:{id_port}"),
+                "--state-dir",
+                state_s,
+            ],
+            &[],
+            &work.path().join("identity.log"),
+            id_port,
+        )
+        .expect("identity-manager"),
+    );
     let upstream = FakeAnthropic::start(HOST_KEY);
     let openai_upstream = FakeAnthropic::start(OPENAI_HOST_KEY);
     let issuer = format!("http://127.0.0.1:{id_port}");
@@ -360,8 +362,7 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
         "{}",
         hung[0]
     );
-    let _ = identity.kill();
-    let _ = identity.wait();
+    drop(identity);
     std::thread::sleep(Duration::from_millis(10));
 }
 

@@ -928,6 +928,18 @@ fn raise_own_fd_limit(want: u64) -> bool {
     unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &l) == 0 }
 }
 
+/// The proxy's `/metrics` text.
+fn proxy_metrics(port: u16) -> String {
+    runtime()
+        .block_on(async {
+            reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+                .await?
+                .text()
+                .await
+        })
+        .expect("metrics")
+}
+
 /// Hostile agent: ~1,100 idle connections used to exhaust the proxy's file
 /// descriptors (every other agent lost its LLM). The proxy runs with the common
 /// service limit of 1,024 fds (so it holds at most (1,024 − 96) ÷ 2 = 464 client
@@ -1000,7 +1012,35 @@ fn an_idle_connection_flood_does_not_starve_a_real_request() {
         }
     }
     eprintln!("attacker holds {} idle connections", idle.len());
-    std::thread::sleep(Duration::from_millis(200));
+    // The clock starts once the proxy has taken in the whole flood (each connection
+    // held, evicted, refused or timed out), not after a guessed pause: a request timed
+    // while the kernel still queues the flood's connections measures the machine.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let taken_in: u64 = proxy_metrics(px_port)
+            .lines()
+            .filter(|l| {
+                [
+                    "clawos_proxy_connections_open ",
+                    "clawos_proxy_connections_evicted_total ",
+                    "clawos_proxy_connections_refused_total ",
+                    "clawos_proxy_connections_timed_out_total ",
+                ]
+                .iter()
+                .any(|m| l.starts_with(m))
+            })
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        if taken_in > idle.len() as u64 {
+            break; // (> : the metrics request is one of the open connections)
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy took in {taken_in} of {} connections in 30 s",
+            idle.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // A real agent request on a new connection, with a raw HTTP/1.1 client so the
     // timing includes the connect.
     let body =
@@ -1046,14 +1086,7 @@ fn an_idle_connection_flood_does_not_starve_a_real_request() {
         .to_owned();
     eprintln!("proxy holds {fds} descriptors of 1024: {limits}");
     assert!(fds < 1000, "{fds} descriptors open");
-    let metrics = runtime()
-        .block_on(async {
-            reqwest::get(format!("http://127.0.0.1:{px_port}/metrics"))
-                .await?
-                .text()
-                .await
-        })
-        .expect("metrics");
+    let metrics = proxy_metrics(px_port);
     let connection_metrics: Vec<&str> = metrics
         .lines()
         .filter(|l| l.starts_with("clawos_proxy_connections"))

@@ -67,7 +67,21 @@ fn sigkill_restart_readopts_live_vms_and_drops_dead_ones() {
         format!("{} 1\n", impostor.id()),
     )
     .expect("write pid");
-    std::thread::sleep(Duration::from_millis(300));
+    // Killed is not yet gone: a hypervisor tears its guest's memory down before it
+    // ends, and until then it is a live process. Wait for both to be gone (or zombies).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for pid in [dies_pid, reused_pid] {
+        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        }) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "hypervisor {pid} still alive 30 s after SIGKILL"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 
     l.spawn().expect("restart launcher");
     let vms = runtime().block_on(l.client().list()).expect("list");

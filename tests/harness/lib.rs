@@ -724,7 +724,13 @@ pub fn spawn_daemon(
         }
         std::thread::sleep(Duration::from_millis(30));
     }
-    bail!("{name} did not listen on {port}")
+    // Not left running behind the failure.
+    let _ = child.kill();
+    let _ = child.wait();
+    bail!(
+        "{name} did not listen on {port}: {}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    )
 }
 
 /// A process's resident set size, KiB (0 when it cannot be read).

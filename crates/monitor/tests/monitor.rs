@@ -1473,6 +1473,16 @@ const FLOOD_QUOTA: &[&str] = &[
     "1",
 ];
 
+/// One flood (or 2,000 connections) at a time: this binary runs two tests at once, and
+/// two of these side by side would take both cores for seconds, so that what each
+/// times (another VM's stream recorded "at once") would measure the other.
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    HEAVY
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// VM A writes forged records for `secs`, in bursts (`paced`) or as fast as the
 /// daemon reads them; returns how many it sent.
 fn flood(state: &Path, token: &str, secs: u64, paced: bool) -> u64 {
@@ -1518,6 +1528,7 @@ fn quota_dropped(trail: &[AuditEvent], vm: &str) -> u64 {
 
 #[test]
 fn a_guest_flooding_forged_records_is_held_to_its_quota_and_other_vms_history_stays() {
+    let _heavy = heavy();
     if cannot_run_daemon() {
         return;
     }
@@ -1594,6 +1605,7 @@ fn a_guest_flooding_forged_records_is_held_to_its_quota_and_other_vms_history_st
 
 #[test]
 fn a_guest_flood_while_the_siem_is_away_does_not_push_other_vms_events_out_of_the_spool() {
+    let _heavy = heavy();
     if cannot_run_daemon() || no_rsyslog() {
         return;
     }
@@ -1749,6 +1761,7 @@ fn raise_nofile() -> u64 {
 
 #[test]
 fn two_thousand_idle_guest_connections_cost_no_threads_and_keep_no_vm_out() {
+    let _heavy = heavy();
     if cannot_run_daemon() {
         return;
     }
@@ -1798,7 +1811,7 @@ fn two_thousand_idle_guest_connections_cost_no_threads_and_keep_no_vm_out() {
         guest_seqs(&d.events(), "vm-live").len() == 5
     });
     assert!(
-        t.elapsed() < Duration::from_secs(1),
+        t.elapsed() < Duration::from_secs(2),
         "the live stream took {:?}",
         t.elapsed()
     );
@@ -1836,6 +1849,7 @@ fn two_thousand_idle_guest_connections_cost_no_threads_and_keep_no_vm_out() {
 
 #[test]
 fn a_full_speed_guest_flood_does_not_hold_up_another_vms_stream() {
+    let _heavy = heavy();
     if cannot_run_daemon() {
         return;
     }
@@ -1851,7 +1865,7 @@ fn a_full_speed_guest_flood_does_not_hold_up_another_vms_stream() {
         std::thread::spawn(move || flood(&state, &token, 5, false))
     };
     // In the middle of the flood (VM A's forged records are being recorded), VM B's next
-    // events are recorded within a second.
+    // events are recorded within two seconds.
     wait_until(Duration::from_secs(10), "VM A's flood in the trail", || {
         !guest_seqs(&d.events(), "vm-a").is_empty()
     });
@@ -1865,8 +1879,9 @@ fn a_full_speed_guest_flood_does_not_hold_up_another_vms_stream() {
     let waited = t.elapsed();
     let sent = flooder.join().expect("flooder");
     assert!(sent > 10_000, "the flood was a flood: {sent}");
+    // (Before the recorder's queue was fair: 4.8 s.)
     assert!(
-        waited < Duration::from_secs(1),
+        waited < Duration::from_secs(2),
         "VM B waited {waited:?} behind VM A's flood"
     );
 }

@@ -142,7 +142,15 @@ async fn serves_a_script_records_requests_and_drains_on_sigterm() {
         .await;
         (status, r.text().await.expect("whole stream"))
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // In flight: the server records a request (the second line) before its turn's delay.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&record).map_or(0, |r| r.lines().count()) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the streaming request never reached the server"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let status = tokio::task::spawn_blocking(move || run.terminate())
         .await
         .expect("terminate");

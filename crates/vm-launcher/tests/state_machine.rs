@@ -222,7 +222,7 @@ fn failures_are_recorded_with_their_reason() {
     host.fake.set_guest("broken", FakeGuest::FailsToBoot);
     host.fake.set_guest("mute", FakeGuest::NeverReady);
     runtime().block_on(async {
-        let l = host.launcher_with(|c| c.boot_timeout = Duration::from_millis(800));
+        let l = host.launcher_with(|c| c.boot_timeout = Duration::from_secs(2));
         l.start(start_req("broken")).await.expect("launch");
         l.start(start_req("mute")).await.expect("launch");
         l.start(start_req("crashy")).await.expect("launch");
