@@ -8,10 +8,7 @@ use clawos_identity_manager::{Config, IssuerConfig, MasterKeySource};
 use clawos_identity_manager_api::{IdentityClient, IssueRequest, Issued, RevokeRequest};
 
 async fn start_identity(dir: &std::path::Path) -> (String, IdentityClient) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = clawos_test_ports::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let service_token = "s".repeat(40);
     let cfg = Config {

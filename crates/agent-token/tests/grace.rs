@@ -48,10 +48,7 @@ async fn start_identity(
 async fn an_unreachable_issuer_is_bridged_for_the_grace_period_then_verification_fails_closed() {
     let d = tempfile::tempdir().expect("tmp");
     let db = d.path().join("identity.db");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = clawos_test_ports::free_port();
     let url = format!("http://127.0.0.1:{port}");
     let (stop, task) = start_identity(port, &db).await;
     let ids = IdentityClient::with_service_token(&url, SERVICE_TOKEN);
