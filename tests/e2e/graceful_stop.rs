@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clawos_e2e::fake_llm::FakeAnthropic;
-use clawos_e2e::{bin, port, runtime, spawn_daemon};
+use clawos_e2e::{bin, port, runtime};
 use serde_json::{Value, json};
 
 /// Requests in flight when the signal arrives.
@@ -86,26 +86,18 @@ fn inference_proxy_finishes_every_request_in_flight_and_ledgers_each_on_sigterm(
     let px_port = port();
     let log = work.path().join("proxy.log");
     let mut proxy = Reap(Some(
-        spawn_daemon(
-            "inference-proxy",
+        clawos_e2e::spawn_proxy_with_static_tokens(
+            &state,
+            px_port,
+            (upstream.url.as_str(), HOST_KEY),
+            &tokens,
             &[
-                "--addr",
-                &format!("127.0.0.1:{px_port}"),
-                "--state-dir",
-                state.to_str().expect("utf8"),
-            ],
-            &[
-                ("ANTHROPIC_API_KEY", HOST_KEY),
-                ("CLAWOS_PROXY_ANTHROPIC_URL", upstream.url.as_str()),
-                ("CLAWOS_PROXY_STATIC_TOKENS", tokens.to_str().expect("utf8")),
-                ("CLAWOS_PROXY_INSECURE_DEV_TOKENS", "1"),
                 ("CLAWOS_PROXY_RATE_LIMIT_RPM", "1000"),
                 // One agent with 40 requests in flight at once: above the default
                 // per-agent cap, which is not what this test is about.
                 ("CLAWOS_PROXY_MAX_IN_FLIGHT", "64"),
             ],
             &log,
-            px_port,
         )
         .expect("inference-proxy"),
     ));

@@ -7,9 +7,7 @@
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use clawos_e2e::{
-    Launcher, can_boot_vms, can_use_vsock, is, port, runtime, spawn_daemon, static_c_program,
-};
+use clawos_e2e::{Launcher, can_boot_vms, can_use_vsock, is, port, runtime, static_c_program};
 use clawos_vm_launcher_api::{StartVm, VmState};
 
 /// Opens N vsock connections to host (CID 2) port 11435, sends nothing, holds them for
@@ -90,45 +88,22 @@ fn a_guest_holding_2000_relay_connections_starves_no_one_else() {
     std::fs::write(&tokens, r#"{"agent-token":"a"}"#).expect("tokens");
     let px_port = port();
     let _proxy = clawos_e2e::KillOnDrop(
-        spawn_daemon(
-            "inference-proxy",
-            &[
-                "--addr",
-                &format!("127.0.0.1:{px_port}"),
-                "--state-dir",
-                state.to_str().expect("utf8"),
-            ],
-            &[
-                ("ANTHROPIC_API_KEY", "sk-host"),
-                ("CLAWOS_PROXY_ANTHROPIC_URL", "http://127.0.0.1:9"),
-                ("CLAWOS_PROXY_STATIC_TOKENS", tokens.to_str().expect("utf8")),
-                ("CLAWOS_PROXY_INSECURE_DEV_TOKENS", "1"),
-            ],
-            &work.path().join("proxy.log"),
+        clawos_e2e::spawn_proxy_with_static_tokens(
+            &state,
             px_port,
+            ("http://127.0.0.1:9", "sk-host"),
+            &tokens,
+            &[],
+            &work.path().join("proxy.log"),
         )
         .expect("inference-proxy"),
     );
     let proxy_url = format!("http://127.0.0.1:{px_port}");
     // The relays attach each VM's token from identity-manager (without one they answer
     // 503 themselves, and the proxy would not be in the path).
-    let id_port = port();
-    let _identity = clawos_e2e::KillOnDrop(
-        spawn_daemon(
-            "identity-manager",
-            &[
-                "--addr",
-                &format!("127.0.0.1:{id_port}"),
-                "--state-dir",
-                state.to_str().expect("utf8"),
-            ],
-            &[],
-            &work.path().join("identity.log"),
-            id_port,
-        )
-        .expect("identity-manager"),
-    );
-    let identity_url = format!("http://127.0.0.1:{id_port}");
+    let (_identity, identity_url) =
+        clawos_e2e::start_identity_manager(&state, &work.path().join("identity.log"))
+            .expect("identity-manager");
     let l = Launcher::start_with(
         &state,
         &[

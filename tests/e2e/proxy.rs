@@ -35,26 +35,13 @@ fn anthropic_sdk_through_the_proxy_with_limits_ledger_and_audit() {
     let work = tempfile::tempdir().expect("tmp");
     let state = work.path().join("state");
     std::fs::create_dir_all(&state).expect("state");
-    let (id_port, px_port) = (port(), port());
+    let px_port = port();
     let state_s = state.to_str().expect("utf8");
-    let identity = clawos_e2e::KillOnDrop(
-        spawn_daemon(
-            "identity-manager",
-            &[
-                "--addr",
-                &format!("127.0.0.1:{id_port}"),
-                "--state-dir",
-                state_s,
-            ],
-            &[],
-            &work.path().join("identity.log"),
-            id_port,
-        )
-        .expect("identity-manager"),
-    );
+    let (identity, issuer) =
+        clawos_e2e::start_identity_manager(&state, &work.path().join("identity.log"))
+            .expect("identity-manager");
     let upstream = FakeAnthropic::start(HOST_KEY);
     let openai_upstream = FakeAnthropic::start(OPENAI_HOST_KEY);
-    let issuer = format!("http://127.0.0.1:{id_port}");
     let upstreams = work.path().join("upstreams.json");
     std::fs::write(
         &upstreams,
@@ -509,23 +496,13 @@ fn token_budgets_refuse_until_the_window_allows_and_survive_a_restart() {
     .expect("tokens");
     let px_port = port();
     let start = || {
-        spawn_daemon(
-            "inference-proxy",
-            &[
-                "--addr",
-                &format!("127.0.0.1:{px_port}"),
-                "--state-dir",
-                state.to_str().expect("utf8"),
-            ],
-            &[
-                ("ANTHROPIC_API_KEY", HOST_KEY),
-                ("CLAWOS_PROXY_ANTHROPIC_URL", upstream.url.as_str()),
-                ("CLAWOS_PROXY_STATIC_TOKENS", tokens.to_str().expect("utf8")),
-                ("CLAWOS_PROXY_INSECURE_DEV_TOKENS", "1"),
-                ("CLAWOS_PROXY_TOKENS_PER_DAY", "60"),
-            ],
-            &work.path().join(format!("proxy-{}.log", port())),
+        clawos_e2e::spawn_proxy_with_static_tokens(
+            &state,
             px_port,
+            (upstream.url.as_str(), HOST_KEY),
+            &tokens,
+            &[("CLAWOS_PROXY_TOKENS_PER_DAY", "60")],
+            &work.path().join(format!("proxy-{}.log", port())),
         )
         .expect("inference-proxy")
     };

@@ -72,24 +72,9 @@ fn mcp_times(url: &str, token: &str, call: Option<(&str, &str)>, times: u32) -> 
 fn agents_see_and_call_only_their_skills_over_mcp_and_every_call_is_audited() {
     let work = tempfile::tempdir().expect("tempdir");
     let state = work.path().join("state");
-    let state_s = state.to_str().expect("utf-8").to_owned();
-    let id_port = port();
-    let _identity = KillOnDrop(
-        spawn_daemon(
-            "identity-manager",
-            &[
-                "--addr",
-                &format!("127.0.0.1:{id_port}"),
-                "--state-dir",
-                &state_s,
-            ],
-            &[],
-            &work.path().join("identity.log"),
-            id_port,
-        )
-        .expect("identity-manager"),
-    );
-    let issuer = format!("http://127.0.0.1:{id_port}");
+    let (_identity, issuer) =
+        clawos_e2e::start_identity_manager(&state, &work.path().join("identity.log"))
+            .expect("identity-manager");
     let key_path = work.path().join("signing.key");
     let key = clawos_image::keys::generate(&key_path).expect("key");
     let pubkey = clawos_image::keys::public_hex(&key);

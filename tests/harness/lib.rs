@@ -838,6 +838,61 @@ pub fn start_monitor(state_dir: &Path, port: u16, log: &str) -> Result<KillOnDro
     .map(KillOnDrop)
 }
 
+/// Starts identity-manager on a free loopback port with its state in `state_dir` and
+/// its output in `log`; returns it (killed when dropped) and its URL.
+pub fn start_identity_manager(state_dir: &Path, log: &Path) -> Result<(KillOnDrop, String)> {
+    let port = port();
+    let daemon = spawn_daemon(
+        "identity-manager",
+        &[
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--state-dir",
+            state_dir.to_str().context("state dir is not UTF-8")?,
+        ],
+        &[],
+        log,
+        port,
+    )?;
+    Ok((KillOnDrop(daemon), format!("http://127.0.0.1:{port}")))
+}
+
+/// Starts inference-proxy on `port` with its state in `state_dir`, one Anthropic
+/// upstream (`upstream`, keyed with `api_key`) and the agent tokens of the JSON file
+/// `tokens` instead of JWTs (its development mode, for tests about something else);
+/// `env` adds settings. Its output goes to `log`.
+pub fn spawn_proxy_with_static_tokens(
+    state_dir: &Path,
+    port: u16,
+    (upstream, api_key): (&str, &str),
+    tokens: &Path,
+    env: &[(&str, &str)],
+    log: &Path,
+) -> Result<Child> {
+    let mut all = vec![
+        ("ANTHROPIC_API_KEY", api_key),
+        ("CLAWOS_PROXY_ANTHROPIC_URL", upstream),
+        (
+            "CLAWOS_PROXY_STATIC_TOKENS",
+            tokens.to_str().context("tokens path is not UTF-8")?,
+        ),
+        ("CLAWOS_PROXY_INSECURE_DEV_TOKENS", "1"),
+    ];
+    all.extend_from_slice(env);
+    spawn_daemon(
+        "inference-proxy",
+        &[
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--state-dir",
+            state_dir.to_str().context("state dir is not UTF-8")?,
+        ],
+        &all,
+        log,
+        port,
+    )
+}
+
 /// Compiles a C program to a static executable `dir/name` (for running inside a VM,
 /// whose rootfs has no C library).
 pub fn static_c_program(dir: &Path, name: &str, source: &str) -> Result<PathBuf> {

@@ -94,26 +94,14 @@ impl HostServices {
         proxy_env: &[(&str, &str)],
     ) -> Result<Self> {
         std::fs::create_dir_all(state)?;
-        let id_port = port();
-        let state_s = state.to_str().context("state dir is not UTF-8")?;
-        let identity = spawn_daemon(
-            "identity-manager",
-            &[
-                "--addr",
-                &format!("127.0.0.1:{id_port}"),
-                "--state-dir",
-                state_s,
-            ],
-            &[],
-            &state.join("identity-manager.log"),
-            id_port,
-        )?;
+        let (identity, identity_url) =
+            crate::start_identity_manager(state, &state.join("identity-manager.log"))?;
         let mut s = Self {
-            identity_url: format!("http://127.0.0.1:{id_port}"),
+            identity_url,
             proxy_url: String::new(),
             proxy_port: port(),
             state: state.to_owned(),
-            _identity: Some(KillOnDrop(identity)),
+            _identity: Some(identity),
             proxy: None,
             upstreams: upstreams
                 .iter()
