@@ -123,43 +123,6 @@ fn pidfd_open(pid: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as std::os::fd::RawFd) })
 }
 
-/// Whether process `pid` holds a listening Unix socket bound to a path whose last
-/// component is `name`. A socket's file appears at `bind()`, before `listen()`: a
-/// client connecting in between is refused, so a process's socket is ready when it
-/// listens, not when its file exists. Read from `/proc/<pid>/net/unix` (the sockets
-/// of the process's own network namespace; `__SO_ACCEPTCON` in its flags marks a
-/// listener) and `/proc/<pid>/fd` (which of them the process holds), so it needs no
-/// connection: a vhost-user device takes its first connection for its frontend.
-pub fn listens_on_unix_socket(pid: u32, name: &str) -> std::io::Result<bool> {
-    /// `__SO_ACCEPTCON`, the flag a listening socket has in `/proc/net/unix`.
-    const ACCEPTCON: u32 = 0x10000;
-    let mut held = std::collections::HashSet::new();
-    for entry in fs::read_dir(format!("/proc/{pid}/fd"))? {
-        let Ok(target) = fs::read_link(entry?.path()) else {
-            continue; // closed since the listing
-        };
-        if let Some(inode) = target
-            .to_str()
-            .and_then(|t| t.strip_prefix("socket:["))
-            .and_then(|t| t.strip_suffix(']'))
-            .and_then(|t| t.parse::<u64>().ok())
-        {
-            held.insert(inode);
-        }
-    }
-    let table = fs::read_to_string(format!("/proc/{pid}/net/unix"))?;
-    Ok(table.lines().skip(1).any(|line| {
-        // Num RefCount Protocol Flags Type St Inode Path; an unbound socket has no
-        // path. (A path with spaces is joined back; only its last component counts.)
-        let fields: Vec<&str> = line.split_ascii_whitespace().collect();
-        fields.len() > 7
-            && u32::from_str_radix(fields[3], 16).is_ok_and(|f| f & ACCEPTCON != 0)
-            && fields[6].parse::<u64>().is_ok_and(|i| held.contains(&i))
-            && std::path::Path::new(&fields[7..].join(" ")).file_name()
-                == Some(std::ffi::OsStr::new(name))
-    }))
-}
-
 /// Total host memory in MiB.
 pub fn mem_total_mib() -> u64 {
     fs::read_to_string("/proc/meminfo")
@@ -261,68 +224,6 @@ mod tests {
         assert_eq!(exhausted.raw_os_error(), Some(libc::EMFILE));
         assert!(ProcessId::look_up(me.pid).is_err(), "the look fails");
         assert!(me.is_alive(), "but the process is not taken for gone");
-    }
-
-    /// Bound is not listening: the file exists from `bind()`, and only `listen()` makes
-    /// the socket ready. And the listener must be the process's own.
-    #[test]
-    fn a_unix_socket_is_ready_when_its_process_listens_not_when_its_file_appears() {
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        use std::os::unix::ffi::OsStrExt;
-        let dir = tempfile::tempdir().expect("tmp");
-        let path = dir.path().join("device.sock");
-        // SAFETY: socket() takes no pointers; the descriptor is owned right below.
-        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        // SAFETY: the kernel just returned this descriptor and nothing else owns it.
-        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
-        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-        let bytes = path.as_os_str().as_bytes();
-        assert!(bytes.len() < addr.sun_path.len(), "temp path too long");
-        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
-            *d = *s as libc::c_char;
-        }
-        // SAFETY: addr is a valid sockaddr_un of the size passed, and lives across the call.
-        let bound = unsafe {
-            libc::bind(
-                sock.as_raw_fd(),
-                (&raw const addr).cast(),
-                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(bound, 0, "bind: {}", std::io::Error::last_os_error());
-        let me = std::process::id();
-        assert!(path.exists(), "bound: the file is there");
-        assert!(
-            !listens_on_unix_socket(me, "device.sock").expect("read /proc"),
-            "bound but not listening is not ready"
-        );
-        // SAFETY: listen() on a descriptor we own; no pointers.
-        assert_eq!(unsafe { libc::listen(sock.as_raw_fd(), 1) }, 0);
-        assert!(listens_on_unix_socket(me, "device.sock").expect("read /proc"));
-        assert!(!listens_on_unix_socket(me, "other.sock").expect("read /proc"));
-        // Another process (which inherits nothing: close-on-exec) does not hold it.
-        let mut other = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .expect("sleep");
-        let listens = listens_on_unix_socket(other.id(), "device.sock");
-        let _ = other.kill();
-        let _ = other.wait();
-        assert!(
-            !listens.expect("read /proc"),
-            "not the other process's socket"
-        );
-        drop(sock);
-        assert!(!listens_on_unix_socket(me, "device.sock").expect("read /proc"));
-        assert_eq!(
-            listens_on_unix_socket(u32::MAX - 1, "device.sock")
-                .expect_err("no such process")
-                .kind(),
-            std::io::ErrorKind::NotFound
-        );
     }
 
     #[test]

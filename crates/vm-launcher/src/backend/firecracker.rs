@@ -15,7 +15,7 @@ use clawos_guest_protocol::disk;
 
 use super::{
     BackendError, BoxFuture, GUEST_CID, Hypervisor, LaunchSpec, Launched, VSOCK_SOCKET,
-    connect_in_dir, log_file, wait_for_listener,
+    connect_in_dir, log_file, wait_until_accepting,
 };
 use crate::store::VmDir;
 
@@ -343,9 +343,11 @@ impl Firecracker {
                 bin: self.bin.clone(),
                 source,
             })?;
-        if !api_listening(&child).await {
+        if !wait_until_accepting(&spec.dir.root, API_SOCKET, Duration::from_secs(5)).await {
             let _ = child.start_kill();
-            return Err(fc_err("its API socket did not listen (see hypervisor.log)"));
+            return Err(fc_err(
+                "its API socket did not accept a connection (see hypervisor.log)",
+            ));
         }
         Ok(child)
     }
@@ -401,11 +403,11 @@ impl Hypervisor for Firecracker {
                             bin: j.bin.clone(),
                             source,
                         })?;
-                    // The jailer execs Firecracker in its own process (no new pid
-                    // namespace is asked for): the pid is Firecracker's.
-                    if !api_listening(&child).await {
+                    if !wait_until_accepting(&sockets, API_SOCKET, Duration::from_secs(5)).await {
                         let _ = child.start_kill();
-                        return Err(fc_err("its API socket did not listen (see hypervisor.log)"));
+                        return Err(fc_err(
+                            "its API socket did not accept a connection (see hypervisor.log)",
+                        ));
                     }
                     (child, files)
                 }
@@ -533,15 +535,6 @@ impl Hypervisor for Firecracker {
             let _ =
                 std::fs::remove_dir(format!("/sys/fs/cgroup/firecracker/{}", Jailer::id(&name)));
         }
-    }
-}
-
-/// Whether Firecracker (`child`) listens on its API socket within 5 s: its first
-/// request follows at once, and a socket whose file exists may not listen yet.
-async fn api_listening(child: &tokio::process::Child) -> bool {
-    match child.id() {
-        Some(pid) => wait_for_listener(pid, API_SOCKET, Duration::from_secs(5)).await,
-        None => false,
     }
 }
 

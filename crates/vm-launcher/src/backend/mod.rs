@@ -195,23 +195,37 @@ fn log_file(path: &Path) -> Result<std::fs::File, BackendError> {
         })
 }
 
-/// Waits up to `limit` until process `pid` listens on its Unix socket `name` (the
-/// socket's file exists from `bind()`, before the process listens: see
-/// [`crate::host::listens_on_unix_socket`]). False when the time runs out or the
-/// process is gone.
-pub(crate) async fn wait_for_listener(pid: u32, name: &str, limit: std::time::Duration) -> bool {
+/// Waits up to `limit` for a socket file to appear. The file exists from `bind()`, a
+/// moment before the process listens; fit for a socket whose first client comes later
+/// than that moment (see the vsock device's start), not for one connected to at once.
+pub(crate) async fn wait_for_socket(path: &Path, limit: std::time::Duration) -> bool {
     let deadline = std::time::Instant::now() + limit;
-    loop {
-        match crate::host::listens_on_unix_socket(pid, name) {
-            Ok(true) => return true,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
-            Ok(false) | Err(_) => {}
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
+    while std::time::Instant::now() < deadline {
+        if path.exists() {
+            return true;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
+    false
+}
+
+/// Waits up to `limit` until the Unix socket `socket` in `dir` accepts a connection
+/// (which is closed at once): for a server that takes any number of clients, such as
+/// an HTTP API, whose first request follows. Its file appears at `bind()`, before it
+/// listens, and a connection in between is refused.
+pub(crate) async fn wait_until_accepting(
+    dir: &Path,
+    socket: &str,
+    limit: std::time::Duration,
+) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if connect_in_dir(dir, socket).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    false
 }
 
 /// Connects to a Unix socket in a VM directory. Paths can exceed the 108-byte
@@ -255,4 +269,66 @@ pub fn bind_in_dir(dir: &Path, socket: &str) -> io::Result<tokio::net::UnixListe
     }
     listener.set_nonblocking(true)?;
     tokio::net::UnixListener::from_std(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::time::Duration;
+
+    /// A socket bound but not (yet) listening: its file exists and a connection to it is
+    /// refused, as for a server between its `bind()` and its `listen()`.
+    fn bound_not_listening(path: &Path) -> OwnedFd {
+        use std::os::unix::ffi::OsStrExt;
+        // SAFETY: socket() takes no pointers; the descriptor is owned right below.
+        let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0, "socket: {}", io::Error::last_os_error());
+        // SAFETY: the kernel just returned this descriptor and nothing else owns it.
+        let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_un is plain old data; all zeroes is a valid value.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let bytes = path.as_os_str().as_bytes();
+        assert!(bytes.len() < addr.sun_path.len(), "temp path too long");
+        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        // SAFETY: addr is a valid sockaddr_un of the size passed and outlives the call.
+        let bound = unsafe {
+            libc::bind(
+                sock.as_raw_fd(),
+                (&raw const addr).cast(),
+                std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(bound, 0, "bind: {}", io::Error::last_os_error());
+        sock
+    }
+
+    #[tokio::test]
+    async fn a_server_is_waited_for_until_it_accepts_not_until_its_file_appears() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let sock = bound_not_listening(&dir.path().join("api.sock"));
+        let limit = Duration::from_millis(300);
+        assert!(
+            wait_for_socket(&dir.path().join("api.sock"), limit).await,
+            "the file is there"
+        );
+        assert!(
+            !wait_until_accepting(dir.path(), "api.sock", limit).await,
+            "bound, not listening: not accepting"
+        );
+        // It listens a moment into the wait: the wait ends then.
+        let raw = sock.as_raw_fd();
+        let listen = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // SAFETY: listen() on a descriptor the test holds open; no pointers.
+            unsafe { libc::listen(raw, 1) }
+        });
+        assert!(wait_until_accepting(dir.path(), "api.sock", Duration::from_secs(5)).await);
+        assert_eq!(listen.await.expect("listen task"), 0);
+        drop(sock);
+        assert!(!wait_until_accepting(dir.path(), "none.sock", limit).await);
+    }
 }

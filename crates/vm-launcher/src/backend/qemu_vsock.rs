@@ -12,7 +12,7 @@ use tokio::process::Command;
 use super::confine;
 use super::qemu::{Jail, PCI_SLOT_VSOCK, VHOST_USER_SOCKET, VSOCK_DEVICE_ID, VSOCK_DIR};
 use super::qmp::{Qmp, qmp_err};
-use super::{BackendError, GUEST_CID, VSOCK_SOCKET, log_file, wait_for_listener};
+use super::{BackendError, GUEST_CID, VSOCK_SOCKET, log_file, wait_for_socket};
 use crate::host::ProcessId;
 use crate::store::VmDir;
 
@@ -164,13 +164,20 @@ pub(super) async fn start_vsock_device(
         backend: "qemu",
         detail: "vhost-device-vsock exited at once (see vsock-device.log)".into(),
     })?;
-    // QEMU connects once, at start, and gives up if refused: wait for the device to
-    // listen, not for its socket's file.
-    if !wait_for_listener(pid, VHOST_USER_SOCKET, std::time::Duration::from_secs(5)).await {
+    // The file, not a connection: the device takes its first connection for its
+    // frontend, so it cannot be probed. Its file appears at `bind()`, microseconds
+    // before `listen()` in the same call; QEMU (an exec later) or QMP's `chardev-add`
+    // (a round trip later) connects long after that.
+    if !wait_for_socket(
+        &sockets.join(VHOST_USER_SOCKET),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    {
         id.signal(libc::SIGKILL);
         return Err(BackendError::Control {
             backend: "qemu",
-            detail: "vhost-device-vsock did not listen on its socket (see vsock-device.log)".into(),
+            detail: "vhost-device-vsock did not create its socket (see vsock-device.log)".into(),
         });
     }
     Ok(id)
