@@ -1012,9 +1012,11 @@ fn an_idle_connection_flood_does_not_starve_a_real_request() {
         }
     }
     eprintln!("attacker holds {} idle connections", idle.len());
-    // The clock starts once the proxy has taken in the whole flood (each connection
-    // held, evicted, refused or timed out), not after a guessed pause: a request timed
-    // while the kernel still queues the flood's connections measures the machine.
+    // The clock starts once the proxy has taken in the flood, not after a guessed pause
+    // (a request timed while the kernel still queues the flood's connections measures
+    // the machine): its connection counters add up past the flood, and the `/metrics`
+    // answer itself comes only after every connection queued before it was accepted
+    // (the accept queue is first in, first out).
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let taken_in: u64 = proxy_metrics(px_port)
