@@ -534,6 +534,15 @@ fn the_package_runs_under_systemd_and_stop_drains_it() {
         "the launcher's VM list through the control plane"
     );
     pids.push(runs_as(&c, "clawos-control-plane", "clawos-control-plane"));
+    // The operator's CLI as root, as `sudo` runs it (no CLAWOS_STATE_DIR, no state of
+    // root's own): it finds the packaged host's credential by itself.
+    c.ok("rm -rf /root/.clawos");
+    let listed = c.ok("env -u CLAWOS_STATE_DIR clawos vm list --json");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&listed).ok(),
+        Some(serde_json::json!([])),
+        "clawos vm list as root on the packaged host: {listed}"
+    );
     // The package's tmpfiles made the credentials' directory root's alone.
     assert_eq!(
         c.ok("stat -c '%a %U' /etc/clawos/credentials").trim(),

@@ -43,7 +43,7 @@ fn config_error(e: impl std::fmt::Display) -> Exit {
 
 /// The configuration: `--config`, else `<state>/clawos.toml` if there, over the defaults.
 fn load(args: &ConfigArgs) -> Result<HostConfig, Exit> {
-    let state = crate::state_dir();
+    let state = crate::own_state_dir();
     let implicit = state.join("clawos.toml");
     let file = match &args.config {
         Some(f) => Some(f.clone()),

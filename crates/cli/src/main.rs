@@ -139,11 +139,39 @@ enum Cmd {
     Operator(remote::OperatorCmd),
 }
 
-/// The state directory: `$CLAWOS_STATE_DIR`, else the default (~/.clawos).
+/// Where the Debian package's daemons keep their state.
+const PACKAGED_STATE_DIR: &str = "/var/lib/clawos";
+
+/// The state directory: `$CLAWOS_STATE_DIR`; else `~/.clawos` (where `clawos up` and
+/// daemons started by hand keep it); else, when that does not exist, a packaged host's
+/// [`PACKAGED_STATE_DIR`] if there is one — so that `sudo clawos vm list` works on a
+/// host installed from the package as it is (sudo passes no `CLAWOS_STATE_DIR`).
 pub fn state_dir() -> PathBuf {
+    match std::env::var_os("CLAWOS_STATE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => state_dir_between(
+            clawos_service::default_state_dir(),
+            std::path::Path::new(PACKAGED_STATE_DIR),
+        ),
+    }
+}
+
+/// The state directory of a host this command runs itself (`clawos up`, `down`,
+/// `status`, `config`): `$CLAWOS_STATE_DIR`, else `~/.clawos` — never the packaged
+/// host's, whose daemons systemd runs.
+pub fn own_state_dir() -> PathBuf {
     std::env::var_os("CLAWOS_STATE_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(clawos_service::default_state_dir)
+}
+
+/// `home` (the per-user default) unless it is missing and `packaged` is a directory.
+fn state_dir_between(home: PathBuf, packaged: &std::path::Path) -> PathBuf {
+    if !home.exists() && packaged.is_dir() {
+        packaged.to_owned()
+    } else {
+        home
+    }
 }
 
 /// Runs a command that talks to a service on a single-threaded runtime, and shuts the
@@ -303,4 +331,26 @@ fn with_launcher(
 fn main() -> ExitCode {
     let cli = Cli::parse();
     exit::exit_code(run(cli))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_dir_is_the_users_then_a_packaged_hosts() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (home, packaged) = (
+            d.path().join("home/.clawos"),
+            d.path().join("var/lib/clawos"),
+        );
+        // Neither: the user's (made when first used).
+        assert_eq!(state_dir_between(home.clone(), &packaged), home);
+        // A packaged host, nothing of the user's: the host's.
+        std::fs::create_dir_all(&packaged).expect("packaged");
+        assert_eq!(state_dir_between(home.clone(), &packaged), packaged);
+        // The user's own, once it exists, wins.
+        std::fs::create_dir_all(&home).expect("home");
+        assert_eq!(state_dir_between(home.clone(), &packaged), home);
+    }
 }
