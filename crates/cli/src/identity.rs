@@ -75,7 +75,7 @@ fn rotate_master_key(master_key_path: Option<PathBuf>) -> Result<(), Exit> {
     let mut cmd = std::process::Command::new(&bin);
     cmd.arg("rotate-master-key")
         .arg("--state-dir")
-        .arg(state_dir());
+        .arg(crate::own_state_dir());
     if let Some(p) = master_key_path {
         cmd.arg("--master-key-path").arg(p);
     }

@@ -10,7 +10,7 @@ use clawos_image::{ImagePaths, KernelSource, VerifyPolicy, keys, manifest};
 
 use crate::exit::Exit;
 use crate::output::print_json;
-use crate::state_dir;
+use crate::{own_state_dir, state_dir};
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCmd {
@@ -184,7 +184,7 @@ fn parse_agent(s: &str) -> Result<clawos_image::AgentChoice, String> {
 
 /// `clawos keygen`: writes a new signing key to `out` and prints its public key.
 pub fn keygen(out: Option<PathBuf>, json: bool) -> Result<(), Exit> {
-    let path = out.unwrap_or_else(|| state_dir().join("signing.key"));
+    let path = out.unwrap_or_else(|| own_state_dir().join("signing.key"));
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("create {}", parent.display()))
@@ -250,10 +250,10 @@ pub fn run(cmd: ImageCmd, json: bool) -> Result<(), Exit> {
             };
             let opts = clawos_image::BuildOptions {
                 kernel,
-                cache_dir: state_dir().join("cache"),
+                cache_dir: own_state_dir().join("cache"),
                 guest_bin_dir,
                 rootfs_overlay: a.rootfs_overlay,
-                out: a.out.unwrap_or_else(|| state_dir().join(default_out)),
+                out: a.out.unwrap_or_else(|| own_state_dir().join(default_out)),
                 force: a.force,
                 version: a.version,
                 source_date_epoch: std::env::var("SOURCE_DATE_EPOCH")
@@ -280,7 +280,7 @@ pub fn run(cmd: ImageCmd, json: bool) -> Result<(), Exit> {
             }
         }
         ImageCmd::Sign { dir, key } => {
-            let key_path = key.unwrap_or_else(|| state_dir().join("signing.key"));
+            let key_path = key.unwrap_or_else(|| own_state_dir().join("signing.key"));
             let key = keys::load(&key_path).map_err(|e| err(e.into()))?;
             let sig = manifest::sign_bundle(&dir, &key).map_err(|e| err(e.into()))?;
             if json {

@@ -39,7 +39,8 @@ On a terminal, `vm logs` and `vm exec` show control characters a VM prints as te
 $CLAWOS_STATE_DIR/clawos.toml when it exists, over the built-in defaults
 (`clawos config default`), with CLAWOS_<SECTION>_<KEY> variables over both.
 
-Environment: CLAWOS_STATE_DIR (default ~/.clawos), CLAWOS_LAUNCHER_URL,
+Environment: CLAWOS_STATE_DIR (default ~/.clawos; to find credentials and the image
+store, /var/lib/clawos when ~/.clawos does not exist and it does), CLAWOS_LAUNCHER_URL,
 CLAWOS_LAUNCHER_TOKEN_PATH, CLAWOS_SIGNING_PUBKEY, CLAWOS_GUEST_BIN_DIR, CLAWOS_SKILLS_URL,
 CLAWOS_SKILLS_TOKEN_PATH.";
 
@@ -142,10 +143,12 @@ enum Cmd {
 /// Where the Debian package's daemons keep their state.
 const PACKAGED_STATE_DIR: &str = "/var/lib/clawos";
 
-/// The state directory: `$CLAWOS_STATE_DIR`; else `~/.clawos` (where `clawos up` and
-/// daemons started by hand keep it); else, when that does not exist, a packaged host's
-/// [`PACKAGED_STATE_DIR`] if there is one — so that `sudo clawos vm list` works on a
-/// host installed from the package as it is (sudo passes no `CLAWOS_STATE_DIR`).
+/// Where a command finds the host's credentials and image store: `$CLAWOS_STATE_DIR`;
+/// else `~/.clawos` (where `clawos up` and daemons started by hand keep them); else,
+/// when that does not exist, [`PACKAGED_STATE_DIR`] if it is a directory (a host
+/// installed from the package or the NixOS module) — so that `sudo clawos vm list`
+/// works there as it is (sudo passes no `CLAWOS_STATE_DIR`). What a command writes of
+/// its own (keys, caches, a host it runs) goes to [`own_state_dir`].
 pub fn state_dir() -> PathBuf {
     match std::env::var_os("CLAWOS_STATE_DIR") {
         Some(dir) => PathBuf::from(dir),
@@ -156,9 +159,11 @@ pub fn state_dir() -> PathBuf {
     }
 }
 
-/// The state directory of a host this command runs itself (`clawos up`, `down`,
-/// `status`, `config`): `$CLAWOS_STATE_DIR`, else `~/.clawos` — never the packaged
-/// host's, whose daemons systemd runs.
+/// Where a command keeps what is its own: the host it runs (`clawos up`, `down`,
+/// `status`, `config`), signing keys (`keygen`, `image sign`, `skill sign`), the image
+/// build's cache and output, a master-key rotation: `$CLAWOS_STATE_DIR`, else
+/// `~/.clawos` — never a packaged host's state, whose daemons run as their own users
+/// and whose purge deletes it.
 pub fn own_state_dir() -> PathBuf {
     std::env::var_os("CLAWOS_STATE_DIR")
         .map(PathBuf::from)

@@ -108,7 +108,7 @@ impl SkillArgs {
 
 /// `clawos skill sign`.
 fn sign(dir: &Path, key: Option<PathBuf>, json: bool) -> Result<(), Exit> {
-    let key_path = key.unwrap_or_else(|| state_dir().join("signing.key"));
+    let key_path = key.unwrap_or_else(|| crate::own_state_dir().join("signing.key"));
     let key = clawos_image::keys::load(&key_path).map_err(|e| Exit(1, e.into()))?;
     let sig = clawos_skill_bundle::bundle::sign(dir, &key).map_err(|e| Exit(1, e.into()))?;
     let public = clawos_image::keys::public_hex(&key);

@@ -343,11 +343,16 @@ impl Firecracker {
                 bin: self.bin.clone(),
                 source,
             })?;
-        if !wait_until_accepting(&spec.dir.root, API_SOCKET, Duration::from_secs(5)).await {
+        if let Err(why) = wait_until_accepting(
+            &spec.dir.root,
+            API_SOCKET,
+            &mut child,
+            Duration::from_secs(5),
+        )
+        .await
+        {
             let _ = child.start_kill();
-            return Err(fc_err(
-                "its API socket did not accept a connection (see hypervisor.log)",
-            ));
+            return Err(fc_err(format!("Firecracker: {why} (see hypervisor.log)")));
         }
         Ok(child)
     }
@@ -403,11 +408,16 @@ impl Hypervisor for Firecracker {
                             bin: j.bin.clone(),
                             source,
                         })?;
-                    if !wait_until_accepting(&sockets, API_SOCKET, Duration::from_secs(5)).await {
+                    if let Err(why) = wait_until_accepting(
+                        &sockets,
+                        API_SOCKET,
+                        &mut child,
+                        Duration::from_secs(5),
+                    )
+                    .await
+                    {
                         let _ = child.start_kill();
-                        return Err(fc_err(
-                            "its API socket did not accept a connection (see hypervisor.log)",
-                        ));
+                        return Err(fc_err(format!("Firecracker: {why} (see hypervisor.log)")));
                     }
                     (child, files)
                 }

@@ -209,23 +209,34 @@ pub(crate) async fn wait_for_socket(path: &Path, limit: std::time::Duration) -> 
     false
 }
 
-/// Waits up to `limit` until the Unix socket `socket` in `dir` accepts a connection
-/// (which is closed at once): for a server that takes any number of clients, such as
-/// an HTTP API, whose first request follows. Its file appears at `bind()`, before it
-/// listens, and a connection in between is refused.
+/// Waits up to `limit` until the Unix socket `socket` in `dir`, served by `server`,
+/// accepts a connection (which is closed at once): for a server that takes any number
+/// of clients, such as an HTTP API, whose first request follows. Its file appears at
+/// `bind()`, before it listens, and a connection in between is refused. Ends at once
+/// when the server exits; the error says which it was.
 pub(crate) async fn wait_until_accepting(
     dir: &Path,
     socket: &str,
+    server: &mut Child,
     limit: std::time::Duration,
-) -> bool {
+) -> Result<(), String> {
     let deadline = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < deadline {
+    loop {
         if connect_in_dir(dir, socket).await.is_ok() {
-            return true;
+            return Ok(());
+        }
+        if let Ok(Some(status)) = server.try_wait() {
+            return Err(format!(
+                "it exited ({status}) before its socket {socket} accepted a connection"
+            ));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "its socket {socket} did not accept a connection within {limit:?}"
+            ));
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
-    false
 }
 
 /// Connects to a Unix socket in a VM directory. Paths can exceed the 108-byte
@@ -311,13 +322,19 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let sock = bound_not_listening(&dir.path().join("api.sock"));
         let limit = Duration::from_millis(300);
+        let mut server = tokio::process::Command::new("sleep")
+            .arg("30")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("a stand-in server process");
         assert!(
             wait_for_socket(&dir.path().join("api.sock"), limit).await,
             "the file is there"
         );
-        assert!(
-            !wait_until_accepting(dir.path(), "api.sock", limit).await,
-            "bound, not listening: not accepting"
+        let not_yet = wait_until_accepting(dir.path(), "api.sock", &mut server, limit).await;
+        assert_eq!(
+            not_yet.expect_err("bound, not listening: not accepting"),
+            "its socket api.sock did not accept a connection within 300ms"
         );
         // It listens a moment into the wait: the wait ends then.
         let raw = sock.as_raw_fd();
@@ -326,9 +343,40 @@ mod tests {
             // SAFETY: listen() on a descriptor the test holds open; no pointers.
             unsafe { libc::listen(raw, 1) }
         });
-        assert!(wait_until_accepting(dir.path(), "api.sock", Duration::from_secs(5)).await);
+        wait_until_accepting(dir.path(), "api.sock", &mut server, Duration::from_secs(5))
+            .await
+            .expect("accepting once it listens");
         assert_eq!(listen.await.expect("listen task"), 0);
+        // Its file left behind by a server that is gone: not accepting.
         drop(sock);
-        assert!(!wait_until_accepting(dir.path(), "none.sock", limit).await);
+        assert!(dir.path().join("api.sock").exists());
+        assert!(
+            wait_until_accepting(dir.path(), "api.sock", &mut server, limit)
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_exits_ends_the_wait_at_once_and_says_so() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let mut server = tokio::process::Command::new("sh")
+            .args(["-c", "exit 3"])
+            .spawn()
+            .expect("sh");
+        let t = std::time::Instant::now();
+        let why =
+            wait_until_accepting(dir.path(), "api.sock", &mut server, Duration::from_secs(30))
+                .await
+                .expect_err("nothing accepts");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "waited {:?}",
+            t.elapsed()
+        );
+        assert!(
+            why.starts_with("it exited (exit status: 3) before its socket api.sock"),
+            "{why}"
+        );
     }
 }

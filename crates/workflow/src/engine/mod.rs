@@ -21,6 +21,9 @@
 //! delivers the input; they are short, and keeping them synchronous is what lets
 //! [`Engine::approve`] and [`Engine::cancel`] answer only once their decision is on
 //! disk.
+//!
+//! Here: the engine's configuration, errors and public API; `runs` finds, loads, submits
+//! and archives runs; `drive` plans, journals and acts.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;

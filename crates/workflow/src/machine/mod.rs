@@ -7,6 +7,9 @@
 //! and recovery rebuilds a run by `apply`ing its journaled events, which is why
 //! `apply` is the only place state changes and why it needs nothing but the event and
 //! its timestamp.
+//!
+//! Here: a run's state and `apply`; `plan` decides what follows an input; `view` is what
+//! a run shows (outputs, the next task, status, what is in flight).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
