@@ -369,23 +369,13 @@ fn requests_over_the_rpm_limit_are_refused_however_slow_the_machine() {
     let tokens = work.path().join("tokens.json");
     std::fs::write(&tokens, r#"{"tok-r": "agent-r", "tok-b": "agent-b"}"#).expect("tokens");
     let px_port = port();
-    let mut proxy = spawn_daemon(
-        "inference-proxy",
-        &[
-            "--addr",
-            &format!("127.0.0.1:{px_port}"),
-            "--state-dir",
-            state.to_str().expect("utf8"),
-        ],
-        &[
-            ("ANTHROPIC_API_KEY", HOST_KEY),
-            ("CLAWOS_PROXY_ANTHROPIC_URL", upstream.url.as_str()),
-            ("CLAWOS_PROXY_STATIC_TOKENS", tokens.to_str().expect("utf8")),
-            ("CLAWOS_PROXY_INSECURE_DEV_TOKENS", "1"),
-            ("CLAWOS_PROXY_RATE_LIMIT_RPM", "2"),
-        ],
-        &work.path().join("proxy.log"),
+    let mut proxy = clawos_e2e::spawn_proxy_with_static_tokens(
+        &state,
         px_port,
+        (upstream.url.as_str(), HOST_KEY),
+        &tokens,
+        &[("CLAWOS_PROXY_RATE_LIMIT_RPM", "2")],
+        &work.path().join("proxy.log"),
     )
     .expect("inference-proxy");
     let rt = runtime();
