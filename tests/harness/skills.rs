@@ -57,7 +57,12 @@ fn build(name: &str, sources: &[PathBuf], world: &str) -> Vec<u8> {
     std::fs::create_dir_all(&out_dir).expect("skills dir");
     let out = out_dir.join(format!("{name}-{}.wasm", hex::encode(&h.finalize()[..8])));
     if !out.is_file() {
-        let tmp = out.with_extension(format!("tmp{}", std::process::id()));
+        // Two tests of one binary may build the same component at once: each
+        // writes its own file (process id and a per-process count), and the
+        // renames replace one finished build with an identical one.
+        static BUILDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = BUILDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = out.with_extension(format!("tmp{}-{n}", std::process::id()));
         let mut cmd = Command::new(bin("clawos-skill-build"));
         cmd.arg("-o").arg(&tmp).arg("--world").arg(world);
         cmd.arg(format!("--cflag=-I{}", sdk_dir().display()));
