@@ -239,18 +239,38 @@ fn identity_manager_answers_every_issue_in_flight_on_sigterm() {
             (s, rest.to_vec())
         })
         .collect();
-    // The server accepts in order: once a later connection is answered, every earlier
-    // one has been taken in, and its head read.
+    // Every request's head has been read once the daemon counts them in flight (the
+    // `/metrics` request asking is one more).
     let rt = runtime();
-    let probe = rt
-        .block_on(
-            reqwest::Client::new()
-                .get(format!("http://127.0.0.1:{id_port}/healthz"))
-                .send(),
-        )
-        .expect("healthz");
-    assert_eq!(probe.status().as_u16(), 200);
-    std::thread::sleep(Duration::from_millis(300));
+    let heads_read = Instant::now();
+    loop {
+        let text = rt
+            .block_on(async {
+                reqwest::Client::new()
+                    .get(format!("http://127.0.0.1:{id_port}/metrics"))
+                    .send()
+                    .await?
+                    .text()
+                    .await
+            })
+            .expect("metrics");
+        let in_flight = text
+            .lines()
+            .find_map(|l| l.strip_prefix("clawos_identity_requests_in_flight "))
+            .unwrap_or_else(|| panic!("no in-flight gauge in /metrics:\n{text}"))
+            .trim()
+            .parse::<usize>()
+            .expect("a count");
+        if in_flight > IN_FLIGHT {
+            break;
+        }
+        assert!(
+            heads_read.elapsed() < Duration::from_secs(20),
+            "the daemon read {} of {IN_FLIGHT} request heads in 20 s",
+            in_flight.saturating_sub(1)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     sigterm(identity.child());
     wait_until_refused(id_port);
     let mut tokens = Vec::new();

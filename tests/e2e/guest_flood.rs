@@ -148,9 +148,39 @@ fn a_guest_holding_2000_relay_connections_starves_no_one_else() {
                 .expect("run the flood")
         })
     };
-    // Let the flood reach its peak (the guest connects far faster than this); the
-    // launcher is sampled while the connections are held.
-    std::thread::sleep(Duration::from_secs(3));
+    // The launcher is sampled while the flood is at its peak: once the relay has
+    // refused a connection as over its limit, it holds as many as it ever will.
+    let peak = std::time::Instant::now();
+    loop {
+        let metrics = runtime()
+            .block_on(async {
+                reqwest::get(format!("{}/metrics", l.url))
+                    .await?
+                    .text()
+                    .await
+            })
+            .expect("launcher /metrics");
+        let refused = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("clawos_launcher_relay_refused_total "))
+            .unwrap_or_else(|| panic!("no relay_refused_total in /metrics:\n{metrics}"))
+            .trim()
+            .parse::<u64>()
+            .expect("a count");
+        if refused > 0 {
+            break;
+        }
+        assert!(
+            !attacker.is_finished() && peak.elapsed() < Duration::from_secs(120),
+            "no connection was refused as over the limit (the flood {}):\n{metrics}",
+            if attacker.is_finished() {
+                "ended"
+            } else {
+                "ran 120 s"
+            }
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     let bystander_relay = clawos_e2e::vsock_dir(&state, "bystander").join("vsock.sock_11435");
     let launcher_addr = l.url.trim_start_matches("http://").to_owned();
@@ -169,14 +199,6 @@ fn a_guest_holding_2000_relay_connections_starves_no_one_else() {
         worst_health = worst_health.max(t);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let metrics = runtime()
-        .block_on(async {
-            reqwest::get(format!("{}/metrics", l.url))
-                .await?
-                .text()
-                .await
-        })
-        .unwrap_or_default();
     let out = attacker.join().expect("attacker thread");
     let printed = String::from_utf8_lossy(&out.stdout).to_string();
     eprintln!(
@@ -198,15 +220,6 @@ fn a_guest_holding_2000_relay_connections_starves_no_one_else() {
     assert!(
         fds_during < fds_before + 200,
         "the launcher holds {fds_during} descriptors (had {fds_before}): the guest's connections are not bounded"
-    );
-    let refused = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("clawos_launcher_relay_refused_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    assert!(
-        refused > 0,
-        "no connection was refused as over the limit:\n{metrics}"
     );
     let vms = runtime().block_on(l.client().list()).expect("list");
     for v in &vms {

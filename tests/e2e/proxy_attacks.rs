@@ -311,18 +311,28 @@ fn an_agent_cannot_hold_more_requests_than_its_in_flight_cap() {
     );
     let rt = runtime();
     let url = format!("{}/v1/messages", px.url);
-    let body = json!({"model": "claude-delay-1500", "max_tokens": 8, "messages": [{"role": "user", "content": "a b"}]});
+    // Each request is held upstream far longer than sending all twenty takes, even on a
+    // loaded machine: none ends (and frees its slot) before the last has arrived. The
+    // clients are made first, so their setup is not in that time.
+    let body = json!({"model": "claude-delay-4000", "max_tokens": 8, "messages": [{"role": "user", "content": "a b"}]});
+    let clients: Vec<reqwest::Client> = (0..20).map(|_| reqwest::Client::new()).collect();
     let (results, other) = rt.block_on(async {
-        let tasks: Vec<_> = (0..20)
-            .map(|_| {
+        let tasks: Vec<_> = clients
+            .into_iter()
+            .map(|client| {
                 let (url, body) = (url.clone(), body.clone());
-                tokio::spawn(async move {
-                    post(&reqwest::Client::new(), &url, "tok-agent-a", &[], &body).await
-                })
+                tokio::spawn(async move { post(&client, &url, "tok-agent-a", &[], &body).await })
             })
             .collect();
-        // Another agent is not affected by agent-a's cap.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Another agent is not affected by agent-a's cap, once the cap is full.
+        let full = std::time::Instant::now();
+        while upstream.seen().2 < 8 {
+            assert!(
+                full.elapsed() < Duration::from_secs(30),
+                "agent-a's first 8 requests did not reach the upstream"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let fast = json!({"model": "claude-test", "max_tokens": 8, "messages": [{"role": "user", "content": "a b"}]});
         let other = post(&reqwest::Client::new(), &url, "tok-agent-b", &[], &fast).await;
         let mut out = Vec::new();

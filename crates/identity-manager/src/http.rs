@@ -252,6 +252,10 @@ pub fn router(
     issuer: &str,
 ) -> Router {
     let mut registry = clawos_service::Metrics::new();
+    let in_flight = registry.gauge(
+        "clawos_identity_requests_in_flight",
+        "Requests whose head has been read and whose answer is not yet sent (a stop waits for them).",
+    );
     let st = Arc::new(AppState {
         identity,
         service_token,
@@ -303,4 +307,25 @@ pub fn router(
         .with_state(st)
         .layer(axum::middleware::map_response(www_authenticate))
         .layer(axum::middleware::from_fn(clawos_service::http::request_id))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            count_in_flight(in_flight.clone(), req, next)
+        }))
+}
+
+/// Counts a request from the moment its head is read (the handler has not yet read
+/// its body) until its answer is returned, or it is dropped.
+async fn count_in_flight(
+    gauge: clawos_service::metrics::Gauge,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    struct Leaving(clawos_service::metrics::Gauge);
+    impl Drop for Leaving {
+        fn drop(&mut self) {
+            self.0.dec();
+        }
+    }
+    gauge.inc();
+    let _leaving = Leaving(gauge);
+    next.run(req).await
 }
