@@ -14,6 +14,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use clawos_vm_launcher::host::ProcessId;
 use clawos_vm_launcher_api::{LauncherClient, Vm, VmState};
 
 /// `target/debug` (or whichever profile built this test).
@@ -270,6 +271,9 @@ fn build_artifacts() -> Result<Artifacts> {
             }
         }
     }
+    // A directory of this name is an earlier run's whose process had this pid (this
+    // process builds once): its signing key would refuse to be made again.
+    let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root)?;
     let image_dir = root.join("image");
     let opts = image_options(
@@ -513,13 +517,21 @@ impl Launcher {
         }
     }
 
-    /// Hypervisor pids recorded in this launcher's state directory.
+    /// Hypervisors recorded in this launcher's state directory (`<pid> <start time>`)
+    /// that still run: a pid taken since by another process (another test's, after
+    /// the counter wrapped) is not one.
     pub fn hypervisor_pids(&self) -> Vec<u32> {
         let mut pids = Vec::new();
         if let Ok(entries) = std::fs::read_dir(self.state_dir.join("vms")) {
             for e in entries.flatten() {
-                if let Ok(t) = std::fs::read_to_string(e.path().join("hypervisor.pid"))
-                    && let Some(pid) = t.split_whitespace().next().and_then(|p| p.parse().ok())
+                let Ok(t) = std::fs::read_to_string(e.path().join("hypervisor.pid")) else {
+                    continue;
+                };
+                let mut fields = t.split_whitespace();
+                if let (Some(Ok(pid)), Some(Ok(start_time))) = (
+                    fields.next().map(str::parse::<u32>),
+                    fields.next().map(str::parse::<u64>),
+                ) && still_runs(ProcessId { pid, start_time })
                 {
                     pids.push(pid);
                 }
@@ -590,9 +602,14 @@ impl Drop for Launcher {
     }
 }
 
+/// Whether the process recorded as `p` is still that process.
+fn still_runs(p: ProcessId) -> bool {
+    ProcessId::of(p.pid) == Some(p)
+}
+
 impl Launcher {
     /// Helper processes (vsock devices) recorded in this launcher's VM records that
-    /// still run as such.
+    /// still run (the same process: pid and start time) as such.
     fn helper_pids(&self) -> Vec<u32> {
         let mut pids = Vec::new();
         if let Ok(entries) = std::fs::read_dir(self.state_dir.join("vms")) {
@@ -602,7 +619,9 @@ impl Launcher {
                 };
                 let r: serde_json::Value = serde_json::from_slice(&r).unwrap_or_default();
                 for h in r["helpers"].as_array().into_iter().flatten() {
-                    if let Some(pid) = h["pid"].as_u64().map(|p| p as u32)
+                    if let Ok(helper) = serde_json::from_value::<ProcessId>(h.clone())
+                        && still_runs(helper)
+                        && let pid = helper.pid
                         && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
                             String::from_utf8_lossy(&c).contains("vhost-device-vsock")
                         })
