@@ -603,9 +603,10 @@ impl Drop for Launcher {
     }
 }
 
-/// Whether the process recorded as `p` is still that process.
+/// Whether the process recorded as `p` is still that process (taken to be when that
+/// cannot be told: a live VM is not leaked because a look failed).
 fn still_runs(p: ProcessId) -> bool {
-    ProcessId::of(p.pid) == Some(p)
+    p.is_alive()
 }
 
 impl Launcher {

@@ -254,7 +254,7 @@ pub fn router(
     let mut registry = clawos_service::Metrics::new();
     let in_flight = registry.gauge(
         "clawos_identity_requests_in_flight",
-        "Requests whose head has been read and whose answer is not yet sent (a stop waits for them).",
+        "Requests whose head has been read and that are not yet answered (a stop waits for them).",
     );
     let st = Arc::new(AppState {
         identity,

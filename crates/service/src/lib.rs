@@ -404,6 +404,22 @@ mod tests {
     }
 
     #[test]
+    fn two_writers_of_one_file_at_once_each_commit_whole() {
+        use std::io::Write as _;
+        let d = tempfile::tempdir().expect("tmp");
+        let p = d.path().join("component.cwasm");
+        let a = AtomicFile::create(&p, 0o600).expect("first writer");
+        let b = AtomicFile::create(&p, 0o600).expect("second writer");
+        a.file().write_all(b"from a").expect("write a");
+        b.file().write_all(b"from b").expect("write b");
+        a.commit().expect("first commit");
+        assert_eq!(std::fs::read(&p).expect("read"), b"from a");
+        b.commit().expect("second commit");
+        assert_eq!(std::fs::read(&p).expect("read"), b"from b");
+        assert_eq!(std::fs::read_dir(d.path()).expect("list").count(), 1);
+    }
+
+    #[test]
     fn log_format_is_a_flag_and_the_older_json_switch_still_works() {
         use clap::Parser;
         #[derive(Debug, Parser)]

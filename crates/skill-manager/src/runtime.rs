@@ -536,8 +536,9 @@ fn classify(e: &wasmtime::Error, memory_hit: bool, limits: &crate::manifest::Lim
     }
 }
 
-/// Writes a compiled component to the cache: a temporary file renamed into place, so a
-/// reader never sees half a file.
+/// Writes a compiled component to the cache: a temporary file of its own (two installs
+/// of one component may store it at once) renamed into place, so a reader never sees
+/// half a file.
 fn cache_store(path: &Path, component: &Component) -> Result<(), SkillError> {
     let err = |source| SkillError::Cache {
         path: path.to_owned(),
@@ -546,30 +547,5 @@ fn cache_store(path: &Path, component: &Component) -> Result<(), SkillError> {
     let bytes = component
         .serialize()
         .map_err(|e| err(std::io::Error::other(chain(&e))))?;
-    let tmp = cache_tmp_path(path);
-    std::fs::write(&tmp, bytes).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
-}
-
-/// A temporary name beside `path` that no other store uses: two installs of the same
-/// component at once would otherwise write one file and the second rename would find
-/// it gone.
-fn cache_tmp_path(path: &Path) -> PathBuf {
-    static STORES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = STORES.fetch_add(1, Ordering::Relaxed);
-    path.with_extension(format!("tmp{}-{n}", std::process::id()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn two_stores_of_one_component_write_different_temporary_files() {
-        let path = Path::new("/cache/abc.cwasm");
-        let (a, b) = (cache_tmp_path(path), cache_tmp_path(path));
-        assert_ne!(a, b);
-        assert_eq!(a.parent(), path.parent());
-        assert_eq!(b.parent(), path.parent());
-    }
+    clawos_service::atomic_write(path, &bytes, 0o600).map_err(err)
 }
