@@ -244,24 +244,11 @@ fn identity_manager_answers_every_issue_in_flight_on_sigterm() {
     let rt = runtime();
     let heads_read = Instant::now();
     loop {
-        let text = rt
-            .block_on(async {
-                reqwest::Client::new()
-                    .get(format!("http://127.0.0.1:{id_port}/metrics"))
-                    .send()
-                    .await?
-                    .text()
-                    .await
-            })
-            .expect("metrics");
-        let in_flight = text
-            .lines()
-            .find_map(|l| l.strip_prefix("clawos_identity_requests_in_flight "))
-            .unwrap_or_else(|| panic!("no in-flight gauge in /metrics:\n{text}"))
-            .trim()
-            .parse::<usize>()
-            .expect("a count");
-        if in_flight > IN_FLIGHT {
+        let in_flight = clawos_e2e::metric(
+            &clawos_e2e::metrics_text(&format!("http://127.0.0.1:{id_port}")),
+            "clawos_identity_requests_in_flight",
+        );
+        if in_flight > IN_FLIGHT as u64 {
             break;
         }
         assert!(

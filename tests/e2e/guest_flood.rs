@@ -154,21 +154,8 @@ fn a_guest_holding_2000_relay_connections_starves_no_one_else() {
     // fails).
     let peak = std::time::Instant::now();
     loop {
-        let metrics = runtime()
-            .block_on(async {
-                reqwest::get(format!("{}/metrics", l.url))
-                    .await?
-                    .text()
-                    .await
-            })
-            .expect("launcher /metrics");
-        let refused = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("clawos_launcher_relay_refused_total "))
-            .unwrap_or_else(|| panic!("no relay_refused_total in /metrics:\n{metrics}"))
-            .trim()
-            .parse::<u64>()
-            .expect("a count");
+        let metrics = clawos_e2e::metrics_text(&l.url);
+        let refused = clawos_e2e::metric(&metrics, "clawos_launcher_relay_refused_total");
         if refused > 0 || open_fds(launcher_pid) >= fds_before + 200 {
             break;
         }

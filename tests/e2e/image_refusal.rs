@@ -133,17 +133,10 @@ fn one_changed_byte_in_any_part_is_refused_and_named() {
     );
     let o = l.clawos(&["--json", "vm", "list"]);
     assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
-    let metrics = clawos_e2e::runtime()
-        .block_on(async {
-            reqwest::get(format!("{}/metrics", l.url))
-                .await?
-                .text()
-                .await
-        })
-        .expect("metrics");
-    assert!(
-        metrics.contains("clawos_launcher_images_refused_total 6"),
-        "{metrics}"
+    let metrics = clawos_e2e::metrics_text(&l.url);
+    assert_eq!(
+        clawos_e2e::metric(&metrics, "clawos_launcher_images_refused_total"),
+        6
     );
     for state in [
         "starting", "running", "paused", "stopping", "stopped", "failed",

@@ -70,6 +70,31 @@ pub fn measured(text: &str) {
     }
 }
 
+/// The text of `<base>/metrics` (a daemon's Prometheus page).
+pub fn metrics_text(base: &str) -> String {
+    runtime()
+        .block_on(async {
+            reqwest::get(format!("{base}/metrics"))
+                .await?
+                .error_for_status()?
+                .text()
+                .await
+        })
+        .unwrap_or_else(|e| panic!("{base}/metrics: {e}"))
+}
+
+/// The value of the unlabelled sample `name` in `metrics` (a text from
+/// [`metrics_text`]); a sample that is not there fails the test, never reads as 0.
+pub fn metric(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{name} is not a count ({e}):\n{metrics}"))
+}
+
 /// Records and prints why a test did not run: every test that returns early goes through
 /// here. `scripts/test.sh` lists every skip after the run (the test runner hides the
 /// output of tests that return normally) and fails on one not on its allow-list. Tests
