@@ -136,7 +136,8 @@ fn one_changed_byte_in_any_part_is_refused_and_named() {
     let metrics = clawos_e2e::metrics_text(&l.url);
     assert_eq!(
         clawos_e2e::metric(&metrics, "clawos_launcher_images_refused_total"),
-        6
+        6,
+        "{metrics}"
     );
     for state in [
         "starting", "running", "paused", "stopping", "stopped", "failed",
