@@ -940,14 +940,7 @@ fn raise_own_fd_limit(want: u64) -> bool {
 
 /// The proxy's `/metrics` text.
 fn proxy_metrics(port: u16) -> String {
-    runtime()
-        .block_on(async {
-            reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-                .await?
-                .text()
-                .await
-        })
-        .expect("metrics")
+    clawos_e2e::metrics_text(&format!("http://127.0.0.1:{port}"))
 }
 
 /// Hostile agent: ~1,100 idle connections used to exhaust the proxy's file

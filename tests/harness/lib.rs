@@ -557,7 +557,7 @@ impl Launcher {
                 if let (Some(Ok(pid)), Some(Ok(start_time))) = (
                     fields.next().map(str::parse::<u32>),
                     fields.next().map(str::parse::<u64>),
-                ) && still_runs(ProcessId { pid, start_time })
+                ) && (ProcessId { pid, start_time }).is_alive()
                 {
                     pids.push(pid);
                 }
@@ -628,12 +628,6 @@ impl Drop for Launcher {
     }
 }
 
-/// Whether the process recorded as `p` is still that process (taken to be when that
-/// cannot be told: a live VM is not leaked because a look failed).
-fn still_runs(p: ProcessId) -> bool {
-    p.is_alive()
-}
-
 impl Launcher {
     /// Helper processes (vsock devices) recorded in this launcher's VM records that
     /// still run (the same process: pid and start time) as such.
@@ -647,7 +641,7 @@ impl Launcher {
                 let r: serde_json::Value = serde_json::from_slice(&r).unwrap_or_default();
                 for h in r["helpers"].as_array().into_iter().flatten() {
                     if let Ok(helper) = serde_json::from_value::<ProcessId>(h.clone())
-                        && still_runs(helper)
+                        && helper.is_alive()
                         && let pid = helper.pid
                         && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
                             String::from_utf8_lossy(&c).contains("vhost-device-vsock")
