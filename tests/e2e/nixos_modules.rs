@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use clawos_e2e::show;
 use serde_json::{Value, json};
@@ -28,19 +29,33 @@ fn nix(args: &[&str]) -> Output {
         .expect("nix-instantiate")
 }
 
+/// Whether Nix is here; the first call also opens the Nix store, once, before any test
+/// runs `nix-instantiate` on its own. On a fresh machine the first `nix-instantiate`
+/// that opens the store creates `/nix/var/nix` (its database, `gcroots/profiles`…), and
+/// two doing it at once race: one fails with "creating symlink … File exists". The
+/// tests here run in parallel, so they would race without this.
 fn have_nix() -> bool {
-    if Command::new("nix-instantiate")
-        .arg("--version")
-        .output()
-        .is_ok()
-    {
-        return true;
-    }
-    clawos_test_skip::record(
-        TEST,
-        "nix-instantiate is not installed (scripts/setup.sh installs Debian's nix-bin)",
-    );
-    false
+    static STORE_OPENED: OnceLock<bool> = OnceLock::new();
+    *STORE_OPENED.get_or_init(|| {
+        if Command::new("nix-instantiate")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            clawos_test_skip::record(
+                TEST,
+                "nix-instantiate is not installed (scripts/setup.sh installs Debian's nix-bin)",
+            );
+            return false;
+        }
+        let o = nix(&["--eval", "--expr", "1"]);
+        assert!(
+            o.status.success(),
+            "nix-instantiate is installed but cannot open its store: {}",
+            show(&o)
+        );
+        true
+    })
 }
 
 /// The modules' output for `settings` (under `services.clawos`), or the error.
