@@ -8,8 +8,16 @@
 //! below that range (and above the daemons' default ports), which neither `connect()`
 //! nor a bind to port 0 ever hands out; within one process no port is handed out
 //! twice, and each is checked free (TCP and UDP) when picked.
+//!
+//! The check binds the port but never listens on it. A child process that another
+//! thread spawns at that moment holds a copy of every descriptor until it execs; a
+//! listening socket copied there would accept connections on the port for that while,
+//! and a test waiting for its daemon to answer on the port would take that for the
+//! daemon. A socket that is only bound accepts nothing.
 
-use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+
+use socket2::{Domain, Socket, Type};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The lowest port handed out: above the daemons' own default ports (2080–2084, 8080,
@@ -66,13 +74,25 @@ fn candidate_range(ephemeral: &str) -> (u16, u16) {
     }
 }
 
+/// Whether `port` can be bound on loopback for TCP and UDP now. The TCP socket is bound
+/// with `SO_REUSEADDR`, as the daemons' listeners are: a port left in TIME_WAIT is
+/// free, one any socket listens on is not. It is never listened on (see above).
 fn is_free(port: u16) -> bool {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
-        && UdpSocket::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let tcp_free = Socket::new(Domain::IPV4, Type::STREAM, None)
+        .and_then(|s| {
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())
+        })
+        .is_ok();
+    tcp_free && UdpSocket::bind(addr).is_ok()
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::{TcpListener, TcpStream};
+    use std::sync::atomic::AtomicBool;
+
     use super::*;
 
     #[test]
@@ -103,6 +123,50 @@ mod tests {
             // Still free: a daemon can bind it.
             drop(TcpListener::bind((Ipv4Addr::LOCALHOST, port)).expect("bind it"));
         }
+    }
+
+    /// A child that another thread spawns copies the process's descriptors and keeps
+    /// them until it execs: had the check listened on the port, a connection made right
+    /// after it would, now and then, be accepted by that copy (the fault seen when a
+    /// test took another's child for its daemon and read a file the daemon had not
+    /// written yet).
+    #[test]
+    fn no_connection_is_accepted_on_a_port_just_checked_while_children_are_spawned() {
+        let port = free_port();
+        let stop = AtomicBool::new(false);
+        let (checked, accepted, spawned) = std::thread::scope(|s| {
+            let spawner = s.spawn(|| {
+                let mut spawned = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    std::process::Command::new("true")
+                        .status()
+                        .expect("spawn true");
+                    spawned += 1;
+                }
+                spawned
+            });
+            let (mut checked, mut accepted) = (0u32, 0u32);
+            for _ in 0..50_000 {
+                if is_free(port) {
+                    checked += 1;
+                    if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                        accepted += 1;
+                    }
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            (checked, accepted, spawner.join().expect("spawner"))
+        });
+        assert!(
+            checked > 40_000,
+            "the port was free in only {checked} checks"
+        );
+        assert!(spawned > 0, "no child was spawned beside the checks");
+        assert_eq!(
+            accepted, 0,
+            "{accepted} of {checked} connections to port {port} right after its check were \
+             accepted ({spawned} children spawned beside)"
+        );
     }
 
     #[test]
