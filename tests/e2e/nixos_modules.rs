@@ -19,14 +19,18 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn nix(args: &[&str]) -> Output {
+/// Runs `nix-instantiate` with `args`; an error when it cannot be started.
+fn try_nix(args: &[&str]) -> std::io::Result<Output> {
     Command::new("nix-instantiate")
         // No build users on this machine, and nothing is built.
         .args(["--option", "build-users-group", ""])
         .args(args)
         .current_dir(repo())
         .output()
-        .expect("nix-instantiate")
+}
+
+fn nix(args: &[&str]) -> Output {
+    try_nix(args).expect("nix-instantiate")
 }
 
 /// Whether Nix is here; the first call also opens the Nix store, once, before any test
@@ -37,18 +41,13 @@ fn nix(args: &[&str]) -> Output {
 fn have_nix() -> bool {
     static STORE_OPENED: OnceLock<bool> = OnceLock::new();
     *STORE_OPENED.get_or_init(|| {
-        if Command::new("nix-instantiate")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
+        let Ok(o) = try_nix(&["--eval", "--expr", "1"]) else {
             clawos_test_skip::record(
                 TEST,
                 "nix-instantiate is not installed (scripts/setup.sh installs Debian's nix-bin)",
             );
             return false;
-        }
-        let o = nix(&["--eval", "--expr", "1"]);
+        };
         assert!(
             o.status.success(),
             "nix-instantiate is installed but cannot open its store: {}",

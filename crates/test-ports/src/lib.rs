@@ -16,9 +16,9 @@
 //! daemon. A socket that is only bound accepts nothing.
 
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use socket2::{Domain, Socket, Type};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 /// The lowest port handed out: above the daemons' own default ports (2080–2084, 8080,
 /// 8888, 11435, ...), which a test may run a daemon on.
